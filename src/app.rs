@@ -1,0 +1,256 @@
+//! Wiring and shutdown: opens the store, the CAS and the blog folders, binds
+//! both listeners (port 0 allowed, the bound addresses are reported), serves
+//! gRPC and HTTP, and on a stop signal turns health to NOT_SERVING, drains
+//! in-flight calls, then flushes the store.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::blogfs::BlogsDir;
+use crate::cas::Cas;
+use crate::catalog::{Catalog, CatalogOptions};
+use crate::config::Config;
+use crate::grpc::{AuthLayer, PublisherService, ResolverService, Tokens, MAX_MESSAGE_BYTES};
+use crate::origin::Origin;
+use crate::proto;
+use crate::store::{SledStore, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot open the store in {path}: {source}")]
+    Store {
+        path: String,
+        source: crate::store::StoreError,
+    },
+    #[error("cannot prepare {what} at {path}: {source}")]
+    Dir {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
+}
+
+pub struct App {
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    catalog: Arc<Catalog>,
+    config: Config,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, AppError> {
+        let dir_err = |what, path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| AppError::Dir { what, path, source }
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
+        let blogs =
+            BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
+        let cas_dir = config.data_dir.join("cas");
+        let cas = Cas::open(&cas_dir).map_err(dir_err("the CAS", &cas_dir))?;
+        let db_dir = config.data_dir.join("db");
+        let store = {
+            let dir = db_dir.clone();
+            tokio::task::spawn_blocking(move || SledStore::open(&dir))
+                .await
+                .expect("store open does not panic")
+                .map_err(|source| AppError::Store {
+                    path: db_dir.display().to_string(),
+                    source,
+                })?
+        };
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| AppError::Bind {
+                key: "grpc_addr",
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let http_listener = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| AppError::Bind {
+                key: "http_addr",
+                addr: config.http_addr,
+                source,
+            })?;
+        let grpc_addr = grpc_listener.local_addr().expect("bound");
+        let http_addr = http_listener.local_addr().expect("bound");
+        let base_url = config
+            .cdn_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let store: Arc<dyn Store> = Arc::new(store);
+        let catalog = Arc::new(Catalog::new(
+            store,
+            cas,
+            blogs,
+            CatalogOptions {
+                base_url,
+                max_batch: config.max_batch,
+                max_asset_bytes: config.max_asset_bytes,
+            },
+        ));
+        // Finish any blob removal a crash interrupted.
+        let c = catalog.clone();
+        let removed = tokio::task::spawn_blocking(move || c.collect_garbage())
+            .await
+            .expect("gc does not panic")?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed unreferenced blobs left by an interrupted deletion"
+            );
+        }
+        Ok(App {
+            grpc_listener,
+            http_listener,
+            grpc_addr,
+            http_addr,
+            catalog,
+            config,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// Serves until `stop` completes, then drains and flushes.
+    pub async fn run_until_stopped(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let App {
+            grpc_listener,
+            http_listener,
+            catalog,
+            config,
+            grpc_addr,
+            http_addr,
+        } = self;
+        if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
+            tracing::warn!(
+                resolver_open = config.resolver_tokens.is_empty(),
+                publisher_open = config.publisher_tokens.is_empty(),
+                "no tokens configured for some services: anyone who reaches the gRPC port can call them"
+            );
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<proto::resolver_server::ResolverServer<ResolverService>>()
+            .await;
+        health
+            .set_serving::<proto::publisher_server::PublisherServer<PublisherService>>()
+            .await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let resolver = proto::resolver_server::ResolverServer::new(ResolverService {
+            catalog: catalog.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let publisher = proto::publisher_server::PublisherServer::new(PublisherService {
+            catalog: catalog.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let tokens = Tokens {
+            resolver: config.resolver_tokens.clone().into(),
+            publisher: config.publisher_tokens.clone().into(),
+        };
+
+        // One stop signal fans out: health first, then both listeners drain.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signal = {
+            let health = health.clone();
+            async move {
+                stop.await;
+                tracing::info!("stopping: health NOT_SERVING, draining in-flight calls");
+                health
+                    .set_not_serving::<proto::resolver_server::ResolverServer<ResolverService>>()
+                    .await;
+                health
+                    .set_not_serving::<proto::publisher_server::PublisherServer<PublisherService>>()
+                    .await;
+                let _ = stop_tx.send(true);
+            }
+        };
+        tokio::spawn(signal);
+
+        let grpc_stop = {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let grpc = tonic::transport::Server::builder()
+            // Outermost: a call without the right token is refused before any
+            // service sees it, and so changes nothing.
+            .layer(AuthLayer { tokens })
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(resolver)
+            .add_service(publisher)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                grpc_stop,
+            );
+        let origin = Origin::new(catalog.clone(), &config);
+        let http = origin.serve(http_listener, stop_rx);
+        tracing::info!(%grpc_addr, %http_addr, base_url = catalog.base_url(), "blotcdn serving");
+        let (g, ()) = tokio::join!(grpc, http);
+        g?;
+        let c = catalog.clone();
+        tokio::task::spawn_blocking(move || c.store().flush())
+            .await
+            .expect("flush does not panic")
+            .map_err(|e| AppError::Store {
+                path: config.data_dir.join("db").display().to_string(),
+                source: e,
+            })?;
+        tracing::info!("stopped; store flushed");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,239 @@
+//! The content-addressed store: each blob lives once under
+//! `{data_dir}/cas/ab/cd/{hash}`, named by the first 128 bits of its BLAKE3
+//! hash. Blobs arrive through a temporary file that is hashed while written,
+//! fsynced, then renamed into place, so a blob under its name is always whole.
+//!
+//! It knows nothing of blogs or references; deciding what may be deleted is
+//! the catalog's job.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::domain::ContentHash;
+
+pub struct Cas {
+    root: PathBuf,
+    tmp: PathBuf,
+    quarantine: PathBuf,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A blob being written. Dropped without [`Cas::commit`], its temporary file
+/// is removed: a broken upload leaves nothing behind.
+pub struct BlobWriter {
+    file: Option<File>,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+/// A finished, fsynced temporary blob, waiting to be named.
+pub struct PendingBlob {
+    path: PathBuf,
+    pub hash: ContentHash,
+    pub size: u64,
+}
+
+impl Drop for PendingBlob {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl BlobWriter {
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        self.file
+            .as_mut()
+            .expect("open until finished")
+            .write_all(data)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fsyncs and hashes; the blob still has its temporary name.
+    pub fn finish(mut self) -> io::Result<PendingBlob> {
+        let file = self.file.take().expect("open until finished");
+        file.sync_all()?;
+        drop(file);
+        let path = std::mem::take(&mut self.path);
+        Ok(PendingBlob {
+            path,
+            hash: ContentHash::of(&self.hasher.finalize()),
+            size: self.size,
+        })
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Cas {
+    pub fn open(dir: &Path) -> io::Result<Cas> {
+        let tmp = dir.join("tmp");
+        let quarantine = dir.join("quarantine");
+        std::fs::create_dir_all(&tmp)?;
+        // Temporary files left by a crash are never referenced: clear them.
+        for entry in std::fs::read_dir(&tmp)? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(Cas {
+            root: dir.to_owned(),
+            tmp,
+            quarantine,
+        })
+    }
+
+    pub fn blob_path(&self, hash: &ContentHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join(&hex[0..2]).join(&hex[2..4]).join(&hex)
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}-{n}", std::process::id()))
+    }
+
+    pub fn writer(&self) -> io::Result<BlobWriter> {
+        let path = self.temp_path();
+        let file = File::create(&path)?;
+        Ok(BlobWriter {
+            file: Some(file),
+            path,
+            hasher: blake3::Hasher::new(),
+            size: 0,
+        })
+    }
+
+    /// Copies a readable file into a new blob (hashing on the way).
+    pub fn copy_from(&self, mut src: impl Read) -> io::Result<PendingBlob> {
+        let mut w = self.writer()?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = src.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            w.write(&buf[..n])?;
+        }
+        w.finish()
+    }
+
+    /// Hard-links `src` into the CAS's temporary folder and hashes the linked
+    /// inode, so no byte is copied. `expect` is the (dev, ino) the caller
+    /// verified; a different inode behind the name (swapped since) is refused.
+    /// Returns `Ok(None)` when the filesystem cannot link (other device).
+    pub fn link_from(&self, src: &Path, expect: (u64, u64)) -> io::Result<Option<PendingBlob>> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.temp_path();
+        if let Err(e) = std::fs::hard_link(src, &path) {
+            return match e.raw_os_error() {
+                Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK)
+                | Some(libc::ENOTSUP) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let pending = PendingBlob {
+            path,
+            hash: ContentHash([0; 16]),
+            size: 0,
+        };
+        let meta = std::fs::symlink_metadata(&pending.path)?;
+        if !meta.is_file() || (meta.dev(), meta.ino()) != expect {
+            return Ok(None);
+        }
+        let mut file = File::open(&pending.path)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        // The link shares the source's data blocks: make sure they are on disk.
+        file.sync_all()?;
+        let mut pending = pending;
+        pending.hash = ContentHash::of(&hasher.finalize());
+        pending.size = size;
+        Ok(Some(pending))
+    }
+
+    /// Gives a pending blob its name. When the blob already exists, the new
+    /// copy is dropped: same bytes, stored once.
+    pub fn commit(&self, mut pending: PendingBlob) -> io::Result<PathBuf> {
+        let dest = self.blob_path(&pending.hash);
+        let parent = dest.parent().expect("blob paths have parents");
+        if dest.exists() {
+            return Ok(dest);
+        }
+        std::fs::create_dir_all(parent)?;
+        let from = std::mem::take(&mut pending.path);
+        std::fs::rename(&from, &dest)?;
+        File::open(parent)?.sync_all()?;
+        Ok(dest)
+    }
+
+    pub fn exists(&self, hash: &ContentHash) -> bool {
+        self.blob_path(hash).is_file()
+    }
+
+    pub fn remove(&self, hash: &ContentHash) -> io::Result<()> {
+        match std::fs::remove_file(self.blob_path(hash)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every blob stored, by name (for fsck).
+    pub fn list(&self) -> io::Result<Vec<(ContentHash, PathBuf)>> {
+        let mut out = Vec::new();
+        for a in std::fs::read_dir(&self.root)? {
+            let a = a?;
+            let name = a.file_name();
+            if name.len() != 2 || !a.file_type()?.is_dir() {
+                continue;
+            }
+            for b in std::fs::read_dir(a.path())? {
+                for f in std::fs::read_dir(b?.path())? {
+                    let f = f?;
+                    if let Ok(h) = ContentHash::parse(&f.file_name().to_string_lossy()) {
+                        out.push((h, f.path()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-hashes a stored blob.
+    pub fn rehash(&self, path: &Path) -> io::Result<ContentHash> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(File::open(path)?)?;
+        Ok(ContentHash::of(&hasher.finalize()))
+    }
+
+    /// Moves a corrupt blob aside, out of reach of the origin.
+    pub fn quarantine(&self, hash: &ContentHash) -> io::Result<PathBuf> {
+        std::fs::create_dir_all(&self.quarantine)?;
+        let dest = self.quarantine.join(hash.to_hex());
+        std::fs::rename(self.blob_path(hash), &dest)?;
+        Ok(dest)
+    }
+}

@@ -1,0 +1,470 @@
+//! The core both front doors call: gRPC for renderers and the publish
+//! pipeline, HTTP for the CDN. It applies the rules of DESIGN.md (what a
+//! path resolves to, what a publish changes, what a deletion may remove) on
+//! top of the store, the CAS and the blog folders.
+//!
+//! It must not know about protobuf or HTTP: it speaks domain types and
+//! [`CatalogError`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use crate::blogfs::{BlogsDir, OpenError};
+use crate::cas::{Cas, PendingBlob};
+use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
+use crate::store::{Binding, BlogInfo, Resolution, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CatalogError {
+    /// A stable code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CatalogError::Invalid(_) | CatalogError::BadRequest(_) => "invalid_argument",
+            CatalogError::NotFound(_) => "not_found",
+            CatalogError::TooLarge(_) => "too_large",
+            CatalogError::Store(_) => "store",
+            CatalogError::Io(_) => "io",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveStatus {
+    Ok,
+    UnknownBlog,
+    InvalidPath,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub url: String,
+    pub status: ResolveStatus,
+    pub cache_id: CacheId,
+    pub content_hash: Option<ContentHash>,
+}
+
+impl Resolved {
+    fn failed(status: ResolveStatus) -> Self {
+        Resolved {
+            url: String::new(),
+            status,
+            cache_id: 0,
+            content_hash: None,
+        }
+    }
+}
+
+/// What `PutAsset` and `ImportFile` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetInfo {
+    pub hash: ContentHash,
+    pub url: String,
+    pub size: u64,
+    pub content_type: String,
+    pub filename: String,
+}
+
+/// The first message of an upload.
+#[derive(Debug, Clone, Default)]
+pub struct PutHeader {
+    pub blog_id: String,
+    pub filename: String,
+    pub content_type: String,
+    pub path: String,
+}
+
+/// What `fsck` found.
+#[derive(Debug, Default)]
+pub struct FsckReport {
+    pub blobs_checked: u64,
+    pub corrupt: Vec<ContentHash>,
+    pub missing: Vec<ContentHash>,
+    pub quarantined: Vec<std::path::PathBuf>,
+}
+
+pub struct Catalog {
+    store: Arc<dyn Store>,
+    cas: Cas,
+    blogs: BlogsDir,
+    base_url: String,
+    max_batch: usize,
+    max_asset_bytes: u64,
+    /// Serialises naming a blob + recording its reference against deciding a
+    /// blob is garbage + deleting it, so a blob never disappears under a
+    /// reference being added.
+    blob_lock: parking_lot::Mutex<()>,
+}
+
+pub struct CatalogOptions {
+    pub base_url: String,
+    pub max_batch: usize,
+    pub max_asset_bytes: u64,
+}
+
+/// Runs blocking store or file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CatalogError> + Send + 'static,
+) -> Result<T, CatalogError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        CatalogError::Io(std::io::Error::other(format!("blocking task failed: {e}")))
+    })?
+}
+
+impl Catalog {
+    pub fn new(store: Arc<dyn Store>, cas: Cas, blogs: BlogsDir, opts: CatalogOptions) -> Self {
+        Catalog {
+            store,
+            cas,
+            blogs,
+            base_url: opts.base_url,
+            max_batch: opts.max_batch,
+            max_asset_bytes: opts.max_asset_bytes,
+            blob_lock: parking_lot::Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+    pub fn cas(&self) -> &Cas {
+        &self.cas
+    }
+    pub fn blogs_dir(&self) -> &BlogsDir {
+        &self.blogs
+    }
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+    pub fn max_asset_bytes(&self) -> u64 {
+        self.max_asset_bytes
+    }
+
+    /// One answer per path, in order. Memory only: a look-up and a string
+    /// per item.
+    pub fn resolve_batch(
+        &self,
+        blog: &str,
+        paths: &[String],
+    ) -> Result<Vec<Resolved>, CatalogError> {
+        let blog = BlogId::parse(blog)?;
+        if paths.len() > self.max_batch {
+            return Err(CatalogError::BadRequest(format!(
+                "batch of {} paths is over max_batch ({})",
+                paths.len(),
+                self.max_batch
+            )));
+        }
+        let checked: Vec<Option<std::borrow::Cow<'_, str>>> =
+            paths.iter().map(|p| BlogPath::validate(p).ok()).collect();
+        let valid: Vec<&str> = checked.iter().flatten().map(|c| c.as_ref()).collect();
+        let Some(resolutions) = self.store.resolve(&blog, &valid) else {
+            return Ok(checked
+                .iter()
+                .map(|c| {
+                    Resolved::failed(if c.is_some() {
+                        ResolveStatus::UnknownBlog
+                    } else {
+                        ResolveStatus::InvalidPath
+                    })
+                })
+                .collect());
+        };
+        let mut resolutions = resolutions.into_iter();
+        let mut out = Vec::with_capacity(paths.len());
+        for c in &checked {
+            let Some(path) = c else {
+                out.push(Resolved::failed(ResolveStatus::InvalidPath));
+                continue;
+            };
+            out.push(
+                match resolutions.next().expect("one resolution per valid path") {
+                    Resolution::Versioned(id) => Resolved {
+                        url: domain::versioned_url(&self.base_url, blog.as_str(), id, path),
+                        status: ResolveStatus::Ok,
+                        cache_id: id,
+                        content_hash: None,
+                    },
+                    Resolution::Permanent { hash, filename } => Resolved {
+                        url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, &filename),
+                        status: ResolveStatus::Ok,
+                        cache_id: 0,
+                        content_hash: Some(hash),
+                    },
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn get_blog(&self, blog: &str) -> Result<BlogInfo, CatalogError> {
+        let id = BlogId::parse(blog)?;
+        self.store
+            .blog(&id)
+            .ok_or_else(|| CatalogError::NotFound(format!("unknown blog {id}")))
+    }
+
+    pub fn lookup_domain(&self, domain: &str) -> Result<BlogId, CatalogError> {
+        let d = Domain::parse(domain)?;
+        self.store
+            .lookup_domain(d.as_str())
+            .ok_or_else(|| CatalogError::NotFound(format!("unmapped domain {d}")))
+    }
+
+    pub async fn invalidate(
+        self: &Arc<Self>,
+        blog: &str,
+        paths: &[String],
+    ) -> Result<CacheId, CatalogError> {
+        let blog = BlogId::parse(blog)?;
+        if paths.len() > self.max_batch {
+            return Err(CatalogError::BadRequest(format!(
+                "{} paths is over max_batch ({})",
+                paths.len(),
+                self.max_batch
+            )));
+        }
+        let mut parsed = Vec::with_capacity(paths.len());
+        for (i, p) in paths.iter().enumerate() {
+            parsed.push(
+                BlogPath::parse(p)
+                    .map_err(|e| CatalogError::BadRequest(format!("paths[{i}]: {e}")))?,
+            );
+        }
+        let this = self.clone();
+        blocking(move || Ok(this.store.invalidate(&blog, &parsed)?)).await
+    }
+
+    pub async fn set_domain(
+        self: &Arc<Self>,
+        domain: &str,
+        blog: &str,
+    ) -> Result<Domain, CatalogError> {
+        let d = Domain::parse(domain)?;
+        let b = BlogId::parse(blog)?;
+        let this = self.clone();
+        blocking(move || {
+            this.store.set_domain(&d, &b)?;
+            Ok(d)
+        })
+        .await
+    }
+
+    pub async fn remove_domain(self: &Arc<Self>, domain: &str) -> Result<(), CatalogError> {
+        let d = Domain::parse(domain)?;
+        let this = self.clone();
+        blocking(move || {
+            if this.store.remove_domain(&d)? {
+                Ok(())
+            } else {
+                Err(CatalogError::NotFound(format!("unmapped domain {d}")))
+            }
+        })
+        .await
+    }
+
+    /// Streams an upload into the CAS. `chunks` yields the data after the header.
+    pub async fn put_asset<S>(
+        self: &Arc<Self>,
+        header: PutHeader,
+        mut chunks: S,
+    ) -> Result<AssetInfo, CatalogError>
+    where
+        S: Stream<Item = Result<Bytes, CatalogError>> + Unpin,
+    {
+        let blog = BlogId::parse(&header.blog_id)?;
+        let filename = domain::parse_filename(&header.filename)?;
+        let path = match header.path.as_str() {
+            "" => None,
+            p => Some(BlogPath::parse(p)?),
+        };
+        let content_type = content_type_for(&header.content_type, &filename)?;
+        let mut writer = Some(self.cas.writer()?);
+        let limit = self.max_asset_bytes;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            let mut w = writer.take().expect("writer is returned after every chunk");
+            if w.size() + chunk.len() as u64 > limit {
+                return Err(CatalogError::TooLarge(format!(
+                    "asset is over max_asset_bytes ({limit} bytes)"
+                )));
+            }
+            // The writer travels into the blocking pool and back; dropped on
+            // any error, it removes its temporary file.
+            w = blocking(move || {
+                w.write(&chunk)?;
+                Ok(w)
+            })
+            .await?;
+            writer = Some(w);
+        }
+        let w = writer.take().expect("writer present");
+        let this = self.clone();
+        blocking(move || {
+            let pending = w.finish()?;
+            this.commit_blob(&blog, path.as_ref(), pending, &filename, &content_type)
+        })
+        .await
+    }
+
+    /// Makes a file in the blog's folder a permanent asset bound to its path.
+    pub async fn import_file(
+        self: &Arc<Self>,
+        blog: &str,
+        path: &str,
+    ) -> Result<AssetInfo, CatalogError> {
+        let blog = BlogId::parse(blog)?;
+        let path = BlogPath::parse(path)?;
+        let this = self.clone();
+        blocking(move || this.import_file_blocking(&blog, &path)).await
+    }
+
+    pub fn import_file_blocking(
+        &self,
+        blog: &BlogId,
+        path: &BlogPath,
+    ) -> Result<AssetInfo, CatalogError> {
+        use std::os::unix::fs::MetadataExt;
+        let (file, meta) = self.blogs.open(blog, path).map_err(|e| match e {
+            OpenError::NotFound => CatalogError::NotFound(format!("no file {path} in blog {blog}")),
+            OpenError::Refused(why) => {
+                CatalogError::BadRequest(format!("{path} in blog {blog}: {why}"))
+            }
+            OpenError::Io(e) => CatalogError::Io(e),
+        })?;
+        if meta.len() > self.max_asset_bytes {
+            return Err(CatalogError::TooLarge(format!(
+                "{path} is {} bytes, over max_asset_bytes ({})",
+                meta.len(),
+                self.max_asset_bytes
+            )));
+        }
+        let on_disk = self.blogs.file_path(blog.as_str(), path);
+        let pending = match self.cas.link_from(&on_disk, (meta.dev(), meta.ino()))? {
+            Some(p) => p,
+            None => self.cas.copy_from(file)?,
+        };
+        let filename = path.file_name().to_owned();
+        let content_type = content_type_for("", &filename)?;
+        self.commit_blob(blog, Some(path), pending, &filename, &content_type)
+    }
+
+    fn commit_blob(
+        &self,
+        blog: &BlogId,
+        path: Option<&BlogPath>,
+        pending: PendingBlob,
+        filename: &str,
+        content_type: &str,
+    ) -> Result<AssetInfo, CatalogError> {
+        let (hash, size) = (pending.hash, pending.size);
+        let binding = Binding {
+            hash,
+            filename: filename.into(),
+            size,
+            content_type: content_type.into(),
+        };
+        {
+            let _g = self.blob_lock.lock();
+            self.cas.commit(pending)?;
+            self.store.bind_asset(blog, path, &binding)?;
+        }
+        Ok(AssetInfo {
+            hash,
+            url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, filename),
+            size,
+            content_type: content_type.to_owned(),
+            filename: filename.to_owned(),
+        })
+    }
+
+    pub async fn delete_blog(self: &Arc<Self>, blog: &str) -> Result<(), CatalogError> {
+        let blog = BlogId::parse(blog)?;
+        let this = self.clone();
+        blocking(move || {
+            if this.store.delete_blog(&blog)?.is_none() {
+                return Err(CatalogError::NotFound(format!("unknown blog {blog}")));
+            }
+            this.collect_garbage()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes blobs no blog references any more. Safe to run at any time,
+    /// and at start to finish what a crash interrupted.
+    pub fn collect_garbage(&self) -> Result<usize, CatalogError> {
+        let mut removed = 0;
+        for hash in self.store.gc_candidates()? {
+            {
+                let _g = self.blob_lock.lock();
+                if !self.store.is_referenced(&hash) {
+                    self.cas.remove(&hash)?;
+                    removed += 1;
+                }
+            }
+            self.store.gc_done(&hash)?;
+        }
+        Ok(removed)
+    }
+
+    /// Re-hashes every blob; reports (and with `quarantine`, moves aside)
+    /// blobs whose bytes no longer match their name, and references to
+    /// blobs that are not there.
+    pub fn fsck(&self, quarantine: bool) -> Result<FsckReport, CatalogError> {
+        let mut report = FsckReport::default();
+        for (hash, path) in self.cas.list()? {
+            report.blobs_checked += 1;
+            if self.cas.rehash(&path)? != hash {
+                report.corrupt.push(hash);
+                if quarantine {
+                    report.quarantined.push(self.cas.quarantine(&hash)?);
+                }
+            }
+        }
+        for hash in self.store.referenced_hashes() {
+            if !self.cas.exists(&hash) {
+                report.missing.push(hash);
+            }
+        }
+        report.missing.sort();
+        Ok(report)
+    }
+}
+
+/// The content type given, or one guessed from the file name.
+fn content_type_for(given: &str, filename: &str) -> Result<String, CatalogError> {
+    if given.is_empty() {
+        return Ok(mime_guess::from_path(filename)
+            .first_or_octet_stream()
+            .essence_str()
+            .to_owned());
+    }
+    let ok = given.len() <= 255
+        && given.contains('/')
+        && given.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && given.parse::<mime_guess::mime::Mime>().is_ok();
+    if ok {
+        Ok(given.to_owned())
+    } else {
+        Err(CatalogError::BadRequest(format!(
+            "invalid content_type {given:?}: expected a MIME type like image/png"
+        )))
+    }
+}

@@ -1,0 +1,457 @@
+//! The command line: `serve`, and client commands for people (they talk to a
+//! running server over gRPC, with the generated client), plus the offline
+//! `fsck`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::config::{Config, Partial};
+use crate::proto as pb;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blotcdn",
+    version,
+    about = "The source of truth behind Blot's CDN"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start the service (gRPC and the HTTP origin).
+    Serve(ServeArgs),
+    /// Resolve paths of a blog to CDN URLs.
+    Resolve {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        blog: String,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Invalidate a whole blog (no paths) or some of its paths.
+    Invalidate {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        blog: String,
+        paths: Vec<String>,
+    },
+    /// Map custom domains to blogs.
+    Domain {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        action: DomainAction,
+    },
+    /// Look at a blog.
+    Blog {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        action: BlogAction,
+    },
+    /// Upload a file as a permanent asset.
+    Put {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        blog: String,
+        file: PathBuf,
+        /// Bind this blog path to the asset.
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        content_type: Option<String>,
+    },
+    /// Make files already in the blog's folder permanent assets.
+    Import {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        blog: String,
+        /// A blog path, like /templates/foo/style.css.
+        #[arg(required_unless_present = "dir", conflicts_with = "dir")]
+        path: Option<String>,
+        /// Import every file under this folder of the blog (blog path, like /templates/foo).
+        #[arg(long)]
+        dir: Option<String>,
+        /// The blogs directory, to list `--dir` (default: from the config).
+        #[arg(long, env = "BLOTCDN_BLOGS_DIR")]
+        blogs_dir: Option<PathBuf>,
+    },
+    /// Delete a blog: its versions, bindings, references and domains.
+    DeleteBlog {
+        #[command(flatten)]
+        conn: Conn,
+        blog: String,
+    },
+    /// Re-hash the CAS (server stopped): report corrupt blobs and missing ones.
+    Fsck {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Move corrupt blobs to {data_dir}/cas/quarantine.
+        #[arg(long)]
+        quarantine: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DomainAction {
+    Set { domain: String, blog: String },
+    Rm { domain: String },
+    Get { domain: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlogAction {
+    Get { blog: String },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// The server's gRPC address.
+    #[arg(long, env = "BLOTCDN_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Bearer token for the service called.
+    #[arg(long, env = "BLOTCDN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// A TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub blogs_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub grpc_addr: Option<String>,
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    #[arg(long)]
+    pub cdn_base_url: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let env = Partial::from_env(|k| std::env::var(k).ok())?;
+        let flags = Partial {
+            data_dir: self.data_dir.clone(),
+            blogs_dir: self.blogs_dir.clone(),
+            grpc_addr: self.grpc_addr.clone(),
+            http_addr: self.http_addr.clone(),
+            cdn_base_url: self.cdn_base_url.clone(),
+            ..Default::default()
+        };
+        Ok(Config::load(self.config.as_deref(), env, flags)?)
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl Conn {
+    async fn channel(&self) -> anyhow::Result<(Channel, Bearer)> {
+        let ch = Channel::from_shared(self.server.clone())
+            .with_context(|| format!("invalid --server {:?}", self.server))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.server))?;
+        let bearer = match &self.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .context("--token must be printable ASCII")?,
+            ),
+            None => None,
+        };
+        Ok((ch, Bearer(bearer)))
+    }
+    async fn resolver(&self) -> anyhow::Result<pb::resolver_client::ResolverClient<Authed>> {
+        let (ch, b) = self.channel().await?;
+        Ok(pb::resolver_client::ResolverClient::with_interceptor(ch, b))
+    }
+    async fn publisher(&self) -> anyhow::Result<pb::publisher_client::PublisherClient<Authed>> {
+        let (ch, b) = self.channel().await?;
+        Ok(pb::publisher_client::PublisherClient::with_interceptor(
+            ch, b,
+        ))
+    }
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.load()?;
+            let app = crate::app::App::build(config).await?;
+            app.run_until_stopped(crate::app::shutdown_signal()).await?;
+        }
+        Command::Resolve { conn, blog, paths } => {
+            let mut c = conn.resolver().await?;
+            let r = c
+                .resolve_batch(pb::ResolveBatchRequest {
+                    blog_id: blog,
+                    paths: paths.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            for (p, a) in paths.iter().zip(r.assets) {
+                match pb::ResolveStatus::try_from(a.status) {
+                    Ok(pb::ResolveStatus::Ok) => println!("{p}\t{}", a.url),
+                    Ok(s) => println!("{p}\t{}", s.as_str_name()),
+                    Err(_) => println!("{p}\tstatus {}", a.status),
+                }
+            }
+        }
+        Command::Invalidate { conn, blog, paths } => {
+            let mut c = conn.publisher().await?;
+            let r = c
+                .invalidate(pb::InvalidateRequest {
+                    blog_id: blog,
+                    paths,
+                })
+                .await
+                .map_err(status_err)?;
+            println!("cache_id {}", r.into_inner().cache_id);
+        }
+        Command::Domain { conn, action } => match action {
+            DomainAction::Set { domain, blog } => {
+                let mut c = conn.publisher().await?;
+                c.set_domain(pb::SetDomainRequest {
+                    domain: domain.clone(),
+                    blog_id: blog.clone(),
+                })
+                .await
+                .map_err(status_err)?;
+                println!("{domain} -> {blog}");
+            }
+            DomainAction::Rm { domain } => {
+                let mut c = conn.publisher().await?;
+                c.remove_domain(pb::RemoveDomainRequest {
+                    domain: domain.clone(),
+                })
+                .await
+                .map_err(status_err)?;
+                println!("removed {domain}");
+            }
+            DomainAction::Get { domain } => {
+                let mut c = conn.resolver().await?;
+                let r = c
+                    .lookup_domain(pb::LookupDomainRequest { domain })
+                    .await
+                    .map_err(status_err)?;
+                println!("{}", r.into_inner().blog_id);
+            }
+        },
+        Command::Blog {
+            conn,
+            action: BlogAction::Get { blog },
+        } => {
+            let mut c = conn.resolver().await?;
+            let b = c
+                .get_blog(pb::GetBlogRequest { blog_id: blog })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("blog_id     {}", b.blog_id);
+            println!("cache_id    {}", b.cache_id);
+            println!("domains     {}", b.domains.join(" "));
+            println!("path_count  {}", b.path_count);
+            println!("asset_count {}", b.asset_count);
+        }
+        Command::Put {
+            conn,
+            blog,
+            file,
+            path,
+            content_type,
+        } => {
+            let mut c = conn.publisher().await?;
+            let filename = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("the file needs a UTF-8 name")?
+                .to_owned();
+            let f = tokio::fs::File::open(&file)
+                .await
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            let header = pb::PutAssetChunk {
+                chunk: Some(pb::put_asset_chunk::Chunk::Header(pb::PutAssetHeader {
+                    blog_id: blog,
+                    filename,
+                    content_type: content_type.unwrap_or_default(),
+                    path: path.unwrap_or_default(),
+                })),
+            };
+            let data = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+            use futures_util::StreamExt;
+            let chunks =
+                futures_util::stream::iter([header]).chain(data.filter_map(|r| async move {
+                    match r {
+                        Ok(b) => Some(pb::PutAssetChunk {
+                            chunk: Some(pb::put_asset_chunk::Chunk::Data(b)),
+                        }),
+                        Err(e) => {
+                            eprintln!("read error: {e}");
+                            None
+                        }
+                    }
+                }));
+            let a = c.put_asset(chunks).await.map_err(status_err)?.into_inner();
+            println!(
+                "{}\t{}\t{} bytes\t{}",
+                a.hash, a.url, a.size, a.content_type
+            );
+        }
+        Command::Import {
+            conn,
+            blog,
+            path,
+            dir,
+            blogs_dir,
+        } => {
+            let mut c = conn.publisher().await?;
+            let paths = match (path, dir) {
+                (Some(p), _) => vec![p],
+                (None, Some(d)) => {
+                    let root = match blogs_dir {
+                        Some(b) => b,
+                        None => ServeArgs::default().load()?.blogs_dir,
+                    };
+                    list_blog_dir(&root, &blog, &d)?
+                }
+                (None, None) => bail!("give a PATH or --dir"),
+            };
+            let total = paths.len();
+            let show = total > 1;
+            for (i, p) in paths.into_iter().enumerate() {
+                let a = c
+                    .import_file(pb::ImportFileRequest {
+                        blog_id: blog.clone(),
+                        path: p.clone(),
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{p}: {}", status_err(s)))?
+                    .into_inner();
+                if show {
+                    progress(i + 1, total, &p);
+                } else {
+                    println!("{}\t{}\t{} bytes", a.hash, a.url, a.size);
+                }
+            }
+            if show {
+                eprintln!();
+                println!("imported {total} files");
+            }
+        }
+        Command::DeleteBlog { conn, blog } => {
+            let mut c = conn.publisher().await?;
+            c.delete_blog(pb::DeleteBlogRequest {
+                blog_id: blog.clone(),
+            })
+            .await
+            .map_err(status_err)?;
+            println!("deleted {blog}");
+        }
+        Command::Fsck { serve, quarantine } => {
+            let config = serve.load()?;
+            let store = crate::store::SledStore::open(&config.data_dir.join("db"))
+                .context("cannot open the store: fsck needs the server stopped")?;
+            let catalog = crate::catalog::Catalog::new(
+                std::sync::Arc::new(store),
+                crate::cas::Cas::open(&config.data_dir.join("cas"))?,
+                crate::blogfs::BlogsDir::new(&config.blogs_dir)?,
+                crate::catalog::CatalogOptions {
+                    base_url: String::new(),
+                    max_batch: config.max_batch,
+                    max_asset_bytes: config.max_asset_bytes,
+                },
+            );
+            let r = catalog.fsck(quarantine)?;
+            println!("checked {} blobs", r.blobs_checked);
+            for h in &r.corrupt {
+                println!("corrupt {h}");
+            }
+            for p in &r.quarantined {
+                println!("quarantined {}", p.display());
+            }
+            for h in &r.missing {
+                println!("missing {h}");
+            }
+            if !r.corrupt.is_empty() || !r.missing.is_empty() {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress(done: usize, total: usize, current: &str) {
+    let width = 30;
+    let filled = done * width / total.max(1);
+    eprint!(
+        "\r[{}{}] {done}/{total} {}\x1b[K",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        current.chars().take(60).collect::<String>()
+    );
+}
+
+/// Every regular file under a folder of the blog, as blog paths, hidden
+/// files and links left out.
+fn list_blog_dir(
+    blogs_dir: &std::path::Path,
+    blog: &str,
+    dir: &str,
+) -> anyhow::Result<Vec<String>> {
+    let bp = crate::domain::BlogPath::parse(dir)?;
+    let root = blogs_dir.join(blog);
+    let start = bp.segments().fold(root.clone(), |p, s| p.join(s));
+    let mut out = Vec::new();
+    let mut stack = vec![start.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                let rel = e.path().strip_prefix(&root)?.to_string_lossy().into_owned();
+                out.push(format!("/{rel}"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

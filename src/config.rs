@@ -1,0 +1,288 @@
+//! Configuration: defaults, then a TOML file, then `BLOTCDN_` environment
+//! variables, then command-line flags; each layer only sets what it names.
+//! A bad value is refused with the key (or variable) that held it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: invalid {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// One layer: every key optional. Used for the file, the environment and flags.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partial {
+    pub data_dir: Option<PathBuf>,
+    pub blogs_dir: Option<PathBuf>,
+    pub grpc_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub cdn_base_url: Option<String>,
+    pub resolver_tokens: Option<Vec<String>>,
+    pub publisher_tokens: Option<Vec<String>>,
+    pub max_batch: Option<usize>,
+    pub max_asset_bytes: Option<u64>,
+    /// Origins tried in order for what the local disk does not hold: the
+    /// legacy S3 bucket's HTTP endpoint first, then the main app server.
+    pub fallback_origins: Option<Vec<String>>,
+    /// Which of `fallback_origins` (by position) are the legacy bucket, whose
+    /// hits are written to local disk. Default: the first one.
+    pub backfill_origins: Option<usize>,
+    /// Bytes of small hot files the origin keeps in memory.
+    pub hot_cache_bytes: Option<u64>,
+}
+
+impl Partial {
+    fn overlay(&mut self, o: Partial) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if o.$f.is_some() { self.$f = o.$f; } )* };
+        }
+        take!(
+            data_dir,
+            blogs_dir,
+            grpc_addr,
+            http_addr,
+            cdn_base_url,
+            resolver_tokens,
+            publisher_tokens,
+            max_batch,
+            max_asset_bytes,
+            fallback_origins,
+            backfill_origins,
+            hot_cache_bytes
+        );
+    }
+
+    /// Reads `BLOTCDN_*` variables through `get` (so tests need not touch the
+    /// process environment).
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Partial, ConfigError> {
+        fn num<T: std::str::FromStr>(
+            var: &str,
+            v: Option<String>,
+        ) -> Result<Option<T>, ConfigError> {
+            v.map(|s| {
+                s.trim().parse().map_err(|_| ConfigError::Invalid {
+                    key: var.into(),
+                    reason: format!("{s:?} is not a number"),
+                })
+            })
+            .transpose()
+        }
+        let list = |v: Option<String>| {
+            v.map(|s| {
+                s.split(',')
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            })
+        };
+        Ok(Partial {
+            data_dir: get("BLOTCDN_DATA_DIR").map(PathBuf::from),
+            blogs_dir: get("BLOTCDN_BLOGS_DIR").map(PathBuf::from),
+            grpc_addr: get("BLOTCDN_GRPC_ADDR"),
+            http_addr: get("BLOTCDN_HTTP_ADDR"),
+            cdn_base_url: get("BLOTCDN_CDN_BASE_URL"),
+            resolver_tokens: list(get("BLOTCDN_RESOLVER_TOKENS")),
+            publisher_tokens: list(get("BLOTCDN_PUBLISHER_TOKENS")),
+            max_batch: num("BLOTCDN_MAX_BATCH", get("BLOTCDN_MAX_BATCH"))?,
+            max_asset_bytes: num("BLOTCDN_MAX_ASSET_BYTES", get("BLOTCDN_MAX_ASSET_BYTES"))?,
+            fallback_origins: list(get("BLOTCDN_FALLBACK_ORIGINS")),
+            backfill_origins: num("BLOTCDN_BACKFILL_ORIGINS", get("BLOTCDN_BACKFILL_ORIGINS"))?,
+            hot_cache_bytes: num("BLOTCDN_HOT_CACHE_BYTES", get("BLOTCDN_HOT_CACHE_BYTES"))?,
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Partial, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub blogs_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// Without a trailing slash. `None` until the HTTP listener is bound when
+    /// not configured: it then defaults to `http://{bound http addr}`.
+    pub cdn_base_url: Option<String>,
+    pub resolver_tokens: Vec<String>,
+    pub publisher_tokens: Vec<String>,
+    pub max_batch: usize,
+    pub max_asset_bytes: u64,
+    pub fallback_origins: Vec<String>,
+    pub backfill_origins: usize,
+    pub hot_cache_bytes: u64,
+}
+
+impl Config {
+    /// Defaults → file → environment → flags.
+    pub fn load(file: Option<&Path>, env: Partial, flags: Partial) -> Result<Config, ConfigError> {
+        let mut p = Partial::default();
+        if let Some(f) = file {
+            p.overlay(Partial::from_file(f)?);
+        }
+        p.overlay(env);
+        p.overlay(flags);
+        Config::from_partial(p)
+    }
+
+    pub fn from_partial(p: Partial) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.into(),
+            reason,
+        };
+        let addr =
+            |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+                let s = v.unwrap_or_else(|| default.to_owned());
+                s.parse().map_err(|_| {
+                    invalid(key, format!("{s:?} is not an address like 127.0.0.1:8080"))
+                })
+            };
+        let data_dir = p.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
+        let blogs_dir = p.blogs_dir.unwrap_or_else(|| data_dir.join("blogs"));
+        let cdn_base_url = match p.cdn_base_url {
+            Some(u) => {
+                let u = u.trim_end_matches('/').to_owned();
+                if !(u.starts_with("http://") || u.starts_with("https://"))
+                    || u.len() <= "https://".len()
+                {
+                    return Err(invalid(
+                        "cdn_base_url",
+                        format!("{u:?} is not an http(s) URL"),
+                    ));
+                }
+                Some(u)
+            }
+            None => None,
+        };
+        let max_batch = p.max_batch.unwrap_or(10_000);
+        if max_batch == 0 {
+            return Err(invalid("max_batch", "must be at least 1".into()));
+        }
+        let max_asset_bytes = p.max_asset_bytes.unwrap_or(100 * 1024 * 1024);
+        if max_asset_bytes == 0 {
+            return Err(invalid("max_asset_bytes", "must be at least 1".into()));
+        }
+        let fallback_origins: Vec<String> = p
+            .fallback_origins
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.trim_end_matches('/').to_owned())
+            .collect();
+        for o in &fallback_origins {
+            if !o.starts_with("http://") {
+                return Err(invalid(
+                    "fallback_origins",
+                    format!("{o:?}: only http:// origins are supported"),
+                ));
+            }
+        }
+        let check_tokens = |key: &str, t: Vec<String>| -> Result<Vec<String>, ConfigError> {
+            if t.iter()
+                .any(|t| t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic()))
+            {
+                return Err(invalid(
+                    key,
+                    "tokens must be non-empty printable ASCII without spaces".into(),
+                ));
+            }
+            Ok(t)
+        };
+        Ok(Config {
+            grpc_addr: addr("grpc_addr", p.grpc_addr, "127.0.0.1:50051")?,
+            http_addr: addr("http_addr", p.http_addr, "127.0.0.1:8080")?,
+            data_dir,
+            blogs_dir,
+            cdn_base_url,
+            resolver_tokens: check_tokens(
+                "resolver_tokens",
+                p.resolver_tokens.unwrap_or_default(),
+            )?,
+            publisher_tokens: check_tokens(
+                "publisher_tokens",
+                p.publisher_tokens.unwrap_or_default(),
+            )?,
+            max_batch,
+            max_asset_bytes,
+            backfill_origins: p.backfill_origins.unwrap_or(1).min(fallback_origins.len()),
+            fallback_origins,
+            hot_cache_bytes: p.hot_cache_bytes.unwrap_or(64 * 1024 * 1024),
+        })
+    }
+
+    /// A config for tests and tools: everything under `data_dir`, both
+    /// listeners on ephemeral ports.
+    pub fn ephemeral(data_dir: &Path) -> Config {
+        Config::from_partial(Partial {
+            data_dir: Some(data_dir.into()),
+            grpc_addr: Some("127.0.0.1:0".into()),
+            http_addr: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        })
+        .expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "max_batch = 5\nhttp_addr = \"127.0.0.1:9000\"\ngrpc_addr = \"127.0.0.1:9001\"\n",
+        )
+        .unwrap();
+        let env =
+            Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "7".to_owned())).unwrap();
+        let flags = Partial {
+            grpc_addr: Some("127.0.0.1:9002".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&f), env, flags).unwrap();
+        assert_eq!(c.max_batch, 7);
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.grpc_addr.port(), 9002);
+        assert_eq!(c.blogs_dir, PathBuf::from("./data/blogs"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "lots".to_owned()))
+            .unwrap_err();
+        assert!(e.to_string().contains("BLOTCDN_MAX_BATCH"), "{e}");
+        let e = Config::from_partial(Partial {
+            http_addr: Some("nowhere".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("http_addr"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "max_bach = 5\n").unwrap();
+        let e = Config::load(Some(&f), Partial::default(), Partial::default()).unwrap_err();
+        assert!(e.to_string().contains("max_bach"), "{e}");
+    }
+}

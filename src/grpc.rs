@@ -1,0 +1,397 @@
+//! The gRPC front door: `blotcdn.v1.Resolver` and `blotcdn.v1.Publisher`.
+//! Each handler decodes the request, calls the [`Catalog`], and encodes the
+//! answer; the rules live in the catalog, never here. Also the bearer-token
+//! layer, and the one mapping from [`CatalogError`] to `tonic::Status`.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::{AssetInfo, Catalog, CatalogError, PutHeader, ResolveStatus};
+use crate::proto as pb;
+
+/// Largest gRPC message accepted: a full batch of 10,000 long paths fits.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+impl From<CatalogError> for Status {
+    fn from(e: CatalogError) -> Status {
+        let msg = e.to_string();
+        match e {
+            CatalogError::Invalid(_) | CatalogError::BadRequest(_) => Status::invalid_argument(msg),
+            CatalogError::NotFound(_) => Status::not_found(msg),
+            CatalogError::TooLarge(_) => Status::resource_exhausted(msg),
+            CatalogError::Store(_) | CatalogError::Io(_) => {
+                tracing::error!(error = %msg, "internal error");
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
+/// One span per call: method, blog, item count, outcome and latency, logged
+/// when the call ends.
+struct CallLog {
+    method: &'static str,
+    blog: String,
+    items: usize,
+    start: Instant,
+}
+
+impl CallLog {
+    fn new(method: &'static str, blog: &str, items: usize) -> Self {
+        CallLog {
+            method,
+            blog: blog.to_owned(),
+            items,
+            start: Instant::now(),
+        }
+    }
+
+    fn done<T>(self, r: Result<T, Status>) -> Result<T, Status> {
+        let latency_us = self.start.elapsed().as_micros() as u64;
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(s) => code_name(s.code()),
+        };
+        let span = tracing::info_span!("rpc", method = self.method, blog_id = %self.blog, items = self.items);
+        let _e = span.enter();
+        match &r {
+            Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown) => {
+                tracing::error!(outcome, latency_us, message = s.message(), "call failed")
+            }
+            Err(s) => tracing::info!(outcome, latency_us, message = s.message(), "call refused"),
+            Ok(_) => tracing::debug!(outcome, latency_us, "call done"),
+        }
+        r
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "internal",
+    }
+}
+
+fn asset(a: AssetInfo) -> pb::Asset {
+    pb::Asset {
+        hash: a.hash.to_hex(),
+        url: a.url,
+        size: a.size,
+        content_type: a.content_type,
+        filename: a.filename,
+    }
+}
+
+pub struct ResolverService {
+    pub catalog: Arc<Catalog>,
+}
+
+#[tonic::async_trait]
+impl pb::resolver_server::Resolver for ResolverService {
+    async fn resolve_batch(
+        &self,
+        req: Request<pb::ResolveBatchRequest>,
+    ) -> Result<Response<pb::ResolveBatchResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("ResolveBatch", &req.blog_id, req.paths.len());
+        let r = self
+            .catalog
+            .resolve_batch(&req.blog_id, &req.paths)
+            .map_err(Status::from)
+            .map(|items| {
+                let assets = items
+                    .into_iter()
+                    .map(|r| pb::ResolvedAsset {
+                        url: r.url,
+                        status: match r.status {
+                            ResolveStatus::Ok => pb::ResolveStatus::Ok,
+                            ResolveStatus::UnknownBlog => pb::ResolveStatus::UnknownBlog,
+                            ResolveStatus::InvalidPath => pb::ResolveStatus::InvalidPath,
+                        } as i32,
+                        cache_id: r.cache_id,
+                        content_hash: r.content_hash.map(|h| h.to_hex()).unwrap_or_default(),
+                    })
+                    .collect();
+                Response::new(pb::ResolveBatchResponse { assets })
+            });
+        log.done(r)
+    }
+
+    async fn get_blog(
+        &self,
+        req: Request<pb::GetBlogRequest>,
+    ) -> Result<Response<pb::Blog>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("GetBlog", &req.blog_id, 1);
+        let r = self
+            .catalog
+            .get_blog(&req.blog_id)
+            .map_err(Status::from)
+            .map(|b| {
+                Response::new(pb::Blog {
+                    blog_id: b.blog_id.to_string(),
+                    cache_id: b.floor,
+                    domains: b.domains,
+                    path_count: b.path_count,
+                    asset_count: b.asset_count,
+                })
+            });
+        log.done(r)
+    }
+
+    async fn lookup_domain(
+        &self,
+        req: Request<pb::LookupDomainRequest>,
+    ) -> Result<Response<pb::LookupDomainResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("LookupDomain", "", 1);
+        let r = self
+            .catalog
+            .lookup_domain(&req.domain)
+            .map_err(Status::from)
+            .map(|b| {
+                Response::new(pb::LookupDomainResponse {
+                    blog_id: b.to_string(),
+                })
+            });
+        log.done(r)
+    }
+}
+
+pub struct PublisherService {
+    pub catalog: Arc<Catalog>,
+}
+
+#[tonic::async_trait]
+impl pb::publisher_server::Publisher for PublisherService {
+    async fn invalidate(
+        &self,
+        req: Request<pb::InvalidateRequest>,
+    ) -> Result<Response<pb::InvalidateResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("Invalidate", &req.blog_id, req.paths.len());
+        let r = self
+            .catalog
+            .invalidate(&req.blog_id, &req.paths)
+            .await
+            .map_err(Status::from)
+            .map(|cache_id| Response::new(pb::InvalidateResponse { cache_id }));
+        log.done(r)
+    }
+
+    async fn put_asset(
+        &self,
+        req: Request<Streaming<pb::PutAssetChunk>>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        use pb::put_asset_chunk::Chunk;
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::PutAssetChunk {
+                chunk: Some(Chunk::Header(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first PutAssetChunk must be a header",
+                ))
+            }
+            Some(Err(s)) => return Err(s),
+            None => {
+                return Err(Status::invalid_argument(
+                    "empty PutAsset stream: expected a header",
+                ))
+            }
+        };
+        let log = CallLog::new("PutAsset", &header.blog_id, 1);
+        let data = stream.map(|m| match m {
+            Ok(pb::PutAssetChunk {
+                chunk: Some(Chunk::Data(d)),
+            }) => Ok(d),
+            Ok(_) => Err(CatalogError::BadRequest(
+                "only the first PutAssetChunk may be a header".into(),
+            )),
+            Err(s) => Err(CatalogError::BadRequest(format!(
+                "upload broke off: {}",
+                s.message()
+            ))),
+        });
+        let header = PutHeader {
+            blog_id: header.blog_id,
+            filename: header.filename,
+            content_type: header.content_type,
+            path: header.path,
+        };
+        let r = self
+            .catalog
+            .put_asset(header, data)
+            .await
+            .map_err(Status::from)
+            .map(|a| Response::new(asset(a)));
+        log.done(r)
+    }
+
+    async fn import_file(
+        &self,
+        req: Request<pb::ImportFileRequest>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("ImportFile", &req.blog_id, 1);
+        let r = self
+            .catalog
+            .import_file(&req.blog_id, &req.path)
+            .await
+            .map_err(Status::from)
+            .map(|a| Response::new(asset(a)));
+        log.done(r)
+    }
+
+    async fn set_domain(
+        &self,
+        req: Request<pb::SetDomainRequest>,
+    ) -> Result<Response<pb::SetDomainResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("SetDomain", &req.blog_id, 1);
+        let r = self
+            .catalog
+            .set_domain(&req.domain, &req.blog_id)
+            .await
+            .map_err(Status::from)
+            .map(|_| Response::new(pb::SetDomainResponse {}));
+        log.done(r)
+    }
+
+    async fn remove_domain(
+        &self,
+        req: Request<pb::RemoveDomainRequest>,
+    ) -> Result<Response<pb::RemoveDomainResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("RemoveDomain", "", 1);
+        let r = self
+            .catalog
+            .remove_domain(&req.domain)
+            .await
+            .map_err(Status::from)
+            .map(|_| Response::new(pb::RemoveDomainResponse {}));
+        log.done(r)
+    }
+
+    async fn delete_blog(
+        &self,
+        req: Request<pb::DeleteBlogRequest>,
+    ) -> Result<Response<pb::DeleteBlogResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("DeleteBlog", &req.blog_id, 1);
+        let r = self
+            .catalog
+            .delete_blog(&req.blog_id)
+            .await
+            .map_err(Status::from)
+            .map(|_| Response::new(pb::DeleteBlogResponse {}));
+        log.done(r)
+    }
+}
+
+/// Bearer tokens per service. An empty list leaves that service open.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    pub resolver: Arc<[String]>,
+    pub publisher: Arc<[String]>,
+}
+
+impl Tokens {
+    /// The tokens that guard a gRPC path, or `None` when it is open (health,
+    /// reflection, or a service without tokens).
+    fn for_path(&self, path: &str) -> Option<&[String]> {
+        let list = if path.starts_with("/blotcdn.v1.Resolver/") {
+            &self.resolver
+        } else if path.starts_with("/blotcdn.v1.Publisher/") {
+            &self.publisher
+        } else {
+            return None;
+        };
+        (!list.is_empty()).then_some(&list[..])
+    }
+}
+
+/// Compares in time independent of where the strings first differ.
+fn token_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    pub tokens: Tokens,
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            tokens: self.tokens.clone(),
+        }
+    }
+}
+
+/// Refuses a call to a guarded service before its body is read, so a call
+/// without the right token changes nothing.
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    tokens: Tokens,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Auth<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<http::Response<R>, S::Error>>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        if let Some(allowed) = self.tokens.for_path(req.uri().path()) {
+            let given = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            let ok =
+                given.is_some_and(|g| allowed.iter().any(|t| token_eq(t.as_bytes(), g.as_bytes())));
+            if !ok {
+                let msg = if given.is_none() {
+                    "missing bearer token: send `authorization: Bearer <token>` metadata"
+                } else {
+                    "wrong bearer token for this service"
+                };
+                tracing::info!(
+                    path = req.uri().path(),
+                    outcome = "unauthenticated",
+                    "call refused"
+                );
+                return Either::Left(std::future::ready(Ok(
+                    Status::unauthenticated(msg).into_http()
+                )));
+            }
+        }
+        Either::Right(self.inner.call(req))
+    }
+}

@@ -1,0 +1,644 @@
+//! The HTTP origin the CDN's edge pulls from. Routes, by DESIGN.md:
+//! - `/{blog}/{cache_id}/{path}`: versioned files from the blog's folder;
+//! - `/{blog}/_assets/{hash}/{filename}`: permanent assets from the CAS;
+//! - `/_ask?domain=`: the edge's on-demand TLS check;
+//! - `/healthz`;
+//! - anything else: the blog's folder when the URL names a blog file, then
+//!   the fallback origins in order (legacy bucket, then app), then 404.
+//!
+//! Whether a versioned URL can be valid is decided from metadata before any
+//! disk access. Files are opened only through [`crate::blogfs`], so nothing
+//! outside a blog's folder is ever read. It must not write metadata.
+
+use std::convert::Infallible;
+use std::fs::Metadata;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::blogfs::OpenError;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::domain::{parse_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
+
+mod fallback;
+mod hot;
+
+use fallback::Fallback;
+use hot::{HotCache, HotFile};
+
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+const SHORT: &str = "public, max-age=60";
+const NO_STORE: &str = "no-store";
+/// Files up to this size are read whole (and may be kept hot); larger ones stream.
+const SMALL_FILE: u64 = 256 * 1024;
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn plain(status: StatusCode, cache: &'static str, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(text));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    r
+}
+
+pub struct Origin {
+    catalog: Arc<Catalog>,
+    hot: HotCache,
+    fallback: Fallback,
+}
+
+/// What a file answer is made of, from a blog's folder, the CAS or the hot cache.
+struct FileAnswer {
+    content_type: HeaderValue,
+    etag: HeaderValue,
+    last_modified: HeaderValue,
+    modified: SystemTime,
+    len: u64,
+    cache: &'static str,
+    blog: HeaderValue,
+    cors: bool,
+    source: Source,
+}
+
+enum Source {
+    Bytes(Bytes),
+    File(std::fs::File),
+}
+
+impl Origin {
+    pub fn new(catalog: Arc<Catalog>, config: &Config) -> Arc<Origin> {
+        Arc::new(Origin {
+            hot: HotCache::new(config.hot_cache_bytes),
+            fallback: Fallback::new(&config.fallback_origins, config.backfill_origins),
+            catalog,
+        })
+    }
+
+    /// Accepts HTTP/1.1 connections until `stop` turns true, then lets open
+    /// requests finish.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(hyper_util::rt::TokioTimer::new());
+        // A slow client may not hold a connection open forever before sending headers.
+        builder.header_read_timeout(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = match accepted {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Out of descriptors and the like: wait, don't spin.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let this = self.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        let this = this.clone();
+                        async move { Ok::<_, Infallible>(this.handle(req).await) }
+                    });
+                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), graceful.shutdown()).await;
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let head = req.method() == Method::HEAD;
+        if req.method() != Method::GET && !head {
+            let mut r = plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                NO_STORE,
+                "only GET and HEAD\n",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let mut resp = self.route(&req).await;
+        if head {
+            // Same headers, Content-Length included; no body.
+            *resp.body_mut() = empty();
+        }
+        resp
+    }
+
+    async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path();
+        match path {
+            "/healthz" => return plain(StatusCode::OK, NO_STORE, "ok\n"),
+            "/_ask" => return self.ask(req.uri().query().unwrap_or("")),
+            _ => {}
+        }
+        let mut segs = path.strip_prefix('/').unwrap_or(path).split('/');
+        let (Some(first), second, third) = (segs.next(), segs.next(), segs.clone().next()) else {
+            return self.fallback(req, None).await;
+        };
+        let Ok(blog) = BlogId::parse(first) else {
+            return self.fallback(req, None).await;
+        };
+        match (second, third) {
+            (Some("_assets"), Some(hash)) => {
+                segs.next();
+                let rest: Vec<&str> = segs.collect();
+                self.asset(req, &blog, hash, &rest).await
+            }
+            (Some(id), Some(_)) if id.bytes().all(|b| b.is_ascii_digit()) => {
+                let Ok(cache_id) = parse_cache_id(id) else {
+                    return plain(StatusCode::NOT_FOUND, NO_STORE, "no such version\n");
+                };
+                match BlogPath::from_url_segments(segs) {
+                    Ok(p) => self.versioned(req, &blog, cache_id, &p).await,
+                    Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
+                }
+            }
+            (Some(_), _) => {
+                // `/{blog}/{path}`: an unversioned (legacy) URL. Local disk,
+                // then the fallback origins.
+                let all = path.strip_prefix('/').unwrap_or(path).split('/').skip(1);
+                match BlogPath::from_url_segments(all) {
+                    Ok(p) => self.unversioned(req, &blog, &p).await,
+                    Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
+                }
+            }
+            (None, _) => self.fallback(req, None).await,
+        }
+    }
+
+    fn ask(&self, query: &str) -> Response<Body> {
+        let domain = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "domain")
+            .map(|(_, v)| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            });
+        let Some(domain) = domain else {
+            return plain(StatusCode::BAD_REQUEST, NO_STORE, "missing ?domain=\n");
+        };
+        match Domain::parse(&domain) {
+            Ok(d) if self.catalog.store().lookup_domain(d.as_str()).is_some() => {
+                plain(StatusCode::OK, NO_STORE, "ok\n")
+            }
+            Ok(_) => plain(StatusCode::NOT_FOUND, NO_STORE, "unknown domain\n"),
+            Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid domain\n"),
+        }
+    }
+
+    async fn versioned(
+        &self,
+        req: &Request<Incoming>,
+        blog: &BlogId,
+        id: CacheId,
+        path: &BlogPath,
+    ) -> Response<Body> {
+        // Metadata first: an unknown blog or a version from the future costs no disk read.
+        let Some(version) = self
+            .catalog
+            .store()
+            .path_version(blog.as_str(), path.as_str())
+        else {
+            return plain(StatusCode::NOT_FOUND, NO_STORE, "unknown blog\n");
+        };
+        if id > version {
+            return plain(StatusCode::NOT_FOUND, NO_STORE, "no such version\n");
+        }
+        if path.is_hidden() {
+            return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
+        }
+        let cache = if id == version { IMMUTABLE } else { SHORT };
+        match self.blog_file(blog, path, version, cache).await {
+            Ok(Some(answer)) => respond(req, answer),
+            Ok(None) => self.fallback(req, Some((blog, path))).await,
+            Err(resp) => resp,
+        }
+    }
+
+    async fn unversioned(
+        &self,
+        req: &Request<Incoming>,
+        blog: &BlogId,
+        path: &BlogPath,
+    ) -> Response<Body> {
+        if path.is_hidden() {
+            return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
+        }
+        let version = self
+            .catalog
+            .store()
+            .path_version(blog.as_str(), path.as_str())
+            .unwrap_or(0);
+        match self.blog_file(blog, path, version, SHORT).await {
+            Ok(Some(answer)) => respond(req, answer),
+            Ok(None) => self.fallback(req, Some((blog, path))).await,
+            Err(resp) => resp,
+        }
+    }
+
+    /// The blog's file, from the hot cache or the disk. `Ok(None)` when missing.
+    async fn blog_file(
+        &self,
+        blog: &BlogId,
+        path: &BlogPath,
+        version: CacheId,
+        cache: &'static str,
+    ) -> Result<Option<FileAnswer>, Response<Body>> {
+        let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
+        if let Some(hot) = self.hot.get(blog.as_str(), path.as_str(), version) {
+            return Ok(Some(hot.answer(cache, blog_hv)));
+        }
+        let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
+        let opened = tokio::task::spawn_blocking(
+            move || -> Result<(std::fs::File, Metadata, Option<Bytes>), OpenError> {
+                let (mut f, meta) = cat.blogs_dir().open(&b, &p)?;
+                let small = if meta.len() <= SMALL_FILE {
+                    let mut buf = Vec::with_capacity(meta.len() as usize);
+                    (&mut f).take(SMALL_FILE + 1).read_to_end(&mut buf)?;
+                    Some(Bytes::from(buf))
+                } else {
+                    None
+                };
+                Ok((f, meta, small))
+            },
+        )
+        .await
+        .map_err(|_| {
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                NO_STORE,
+                "internal error\n",
+            )
+        })?;
+        let (file, meta, small) = match opened {
+            Ok(x) => x,
+            Err(OpenError::NotFound) => return Ok(None),
+            Err(OpenError::Refused(why)) => {
+                tracing::warn!(blog = %blog, path = %path, why, "refused to serve");
+                return Err(plain(StatusCode::NOT_FOUND, SHORT, "not found\n"));
+            }
+            Err(OpenError::Io(e)) => {
+                tracing::error!(blog = %blog, path = %path, error = %e, "read failed");
+                return Err(plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    NO_STORE,
+                    "internal error\n",
+                ));
+            }
+        };
+        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let content_type = content_type(path.file_name());
+        let etag = file_etag(&meta);
+        let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()));
+        match small {
+            // The file may have grown between stat and read: what was read is the answer.
+            Some(bytes) if bytes.len() as u64 <= SMALL_FILE => {
+                let hot = Arc::new(hot.with_bytes(bytes));
+                self.hot
+                    .insert(blog.as_str(), path.as_str(), version, hot.clone());
+                Ok(Some(hot.answer(cache, blog_hv)))
+            }
+            _ => Ok(Some(hot.streaming(file, meta.len(), cache, blog_hv))),
+        }
+    }
+
+    async fn asset(
+        &self,
+        req: &Request<Incoming>,
+        blog: &BlogId,
+        hash: &str,
+        rest: &[&str],
+    ) -> Response<Body> {
+        let not_found = || plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
+        let (Ok(hash), [name]) = (ContentHash::parse(hash), rest) else {
+            return not_found();
+        };
+        if name.is_empty() {
+            return not_found();
+        }
+        let Some(aref) = self.catalog.store().asset_ref(blog.as_str(), &hash) else {
+            return not_found();
+        };
+        let path = self.catalog.cas().blob_path(&hash);
+        let opened = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            let m = f.metadata()?;
+            Ok::<_, std::io::Error>((f, m))
+        })
+        .await;
+        let Ok(Ok((file, meta))) = opened else {
+            tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
+            return not_found();
+        };
+        let answer = FileAnswer {
+            content_type: HeaderValue::from_str(&aref.content_type)
+                .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+            etag: HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex is header-safe"),
+            last_modified: http_date(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            len: meta.len(),
+            cache: IMMUTABLE,
+            blog: HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe"),
+            cors: aref.content_type.starts_with("font/") || cors_for(name),
+            source: Source::File(file),
+        };
+        respond(req, answer)
+    }
+
+    async fn fallback(
+        &self,
+        req: &Request<Incoming>,
+        blog_file: Option<(&BlogId, &BlogPath)>,
+    ) -> Response<Body> {
+        let target = match blog_file {
+            // A versioned URL's file is looked for under its unversioned name.
+            Some((b, p)) => {
+                let mut s = format!("/{b}");
+                crate::domain::push_encoded_path(&mut s, p.as_str());
+                s
+            }
+            None => req.uri().path().to_owned(),
+        };
+        let dirs = self.catalog.blogs_dir();
+        let backfill =
+            blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), dirs.file_path(b.as_str(), p)));
+        match self
+            .fallback
+            .fetch(
+                req.method(),
+                &target,
+                backfill,
+                blog_file.map(|(b, _)| b.as_str()),
+            )
+            .await
+        {
+            Some(resp) => resp,
+            None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
+        }
+    }
+}
+
+fn content_type(name: &str) -> HeaderValue {
+    let mime = mime_guess::from_path(name).first_or_octet_stream();
+    let s = mime.essence_str();
+    let needs_charset =
+        s.starts_with("text/") || s == "application/javascript" || s == "application/json";
+    if needs_charset {
+        HeaderValue::from_str(&format!("{s}; charset=utf-8")).expect("mime is header-safe")
+    } else {
+        HeaderValue::from_str(s).expect("mime is header-safe")
+    }
+}
+
+/// Fonts are the one kind browsers refuse cross-origin without CORS.
+fn cors_for(name: &str) -> bool {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    matches!(ext.as_str(), "woff" | "woff2" | "ttf" | "otf" | "eot")
+}
+
+fn file_etag(meta: &Metadata) -> HeaderValue {
+    use std::os::unix::fs::MetadataExt;
+    let s = format!(
+        "\"{:x}-{:x}-{:x}\"",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
+    HeaderValue::from_str(&s).expect("hex is header-safe")
+}
+
+fn http_date(t: SystemTime) -> HeaderValue {
+    HeaderValue::from_str(&httpdate::fmt_http_date(t)).expect("dates are header-safe")
+}
+
+/// Conditional requests, ranges and headers: the one place a file answer is made.
+fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
+    let h = req.headers();
+    let mut r = Response::new(empty());
+    {
+        let out = r.headers_mut();
+        out.insert(header::CACHE_CONTROL, HeaderValue::from_static(a.cache));
+        out.insert(header::ETAG, a.etag.clone());
+        out.insert(header::LAST_MODIFIED, a.last_modified.clone());
+        out.insert("surrogate-key", a.blog.clone());
+        out.insert("cache-tag", a.blog.clone());
+        if a.cors {
+            out.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+    }
+    if not_modified(h, &a) {
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        return r;
+    }
+    let out = r.headers_mut();
+    out.insert(header::CONTENT_TYPE, a.content_type.clone());
+    out.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let range = match h.get(header::RANGE) {
+        Some(v) if if_range_ok(h, &a) => parse_range(v.as_bytes(), a.len),
+        _ => RangeAnswer::Whole,
+    };
+    let (start, len) = match range {
+        RangeAnswer::Whole => (0, a.len),
+        RangeAnswer::Part(s, e) => {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let cr = format!("bytes {s}-{e}/{}", a.len);
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&cr).expect("digits"),
+            );
+            (s, e - s + 1)
+        }
+        RangeAnswer::Unsatisfiable => {
+            *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let cr = format!("bytes */{}", a.len);
+            let out = r.headers_mut();
+            out.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&cr).expect("digits"),
+            );
+            out.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            return r;
+        }
+    };
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    *r.body_mut() = match a.source {
+        Source::Bytes(b) => full(b.slice(start as usize..(start + len) as usize)),
+        Source::File(mut f) => {
+            if start > 0 && f.seek(SeekFrom::Start(start)).is_err() {
+                return plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    NO_STORE,
+                    "internal error\n",
+                );
+            }
+            let reader = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(f), len);
+            let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
+            StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
+        }
+    };
+    r
+}
+
+fn not_modified(h: &HeaderMap, a: &FileAnswer) -> bool {
+    if let Some(inm) = h.get(header::IF_NONE_MATCH) {
+        let Ok(s) = inm.to_str() else { return false };
+        let ours = a.etag.to_str().unwrap_or("");
+        return s
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t.trim_start_matches("W/") == ours);
+    }
+    if let Some(ims) = h
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Ok(since) = httpdate::parse_http_date(ims) {
+            let secs = |t: SystemTime| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            };
+            return secs(a.modified) <= secs(since);
+        }
+    }
+    false
+}
+
+/// `If-Range`: honour the range only if the validator still matches.
+fn if_range_ok(h: &HeaderMap, a: &FileAnswer) -> bool {
+    match h.get(header::IF_RANGE) {
+        None => true,
+        Some(v) => v == a.etag || v == a.last_modified,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeAnswer {
+    Whole,
+    /// Inclusive bounds.
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+/// One `bytes=` range. Several ranges, or a malformed header, get the whole
+/// file (a server may ignore Range); a range past the end gets 416.
+fn parse_range(v: &[u8], len: u64) -> RangeAnswer {
+    let Some(spec) = std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.trim().strip_prefix("bytes="))
+    else {
+        return RangeAnswer::Whole;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Whole;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Whole;
+    };
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || s.len() > 19 || !s.bytes().all(|c| c.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    match (a.is_empty(), b.is_empty()) {
+        (true, false) => match num(b) {
+            Some(0) => RangeAnswer::Unsatisfiable,
+            Some(_) if len == 0 => RangeAnswer::Unsatisfiable,
+            Some(n) => RangeAnswer::Part(len.saturating_sub(n), len - 1),
+            None => RangeAnswer::Whole,
+        },
+        (false, _) => {
+            let Some(start) = num(a) else {
+                return RangeAnswer::Whole;
+            };
+            let end = if b.is_empty() { Some(u64::MAX) } else { num(b) };
+            let Some(end) = end else {
+                return RangeAnswer::Whole;
+            };
+            if end < start {
+                return RangeAnswer::Whole;
+            }
+            if start >= len {
+                return RangeAnswer::Unsatisfiable;
+            }
+            RangeAnswer::Part(start, end.min(len - 1))
+        }
+        (true, true) => RangeAnswer::Whole,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(b"bytes=0-9", 100), RangeAnswer::Part(0, 9));
+        assert_eq!(parse_range(b"bytes=90-", 100), RangeAnswer::Part(90, 99));
+        assert_eq!(parse_range(b"bytes=-10", 100), RangeAnswer::Part(90, 99));
+        assert_eq!(parse_range(b"bytes=-1000", 100), RangeAnswer::Part(0, 99));
+        assert_eq!(
+            parse_range(b"bytes=50-5000", 100),
+            RangeAnswer::Part(50, 99)
+        );
+        assert_eq!(parse_range(b"bytes=100-", 100), RangeAnswer::Unsatisfiable);
+        assert_eq!(parse_range(b"bytes=-0", 100), RangeAnswer::Unsatisfiable);
+        assert_eq!(parse_range(b"bytes=0-1,5-6", 100), RangeAnswer::Whole);
+        assert_eq!(parse_range(b"bytes=9-1", 100), RangeAnswer::Whole);
+        assert_eq!(parse_range(b"items=0-1", 100), RangeAnswer::Whole);
+        assert_eq!(
+            parse_range(b"bytes=99999999999999999999-", 100),
+            RangeAnswer::Whole
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! A byte-bounded cache of small hot files, keyed by (blog, path) and
+//! stamped with the version they were read at: a publish changes the version,
+//! so a stale entry is never served, only replaced. Eviction is first in,
+//! first out, which keeps reads lock-shared (no recency to update).
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use parking_lot::RwLock;
+
+use super::{http_date, FileAnswer, Source};
+use crate::domain::CacheId;
+
+pub struct HotFile {
+    content_type: HeaderValue,
+    etag: HeaderValue,
+    last_modified: HeaderValue,
+    modified: SystemTime,
+    cors: bool,
+    bytes: Bytes,
+}
+
+impl HotFile {
+    pub fn new(
+        content_type: HeaderValue,
+        etag: HeaderValue,
+        modified: SystemTime,
+        cors: bool,
+    ) -> HotFile {
+        HotFile {
+            content_type,
+            etag,
+            last_modified: http_date(modified),
+            modified,
+            cors,
+            bytes: Bytes::new(),
+        }
+    }
+
+    pub fn with_bytes(self, bytes: Bytes) -> HotFile {
+        HotFile { bytes, ..self }
+    }
+
+    pub(super) fn answer(&self, cache: &'static str, blog: HeaderValue) -> FileAnswer {
+        FileAnswer {
+            content_type: self.content_type.clone(),
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+            modified: self.modified,
+            len: self.bytes.len() as u64,
+            cache,
+            blog,
+            cors: self.cors,
+            source: Source::Bytes(self.bytes.clone()),
+        }
+    }
+
+    pub(super) fn streaming(
+        self,
+        file: std::fs::File,
+        len: u64,
+        cache: &'static str,
+        blog: HeaderValue,
+    ) -> FileAnswer {
+        FileAnswer {
+            content_type: self.content_type,
+            etag: self.etag,
+            last_modified: self.last_modified,
+            modified: self.modified,
+            len,
+            cache,
+            blog,
+            cors: self.cors,
+            source: Source::File(file),
+        }
+    }
+}
+
+struct Entry {
+    blog: Box<str>,
+    path: Box<str>,
+    version: CacheId,
+    seq: u64,
+    file: Arc<HotFile>,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: std::collections::HashMap<u64, Entry>,
+    order: VecDeque<(u64, u64)>,
+    bytes: u64,
+    seq: u64,
+}
+
+pub struct HotCache {
+    cap: u64,
+    hasher: ahash::RandomState,
+    inner: RwLock<Inner>,
+}
+
+impl HotCache {
+    pub fn new(cap: u64) -> HotCache {
+        HotCache {
+            cap,
+            hasher: ahash::RandomState::new(),
+            inner: RwLock::new(Inner::default()),
+        }
+    }
+
+    fn key(&self, blog: &str, path: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        blog.hash(&mut h);
+        path.hash(&mut h);
+        h.finish()
+    }
+
+    pub fn get(&self, blog: &str, path: &str, version: CacheId) -> Option<Arc<HotFile>> {
+        if self.cap == 0 {
+            return None;
+        }
+        let k = self.key(blog, path);
+        let inner = self.inner.read();
+        let e = inner.map.get(&k)?;
+        (e.version == version && &*e.blog == blog && &*e.path == path).then(|| e.file.clone())
+    }
+
+    pub fn insert(&self, blog: &str, path: &str, version: CacheId, file: Arc<HotFile>) {
+        let size = file.bytes.len() as u64 + path.len() as u64 + 256;
+        if size > self.cap / 8 {
+            return;
+        }
+        let k = self.key(blog, path);
+        let mut inner = self.inner.write();
+        inner.seq += 1;
+        let seq = inner.seq;
+        let old = inner.map.insert(
+            k,
+            Entry {
+                blog: blog.into(),
+                path: path.into(),
+                version,
+                seq,
+                file,
+            },
+        );
+        if let Some(old) = old {
+            inner.bytes -= old.file.bytes.len() as u64 + old.path.len() as u64 + 256;
+        }
+        inner.bytes += size;
+        inner.order.push_back((k, seq));
+        while inner.bytes > self.cap {
+            let Some((k, seq)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner.map.get(&k).is_some_and(|e| e.seq == seq) {
+                let e = inner.map.remove(&k).expect("present");
+                inner.bytes -= e.file.bytes.len() as u64 + e.path.len() as u64 + 256;
+            }
+        }
+    }
+}
