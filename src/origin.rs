@@ -136,7 +136,7 @@ impl Origin {
                         let _ = conn.await;
                     });
                 }
-                _ = stop.wait_for(|s| *s) => break,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             }
         }
         drop(listener);

@@ -1,0 +1,394 @@
+//! Shared by the integration tests: the real server, in process on
+//! ephemeral ports with a temporary data dir, or as a child process; the
+//! generated gRPC clients; a plain HTTP client over TCP.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blotcdn::config::{Config, Partial};
+use blotcdn::proto::publisher_client::PublisherClient;
+use blotcdn::proto::resolver_client::ResolverClient;
+use tonic::transport::Channel;
+
+pub struct Server {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the defaults of a temporary data dir, changed by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut Partial)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, tweak).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Partial)) -> Server {
+        blotcdn::telemetry::init_for_tests();
+        let mut p = Partial {
+            data_dir: Some(dir.path().to_owned()),
+            grpc_addr: Some("127.0.0.1:0".into()),
+            http_addr: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        tweak(&mut p);
+        let config = Config::from_partial(p).unwrap();
+        let app = blotcdn::app::App::build(config.clone()).await.unwrap();
+        let (grpc, http) = (app.grpc_addr(), app.http_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run_until_stopped(async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Server {
+            grpc,
+            http,
+            dir,
+            config,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn resolver(&self) -> ResolverClient<Channel> {
+        ResolverClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    pub async fn publisher(&self) -> PublisherClient<Channel> {
+        PublisherClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    pub fn blogs_dir(&self) -> PathBuf {
+        self.config.blogs_dir.clone()
+    }
+
+    /// Writes a file into a blog's folder.
+    pub fn write(&self, blog: &str, path: &str, bytes: &[u8]) -> PathBuf {
+        let p = self
+            .config
+            .blogs_dir
+            .join(blog)
+            .join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// Stops gracefully and waits; the data dir stays.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+/// A raw HTTP/1.1 exchange: exactly these request bytes, the whole answer.
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf)
+}
+
+pub fn parse_response(buf: &[u8]) -> RawResponse {
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no complete response head in {:?}",
+                String::from_utf8_lossy(buf)
+            )
+        });
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    RawResponse {
+        status,
+        headers,
+        body: buf[end + 4..].to_vec(),
+    }
+}
+
+/// GET `target` (sent as is, not normalised) with extra header lines.
+pub fn get(addr: SocketAddr, target: &str, extra: &[(&str, &str)]) -> RawResponse {
+    request(addr, "GET", target, extra)
+}
+
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    extra: &[(&str, &str)],
+) -> RawResponse {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: cdn.test\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    raw_request(addr, req.as_bytes())
+}
+
+/// The path part of a URL the server handed out.
+pub fn path_of(url: &str) -> String {
+    let rest = url.split_once("://").unwrap().1;
+    format!("/{}", rest.split_once('/').unwrap().1)
+}
+
+/// The built binary (cargo builds it for integration tests).
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blotcdn"))
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The server as a child process on the given data dir.
+pub struct ChildServer {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl ChildServer {
+    pub fn spawn(data_dir: &Path) -> ChildServer {
+        let (g, h) = (free_port(), free_port());
+        let child = Command::new(binary())
+            .args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{g}"),
+                "--http-addr",
+                &format!("127.0.0.1:{h}"),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let s = ChildServer {
+            child,
+            grpc: ([127, 0, 0, 1], g).into(),
+            http: ([127, 0, 0, 1], h).into(),
+        };
+        wait_for_port(s.grpc);
+        wait_for_port(s.http);
+        s
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not open in 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion with a deadline; returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command, secs: u64) -> (i32, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {:?}: {e}", cmd.get_program());
+        });
+    // Read both pipes on threads so a chatty child cannot block on a full pipe.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{:?} did not finish in {secs} s", cmd.get_program());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (
+        status.code().unwrap_or(-1),
+        out.join().unwrap(),
+        err.join().unwrap(),
+    )
+}
+
+/// A helper server process (nginx, varnish, caddy, redis) killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Daemon {
+    pub fn spawn(name: &'static str, cmd: &mut Command, port: u16) -> Daemon {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {name} ({e}); run ./scripts/install-test-deps.sh");
+            });
+        let d = Daemon { child, name };
+        wait_for_port(([127, 0, 0, 1], port).into());
+        d
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes a temporary folder readable by unprivileged workers (nginx,
+/// varnish and caddy may drop to their own users).
+pub fn open_up(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+}
+
+/// nginx serving `root` on 127.0.0.1:`port` (a stand-in for a static origin).
+pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Daemon {
+    std::fs::create_dir_all(dir).unwrap();
+    open_up(dir);
+    open_up(root);
+    let conf = dir.join("nginx.conf");
+    let user = if unsafe_is_root() { "user root;" } else { "" };
+    std::fs::write(
+        &conf,
+        format!(
+            "{user}\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n\
+             fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
+             include /etc/nginx/mime.types;\n  sendfile on;\n  tcp_nopush on;\n\
+             open_file_cache max=10000 inactive=60s;\n  open_file_cache_valid 60s;\n\
+             server {{\n    listen 127.0.0.1:{port};\n    root {r};\n    {extra}\n  }}\n}}\n",
+            d = dir.display(),
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    Daemon::spawn(
+        "nginx",
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf),
+        port,
+    )
+}
+
+pub fn unsafe_is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false)
+}
+
+/// curl, the way a person would check an answer: status, headers, body.
+pub fn curl(args: &[&str]) -> RawResponse {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-i", "--path-as-is", "--max-time", "20"])
+        .args(args);
+    let out = cmd.output().expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // curl -i may print interim answers (100 Continue); keep the last head.
+    parse_response(&out.stdout)
+}

@@ -1,0 +1,497 @@
+//! The HTTP origin with real HTTP clients: every row of DESIGN.md's origin
+//! table, conditional and range requests, the fallback chain (nginx standing
+//! in for the legacy bucket and the app), and a catalogue of hostile requests.
+
+mod common;
+
+use blotcdn::proto as pb;
+use common::{curl, free_port, get, nginx, path_of, request, Server};
+
+async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
+    let mut c = s.publisher().await;
+    c.invalidate(pb::InvalidateRequest {
+        blog_id: blog.into(),
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .cache_id
+}
+
+async fn url_of(s: &Server, blog: &str, path: &str) -> String {
+    let mut c = s.resolver().await;
+    let r = c
+        .resolve_batch(pb::ResolveBatchRequest {
+            blog_id: blog.into(),
+            paths: vec![path.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.assets[0].url.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versioned_urls_follow_the_cache_rules() {
+    let s = Server::start().await;
+    s.write("b1", "/style.css", b"body { color: red }");
+    s.write("b1", "/fonts/x.woff2", b"wOF2....");
+    invalidate(&s, "b1", &[]).await;
+    let url = url_of(&s, "b1", "/style.css").await;
+
+    // The current version: immutable, with every header.
+    let r = curl(&[&url]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"body { color: red }");
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    assert_eq!(r.header("content-type"), Some("text/css; charset=utf-8"));
+    assert_eq!(r.header("content-length"), Some("19"));
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert_eq!(r.header("surrogate-key"), Some("b1"));
+    assert_eq!(r.header("cache-tag"), Some("b1"));
+    assert!(r.header("etag").is_some_and(|e| e.starts_with('"')));
+    assert!(r
+        .header("last-modified")
+        .is_some_and(|d| d.ends_with("GMT")));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        None,
+        "CORS only where needed"
+    );
+    let font = curl(&[&url_of(&s, "b1", "/fonts/x.woff2").await]);
+    assert_eq!(font.status, 200);
+    assert_eq!(font.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(font.header("content-type"), Some("font/woff2"));
+
+    // A publish: the file changes, the path's version moves.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    s.write("b1", "/style.css", b"body { color: blue }");
+    invalidate(&s, "b1", &["/style.css"]).await;
+    let new_url = url_of(&s, "b1", "/style.css").await;
+    assert_ne!(new_url, url);
+    let r = curl(&[&new_url]);
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"body { color: blue }"[..])
+    );
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    // The old URL still works, briefly cached, with the current bytes.
+    let r = curl(&[&url]);
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"body { color: blue }"[..])
+    );
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+
+    // A cache id from the future, an unknown blog: 404 no-store.
+    let id: u64 = new_url.rsplit('/').nth(1).unwrap().parse().unwrap();
+    let r = curl(&[&s.url(&format!("/b1/{}/style.css", id + 1))]);
+    assert_eq!(
+        (r.status, r.header("cache-control")),
+        (404, Some("no-store"))
+    );
+    let r = curl(&[&s.url(&format!("/nosuchblog/{id}/style.css"))]);
+    assert_eq!(
+        (r.status, r.header("cache-control")),
+        (404, Some("no-store"))
+    );
+    // A missing file (at the blog's floor, its version): 404 with a short max-age.
+    let floor: u64 = url.rsplit('/').nth(1).unwrap().parse().unwrap();
+    let r = curl(&[&s.url(&format!("/b1/{floor}/missing.css"))]);
+    assert_eq!(
+        (r.status, r.header("cache-control")),
+        (404, Some("public, max-age=60"))
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_range_and_head() {
+    let s = Server::start().await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    s.write("b", "/big.bin", &body);
+    s.write("b", "/small.txt", b"0123456789");
+    invalidate(&s, "b", &[]).await;
+    for (path, bytes) in [
+        ("/big.bin", body.as_slice()),
+        ("/small.txt", &b"0123456789"[..]),
+    ] {
+        let url = url_of(&s, "b", path).await;
+        let full = curl(&[&url]);
+        assert_eq!(full.status, 200);
+        assert_eq!(full.body, bytes, "{path}");
+        let etag = full.header("etag").unwrap().to_owned();
+        let lm = full.header("last-modified").unwrap().to_owned();
+
+        let r = curl(&["-H", &format!("If-None-Match: {etag}"), &url]);
+        assert_eq!(r.status, 304, "{path}");
+        assert!(r.body.is_empty());
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+        let r = curl(&["-H", &format!("If-Modified-Since: {lm}"), &url]);
+        assert_eq!(r.status, 304, "{path}");
+        let r = curl(&["-H", "If-None-Match: \"other\"", &url]);
+        assert_eq!(r.status, 200, "{path}");
+
+        let r = curl(&["-H", "Range: bytes=2-5", &url]);
+        assert_eq!(r.status, 206, "{path}");
+        assert_eq!(r.body, &bytes[2..6]);
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes 2-5/{}", bytes.len()).as_str())
+        );
+        assert_eq!(r.header("content-length"), Some("4"));
+        let r = curl(&["-H", "Range: bytes=-3", &url]);
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (206, &bytes[bytes.len() - 3..])
+        );
+        let r = curl(&["-H", &format!("Range: bytes={}-", bytes.len()), &url]);
+        assert_eq!(r.status, 416, "{path}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes */{}", bytes.len()).as_str())
+        );
+        // A stale If-Range: the whole file.
+        let r = curl(&["-H", "Range: bytes=0-0", "-H", "If-Range: \"stale\"", &url]);
+        assert_eq!((r.status, r.body.len()), (200, bytes.len()));
+
+        let r = curl(&["-I", &url]);
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("content-length"),
+            Some(bytes.len().to_string().as_str())
+        );
+        assert!(r.body.is_empty());
+    }
+    let r = request(s.http, "POST", "/b/1/small.txt", &[("Content-Length", "0")]);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_and_healthz() {
+    let s = Server::start().await;
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest {
+        domain: "mapped.example".into(),
+        blog_id: "b".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(curl(&[&s.url("/_ask?domain=mapped.example")]).status, 200);
+    assert_eq!(curl(&[&s.url("/_ask?domain=MAPPED.example.")]).status, 200);
+    assert_eq!(curl(&[&s.url("/_ask?domain=unmapped.example")]).status, 404);
+    assert_eq!(curl(&[&s.url("/_ask?domain=not%20a%20domain")]).status, 400);
+    assert_eq!(curl(&[&s.url("/_ask")]).status, 400);
+    let h = curl(&[&s.url("/healthz")]);
+    assert_eq!((h.status, h.body.as_slice()), (200, &b"ok\n"[..]));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_origins_in_order_and_backfill() {
+    let work = tempfile::tempdir().unwrap();
+    let legacy_root = work.path().join("legacy");
+    let app_root = work.path().join("app");
+    for (root, files) in [
+        (
+            &legacy_root,
+            vec![
+                ("oldblog/avatars/1468462389403/me.png", "legacy avatar"),
+                ("both.txt", "from legacy"),
+            ],
+        ),
+        (
+            &app_root,
+            vec![("both.txt", "from app"), ("app-only.txt", "from app")],
+        ),
+    ] {
+        for (p, b) in files {
+            let f = root.join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, b).unwrap();
+        }
+    }
+    let (lp, ap) = (free_port(), free_port());
+    let _legacy = nginx(&work.path().join("n1"), &legacy_root, lp, "");
+    let _app = nginx(&work.path().join("n2"), &app_root, ap, "");
+    let s = Server::start_with(|p| {
+        p.fallback_origins = Some(vec![
+            format!("http://127.0.0.1:{lp}"),
+            format!("http://127.0.0.1:{ap}"),
+        ]);
+    })
+    .await;
+
+    // Not on local disk: the legacy bucket answers, and the file lands on disk.
+    let avatar = "/oldblog/avatars/1468462389403/me.png";
+    let r = curl(&[&s.url(avatar)]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy avatar"[..]));
+    assert_eq!(r.header("surrogate-key"), Some("oldblog"));
+    let on_disk = s.blogs_dir().join("oldblog/avatars/1468462389403/me.png");
+    assert_eq!(std::fs::read(&on_disk).unwrap(), b"legacy avatar");
+    // The bucket can forget it now: local disk answers first.
+    std::fs::remove_file(legacy_root.join("oldblog/avatars/1468462389403/me.png")).unwrap();
+    let r = curl(&[&s.url(avatar)]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy avatar"[..]));
+
+    // Order: the legacy bucket before the app; the app only when the bucket misses.
+    assert_eq!(curl(&[&s.url("/both.txt")]).body, b"from legacy");
+    assert_eq!(curl(&[&s.url("/app-only.txt")]).body, b"from app");
+    assert_eq!(curl(&[&s.url("/nowhere.txt")]).status, 404);
+
+    // A versioned URL whose file is only in the bucket: fetched by its
+    // unversioned name, written into the blog's folder.
+    let id = invalidate(&s, "oldblog", &[]).await;
+    std::fs::create_dir_all(legacy_root.join("oldblog/img")).unwrap();
+    std::fs::write(legacy_root.join("oldblog/img/p.jpg"), b"legacy photo").unwrap();
+    let r = curl(&[&s.url(&format!("/oldblog/{id}/img/p.jpg"))]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy photo"[..]));
+    assert_eq!(
+        std::fs::read(s.blogs_dir().join("oldblog/img/p.jpg")).unwrap(),
+        b"legacy photo"
+    );
+    s.stop().await;
+}
+
+/// Markers that must never come back from the origin.
+const PASSWD_MARK: &str = "root:";
+const SIBLING_MARK: &str = "SIBLING-SECRET";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_never_escape_a_blog() {
+    use std::os::unix::fs::symlink;
+    let s = Server::start().await;
+    let blogs = s.blogs_dir();
+    s.write("victim", "/style.css", b"ok-style");
+    s.write("victim", "/.env", b"SECRET=1");
+    s.write("victim", "/.git/config", b"[core]");
+    s.write("victim", "/sub/inner.txt", b"inner");
+    s.write("sibling", "/secret.txt", SIBLING_MARK.as_bytes());
+    let v = blogs.join("victim");
+    symlink("/etc/passwd", v.join("link-passwd")).unwrap();
+    symlink("../sibling/secret.txt", v.join("link-sibling")).unwrap();
+    symlink("/etc", v.join("linkdir")).unwrap();
+    symlink("../sibling", v.join("sibdir")).unwrap();
+    symlink("style.css", v.join("link-inside")).unwrap();
+    symlink("link-loop", v.join("link-loop")).unwrap();
+    let fifo = std::ffi::CString::new(v.join("fifo").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let f = invalidate(&s, "victim", &[]).await;
+    invalidate(&s, "sibling", &[]).await;
+    let long = "a".repeat(2000);
+
+    let cases: Vec<(String, u16, Vec<(&str, &str)>)> = vec![
+        (format!("/victim/{f}/../sibling/secret.txt"), 400, vec![]),
+        (
+            format!("/victim/{f}/%2e%2e/sibling/secret.txt"),
+            400,
+            vec![],
+        ),
+        (format!("/victim/{f}/%2E%2E/%2E%2E/etc/passwd"), 400, vec![]),
+        (format!("/victim/{f}/.%2e/sibling/secret.txt"), 400, vec![]),
+        (
+            format!("/victim/{f}/%2e%2e%2fsibling%2fsecret.txt"),
+            400,
+            vec![],
+        ),
+        (
+            format!("/victim/{f}/..%2fsibling%2fsecret.txt"),
+            400,
+            vec![],
+        ),
+        (format!("/victim/{f}/sub%2finner.txt"), 400, vec![]),
+        (format!("/victim/{f}/sub%2Finner.txt"), 400, vec![]),
+        (format!("/victim/{f}/%2e"), 400, vec![]),
+        (format!("/victim/{f}/style.css%00.png"), 400, vec![]),
+        (
+            format!("/victim/{f}/..%5csibling%5csecret.txt"),
+            400,
+            vec![],
+        ),
+        (format!("/victim/{f}/%C3%28"), 400, vec![]),
+        (format!("/victim/{f}/{long}"), 400, vec![]),
+        (format!("/victim/{f}//etc/passwd"), 400, vec![]),
+        (format!("/victim/{f}/sub/"), 400, vec![]),
+        (format!("/victim/{f}/%zz"), 404, vec![]),
+        (format!("/victim/{f}/link-passwd"), 404, vec![]),
+        (format!("/victim/{f}/link-sibling"), 404, vec![]),
+        (format!("/victim/{f}/linkdir/passwd"), 404, vec![]),
+        (format!("/victim/{f}/sibdir/secret.txt"), 404, vec![]),
+        (format!("/victim/{f}/link-loop"), 404, vec![]),
+        (format!("/victim/{f}/fifo"), 404, vec![]),
+        (format!("/victim/{f}/sub"), 404, vec![]),
+        (format!("/victim/{f}/.env"), 404, vec![]),
+        (format!("/victim/{f}/.git/config"), 404, vec![]),
+        (format!("/victim/{f}/%2eenv"), 404, vec![]),
+        ("/victim/link-passwd".to_string(), 404, vec![]),
+        ("/victim/sibdir/secret.txt".to_string(), 404, vec![]),
+        (format!("/victim/{}/style.css", f + 1000), 404, vec![]),
+        (
+            "/victim/99999999999999999999999/style.css".to_string(),
+            404,
+            vec![],
+        ),
+        (format!("/victim/0{f}/style.css"), 404, vec![]),
+        (format!("/nosuchblog/{f}/style.css"), 404, vec![]),
+        ("/..%2f..%2fetc/passwd".to_string(), 404, vec![]),
+        ("/%2e%2e/%2e%2e/etc/passwd".to_string(), 404, vec![]),
+        ("/../../etc/passwd".to_string(), 404, vec![]),
+        ("/victim/_assets/../../etc/passwd".to_string(), 404, vec![]),
+        (
+            "/victim/_assets/00000000000000000000000000000000/x.png".to_string(),
+            404,
+            vec![],
+        ),
+        ("/etc/passwd".to_string(), 404, vec![]),
+        (format!("/victim/{f}/link-inside"), 200, vec![]),
+        (
+            format!("/victim/{f}/style.css?x=../../etc/passwd"),
+            200,
+            vec![],
+        ),
+        (
+            format!("/victim/{f}/style.css"),
+            206,
+            vec![("Range", "bytes=0-99999999999999")],
+        ),
+        (
+            format!("/victim/{f}/style.css"),
+            200,
+            vec![("Range", "bytes=0-1,2-3,4-5")],
+        ),
+        (
+            format!("/victim/{f}/style.css"),
+            416,
+            vec![("Range", "bytes=999999-")],
+        ),
+        (
+            format!("/victim/{f}/style.css"),
+            200,
+            vec![("Range", "bytes=junk")],
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    for (target, status, headers) in &cases {
+        let r = get(s.http, target, headers);
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, *status, "{target} {headers:?}: {body}");
+        assert!(
+            !body.contains(PASSWD_MARK) && !body.contains(SIBLING_MARK),
+            "{target} leaked: {body}"
+        );
+        if *status == 200 || *status == 206 {
+            assert!(
+                body.starts_with("ok") || body == "ok-style",
+                "{target}: {body}"
+            );
+        }
+    }
+    // A NUL byte and a raw backslash sent literally, not encoded.
+    for raw in [
+        &b"GET /victim/1/a\0b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        b"GET /victim/1/..\\..\\x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut sock = std::net::TcpStream::connect(s.http).unwrap();
+        use std::io::{Read, Write};
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        sock.write_all(raw).unwrap();
+        let mut buf = Vec::new();
+        let _ = sock.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(!text.contains(PASSWD_MARK) && !text.contains(SIBLING_MARK));
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+    }
+    // The server still answers.
+    assert_eq!(get(s.http, "/healthz", &[]).status, 200);
+    assert_eq!(
+        get(s.http, &format!("/victim/{f}/style.css"), &[]).body,
+        b"ok-style"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_swapped_under_load_never_leaks() {
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // No hot cache: every request opens the file, racing the swaps.
+    let s = Server::start_with(|p| p.hot_cache_bytes = Some(0)).await;
+    s.write("victim", "/real.txt", b"ok-real");
+    s.write("sibling", "/secret.txt", SIBLING_MARK.as_bytes());
+    let link = s.blogs_dir().join("victim/swap.txt");
+    symlink("real.txt", &link).unwrap();
+    let f = invalidate(&s, "victim", &[]).await;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, link) = (stop.clone(), link.clone());
+        std::thread::spawn(move || {
+            let tmp = link.with_extension("tmp");
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && i < 1_000_000 {
+                let target = if i % 2 == 0 {
+                    "/etc/passwd"
+                } else if i % 4 == 1 {
+                    "../sibling/secret.txt"
+                } else {
+                    "real.txt"
+                };
+                let _ = std::fs::remove_file(&tmp);
+                symlink(target, &tmp).unwrap();
+                std::fs::rename(&tmp, &link).unwrap();
+                i += 1;
+            }
+        })
+    };
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..400 {
+        let r = get(s.http, &format!("/victim/{f}/swap.txt"), &[]);
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(
+            !body.contains(PASSWD_MARK) && !body.contains(SIBLING_MARK),
+            "leaked: {body}"
+        );
+        match r.status {
+            200 => {
+                assert_eq!(body, "ok-real");
+                ok += 1
+            }
+            404 => refused += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(refused > 0, "the swaps were never seen ({ok} ok)");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_files_follow_publishes() {
+    let s = Server::start().await;
+    s.write("h", "/app.js", b"v1");
+    invalidate(&s, "h", &[]).await;
+    let u1 = url_of(&s, "h", "/app.js").await;
+    assert_eq!(curl(&[&u1]).body, b"v1");
+    assert_eq!(
+        curl(&[&u1]).body,
+        b"v1",
+        "second read comes from memory, same bytes"
+    );
+    s.write("h", "/app.js", b"v2");
+    invalidate(&s, "h", &["/app.js"]).await;
+    let u2 = url_of(&s, "h", "/app.js").await;
+    assert_eq!(curl(&[&u2]).body, b"v2");
+    assert_eq!(curl(&[&u1]).body, b"v2", "an old URL gets the current file");
+    assert_eq!(get(s.http, &path_of(&u2), &[]).body, b"v2");
+    s.stop().await;
+}
