@@ -1,0 +1,269 @@
+//! Through real edges: Debian's varnish as the CDN cache in front of the
+//! origin, and Debian's caddy as the on-demand TLS edge for custom domains.
+//! Both run the configuration files in `edge/`, ports rewritten.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use blotcdn::proto as pb;
+use common::{curl, free_port, open_up, path_of, run, Daemon, Server};
+
+fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
+    let vcl =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
+    let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
+    std::fs::create_dir_all(work).unwrap();
+    open_up(work);
+    let vcl_path = work.join("blotcdn.vcl");
+    std::fs::write(&vcl_path, vcl).unwrap();
+    let port = free_port();
+    let d = Daemon::spawn(
+        "varnishd",
+        Command::new("varnishd")
+            .arg("-F")
+            .arg("-n")
+            .arg(work.join("varnish"))
+            .args([
+                "-a",
+                &format!("127.0.0.1:{port}"),
+                "-T",
+                "127.0.0.1:0",
+                "-s",
+                "malloc,64m",
+            ])
+            .arg("-f")
+            .arg(&vcl_path),
+        port,
+    );
+    (d, port)
+}
+
+async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
+    let mut c = s.publisher().await;
+    let paths = paths.iter().map(|p| p.to_string()).collect();
+    c.invalidate(pb::InvalidateRequest {
+        blog_id: blog.into(),
+        paths,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .cache_id
+}
+
+async fn url_of(s: &Server, blog: &str, path: &str) -> String {
+    let mut c = s.resolver().await;
+    let r = c
+        .resolve_batch(pb::ResolveBatchRequest {
+            blog_id: blog.into(),
+            paths: vec![path.into()],
+        })
+        .await
+        .unwrap();
+    r.into_inner().assets[0].url.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn varnish_caches_versions_and_publishes_move_urls() {
+    let work = tempfile::tempdir().unwrap();
+    let s = Server::start().await;
+    let (_varnish, vport) = varnish(work.path(), s.http.port());
+    let edge = |url: &str| format!("http://127.0.0.1:{vport}{}", path_of(url));
+
+    s.write("blog", "/style.css", b"v1 bytes");
+    invalidate(&s, "blog", &[]).await;
+    let old = url_of(&s, "blog", "/style.css").await;
+    let r = curl(&[&edge(&old)]);
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.body.as_slice()),
+        (200, Some("MISS"), &b"v1 bytes"[..])
+    );
+    let r = curl(&[&edge(&old)]);
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.body.as_slice()),
+        (200, Some("HIT"), &b"v1 bytes"[..])
+    );
+
+    // Publish: new bytes, a new URL from ResolveBatch, served fresh by the edge.
+    s.write("blog", "/style.css", b"v2 bytes");
+    invalidate(&s, "blog", &["/style.css"]).await;
+    let new = url_of(&s, "blog", "/style.css").await;
+    assert_ne!(new, old);
+    let r = curl(&[&edge(&new)]);
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.body.as_slice()),
+        (200, Some("MISS"), &b"v2 bytes"[..])
+    );
+    let r = curl(&[&edge(&new)]);
+    assert_eq!(
+        (r.header("x-cache"), r.body.as_slice()),
+        (Some("HIT"), &b"v2 bytes"[..])
+    );
+    // The old URL still serves what the edge cached: old pages keep working.
+    let r = curl(&[&edge(&old)]);
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.body.as_slice()),
+        (200, Some("HIT"), &b"v1 bytes"[..])
+    );
+
+    // An unknown cache id is never stored at the edge.
+    let id: u64 = new.rsplit('/').nth(1).unwrap().parse().unwrap();
+    let future = format!("http://127.0.0.1:{vport}/blog/{}/style.css", id + 5);
+    for _ in 0..2 {
+        let r = curl(&[&future]);
+        assert_eq!((r.status, r.header("x-cache")), (404, Some("MISS")));
+    }
+
+    // A purge key drops the whole blog in one call.
+    let r = curl(&[
+        "-X",
+        "BAN",
+        "-H",
+        "Surrogate-Key: blog",
+        &format!("http://127.0.0.1:{vport}/"),
+    ]);
+    assert_eq!(r.status, 200);
+    let r = curl(&[&edge(&new)]);
+    assert_eq!(
+        (r.header("x-cache"), r.body.as_slice()),
+        (Some("MISS"), &b"v2 bytes"[..])
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn varnish_serves_permanent_assets() {
+    let work = tempfile::tempdir().unwrap();
+    let s = Server::start().await;
+    let (_varnish, vport) = varnish(work.path(), s.http.port());
+    s.write("pblog", "/thumbs/cat.jpg", b"\xff\xd8\xffcat");
+    let mut p = s.publisher().await;
+    let a = p
+        .import_file(pb::ImportFileRequest {
+            blog_id: "pblog".into(),
+            path: "/thumbs/cat.jpg".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let url = format!("http://127.0.0.1:{vport}{}", path_of(&a.url));
+    let r = curl(&[&url]);
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.body.as_slice()),
+        (200, Some("MISS"), &b"\xff\xd8\xffcat"[..])
+    );
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    assert_eq!(r.header("content-type"), Some("image/jpeg"));
+    let r = curl(&[&url]);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_gets_certificates_only_for_mapped_domains() {
+    let work = tempfile::tempdir().unwrap();
+    open_up(work.path());
+    let s = Server::start().await;
+    s.write("tlsblog", "/style.css", b"over tls");
+    invalidate(&s, "tlsblog", &[]).await;
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest {
+        domain: "mapped.example".into(),
+        blog_id: "tlsblog".into(),
+    })
+    .await
+    .unwrap();
+    let url = url_of(&s, "tlsblog", "/style.css").await;
+
+    let (hp, sp) = (free_port(), free_port());
+    let origin = format!("127.0.0.1:{}", s.http.port());
+    let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/Caddyfile"))
+        .unwrap()
+        .replace("127.0.0.1:8080", &origin)
+        .replace("http_port 8081", &format!("http_port {hp}"))
+        .replace("https_port 8443", &format!("https_port {sp}"));
+    let caddyfile = work.path().join("Caddyfile");
+    std::fs::write(&caddyfile, conf).unwrap();
+    let _caddy = Daemon::spawn(
+        "caddy",
+        Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile)
+            .env("XDG_DATA_HOME", work.path().join("data"))
+            .env("XDG_CONFIG_HOME", work.path().join("config"))
+            .env("HOME", work.path()),
+        sp,
+    );
+
+    let resolve = |d: &str| format!("{d}:{sp}:127.0.0.1");
+    let target = |d: &str| format!("https://{d}:{sp}{}", path_of(&url));
+    // A mapped domain: the handshake completes (a certificate issued on
+    // demand), the file comes through the edge.
+    let r = curl(&[
+        "-k",
+        "--resolve",
+        &resolve("mapped.example"),
+        &target("mapped.example"),
+    ]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"over tls"[..]));
+    // The certificate is for that name, signed by the edge's CA.
+    let ca = work
+        .path()
+        .join("data/caddy/pki/authorities/local/root.crt");
+    assert!(ca.exists(), "caddy's internal CA at {}", ca.display());
+    let r = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &resolve("mapped.example"),
+        &target("mapped.example"),
+    ]);
+    assert_eq!(r.status, 200);
+
+    // An unmapped domain gets no certificate: the handshake fails.
+    let (code, _, err) = run(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-k",
+                "--max-time",
+                "20",
+                "--resolve",
+                &resolve("unmapped.example"),
+            ])
+            .arg(target("unmapped.example")),
+        30,
+    );
+    assert_ne!(code, 0, "handshake for an unmapped domain must fail");
+    assert!(
+        err.contains("SSL") || err.contains("TLS") || err.contains("alert"),
+        "{err}"
+    );
+
+    // Unmapping a domain stops new certificates for it.
+    p.remove_domain(pb::RemoveDomainRequest {
+        domain: "mapped.example".into(),
+    })
+    .await
+    .unwrap();
+    let (code, _, _) = run(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-k",
+                "--max-time",
+                "20",
+                "--resolve",
+                &resolve("other.example"),
+            ])
+            .arg(target("other.example")),
+        30,
+    );
+    assert_ne!(code, 0);
+    s.stop().await;
+}
