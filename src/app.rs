@@ -13,7 +13,9 @@ use crate::blogfs::BlogsDir;
 use crate::cas::Cas;
 use crate::catalog::{Catalog, CatalogOptions};
 use crate::config::Config;
-use crate::grpc::{AuthLayer, PublisherService, ResolverService, Tokens, MAX_MESSAGE_BYTES};
+use crate::grpc::{
+    AuthLayer, PublisherService, ResolverService, Tokens, UploadGuardLayer, MAX_MESSAGE_BYTES,
+};
 use crate::origin::Origin;
 use crate::proto;
 use crate::store::{SledStore, Store};
@@ -212,6 +214,8 @@ impl App {
             // Outermost: a call without the right token is refused before any
             // service sees it, and so changes nothing.
             .layer(AuthLayer { tokens })
+            // Inside auth: only calls allowed in get their upload bodies guarded.
+            .layer(UploadGuardLayer)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)

@@ -395,3 +395,76 @@ where
         Either::Right(self.inner.call(req))
     }
 }
+
+/// tonic reads a client's RST_STREAM(CANCEL) on a streaming request as a
+/// clean end of the stream, which would store a truncated upload as a
+/// complete asset. This layer rewraps request body errors of `PutAsset` so
+/// that a broken upload reaches the handler as an error, and is dropped.
+#[derive(Clone, Default)]
+pub struct UploadGuardLayer;
+
+impl<S> tower::Layer<S> for UploadGuardLayer {
+    type Service = UploadGuard<S>;
+    fn layer(&self, inner: S) -> UploadGuard<S> {
+        UploadGuard { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct UploadGuard<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for UploadGuard<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == "/blotcdn.v1.Publisher/PutAsset" {
+            let (parts, body) = req.into_parts();
+            return self.inner.call(http::Request::from_parts(
+                parts,
+                tonic::body::Body::new(NoSilentCancel(body)),
+            ));
+        }
+        self.inner.call(req)
+    }
+}
+
+/// The upload's body broke off. Deliberately without a `source()`, so that
+/// tonic does not recognise the h2 CANCEL inside and call it a clean end.
+#[derive(Debug, thiserror::Error)]
+#[error("upload broke off: {0}")]
+pub struct UploadBroken(String);
+
+struct NoSilentCancel(tonic::body::Body);
+
+impl http_body::Body for NoSilentCancel {
+    type Data = bytes::Bytes;
+    type Error = UploadBroken;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, UploadBroken>>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(|e| UploadBroken(e.to_string()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
