@@ -1,0 +1,1170 @@
+//! The benchmarks of BENCHMARKS.md: each runs against the real server (the
+//! release binary, as a child process on 127.0.0.1) and a peer measured in
+//! the same run, and prints figures and ratios. Every load loop is bounded
+//! in time. Run with `./scripts/bench.sh` (or `cargo bench --bench bench`).
+//!
+//! Arguments: names of benchmarks to run (default: all of resolve, origin,
+//! publish, ingest, scale, edge); `--quick` shortens every phase.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tonic::transport::Channel;
+
+// ---------------------------------------------------------------- helpers
+
+struct Opts {
+    quick: bool,
+}
+
+impl Opts {
+    fn secs(&self, full: u64) -> Duration {
+        if self.quick {
+            Duration::from_millis(full * 1000 / 4)
+        } else {
+            Duration::from_secs(full)
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, secs: u64) -> Duration {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "port {port} did not open"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    start.elapsed()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct BlotServer {
+    proc: Proc,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    /// From spawn until the gRPC health check answers SERVING.
+    startup: Duration,
+}
+
+impl BlotServer {
+    async fn start(data: &Path) -> BlotServer {
+        let (g, h) = (free_port(), free_port());
+        let start = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_blotcdn"))
+            .args(["serve", "--data-dir"])
+            .arg(data)
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{g}"),
+                "--http-addr",
+                &format!("127.0.0.1:{h}"),
+            ])
+            .env("RUST_LOG", "error")
+            .env("BLOTCDN_MAX_ASSET_BYTES", (4u64 << 30).to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("server binary");
+        let grpc: SocketAddr = ([127, 0, 0, 1], g).into();
+        wait_port(g, 120);
+        let ch = Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        let startup = start.elapsed();
+        BlotServer {
+            proc: Proc(child),
+            grpc,
+            http: ([127, 0, 0, 1], h).into(),
+            startup,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id()))
+            .unwrap_or_default();
+        let kb: f64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+}
+
+#[derive(Default)]
+struct Lat(Vec<Duration>);
+
+impl Lat {
+    fn pct(&mut self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0.sort_unstable();
+        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[i]
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+/// A row of the final table.
+struct Row {
+    bench: &'static str,
+    what: String,
+    ours: String,
+    peer: String,
+    ratio: String,
+    target: String,
+}
+
+fn ratio(ours: f64, peer: f64) -> String {
+    if peer > 0.0 {
+        format!("{:.2}×", ours / peer)
+    } else {
+        "-".into()
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!("| benchmark | figure | blotcdn | peer | ratio | target |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.bench, r.what, r.ours, r.peer, r.ratio, r.target
+        );
+    }
+}
+
+/// Small deterministic generator: the same trace every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Zipf over `n` ranks with exponent `s`, by inverse CDF.
+struct Zipf(Vec<f64>);
+impl Zipf {
+    fn new(n: usize, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n);
+        let mut acc = 0.0;
+        for k in 1..=n {
+            acc += 1.0 / (k as f64).powf(s);
+            cdf.push(acc);
+        }
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Zipf(cdf)
+    }
+    fn sample(&self, rng: &mut Rng) -> usize {
+        let u = rng.unit();
+        self.0.partition_point(|c| *c < u).min(self.0.len() - 1)
+    }
+}
+
+async fn invalidate(ch: &Channel, blog: &str, paths: Vec<String>) -> u64 {
+    let mut c = pb::publisher_client::PublisherClient::new(ch.clone());
+    c.invalidate(pb::InvalidateRequest {
+        blog_id: blog.into(),
+        paths,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .cache_id
+}
+
+async fn resolve(ch: &Channel, blog: &str, paths: Vec<String>) -> Vec<pb::ResolvedAsset> {
+    let mut c =
+        pb::resolver_client::ResolverClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+    c.resolve_batch(pb::ResolveBatchRequest {
+        blog_id: blog.into(),
+        paths,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .assets
+}
+
+/// Fills a blog with `n` path versions, 10,000 per call.
+async fn populate_paths(ch: &Channel, blog: &str, n: usize) {
+    invalidate(ch, blog, vec![]).await;
+    let mut i = 0;
+    while i < n {
+        let end = (i + 10_000).min(n);
+        invalidate(
+            ch,
+            blog,
+            (i..end).map(|k| format!("/posts/{k}/image.jpg")).collect(),
+        )
+        .await;
+        i = end;
+    }
+}
+
+/// Runs `conc` workers calling `f` until `dur` has passed; returns (calls, latencies, elapsed).
+async fn load<F, Fut>(conc: usize, dur: Duration, f: F) -> (u64, Lat, Duration)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let f = Arc::new(f);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while start.elapsed() < dur {
+                let t = Instant::now();
+                f(w).await;
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Lat::default();
+    for t in tasks {
+        all.0.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    (all.0.len() as u64, all, elapsed)
+}
+
+// ---------------------------------------------------------------- redis
+
+struct Redis {
+    _proc: Proc,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn redis() -> Redis {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (run ./scripts/install-test-deps.sh)");
+    wait_port(port, 20);
+    Redis {
+        _proc: Proc(child),
+        port,
+        _dir: dir,
+    }
+}
+
+fn resp_command(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    v
+}
+
+/// Reads one RESP reply, returning how many bulk strings it held.
+async fn read_reply(r: &mut BufReader<tokio::net::TcpStream>) -> usize {
+    let mut line = Vec::new();
+    read_line(r, &mut line).await;
+    match line[0] {
+        b'*' => {
+            let n: usize = std::str::from_utf8(&line[1..]).unwrap().parse().unwrap();
+            for _ in 0..n {
+                read_bulk(r).await;
+            }
+            n
+        }
+        b'+' | b':' => 1,
+        b'$' => {
+            let n: i64 = std::str::from_utf8(&line[1..]).unwrap().parse().unwrap();
+            if n >= 0 {
+                let mut b = vec![0u8; n as usize + 2];
+                r.read_exact(&mut b).await.unwrap();
+            }
+            1
+        }
+        _ => panic!("redis error: {}", String::from_utf8_lossy(&line)),
+    }
+}
+
+async fn read_line(r: &mut BufReader<tokio::net::TcpStream>, line: &mut Vec<u8>) {
+    line.clear();
+    loop {
+        let b = r.read_u8().await.unwrap();
+        if b == b'\n' {
+            line.pop();
+            return;
+        }
+        line.push(b);
+    }
+}
+
+async fn read_bulk(r: &mut BufReader<tokio::net::TcpStream>) {
+    let mut line = Vec::new();
+    read_line(r, &mut line).await;
+    let n: i64 = std::str::from_utf8(&line[1..]).unwrap().parse().unwrap();
+    if n >= 0 {
+        let mut b = vec![0u8; n as usize + 2];
+        r.read_exact(&mut b).await.unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- benchmarks
+
+const BATCHES: [usize; 4] = [1, 16, 64, 256];
+const CONC: usize = 32;
+const CONNS: usize = 8;
+
+async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
+    println!("== ResolveBatch vs Redis HMGET ({CONC} concurrent callers over {CONNS} connections)");
+    let dir = tempfile::tempdir().unwrap();
+    let s = BlotServer::start(dir.path()).await;
+    let ch = s.channel().await;
+    const N: usize = 10_000;
+    populate_paths(&ch, "bench", N).await;
+    let chans: Vec<Channel> = {
+        let mut v = Vec::new();
+        for _ in 0..CONNS {
+            v.push(s.channel().await);
+        }
+        v
+    };
+    let r = redis();
+    {
+        let mut c = BufReader::new(
+            tokio::net::TcpStream::connect(("127.0.0.1", r.port))
+                .await
+                .unwrap(),
+        );
+        for chunk in (0..N).collect::<Vec<_>>().chunks(1000) {
+            let mut args = vec!["HSET".to_string(), "manifest:bench".to_string()];
+            for k in chunk {
+                args.push(format!("/posts/{k}/image.jpg"));
+                args.push(format!(
+                    "http://127.0.0.1:8080/bench/1700000000000/posts/{k}/image.jpg"
+                ));
+            }
+            let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            c.get_mut().write_all(&resp_command(&refs)).await.unwrap();
+            read_reply(&mut c).await;
+        }
+    }
+    for batch in BATCHES {
+        let dur = o.secs(3);
+        let paths: Arc<Vec<Vec<String>>> = Arc::new(
+            (0..CONC)
+                .map(|w| {
+                    (0..batch)
+                        .map(|i| format!("/posts/{}/image.jpg", (w * 997 + i * 31) % N))
+                        .collect()
+                })
+                .collect(),
+        );
+        let (chans2, p2) = (Arc::new(chans.clone()), paths.clone());
+        let (calls, mut lat, el) = load(CONC, dur, move |w| {
+            let ch = chans2[w % CONNS].clone();
+            let paths = p2[w].clone();
+            async move {
+                let mut c = pb::resolver_client::ResolverClient::new(ch);
+                let r = c
+                    .resolve_batch(pb::ResolveBatchRequest {
+                        blog_id: "bench".into(),
+                        paths,
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(r.into_inner().assets.len(), batch);
+            }
+        })
+        .await;
+        let ours = calls as f64 * batch as f64 / el.as_secs_f64();
+        let (p50, p99) = (lat.pct(0.5), lat.pct(0.99));
+
+        // Redis: one connection per caller, one HMGET in flight on each.
+        let conns = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        for w in 0..CONC {
+            let c = tokio::net::TcpStream::connect(("127.0.0.1", r.port))
+                .await
+                .unwrap();
+            c.set_nodelay(true).unwrap();
+            let mut args = vec!["HMGET".to_string(), "manifest:bench".to_string()];
+            args.extend(paths[w].iter().cloned());
+            let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            conns
+                .lock()
+                .await
+                .push(Some((BufReader::new(c), resp_command(&refs))));
+        }
+        let conns2 = conns.clone();
+        let (rcalls, mut rlat, rel) = load(CONC, dur, move |w| {
+            let conns = conns2.clone();
+            async move {
+                let (mut c, cmd) = conns.lock().await[w].take().unwrap();
+                c.get_mut().write_all(&cmd).await.unwrap();
+                let n = read_reply(&mut c).await;
+                assert_eq!(n, batch);
+                conns.lock().await[w] = Some((c, cmd));
+            }
+        })
+        .await;
+        let peer = rcalls as f64 * batch as f64 / rel.as_secs_f64();
+        println!(
+            "batch {batch:>3}: blotcdn {ours:>10.0} URLs/s p50 {} p99 {} | redis {peer:>10.0} fields/s p50 {} p99 {}",
+            ms(p50),
+            ms(p99),
+            ms(rlat.pct(0.5)),
+            ms(rlat.pct(0.99))
+        );
+        rows.push(Row {
+            bench: "ResolveBatch",
+            what: format!("batch {batch}: URLs/s (p50 / p99)"),
+            ours: format!("{ours:.0} ({} / {})", ms(p50), ms(p99)),
+            peer: format!(
+                "Redis HMGET {peer:.0} ({} / {})",
+                ms(rlat.pct(0.5)),
+                ms(rlat.pct(0.99))
+            ),
+            ratio: ratio(ours, peer),
+            target: if batch == 64 {
+                "≥ 1× Redis".into()
+            } else {
+                "-".into()
+            },
+        });
+    }
+}
+
+/// wrk's requests/s, latency p50/p99 and transfer rate.
+fn wrk(url: &str, dur: Duration) -> (f64, String, String, f64) {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c64",
+            &format!("-d{}s", dur.as_secs().max(1)),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk (run ./scripts/install-test-deps.sh)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let find = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let rps: f64 = find("Requests/sec:").parse().unwrap_or(0.0);
+    let transfer = find("Transfer/sec:");
+    let mbps = parse_size(&transfer) / 1e6;
+    if text.contains("Non-2xx") {
+        eprintln!("wrk saw errors for {url}:\n{text}");
+    }
+    (rps, find("50%"), find("99%"), mbps)
+}
+
+fn parse_size(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num.parse().unwrap_or(0.0);
+    n * match unit {
+        "KB" => 1024.0,
+        "MB" => 1024.0 * 1024.0,
+        "GB" => 1024.0 * 1024.0 * 1024.0,
+        _ => 1.0,
+    }
+}
+
+fn nginx(work: &Path, root: &Path, port: u16) -> Proc {
+    std::fs::create_dir_all(work.join("tmp")).unwrap();
+    let conf = work.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root;\nworker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n\
+             fastcgi_temp_path {d}/tmp;\n uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n\
+             include /etc/nginx/mime.types;\n sendfile on;\n tcp_nopush on;\n tcp_nodelay on;\n\
+             open_file_cache max=10000 inactive=60s;\n open_file_cache_valid 60s;\n etag on;\n\
+             server {{\n  listen 127.0.0.1:{port} reuseport;\n  root {r};\n\
+             location / {{\n   rewrite ^/([^/]+)/[0-9]+/(.*)$ /$1/$2 break;\n\
+             add_header Cache-Control \"public, max-age=31536000, immutable\";\n\
+             add_header Surrogate-Key $1;\n  }}\n }}\n}}\n",
+            d = work.display(),
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(work)
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx (run ./scripts/install-test-deps.sh)");
+    wait_port(port, 20);
+    Proc(child)
+}
+
+async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
+    println!("== Origin vs nginx (wrk -t2 -c64)");
+    let dir = tempfile::tempdir().unwrap();
+    let blogs = dir.path().join("blogs/ob");
+    std::fs::create_dir_all(&blogs).unwrap();
+    let sizes = [("1KiB", 1024usize), ("50KiB", 50 * 1024), ("1MiB", 1 << 20)];
+    for (name, n) in sizes {
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        std::fs::write(blogs.join(format!("f{name}.bin")), data).unwrap();
+    }
+    let s = BlotServer::start(dir.path()).await;
+    let ch = s.channel().await;
+    invalidate(&ch, "ob", vec![]).await;
+    let urls = resolve(
+        &ch,
+        "ob",
+        sizes.iter().map(|(n, _)| format!("/f{n}.bin")).collect(),
+    )
+    .await;
+    let nport = free_port();
+    let nwork = tempfile::tempdir().unwrap();
+    let _ng = nginx(nwork.path(), &dir.path().join("blogs"), nport);
+    for ((name, _), u) in sizes.iter().zip(&urls) {
+        let path = &u.url[u.url.find("/ob/").unwrap()..];
+        let ours = wrk(&format!("http://{}{path}", s.http), o.secs(10));
+        let peer = wrk(&format!("http://127.0.0.1:{nport}{path}"), o.secs(10));
+        println!(
+            "{name:>6}: blotcdn {:>9.0} req/s p50 {} p99 {} {:>7.0} MB/s | nginx {:>9.0} req/s p50 {} p99 {} {:>7.0} MB/s",
+            ours.0, ours.1, ours.2, ours.3, peer.0, peer.1, peer.2, peer.3
+        );
+        rows.push(Row {
+            bench: "Origin",
+            what: format!("{name}: req/s (p50 / p99), MB/s"),
+            ours: format!("{:.0} ({} / {}), {:.0}", ours.0, ours.1, ours.2, ours.3),
+            peer: format!(
+                "nginx {:.0} ({} / {}), {:.0}",
+                peer.0, peer.1, peer.2, peer.3
+            ),
+            ratio: ratio(ours.0, peer.0),
+            target: if *name == "1MiB" {
+                "≥ 0.9× nginx".into()
+            } else {
+                "≥ 1× nginx".into()
+            },
+        });
+    }
+}
+
+fn fsync_peer(dir: &Path, dur: Duration) -> (f64, Lat) {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let buf = vec![7u8; 4096];
+    let mut lat = Lat::default();
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        use std::os::unix::fs::FileExt;
+        f.write_at(&buf, 0).unwrap();
+        f.sync_all().unwrap();
+        lat.0.push(t.elapsed());
+    }
+    let rate = lat.0.len() as f64 / start.elapsed().as_secs_f64();
+    let _ = f.flush();
+    let _ = std::fs::remove_file(path);
+    (rate, lat)
+}
+
+async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
+    println!("== Publish (Invalidate) vs a raw 4 KiB write + fsync");
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let s = BlotServer::start(dir.path()).await;
+    let (frate, mut flat) = fsync_peer(dir.path(), o.secs(2));
+    let f50 = flat.pct(0.5);
+    for conc in [1usize, 64] {
+        let mut chans = Vec::new();
+        for _ in 0..CONNS.min(conc) {
+            chans.push(s.channel().await);
+        }
+        let chans = Arc::new(chans);
+        let (calls, mut lat, el) = load(conc, o.secs(3), move |w| {
+            let ch = chans[w % chans.len()].clone();
+            async move {
+                let paths = vec![format!("/w{w}/style.css")];
+                invalidate(&ch, &format!("pub{}", w % 8), paths).await;
+            }
+        })
+        .await;
+        let rate = calls as f64 / el.as_secs_f64();
+        let (p50, p99) = (lat.pct(0.5), lat.pct(0.99));
+        println!(
+            "{conc:>2} publishers: {rate:>8.0}/s p50 {} p99 {} | fsync {frate:.0}/s p50 {} p99 {}",
+            ms(p50),
+            ms(p99),
+            ms(f50),
+            ms(flat.pct(0.99))
+        );
+        rows.push(Row {
+            bench: "Publish",
+            what: format!("{conc} publishers: invalidations/s (p50 / p99)"),
+            ours: format!("{rate:.0} ({} / {})", ms(p50), ms(p99)),
+            peer: format!(
+                "4 KiB write+fsync {frate:.0}/s ({} / {})",
+                ms(f50),
+                ms(flat.pct(0.99))
+            ),
+            ratio: format!("p50 {:.1}× fsync", p50.as_secs_f64() / f50.as_secs_f64()),
+            target: if conc == 1 {
+                "p50 ≤ 3× fsync".into()
+            } else {
+                "≥ 20,000/s".into()
+            },
+        });
+    }
+}
+
+async fn bench_ingest(o: &Opts, rows: &mut Vec<Row>) {
+    let total: usize = if o.quick { 256 << 20 } else { 1 << 30 };
+    let label = if o.quick { "256 MiB" } else { "1 GiB" };
+    println!("== Ingest of {label}: PutAsset and ImportFile vs BLAKE3 and write+fsync");
+    let dir = tempfile::tempdir_in(".").unwrap();
+    // Peers first: hashing in memory, and the disk's own sequential write + fsync.
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut rng = Rng(0x9e3779b97f4a7c15 ^ std::process::id() as u64);
+    for w in chunk.chunks_mut(8) {
+        w.copy_from_slice(&rng.next().to_le_bytes()[..w.len()]);
+    }
+    let t = Instant::now();
+    let mut h = blake3::Hasher::new();
+    for _ in 0..(total >> 20) {
+        h.update(&chunk);
+    }
+    std::hint::black_box(h.finalize());
+    let hash_rate = total as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(dir.path().join("seq")).unwrap();
+        for _ in 0..(total >> 20) {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let disk_rate = total as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let _ = std::fs::remove_file(dir.path().join("seq"));
+
+    let s = BlotServer::start(dir.path()).await;
+    let ch = s.channel().await;
+    // PutAsset: 1 MiB chunks, distinct from any earlier run (the seed varies).
+    let n = total >> 20;
+    let base = Bytes::from(chunk.clone());
+    let stream = async_stream_chunks(base, n);
+    let t = Instant::now();
+    let mut c = pb::publisher_client::PublisherClient::new(ch.clone());
+    let a = c.put_asset(stream).await.unwrap().into_inner();
+    let put_rate = total as f64 / t.elapsed().as_secs_f64() / 1e6;
+    assert_eq!(a.size as usize, total);
+
+    // ImportFile: the file is in the blog's folder already (written and fsynced first).
+    let blog_dir = dir.path().join("blogs/ing");
+    std::fs::create_dir_all(&blog_dir).unwrap();
+    {
+        let mut f = std::fs::File::create(blog_dir.join("big.bin")).unwrap();
+        for i in 0..n {
+            chunk[0] = i as u8;
+            chunk[1] = 0xAB;
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let t = Instant::now();
+    let a = c
+        .import_file(pb::ImportFileRequest {
+            blog_id: "ing".into(),
+            path: "/big.bin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let import_rate = total as f64 / t.elapsed().as_secs_f64() / 1e6;
+    assert_eq!(a.size as usize, total);
+    println!(
+        "PutAsset {put_rate:.0} MB/s, ImportFile {import_rate:.0} MB/s | BLAKE3 {hash_rate:.0} MB/s, write+fsync {disk_rate:.0} MB/s"
+    );
+    let peer = format!("BLAKE3 {hash_rate:.0} MB/s; disk write+fsync {disk_rate:.0} MB/s");
+    for (what, v) in [("PutAsset", put_rate), ("ImportFile", import_rate)] {
+        rows.push(Row {
+            bench: "Ingest",
+            what: format!("{what} of {label}: MB/s"),
+            ours: format!("{v:.0}"),
+            peer: peer.clone(),
+            ratio: format!("{} of disk", ratio(v, disk_rate)),
+            target: "≥ 1,000 MB/s or ≥ 0.8× disk".into(),
+        });
+    }
+}
+
+fn async_stream_chunks(
+    base: Bytes,
+    n: usize,
+) -> impl tokio_stream::Stream<Item = pb::PutAssetChunk> {
+    let header = pb::PutAssetChunk {
+        chunk: Some(Chunk::Header(pb::PutAssetHeader {
+            blog_id: "ing".into(),
+            filename: "big.bin".into(),
+            content_type: String::new(),
+            path: String::new(),
+        })),
+    };
+    let data = (0..n).map(move |i| {
+        let mut c = base.to_vec();
+        c[0] = i as u8;
+        c[1] = (i >> 8) as u8;
+        pb::PutAssetChunk {
+            chunk: Some(Chunk::Data(Bytes::from(c))),
+        }
+    });
+    tokio_stream::iter(std::iter::once(header).chain(data))
+}
+
+async fn resolve_rate(s: &BlotServer, blog: &str, population: usize, dur: Duration) -> f64 {
+    let mut chans = Vec::new();
+    for _ in 0..CONNS {
+        chans.push(s.channel().await);
+    }
+    let chans = Arc::new(chans);
+    let blog = blog.to_owned();
+    let (calls, _, el) = load(CONC, dur, move |w| {
+        let ch = chans[w % CONNS].clone();
+        let mut rng =
+            Rng(0x1234_5678 + w as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64);
+        let paths: Vec<String> = (0..64)
+            .map(|_| format!("/posts/{}/image.jpg", rng.below(population as u64)))
+            .collect();
+        let blog = blog.clone();
+        async move {
+            let mut c = pb::resolver_client::ResolverClient::new(ch);
+            c.resolve_batch(pb::ResolveBatchRequest {
+                blog_id: blog,
+                paths,
+            })
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+    calls as f64 * 64.0 / el.as_secs_f64()
+}
+
+async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
+    let big = if o.quick { 200_000 } else { 1_000_000 };
+    let assets = if o.quick { 20_000 } else { 100_000 };
+    println!("== Scale: 10k vs {big} path versions (+{assets} permanent assets)");
+    let mut results = Vec::new();
+    for (n, a) in [(10_000usize, 0usize), (big, assets)] {
+        let dir = tempfile::tempdir_in(".").unwrap();
+        {
+            let s = BlotServer::start(dir.path()).await;
+            let ch = s.channel().await;
+            let t = Instant::now();
+            // Spread over blogs of 100k paths each, as a platform would have.
+            let per_blog = 100_000.min(n);
+            let mut tasks = Vec::new();
+            for b in 0..n.div_ceil(per_blog) {
+                let ch = ch.clone();
+                let count = per_blog.min(n - b * per_blog);
+                tasks.push(tokio::spawn(async move {
+                    populate_paths(&ch, &format!("scale{b}"), count).await
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let done = AtomicU64::new(0);
+            let done = Arc::new(done);
+            let mut tasks = Vec::new();
+            for w in 0..32 {
+                let (ch, done) = (ch.clone(), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut c = pb::publisher_client::PublisherClient::new(ch);
+                    let mut i = w;
+                    while i < a {
+                        let chunks = vec![
+                            pb::PutAssetChunk {
+                                chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                                    blog_id: format!("assets{}", i % 100),
+                                    filename: format!("t{i}.png"),
+                                    content_type: String::new(),
+                                    path: format!("/thumbs/{i}.png"),
+                                })),
+                            },
+                            pb::PutAssetChunk {
+                                chunk: Some(Chunk::Data(Bytes::from(format!("thumbnail {i}")))),
+                            },
+                        ];
+                        c.put_asset(tokio_stream::iter(chunks)).await.unwrap();
+                        done.fetch_add(1, Ordering::Relaxed);
+                        i += 32;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            println!(
+                "  populated {n} paths and {a} assets in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        // Restart on the same data: start-up loads the index.
+        let s = BlotServer::start(dir.path()).await;
+        let startup = s.startup;
+        let rate = resolve_rate(&s, "scale0", 100_000.min(n), o.secs(3)).await;
+        let rss = s.rss_mib();
+        println!(
+            "  {n:>8} paths: start-up {} RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)",
+            ms(startup)
+        );
+        results.push((n, a, startup, rss, rate));
+        drop(s);
+    }
+    let (small, large) = (&results[0], &results[1]);
+    for (n, a, startup, rss, rate) in [small, large] {
+        rows.push(Row {
+            bench: "Scale",
+            what: format!("{n} paths, {a} assets: URLs/s, RSS, start-up"),
+            ours: format!("{rate:.0}, {rss:.0} MiB, {}", ms(*startup)),
+            peer: if *n == small.0 {
+                "(the baseline)".into()
+            } else {
+                format!("{:.0} at 10k", small.4)
+            },
+            ratio: if *n == small.0 {
+                "-".into()
+            } else {
+                ratio(*rate, small.4)
+            },
+            target: if *n == small.0 {
+                "start-up < 1 s".into()
+            } else {
+                "≥ 0.8× rate at 10k; start-up < 1 s".into()
+            },
+        });
+    }
+}
+
+// ---------------------------------------------------------------- edge effect
+
+fn varnish(work: &Path, origin_port: u16) -> (Proc, u16) {
+    let vcl =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
+    let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
+    std::fs::create_dir_all(work).unwrap();
+    let vcl_path = work.join("blotcdn.vcl");
+    std::fs::write(&vcl_path, vcl).unwrap();
+    let port = free_port();
+    let child = Command::new("varnishd")
+        .arg("-F")
+        .arg("-n")
+        .arg(work.join("varnish"))
+        .args([
+            "-a",
+            &format!("127.0.0.1:{port}"),
+            "-T",
+            "127.0.0.1:0",
+            "-s",
+            "malloc,256m",
+        ])
+        .arg("-f")
+        .arg(&vcl_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("varnishd (run ./scripts/install-test-deps.sh)");
+    wait_port(port, 20);
+    (Proc(child), port)
+}
+
+/// A keep-alive HTTP/1.1 GET over one connection: (status, X-Cache hit, body).
+struct Http {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    fn connect(port: u16) -> Http {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Http {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, path: &str) -> (u16, bool, Vec<u8>) {
+        write!(self.stream, "GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n").unwrap();
+        self.buf.clear();
+        let mut tmp = [0u8; 16384];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                let hit = head
+                    .lines()
+                    .any(|l| l.starts_with("x-cache:") && l.contains("hit"));
+                while self.buf.len() < end + 4 + len {
+                    let n = self.stream.read(&mut tmp).unwrap();
+                    assert!(n > 0, "connection closed");
+                    self.buf.extend_from_slice(&tmp[..n]);
+                }
+                return (status, hit, self.buf[end + 4..end + 4 + len].to_vec());
+            }
+            let n = self.stream.read(&mut tmp).unwrap();
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
+struct EdgeResult {
+    requests: u64,
+    hits: u64,
+    stale: u64,
+    cold_hits: u64,
+    cold_requests: u64,
+}
+
+async fn edge_run(versioned: bool, requests: usize, o: &Opts) -> EdgeResult {
+    const BLOGS: usize = 1000;
+    const FILES: usize = 50;
+    let dir = tempfile::tempdir_in(".").unwrap();
+    for b in 0..BLOGS {
+        let d = dir.path().join(format!("blogs/e{b}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in 0..FILES {
+            std::fs::write(d.join(format!("f{f}.css")), format!("e{b} f{f} v0")).unwrap();
+        }
+    }
+    let s = BlotServer::start(dir.path()).await;
+    let ch = s.channel().await;
+    let mut urls = vec![String::new(); BLOGS * FILES];
+    for b in 0..BLOGS {
+        invalidate(&ch, &format!("e{b}"), vec![]).await;
+        let r = resolve(
+            &ch,
+            &format!("e{b}"),
+            (0..FILES).map(|f| format!("/f{f}.css")).collect(),
+        )
+        .await;
+        for (f, a) in r.into_iter().enumerate() {
+            urls[b * FILES + f] = if versioned {
+                a.url[a.url.find("/e").unwrap()..].to_owned()
+            } else {
+                format!("/e{b}/f{f}.css")
+            };
+        }
+    }
+    let vwork = tempfile::tempdir().unwrap();
+    let (_v, vport) = varnish(vwork.path(), s.http.port());
+    let mut http = Http::connect(vport);
+    let zipf = Zipf::new(BLOGS * FILES, 1.0);
+    let mut rng = Rng(42);
+    let mut version = vec![0u64; BLOGS * FILES];
+    let mut res = EdgeResult {
+        requests: 0,
+        hits: 0,
+        stale: 0,
+        cold_hits: 0,
+        cold_requests: 0,
+    };
+    let deadline = Instant::now() + o.secs(120);
+    // The first fifth of the trace warms the edge up and is counted apart.
+    let warm = requests / 5;
+    for i in 0..requests {
+        if Instant::now() > deadline {
+            break;
+        }
+        if i % 1000 == 999 {
+            // A publish: one file changes, the pipeline invalidates it, and
+            // the renderer's next resolve gives the new URL.
+            let k = zipf.sample(&mut rng);
+            let (b, f) = (k / FILES, k % FILES);
+            version[k] += 1;
+            std::fs::write(
+                dir.path().join(format!("blogs/e{b}/f{f}.css")),
+                format!("e{b} f{f} v{}", version[k]),
+            )
+            .unwrap();
+            invalidate(&ch, &format!("e{b}"), vec![format!("/f{f}.css")]).await;
+            if versioned {
+                let r = resolve(&ch, &format!("e{b}"), vec![format!("/f{f}.css")]).await;
+                urls[k] = r[0].url[r[0].url.find("/e").unwrap()..].to_owned();
+            }
+        }
+        let k = zipf.sample(&mut rng);
+        let (status, hit, body) = http.get(&urls[k]);
+        assert_eq!(status, 200, "{}", urls[k]);
+        let body = String::from_utf8_lossy(&body);
+        let got: u64 = body.rsplit('v').next().unwrap().parse().unwrap();
+        let stale = got < version[k];
+        if i < warm {
+            res.cold_requests += 1;
+            res.cold_hits += hit as u64;
+        } else {
+            res.requests += 1;
+            res.hits += hit as u64;
+            res.stale += stale as u64;
+        }
+    }
+    res
+}
+
+async fn bench_edge(o: &Opts, rows: &mut Vec<Row>) {
+    let requests = if o.quick { 50_000 } else { 250_000 };
+    println!("== Edge effect: Varnish, Zipf(1.0) over 1,000 blogs × 50 files, {requests} requests, a publish per 1,000");
+    let ours = edge_run(true, requests, o).await;
+    let legacy = edge_run(false, requests, o).await;
+    let share = |r: &EdgeResult| 100.0 * r.hits as f64 / r.requests.max(1) as f64;
+    for (name, r) in [
+        ("versioned (blotcdn)", &ours),
+        ("legacy unversioned, max-age=60", &legacy),
+    ] {
+        println!(
+            "{name:>32}: edge answered {:.2}% of {} (warm-up: {:.2}% of {}), stale {}",
+            share(r),
+            r.requests,
+            100.0 * r.cold_hits as f64 / r.cold_requests.max(1) as f64,
+            r.cold_requests,
+            r.stale
+        );
+    }
+    rows.push(Row {
+        bench: "Edge effect",
+        what: "share answered by the edge after warm-up; stale answers".into(),
+        ours: format!("{:.2}%, {} stale", share(&ours), ours.stale),
+        peer: format!(
+            "legacy 60 s: {:.2}%, {} stale",
+            share(&legacy),
+            legacy.stale
+        ),
+        ratio: ratio(share(&ours), share(&legacy)),
+        target: "≥ 99%, 0 stale".into(),
+    });
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--bench"))
+        .collect();
+    let o = Opts {
+        quick: args.iter().any(|a| a == "--quick"),
+    };
+    let names: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(|s| s.as_str())
+        .collect();
+    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge"];
+    let chosen: Vec<&str> = if names.is_empty() {
+        all.to_vec()
+    } else {
+        names
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        for name in &chosen {
+            match *name {
+                "resolve" => bench_resolve(&o, &mut rows).await,
+                "origin" => bench_origin(&o, &mut rows).await,
+                "publish" => bench_publish(&o, &mut rows).await,
+                "ingest" => bench_ingest(&o, &mut rows).await,
+                "scale" => bench_scale(&o, &mut rows).await,
+                "edge" => bench_edge(&o, &mut rows).await,
+                other => eprintln!("unknown benchmark {other:?}; known: {all:?}"),
+            }
+        }
+    });
+    print_table(&rows);
+    let _ = std::io::stdout().flush();
+}
