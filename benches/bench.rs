@@ -36,20 +36,13 @@ impl Opts {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn wait_port(port: u16, secs: u64) -> Duration {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "port {port} did not open"
-        );
+        assert!(start.elapsed() < Duration::from_secs(secs), "port {port} did not open");
         std::thread::sleep(Duration::from_millis(2));
     }
     start.elapsed()
@@ -78,12 +71,7 @@ impl BlotServer {
         let child = Command::new(env!("CARGO_BIN_EXE_blotcdn"))
             .args(["serve", "--data-dir"])
             .arg(data)
-            .args([
-                "--grpc-addr",
-                &format!("127.0.0.1:{g}"),
-                "--http-addr",
-                &format!("127.0.0.1:{h}"),
-            ])
+            .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--http-addr", &format!("127.0.0.1:{h}")])
             .env("RUST_LOG", "error")
             .env("BLOTCDN_MAX_ASSET_BYTES", (4u64 << 30).to_string())
             .stdout(Stdio::null())
@@ -91,38 +79,19 @@ impl BlotServer {
             .expect("server binary");
         let grpc: SocketAddr = ([127, 0, 0, 1], g).into();
         wait_port(g, 120);
-        let ch = Channel::from_shared(format!("http://{grpc}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = Channel::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-        health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap();
+        health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
         let startup = start.elapsed();
-        BlotServer {
-            proc: Proc(child),
-            grpc,
-            http: ([127, 0, 0, 1], h).into(),
-            startup,
-        }
+        BlotServer { proc: Proc(child), grpc, http: ([127, 0, 0, 1], h).into(), startup }
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        Channel::from_shared(format!("http://{}", self.grpc)).unwrap().connect().await.unwrap()
     }
 
     fn rss_mib(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id()))
-            .unwrap_or_default();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id())).unwrap_or_default();
         let kb: f64 = s
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -174,10 +143,7 @@ fn print_table(rows: &[Row]) {
     println!("| benchmark | figure | blotcdn | peer | ratio | target |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r.bench, r.what, r.ours, r.peer, r.ratio, r.target
-        );
+        println!("| {} | {} | {} | {} | {} | {} |", r.bench, r.what, r.ours, r.peer, r.ratio, r.target);
     }
 }
 
@@ -221,27 +187,12 @@ impl Zipf {
 
 async fn invalidate(ch: &Channel, blog: &str, paths: Vec<String>) -> u64 {
     let mut c = pb::publisher_client::PublisherClient::new(ch.clone());
-    c.invalidate(pb::InvalidateRequest {
-        blog_id: blog.into(),
-        paths,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .cache_id
+    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths }).await.unwrap().into_inner().cache_id
 }
 
 async fn resolve(ch: &Channel, blog: &str, paths: Vec<String>) -> Vec<pb::ResolvedAsset> {
-    let mut c =
-        pb::resolver_client::ResolverClient::new(ch.clone()).max_decoding_message_size(64 << 20);
-    c.resolve_batch(pb::ResolveBatchRequest {
-        blog_id: blog.into(),
-        paths,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .assets
+    let mut c = pb::resolver_client::ResolverClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+    c.resolve_batch(pb::ResolveBatchRequest { blog_id: blog.into(), paths }).await.unwrap().into_inner().assets
 }
 
 /// Fills a blog with `n` path versions, 10,000 per call.
@@ -250,12 +201,7 @@ async fn populate_paths(ch: &Channel, blog: &str, n: usize) {
     let mut i = 0;
     while i < n {
         let end = (i + 10_000).min(n);
-        invalidate(
-            ch,
-            blog,
-            (i..end).map(|k| format!("/posts/{k}/image.jpg")).collect(),
-        )
-        .await;
+        invalidate(ch, blog, (i..end).map(|k| format!("/posts/{k}/image.jpg")).collect()).await;
         i = end;
     }
 }
@@ -301,27 +247,14 @@ fn redis() -> Redis {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server (run ./scripts/install-test-deps.sh)");
     wait_port(port, 20);
-    Redis {
-        _proc: Proc(child),
-        port,
-        _dir: dir,
-    }
+    Redis { _proc: Proc(child), port, _dir: dir }
 }
 
 fn resp_command(args: &[&str]) -> Vec<u8> {
@@ -401,18 +334,12 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
     };
     let r = redis();
     {
-        let mut c = BufReader::new(
-            tokio::net::TcpStream::connect(("127.0.0.1", r.port))
-                .await
-                .unwrap(),
-        );
+        let mut c = BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap());
         for chunk in (0..N).collect::<Vec<_>>().chunks(1000) {
             let mut args = vec!["HSET".to_string(), "manifest:bench".to_string()];
             for k in chunk {
                 args.push(format!("/posts/{k}/image.jpg"));
-                args.push(format!(
-                    "http://127.0.0.1:8080/bench/1700000000000/posts/{k}/image.jpg"
-                ));
+                args.push(format!("http://127.0.0.1:8080/bench/1700000000000/posts/{k}/image.jpg"));
             }
             let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             c.get_mut().write_all(&resp_command(&refs)).await.unwrap();
@@ -423,11 +350,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
         let dur = o.secs(3);
         let paths: Arc<Vec<Vec<String>>> = Arc::new(
             (0..CONC)
-                .map(|w| {
-                    (0..batch)
-                        .map(|i| format!("/posts/{}/image.jpg", (w * 997 + i * 31) % N))
-                        .collect()
-                })
+                .map(|w| (0..batch).map(|i| format!("/posts/{}/image.jpg", (w * 997 + i * 31) % N)).collect())
                 .collect(),
         );
         let (chans2, p2) = (Arc::new(chans.clone()), paths.clone());
@@ -436,13 +359,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
             let paths = p2[w].clone();
             async move {
                 let mut c = pb::resolver_client::ResolverClient::new(ch);
-                let r = c
-                    .resolve_batch(pb::ResolveBatchRequest {
-                        blog_id: "bench".into(),
-                        paths,
-                    })
-                    .await
-                    .unwrap();
+                let r = c.resolve_batch(pb::ResolveBatchRequest { blog_id: "bench".into(), paths }).await.unwrap();
                 assert_eq!(r.into_inner().assets.len(), batch);
             }
         })
@@ -453,17 +370,12 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
         // Redis: one connection per caller, one HMGET in flight on each.
         let conns = Arc::new(tokio::sync::Mutex::new(Vec::new()));
         for w in 0..CONC {
-            let c = tokio::net::TcpStream::connect(("127.0.0.1", r.port))
-                .await
-                .unwrap();
+            let c = tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
             c.set_nodelay(true).unwrap();
             let mut args = vec!["HMGET".to_string(), "manifest:bench".to_string()];
             args.extend(paths[w].iter().cloned());
             let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-            conns
-                .lock()
-                .await
-                .push(Some((BufReader::new(c), resp_command(&refs))));
+            conns.lock().await.push(Some((BufReader::new(c), resp_command(&refs))));
         }
         let conns2 = conns.clone();
         let (rcalls, mut rlat, rel) = load(CONC, dur, move |w| {
@@ -489,17 +401,9 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
             bench: "ResolveBatch",
             what: format!("batch {batch}: URLs/s (p50 / p99)"),
             ours: format!("{ours:.0} ({} / {})", ms(p50), ms(p99)),
-            peer: format!(
-                "Redis HMGET {peer:.0} ({} / {})",
-                ms(rlat.pct(0.5)),
-                ms(rlat.pct(0.99))
-            ),
+            peer: format!("Redis HMGET {peer:.0} ({} / {})", ms(rlat.pct(0.5)), ms(rlat.pct(0.99))),
             ratio: ratio(ours, peer),
-            target: if batch == 64 {
-                "≥ 1× Redis".into()
-            } else {
-                "-".into()
-            },
+            target: if batch == 64 { "≥ 1× Redis".into() } else { "-".into() },
         });
     }
 }
@@ -507,13 +411,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
 /// wrk's requests/s, latency p50/p99 and transfer rate.
 fn wrk(url: &str, dur: Duration) -> (f64, String, String, f64) {
     let out = Command::new("wrk")
-        .args([
-            "-t2",
-            "-c64",
-            &format!("-d{}s", dur.as_secs().max(1)),
-            "--latency",
-            url,
-        ])
+        .args(["-t2", "-c64", &format!("-d{}s", dur.as_secs().max(1)), "--latency", url])
         .output()
         .expect("wrk (run ./scripts/install-test-deps.sh)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -590,12 +488,7 @@ async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
     let s = BlotServer::start(dir.path()).await;
     let ch = s.channel().await;
     invalidate(&ch, "ob", vec![]).await;
-    let urls = resolve(
-        &ch,
-        "ob",
-        sizes.iter().map(|(n, _)| format!("/f{n}.bin")).collect(),
-    )
-    .await;
+    let urls = resolve(&ch, "ob", sizes.iter().map(|(n, _)| format!("/f{n}.bin")).collect()).await;
     let nport = free_port();
     let nwork = tempfile::tempdir().unwrap();
     let _ng = nginx(nwork.path(), &dir.path().join("blogs"), nport);
@@ -611,16 +504,9 @@ async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
             bench: "Origin",
             what: format!("{name}: req/s (p50 / p99), MB/s"),
             ours: format!("{:.0} ({} / {}), {:.0}", ours.0, ours.1, ours.2, ours.3),
-            peer: format!(
-                "nginx {:.0} ({} / {}), {:.0}",
-                peer.0, peer.1, peer.2, peer.3
-            ),
+            peer: format!("nginx {:.0} ({} / {}), {:.0}", peer.0, peer.1, peer.2, peer.3),
             ratio: ratio(ours.0, peer.0),
-            target: if *name == "1MiB" {
-                "≥ 0.9× nginx".into()
-            } else {
-                "≥ 1× nginx".into()
-            },
+            target: if *name == "1MiB" { "≥ 0.9× nginx".into() } else { "≥ 1× nginx".into() },
         });
     }
 }
@@ -677,17 +563,9 @@ async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
             bench: "Publish",
             what: format!("{conc} publishers: invalidations/s (p50 / p99)"),
             ours: format!("{rate:.0} ({} / {})", ms(p50), ms(p99)),
-            peer: format!(
-                "4 KiB write+fsync {frate:.0}/s ({} / {})",
-                ms(f50),
-                ms(flat.pct(0.99))
-            ),
+            peer: format!("4 KiB write+fsync {frate:.0}/s ({} / {})", ms(f50), ms(flat.pct(0.99))),
             ratio: format!("p50 {:.1}× fsync", p50.as_secs_f64() / f50.as_secs_f64()),
-            target: if conc == 1 {
-                "p50 ≤ 3× fsync".into()
-            } else {
-                "≥ 20,000/s".into()
-            },
+            target: if conc == 1 { "p50 ≤ 3× fsync".into() } else { "≥ 20,000/s".into() },
         });
     }
 }
@@ -747,10 +625,7 @@ async fn bench_ingest(o: &Opts, rows: &mut Vec<Row>) {
     }
     let t = Instant::now();
     let a = c
-        .import_file(pb::ImportFileRequest {
-            blog_id: "ing".into(),
-            path: "/big.bin".into(),
-        })
+        .import_file(pb::ImportFileRequest { blog_id: "ing".into(), path: "/big.bin".into() })
         .await
         .unwrap()
         .into_inner();
@@ -772,10 +647,7 @@ async fn bench_ingest(o: &Opts, rows: &mut Vec<Row>) {
     }
 }
 
-fn async_stream_chunks(
-    base: Bytes,
-    n: usize,
-) -> impl tokio_stream::Stream<Item = pb::PutAssetChunk> {
+fn async_stream_chunks(base: Bytes, n: usize) -> impl tokio_stream::Stream<Item = pb::PutAssetChunk> {
     let header = pb::PutAssetChunk {
         chunk: Some(Chunk::Header(pb::PutAssetHeader {
             blog_id: "ing".into(),
@@ -788,9 +660,7 @@ fn async_stream_chunks(
         let mut c = base.to_vec();
         c[0] = i as u8;
         c[1] = (i >> 8) as u8;
-        pb::PutAssetChunk {
-            chunk: Some(Chunk::Data(Bytes::from(c))),
-        }
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(Bytes::from(c))) }
     });
     tokio_stream::iter(std::iter::once(header).chain(data))
 }
@@ -804,20 +674,13 @@ async fn resolve_rate(s: &BlotServer, blog: &str, population: usize, dur: Durati
     let blog = blog.to_owned();
     let (calls, _, el) = load(CONC, dur, move |w| {
         let ch = chans[w % CONNS].clone();
-        let mut rng =
-            Rng(0x1234_5678 + w as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64);
-        let paths: Vec<String> = (0..64)
-            .map(|_| format!("/posts/{}/image.jpg", rng.below(population as u64)))
-            .collect();
+        let mut rng = Rng(0x1234_5678 + w as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64);
+        let paths: Vec<String> =
+            (0..64).map(|_| format!("/posts/{}/image.jpg", rng.below(population as u64))).collect();
         let blog = blog.clone();
         async move {
             let mut c = pb::resolver_client::ResolverClient::new(ch);
-            c.resolve_batch(pb::ResolveBatchRequest {
-                blog_id: blog,
-                paths,
-            })
-            .await
-            .unwrap();
+            c.resolve_batch(pb::ResolveBatchRequest { blog_id: blog, paths }).await.unwrap();
         }
     })
     .await;
@@ -841,9 +704,7 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
             for b in 0..n.div_ceil(per_blog) {
                 let ch = ch.clone();
                 let count = per_blog.min(n - b * per_blog);
-                tasks.push(tokio::spawn(async move {
-                    populate_paths(&ch, &format!("scale{b}"), count).await
-                }));
+                tasks.push(tokio::spawn(async move { populate_paths(&ch, &format!("scale{b}"), count).await }));
             }
             for t in tasks {
                 t.await.unwrap();
@@ -866,9 +727,7 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
                                     path: format!("/thumbs/{i}.png"),
                                 })),
                             },
-                            pb::PutAssetChunk {
-                                chunk: Some(Chunk::Data(Bytes::from(format!("thumbnail {i}")))),
-                            },
+                            pb::PutAssetChunk { chunk: Some(Chunk::Data(Bytes::from(format!("thumbnail {i}")))) },
                         ];
                         c.put_asset(tokio_stream::iter(chunks)).await.unwrap();
                         done.fetch_add(1, Ordering::Relaxed);
@@ -879,20 +738,14 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
             for t in tasks {
                 t.await.unwrap();
             }
-            println!(
-                "  populated {n} paths and {a} assets in {:.1} s",
-                t.elapsed().as_secs_f64()
-            );
+            println!("  populated {n} paths and {a} assets in {:.1} s", t.elapsed().as_secs_f64());
         }
         // Restart on the same data: start-up loads the index.
         let s = BlotServer::start(dir.path()).await;
         let startup = s.startup;
         let rate = resolve_rate(&s, "scale0", 100_000.min(n), o.secs(3)).await;
         let rss = s.rss_mib();
-        println!(
-            "  {n:>8} paths: start-up {} RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)",
-            ms(startup)
-        );
+        println!("  {n:>8} paths: start-up {} RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)", ms(startup));
         results.push((n, a, startup, rss, rate));
         drop(s);
     }
@@ -902,16 +755,8 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
             bench: "Scale",
             what: format!("{n} paths, {a} assets: URLs/s, RSS, start-up"),
             ours: format!("{rate:.0}, {rss:.0} MiB, {}", ms(*startup)),
-            peer: if *n == small.0 {
-                "(the baseline)".into()
-            } else {
-                format!("{:.0} at 10k", small.4)
-            },
-            ratio: if *n == small.0 {
-                "-".into()
-            } else {
-                ratio(*rate, small.4)
-            },
+            peer: if *n == small.0 { "(the baseline)".into() } else { format!("{:.0} at 10k", small.4) },
+            ratio: if *n == small.0 { "-".into() } else { ratio(*rate, small.4) },
             target: if *n == small.0 {
                 "start-up < 1 s".into()
             } else {
@@ -924,8 +769,7 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
 // ---------------------------------------------------------------- edge effect
 
 fn varnish(work: &Path, origin_port: u16) -> (Proc, u16) {
-    let vcl =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
+    let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
     let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
     std::fs::create_dir_all(work).unwrap();
     let vcl_path = work.join("blotcdn.vcl");
@@ -935,14 +779,7 @@ fn varnish(work: &Path, origin_port: u16) -> (Proc, u16) {
         .arg("-F")
         .arg("-n")
         .arg(work.join("varnish"))
-        .args([
-            "-a",
-            &format!("127.0.0.1:{port}"),
-            "-T",
-            "127.0.0.1:0",
-            "-s",
-            "malloc,256m",
-        ])
+        .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", "malloc,256m"])
         .arg("-f")
         .arg(&vcl_path)
         .stdout(Stdio::null())
@@ -963,10 +800,7 @@ impl Http {
     fn connect(port: u16) -> Http {
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Http {
-            stream,
-            buf: Vec::new(),
-        }
+        Http { stream, buf: Vec::new() }
     }
 
     fn get(&mut self, path: &str) -> (u16, bool, Vec<u8>) {
@@ -982,9 +816,7 @@ impl Http {
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .map(|v| v.trim().parse().unwrap())
                     .unwrap_or(0);
-                let hit = head
-                    .lines()
-                    .any(|l| l.starts_with("x-cache:") && l.contains("hit"));
+                let hit = head.lines().any(|l| l.starts_with("x-cache:") && l.contains("hit"));
                 while self.buf.len() < end + 4 + len {
                     let n = self.stream.read(&mut tmp).unwrap();
                     assert!(n > 0, "connection closed");
@@ -1023,18 +855,10 @@ async fn edge_run(versioned: bool, requests: usize, o: &Opts) -> EdgeResult {
     let mut urls = vec![String::new(); BLOGS * FILES];
     for b in 0..BLOGS {
         invalidate(&ch, &format!("e{b}"), vec![]).await;
-        let r = resolve(
-            &ch,
-            &format!("e{b}"),
-            (0..FILES).map(|f| format!("/f{f}.css")).collect(),
-        )
-        .await;
+        let r = resolve(&ch, &format!("e{b}"), (0..FILES).map(|f| format!("/f{f}.css")).collect()).await;
         for (f, a) in r.into_iter().enumerate() {
-            urls[b * FILES + f] = if versioned {
-                a.url[a.url.find("/e").unwrap()..].to_owned()
-            } else {
-                format!("/e{b}/f{f}.css")
-            };
+            urls[b * FILES + f] =
+                if versioned { a.url[a.url.find("/e").unwrap()..].to_owned() } else { format!("/e{b}/f{f}.css") };
         }
     }
     let vwork = tempfile::tempdir().unwrap();
@@ -1043,13 +867,7 @@ async fn edge_run(versioned: bool, requests: usize, o: &Opts) -> EdgeResult {
     let zipf = Zipf::new(BLOGS * FILES, 1.0);
     let mut rng = Rng(42);
     let mut version = vec![0u64; BLOGS * FILES];
-    let mut res = EdgeResult {
-        requests: 0,
-        hits: 0,
-        stale: 0,
-        cold_hits: 0,
-        cold_requests: 0,
-    };
+    let mut res = EdgeResult { requests: 0, hits: 0, stale: 0, cold_hits: 0, cold_requests: 0 };
     let deadline = Instant::now() + o.secs(120);
     // The first fifth of the trace warms the edge up and is counted apart.
     let warm = requests / 5;
@@ -1063,11 +881,8 @@ async fn edge_run(versioned: bool, requests: usize, o: &Opts) -> EdgeResult {
             let k = zipf.sample(&mut rng);
             let (b, f) = (k / FILES, k % FILES);
             version[k] += 1;
-            std::fs::write(
-                dir.path().join(format!("blogs/e{b}/f{f}.css")),
-                format!("e{b} f{f} v{}", version[k]),
-            )
-            .unwrap();
+            std::fs::write(dir.path().join(format!("blogs/e{b}/f{f}.css")), format!("e{b} f{f} v{}", version[k]))
+                .unwrap();
             invalidate(&ch, &format!("e{b}"), vec![format!("/f{f}.css")]).await;
             if versioned {
                 let r = resolve(&ch, &format!("e{b}"), vec![format!("/f{f}.css")]).await;
@@ -1094,14 +909,13 @@ async fn edge_run(versioned: bool, requests: usize, o: &Opts) -> EdgeResult {
 
 async fn bench_edge(o: &Opts, rows: &mut Vec<Row>) {
     let requests = if o.quick { 50_000 } else { 250_000 };
-    println!("== Edge effect: Varnish, Zipf(1.0) over 1,000 blogs × 50 files, {requests} requests, a publish per 1,000");
+    println!(
+        "== Edge effect: Varnish, Zipf(1.0) over 1,000 blogs × 50 files, {requests} requests, a publish per 1,000"
+    );
     let ours = edge_run(true, requests, o).await;
     let legacy = edge_run(false, requests, o).await;
     let share = |r: &EdgeResult| 100.0 * r.hits as f64 / r.requests.max(1) as f64;
-    for (name, r) in [
-        ("versioned (blotcdn)", &ours),
-        ("legacy unversioned, max-age=60", &legacy),
-    ] {
+    for (name, r) in [("versioned (blotcdn)", &ours), ("legacy unversioned, max-age=60", &legacy)] {
         println!(
             "{name:>32}: edge answered {:.2}% of {} (warm-up: {:.2}% of {}), stale {}",
             share(r),
@@ -1115,11 +929,7 @@ async fn bench_edge(o: &Opts, rows: &mut Vec<Row>) {
         bench: "Edge effect",
         what: "share answered by the edge after warm-up; stale answers".into(),
         ours: format!("{:.2}%, {} stale", share(&ours), ours.stale),
-        peer: format!(
-            "legacy 60 s: {:.2}%, {} stale",
-            share(&legacy),
-            legacy.stale
-        ),
+        peer: format!("legacy 60 s: {:.2}%, {} stale", share(&legacy), legacy.stale),
         ratio: ratio(share(&ours), share(&legacy)),
         target: "≥ 99%, 0 stale".into(),
     });
@@ -1128,29 +938,12 @@ async fn bench_edge(o: &Opts, rows: &mut Vec<Row>) {
 // ---------------------------------------------------------------- main
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--bench"))
-        .collect();
-    let o = Opts {
-        quick: args.iter().any(|a| a == "--quick"),
-    };
-    let names: Vec<&str> = args
-        .iter()
-        .filter(|a| !a.starts_with('-'))
-        .map(|s| s.as_str())
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
+    let o = Opts { quick: args.iter().any(|a| a == "--quick") };
+    let names: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(|s| s.as_str()).collect();
     let all = ["resolve", "origin", "publish", "ingest", "scale", "edge"];
-    let chosen: Vec<&str> = if names.is_empty() {
-        all.to_vec()
-    } else {
-        names
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
     rt.block_on(async {
         for name in &chosen {

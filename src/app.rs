@@ -13,9 +13,7 @@ use crate::blogfs::BlogsDir;
 use crate::cas::Cas;
 use crate::catalog::{Catalog, CatalogOptions};
 use crate::config::Config;
-use crate::grpc::{
-    AuthLayer, PublisherService, ResolverService, Tokens, UploadGuardLayer, MAX_MESSAGE_BYTES,
-};
+use crate::grpc::{AuthLayer, PublisherService, ResolverService, Tokens, UploadGuardLayer, MAX_MESSAGE_BYTES};
 use crate::origin::Origin;
 use crate::proto;
 use crate::store::{SledStore, Store};
@@ -23,22 +21,11 @@ use crate::store::{SledStore, Store};
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot open the store in {path}: {source}")]
-    Store {
-        path: String,
-        source: crate::store::StoreError,
-    },
+    Store { path: String, source: crate::store::StoreError },
     #[error("cannot prepare {what} at {path}: {source}")]
-    Dir {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Dir { what: &'static str, path: String, source: std::io::Error },
     #[error("cannot listen on {addr} ({key}): {source}")]
-    Bind {
-        key: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
@@ -63,8 +50,7 @@ impl App {
             move |source| AppError::Dir { what, path, source }
         };
         std::fs::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
-        let blogs =
-            BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
+        let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
         let cas_dir = config.data_dir.join("cas");
         let cas = Cas::open(&cas_dir).map_err(dir_err("the CAS", &cas_dir))?;
         let db_dir = config.data_dir.join("db");
@@ -73,61 +59,35 @@ impl App {
             tokio::task::spawn_blocking(move || SledStore::open(&dir))
                 .await
                 .expect("store open does not panic")
-                .map_err(|source| AppError::Store {
-                    path: db_dir.display().to_string(),
-                    source,
-                })?
+                .map_err(|source| AppError::Store { path: db_dir.display().to_string(), source })?
         };
-        let grpc_listener = TcpListener::bind(config.grpc_addr)
-            .await
-            .map_err(|source| AppError::Bind {
-                key: "grpc_addr",
-                addr: config.grpc_addr,
-                source,
-            })?;
-        let http_listener = TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|source| AppError::Bind {
-                key: "http_addr",
-                addr: config.http_addr,
-                source,
-            })?;
+        let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|source| AppError::Bind {
+            key: "grpc_addr",
+            addr: config.grpc_addr,
+            source,
+        })?;
+        let http_listener = TcpListener::bind(config.http_addr).await.map_err(|source| AppError::Bind {
+            key: "http_addr",
+            addr: config.http_addr,
+            source,
+        })?;
         let grpc_addr = grpc_listener.local_addr().expect("bound");
         let http_addr = http_listener.local_addr().expect("bound");
-        let base_url = config
-            .cdn_base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let base_url = config.cdn_base_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
         let store: Arc<dyn Store> = Arc::new(store);
         let catalog = Arc::new(Catalog::new(
             store,
             cas,
             blogs,
-            CatalogOptions {
-                base_url,
-                max_batch: config.max_batch,
-                max_asset_bytes: config.max_asset_bytes,
-            },
+            CatalogOptions { base_url, max_batch: config.max_batch, max_asset_bytes: config.max_asset_bytes },
         ));
         // Finish any blob removal a crash interrupted.
         let c = catalog.clone();
-        let removed = tokio::task::spawn_blocking(move || c.collect_garbage())
-            .await
-            .expect("gc does not panic")?;
+        let removed = tokio::task::spawn_blocking(move || c.collect_garbage()).await.expect("gc does not panic")?;
         if removed > 0 {
-            tracing::info!(
-                removed,
-                "removed unreferenced blobs left by an interrupted deletion"
-            );
+            tracing::info!(removed, "removed unreferenced blobs left by an interrupted deletion");
         }
-        Ok(App {
-            grpc_listener,
-            http_listener,
-            grpc_addr,
-            http_addr,
-            catalog,
-            config,
-        })
+        Ok(App { grpc_listener, http_listener, grpc_addr, http_addr, catalog, config })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -141,18 +101,8 @@ impl App {
     }
 
     /// Serves until `stop` completes, then drains and flushes.
-    pub async fn run_until_stopped(
-        self,
-        stop: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), AppError> {
-        let App {
-            grpc_listener,
-            http_listener,
-            catalog,
-            config,
-            grpc_addr,
-            http_addr,
-        } = self;
+    pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
+        let App { grpc_listener, http_listener, catalog, config, grpc_addr, http_addr } = self;
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(
                 resolver_open = config.resolver_tokens.is_empty(),
@@ -161,26 +111,18 @@ impl App {
             );
         }
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<proto::resolver_server::ResolverServer<ResolverService>>()
-            .await;
-        health
-            .set_serving::<proto::publisher_server::PublisherServer<PublisherService>>()
-            .await;
+        health.set_serving::<proto::resolver_server::ResolverServer<ResolverService>>().await;
+        health.set_serving::<proto::publisher_server::PublisherServer<PublisherService>>().await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let resolver = proto::resolver_server::ResolverServer::new(ResolverService {
-            catalog: catalog.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let publisher = proto::publisher_server::PublisherServer::new(PublisherService {
-            catalog: catalog.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let resolver = proto::resolver_server::ResolverServer::new(ResolverService { catalog: catalog.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let publisher = proto::publisher_server::PublisherServer::new(PublisherService { catalog: catalog.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let tokens = Tokens {
             resolver: config.resolver_tokens.clone().into(),
             publisher: config.publisher_tokens.clone().into(),
@@ -193,12 +135,8 @@ impl App {
             async move {
                 stop.await;
                 tracing::info!("stopping: health NOT_SERVING, draining in-flight calls");
-                health
-                    .set_not_serving::<proto::resolver_server::ResolverServer<ResolverService>>()
-                    .await;
-                health
-                    .set_not_serving::<proto::publisher_server::PublisherServer<PublisherService>>()
-                    .await;
+                health.set_not_serving::<proto::resolver_server::ResolverServer<ResolverService>>().await;
+                health.set_not_serving::<proto::publisher_server::PublisherServer<PublisherService>>().await;
                 let _ = stop_tx.send(true);
             }
         };
@@ -222,7 +160,8 @@ impl App {
             .add_service(resolver)
             .add_service(publisher)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                // Small answers must not wait for a delayed ACK (Nagle): 40 ms otherwise.
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 grpc_stop,
             );
         let origin = Origin::new(catalog.clone(), &config);
@@ -231,13 +170,11 @@ impl App {
         let (g, ()) = tokio::join!(grpc, http);
         g?;
         let c = catalog.clone();
-        tokio::task::spawn_blocking(move || c.store().flush())
+        c.store()
+            .flush()
+            .done()
             .await
-            .expect("flush does not panic")
-            .map_err(|e| AppError::Store {
-                path: config.data_dir.join("db").display().to_string(),
-                source: e,
-            })?;
+            .map_err(|e| AppError::Store { path: config.data_dir.join("db").display().to_string(), source: e })?;
         tracing::info!("stopped; store flushed");
         Ok(())
     }

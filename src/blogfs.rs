@@ -34,9 +34,7 @@ pub struct BlogsDir {
 impl BlogsDir {
     pub fn new(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(BlogsDir {
-            root: dir.canonicalize()?,
-        })
+        Ok(BlogsDir { root: dir.canonicalize()? })
     }
 
     pub fn root(&self) -> &Path {
@@ -74,20 +72,11 @@ impl BlogsDir {
             .open(&full)
         {
             Ok(f) => f,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
                 return Err(OpenError::NotFound)
             }
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(OpenError::Refused("symbolic link loop"))
-            }
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                return Err(OpenError::NotFound)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(OpenError::Refused("symbolic link loop")),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(OpenError::NotFound),
             Err(e) => return Err(e.into()),
         };
         let meta = file.metadata()?;

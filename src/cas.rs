@@ -49,10 +49,7 @@ impl BlobWriter {
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.hasher.update(data);
         self.size += data.len() as u64;
-        self.file
-            .as_mut()
-            .expect("open until finished")
-            .write_all(data)
+        self.file.as_mut().expect("open until finished").write_all(data)
     }
 
     pub fn size(&self) -> u64 {
@@ -65,11 +62,7 @@ impl BlobWriter {
         file.sync_all()?;
         drop(file);
         let path = std::mem::take(&mut self.path);
-        Ok(PendingBlob {
-            path,
-            hash: ContentHash::of(&self.hasher.finalize()),
-            size: self.size,
-        })
+        Ok(PendingBlob { path, hash: ContentHash::of(&self.hasher.finalize()), size: self.size })
     }
 }
 
@@ -90,11 +83,7 @@ impl Cas {
         for entry in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(entry?.path());
         }
-        Ok(Cas {
-            root: dir.to_owned(),
-            tmp,
-            quarantine,
-        })
+        Ok(Cas { root: dir.to_owned(), tmp, quarantine })
     }
 
     pub fn blob_path(&self, hash: &ContentHash) -> PathBuf {
@@ -110,12 +99,7 @@ impl Cas {
     pub fn writer(&self) -> io::Result<BlobWriter> {
         let path = self.temp_path();
         let file = File::create(&path)?;
-        Ok(BlobWriter {
-            file: Some(file),
-            path,
-            hasher: blake3::Hasher::new(),
-            size: 0,
-        })
+        Ok(BlobWriter { file: Some(file), path, hasher: blake3::Hasher::new(), size: 0 })
     }
 
     /// Copies a readable file into a new blob (hashing on the way).
@@ -141,16 +125,11 @@ impl Cas {
         let path = self.temp_path();
         if let Err(e) = std::fs::hard_link(src, &path) {
             return match e.raw_os_error() {
-                Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK)
-                | Some(libc::ENOTSUP) => Ok(None),
+                Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK) | Some(libc::ENOTSUP) => Ok(None),
                 _ => Err(e),
             };
         }
-        let pending = PendingBlob {
-            path,
-            hash: ContentHash([0; 16]),
-            size: 0,
-        };
+        let pending = PendingBlob { path, hash: ContentHash([0; 16]), size: 0 };
         let meta = std::fs::symlink_metadata(&pending.path)?;
         if !meta.is_file() || (meta.dev(), meta.ino()) != expect {
             return Ok(None);

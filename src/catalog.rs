@@ -14,7 +14,7 @@ use futures_util::{Stream, StreamExt};
 use crate::blogfs::{BlogsDir, OpenError};
 use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
-use crate::store::{Binding, BlogInfo, Resolution, Store, StoreError};
+use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -62,12 +62,7 @@ pub struct Resolved {
 
 impl Resolved {
     fn failed(status: ResolveStatus) -> Self {
-        Resolved {
-            url: String::new(),
-            status,
-            cache_id: 0,
-            content_hash: None,
-        }
+        Resolved { url: String::new(), status, cache_id: 0, content_hash: None }
     }
 }
 
@@ -122,9 +117,9 @@ pub struct CatalogOptions {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, CatalogError> + Send + 'static,
 ) -> Result<T, CatalogError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        CatalogError::Io(std::io::Error::other(format!("blocking task failed: {e}")))
-    })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CatalogError::Io(std::io::Error::other(format!("blocking task failed: {e}"))))?
 }
 
 impl Catalog {
@@ -158,11 +153,7 @@ impl Catalog {
 
     /// One answer per path, in order. Memory only: a look-up and a string
     /// per item.
-    pub fn resolve_batch(
-        &self,
-        blog: &str,
-        paths: &[String],
-    ) -> Result<Vec<Resolved>, CatalogError> {
+    pub fn resolve_batch(&self, blog: &str, paths: &[String]) -> Result<Vec<Resolved>, CatalogError> {
         let blog = BlogId::parse(blog)?;
         if paths.len() > self.max_batch {
             return Err(CatalogError::BadRequest(format!(
@@ -178,11 +169,7 @@ impl Catalog {
             return Ok(checked
                 .iter()
                 .map(|c| {
-                    Resolved::failed(if c.is_some() {
-                        ResolveStatus::UnknownBlog
-                    } else {
-                        ResolveStatus::InvalidPath
-                    })
+                    Resolved::failed(if c.is_some() { ResolveStatus::UnknownBlog } else { ResolveStatus::InvalidPath })
                 })
                 .collect());
         };
@@ -193,45 +180,35 @@ impl Catalog {
                 out.push(Resolved::failed(ResolveStatus::InvalidPath));
                 continue;
             };
-            out.push(
-                match resolutions.next().expect("one resolution per valid path") {
-                    Resolution::Versioned(id) => Resolved {
-                        url: domain::versioned_url(&self.base_url, blog.as_str(), id, path),
-                        status: ResolveStatus::Ok,
-                        cache_id: id,
-                        content_hash: None,
-                    },
-                    Resolution::Permanent { hash, filename } => Resolved {
-                        url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, &filename),
-                        status: ResolveStatus::Ok,
-                        cache_id: 0,
-                        content_hash: Some(hash),
-                    },
+            out.push(match resolutions.next().expect("one resolution per valid path") {
+                Resolution::Versioned(id) => Resolved {
+                    url: domain::versioned_url(&self.base_url, blog.as_str(), id, path),
+                    status: ResolveStatus::Ok,
+                    cache_id: id,
+                    content_hash: None,
                 },
-            );
+                Resolution::Permanent { hash, filename } => Resolved {
+                    url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, &filename),
+                    status: ResolveStatus::Ok,
+                    cache_id: 0,
+                    content_hash: Some(hash),
+                },
+            });
         }
         Ok(out)
     }
 
     pub fn get_blog(&self, blog: &str) -> Result<BlogInfo, CatalogError> {
         let id = BlogId::parse(blog)?;
-        self.store
-            .blog(&id)
-            .ok_or_else(|| CatalogError::NotFound(format!("unknown blog {id}")))
+        self.store.blog(&id).ok_or_else(|| CatalogError::NotFound(format!("unknown blog {id}")))
     }
 
     pub fn lookup_domain(&self, domain: &str) -> Result<BlogId, CatalogError> {
         let d = Domain::parse(domain)?;
-        self.store
-            .lookup_domain(d.as_str())
-            .ok_or_else(|| CatalogError::NotFound(format!("unmapped domain {d}")))
+        self.store.lookup_domain(d.as_str()).ok_or_else(|| CatalogError::NotFound(format!("unmapped domain {d}")))
     }
 
-    pub async fn invalidate(
-        self: &Arc<Self>,
-        blog: &str,
-        paths: &[String],
-    ) -> Result<CacheId, CatalogError> {
+    pub async fn invalidate(self: &Arc<Self>, blog: &str, paths: &[String]) -> Result<CacheId, CatalogError> {
         let blog = BlogId::parse(blog)?;
         if paths.len() > self.max_batch {
             return Err(CatalogError::BadRequest(format!(
@@ -242,49 +219,29 @@ impl Catalog {
         }
         let mut parsed = Vec::with_capacity(paths.len());
         for (i, p) in paths.iter().enumerate() {
-            parsed.push(
-                BlogPath::parse(p)
-                    .map_err(|e| CatalogError::BadRequest(format!("paths[{i}]: {e}")))?,
-            );
+            parsed.push(BlogPath::parse(p).map_err(|e| CatalogError::BadRequest(format!("paths[{i}]: {e}")))?);
         }
-        let this = self.clone();
-        blocking(move || Ok(this.store.invalidate(&blog, &parsed)?)).await
+        Ok(self.store.invalidate(blog, parsed).done().await?)
     }
 
-    pub async fn set_domain(
-        self: &Arc<Self>,
-        domain: &str,
-        blog: &str,
-    ) -> Result<Domain, CatalogError> {
+    pub async fn set_domain(self: &Arc<Self>, domain: &str, blog: &str) -> Result<Domain, CatalogError> {
         let d = Domain::parse(domain)?;
         let b = BlogId::parse(blog)?;
-        let this = self.clone();
-        blocking(move || {
-            this.store.set_domain(&d, &b)?;
-            Ok(d)
-        })
-        .await
+        self.store.set_domain(d.clone(), b).done().await?;
+        Ok(d)
     }
 
     pub async fn remove_domain(self: &Arc<Self>, domain: &str) -> Result<(), CatalogError> {
         let d = Domain::parse(domain)?;
-        let this = self.clone();
-        blocking(move || {
-            if this.store.remove_domain(&d)? {
-                Ok(())
-            } else {
-                Err(CatalogError::NotFound(format!("unmapped domain {d}")))
-            }
-        })
-        .await
+        if self.store.remove_domain(d.clone()).done().await? {
+            Ok(())
+        } else {
+            Err(CatalogError::NotFound(format!("unmapped domain {d}")))
+        }
     }
 
     /// Streams an upload into the CAS. `chunks` yields the data after the header.
-    pub async fn put_asset<S>(
-        self: &Arc<Self>,
-        header: PutHeader,
-        mut chunks: S,
-    ) -> Result<AssetInfo, CatalogError>
+    pub async fn put_asset<S>(self: &Arc<Self>, header: PutHeader, mut chunks: S) -> Result<AssetInfo, CatalogError>
     where
         S: Stream<Item = Result<Bytes, CatalogError>> + Unpin,
     {
@@ -301,9 +258,7 @@ impl Catalog {
             let chunk = chunk?;
             let mut w = writer.take().expect("writer is returned after every chunk");
             if w.size() + chunk.len() as u64 > limit {
-                return Err(CatalogError::TooLarge(format!(
-                    "asset is over max_asset_bytes ({limit} bytes)"
-                )));
+                return Err(CatalogError::TooLarge(format!("asset is over max_asset_bytes ({limit} bytes)")));
             }
             // The writer travels into the blocking pool and back; dropped on
             // any error, it removes its temporary file.
@@ -316,36 +271,30 @@ impl Catalog {
         }
         let w = writer.take().expect("writer present");
         let this = self.clone();
-        blocking(move || {
+        let (info, durable) = blocking(move || {
             let pending = w.finish()?;
-            this.commit_blob(&blog, path.as_ref(), pending, &filename, &content_type)
+            this.commit_blob(blog, path, pending, filename, content_type)
         })
-        .await
+        .await?;
+        durable.done().await?;
+        Ok(info)
     }
 
     /// Makes a file in the blog's folder a permanent asset bound to its path.
-    pub async fn import_file(
-        self: &Arc<Self>,
-        blog: &str,
-        path: &str,
-    ) -> Result<AssetInfo, CatalogError> {
+    pub async fn import_file(self: &Arc<Self>, blog: &str, path: &str) -> Result<AssetInfo, CatalogError> {
         let blog = BlogId::parse(blog)?;
         let path = BlogPath::parse(path)?;
         let this = self.clone();
-        blocking(move || this.import_file_blocking(&blog, &path)).await
+        let (info, durable) = blocking(move || this.import_file_blocking(blog, path)).await?;
+        durable.done().await?;
+        Ok(info)
     }
 
-    pub fn import_file_blocking(
-        &self,
-        blog: &BlogId,
-        path: &BlogPath,
-    ) -> Result<AssetInfo, CatalogError> {
+    fn import_file_blocking(&self, blog: BlogId, path: BlogPath) -> Result<(AssetInfo, Pending<()>), CatalogError> {
         use std::os::unix::fs::MetadataExt;
-        let (file, meta) = self.blogs.open(blog, path).map_err(|e| match e {
+        let (file, meta) = self.blogs.open(&blog, &path).map_err(|e| match e {
             OpenError::NotFound => CatalogError::NotFound(format!("no file {path} in blog {blog}")),
-            OpenError::Refused(why) => {
-                CatalogError::BadRequest(format!("{path} in blog {blog}: {why}"))
-            }
+            OpenError::Refused(why) => CatalogError::BadRequest(format!("{path} in blog {blog}: {why}")),
             OpenError::Io(e) => CatalogError::Io(e),
         })?;
         if meta.len() > self.max_asset_bytes {
@@ -355,56 +304,51 @@ impl Catalog {
                 self.max_asset_bytes
             )));
         }
-        let on_disk = self.blogs.file_path(blog.as_str(), path);
+        let on_disk = self.blogs.file_path(blog.as_str(), &path);
         let pending = match self.cas.link_from(&on_disk, (meta.dev(), meta.ino()))? {
             Some(p) => p,
             None => self.cas.copy_from(file)?,
         };
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;
-        self.commit_blob(blog, Some(path), pending, &filename, &content_type)
+        self.commit_blob(blog, Some(path), pending, filename, content_type)
     }
 
+    /// Names the blob and hands its reference to the store. Returns the
+    /// answer and the store's promise of durability, to be waited on.
     fn commit_blob(
         &self,
-        blog: &BlogId,
-        path: Option<&BlogPath>,
+        blog: BlogId,
+        path: Option<BlogPath>,
         pending: PendingBlob,
-        filename: &str,
-        content_type: &str,
-    ) -> Result<AssetInfo, CatalogError> {
+        filename: String,
+        content_type: String,
+    ) -> Result<(AssetInfo, Pending<()>), CatalogError> {
         let (hash, size) = (pending.hash, pending.size);
-        let binding = Binding {
+        let info = AssetInfo {
             hash,
-            filename: filename.into(),
+            url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, &filename),
             size,
-            content_type: content_type.into(),
+            content_type: content_type.clone(),
+            filename: filename.clone(),
         };
-        {
-            let _g = self.blob_lock.lock();
-            self.cas.commit(pending)?;
-            self.store.bind_asset(blog, path, &binding)?;
-        }
-        Ok(AssetInfo {
-            hash,
-            url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, filename),
-            size,
-            content_type: content_type.to_owned(),
-            filename: filename.to_owned(),
-        })
+        let binding = Binding { hash, filename: filename.into(), size, content_type: content_type.into() };
+        // Under the blob lock the name and the reference appear together, as
+        // far as garbage collection can tell: the reference pins at once.
+        let _g = self.blob_lock.lock();
+        self.cas.commit(pending)?;
+        let durable = self.store.bind_asset(blog, path, binding);
+        Ok((info, durable))
     }
 
     pub async fn delete_blog(self: &Arc<Self>, blog: &str) -> Result<(), CatalogError> {
         let blog = BlogId::parse(blog)?;
+        if self.store.delete_blog(blog.clone()).done().await?.is_none() {
+            return Err(CatalogError::NotFound(format!("unknown blog {blog}")));
+        }
         let this = self.clone();
-        blocking(move || {
-            if this.store.delete_blog(&blog)?.is_none() {
-                return Err(CatalogError::NotFound(format!("unknown blog {blog}")));
-            }
-            this.collect_garbage()?;
-            Ok(())
-        })
-        .await
+        blocking(move || this.collect_garbage()).await?;
+        Ok(())
     }
 
     /// Removes blobs no blog references any more. Safe to run at any time,
@@ -419,7 +363,7 @@ impl Catalog {
                     removed += 1;
                 }
             }
-            self.store.gc_done(&hash)?;
+            self.store.gc_done(hash).blocking()?;
         }
         Ok(removed)
     }
@@ -451,10 +395,7 @@ impl Catalog {
 /// The content type given, or one guessed from the file name.
 fn content_type_for(given: &str, filename: &str) -> Result<String, CatalogError> {
     if given.is_empty() {
-        return Ok(mime_guess::from_path(filename)
-            .first_or_octet_stream()
-            .essence_str()
-            .to_owned());
+        return Ok(mime_guess::from_path(filename).first_or_octet_stream().essence_str().to_owned());
     }
     let ok = given.len() <= 255
         && given.contains('/')
@@ -463,8 +404,6 @@ fn content_type_for(given: &str, filename: &str) -> Result<String, CatalogError>
     if ok {
         Ok(given.to_owned())
     } else {
-        Err(CatalogError::BadRequest(format!(
-            "invalid content_type {given:?}: expected a MIME type like image/png"
-        )))
+        Err(CatalogError::BadRequest(format!("invalid content_type {given:?}: expected a MIME type like image/png")))
     }
 }

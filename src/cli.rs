@@ -13,11 +13,7 @@ use crate::config::{Config, Partial};
 use crate::proto as pb;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "blotcdn",
-    version,
-    about = "The source of truth behind Blot's CDN"
-)]
+#[command(name = "blotcdn", version, about = "The source of truth behind Blot's CDN")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -179,11 +175,7 @@ impl Conn {
             .await
             .with_context(|| format!("cannot connect to {}", self.server))?;
         let bearer = match &self.token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .context("--token must be printable ASCII")?,
-            ),
+            Some(t) => Some(format!("Bearer {t}").parse().context("--token must be printable ASCII")?),
             None => None,
         };
         Ok((ch, Bearer(bearer)))
@@ -194,9 +186,7 @@ impl Conn {
     }
     async fn publisher(&self) -> anyhow::Result<pb::publisher_client::PublisherClient<Authed>> {
         let (ch, b) = self.channel().await?;
-        Ok(pb::publisher_client::PublisherClient::with_interceptor(
-            ch, b,
-        ))
+        Ok(pb::publisher_client::PublisherClient::with_interceptor(ch, b))
     }
 }
 
@@ -214,10 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resolve { conn, blog, paths } => {
             let mut c = conn.resolver().await?;
             let r = c
-                .resolve_batch(pb::ResolveBatchRequest {
-                    blog_id: blog,
-                    paths: paths.clone(),
-                })
+                .resolve_batch(pb::ResolveBatchRequest { blog_id: blog, paths: paths.clone() })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -231,76 +218,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Invalidate { conn, blog, paths } => {
             let mut c = conn.publisher().await?;
-            let r = c
-                .invalidate(pb::InvalidateRequest {
-                    blog_id: blog,
-                    paths,
-                })
-                .await
-                .map_err(status_err)?;
+            let r = c.invalidate(pb::InvalidateRequest { blog_id: blog, paths }).await.map_err(status_err)?;
             println!("cache_id {}", r.into_inner().cache_id);
         }
         Command::Domain { conn, action } => match action {
             DomainAction::Set { domain, blog } => {
                 let mut c = conn.publisher().await?;
-                c.set_domain(pb::SetDomainRequest {
-                    domain: domain.clone(),
-                    blog_id: blog.clone(),
-                })
-                .await
-                .map_err(status_err)?;
+                c.set_domain(pb::SetDomainRequest { domain: domain.clone(), blog_id: blog.clone() })
+                    .await
+                    .map_err(status_err)?;
                 println!("{domain} -> {blog}");
             }
             DomainAction::Rm { domain } => {
                 let mut c = conn.publisher().await?;
-                c.remove_domain(pb::RemoveDomainRequest {
-                    domain: domain.clone(),
-                })
-                .await
-                .map_err(status_err)?;
+                c.remove_domain(pb::RemoveDomainRequest { domain: domain.clone() }).await.map_err(status_err)?;
                 println!("removed {domain}");
             }
             DomainAction::Get { domain } => {
                 let mut c = conn.resolver().await?;
-                let r = c
-                    .lookup_domain(pb::LookupDomainRequest { domain })
-                    .await
-                    .map_err(status_err)?;
+                let r = c.lookup_domain(pb::LookupDomainRequest { domain }).await.map_err(status_err)?;
                 println!("{}", r.into_inner().blog_id);
             }
         },
-        Command::Blog {
-            conn,
-            action: BlogAction::Get { blog },
-        } => {
+        Command::Blog { conn, action: BlogAction::Get { blog } } => {
             let mut c = conn.resolver().await?;
-            let b = c
-                .get_blog(pb::GetBlogRequest { blog_id: blog })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let b = c.get_blog(pb::GetBlogRequest { blog_id: blog }).await.map_err(status_err)?.into_inner();
             println!("blog_id     {}", b.blog_id);
             println!("cache_id    {}", b.cache_id);
             println!("domains     {}", b.domains.join(" "));
             println!("path_count  {}", b.path_count);
             println!("asset_count {}", b.asset_count);
         }
-        Command::Put {
-            conn,
-            blog,
-            file,
-            path,
-            content_type,
-        } => {
+        Command::Put { conn, blog, file, path, content_type } => {
             let mut c = conn.publisher().await?;
-            let filename = file
-                .file_name()
-                .and_then(|n| n.to_str())
-                .context("the file needs a UTF-8 name")?
-                .to_owned();
-            let f = tokio::fs::File::open(&file)
-                .await
-                .with_context(|| format!("cannot open {}", file.display()))?;
+            let filename = file.file_name().and_then(|n| n.to_str()).context("the file needs a UTF-8 name")?.to_owned();
+            let f = tokio::fs::File::open(&file).await.with_context(|| format!("cannot open {}", file.display()))?;
             let header = pb::PutAssetChunk {
                 chunk: Some(pb::put_asset_chunk::Chunk::Header(pb::PutAssetHeader {
                     blog_id: blog,
@@ -311,31 +263,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let data = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
             use futures_util::StreamExt;
-            let chunks =
-                futures_util::stream::iter([header]).chain(data.filter_map(|r| async move {
-                    match r {
-                        Ok(b) => Some(pb::PutAssetChunk {
-                            chunk: Some(pb::put_asset_chunk::Chunk::Data(b)),
-                        }),
-                        Err(e) => {
-                            eprintln!("read error: {e}");
-                            None
-                        }
+            let chunks = futures_util::stream::iter([header]).chain(data.filter_map(|r| async move {
+                match r {
+                    Ok(b) => Some(pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(b)) }),
+                    Err(e) => {
+                        eprintln!("read error: {e}");
+                        None
                     }
-                }));
+                }
+            }));
             let a = c.put_asset(chunks).await.map_err(status_err)?.into_inner();
-            println!(
-                "{}\t{}\t{} bytes\t{}",
-                a.hash, a.url, a.size, a.content_type
-            );
+            println!("{}\t{}\t{} bytes\t{}", a.hash, a.url, a.size, a.content_type);
         }
-        Command::Import {
-            conn,
-            blog,
-            path,
-            dir,
-            blogs_dir,
-        } => {
+        Command::Import { conn, blog, path, dir, blogs_dir } => {
             let mut c = conn.publisher().await?;
             let paths = match (path, dir) {
                 (Some(p), _) => vec![p],
@@ -352,10 +292,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let show = total > 1;
             for (i, p) in paths.into_iter().enumerate() {
                 let a = c
-                    .import_file(pb::ImportFileRequest {
-                        blog_id: blog.clone(),
-                        path: p.clone(),
-                    })
+                    .import_file(pb::ImportFileRequest { blog_id: blog.clone(), path: p.clone() })
                     .await
                     .map_err(|s| anyhow::anyhow!("{p}: {}", status_err(s)))?
                     .into_inner();
@@ -372,11 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DeleteBlog { conn, blog } => {
             let mut c = conn.publisher().await?;
-            c.delete_blog(pb::DeleteBlogRequest {
-                blog_id: blog.clone(),
-            })
-            .await
-            .map_err(status_err)?;
+            c.delete_blog(pb::DeleteBlogRequest { blog_id: blog.clone() }).await.map_err(status_err)?;
             println!("deleted {blog}");
         }
         Command::Fsck { serve, quarantine } => {
@@ -425,11 +358,7 @@ fn progress(done: usize, total: usize, current: &str) {
 
 /// Every regular file under a folder of the blog, as blog paths, hidden
 /// files and links left out.
-fn list_blog_dir(
-    blogs_dir: &std::path::Path,
-    blog: &str,
-    dir: &str,
-) -> anyhow::Result<Vec<String>> {
+fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::Result<Vec<String>> {
     let bp = crate::domain::BlogPath::parse(dir)?;
     let root = blogs_dir.join(blog);
     let start = bp.segments().fold(root.clone(), |p, s| p.join(s));

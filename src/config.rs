@@ -10,10 +10,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config: cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config: {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: invalid {key}: {reason}")]
@@ -67,25 +64,16 @@ impl Partial {
     /// Reads `BLOTCDN_*` variables through `get` (so tests need not touch the
     /// process environment).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Partial, ConfigError> {
-        fn num<T: std::str::FromStr>(
-            var: &str,
-            v: Option<String>,
-        ) -> Result<Option<T>, ConfigError> {
+        fn num<T: std::str::FromStr>(var: &str, v: Option<String>) -> Result<Option<T>, ConfigError> {
             v.map(|s| {
-                s.trim().parse().map_err(|_| ConfigError::Invalid {
-                    key: var.into(),
-                    reason: format!("{s:?} is not a number"),
-                })
+                s.trim()
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid { key: var.into(), reason: format!("{s:?} is not a number") })
             })
             .transpose()
         }
         let list = |v: Option<String>| {
-            v.map(|s| {
-                s.split(',')
-                    .map(|t| t.trim().to_owned())
-                    .filter(|t| !t.is_empty())
-                    .collect()
-            })
+            v.map(|s| s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect())
         };
         Ok(Partial {
             data_dir: get("BLOTCDN_DATA_DIR").map(PathBuf::from),
@@ -104,14 +92,8 @@ impl Partial {
     }
 
     pub fn from_file(path: &Path) -> Result<Partial, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
     }
 }
 
@@ -146,29 +128,18 @@ impl Config {
     }
 
     pub fn from_partial(p: Partial) -> Result<Config, ConfigError> {
-        let invalid = |key: &str, reason: String| ConfigError::Invalid {
-            key: key.into(),
-            reason,
+        let invalid = |key: &str, reason: String| ConfigError::Invalid { key: key.into(), reason };
+        let addr = |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+            let s = v.unwrap_or_else(|| default.to_owned());
+            s.parse().map_err(|_| invalid(key, format!("{s:?} is not an address like 127.0.0.1:8080")))
         };
-        let addr =
-            |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
-                let s = v.unwrap_or_else(|| default.to_owned());
-                s.parse().map_err(|_| {
-                    invalid(key, format!("{s:?} is not an address like 127.0.0.1:8080"))
-                })
-            };
         let data_dir = p.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
         let blogs_dir = p.blogs_dir.unwrap_or_else(|| data_dir.join("blogs"));
         let cdn_base_url = match p.cdn_base_url {
             Some(u) => {
                 let u = u.trim_end_matches('/').to_owned();
-                if !(u.starts_with("http://") || u.starts_with("https://"))
-                    || u.len() <= "https://".len()
-                {
-                    return Err(invalid(
-                        "cdn_base_url",
-                        format!("{u:?} is not an http(s) URL"),
-                    ));
+                if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= "https://".len() {
+                    return Err(invalid("cdn_base_url", format!("{u:?} is not an http(s) URL")));
                 }
                 Some(u)
             }
@@ -182,28 +153,16 @@ impl Config {
         if max_asset_bytes == 0 {
             return Err(invalid("max_asset_bytes", "must be at least 1".into()));
         }
-        let fallback_origins: Vec<String> = p
-            .fallback_origins
-            .unwrap_or_default()
-            .into_iter()
-            .map(|o| o.trim_end_matches('/').to_owned())
-            .collect();
+        let fallback_origins: Vec<String> =
+            p.fallback_origins.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         for o in &fallback_origins {
             if !o.starts_with("http://") {
-                return Err(invalid(
-                    "fallback_origins",
-                    format!("{o:?}: only http:// origins are supported"),
-                ));
+                return Err(invalid("fallback_origins", format!("{o:?}: only http:// origins are supported")));
             }
         }
         let check_tokens = |key: &str, t: Vec<String>| -> Result<Vec<String>, ConfigError> {
-            if t.iter()
-                .any(|t| t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic()))
-            {
-                return Err(invalid(
-                    key,
-                    "tokens must be non-empty printable ASCII without spaces".into(),
-                ));
+            if t.iter().any(|t| t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic())) {
+                return Err(invalid(key, "tokens must be non-empty printable ASCII without spaces".into()));
             }
             Ok(t)
         };
@@ -213,14 +172,8 @@ impl Config {
             data_dir,
             blogs_dir,
             cdn_base_url,
-            resolver_tokens: check_tokens(
-                "resolver_tokens",
-                p.resolver_tokens.unwrap_or_default(),
-            )?,
-            publisher_tokens: check_tokens(
-                "publisher_tokens",
-                p.publisher_tokens.unwrap_or_default(),
-            )?,
+            resolver_tokens: check_tokens("resolver_tokens", p.resolver_tokens.unwrap_or_default())?,
+            publisher_tokens: check_tokens("publisher_tokens", p.publisher_tokens.unwrap_or_default())?,
             max_batch,
             max_asset_bytes,
             backfill_origins: p.backfill_origins.unwrap_or(1).min(fallback_origins.len()),
@@ -250,17 +203,9 @@ mod tests {
     fn layers_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(
-            &f,
-            "max_batch = 5\nhttp_addr = \"127.0.0.1:9000\"\ngrpc_addr = \"127.0.0.1:9001\"\n",
-        )
-        .unwrap();
-        let env =
-            Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "7".to_owned())).unwrap();
-        let flags = Partial {
-            grpc_addr: Some("127.0.0.1:9002".into()),
-            ..Default::default()
-        };
+        std::fs::write(&f, "max_batch = 5\nhttp_addr = \"127.0.0.1:9000\"\ngrpc_addr = \"127.0.0.1:9001\"\n").unwrap();
+        let env = Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "7".to_owned())).unwrap();
+        let flags = Partial { grpc_addr: Some("127.0.0.1:9002".into()), ..Default::default() };
         let c = Config::load(Some(&f), env, flags).unwrap();
         assert_eq!(c.max_batch, 7);
         assert_eq!(c.http_addr.port(), 9000);
@@ -270,14 +215,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "lots".to_owned()))
-            .unwrap_err();
+        let e = Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "lots".to_owned())).unwrap_err();
         assert!(e.to_string().contains("BLOTCDN_MAX_BATCH"), "{e}");
-        let e = Config::from_partial(Partial {
-            http_addr: Some("nowhere".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let e = Config::from_partial(Partial { http_addr: Some("nowhere".into()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("http_addr"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");

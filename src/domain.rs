@@ -28,10 +28,7 @@ pub enum InvalidInput {
     #[error("invalid content hash {0:?}: expected 32 lowercase hex characters")]
     Hash(String),
     #[error("invalid domain {domain:?}: {reason}")]
-    Domain {
-        domain: String,
-        reason: &'static str,
-    },
+    Domain { domain: String, reason: &'static str },
     #[error("invalid filename {name:?}: {reason}")]
     Filename { name: String, reason: &'static str },
 }
@@ -56,8 +53,7 @@ impl BlogId {
     pub fn parse(s: &str) -> Result<Self, InvalidInput> {
         let ok = !s.is_empty()
             && s.len() <= MAX_BLOG_ID_BYTES
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
             Ok(BlogId(s.into()))
         } else {
@@ -90,15 +86,8 @@ impl BlogPath {
     /// Checks a path without allocating unless a leading `/` must be added;
     /// the resolve path uses this for every item of a batch.
     pub fn validate(s: &str) -> Result<Cow<'_, str>, InvalidInput> {
-        let bad = |reason| InvalidInput::Path {
-            path: truncated(s),
-            reason,
-        };
-        let p: Cow<'_, str> = if s.starts_with('/') {
-            Cow::Borrowed(s)
-        } else {
-            Cow::Owned(format!("/{s}"))
-        };
+        let bad = |reason| InvalidInput::Path { path: truncated(s), reason };
+        let p: Cow<'_, str> = if s.starts_with('/') { Cow::Borrowed(s) } else { Cow::Owned(format!("/{s}")) };
         if p.len() > MAX_PATH_BYTES {
             return Err(bad("longer than 1024 bytes"));
         }
@@ -140,32 +129,20 @@ impl BlogPath {
     /// Parses the path part of a URL: each segment is percent-decoded exactly
     /// once. A segment that decodes to something holding `/` (`%2F`), invalid
     /// UTF-8, or a path that would be refused by [`BlogPath::parse`] is refused.
-    pub fn from_url_segments<'a>(
-        segs: impl Iterator<Item = &'a str>,
-    ) -> Result<Self, InvalidInput> {
+    pub fn from_url_segments<'a>(segs: impl Iterator<Item = &'a str>) -> Result<Self, InvalidInput> {
         let mut out = String::with_capacity(64);
         for seg in segs {
-            let decoded =
-                percent_decode_str(seg)
-                    .decode_utf8()
-                    .map_err(|_| InvalidInput::Path {
-                        path: truncated(seg),
-                        reason: "percent-decodes to invalid UTF-8",
-                    })?;
+            let decoded = percent_decode_str(seg)
+                .decode_utf8()
+                .map_err(|_| InvalidInput::Path { path: truncated(seg), reason: "percent-decodes to invalid UTF-8" })?;
             if decoded.contains('/') {
-                return Err(InvalidInput::Path {
-                    path: truncated(seg),
-                    reason: "has an encoded slash",
-                });
+                return Err(InvalidInput::Path { path: truncated(seg), reason: "has an encoded slash" });
             }
             out.push('/');
             out.push_str(&decoded);
         }
         if out.is_empty() {
-            return Err(InvalidInput::Path {
-                path: String::new(),
-                reason: "is empty",
-            });
+            return Err(InvalidInput::Path { path: String::new(), reason: "is empty" });
         }
         BlogPath::parse(&out)
     }
@@ -188,10 +165,8 @@ pub fn next_cache_id(now_ms: u64, last: CacheId) -> CacheId {
 /// Parses a cache id from a URL segment: decimal digits, no sign, no leading
 /// zero (so one id has one spelling, and one cache entry at the edge).
 pub fn parse_cache_id(s: &str) -> Result<CacheId, InvalidInput> {
-    let ok = !s.is_empty()
-        && s.len() <= 20
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && !(s.len() > 1 && s.starts_with('0'));
+    let ok =
+        !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) && !(s.len() > 1 && s.starts_with('0'));
     if !ok {
         return Err(InvalidInput::CacheId(truncated(s)));
     }
@@ -263,21 +238,15 @@ pub struct Domain(Box<str>);
 
 impl Domain {
     pub fn parse(s: &str) -> Result<Self, InvalidInput> {
-        let bad = |reason| InvalidInput::Domain {
-            domain: truncated(s),
-            reason,
-        };
+        let bad = |reason| InvalidInput::Domain { domain: truncated(s), reason };
         let trimmed = s.trim().strip_suffix('.').unwrap_or(s.trim());
         if trimmed.is_empty() {
             return Err(bad("is empty"));
         }
         if trimmed.contains(':') || trimmed.contains('/') {
-            return Err(bad(
-                "must be a bare host name, without scheme, port or path",
-            ));
+            return Err(bad("must be a bare host name, without scheme, port or path"));
         }
-        let ascii =
-            idna::domain_to_ascii(trimmed).map_err(|_| bad("is not a valid IDNA host name"))?;
+        let ascii = idna::domain_to_ascii(trimmed).map_err(|_| bad("is not a valid IDNA host name"))?;
         if ascii.len() > 253 {
             return Err(bad("is longer than 253 characters"));
         }
@@ -289,20 +258,14 @@ impl Domain {
             if l.is_empty() || l.len() > 63 {
                 return Err(bad("has an empty label or one over 63 characters"));
             }
-            if !l
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            {
+            if !l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
                 return Err(bad("has characters outside letters, digits and '-'"));
             }
             if l.starts_with('-') || l.ends_with('-') {
                 return Err(bad("has a label that starts or ends with '-'"));
             }
         }
-        if labels
-            .last()
-            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-        {
+        if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
             return Err(bad("looks like an IP address, not a host name"));
         }
         Ok(Domain(ascii.into()))
@@ -322,10 +285,7 @@ impl fmt::Display for Domain {
 /// A permanent asset's file name, as it appears as the last URL segment.
 /// Must be a valid single path segment that is not hidden.
 pub fn parse_filename(name: &str) -> Result<String, InvalidInput> {
-    let bad = |reason| InvalidInput::Filename {
-        name: truncated(name),
-        reason,
-    };
+    let bad = |reason| InvalidInput::Filename { name: truncated(name), reason };
     if name.is_empty() {
         return Err(bad("is empty"));
     }
@@ -342,11 +302,7 @@ pub fn parse_filename(name: &str) -> Result<String, InvalidInput> {
 }
 
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Appends `seg` percent-encoded as one URL path segment (uppercase hex).
 pub fn push_encoded_segment(out: &mut String, seg: &str) {
@@ -396,12 +352,7 @@ mod tests {
     fn design_example() {
         let p = BlogPath::parse("style.css").unwrap();
         assert_eq!(
-            versioned_url(
-                "https://blotcdn.com",
-                "443d398b03",
-                1700000000000,
-                p.as_str()
-            ),
+            versioned_url("https://blotcdn.com", "443d398b03", 1700000000000, p.as_str()),
             "https://blotcdn.com/443d398b03/1700000000000/style.css"
         );
         let p = BlogPath::parse("/a b/ü.png").unwrap();
@@ -443,24 +394,9 @@ mod tests {
 
     #[test]
     fn domains() {
-        assert_eq!(
-            Domain::parse("Example.COM.").unwrap().as_str(),
-            "example.com"
-        );
-        assert_eq!(
-            Domain::parse("bücher.de").unwrap().as_str(),
-            "xn--bcher-kva.de"
-        );
-        for bad in [
-            "",
-            "localhost",
-            "a..b",
-            "-a.com",
-            "http://a.com",
-            "a.com:443",
-            "1.2.3.4",
-            "a_b.com",
-        ] {
+        assert_eq!(Domain::parse("Example.COM.").unwrap().as_str(), "example.com");
+        assert_eq!(Domain::parse("bücher.de").unwrap().as_str(), "xn--bcher-kva.de");
+        for bad in ["", "localhost", "a..b", "-a.com", "http://a.com", "a.com:443", "1.2.3.4", "a_b.com"] {
             assert!(Domain::parse(bad).is_err(), "{bad}");
         }
     }

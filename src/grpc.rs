@@ -42,12 +42,7 @@ struct CallLog {
 
 impl CallLog {
     fn new(method: &'static str, blog: &str, items: usize) -> Self {
-        CallLog {
-            method,
-            blog: blog.to_owned(),
-            items,
-            start: Instant::now(),
-        }
+        CallLog { method, blog: blog.to_owned(), items, start: Instant::now() }
     }
 
     fn done<T>(self, r: Result<T, Status>) -> Result<T, Status> {
@@ -81,13 +76,7 @@ fn code_name(c: tonic::Code) -> &'static str {
 }
 
 fn asset(a: AssetInfo) -> pb::Asset {
-    pb::Asset {
-        hash: a.hash.to_hex(),
-        url: a.url,
-        size: a.size,
-        content_type: a.content_type,
-        filename: a.filename,
-    }
+    pb::Asset { hash: a.hash.to_hex(), url: a.url, size: a.size, content_type: a.content_type, filename: a.filename }
 }
 
 pub struct ResolverService {
@@ -102,48 +91,37 @@ impl pb::resolver_server::Resolver for ResolverService {
     ) -> Result<Response<pb::ResolveBatchResponse>, Status> {
         let req = req.into_inner();
         let log = CallLog::new("ResolveBatch", &req.blog_id, req.paths.len());
-        let r = self
-            .catalog
-            .resolve_batch(&req.blog_id, &req.paths)
-            .map_err(Status::from)
-            .map(|items| {
-                let assets = items
-                    .into_iter()
-                    .map(|r| pb::ResolvedAsset {
-                        url: r.url,
-                        status: match r.status {
-                            ResolveStatus::Ok => pb::ResolveStatus::Ok,
-                            ResolveStatus::UnknownBlog => pb::ResolveStatus::UnknownBlog,
-                            ResolveStatus::InvalidPath => pb::ResolveStatus::InvalidPath,
-                        } as i32,
-                        cache_id: r.cache_id,
-                        content_hash: r.content_hash.map(|h| h.to_hex()).unwrap_or_default(),
-                    })
-                    .collect();
-                Response::new(pb::ResolveBatchResponse { assets })
-            });
+        let r = self.catalog.resolve_batch(&req.blog_id, &req.paths).map_err(Status::from).map(|items| {
+            let assets = items
+                .into_iter()
+                .map(|r| pb::ResolvedAsset {
+                    url: r.url,
+                    status: match r.status {
+                        ResolveStatus::Ok => pb::ResolveStatus::Ok,
+                        ResolveStatus::UnknownBlog => pb::ResolveStatus::UnknownBlog,
+                        ResolveStatus::InvalidPath => pb::ResolveStatus::InvalidPath,
+                    } as i32,
+                    cache_id: r.cache_id,
+                    content_hash: r.content_hash.map(|h| h.to_hex()).unwrap_or_default(),
+                })
+                .collect();
+            Response::new(pb::ResolveBatchResponse { assets })
+        });
         log.done(r)
     }
 
-    async fn get_blog(
-        &self,
-        req: Request<pb::GetBlogRequest>,
-    ) -> Result<Response<pb::Blog>, Status> {
+    async fn get_blog(&self, req: Request<pb::GetBlogRequest>) -> Result<Response<pb::Blog>, Status> {
         let req = req.into_inner();
         let log = CallLog::new("GetBlog", &req.blog_id, 1);
-        let r = self
-            .catalog
-            .get_blog(&req.blog_id)
-            .map_err(Status::from)
-            .map(|b| {
-                Response::new(pb::Blog {
-                    blog_id: b.blog_id.to_string(),
-                    cache_id: b.floor,
-                    domains: b.domains,
-                    path_count: b.path_count,
-                    asset_count: b.asset_count,
-                })
-            });
+        let r = self.catalog.get_blog(&req.blog_id).map_err(Status::from).map(|b| {
+            Response::new(pb::Blog {
+                blog_id: b.blog_id.to_string(),
+                cache_id: b.floor,
+                domains: b.domains,
+                path_count: b.path_count,
+                asset_count: b.asset_count,
+            })
+        });
         log.done(r)
     }
 
@@ -157,11 +135,7 @@ impl pb::resolver_server::Resolver for ResolverService {
             .catalog
             .lookup_domain(&req.domain)
             .map_err(Status::from)
-            .map(|b| {
-                Response::new(pb::LookupDomainResponse {
-                    blog_id: b.to_string(),
-                })
-            });
+            .map(|b| Response::new(pb::LookupDomainResponse { blog_id: b.to_string() }));
         log.done(r)
     }
 }
@@ -187,40 +161,20 @@ impl pb::publisher_server::Publisher for PublisherService {
         log.done(r)
     }
 
-    async fn put_asset(
-        &self,
-        req: Request<Streaming<pb::PutAssetChunk>>,
-    ) -> Result<Response<pb::Asset>, Status> {
+    async fn put_asset(&self, req: Request<Streaming<pb::PutAssetChunk>>) -> Result<Response<pb::Asset>, Status> {
         use pb::put_asset_chunk::Chunk;
         let mut stream = req.into_inner();
         let header = match stream.next().await {
-            Some(Ok(pb::PutAssetChunk {
-                chunk: Some(Chunk::Header(h)),
-            })) => h,
-            Some(Ok(_)) => {
-                return Err(Status::invalid_argument(
-                    "the first PutAssetChunk must be a header",
-                ))
-            }
+            Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Header(h)) })) => h,
+            Some(Ok(_)) => return Err(Status::invalid_argument("the first PutAssetChunk must be a header")),
             Some(Err(s)) => return Err(s),
-            None => {
-                return Err(Status::invalid_argument(
-                    "empty PutAsset stream: expected a header",
-                ))
-            }
+            None => return Err(Status::invalid_argument("empty PutAsset stream: expected a header")),
         };
         let log = CallLog::new("PutAsset", &header.blog_id, 1);
         let data = stream.map(|m| match m {
-            Ok(pb::PutAssetChunk {
-                chunk: Some(Chunk::Data(d)),
-            }) => Ok(d),
-            Ok(_) => Err(CatalogError::BadRequest(
-                "only the first PutAssetChunk may be a header".into(),
-            )),
-            Err(s) => Err(CatalogError::BadRequest(format!(
-                "upload broke off: {}",
-                s.message()
-            ))),
+            Ok(pb::PutAssetChunk { chunk: Some(Chunk::Data(d)) }) => Ok(d),
+            Ok(_) => Err(CatalogError::BadRequest("only the first PutAssetChunk may be a header".into())),
+            Err(s) => Err(CatalogError::BadRequest(format!("upload broke off: {}", s.message()))),
         });
         let header = PutHeader {
             blog_id: header.blog_id,
@@ -228,19 +182,11 @@ impl pb::publisher_server::Publisher for PublisherService {
             content_type: header.content_type,
             path: header.path,
         };
-        let r = self
-            .catalog
-            .put_asset(header, data)
-            .await
-            .map_err(Status::from)
-            .map(|a| Response::new(asset(a)));
+        let r = self.catalog.put_asset(header, data).await.map_err(Status::from).map(|a| Response::new(asset(a)));
         log.done(r)
     }
 
-    async fn import_file(
-        &self,
-        req: Request<pb::ImportFileRequest>,
-    ) -> Result<Response<pb::Asset>, Status> {
+    async fn import_file(&self, req: Request<pb::ImportFileRequest>) -> Result<Response<pb::Asset>, Status> {
         let req = req.into_inner();
         let log = CallLog::new("ImportFile", &req.blog_id, 1);
         let r = self
@@ -252,10 +198,7 @@ impl pb::publisher_server::Publisher for PublisherService {
         log.done(r)
     }
 
-    async fn set_domain(
-        &self,
-        req: Request<pb::SetDomainRequest>,
-    ) -> Result<Response<pb::SetDomainResponse>, Status> {
+    async fn set_domain(&self, req: Request<pb::SetDomainRequest>) -> Result<Response<pb::SetDomainResponse>, Status> {
         let req = req.into_inner();
         let log = CallLog::new("SetDomain", &req.blog_id, 1);
         let r = self
@@ -333,10 +276,7 @@ pub struct AuthLayer {
 impl<S> tower::Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            tokens: self.tokens.clone(),
-        }
+        Auth { inner, tokens: self.tokens.clone() }
     }
 }
 
@@ -356,10 +296,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures_util::future::Either<
-        std::future::Ready<Result<http::Response<R>, S::Error>>,
-        S::Future,
-    >;
+    type Future = futures_util::future::Either<std::future::Ready<Result<http::Response<R>, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -374,22 +311,15 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim);
-            let ok =
-                given.is_some_and(|g| allowed.iter().any(|t| token_eq(t.as_bytes(), g.as_bytes())));
+            let ok = given.is_some_and(|g| allowed.iter().any(|t| token_eq(t.as_bytes(), g.as_bytes())));
             if !ok {
                 let msg = if given.is_none() {
                     "missing bearer token: send `authorization: Bearer <token>` metadata"
                 } else {
                     "wrong bearer token for this service"
                 };
-                tracing::info!(
-                    path = req.uri().path(),
-                    outcome = "unauthenticated",
-                    "call refused"
-                );
-                return Either::Left(std::future::ready(Ok(
-                    Status::unauthenticated(msg).into_http()
-                )));
+                tracing::info!(path = req.uri().path(), outcome = "unauthenticated", "call refused");
+                return Either::Left(std::future::ready(Ok(Status::unauthenticated(msg).into_http())));
             }
         }
         Either::Right(self.inner.call(req))
@@ -430,10 +360,7 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         if req.uri().path() == "/blotcdn.v1.Publisher/PutAsset" {
             let (parts, body) = req.into_parts();
-            return self.inner.call(http::Request::from_parts(
-                parts,
-                tonic::body::Body::new(NoSilentCancel(body)),
-            ));
+            return self.inner.call(http::Request::from_parts(parts, tonic::body::Body::new(NoSilentCancel(body))));
         }
         self.inner.call(req)
     }
@@ -455,9 +382,7 @@ impl http_body::Body for NoSilentCancel {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, UploadBroken>>> {
-        std::pin::Pin::new(&mut self.0)
-            .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(|e| UploadBroken(e.to_string()))))
+        std::pin::Pin::new(&mut self.0).poll_frame(cx).map(|f| f.map(|r| r.map_err(|e| UploadBroken(e.to_string()))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -18,6 +18,5 @@ pub mod proto {
     tonic::include_proto!("blotcdn.v1");
 
     /// The encoded descriptor set, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/blotcdn_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blotcdn_descriptor.bin"));
 }

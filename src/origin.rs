@@ -45,25 +45,18 @@ const NO_STORE: &str = "no-store";
 const SMALL_FILE: u64 = 256 * 1024;
 
 fn empty() -> Body {
-    Empty::new()
-        .map_err(|e: Infallible| match e {})
-        .boxed_unsync()
+    Empty::new().map_err(|e: Infallible| match e {}).boxed_unsync()
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into())
-        .map_err(|e: Infallible| match e {})
-        .boxed_unsync()
+    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed_unsync()
 }
 
 fn plain(status: StatusCode, cache: &'static str, text: &'static str) -> Response<Body> {
     let mut r = Response::new(full(text));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     r
 }
@@ -103,11 +96,7 @@ impl Origin {
 
     /// Accepts HTTP/1.1 connections until `stop` turns true, then lets open
     /// requests finish.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(hyper_util::rt::TokioTimer::new());
@@ -146,13 +135,8 @@ impl Origin {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let head = req.method() == Method::HEAD;
         if req.method() != Method::GET && !head {
-            let mut r = plain(
-                StatusCode::METHOD_NOT_ALLOWED,
-                NO_STORE,
-                "only GET and HEAD\n",
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return r;
         }
         let mut resp = self.route(&req).await;
@@ -210,11 +194,7 @@ impl Origin {
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .find(|(k, _)| *k == "domain")
-            .map(|(_, v)| {
-                percent_encoding::percent_decode_str(v)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            });
+            .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned());
         let Some(domain) = domain else {
             return plain(StatusCode::BAD_REQUEST, NO_STORE, "missing ?domain=\n");
         };
@@ -227,19 +207,9 @@ impl Origin {
         }
     }
 
-    async fn versioned(
-        &self,
-        req: &Request<Incoming>,
-        blog: &BlogId,
-        id: CacheId,
-        path: &BlogPath,
-    ) -> Response<Body> {
+    async fn versioned(&self, req: &Request<Incoming>, blog: &BlogId, id: CacheId, path: &BlogPath) -> Response<Body> {
         // Metadata first: an unknown blog or a version from the future costs no disk read.
-        let Some(version) = self
-            .catalog
-            .store()
-            .path_version(blog.as_str(), path.as_str())
-        else {
+        let Some(version) = self.catalog.store().path_version(blog.as_str(), path.as_str()) else {
             return plain(StatusCode::NOT_FOUND, NO_STORE, "unknown blog\n");
         };
         if id > version {
@@ -256,20 +226,11 @@ impl Origin {
         }
     }
 
-    async fn unversioned(
-        &self,
-        req: &Request<Incoming>,
-        blog: &BlogId,
-        path: &BlogPath,
-    ) -> Response<Body> {
+    async fn unversioned(&self, req: &Request<Incoming>, blog: &BlogId, path: &BlogPath) -> Response<Body> {
         if path.is_hidden() {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
-        let version = self
-            .catalog
-            .store()
-            .path_version(blog.as_str(), path.as_str())
-            .unwrap_or(0);
+        let version = self.catalog.store().path_version(blog.as_str(), path.as_str()).unwrap_or(0);
         match self.blog_file(blog, path, version, SHORT).await {
             Ok(Some(answer)) => respond(req, answer),
             Ok(None) => self.fallback(req, Some((blog, path))).await,
@@ -290,8 +251,8 @@ impl Origin {
             return Ok(Some(hot.answer(cache, blog_hv)));
         }
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
-        let opened = tokio::task::spawn_blocking(
-            move || -> Result<(std::fs::File, Metadata, Option<Bytes>), OpenError> {
+        let opened =
+            tokio::task::spawn_blocking(move || -> Result<(std::fs::File, Metadata, Option<Bytes>), OpenError> {
                 let (mut f, meta) = cat.blogs_dir().open(&b, &p)?;
                 let small = if meta.len() <= SMALL_FILE {
                     let mut buf = Vec::with_capacity(meta.len() as usize);
@@ -301,16 +262,9 @@ impl Origin {
                     None
                 };
                 Ok((f, meta, small))
-            },
-        )
-        .await
-        .map_err(|_| {
-            plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                NO_STORE,
-                "internal error\n",
-            )
-        })?;
+            })
+            .await
+            .map_err(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"))?;
         let (file, meta, small) = match opened {
             Ok(x) => x,
             Err(OpenError::NotFound) => return Ok(None),
@@ -320,11 +274,7 @@ impl Origin {
             }
             Err(OpenError::Io(e)) => {
                 tracing::error!(blog = %blog, path = %path, error = %e, "read failed");
-                return Err(plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    NO_STORE,
-                    "internal error\n",
-                ));
+                return Err(plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"));
             }
         };
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -335,21 +285,14 @@ impl Origin {
             // The file may have grown between stat and read: what was read is the answer.
             Some(bytes) if bytes.len() as u64 <= SMALL_FILE => {
                 let hot = Arc::new(hot.with_bytes(bytes));
-                self.hot
-                    .insert(blog.as_str(), path.as_str(), version, hot.clone());
+                self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
                 Ok(Some(hot.answer(cache, blog_hv)))
             }
             _ => Ok(Some(hot.streaming(file, meta.len(), cache, blog_hv))),
         }
     }
 
-    async fn asset(
-        &self,
-        req: &Request<Incoming>,
-        blog: &BlogId,
-        hash: &str,
-        rest: &[&str],
-    ) -> Response<Body> {
+    async fn asset(&self, req: &Request<Incoming>, blog: &BlogId, hash: &str, rest: &[&str]) -> Response<Body> {
         let not_found = || plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         let (Ok(hash), [name]) = (ContentHash::parse(hash), rest) else {
             return not_found();
@@ -386,11 +329,7 @@ impl Origin {
         respond(req, answer)
     }
 
-    async fn fallback(
-        &self,
-        req: &Request<Incoming>,
-        blog_file: Option<(&BlogId, &BlogPath)>,
-    ) -> Response<Body> {
+    async fn fallback(&self, req: &Request<Incoming>, blog_file: Option<(&BlogId, &BlogPath)>) -> Response<Body> {
         let target = match blog_file {
             // A versioned URL's file is looked for under its unversioned name.
             Some((b, p)) => {
@@ -401,18 +340,8 @@ impl Origin {
             None => req.uri().path().to_owned(),
         };
         let dirs = self.catalog.blogs_dir();
-        let backfill =
-            blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), dirs.file_path(b.as_str(), p)));
-        match self
-            .fallback
-            .fetch(
-                req.method(),
-                &target,
-                backfill,
-                blog_file.map(|(b, _)| b.as_str()),
-            )
-            .await
-        {
+        let backfill = blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), dirs.file_path(b.as_str(), p)));
+        match self.fallback.fetch(req.method(), &target, backfill, blog_file.map(|(b, _)| b.as_str())).await {
             Some(resp) => resp,
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
         }
@@ -422,8 +351,7 @@ impl Origin {
 fn content_type(name: &str) -> HeaderValue {
     let mime = mime_guess::from_path(name).first_or_octet_stream();
     let s = mime.essence_str();
-    let needs_charset =
-        s.starts_with("text/") || s == "application/javascript" || s == "application/json";
+    let needs_charset = s.starts_with("text/") || s == "application/javascript" || s == "application/json";
     if needs_charset {
         HeaderValue::from_str(&format!("{s}; charset=utf-8")).expect("mime is header-safe")
     } else {
@@ -433,21 +361,13 @@ fn content_type(name: &str) -> HeaderValue {
 
 /// Fonts are the one kind browsers refuse cross-origin without CORS.
 fn cors_for(name: &str) -> bool {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
     matches!(ext.as_str(), "woff" | "woff2" | "ttf" | "otf" | "eot")
 }
 
 fn file_etag(meta: &Metadata) -> HeaderValue {
     use std::os::unix::fs::MetadataExt;
-    let s = format!(
-        "\"{:x}-{:x}-{:x}\"",
-        meta.len(),
-        meta.mtime(),
-        meta.mtime_nsec()
-    );
+    let s = format!("\"{:x}-{:x}-{:x}\"", meta.len(), meta.mtime(), meta.mtime_nsec());
     HeaderValue::from_str(&s).expect("hex is header-safe")
 }
 
@@ -467,10 +387,7 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
         out.insert("surrogate-key", a.blog.clone());
         out.insert("cache-tag", a.blog.clone());
         if a.cors {
-            out.insert(
-                header::ACCESS_CONTROL_ALLOW_ORIGIN,
-                HeaderValue::from_static("*"),
-            );
+            out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
         }
     }
     if not_modified(h, &a) {
@@ -489,35 +406,24 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
         RangeAnswer::Part(s, e) => {
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             let cr = format!("bytes {s}-{e}/{}", a.len);
-            r.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&cr).expect("digits"),
-            );
+            r.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).expect("digits"));
             (s, e - s + 1)
         }
         RangeAnswer::Unsatisfiable => {
             *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
             let cr = format!("bytes */{}", a.len);
             let out = r.headers_mut();
-            out.insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&cr).expect("digits"),
-            );
+            out.insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).expect("digits"));
             out.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             return r;
         }
     };
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     *r.body_mut() = match a.source {
         Source::Bytes(b) => full(b.slice(start as usize..(start + len) as usize)),
         Source::File(mut f) => {
             if start > 0 && f.seek(SeekFrom::Start(start)).is_err() {
-                return plain(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    NO_STORE,
-                    "internal error\n",
-                );
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n");
             }
             let reader = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(f), len);
             let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
@@ -531,21 +437,11 @@ fn not_modified(h: &HeaderMap, a: &FileAnswer) -> bool {
     if let Some(inm) = h.get(header::IF_NONE_MATCH) {
         let Ok(s) = inm.to_str() else { return false };
         let ours = a.etag.to_str().unwrap_or("");
-        return s
-            .split(',')
-            .map(str::trim)
-            .any(|t| t == "*" || t.trim_start_matches("W/") == ours);
+        return s.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == ours);
     }
-    if let Some(ims) = h
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(ims) = h.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
         if let Ok(since) = httpdate::parse_http_date(ims) {
-            let secs = |t: SystemTime| {
-                t.duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            };
+            let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             return secs(a.modified) <= secs(since);
         }
     }
@@ -571,10 +467,7 @@ enum RangeAnswer {
 /// One `bytes=` range. Several ranges, or a malformed header, get the whole
 /// file (a server may ignore Range); a range past the end gets 416.
 fn parse_range(v: &[u8], len: u64) -> RangeAnswer {
-    let Some(spec) = std::str::from_utf8(v)
-        .ok()
-        .and_then(|s| s.trim().strip_prefix("bytes="))
-    else {
+    let Some(spec) = std::str::from_utf8(v).ok().and_then(|s| s.trim().strip_prefix("bytes=")) else {
         return RangeAnswer::Whole;
     };
     if spec.contains(',') {
@@ -627,18 +520,12 @@ mod tests {
         assert_eq!(parse_range(b"bytes=90-", 100), RangeAnswer::Part(90, 99));
         assert_eq!(parse_range(b"bytes=-10", 100), RangeAnswer::Part(90, 99));
         assert_eq!(parse_range(b"bytes=-1000", 100), RangeAnswer::Part(0, 99));
-        assert_eq!(
-            parse_range(b"bytes=50-5000", 100),
-            RangeAnswer::Part(50, 99)
-        );
+        assert_eq!(parse_range(b"bytes=50-5000", 100), RangeAnswer::Part(50, 99));
         assert_eq!(parse_range(b"bytes=100-", 100), RangeAnswer::Unsatisfiable);
         assert_eq!(parse_range(b"bytes=-0", 100), RangeAnswer::Unsatisfiable);
         assert_eq!(parse_range(b"bytes=0-1,5-6", 100), RangeAnswer::Whole);
         assert_eq!(parse_range(b"bytes=9-1", 100), RangeAnswer::Whole);
         assert_eq!(parse_range(b"items=0-1", 100), RangeAnswer::Whole);
-        assert_eq!(
-            parse_range(b"bytes=99999999999999999999-", 100),
-            RangeAnswer::Whole
-        );
+        assert_eq!(parse_range(b"bytes=99999999999999999999-", 100), RangeAnswer::Whole);
     }
 }

@@ -4,11 +4,12 @@
 //! the embedded sled store.
 //!
 //! Contract every implementation keeps:
-//! - reads (`resolve`, `path_entry`, `asset_ref`, `blog`, `lookup_domain`)
+//! - reads (`resolve`, `path_version`, `asset_ref`, `blog`, `lookup_domain`)
 //!   answer from memory: no I/O, no lock held for longer than the look-ups, so
-//!   they may run on async workers;
-//! - writes block until durable and must run off the async workers
-//!   (`spawn_blocking`); concurrent writes share one flush.
+//!   they run on async workers;
+//! - writes are handed over and answered through a [`Pending`] once durable;
+//!   concurrent writes share one flush; a reader never sees a write before it
+//!   is durable.
 //!
 //! It must not know about URLs, HTTP, gRPC or the CAS's files.
 
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 pub mod sled_store;
+pub mod wal;
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +41,7 @@ pub enum Resolution {
     /// A versioned URL at this cache id (`max(floor, path version)`).
     Versioned(CacheId),
     /// A permanent URL.
-    Permanent {
-        hash: ContentHash,
-        filename: Arc<str>,
-    },
+    Permanent { hash: ContentHash, filename: Arc<str> },
 }
 
 /// A permanent asset a blog references.
@@ -70,6 +69,22 @@ pub struct BlogInfo {
     pub asset_count: u64,
 }
 
+/// A write handed to the store, answered once it is durable.
+#[must_use = "a write is only durable once its Pending is waited on"]
+pub struct Pending<T>(pub(crate) tokio::sync::oneshot::Receiver<Result<T, StoreError>>);
+
+impl<T> Pending<T> {
+    /// Waits on an async task (never blocks a worker thread).
+    pub async fn done(self) -> Result<T, StoreError> {
+        self.0.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits on a blocking thread (CLI, fsck, the blocking pool).
+    pub fn blocking(self) -> Result<T, StoreError> {
+        self.0.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Resolutions for already-validated paths, in order; `None` for an
     /// unknown blog. Memory only.
@@ -83,30 +98,30 @@ pub trait Store: Send + Sync + 'static {
     fn lookup_domain(&self, domain: &str) -> Option<BlogId>;
     /// Every hash some blog references (for fsck).
     fn referenced_hashes(&self) -> Vec<ContentHash>;
+    /// True if a blog references the blob, or a reference to it is on its
+    /// way to disk (so the blob must not be collected).
     fn is_referenced(&self, hash: &ContentHash) -> bool;
 
     /// Raises the floor (no paths) or the named paths' versions; a named path
     /// loses its binding to a permanent asset (its bytes changed). Creates an
-    /// unknown blog. Durable on return.
-    fn invalidate(&self, blog: &BlogId, paths: &[BlogPath]) -> Result<CacheId, StoreError>;
+    /// unknown blog.
+    fn invalidate(&self, blog: BlogId, paths: Vec<BlogPath>) -> Pending<CacheId>;
     /// Records that `blog` references the blob, and binds `path` to it when
-    /// given. Creates an unknown blog. Durable on return.
-    fn bind_asset(
-        &self,
-        blog: &BlogId,
-        path: Option<&BlogPath>,
-        binding: &Binding,
-    ) -> Result<(), StoreError>;
-    fn set_domain(&self, domain: &Domain, blog: &BlogId) -> Result<(), StoreError>;
+    /// given. Creates an unknown blog. The reference counts for
+    /// [`Store::is_referenced`] from the moment this returns.
+    fn bind_asset(&self, blog: BlogId, path: Option<BlogPath>, binding: Binding) -> Pending<()>;
+    /// Maps a domain to a blog (creating the blog if unknown).
+    fn set_domain(&self, domain: Domain, blog: BlogId) -> Pending<()>;
     /// False when the domain was not mapped.
-    fn remove_domain(&self, domain: &Domain) -> Result<bool, StoreError>;
+    fn remove_domain(&self, domain: Domain) -> Pending<bool>;
     /// Removes everything of the blog; the hashes it referenced are recorded
-    /// as garbage candidates (durably, in the same flush) and returned.
-    /// `None` for an unknown blog.
-    fn delete_blog(&self, blog: &BlogId) -> Result<Option<Vec<ContentHash>>, StoreError>;
+    /// as garbage candidates in the same flush, and returned. `None` for an
+    /// unknown blog.
+    fn delete_blog(&self, blog: BlogId) -> Pending<Option<Vec<ContentHash>>>;
     /// Garbage candidates left by deletions, including ones a crash interrupted.
     fn gc_candidates(&self) -> Result<Vec<ContentHash>, StoreError>;
     /// Drops a garbage candidate once its blob is gone or found referenced.
-    fn gc_done(&self, hash: &ContentHash) -> Result<(), StoreError>;
-    fn flush(&self) -> Result<(), StoreError>;
+    fn gc_done(&self, hash: ContentHash) -> Pending<()>;
+    /// Durable once everything handed over before it is.
+    fn flush(&self) -> Pending<()>;
 }

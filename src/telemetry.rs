@@ -6,10 +6,7 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt::layer().with_target(false))
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(fmt::layer().with_target(false)).try_init();
 }
 
 /// For tests: logs only when `TEST_LOG` is set.

@@ -22,9 +22,7 @@ fn chunks(blog: &str, filename: &str, path: &str, data: &[u8]) -> Vec<pb::PutAss
         })),
     }];
     for c in data.chunks(7000) {
-        v.push(pb::PutAssetChunk {
-            chunk: Some(Chunk::Data(Bytes::copy_from_slice(c))),
-        });
+        v.push(pb::PutAssetChunk { chunk: Some(Chunk::Data(Bytes::copy_from_slice(c))) });
     }
     v
 }
@@ -36,12 +34,8 @@ async fn put(
     path: &str,
     data: &[u8],
 ) -> Result<pb::Asset, tonic::Status> {
-    let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{s_grpc}"))
-        .await
-        .unwrap();
-    c.put_asset(tokio_stream::iter(chunks(blog, filename, path, data)))
-        .await
-        .map(|r| r.into_inner())
+    let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{s_grpc}")).await.unwrap();
+    c.put_asset(tokio_stream::iter(chunks(blog, filename, path, data))).await.map(|r| r.into_inner())
 }
 
 /// Blobs in the CAS (temporary files excluded).
@@ -63,18 +57,14 @@ fn blobs(data_dir: &Path) -> Vec<String> {
 }
 
 fn tmp_files(data_dir: &Path) -> usize {
-    std::fs::read_dir(data_dir.join("cas/tmp"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(data_dir.join("cas/tmp")).map(|d| d.count()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
     let s = Server::start().await;
     let bytes: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let a1 = put(s.grpc, "blogA", "thumb.png", "/thumbs/1.png", &bytes)
-        .await
-        .unwrap();
+    let a1 = put(s.grpc, "blogA", "thumb.png", "/thumbs/1.png", &bytes).await.unwrap();
     let a2 = put(s.grpc, "blogA", "thumb.png", "", &bytes).await.unwrap();
     let b1 = put(s.grpc, "blogB", "other.png", "", &bytes).await.unwrap();
     let expected = blake3::hash(&bytes).to_hex()[..32].to_string();
@@ -83,10 +73,7 @@ async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
         (expected.as_str(), expected.as_str(), expected.as_str())
     );
     assert_eq!(a1.url, a2.url);
-    assert_eq!(
-        a1.url,
-        format!("http://{}/blogA/_assets/{expected}/thumb.png", s.http)
-    );
+    assert_eq!(a1.url, format!("http://{}/blogA/_assets/{expected}/thumb.png", s.http));
     assert_eq!((a1.size, a1.content_type.as_str()), (50_000, "image/png"));
     assert_eq!(blobs(s.dir.path()), vec![expected.clone()], "stored once");
 
@@ -104,50 +91,28 @@ async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
     assert_eq!(res.assets[0].content_hash, expected);
     assert_eq!(res.assets[0].cache_id, 0);
     assert!(res.assets[1].content_hash.is_empty() && res.assets[1].cache_id > 0);
-    let blog = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "blogA".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let blog = r.get_blog(pb::GetBlogRequest { blog_id: "blogA".into() }).await.unwrap().into_inner();
     assert_eq!(blog.asset_count, 1);
 
     // Served from the CAS, immutable, to the blogs that reference it only.
     let resp = get(s.http, &path_of(&a1.url), &[]);
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, bytes);
-    assert_eq!(
-        resp.header("cache-control"),
-        Some("public, max-age=31536000, immutable")
-    );
+    assert_eq!(resp.header("cache-control"), Some("public, max-age=31536000, immutable"));
     assert_eq!(resp.header("content-type"), Some("image/png"));
-    assert_eq!(
-        resp.header("etag"),
-        Some(format!("\"{expected}\"").as_str())
-    );
+    assert_eq!(resp.header("etag"), Some(format!("\"{expected}\"").as_str()));
     let resp = get(s.http, &path_of(&a1.url), &[("Range", "bytes=10-19")]);
     assert_eq!((resp.status, resp.body.as_slice()), (206, &bytes[10..20]));
-    assert_eq!(
-        get(s.http, &format!("/blogB/_assets/{expected}/thumb.png"), &[]).status,
-        200
-    );
-    assert_eq!(
-        get(s.http, &format!("/blogC/_assets/{expected}/thumb.png"), &[]).status,
-        404
-    );
+    assert_eq!(get(s.http, &format!("/blogB/_assets/{expected}/thumb.png"), &[]).status, 200);
+    assert_eq!(get(s.http, &format!("/blogC/_assets/{expected}/thumb.png"), &[]).status, 404);
 
     // Bad headers are refused by name.
-    let e = put(s.grpc, "blogA", "../x.png", "", b"x")
-        .await
-        .unwrap_err();
+    let e = put(s.grpc, "blogA", "../x.png", "", b"x").await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("filename"), "{}", e.message());
     let mut c = s.publisher().await;
     let e = c
-        .put_asset(tokio_stream::iter(vec![pb::PutAssetChunk {
-            chunk: Some(Chunk::Data(Bytes::from_static(b"x"))),
-        }]))
+        .put_asset(tokio_stream::iter(vec![pb::PutAssetChunk { chunk: Some(Chunk::Data(Bytes::from_static(b"x"))) }]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -158,23 +123,16 @@ async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_and_oversize_uploads_leave_nothing() {
     let s = Server::start_with(|p| p.max_asset_bytes = Some(10_000)).await;
-    let e = put(s.grpc, "big", "big.bin", "/big.bin", &vec![1u8; 20_000])
-        .await
-        .unwrap_err();
+    let e = put(s.grpc, "big", "big.bin", "/big.bin", &vec![1u8; 20_000]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("max_asset_bytes"), "{}", e.message());
 
     // A client that sends part of a file and then goes away.
     let grpc = s.grpc;
     let task = tokio::spawn(async move {
-        let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
+        let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
         let first = chunks("cut", "cut.bin", "/cut.bin", &[7u8; 5000]);
-        let stream = tokio_stream::StreamExt::chain(
-            tokio_stream::iter(first),
-            futures_util::stream::pending(),
-        );
+        let stream = tokio_stream::StreamExt::chain(tokio_stream::iter(first), futures_util::stream::pending());
         let _ = c.put_asset(stream).await;
     });
     // Wait until the server has started writing it, then cut the connection.
@@ -194,19 +152,10 @@ async fn broken_and_oversize_uploads_leave_nothing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(left, 0, "temporary files left behind");
-    assert!(
-        blobs(s.dir.path()).is_empty(),
-        "no blob stored: {:?}",
-        blobs(s.dir.path())
-    );
+    assert!(blobs(s.dir.path()).is_empty(), "no blob stored: {:?}", blobs(s.dir.path()));
     let mut r = s.resolver().await;
     for blog in ["big", "cut"] {
-        let e = r
-            .get_blog(pb::GetBlogRequest {
-                blog_id: blog.into(),
-            })
-            .await
-            .unwrap_err();
+        let e = r.get_blog(pb::GetBlogRequest { blog_id: blog.into() }).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "no metadata for {blog}");
     }
     s.stop().await;
@@ -218,10 +167,7 @@ async fn import_binds_paths_and_changes_url_with_content() {
     s.write("imp", "/templates/foo/logo.svg", b"<svg>one</svg>");
     let mut p = s.publisher().await;
     let import = |p: &mut pb::publisher_client::PublisherClient<_>| {
-        let req = pb::ImportFileRequest {
-            blog_id: "imp".into(),
-            path: "/templates/foo/logo.svg".into(),
-        };
+        let req = pb::ImportFileRequest { blog_id: "imp".into(), path: "/templates/foo/logo.svg".into() };
         let mut p: pb::publisher_client::PublisherClient<tonic::transport::Channel> = p.clone();
         async move { p.import_file(req).await.map(|r| r.into_inner()) }
     };
@@ -229,10 +175,7 @@ async fn import_binds_paths_and_changes_url_with_content() {
     let again = import(&mut p).await.unwrap();
     assert_eq!(first.url, again.url, "same bytes, same URL");
     assert_eq!(first.content_type, "image/svg+xml");
-    assert_eq!(
-        get(s.http, &path_of(&first.url), &[]).body,
-        b"<svg>one</svg>"
-    );
+    assert_eq!(get(s.http, &path_of(&first.url), &[]).body, b"<svg>one</svg>");
 
     // The file changes on disk (a sync writes a new file and renames it in).
     let dir = s.blogs_dir().join("imp/templates/foo");
@@ -240,21 +183,12 @@ async fn import_binds_paths_and_changes_url_with_content() {
     std::fs::rename(dir.join(".tmp"), dir.join("logo.svg")).unwrap();
     let second = import(&mut p).await.unwrap();
     assert_ne!(second.url, first.url);
-    assert_eq!(
-        get(s.http, &path_of(&second.url), &[]).body,
-        b"<svg>two</svg>"
-    );
+    assert_eq!(get(s.http, &path_of(&second.url), &[]).body, b"<svg>two</svg>");
     // The first URL is permanent: it still serves the first bytes.
-    assert_eq!(
-        get(s.http, &path_of(&first.url), &[]).body,
-        b"<svg>one</svg>"
-    );
+    assert_eq!(get(s.http, &path_of(&first.url), &[]).body, b"<svg>one</svg>");
     let mut r = s.resolver().await;
     let res = r
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: "imp".into(),
-            paths: vec!["/templates/foo/logo.svg".into()],
-        })
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "imp".into(), paths: vec!["/templates/foo/logo.svg".into()] })
         .await
         .unwrap()
         .into_inner();
@@ -262,19 +196,13 @@ async fn import_binds_paths_and_changes_url_with_content() {
 
     // Invalidating the path (its bytes changed again) unbinds it: versioned again.
     let id = p
-        .invalidate(pb::InvalidateRequest {
-            blog_id: "imp".into(),
-            paths: vec!["/templates/foo/logo.svg".into()],
-        })
+        .invalidate(pb::InvalidateRequest { blog_id: "imp".into(), paths: vec!["/templates/foo/logo.svg".into()] })
         .await
         .unwrap()
         .into_inner()
         .cache_id;
     let res = r
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: "imp".into(),
-            paths: vec!["/templates/foo/logo.svg".into()],
-        })
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "imp".into(), paths: vec!["/templates/foo/logo.svg".into()] })
         .await
         .unwrap()
         .into_inner();
@@ -282,23 +210,11 @@ async fn import_binds_paths_and_changes_url_with_content() {
     assert!(res.assets[0].content_hash.is_empty());
 
     // Errors name what was wrong.
-    let e = p
-        .import_file(pb::ImportFileRequest {
-            blog_id: "imp".into(),
-            path: "/nope.css".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = p.import_file(pb::ImportFileRequest { blog_id: "imp".into(), path: "/nope.css".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("/nope.css"), "{}", e.message());
     std::os::unix::fs::symlink("/etc/passwd", s.blogs_dir().join("imp/passwd")).unwrap();
-    let e = p
-        .import_file(pb::ImportFileRequest {
-            blog_id: "imp".into(),
-            path: "/passwd".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = p.import_file(pb::ImportFileRequest { blog_id: "imp".into(), path: "/passwd".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("outside"), "{}", e.message());
     s.stop().await;
@@ -307,74 +223,31 @@ async fn import_binds_paths_and_changes_url_with_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_one_blog_keeps_shared_bytes_for_the_other() {
     let s = Server::start().await;
-    let shared = put(s.grpc, "one", "s.png", "/s.png", b"shared bytes")
-        .await
-        .unwrap();
-    let only = put(s.grpc, "one", "o.png", "/o.png", b"only in one")
-        .await
-        .unwrap();
-    let two = put(s.grpc, "two", "s.png", "", b"shared bytes")
-        .await
-        .unwrap();
+    let shared = put(s.grpc, "one", "s.png", "/s.png", b"shared bytes").await.unwrap();
+    let only = put(s.grpc, "one", "o.png", "/o.png", b"only in one").await.unwrap();
+    let two = put(s.grpc, "two", "s.png", "", b"shared bytes").await.unwrap();
     let mut p = s.publisher().await;
-    p.set_domain(pb::SetDomainRequest {
-        domain: "one.example".into(),
-        blog_id: "one".into(),
-    })
-    .await
-    .unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "one.example".into(), blog_id: "one".into() }).await.unwrap();
     s.write("one", "/style.css", b"x");
     let id = p
-        .invalidate(pb::InvalidateRequest {
-            blog_id: "one".into(),
-            paths: vec![],
-        })
+        .invalidate(pb::InvalidateRequest { blog_id: "one".into(), paths: vec![] })
         .await
         .unwrap()
         .into_inner()
         .cache_id;
     assert_eq!(blobs(s.dir.path()).len(), 2);
 
-    p.delete_blog(pb::DeleteBlogRequest {
-        blog_id: "one".into(),
-    })
-    .await
-    .unwrap();
+    p.delete_blog(pb::DeleteBlogRequest { blog_id: "one".into() }).await.unwrap();
     assert_eq!(get(s.http, &path_of(&shared.url), &[]).status, 404);
     assert_eq!(get(s.http, &path_of(&only.url), &[]).status, 404);
-    assert_eq!(
-        get(s.http, &format!("/one/{id}/style.css"), &[]).status,
-        404
-    );
+    assert_eq!(get(s.http, &format!("/one/{id}/style.css"), &[]).status, 404);
     assert_eq!(get(s.http, &path_of(&two.url), &[]).body, b"shared bytes");
-    assert_eq!(
-        blobs(s.dir.path()),
-        vec![two.hash.clone()],
-        "the unshared blob is gone"
-    );
+    assert_eq!(blobs(s.dir.path()), vec![two.hash.clone()], "the unshared blob is gone");
     let mut r = s.resolver().await;
-    assert_eq!(
-        r.get_blog(pb::GetBlogRequest {
-            blog_id: "one".into()
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        Code::NotFound
-    );
-    let e = r
-        .lookup_domain(pb::LookupDomainRequest {
-            domain: "one.example".into(),
-        })
-        .await
-        .unwrap_err();
+    assert_eq!(r.get_blog(pb::GetBlogRequest { blog_id: "one".into() }).await.unwrap_err().code(), Code::NotFound);
+    let e = r.lookup_domain(pb::LookupDomainRequest { domain: "one.example".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = p
-        .delete_blog(pb::DeleteBlogRequest {
-            blog_id: "one".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = p.delete_blog(pb::DeleteBlogRequest { blog_id: "one".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     s.stop().await;
 }
@@ -388,38 +261,15 @@ async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
         let mut keeper_urls = Vec::new();
         for i in 0..150u32 {
             let data = format!("blob {i} of round {round}");
-            put(
-                server.grpc,
-                "doomed",
-                &format!("f{i}.txt"),
-                "",
-                data.as_bytes(),
-            )
-            .await
-            .unwrap();
+            put(server.grpc, "doomed", &format!("f{i}.txt"), "", data.as_bytes()).await.unwrap();
             if i % 3 == 0 {
-                keeper_urls.push(
-                    put(
-                        server.grpc,
-                        "keeper",
-                        &format!("k{i}.txt"),
-                        "",
-                        data.as_bytes(),
-                    )
-                    .await
-                    .unwrap(),
-                );
+                keeper_urls.push(put(server.grpc, "keeper", &format!("k{i}.txt"), "", data.as_bytes()).await.unwrap());
             }
         }
         let grpc = server.grpc;
         let del = tokio::spawn(async move {
-            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}"))
-                .await
-                .unwrap();
-            c.delete_blog(pb::DeleteBlogRequest {
-                blog_id: "doomed".into(),
-            })
-            .await
+            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
+            c.delete_blog(pb::DeleteBlogRequest { blog_id: "doomed".into() }).await
         });
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         server.kill9();
@@ -430,14 +280,8 @@ async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
             let r = get(server.http, &path_of(&a.url), &[]);
             assert_eq!(r.status, 200, "round {round}: keeper lost {}", a.hash);
         }
-        let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc))
-            .await
-            .unwrap();
-        let doomed = r
-            .get_blog(pb::GetBlogRequest {
-                blog_id: "doomed".into(),
-            })
-            .await;
+        let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+        let doomed = r.get_blog(pb::GetBlogRequest { blog_id: "doomed".into() }).await;
         match doomed {
             Ok(b) => {
                 assert!(!acked, "round {round}: an acknowledged deletion came back");
@@ -457,27 +301,16 @@ async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsck_finds_and_quarantines_corrupt_blobs() {
     let s = Server::start().await;
-    let good = put(s.grpc, "f", "good.txt", "", b"good bytes")
-        .await
-        .unwrap();
+    let good = put(s.grpc, "f", "good.txt", "", b"good bytes").await.unwrap();
     let bad = put(s.grpc, "f", "bad.txt", "", b"bad bytes").await.unwrap();
-    let gone = put(s.grpc, "f", "gone.txt", "", b"gone bytes")
-        .await
-        .unwrap();
+    let gone = put(s.grpc, "f", "gone.txt", "", b"gone bytes").await.unwrap();
     let dir = s.stop().await;
     let blob = |h: &str| dir.path().join("cas").join(&h[0..2]).join(&h[2..4]).join(h);
     std::fs::write(blob(&bad.hash), b"flipped bits").unwrap();
     std::fs::remove_file(blob(&gone.hash)).unwrap();
 
-    let fsck = |extra: &[&str]| {
-        run(
-            Command::new(binary())
-                .args(["fsck", "--data-dir"])
-                .arg(dir.path())
-                .args(extra),
-            60,
-        )
-    };
+    let fsck =
+        |extra: &[&str]| run(Command::new(binary()).args(["fsck", "--data-dir"]).arg(dir.path()).args(extra), 60);
     let (code, out, err) = fsck(&[]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains(&format!("corrupt {}", bad.hash)), "{out}");
@@ -499,47 +332,25 @@ async fn cli_put_import_dir_and_delete() {
     let server = format!("http://{}", s.grpc);
     let cli = |args: &[&str]| {
         let mut c = Command::new(binary());
-        c.args(args)
-            .env("BLOTCDN_SERVER", &server)
-            .env("BLOTCDN_BLOGS_DIR", s.blogs_dir());
+        c.args(args).env("BLOTCDN_SERVER", &server).env("BLOTCDN_BLOGS_DIR", s.blogs_dir());
         run(&mut c, 60)
     };
     let f = s.dir.path().join("avatar.png");
     std::fs::write(&f, b"avatar bytes").unwrap();
-    let (code, out, err) = cli(&[
-        "put",
-        "--blog",
-        "cli",
-        f.to_str().unwrap(),
-        "--path",
-        "/avatars/me.png",
-    ]);
+    let (code, out, err) = cli(&["put", "--blog", "cli", f.to_str().unwrap(), "--path", "/avatars/me.png"]);
     assert_eq!(code, 0, "{err}");
     let url = out.split('\t').nth(1).unwrap().to_owned();
-    assert!(
-        url.contains("/cli/_assets/") && url.ends_with("/avatar.png"),
-        "{out}"
-    );
+    assert!(url.contains("/cli/_assets/") && url.ends_with("/avatar.png"), "{out}");
     assert_eq!(get(s.http, &path_of(&url), &[]).body, b"avatar bytes");
 
-    for (p, b) in [
-        ("/templates/t/style.css", "a"),
-        ("/templates/t/js/app.js", "b"),
-        ("/templates/t/.hidden", "c"),
-    ] {
+    for (p, b) in [("/templates/t/style.css", "a"), ("/templates/t/js/app.js", "b"), ("/templates/t/.hidden", "c")] {
         s.write("cli", p, b.as_bytes());
     }
     let (code, out, err) = cli(&["import", "--blog", "cli", "--dir", "/templates/t"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("imported 2 files"), "{out}");
     assert!(err.contains("2/2"), "progress bar: {err}");
-    let (code, out, _) = cli(&[
-        "resolve",
-        "--blog",
-        "cli",
-        "/templates/t/style.css",
-        "/templates/t/js/app.js",
-    ]);
+    let (code, out, _) = cli(&["resolve", "--blog", "cli", "/templates/t/style.css", "/templates/t/js/app.js"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("/_assets/").count(), 2, "{out}");
 
@@ -550,9 +361,6 @@ async fn cli_put_import_dir_and_delete() {
     assert_eq!((code, out.trim()), (0, "deleted cli"), "{err}");
     let (code, _, err) = cli(&["blog", "get", "cli"]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("NotFound") && err.contains("unknown blog cli"),
-        "{err}"
-    );
+    assert!(err.contains("NotFound") && err.contains("unknown blog cli"), "{err}");
     s.stop().await;
 }

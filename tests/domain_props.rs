@@ -7,9 +7,7 @@ use proptest::prelude::*;
 fn segment() -> impl Strategy<Value = String> {
     // Any characters but the separators and NUL, including %, spaces, and
     // non-ASCII; `.` and `..` alone are excluded by the filter.
-    proptest::string::string_regex("[^/\\\\\\x00]{1,24}")
-        .unwrap()
-        .prop_filter("not . or ..", |s| s != "." && s != "..")
+    proptest::string::string_regex("[^/\\\\\\x00]{1,24}").unwrap().prop_filter("not . or ..", |s| s != "." && s != "..")
 }
 
 fn valid_path() -> impl Strategy<Value = String> {
@@ -20,17 +18,11 @@ fn valid_path() -> impl Strategy<Value = String> {
 
 /// An independent statement of the rules, to check the parser against.
 fn is_valid(p: &str) -> bool {
-    let p = if p.starts_with('/') {
-        p.to_owned()
-    } else {
-        format!("/{p}")
-    };
+    let p = if p.starts_with('/') { p.to_owned() } else { format!("/{p}") };
     p.len() <= 1024
         && !p.contains('\0')
         && !p.contains('\\')
-        && p[1..]
-            .split('/')
-            .all(|s| !s.is_empty() && s != "." && s != "..")
+        && p[1..].split('/').all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
 proptest! {

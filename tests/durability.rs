@@ -23,29 +23,13 @@ async fn acknowledged_invalidations_survive_kill_9() {
     for worker in 0..16u32 {
         let (url, acked) = (url.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
-            let mut c = pb::publisher_client::PublisherClient::connect(url)
-                .await
-                .unwrap();
+            let mut c = pb::publisher_client::PublisherClient::connect(url).await.unwrap();
             // Bounded: at most 10,000 calls; the kill ends it much sooner.
             for i in 0..10_000u32 {
                 let blog = format!("blog{}", (worker + i) % 4);
-                let path = if i % 3 == 0 {
-                    String::new()
-                } else {
-                    format!("/w{worker}/f{}.css", i % 7)
-                };
-                let paths = if path.is_empty() {
-                    vec![]
-                } else {
-                    vec![path.clone()]
-                };
-                match c
-                    .invalidate(pb::InvalidateRequest {
-                        blog_id: blog.clone(),
-                        paths,
-                    })
-                    .await
-                {
+                let path = if i % 3 == 0 { String::new() } else { format!("/w{worker}/f{}.css", i % 7) };
+                let paths = if path.is_empty() { vec![] } else { vec![path.clone()] };
+                match c.invalidate(pb::InvalidateRequest { blog_id: blog.clone(), paths }).await {
                     Ok(r) => {
                         let id = r.into_inner().cache_id;
                         let mut a = acked.lock().unwrap();
@@ -65,60 +49,30 @@ async fn acknowledged_invalidations_survive_kill_9() {
         calls += t.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 20 && calls > 100,
-        "too little traffic before the kill: {calls} calls"
-    );
+    assert!(acked.len() > 20 && calls > 100, "too little traffic before the kill: {calls} calls");
 
     let server = ChildServer::spawn(dir.path());
     let url = format!("http://{}", server.grpc);
-    let mut r = pb::resolver_client::ResolverClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut r = pb::resolver_client::ResolverClient::connect(url.clone()).await.unwrap();
     for ((blog, path), id) in &acked {
         let got = if path.is_empty() {
-            r.get_blog(pb::GetBlogRequest {
-                blog_id: blog.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .cache_id
+            r.get_blog(pb::GetBlogRequest { blog_id: blog.clone() }).await.unwrap().into_inner().cache_id
         } else {
             let a = r
-                .resolve_batch(pb::ResolveBatchRequest {
-                    blog_id: blog.clone(),
-                    paths: vec![path.clone()],
-                })
+                .resolve_batch(pb::ResolveBatchRequest { blog_id: blog.clone(), paths: vec![path.clone()] })
                 .await
                 .unwrap()
                 .into_inner();
             a.assets[0].cache_id
         };
-        assert!(
-            got >= *id,
-            "{blog} {path:?}: acknowledged {id}, after restart {got}"
-        );
+        assert!(got >= *id, "{blog} {path:?}: acknowledged {id}, after restart {got}");
     }
     // No cache id goes backwards: the next one is above everything acknowledged.
-    let mut p = pb::publisher_client::PublisherClient::connect(url)
-        .await
-        .unwrap();
+    let mut p = pb::publisher_client::PublisherClient::connect(url).await.unwrap();
     for b in 0..4 {
         let blog = format!("blog{b}");
-        let max = acked
-            .iter()
-            .filter(|((bl, _), _)| *bl == blog)
-            .map(|(_, id)| *id)
-            .max()
-            .unwrap_or(0);
-        let next = p
-            .invalidate(pb::InvalidateRequest {
-                blog_id: blog.clone(),
-                paths: vec![],
-            })
-            .await
-            .unwrap();
+        let max = acked.iter().filter(|((bl, _), _)| *bl == blog).map(|(_, id)| *id).max().unwrap_or(0);
+        let next = p.invalidate(pb::InvalidateRequest { blog_id: blog.clone(), paths: vec![] }).await.unwrap();
         assert!(next.into_inner().cache_id > max, "{blog}");
     }
     eprintln!("{calls} calls before kill -9, {} keys checked", acked.len());

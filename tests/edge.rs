@@ -11,8 +11,7 @@ use blotcdn::proto as pb;
 use common::{curl, free_port, open_up, path_of, run, Daemon, Server};
 
 fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
-    let vcl =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
+    let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
     let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
     std::fs::create_dir_all(work).unwrap();
     open_up(work);
@@ -25,14 +24,7 @@ fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
             .arg("-F")
             .arg("-n")
             .arg(work.join("varnish"))
-            .args([
-                "-a",
-                &format!("127.0.0.1:{port}"),
-                "-T",
-                "127.0.0.1:0",
-                "-s",
-                "malloc,64m",
-            ])
+            .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", "malloc,64m"])
             .arg("-f")
             .arg(&vcl_path),
         port,
@@ -43,25 +35,12 @@ fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
 async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
     let mut c = s.publisher().await;
     let paths = paths.iter().map(|p| p.to_string()).collect();
-    c.invalidate(pb::InvalidateRequest {
-        blog_id: blog.into(),
-        paths,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .cache_id
+    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths }).await.unwrap().into_inner().cache_id
 }
 
 async fn url_of(s: &Server, blog: &str, path: &str) -> String {
     let mut c = s.resolver().await;
-    let r = c
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: blog.into(),
-            paths: vec![path.into()],
-        })
-        .await
-        .unwrap();
+    let r = c.resolve_batch(pb::ResolveBatchRequest { blog_id: blog.into(), paths: vec![path.into()] }).await.unwrap();
     r.into_inner().assets[0].url.clone()
 }
 
@@ -76,15 +55,9 @@ async fn varnish_caches_versions_and_publishes_move_urls() {
     invalidate(&s, "blog", &[]).await;
     let old = url_of(&s, "blog", "/style.css").await;
     let r = curl(&[&edge(&old)]);
-    assert_eq!(
-        (r.status, r.header("x-cache"), r.body.as_slice()),
-        (200, Some("MISS"), &b"v1 bytes"[..])
-    );
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("MISS"), &b"v1 bytes"[..]));
     let r = curl(&[&edge(&old)]);
-    assert_eq!(
-        (r.status, r.header("x-cache"), r.body.as_slice()),
-        (200, Some("HIT"), &b"v1 bytes"[..])
-    );
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("HIT"), &b"v1 bytes"[..]));
 
     // Publish: new bytes, a new URL from ResolveBatch, served fresh by the edge.
     s.write("blog", "/style.css", b"v2 bytes");
@@ -92,21 +65,12 @@ async fn varnish_caches_versions_and_publishes_move_urls() {
     let new = url_of(&s, "blog", "/style.css").await;
     assert_ne!(new, old);
     let r = curl(&[&edge(&new)]);
-    assert_eq!(
-        (r.status, r.header("x-cache"), r.body.as_slice()),
-        (200, Some("MISS"), &b"v2 bytes"[..])
-    );
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("MISS"), &b"v2 bytes"[..]));
     let r = curl(&[&edge(&new)]);
-    assert_eq!(
-        (r.header("x-cache"), r.body.as_slice()),
-        (Some("HIT"), &b"v2 bytes"[..])
-    );
+    assert_eq!((r.header("x-cache"), r.body.as_slice()), (Some("HIT"), &b"v2 bytes"[..]));
     // The old URL still serves what the edge cached: old pages keep working.
     let r = curl(&[&edge(&old)]);
-    assert_eq!(
-        (r.status, r.header("x-cache"), r.body.as_slice()),
-        (200, Some("HIT"), &b"v1 bytes"[..])
-    );
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("HIT"), &b"v1 bytes"[..]));
 
     // An unknown cache id is never stored at the edge.
     let id: u64 = new.rsplit('/').nth(1).unwrap().parse().unwrap();
@@ -117,19 +81,10 @@ async fn varnish_caches_versions_and_publishes_move_urls() {
     }
 
     // A purge key drops the whole blog in one call.
-    let r = curl(&[
-        "-X",
-        "BAN",
-        "-H",
-        "Surrogate-Key: blog",
-        &format!("http://127.0.0.1:{vport}/"),
-    ]);
+    let r = curl(&["-X", "BAN", "-H", "Surrogate-Key: blog", &format!("http://127.0.0.1:{vport}/")]);
     assert_eq!(r.status, 200);
     let r = curl(&[&edge(&new)]);
-    assert_eq!(
-        (r.header("x-cache"), r.body.as_slice()),
-        (Some("MISS"), &b"v2 bytes"[..])
-    );
+    assert_eq!((r.header("x-cache"), r.body.as_slice()), (Some("MISS"), &b"v2 bytes"[..]));
     s.stop().await;
 }
 
@@ -141,23 +96,14 @@ async fn varnish_serves_permanent_assets() {
     s.write("pblog", "/thumbs/cat.jpg", b"\xff\xd8\xffcat");
     let mut p = s.publisher().await;
     let a = p
-        .import_file(pb::ImportFileRequest {
-            blog_id: "pblog".into(),
-            path: "/thumbs/cat.jpg".into(),
-        })
+        .import_file(pb::ImportFileRequest { blog_id: "pblog".into(), path: "/thumbs/cat.jpg".into() })
         .await
         .unwrap()
         .into_inner();
     let url = format!("http://127.0.0.1:{vport}{}", path_of(&a.url));
     let r = curl(&[&url]);
-    assert_eq!(
-        (r.status, r.header("x-cache"), r.body.as_slice()),
-        (200, Some("MISS"), &b"\xff\xd8\xffcat"[..])
-    );
-    assert_eq!(
-        r.header("cache-control"),
-        Some("public, max-age=31536000, immutable")
-    );
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("MISS"), &b"\xff\xd8\xffcat"[..]));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
     assert_eq!(r.header("content-type"), Some("image/jpeg"));
     let r = curl(&[&url]);
     assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
@@ -172,12 +118,7 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     s.write("tlsblog", "/style.css", b"over tls");
     invalidate(&s, "tlsblog", &[]).await;
     let mut p = s.publisher().await;
-    p.set_domain(pb::SetDomainRequest {
-        domain: "mapped.example".into(),
-        blog_id: "tlsblog".into(),
-    })
-    .await
-    .unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "mapped.example".into(), blog_id: "tlsblog".into() }).await.unwrap();
     let url = url_of(&s, "tlsblog", "/style.css").await;
 
     let (hp, sp) = (free_port(), free_port());
@@ -204,63 +145,30 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     let target = |d: &str| format!("https://{d}:{sp}{}", path_of(&url));
     // A mapped domain: the handshake completes (a certificate issued on
     // demand), the file comes through the edge.
-    let r = curl(&[
-        "-k",
-        "--resolve",
-        &resolve("mapped.example"),
-        &target("mapped.example"),
-    ]);
+    let r = curl(&["-k", "--resolve", &resolve("mapped.example"), &target("mapped.example")]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"over tls"[..]));
     // The certificate is for that name, signed by the edge's CA.
-    let ca = work
-        .path()
-        .join("data/caddy/pki/authorities/local/root.crt");
+    let ca = work.path().join("data/caddy/pki/authorities/local/root.crt");
     assert!(ca.exists(), "caddy's internal CA at {}", ca.display());
-    let r = curl(&[
-        "--cacert",
-        ca.to_str().unwrap(),
-        "--resolve",
-        &resolve("mapped.example"),
-        &target("mapped.example"),
-    ]);
+    let r =
+        curl(&["--cacert", ca.to_str().unwrap(), "--resolve", &resolve("mapped.example"), &target("mapped.example")]);
     assert_eq!(r.status, 200);
 
     // An unmapped domain gets no certificate: the handshake fails.
     let (code, _, err) = run(
         Command::new("curl")
-            .args([
-                "-sS",
-                "-k",
-                "--max-time",
-                "20",
-                "--resolve",
-                &resolve("unmapped.example"),
-            ])
+            .args(["-sS", "-k", "--max-time", "20", "--resolve", &resolve("unmapped.example")])
             .arg(target("unmapped.example")),
         30,
     );
     assert_ne!(code, 0, "handshake for an unmapped domain must fail");
-    assert!(
-        err.contains("SSL") || err.contains("TLS") || err.contains("alert"),
-        "{err}"
-    );
+    assert!(err.contains("SSL") || err.contains("TLS") || err.contains("alert"), "{err}");
 
     // Unmapping a domain stops new certificates for it.
-    p.remove_domain(pb::RemoveDomainRequest {
-        domain: "mapped.example".into(),
-    })
-    .await
-    .unwrap();
+    p.remove_domain(pb::RemoveDomainRequest { domain: "mapped.example".into() }).await.unwrap();
     let (code, _, _) = run(
         Command::new("curl")
-            .args([
-                "-sS",
-                "-k",
-                "--max-time",
-                "20",
-                "--resolve",
-                &resolve("other.example"),
-            ])
+            .args(["-sS", "-k", "--max-time", "20", "--resolve", &resolve("other.example")])
             .arg(target("other.example")),
         30,
     );

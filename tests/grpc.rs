@@ -20,14 +20,11 @@ async fn resolve(s: &Server, blog: &str, paths: &[&str]) -> Vec<pb::ResolvedAsse
 
 async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
     let mut c = s.publisher().await;
-    c.invalidate(pb::InvalidateRequest {
-        blog_id: blog.into(),
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .cache_id
+    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths: paths.iter().map(|p| p.to_string()).collect() })
+        .await
+        .unwrap()
+        .into_inner()
+        .cache_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,15 +35,9 @@ async fn blog_wide_and_per_path_invalidation() {
     let floor = invalidate(&s, "blog1", &[]).await;
     let a = resolve(&s, "blog1", &["/style.css", "script.js", "/a b/ü.png"]).await;
     assert_eq!(a.len(), 3);
-    assert!(a
-        .iter()
-        .all(|x| x.status == ResolveStatus::Ok as i32 && x.cache_id == floor));
+    assert!(a.iter().all(|x| x.status == ResolveStatus::Ok as i32 && x.cache_id == floor));
     assert_eq!(a[0].url, format!("{base}/blog1/{floor}/style.css"));
-    assert_eq!(
-        a[1].url,
-        format!("{base}/blog1/{floor}/script.js"),
-        "leading / added"
-    );
+    assert_eq!(a[1].url, format!("{base}/blog1/{floor}/script.js"), "leading / added");
     assert_eq!(a[2].url, format!("{base}/blog1/{floor}/a%20b/%C3%BC.png"));
 
     // Per path: only the named path changes URL.
@@ -69,13 +60,7 @@ async fn blog_wide_and_per_path_invalidation() {
     assert_eq!(other[0].status, ResolveStatus::UnknownBlog as i32);
 
     let mut r = s.resolver().await;
-    let blog = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "blog1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let blog = r.get_blog(pb::GetBlogRequest { blog_id: "blog1".into() }).await.unwrap().into_inner();
     assert_eq!(blog.cache_id, floor2);
     assert_eq!(blog.path_count, 1);
     s.stop().await;
@@ -98,16 +83,7 @@ async fn bad_items_do_not_fail_the_batch() {
     let s = Server::start().await;
     invalidate(&s, "b", &[]).await;
     let long = format!("/{}", "x".repeat(1024));
-    let items = [
-        "/ok.css",
-        "/../etc/passwd",
-        "/a//b",
-        "/a\\b",
-        "/nul\0",
-        long.as_str(),
-        "/",
-        "/also/ok.js",
-    ];
+    let items = ["/ok.css", "/../etc/passwd", "/a//b", "/a\\b", "/nul\0", long.as_str(), "/", "/also/ok.js"];
     let a = resolve(&s, "b", &items).await;
     assert_eq!(a.len(), items.len());
     let statuses: Vec<i32> = a.iter().map(|x| x.status).collect();
@@ -125,10 +101,7 @@ async fn bad_items_do_not_fail_the_batch() {
     // A bad blog id fails the call, naming it.
     let mut c = s.resolver().await;
     let e = c
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: "no/slash".into(),
-            paths: vec!["/a".into()],
-        })
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "no/slash".into(), paths: vec!["/a".into()] })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -138,10 +111,7 @@ async fn bad_items_do_not_fail_the_batch() {
     let before = resolve(&s, "b", &["/ok.css"]).await[0].cache_id;
     let mut p = s.publisher().await;
     let e = p
-        .invalidate(pb::InvalidateRequest {
-            blog_id: "b".into(),
-            paths: vec!["/ok.css".into(), "/../x".into()],
-        })
+        .invalidate(pb::InvalidateRequest { blog_id: "b".into(), paths: vec!["/ok.css".into(), "/../x".into()] })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -156,20 +126,11 @@ async fn batch_over_max_batch() {
     invalidate(&s, "b", &[]).await;
     let paths: Vec<String> = (0..101).map(|i| format!("/f{i}.css")).collect();
     let mut c = s.resolver().await;
-    let e = c
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: "b".into(),
-            paths: paths.clone(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.resolve_batch(pb::ResolveBatchRequest { blog_id: "b".into(), paths: paths.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("max_batch"), "{}", e.message());
     let ok = c
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: "b".into(),
-            paths: paths[..100].to_vec(),
-        })
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "b".into(), paths: paths[..100].to_vec() })
         .await
         .unwrap()
         .into_inner();
@@ -182,102 +143,33 @@ async fn domains_set_lookup_remove() {
     let s = Server::start().await;
     let mut p = s.publisher().await;
     let mut r = s.resolver().await;
-    p.set_domain(pb::SetDomainRequest {
-        domain: "Example.COM".into(),
-        blog_id: "b1".into(),
-    })
-    .await
-    .unwrap();
-    p.set_domain(pb::SetDomainRequest {
-        domain: "bücher.de".into(),
-        blog_id: "b1".into(),
-    })
-    .await
-    .unwrap();
-    let got = r
-        .lookup_domain(pb::LookupDomainRequest {
-            domain: "example.com".into(),
-        })
-        .await
-        .unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "Example.COM".into(), blog_id: "b1".into() }).await.unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "bücher.de".into(), blog_id: "b1".into() }).await.unwrap();
+    let got = r.lookup_domain(pb::LookupDomainRequest { domain: "example.com".into() }).await.unwrap();
     assert_eq!(got.into_inner().blog_id, "b1");
-    let got = r
-        .lookup_domain(pb::LookupDomainRequest {
-            domain: "xn--bcher-kva.de".into(),
-        })
-        .await
-        .unwrap();
+    let got = r.lookup_domain(pb::LookupDomainRequest { domain: "xn--bcher-kva.de".into() }).await.unwrap();
     assert_eq!(got.into_inner().blog_id, "b1");
-    let blog = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "b1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        blog.domains,
-        vec!["example.com".to_string(), "xn--bcher-kva.de".to_string()]
-    );
+    let blog = r.get_blog(pb::GetBlogRequest { blog_id: "b1".into() }).await.unwrap().into_inner();
+    assert_eq!(blog.domains, vec!["example.com".to_string(), "xn--bcher-kva.de".to_string()]);
 
     // One domain, one blog: moving it takes it from the first.
-    p.set_domain(pb::SetDomainRequest {
-        domain: "example.com".into(),
-        blog_id: "b2".into(),
-    })
-    .await
-    .unwrap();
-    let got = r
-        .lookup_domain(pb::LookupDomainRequest {
-            domain: "example.com".into(),
-        })
-        .await
-        .unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "example.com".into(), blog_id: "b2".into() }).await.unwrap();
+    let got = r.lookup_domain(pb::LookupDomainRequest { domain: "example.com".into() }).await.unwrap();
     assert_eq!(got.into_inner().blog_id, "b2");
-    let blog = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "b1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let blog = r.get_blog(pb::GetBlogRequest { blog_id: "b1".into() }).await.unwrap().into_inner();
     assert_eq!(blog.domains, vec!["xn--bcher-kva.de".to_string()]);
 
-    p.remove_domain(pb::RemoveDomainRequest {
-        domain: "example.com".into(),
-    })
-    .await
-    .unwrap();
-    let e = r
-        .lookup_domain(pb::LookupDomainRequest {
-            domain: "example.com".into(),
-        })
-        .await
-        .unwrap_err();
+    p.remove_domain(pb::RemoveDomainRequest { domain: "example.com".into() }).await.unwrap();
+    let e = r.lookup_domain(pb::LookupDomainRequest { domain: "example.com".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = p
-        .remove_domain(pb::RemoveDomainRequest {
-            domain: "example.com".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = p.remove_domain(pb::RemoveDomainRequest { domain: "example.com".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
-    let e = p
-        .set_domain(pb::SetDomainRequest {
-            domain: "http://x.com/".into(),
-            blog_id: "b1".into(),
-        })
-        .await
-        .unwrap_err();
+    let e =
+        p.set_domain(pb::SetDomainRequest { domain: "http://x.com/".into(), blog_id: "b1".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("domain"), "{}", e.message());
-    let e = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = r.get_blog(pb::GetBlogRequest { blog_id: "nope".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     s.stop().await;
 }
@@ -289,24 +181,16 @@ async fn tokens_guard_each_service() {
         p.publisher_tokens = Some(vec!["publish-secret".into(), "second".into()]);
     })
     .await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
     let with = |t: &'static str| {
         move |mut req: tonic::Request<()>| {
             if !t.is_empty() {
-                req.metadata_mut()
-                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
             }
             Ok(req)
         }
     };
-    let inv = || pb::InvalidateRequest {
-        blog_id: "guarded".into(),
-        paths: vec![],
-    };
+    let inv = || pb::InvalidateRequest { blog_id: "guarded".into(), paths: vec![] };
 
     // Missing and wrong tokens: refused, and nothing changed.
     for t in ["", "wrong", "render-secret"] {
@@ -314,54 +198,24 @@ async fn tokens_guard_each_service() {
         let e = p.invalidate(inv()).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "token {t:?}");
     }
-    let mut r =
-        pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), with("render-secret"));
-    let e = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "guarded".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::NotFound,
-        "the refused invalidations created nothing"
-    );
+    let mut r = pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), with("render-secret"));
+    let e = r.get_blog(pb::GetBlogRequest { blog_id: "guarded".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "the refused invalidations created nothing");
 
     let mut p = pb::publisher_client::PublisherClient::with_interceptor(ch.clone(), with("second"));
     let id = p.invalidate(inv()).await.unwrap().into_inner().cache_id;
-    let b = r
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "guarded".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let b = r.get_blog(pb::GetBlogRequest { blog_id: "guarded".into() }).await.unwrap().into_inner();
     assert_eq!(b.cache_id, id);
 
-    let mut r_bad =
-        pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), with("publish-secret"));
-    let e = r_bad
-        .get_blog(pb::GetBlogRequest {
-            blog_id: "guarded".into(),
-        })
-        .await
-        .unwrap_err();
+    let mut r_bad = pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), with("publish-secret"));
+    let e = r_bad.get_blog(pb::GetBlogRequest { blog_id: "guarded".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("token"), "{}", e.message());
 
     // Health stays open.
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
-    let st = h
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        st.into_inner().status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let st = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(st.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     s.stop().await;
 }
 
@@ -371,24 +225,14 @@ async fn state_survives_a_graceful_restart() {
     let f = invalidate(&s, "keep", &[]).await;
     let v = invalidate(&s, "keep", &["/a.css"]).await;
     let mut p = s.publisher().await;
-    p.set_domain(pb::SetDomainRequest {
-        domain: "keep.example".into(),
-        blog_id: "keep".into(),
-    })
-    .await
-    .unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "keep.example".into(), blog_id: "keep".into() }).await.unwrap();
     drop(p);
     let dir = s.stop().await;
     let s = Server::start_in(dir, |_| {}).await;
     let a = resolve(&s, "keep", &["/a.css", "/b.css"]).await;
     assert_eq!((a[0].cache_id, a[1].cache_id), (v, f));
     let mut r = s.resolver().await;
-    let got = r
-        .lookup_domain(pb::LookupDomainRequest {
-            domain: "keep.example".into(),
-        })
-        .await
-        .unwrap();
+    let got = r.lookup_domain(pb::LookupDomainRequest { domain: "keep.example".into() }).await.unwrap();
     assert_eq!(got.into_inner().blog_id, "keep");
     s.stop().await;
 }

@@ -9,23 +9,17 @@ use common::{curl, free_port, get, nginx, path_of, request, Server};
 
 async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
     let mut c = s.publisher().await;
-    c.invalidate(pb::InvalidateRequest {
-        blog_id: blog.into(),
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .cache_id
+    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths: paths.iter().map(|p| p.to_string()).collect() })
+        .await
+        .unwrap()
+        .into_inner()
+        .cache_id
 }
 
 async fn url_of(s: &Server, blog: &str, path: &str) -> String {
     let mut c = s.resolver().await;
     let r = c
-        .resolve_batch(pb::ResolveBatchRequest {
-            blog_id: blog.into(),
-            paths: vec![path.into()],
-        })
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: blog.into(), paths: vec![path.into()] })
         .await
         .unwrap()
         .into_inner();
@@ -44,24 +38,15 @@ async fn versioned_urls_follow_the_cache_rules() {
     let r = curl(&[&url]);
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"body { color: red }");
-    assert_eq!(
-        r.header("cache-control"),
-        Some("public, max-age=31536000, immutable")
-    );
+    assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
     assert_eq!(r.header("content-type"), Some("text/css; charset=utf-8"));
     assert_eq!(r.header("content-length"), Some("19"));
     assert_eq!(r.header("accept-ranges"), Some("bytes"));
     assert_eq!(r.header("surrogate-key"), Some("b1"));
     assert_eq!(r.header("cache-tag"), Some("b1"));
     assert!(r.header("etag").is_some_and(|e| e.starts_with('"')));
-    assert!(r
-        .header("last-modified")
-        .is_some_and(|d| d.ends_with("GMT")));
-    assert_eq!(
-        r.header("access-control-allow-origin"),
-        None,
-        "CORS only where needed"
-    );
+    assert!(r.header("last-modified").is_some_and(|d| d.ends_with("GMT")));
+    assert_eq!(r.header("access-control-allow-origin"), None, "CORS only where needed");
     let font = curl(&[&url_of(&s, "b1", "/fonts/x.woff2").await]);
     assert_eq!(font.status, 200);
     assert_eq!(font.header("access-control-allow-origin"), Some("*"));
@@ -74,41 +59,23 @@ async fn versioned_urls_follow_the_cache_rules() {
     let new_url = url_of(&s, "b1", "/style.css").await;
     assert_ne!(new_url, url);
     let r = curl(&[&new_url]);
-    assert_eq!(
-        (r.status, r.body.as_slice()),
-        (200, &b"body { color: blue }"[..])
-    );
-    assert_eq!(
-        r.header("cache-control"),
-        Some("public, max-age=31536000, immutable")
-    );
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"body { color: blue }"[..]));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
     // The old URL still works, briefly cached, with the current bytes.
     let r = curl(&[&url]);
-    assert_eq!(
-        (r.status, r.body.as_slice()),
-        (200, &b"body { color: blue }"[..])
-    );
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"body { color: blue }"[..]));
     assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
 
     // A cache id from the future, an unknown blog: 404 no-store.
     let id: u64 = new_url.rsplit('/').nth(1).unwrap().parse().unwrap();
     let r = curl(&[&s.url(&format!("/b1/{}/style.css", id + 1))]);
-    assert_eq!(
-        (r.status, r.header("cache-control")),
-        (404, Some("no-store"))
-    );
+    assert_eq!((r.status, r.header("cache-control")), (404, Some("no-store")));
     let r = curl(&[&s.url(&format!("/nosuchblog/{id}/style.css"))]);
-    assert_eq!(
-        (r.status, r.header("cache-control")),
-        (404, Some("no-store"))
-    );
+    assert_eq!((r.status, r.header("cache-control")), (404, Some("no-store")));
     // A missing file (at the blog's floor, its version): 404 with a short max-age.
     let floor: u64 = url.rsplit('/').nth(1).unwrap().parse().unwrap();
     let r = curl(&[&s.url(&format!("/b1/{floor}/missing.css"))]);
-    assert_eq!(
-        (r.status, r.header("cache-control")),
-        (404, Some("public, max-age=60"))
-    );
+    assert_eq!((r.status, r.header("cache-control")), (404, Some("public, max-age=60")));
     s.stop().await;
 }
 
@@ -119,10 +86,7 @@ async fn conditional_range_and_head() {
     s.write("b", "/big.bin", &body);
     s.write("b", "/small.txt", b"0123456789");
     invalidate(&s, "b", &[]).await;
-    for (path, bytes) in [
-        ("/big.bin", body.as_slice()),
-        ("/small.txt", &b"0123456789"[..]),
-    ] {
+    for (path, bytes) in [("/big.bin", body.as_slice()), ("/small.txt", &b"0123456789"[..])] {
         let url = url_of(&s, "b", path).await;
         let full = curl(&[&url]);
         assert_eq!(full.status, 200);
@@ -142,32 +106,20 @@ async fn conditional_range_and_head() {
         let r = curl(&["-H", "Range: bytes=2-5", &url]);
         assert_eq!(r.status, 206, "{path}");
         assert_eq!(r.body, &bytes[2..6]);
-        assert_eq!(
-            r.header("content-range"),
-            Some(format!("bytes 2-5/{}", bytes.len()).as_str())
-        );
+        assert_eq!(r.header("content-range"), Some(format!("bytes 2-5/{}", bytes.len()).as_str()));
         assert_eq!(r.header("content-length"), Some("4"));
         let r = curl(&["-H", "Range: bytes=-3", &url]);
-        assert_eq!(
-            (r.status, r.body.as_slice()),
-            (206, &bytes[bytes.len() - 3..])
-        );
+        assert_eq!((r.status, r.body.as_slice()), (206, &bytes[bytes.len() - 3..]));
         let r = curl(&["-H", &format!("Range: bytes={}-", bytes.len()), &url]);
         assert_eq!(r.status, 416, "{path}");
-        assert_eq!(
-            r.header("content-range"),
-            Some(format!("bytes */{}", bytes.len()).as_str())
-        );
+        assert_eq!(r.header("content-range"), Some(format!("bytes */{}", bytes.len()).as_str()));
         // A stale If-Range: the whole file.
         let r = curl(&["-H", "Range: bytes=0-0", "-H", "If-Range: \"stale\"", &url]);
         assert_eq!((r.status, r.body.len()), (200, bytes.len()));
 
         let r = curl(&["-I", &url]);
         assert_eq!(r.status, 200);
-        assert_eq!(
-            r.header("content-length"),
-            Some(bytes.len().to_string().as_str())
-        );
+        assert_eq!(r.header("content-length"), Some(bytes.len().to_string().as_str()));
         assert!(r.body.is_empty());
     }
     let r = request(s.http, "POST", "/b/1/small.txt", &[("Content-Length", "0")]);
@@ -180,12 +132,7 @@ async fn conditional_range_and_head() {
 async fn ask_and_healthz() {
     let s = Server::start().await;
     let mut p = s.publisher().await;
-    p.set_domain(pb::SetDomainRequest {
-        domain: "mapped.example".into(),
-        blog_id: "b".into(),
-    })
-    .await
-    .unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "mapped.example".into(), blog_id: "b".into() }).await.unwrap();
     assert_eq!(curl(&[&s.url("/_ask?domain=mapped.example")]).status, 200);
     assert_eq!(curl(&[&s.url("/_ask?domain=MAPPED.example.")]).status, 200);
     assert_eq!(curl(&[&s.url("/_ask?domain=unmapped.example")]).status, 404);
@@ -202,17 +149,8 @@ async fn fallback_origins_in_order_and_backfill() {
     let legacy_root = work.path().join("legacy");
     let app_root = work.path().join("app");
     for (root, files) in [
-        (
-            &legacy_root,
-            vec![
-                ("oldblog/avatars/1468462389403/me.png", "legacy avatar"),
-                ("both.txt", "from legacy"),
-            ],
-        ),
-        (
-            &app_root,
-            vec![("both.txt", "from app"), ("app-only.txt", "from app")],
-        ),
+        (&legacy_root, vec![("oldblog/avatars/1468462389403/me.png", "legacy avatar"), ("both.txt", "from legacy")]),
+        (&app_root, vec![("both.txt", "from app"), ("app-only.txt", "from app")]),
     ] {
         for (p, b) in files {
             let f = root.join(p);
@@ -224,10 +162,7 @@ async fn fallback_origins_in_order_and_backfill() {
     let _legacy = nginx(&work.path().join("n1"), &legacy_root, lp, "");
     let _app = nginx(&work.path().join("n2"), &app_root, ap, "");
     let s = Server::start_with(|p| {
-        p.fallback_origins = Some(vec![
-            format!("http://127.0.0.1:{lp}"),
-            format!("http://127.0.0.1:{ap}"),
-        ]);
+        p.fallback_origins = Some(vec![format!("http://127.0.0.1:{lp}"), format!("http://127.0.0.1:{ap}")]);
     })
     .await;
 
@@ -255,10 +190,7 @@ async fn fallback_origins_in_order_and_backfill() {
     std::fs::write(legacy_root.join("oldblog/img/p.jpg"), b"legacy photo").unwrap();
     let r = curl(&[&s.url(&format!("/oldblog/{id}/img/p.jpg"))]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy photo"[..]));
-    assert_eq!(
-        std::fs::read(s.blogs_dir().join("oldblog/img/p.jpg")).unwrap(),
-        b"legacy photo"
-    );
+    assert_eq!(std::fs::read(s.blogs_dir().join("oldblog/img/p.jpg")).unwrap(), b"legacy photo");
     s.stop().await;
 }
 
@@ -291,32 +223,16 @@ async fn hostile_requests_never_escape_a_blog() {
 
     let cases: Vec<(String, u16, Vec<(&str, &str)>)> = vec![
         (format!("/victim/{f}/../sibling/secret.txt"), 400, vec![]),
-        (
-            format!("/victim/{f}/%2e%2e/sibling/secret.txt"),
-            400,
-            vec![],
-        ),
+        (format!("/victim/{f}/%2e%2e/sibling/secret.txt"), 400, vec![]),
         (format!("/victim/{f}/%2E%2E/%2E%2E/etc/passwd"), 400, vec![]),
         (format!("/victim/{f}/.%2e/sibling/secret.txt"), 400, vec![]),
-        (
-            format!("/victim/{f}/%2e%2e%2fsibling%2fsecret.txt"),
-            400,
-            vec![],
-        ),
-        (
-            format!("/victim/{f}/..%2fsibling%2fsecret.txt"),
-            400,
-            vec![],
-        ),
+        (format!("/victim/{f}/%2e%2e%2fsibling%2fsecret.txt"), 400, vec![]),
+        (format!("/victim/{f}/..%2fsibling%2fsecret.txt"), 400, vec![]),
         (format!("/victim/{f}/sub%2finner.txt"), 400, vec![]),
         (format!("/victim/{f}/sub%2Finner.txt"), 400, vec![]),
         (format!("/victim/{f}/%2e"), 400, vec![]),
         (format!("/victim/{f}/style.css%00.png"), 400, vec![]),
-        (
-            format!("/victim/{f}/..%5csibling%5csecret.txt"),
-            400,
-            vec![],
-        ),
+        (format!("/victim/{f}/..%5csibling%5csecret.txt"), 400, vec![]),
         (format!("/victim/{f}/%C3%28"), 400, vec![]),
         (format!("/victim/{f}/{long}"), 400, vec![]),
         (format!("/victim/{f}//etc/passwd"), 400, vec![]),
@@ -335,64 +251,30 @@ async fn hostile_requests_never_escape_a_blog() {
         ("/victim/link-passwd".to_string(), 404, vec![]),
         ("/victim/sibdir/secret.txt".to_string(), 404, vec![]),
         (format!("/victim/{}/style.css", f + 1000), 404, vec![]),
-        (
-            "/victim/99999999999999999999999/style.css".to_string(),
-            404,
-            vec![],
-        ),
+        ("/victim/99999999999999999999999/style.css".to_string(), 404, vec![]),
         (format!("/victim/0{f}/style.css"), 404, vec![]),
         (format!("/nosuchblog/{f}/style.css"), 404, vec![]),
         ("/..%2f..%2fetc/passwd".to_string(), 404, vec![]),
         ("/%2e%2e/%2e%2e/etc/passwd".to_string(), 404, vec![]),
         ("/../../etc/passwd".to_string(), 404, vec![]),
         ("/victim/_assets/../../etc/passwd".to_string(), 404, vec![]),
-        (
-            "/victim/_assets/00000000000000000000000000000000/x.png".to_string(),
-            404,
-            vec![],
-        ),
+        ("/victim/_assets/00000000000000000000000000000000/x.png".to_string(), 404, vec![]),
         ("/etc/passwd".to_string(), 404, vec![]),
         (format!("/victim/{f}/link-inside"), 200, vec![]),
-        (
-            format!("/victim/{f}/style.css?x=../../etc/passwd"),
-            200,
-            vec![],
-        ),
-        (
-            format!("/victim/{f}/style.css"),
-            206,
-            vec![("Range", "bytes=0-99999999999999")],
-        ),
-        (
-            format!("/victim/{f}/style.css"),
-            200,
-            vec![("Range", "bytes=0-1,2-3,4-5")],
-        ),
-        (
-            format!("/victim/{f}/style.css"),
-            416,
-            vec![("Range", "bytes=999999-")],
-        ),
-        (
-            format!("/victim/{f}/style.css"),
-            200,
-            vec![("Range", "bytes=junk")],
-        ),
+        (format!("/victim/{f}/style.css?x=../../etc/passwd"), 200, vec![]),
+        (format!("/victim/{f}/style.css"), 206, vec![("Range", "bytes=0-99999999999999")]),
+        (format!("/victim/{f}/style.css"), 200, vec![("Range", "bytes=0-1,2-3,4-5")]),
+        (format!("/victim/{f}/style.css"), 416, vec![("Range", "bytes=999999-")]),
+        (format!("/victim/{f}/style.css"), 200, vec![("Range", "bytes=junk")]),
     ];
     assert!(cases.len() >= 30);
     for (target, status, headers) in &cases {
         let r = get(s.http, target, headers);
         let body = String::from_utf8_lossy(&r.body);
         assert_eq!(r.status, *status, "{target} {headers:?}: {body}");
-        assert!(
-            !body.contains(PASSWD_MARK) && !body.contains(SIBLING_MARK),
-            "{target} leaked: {body}"
-        );
+        assert!(!body.contains(PASSWD_MARK) && !body.contains(SIBLING_MARK), "{target} leaked: {body}");
         if *status == 200 || *status == 206 {
-            assert!(
-                body.starts_with("ok") || body == "ok-style",
-                "{target}: {body}"
-            );
+            assert!(body.starts_with("ok") || body == "ok-style", "{target}: {body}");
         }
     }
     // A NUL byte and a raw backslash sent literally, not encoded.
@@ -402,8 +284,7 @@ async fn hostile_requests_never_escape_a_blog() {
     ] {
         let mut sock = std::net::TcpStream::connect(s.http).unwrap();
         use std::io::{Read, Write};
-        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         sock.write_all(raw).unwrap();
         let mut buf = Vec::new();
         let _ = sock.read_to_end(&mut buf);
@@ -413,10 +294,7 @@ async fn hostile_requests_never_escape_a_blog() {
     }
     // The server still answers.
     assert_eq!(get(s.http, "/healthz", &[]).status, 200);
-    assert_eq!(
-        get(s.http, &format!("/victim/{f}/style.css"), &[]).body,
-        b"ok-style"
-    );
+    assert_eq!(get(s.http, &format!("/victim/{f}/style.css"), &[]).body, b"ok-style");
     s.stop().await;
 }
 
@@ -456,10 +334,7 @@ async fn a_link_swapped_under_load_never_leaks() {
     for _ in 0..400 {
         let r = get(s.http, &format!("/victim/{f}/swap.txt"), &[]);
         let body = String::from_utf8_lossy(&r.body);
-        assert!(
-            !body.contains(PASSWD_MARK) && !body.contains(SIBLING_MARK),
-            "leaked: {body}"
-        );
+        assert!(!body.contains(PASSWD_MARK) && !body.contains(SIBLING_MARK), "leaked: {body}");
         match r.status {
             200 => {
                 assert_eq!(body, "ok-real");
@@ -482,11 +357,7 @@ async fn hot_files_follow_publishes() {
     invalidate(&s, "h", &[]).await;
     let u1 = url_of(&s, "h", "/app.js").await;
     assert_eq!(curl(&[&u1]).body, b"v1");
-    assert_eq!(
-        curl(&[&u1]).body,
-        b"v1",
-        "second read comes from memory, same bytes"
-    );
+    assert_eq!(curl(&[&u1]).body, b"v1", "second read comes from memory, same bytes");
     s.write("h", "/app.js", b"v2");
     invalidate(&s, "h", &["/app.js"]).await;
     let u2 = url_of(&s, "h", "/app.js").await;

@@ -29,11 +29,7 @@ impl Fallback {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         connector.set_nodelay(true);
-        Fallback {
-            origins: origins.to_vec(),
-            backfill,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        }
+        Fallback { origins: origins.to_vec(), backfill, client: Client::builder(TokioExecutor::new()).build(connector) }
     }
 
     /// Tries each origin for `target` (an absolute path). `backfill_to` is
@@ -48,19 +44,10 @@ impl Fallback {
     ) -> Option<Response<Body>> {
         for (i, origin) in self.origins.iter().enumerate() {
             let uri = format!("{origin}{target}");
-            let Ok(req) = Request::builder()
-                .method(method.clone())
-                .uri(&uri)
-                .body(Empty::new())
-            else {
+            let Ok(req) = Request::builder().method(method.clone()).uri(&uri).body(Empty::new()) else {
                 continue;
             };
-            let resp = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                self.client.request(req),
-            )
-            .await
-            {
+            let resp = match tokio::time::timeout(std::time::Duration::from_secs(10), self.client.request(req)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::warn!(origin, error = %e, "fallback origin failed");
@@ -85,9 +72,7 @@ impl Fallback {
             let keep = i < self.backfill && method == Method::GET;
             if let (true, Some((blog_dir, dest))) = (keep, backfill_to.as_ref()) {
                 let (blog_dir, dest, bytes) = (blog_dir.clone(), dest.clone(), body.clone());
-                match tokio::task::spawn_blocking(move || write_new_file(&blog_dir, &dest, &bytes))
-                    .await
-                {
+                match tokio::task::spawn_blocking(move || write_new_file(&blog_dir, &dest, &bytes)).await {
                     Ok(Ok(())) => {
                         tracing::info!(target, origin, "backfilled from the legacy origin")
                     }
@@ -119,28 +104,16 @@ impl Fallback {
 /// link that fails if a synced file appeared meanwhile (that one wins).
 /// The folder it lands in must really be inside the blog's folder (a synced
 /// symbolic link could point elsewhere).
-fn write_new_file(
-    blog_dir: &std::path::Path,
-    dest: &std::path::Path,
-    bytes: &[u8],
-) -> std::io::Result<()> {
+fn write_new_file(blog_dir: &std::path::Path, dest: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = dest
-        .parent()
-        .ok_or_else(|| std::io::Error::other("no parent"))?;
+    let dir = dest.parent().ok_or_else(|| std::io::Error::other("no parent"))?;
     std::fs::create_dir_all(dir)?;
     if !dir.canonicalize()?.starts_with(blog_dir.canonicalize()?) {
-        return Err(std::io::Error::other(
-            "backfill target resolves outside the blog's folder",
-        ));
+        return Err(std::io::Error::other("backfill target resolves outside the blog's folder"));
     }
-    let tmp = dir.join(format!(
-        ".blotcdn-backfill-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = dir.join(format!(".blotcdn-backfill-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;

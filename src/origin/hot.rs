@@ -25,20 +25,8 @@ pub struct HotFile {
 }
 
 impl HotFile {
-    pub fn new(
-        content_type: HeaderValue,
-        etag: HeaderValue,
-        modified: SystemTime,
-        cors: bool,
-    ) -> HotFile {
-        HotFile {
-            content_type,
-            etag,
-            last_modified: http_date(modified),
-            modified,
-            cors,
-            bytes: Bytes::new(),
-        }
+    pub fn new(content_type: HeaderValue, etag: HeaderValue, modified: SystemTime, cors: bool) -> HotFile {
+        HotFile { content_type, etag, last_modified: http_date(modified), modified, cors, bytes: Bytes::new() }
     }
 
     pub fn with_bytes(self, bytes: Bytes) -> HotFile {
@@ -59,13 +47,7 @@ impl HotFile {
         }
     }
 
-    pub(super) fn streaming(
-        self,
-        file: std::fs::File,
-        len: u64,
-        cache: &'static str,
-        blog: HeaderValue,
-    ) -> FileAnswer {
+    pub(super) fn streaming(self, file: std::fs::File, len: u64, cache: &'static str, blog: HeaderValue) -> FileAnswer {
         FileAnswer {
             content_type: self.content_type,
             etag: self.etag,
@@ -104,11 +86,7 @@ pub struct HotCache {
 
 impl HotCache {
     pub fn new(cap: u64) -> HotCache {
-        HotCache {
-            cap,
-            hasher: ahash::RandomState::new(),
-            inner: RwLock::new(Inner::default()),
-        }
+        HotCache { cap, hasher: ahash::RandomState::new(), inner: RwLock::new(Inner::default()) }
     }
 
     fn key(&self, blog: &str, path: &str) -> u64 {
@@ -137,16 +115,7 @@ impl HotCache {
         let mut inner = self.inner.write();
         inner.seq += 1;
         let seq = inner.seq;
-        let old = inner.map.insert(
-            k,
-            Entry {
-                blog: blog.into(),
-                path: path.into(),
-                version,
-                seq,
-                file,
-            },
-        );
+        let old = inner.map.insert(k, Entry { blog: blog.into(), path: path.into(), version, seq, file });
         if let Some(old) = old {
             inner.bytes -= old.file.bytes.len() as u64 + old.path.len() as u64 + 256;
         }

@@ -9,26 +9,33 @@
 //! - `domains`: domain → blog
 //! - `gc`:      hash16 → () — blobs whose last reference may be gone
 //!
-//! Writes are serialised by one mutex that also owns each blog's floor and
-//! last assigned cache id, so ids are strictly increasing per blog. The flush
-//! happens outside that mutex and is shared by every writer waiting at the
-//! time (group commit); the index is updated once the flush is done, so a
-//! reader never sees a version that a crash could take back. Index updates
-//! carry the cache id they were made at, and only a newer one wins, which
-//! makes their order within a group irrelevant.
+//! - `meta`:    `wal_seq` → the last write-ahead log record sled holds
+//!
+//! All writes go through one writer thread. It takes every write waiting in
+//! its queue, resolves each (assigning cache ids), applies it to sled in
+//! memory and appends it to the write-ahead log ([`super::wal`]); one
+//! `fdatasync` of the log makes the whole group durable (group commit); then
+//! it updates the index and answers each caller. sled itself is flushed only
+//! at checkpoints. One thread means cache ids are assigned in order without
+//! a lock, sled is never called from an async worker, and a reader never
+//! sees a write before it is durable.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
 
-use super::{AssetRef, Binding, BlogInfo, Resolution, Store, StoreError};
+use super::wal::{Rec, Wal};
+use super::{AssetRef, Binding, BlogInfo, Pending, Resolution, Store, StoreError};
 use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
+/// Most writes taken into one flush.
+const MAX_GROUP: usize = 4096;
 
 #[derive(Debug, Clone)]
 struct PathEntry {
@@ -52,40 +59,95 @@ struct Index {
     blob_refs: FastMap<ContentHash, u32>,
 }
 
-/// What the write mutex owns: per blog, the floor and last assigned cache id
-/// as written to sled, and a generation that changes when a blog is deleted
-/// so that a late index update of a deleted blog is dropped.
-#[derive(Debug, Default)]
-struct Writer {
-    blogs: FastMap<Box<str>, WriterBlog>,
-    next_generation: u64,
+impl Index {
+    fn blog_mut(&mut self, blog: &BlogId, floor: CacheId) -> &mut BlogState {
+        let state = self.blogs.entry(blog.as_str().into()).or_default();
+        state.floor = state.floor.max(floor);
+        state
+    }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct WriterBlog {
-    floor: CacheId,
-    last: CacheId,
-    generation: u64,
+struct Shared {
+    index: RwLock<Index>,
+    /// References handed to the writer but not yet in the index.
+    pending_refs: Mutex<FastMap<ContentHash, u32>>,
 }
 
-pub struct SledStore {
+enum Op {
+    Invalidate { blog: BlogId, paths: Vec<BlogPath>, tx: oneshot::Sender<Result<CacheId, StoreError>> },
+    Bind { blog: BlogId, path: Option<BlogPath>, binding: Binding, tx: oneshot::Sender<Result<(), StoreError>> },
+    SetDomain { domain: Domain, blog: BlogId, tx: oneshot::Sender<Result<(), StoreError>> },
+    RemoveDomain { domain: Domain, tx: oneshot::Sender<Result<bool, StoreError>> },
+    DeleteBlog { blog: BlogId, tx: oneshot::Sender<Result<Option<Vec<ContentHash>>, StoreError>> },
+    GcDone { hash: ContentHash, tx: oneshot::Sender<Result<(), StoreError>> },
+    Flush { tx: oneshot::Sender<Result<(), StoreError>> },
+}
+
+/// What a write does to the index once flushed, and whom to answer.
+enum Effect {
+    Invalidated {
+        blog: BlogId,
+        floor: CacheId,
+        id: CacheId,
+        paths: Vec<BlogPath>,
+        tx: oneshot::Sender<Result<CacheId, StoreError>>,
+    },
+    Bound {
+        blog: BlogId,
+        floor: CacheId,
+        id: CacheId,
+        path: Option<BlogPath>,
+        binding: Binding,
+        tx: oneshot::Sender<Result<(), StoreError>>,
+    },
+    DomainSet {
+        domain: Domain,
+        blog: BlogId,
+        floor: CacheId,
+        tx: oneshot::Sender<Result<(), StoreError>>,
+    },
+    DomainRemoved {
+        domain: Domain,
+        existed: bool,
+        tx: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    Deleted {
+        blog: BlogId,
+        hashes: Option<Vec<ContentHash>>,
+        tx: oneshot::Sender<Result<Option<Vec<ContentHash>>, StoreError>>,
+    },
+    Done {
+        tx: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+struct Trees {
     db: sled::Db,
     blogs: sled::Tree,
     paths: sled::Tree,
     refs: sled::Tree,
     domains: sled::Tree,
     gc: sled::Tree,
-    index: RwLock<Index>,
-    writer: Mutex<Writer>,
-    commit: Arc<GroupCommit>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    /// `wal_seq`: the last log record sled holds durably.
+    meta: sled::Tree,
+}
+
+/// Per blog, as written to sled: the floor and the last assigned cache id.
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    floor: CacheId,
+    last: CacheId,
+}
+
+pub struct SledStore {
+    shared: Arc<Shared>,
+    trees: Arc<Trees>,
+    queue: Mutex<Option<std::sync::mpsc::Sender<Op>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn key(blog: &str, rest: &[u8]) -> Vec<u8> {
@@ -97,19 +159,13 @@ fn key(blog: &str, rest: &[u8]) -> Vec<u8> {
 }
 
 fn split_key<'a>(tree: &'static str, k: &'a [u8]) -> Result<(&'a str, &'a [u8]), StoreError> {
-    let pos = k
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| corrupt(tree, "key without separator"))?;
+    let pos = k.iter().position(|&b| b == 0).ok_or_else(|| corrupt(tree, "key without separator"))?;
     let blog = std::str::from_utf8(&k[..pos]).map_err(|_| corrupt(tree, "blog id not UTF-8"))?;
     Ok((blog, &k[pos + 1..]))
 }
 
 fn corrupt(tree: &'static str, what: &str) -> StoreError {
-    StoreError::Corrupt {
-        tree,
-        what: what.to_owned(),
-    }
+    StoreError::Corrupt { tree, what: what.to_owned() }
 }
 
 fn u64_at(tree: &'static str, v: &[u8], at: usize) -> Result<u64, StoreError> {
@@ -132,148 +188,492 @@ fn blog_value(floor: CacheId, last: CacheId) -> [u8; 16] {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir` and loads the index.
+    /// Opens (or creates) the store in `dir`, loads the index, starts the writer.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
-        let store = SledStore {
+        let trees = Arc::new(Trees {
             blogs: db.open_tree("blogs")?,
             paths: db.open_tree("paths")?,
             refs: db.open_tree("refs")?,
             domains: db.open_tree("domains")?,
             gc: db.open_tree("gc")?,
-            commit: Arc::new(GroupCommit::default()),
-            index: RwLock::new(Index::default()),
-            writer: Mutex::new(Writer::default()),
-            flusher: Mutex::new(None),
+            meta: db.open_tree("meta")?,
             db,
-        };
-        store.load()?;
-        let (db, commit) = (store.db.clone(), store.commit.clone());
-        let handle = std::thread::Builder::new()
-            .name("blotcdn-flush".into())
-            .spawn(move || commit.run(&db))?;
-        *store.flusher.lock() = Some(handle);
-        Ok(store)
-    }
-
-    fn load(&self) -> Result<(), StoreError> {
-        let mut index = Index::default();
-        let mut writer = Writer::default();
-        for kv in self.blogs.iter() {
-            let (k, v) = kv?;
-            let blog =
-                std::str::from_utf8(&k).map_err(|_| corrupt("blogs", "blog id not UTF-8"))?;
-            let (floor, last) = (u64_at("blogs", &v, 0)?, u64_at("blogs", &v, 8)?);
-            index.blogs.insert(
-                blog.into(),
-                BlogState {
-                    floor,
-                    ..Default::default()
-                },
-            );
-            writer.blogs.insert(
-                blog.into(),
-                WriterBlog {
-                    floor,
-                    last,
-                    generation: 0,
-                },
-            );
-        }
-        for kv in self.paths.iter() {
-            let (k, v) = kv?;
-            let (blog, path) = split_key("paths", &k)?;
-            let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
-            let entry = decode_path_entry(&v)?;
-            let state = index
-                .blogs
-                .get_mut(blog)
-                .ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
-            state.paths.insert(path.into(), entry);
-        }
-        for kv in self.refs.iter() {
-            let (k, v) = kv?;
-            let (blog, hash) = split_key("refs", &k)?;
-            let hash = hash_at("refs", hash, 0)?;
-            let aref = decode_ref(&v)?;
-            let state = index
-                .blogs
-                .get_mut(blog)
-                .ok_or_else(|| corrupt("refs", "reference of an unknown blog"))?;
-            if state.refs.insert(hash, aref).is_none() {
-                *index.blob_refs.entry(hash).or_default() += 1;
-            }
-        }
-        for kv in self.domains.iter() {
-            let (k, v) = kv?;
-            let domain =
-                std::str::from_utf8(&k).map_err(|_| corrupt("domains", "domain not UTF-8"))?;
-            let blog =
-                std::str::from_utf8(&v).map_err(|_| corrupt("domains", "blog id not UTF-8"))?;
-            let blog_id = BlogId::parse(blog).map_err(|e| corrupt("domains", &e.to_string()))?;
-            if let Some(state) = index.blogs.get_mut(blog) {
-                state.domains.insert(domain.into());
-            }
-            index.domains.insert(domain.into(), blog_id);
-        }
-        *self.index.write() = index;
-        *self.writer.lock() = writer;
-        Ok(())
-    }
-
-    /// Assigns the next cache id of a blog, creating the blog (floor = that
-    /// id) when unknown. Returns (id, floor, generation).
-    fn assign(
-        &self,
-        w: &mut Writer,
-        blog: &BlogId,
-        raise_floor: bool,
-    ) -> Result<(CacheId, WriterBlog), StoreError> {
-        let gen = w.next_generation;
-        let entry = w.blogs.entry(blog.as_str().into());
-        let created = matches!(entry, std::collections::hash_map::Entry::Vacant(_));
-        let wb = entry.or_insert(WriterBlog {
-            floor: 0,
-            last: 0,
-            generation: gen,
         });
-        let id = next_cache_id(now_ms(), wb.last);
-        wb.last = id;
-        if raise_floor || created {
-            wb.floor = id;
+        // Replay what the log holds past sled's last checkpoint, then
+        // checkpoint, so the log starts empty.
+        let (mut wal, records) = Wal::open(&dir.with_extension("wal"))?;
+        let done = trees.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0);
+        let mut last = done;
+        let mut replayed = 0;
+        for (seq, rec) in &records {
+            if *seq > done {
+                apply(&trees, rec)?;
+                replayed += 1;
+            }
+            last = last.max(*seq);
         }
-        let wb = *wb;
-        if created {
-            w.next_generation += 1;
+        checkpoint(&trees, &mut wal, last)?;
+        if replayed > 0 {
+            tracing::info!(replayed, "replayed writes from the write-ahead log");
         }
-        self.blogs
-            .insert(blog.as_str().as_bytes(), &blog_value(wb.floor, wb.last))?;
-        Ok((id, wb))
+        let (index, ids) = load(&trees)?;
+        let shared = Arc::new(Shared { index: RwLock::new(index), pending_refs: Mutex::default() });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut writer = Writer {
+            trees: trees.clone(),
+            shared: shared.clone(),
+            ids,
+            wal,
+            seq: last + 1,
+            last_checkpoint: Instant::now(),
+            failed: None,
+        };
+        let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
+        Ok(SledStore { shared, trees, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
     }
 
-    /// Runs `f` on the blog's index entry if the blog still has the
-    /// generation the write was made under.
-    fn apply(&self, blog: &BlogId, generation: u64, f: impl FnOnce(&mut Index)) {
-        let w = self.writer.lock();
-        if w.blogs.get(blog.as_str()).map(|b| b.generation) != Some(generation) {
+    fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(q) = self.queue.lock().as_ref() {
+            // A closed queue drops the op, and with it the sender: the caller
+            // gets `Closed`.
+            let _ = q.send(make(tx));
+        }
+        Pending(rx)
+    }
+}
+
+fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
+    let mut index = Index::default();
+    let mut ids = FastMap::default();
+    for kv in t.blogs.iter() {
+        let (k, v) = kv?;
+        let blog = std::str::from_utf8(&k).map_err(|_| corrupt("blogs", "blog id not UTF-8"))?;
+        let (floor, last) = (u64_at("blogs", &v, 0)?, u64_at("blogs", &v, 8)?);
+        index.blogs.insert(blog.into(), BlogState { floor, ..Default::default() });
+        ids.insert(blog.into(), Ids { floor, last });
+    }
+    for kv in t.paths.iter() {
+        let (k, v) = kv?;
+        let (blog, path) = split_key("paths", &k)?;
+        let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
+        let entry = decode_path_entry(&v)?;
+        let state = index.blogs.get_mut(blog).ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
+        state.paths.insert(path.into(), entry);
+    }
+    for kv in t.refs.iter() {
+        let (k, v) = kv?;
+        let (blog, hash) = split_key("refs", &k)?;
+        let hash = hash_at("refs", hash, 0)?;
+        let aref = decode_ref(&v)?;
+        let state = index.blogs.get_mut(blog).ok_or_else(|| corrupt("refs", "reference of an unknown blog"))?;
+        if state.refs.insert(hash, aref).is_none() {
+            *index.blob_refs.entry(hash).or_default() += 1;
+        }
+    }
+    for kv in t.domains.iter() {
+        let (k, v) = kv?;
+        let domain = std::str::from_utf8(&k).map_err(|_| corrupt("domains", "domain not UTF-8"))?;
+        let blog = std::str::from_utf8(&v).map_err(|_| corrupt("domains", "blog id not UTF-8"))?;
+        let blog_id = BlogId::parse(blog).map_err(|e| corrupt("domains", &e.to_string()))?;
+        if let Some(state) = index.blogs.get_mut(blog) {
+            state.domains.insert(domain.into());
+        }
+        index.domains.insert(domain.into(), blog_id);
+    }
+    Ok((index, ids))
+}
+
+struct Writer {
+    trees: Arc<Trees>,
+    shared: Arc<Shared>,
+    ids: FastMap<Box<str>, Ids>,
+    wal: Wal,
+    /// Sequence number of the next log record.
+    seq: u64,
+    last_checkpoint: Instant,
+    /// After a failed sync every write is refused: an fsync error means the
+    /// disk can no longer be trusted with acknowledged data.
+    failed: Option<String>,
+}
+
+/// Write the log into sled and empty it past this size, or this long after
+/// the last checkpoint.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+impl Writer {
+    fn run(&mut self, rx: std::sync::mpsc::Receiver<Op>) {
+        loop {
+            let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(op) => op,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    self.maybe_checkpoint(true);
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut effects = Vec::new();
+            let mut op = Some(first);
+            while let Some(o) = op.take() {
+                if let Some(e) = self.take(o) {
+                    effects.push(e);
+                }
+                if effects.len() < MAX_GROUP {
+                    op = rx.try_recv().ok();
+                }
+            }
+            let synced = match &self.failed {
+                Some(e) => Err(e.clone()),
+                None => self.wal.sync().map_err(|e| self.fail(&e)),
+            };
+            self.publish(effects, synced);
+            self.maybe_checkpoint(false);
+        }
+        self.maybe_checkpoint(true);
+    }
+
+    fn fail(&mut self, e: &dyn std::fmt::Display) -> String {
+        tracing::error!(error = %e, "write-ahead log sync failed; refusing further writes");
+        let msg = format!("the store refuses writes after a failed sync: {e}");
+        self.failed = Some(msg.clone());
+        msg
+    }
+
+    /// Writes sled to disk, records the last log record it holds, and
+    /// empties the log.
+    fn maybe_checkpoint(&mut self, idle: bool) {
+        let due = self.wal.len() > CHECKPOINT_BYTES
+            || (self.wal.len() > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
+        if !due || self.failed.is_some() {
             return;
         }
-        f(&mut self.index.write());
+        let r = checkpoint(&self.trees, &mut self.wal, self.seq - 1);
+        self.last_checkpoint = Instant::now();
+        if let Err(e) = r {
+            self.fail(&e);
+        }
     }
 
-    fn ensure_blog<'a>(index: &'a mut Index, blog: &BlogId, floor: CacheId) -> &'a mut BlogState {
-        let state = index.blogs.entry(blog.as_str().into()).or_default();
-        state.floor = state.floor.max(floor);
-        state
+    /// Assigns the next cache id of a blog: (id, floor). A new blog's floor
+    /// is its first id.
+    fn assign(&mut self, blog: &BlogId, raise_floor: bool) -> (CacheId, CacheId) {
+        let prev = self.ids.get(blog.as_str()).copied();
+        let id = next_cache_id(now_ms(), prev.map_or(0, |p| p.last));
+        let floor = match prev {
+            Some(p) if !raise_floor => p.floor,
+            _ => id,
+        };
+        self.ids.insert(blog.as_str().into(), Ids { floor, last: id });
+        (id, floor)
     }
+
+    /// Resolves one write into a log record, applies it to sled (in memory)
+    /// and queues it for the group's sync. Errors are answered at once.
+    fn take(&mut self, op: Op) -> Option<Effect> {
+        if let Some(e) = self.failed.clone() {
+            let err = || StoreError::Io(std::io::Error::other(e.clone()));
+            match op {
+                Op::Invalidate { tx, .. } => drop(tx.send(Err(err()))),
+                Op::Bind { tx, binding, .. } => {
+                    self.unpin(&binding.hash);
+                    drop(tx.send(Err(err())))
+                }
+                Op::SetDomain { tx, .. } | Op::GcDone { tx, .. } | Op::Flush { tx } => drop(tx.send(Err(err()))),
+                Op::RemoveDomain { tx, .. } => drop(tx.send(Err(err()))),
+                Op::DeleteBlog { tx, .. } => drop(tx.send(Err(err()))),
+            }
+            return None;
+        }
+        let (rec, effect) = match op {
+            Op::Invalidate { blog, paths, tx } => {
+                let (id, floor) = self.assign(&blog, paths.is_empty());
+                let rec = Rec::Invalidate {
+                    blog: blog.to_string(),
+                    id,
+                    floor,
+                    paths: paths.iter().map(|p| p.as_str().to_owned()).collect(),
+                };
+                (rec, Effect::Invalidated { blog, floor, id, paths, tx })
+            }
+            Op::Bind { blog, path, binding, tx } => {
+                let (id, floor) = self.assign(&blog, false);
+                let rec = Rec::Bind {
+                    blog: blog.to_string(),
+                    id,
+                    floor,
+                    path: path.as_ref().map(|p| p.as_str().to_owned()),
+                    hash: binding.hash.0,
+                    size: binding.size,
+                    content_type: binding.content_type.to_string(),
+                    filename: binding.filename.to_string(),
+                };
+                (rec, Effect::Bound { blog, floor, id, path, binding, tx })
+            }
+            Op::SetDomain { domain, blog, tx } => {
+                let (create, floor) = match self.ids.get(blog.as_str()) {
+                    Some(ids) => (None, ids.floor),
+                    None => {
+                        let (id, floor) = self.assign(&blog, true);
+                        (Some(id), floor)
+                    }
+                };
+                let rec = Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create };
+                (rec, Effect::DomainSet { domain, blog, floor, tx })
+            }
+            Op::RemoveDomain { domain, tx } => match self.trees.domains.contains_key(domain.as_str().as_bytes()) {
+                Ok(existed) => {
+                    (Rec::RemoveDomain { domain: domain.to_string() }, Effect::DomainRemoved { domain, existed, tx })
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return None;
+                }
+            },
+            Op::DeleteBlog { blog, tx } => {
+                if !self.ids.contains_key(blog.as_str()) {
+                    let _ = tx.send(Ok(None));
+                    return None;
+                }
+                match self.deletion(&blog) {
+                    Ok(rec) => {
+                        self.ids.remove(blog.as_str());
+                        let hashes = match &rec {
+                            Rec::Delete { hashes, .. } => hashes.iter().map(|h| ContentHash(*h)).collect(),
+                            _ => Vec::new(),
+                        };
+                        (rec, Effect::Deleted { blog, hashes: Some(hashes), tx })
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return None;
+                    }
+                }
+            }
+            Op::GcDone { hash, tx } => (Rec::GcDone { hash: hash.0 }, Effect::Done { tx }),
+            Op::Flush { tx } => return Some(Effect::Done { tx }),
+        };
+        if let Err(e) = apply(&self.trees, &rec) {
+            // Not logged, not answered as done: the caller hears why.
+            let e = StoreError::from(e);
+            match effect {
+                Effect::Invalidated { tx, .. } => drop(tx.send(Err(e))),
+                Effect::Bound { tx, binding, .. } => {
+                    self.unpin(&binding.hash);
+                    drop(tx.send(Err(e)))
+                }
+                Effect::DomainSet { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
+                Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(e))),
+                Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
+            }
+            return None;
+        }
+        self.wal.push(self.seq, &rec);
+        self.seq += 1;
+        Some(effect)
+    }
+
+    /// Everything a deletion removes, read from sled as it stands (earlier
+    /// writes of the same group included).
+    fn deletion(&self, blog: &BlogId) -> Result<Rec, StoreError> {
+        let prefix = key(blog.as_str(), b"");
+        let mut hashes = Vec::new();
+        for kv in self.trees.refs.scan_prefix(&prefix) {
+            hashes.push(hash_at("refs", &kv?.0, prefix.len())?.0);
+        }
+        let mut domains = Vec::new();
+        for kv in self.trees.domains.iter() {
+            let (k, v) = kv?;
+            if v.as_ref() == blog.as_str().as_bytes() {
+                domains.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        Ok(Rec::Delete { blog: blog.to_string(), hashes, domains })
+    }
+
+    fn unpin(&self, hash: &ContentHash) {
+        let mut p = self.shared.pending_refs.lock();
+        if let Some(n) = p.get_mut(hash) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(hash);
+            }
+        }
+    }
+
+    /// After the flush: the index learns the writes, then callers hear back.
+    fn publish(&self, effects: Vec<Effect>, flushed: Result<(), String>) {
+        let err = |e: &String| StoreError::Io(std::io::Error::other(e.clone()));
+        if let Err(e) = &flushed {
+            for eff in effects {
+                match eff {
+                    Effect::Invalidated { tx, .. } => drop(tx.send(Err(err(e)))),
+                    Effect::Bound { tx, binding, .. } => {
+                        self.unpin(&binding.hash);
+                        drop(tx.send(Err(err(e))))
+                    }
+                    Effect::DomainSet { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(err(e)))),
+                    Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(err(e)))),
+                    Effect::Deleted { tx, .. } => drop(tx.send(Err(err(e)))),
+                }
+            }
+            return;
+        }
+        let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(effects.len());
+        {
+            let mut index = self.shared.index.write();
+            for eff in effects {
+                match eff {
+                    Effect::Invalidated { blog, floor, id, paths, tx } => {
+                        let state = index.blog_mut(&blog, floor);
+                        for p in &paths {
+                            state.paths.insert(p.as_str().into(), PathEntry { version: id, binding: None });
+                        }
+                        replies.push(Box::new(move || drop(tx.send(Ok(id)))));
+                    }
+                    Effect::Bound { blog, floor, id, path, binding, tx } => {
+                        let state = index.blog_mut(&blog, floor);
+                        let aref = AssetRef { size: binding.size, content_type: binding.content_type.clone() };
+                        let new_ref = state.refs.insert(binding.hash, aref).is_none();
+                        if let Some(p) = &path {
+                            let entry =
+                                PathEntry { version: id, binding: Some((binding.hash, binding.filename.clone())) };
+                            state.paths.insert(p.as_str().into(), entry);
+                        }
+                        if new_ref {
+                            *index.blob_refs.entry(binding.hash).or_default() += 1;
+                        }
+                        self.unpin(&binding.hash);
+                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
+                    }
+                    Effect::DomainSet { domain, blog, floor, tx } => {
+                        if let Some(old) = index.domains.remove(domain.as_str()) {
+                            if let Some(s) = index.blogs.get_mut(old.as_str()) {
+                                s.domains.remove(domain.as_str());
+                            }
+                        }
+                        index.blog_mut(&blog, floor).domains.insert(domain.as_str().into());
+                        index.domains.insert(domain.as_str().into(), blog);
+                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
+                    }
+                    Effect::DomainRemoved { domain, existed, tx } => {
+                        if let Some(old) = index.domains.remove(domain.as_str()) {
+                            if let Some(s) = index.blogs.get_mut(old.as_str()) {
+                                s.domains.remove(domain.as_str());
+                            }
+                        }
+                        replies.push(Box::new(move || drop(tx.send(Ok(existed)))));
+                    }
+                    Effect::Deleted { blog, hashes, tx } => {
+                        if let Some(state) = index.blogs.remove(blog.as_str()) {
+                            for h in state.refs.keys() {
+                                if let Some(n) = index.blob_refs.get_mut(h) {
+                                    *n -= 1;
+                                    if *n == 0 {
+                                        index.blob_refs.remove(h);
+                                    }
+                                }
+                            }
+                            for d in &state.domains {
+                                index.domains.remove(d);
+                            }
+                        }
+                        replies.push(Box::new(move || drop(tx.send(Ok(hashes)))));
+                    }
+                    Effect::Done { tx } => replies.push(Box::new(move || drop(tx.send(Ok(()))))),
+                }
+            }
+        }
+        for r in replies {
+            r();
+        }
+    }
+}
+
+/// Applies a resolved write to sled's trees (in memory until a flush). The
+/// same function serves live writes and log replay, so both agree.
+fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
+    match rec {
+        Rec::Invalidate { blog, id, floor, paths } => {
+            t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
+            if !paths.is_empty() {
+                let mut batch = sled::Batch::default();
+                for p in paths {
+                    batch.insert(key(blog, p.as_bytes()), &id.to_be_bytes());
+                }
+                t.paths.apply_batch(batch)?;
+            }
+        }
+        Rec::Bind { blog, id, floor, path, hash, size, content_type, filename } => {
+            t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
+            let mut rv = Vec::with_capacity(8 + content_type.len());
+            rv.extend_from_slice(&size.to_be_bytes());
+            rv.extend_from_slice(content_type.as_bytes());
+            t.refs.insert(key(blog, hash), rv)?;
+            if let Some(p) = path {
+                let mut pv = Vec::with_capacity(24 + filename.len());
+                pv.extend_from_slice(&id.to_be_bytes());
+                pv.extend_from_slice(hash);
+                pv.extend_from_slice(filename.as_bytes());
+                t.paths.insert(key(blog, p.as_bytes()), pv)?;
+            }
+        }
+        Rec::SetDomain { domain, blog, create } => {
+            if let Some(id) = create {
+                t.blogs.insert(blog.as_bytes(), &blog_value(*id, *id))?;
+            }
+            t.domains.insert(domain.as_bytes(), blog.as_bytes())?;
+        }
+        Rec::RemoveDomain { domain } => {
+            t.domains.remove(domain.as_bytes())?;
+        }
+        Rec::Delete { blog, hashes, domains } => {
+            // Garbage candidates first: whatever a crash leaves, start-up
+            // finds the candidates and finishes.
+            let mut gc = sled::Batch::default();
+            for h in hashes {
+                gc.insert(h, &[]);
+            }
+            t.gc.apply_batch(gc)?;
+            let prefix = key(blog, b"");
+            for tree in [&t.paths, &t.refs] {
+                let mut batch = sled::Batch::default();
+                for kv in tree.scan_prefix(&prefix) {
+                    batch.remove(kv?.0);
+                }
+                tree.apply_batch(batch)?;
+            }
+            for d in domains {
+                // Only if it still points at this blog.
+                if t.domains.get(d.as_bytes())?.is_some_and(|v| v.as_ref() == blog.as_bytes()) {
+                    t.domains.remove(d.as_bytes())?;
+                }
+            }
+            t.blogs.remove(blog.as_bytes())?;
+        }
+        Rec::GcDone { hash } => {
+            t.gc.remove(hash)?;
+        }
+    }
+    Ok(())
+}
+
+const CHECKPOINT_KEY: &[u8] = b"wal_seq";
+
+/// sled holds every record up to `seq` once this returns; the log is empty.
+fn checkpoint(t: &Trees, wal: &mut Wal, seq: u64) -> Result<(), StoreError> {
+    t.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
+    t.db.flush()?;
+    wal.reset()?;
+    Ok(())
 }
 
 fn decode_path_entry(v: &[u8]) -> Result<PathEntry, StoreError> {
     let version = u64_at("paths", v, 0)?;
     let binding = if v.len() > 8 {
         let hash = hash_at("paths", v, 8)?;
-        let name =
-            std::str::from_utf8(&v[24..]).map_err(|_| corrupt("paths", "filename not UTF-8"))?;
+        let name = std::str::from_utf8(&v[24..]).map_err(|_| corrupt("paths", "filename not UTF-8"))?;
         Some((hash, Arc::from(name)))
     } else {
         None
@@ -284,26 +684,19 @@ fn decode_path_entry(v: &[u8]) -> Result<PathEntry, StoreError> {
 fn decode_ref(v: &[u8]) -> Result<AssetRef, StoreError> {
     let size = u64_at("refs", v, 0)?;
     let ct = std::str::from_utf8(&v[8..]).map_err(|_| corrupt("refs", "content type not UTF-8"))?;
-    Ok(AssetRef {
-        size,
-        content_type: Arc::from(ct),
-    })
+    Ok(AssetRef { size, content_type: Arc::from(ct) })
 }
 
 impl Store for SledStore {
     fn resolve(&self, blog: &BlogId, paths: &[&str]) -> Option<Vec<Resolution>> {
-        let index = self.index.read();
+        let index = self.shared.index.read();
         let state = index.blogs.get(blog.as_str())?;
         let out = paths
             .iter()
             .map(|p| match state.paths.get(*p) {
-                Some(PathEntry {
-                    binding: Some((hash, name)),
-                    ..
-                }) => Resolution::Permanent {
-                    hash: *hash,
-                    filename: name.clone(),
-                },
+                Some(PathEntry { binding: Some((hash, name)), .. }) => {
+                    Resolution::Permanent { hash: *hash, filename: name.clone() }
+                }
                 Some(e) => Resolution::Versioned(e.version.max(state.floor)),
                 None => Resolution::Versioned(state.floor),
             })
@@ -312,22 +705,17 @@ impl Store for SledStore {
     }
 
     fn path_version(&self, blog: &str, path: &str) -> Option<CacheId> {
-        let index = self.index.read();
+        let index = self.shared.index.read();
         let state = index.blogs.get(blog)?;
-        Some(
-            state
-                .paths
-                .get(path)
-                .map_or(state.floor, |e| e.version.max(state.floor)),
-        )
+        Some(state.paths.get(path).map_or(state.floor, |e| e.version.max(state.floor)))
     }
 
     fn asset_ref(&self, blog: &str, hash: &ContentHash) -> Option<AssetRef> {
-        self.index.read().blogs.get(blog)?.refs.get(hash).cloned()
+        self.shared.index.read().blogs.get(blog)?.refs.get(hash).cloned()
     }
 
     fn blog(&self, blog: &BlogId) -> Option<BlogInfo> {
-        let index = self.index.read();
+        let index = self.shared.index.read();
         let s = index.blogs.get(blog.as_str())?;
         Some(BlogInfo {
             blog_id: blog.clone(),
@@ -339,307 +727,60 @@ impl Store for SledStore {
     }
 
     fn lookup_domain(&self, domain: &str) -> Option<BlogId> {
-        self.index.read().domains.get(domain).cloned()
+        self.shared.index.read().domains.get(domain).cloned()
     }
 
     fn referenced_hashes(&self) -> Vec<ContentHash> {
-        self.index.read().blob_refs.keys().copied().collect()
+        self.shared.index.read().blob_refs.keys().copied().collect()
     }
 
     fn is_referenced(&self, hash: &ContentHash) -> bool {
-        self.index
-            .read()
-            .blob_refs
-            .get(hash)
-            .is_some_and(|n| *n > 0)
+        self.shared.pending_refs.lock().contains_key(hash)
+            || self.shared.index.read().blob_refs.get(hash).is_some_and(|n| *n > 0)
     }
 
-    fn invalidate(&self, blog: &BlogId, paths: &[BlogPath]) -> Result<CacheId, StoreError> {
-        let (id, wb) = {
-            let mut w = self.writer.lock();
-            let (id, wb) = self.assign(&mut w, blog, paths.is_empty())?;
-            if !paths.is_empty() {
-                let mut batch = sled::Batch::default();
-                for p in paths {
-                    batch.insert(key(blog.as_str(), p.as_str().as_bytes()), &id.to_be_bytes());
-                }
-                self.paths.apply_batch(batch)?;
-            }
-            (id, wb)
-        };
-        self.commit.wait()?;
-        self.apply(blog, wb.generation, |index| {
-            let state = Self::ensure_blog(index, blog, wb.floor);
-            for p in paths {
-                let e = state.paths.entry(p.as_str().into()).or_insert(PathEntry {
-                    version: 0,
-                    binding: None,
-                });
-                if id > e.version {
-                    *e = PathEntry {
-                        version: id,
-                        binding: None,
-                    };
-                }
-            }
-        });
-        Ok(id)
+    fn invalidate(&self, blog: BlogId, paths: Vec<BlogPath>) -> Pending<CacheId> {
+        self.submit(|tx| Op::Invalidate { blog, paths, tx })
     }
 
-    fn bind_asset(
-        &self,
-        blog: &BlogId,
-        path: Option<&BlogPath>,
-        b: &Binding,
-    ) -> Result<(), StoreError> {
-        let (id, wb) = {
-            let mut w = self.writer.lock();
-            let (id, wb) = self.assign(&mut w, blog, false)?;
-            let mut rv = Vec::with_capacity(8 + b.content_type.len());
-            rv.extend_from_slice(&b.size.to_be_bytes());
-            rv.extend_from_slice(b.content_type.as_bytes());
-            self.refs.insert(key(blog.as_str(), &b.hash.0), rv)?;
-            if let Some(p) = path {
-                let mut pv = Vec::with_capacity(24 + b.filename.len());
-                pv.extend_from_slice(&id.to_be_bytes());
-                pv.extend_from_slice(&b.hash.0);
-                pv.extend_from_slice(b.filename.as_bytes());
-                self.paths
-                    .insert(key(blog.as_str(), p.as_str().as_bytes()), pv)?;
-            }
-            // Count the reference now, not after the flush: a blob about to be
-            // referenced must never look like garbage.
-            let mut index = self.index.write();
-            let state = Self::ensure_blog(&mut index, blog, wb.floor);
-            let new_ref = state
-                .refs
-                .insert(
-                    b.hash,
-                    AssetRef {
-                        size: b.size,
-                        content_type: b.content_type.clone(),
-                    },
-                )
-                .is_none();
-            if new_ref {
-                *index.blob_refs.entry(b.hash).or_default() += 1;
-            }
-            (id, wb)
-        };
-        self.commit.wait()?;
-        if let Some(p) = path {
-            self.apply(blog, wb.generation, |index| {
-                let state = Self::ensure_blog(index, blog, wb.floor);
-                let e = state.paths.entry(p.as_str().into()).or_insert(PathEntry {
-                    version: 0,
-                    binding: None,
-                });
-                if id > e.version {
-                    *e = PathEntry {
-                        version: id,
-                        binding: Some((b.hash, b.filename.clone())),
-                    };
-                }
-            });
-        }
-        Ok(())
+    fn bind_asset(&self, blog: BlogId, path: Option<BlogPath>, binding: Binding) -> Pending<()> {
+        // Pinned before it is queued: from here on the blob is not garbage.
+        *self.shared.pending_refs.lock().entry(binding.hash).or_default() += 1;
+        self.submit(|tx| Op::Bind { blog, path, binding, tx })
     }
 
-    fn set_domain(&self, domain: &Domain, blog: &BlogId) -> Result<(), StoreError> {
-        {
-            let mut w = self.writer.lock();
-            if !w.blogs.contains_key(blog.as_str()) {
-                let (_, wb) = self.assign(&mut w, blog, true)?;
-                Self::ensure_blog(&mut self.index.write(), blog, wb.floor);
-            }
-            self.domains
-                .insert(domain.as_str().as_bytes(), blog.as_str().as_bytes())?;
-        }
-        self.commit.wait()?;
-        self.sync_domain(domain)
+    fn set_domain(&self, domain: Domain, blog: BlogId) -> Pending<()> {
+        self.submit(|tx| Op::SetDomain { domain, blog, tx })
     }
 
-    fn remove_domain(&self, domain: &Domain) -> Result<bool, StoreError> {
-        let existed = {
-            let _w = self.writer.lock();
-            self.domains.remove(domain.as_str().as_bytes())?.is_some()
-        };
-        self.commit.wait()?;
-        self.sync_domain(domain)?;
-        Ok(existed)
+    fn remove_domain(&self, domain: Domain) -> Pending<bool> {
+        self.submit(|tx| Op::RemoveDomain { domain, tx })
     }
 
-    fn delete_blog(&self, blog: &BlogId) -> Result<Option<Vec<ContentHash>>, StoreError> {
-        // Rare and heavy: hold the write mutex through the flush so that no
-        // write to this blog can interleave.
-        let mut w = self.writer.lock();
-        if !w.blogs.contains_key(blog.as_str()) {
-            return Ok(None);
-        }
-        let prefix = key(blog.as_str(), b"");
-        let mut hashes = Vec::new();
-        // Garbage candidates first: if a crash cuts the deletion short, the
-        // candidates are already known and a later run finishes the job.
-        for kv in self.refs.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            hashes.push(hash_at("refs", &k, prefix.len())?);
-        }
-        let mut gc = sled::Batch::default();
-        for h in &hashes {
-            gc.insert(&h.0, &[]);
-        }
-        self.gc.apply_batch(gc)?;
-        for tree in [&self.paths, &self.refs] {
-            let mut batch = sled::Batch::default();
-            for kv in tree.scan_prefix(&prefix) {
-                batch.remove(kv?.0);
-            }
-            tree.apply_batch(batch)?;
-        }
-        let domains: Vec<Box<str>> = self
-            .index
-            .read()
-            .blogs
-            .get(blog.as_str())
-            .map(|s| s.domains.iter().cloned().collect())
-            .unwrap_or_default();
-        for d in &domains {
-            self.domains.remove(d.as_bytes())?;
-        }
-        self.blogs.remove(blog.as_str().as_bytes())?;
-        self.commit.wait()?;
-        w.blogs.remove(blog.as_str());
-        let mut index = self.index.write();
-        if let Some(state) = index.blogs.remove(blog.as_str()) {
-            for h in state.refs.keys() {
-                if let Some(n) = index.blob_refs.get_mut(h) {
-                    *n -= 1;
-                    if *n == 0 {
-                        index.blob_refs.remove(h);
-                    }
-                }
-            }
-        }
-        for d in &domains {
-            index.domains.remove(d);
-        }
-        Ok(Some(hashes))
+    fn delete_blog(&self, blog: BlogId) -> Pending<Option<Vec<ContentHash>>> {
+        self.submit(|tx| Op::DeleteBlog { blog, tx })
     }
 
     fn gc_candidates(&self) -> Result<Vec<ContentHash>, StoreError> {
-        self.gc.iter().map(|kv| hash_at("gc", &kv?.0, 0)).collect()
+        self.trees.gc.iter().map(|kv| hash_at("gc", &kv?.0, 0)).collect()
     }
 
-    fn gc_done(&self, hash: &ContentHash) -> Result<(), StoreError> {
-        self.gc.remove(hash.0)?;
-        self.commit.wait()
+    fn gc_done(&self, hash: ContentHash) -> Pending<()> {
+        self.submit(|tx| Op::GcDone { hash, tx })
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
-        self.commit.wait()
-    }
-}
-
-impl SledStore {
-    /// Mirrors a domain's current sled value into the index. Reading the
-    /// truth back (rather than replaying the change) makes concurrent set and
-    /// remove calls converge whatever order they finish in.
-    fn sync_domain(&self, domain: &Domain) -> Result<(), StoreError> {
-        let _w = self.writer.lock();
-        let now = self.domains.get(domain.as_str().as_bytes())?;
-        let mut index = self.index.write();
-        if let Some(old) = index.domains.remove(domain.as_str()) {
-            if let Some(s) = index.blogs.get_mut(old.as_str()) {
-                s.domains.remove(domain.as_str());
-            }
-        }
-        if let Some(v) = now {
-            let blog =
-                std::str::from_utf8(&v).map_err(|_| corrupt("domains", "blog id not UTF-8"))?;
-            let blog = BlogId::parse(blog).map_err(|e| corrupt("domains", &e.to_string()))?;
-            if let Some(s) = index.blogs.get_mut(blog.as_str()) {
-                s.domains.insert(domain.as_str().into());
-            }
-            index.domains.insert(domain.as_str().into(), blog);
-        }
-        Ok(())
+    fn flush(&self) -> Pending<()> {
+        self.submit(|tx| Op::Flush { tx })
     }
 }
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        self.commit.close();
-        if let Some(h) = self.flusher.lock().take() {
+        // Closing the queue ends the writer after it has answered (and
+        // flushed) everything handed over.
+        self.queue.lock().take();
+        if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
-        let _ = self.db.flush();
-    }
-}
-
-/// Group commit: writers bump `requested` and wait; one thread flushes
-/// everything written so far and marks every request up to that point done.
-#[derive(Default)]
-struct GroupCommit {
-    state: Mutex<CommitState>,
-    wake_flusher: Condvar,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct CommitState {
-    requested: u64,
-    completed: u64,
-    /// A failed flush leaves the store refusing writes: an fsync error means
-    /// the disk can no longer be trusted with acknowledged data.
-    failed: Option<String>,
-    closed: bool,
-}
-
-impl GroupCommit {
-    fn wait(&self) -> Result<(), StoreError> {
-        let mut s = self.state.lock();
-        if s.closed {
-            return Err(StoreError::Closed);
-        }
-        s.requested += 1;
-        let ticket = s.requested;
-        self.wake_flusher.notify_one();
-        while s.completed < ticket && s.failed.is_none() {
-            self.done.wait(&mut s);
-        }
-        match &s.failed {
-            Some(e) => Err(StoreError::Io(std::io::Error::other(e.clone()))),
-            None => Ok(()),
-        }
-    }
-
-    fn run(&self, db: &sled::Db) {
-        let mut s = self.state.lock();
-        loop {
-            while s.completed == s.requested && !s.closed {
-                self.wake_flusher.wait(&mut s);
-            }
-            if s.completed == s.requested && s.closed {
-                return;
-            }
-            let target = s.requested;
-            drop(s);
-            let result = db.flush();
-            s = self.state.lock();
-            match result {
-                Ok(_) => s.completed = target,
-                Err(e) => {
-                    tracing::error!(error = %e, "flush failed; refusing further writes");
-                    s.failed = Some(e.to_string());
-                }
-            }
-            self.done.notify_all();
-        }
-    }
-
-    fn close(&self) {
-        let mut s = self.state.lock();
-        s.closed = true;
-        self.wake_flusher.notify_one();
     }
 }

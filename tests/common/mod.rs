@@ -54,26 +54,15 @@ impl Server {
             .await
             .unwrap();
         });
-        Server {
-            grpc,
-            http,
-            dir,
-            config,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        Server { grpc, http, dir, config, stop: Some(tx), task: Some(task) }
     }
 
     pub async fn resolver(&self) -> ResolverClient<Channel> {
-        ResolverClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap()
+        ResolverClient::connect(format!("http://{}", self.grpc)).await.unwrap()
     }
 
     pub async fn publisher(&self) -> PublisherClient<Channel> {
-        PublisherClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap()
+        PublisherClient::connect(format!("http://{}", self.grpc)).await.unwrap()
     }
 
     pub fn blogs_dir(&self) -> PathBuf {
@@ -82,11 +71,7 @@ impl Server {
 
     /// Writes a file into a blog's folder.
     pub fn write(&self, blog: &str, path: &str, bytes: &[u8]) -> PathBuf {
-        let p = self
-            .config
-            .blogs_dir
-            .join(blog)
-            .join(path.trim_start_matches('/'));
+        let p = self.config.blogs_dir.join(blog).join(path.trim_start_matches('/'));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, bytes).unwrap();
         p
@@ -118,10 +103,7 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -138,31 +120,15 @@ pub fn parse_response(buf: &[u8]) -> RawResponse {
     let end = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| {
-            panic!(
-                "no complete response head in {:?}",
-                String::from_utf8_lossy(buf)
-            )
-        });
+        .unwrap_or_else(|| panic!("no complete response head in {:?}", String::from_utf8_lossy(buf)));
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    RawResponse {
-        status,
-        headers,
-        body: buf[end + 4..].to_vec(),
-    }
+    RawResponse { status, headers, body: buf[end + 4..].to_vec() }
 }
 
 /// GET `target` (sent as is, not normalised) with extra header lines.
@@ -170,12 +136,7 @@ pub fn get(addr: SocketAddr, target: &str, extra: &[(&str, &str)]) -> RawRespons
     request(addr, "GET", target, extra)
 }
 
-pub fn request(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    extra: &[(&str, &str)],
-) -> RawResponse {
+pub fn request(addr: SocketAddr, method: &str, target: &str, extra: &[(&str, &str)]) -> RawResponse {
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: cdn.test\r\nConnection: close\r\n");
     for (k, v) in extra {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -197,11 +158,7 @@ pub fn binary() -> PathBuf {
 
 /// A free port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The server as a child process on the given data dir.
@@ -217,22 +174,13 @@ impl ChildServer {
         let child = Command::new(binary())
             .args(["serve", "--data-dir"])
             .arg(data_dir)
-            .args([
-                "--grpc-addr",
-                &format!("127.0.0.1:{g}"),
-                "--http-addr",
-                &format!("127.0.0.1:{h}"),
-            ])
+            .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--http-addr", &format!("127.0.0.1:{h}")])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let s = ChildServer {
-            child,
-            grpc: ([127, 0, 0, 1], g).into(),
-            http: ([127, 0, 0, 1], h).into(),
-        };
+        let s = ChildServer { child, grpc: ([127, 0, 0, 1], g).into(), http: ([127, 0, 0, 1], h).into() };
         wait_for_port(s.grpc);
         wait_for_port(s.http);
         s
@@ -261,13 +209,9 @@ pub fn wait_for_port(addr: SocketAddr) {
 
 /// Runs a command to completion with a deadline; returns (exit code, stdout, stderr).
 pub fn run(cmd: &mut Command, secs: u64) -> (i32, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {:?}: {e}", cmd.get_program());
-        });
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| {
+        panic!("cannot run {:?}: {e}", cmd.get_program());
+    });
     // Read both pipes on threads so a chatty child cannot block on a full pipe.
     let mut so = child.stdout.take().unwrap();
     let mut se = child.stderr.take().unwrap();
@@ -292,11 +236,7 @@ pub fn run(cmd: &mut Command, secs: u64) -> (i32, String, String) {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    (
-        status.code().unwrap_or(-1),
-        out.join().unwrap(),
-        err.join().unwrap(),
-    )
+    (status.code().unwrap_or(-1), out.join().unwrap(), err.join().unwrap())
 }
 
 /// A helper server process (nginx, varnish, caddy, redis) killed on drop.
@@ -307,13 +247,9 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &'static str, cmd: &mut Command, port: u16) -> Daemon {
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {name} ({e}); run ./scripts/install-test-deps.sh");
-            });
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap_or_else(|e| {
+            panic!("cannot start {name} ({e}); run ./scripts/install-test-deps.sh");
+        });
         let d = Daemon { child, name };
         wait_for_port(([127, 0, 0, 1], port).into());
         d
@@ -357,38 +293,22 @@ pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Daemon {
     )
     .unwrap();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    Daemon::spawn(
-        "nginx",
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf),
-        port,
-    )
+    Daemon::spawn("nginx", Command::new("nginx").arg("-p").arg(dir).arg("-c").arg(&conf), port)
 }
 
 pub fn unsafe_is_root() -> bool {
     std::env::var("USER").map(|u| u == "root").unwrap_or(false)
         || std::fs::read_to_string("/proc/self/status")
-            .map(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-            })
+            .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
             .unwrap_or(false)
 }
 
 /// curl, the way a person would check an answer: status, headers, body.
 pub fn curl(args: &[&str]) -> RawResponse {
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-i", "--path-as-is", "--max-time", "20"])
-        .args(args);
+    cmd.args(["-s", "-i", "--path-as-is", "--max-time", "20"]).args(args);
     let out = cmd.output().expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     // curl -i may print interim answers (100 Continue); keep the last head.
     parse_response(&out.stdout)
 }
