@@ -91,16 +91,23 @@ impl BlogPath {
         if p.len() > MAX_PATH_BYTES {
             return Err(bad("longer than 1024 bytes"));
         }
-        if p.contains('\0') {
-            return Err(bad("contains a NUL byte"));
-        }
-        if p.contains('\\') {
-            return Err(bad("contains a backslash"));
-        }
-        for seg in p[1..].split('/') {
-            match seg {
-                "" => return Err(bad("has an empty segment")),
-                "." | ".." => return Err(bad("has a '.' or '..' segment")),
+        // One pass over the bytes: every rule is about ASCII bytes, which
+        // never occur inside a multi-byte UTF-8 character.
+        let b = p.as_bytes();
+        let mut seg_start = 1;
+        for i in 1..=b.len() {
+            let c = if i < b.len() { b[i] } else { b'/' };
+            match c {
+                0 => return Err(bad("contains a NUL byte")),
+                b'\\' => return Err(bad("contains a backslash")),
+                b'/' => {
+                    match &b[seg_start..i] {
+                        [] => return Err(bad("has an empty segment")),
+                        [b'.'] | [b'.', b'.'] => return Err(bad("has a '.' or '..' segment")),
+                        _ => {}
+                    }
+                    seg_start = i + 1;
+                }
                 _ => {}
             }
         }
@@ -304,6 +311,10 @@ pub fn parse_filename(name: &str) -> Result<String, InvalidInput> {
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
 /// Appends `seg` percent-encoded as one URL path segment (uppercase hex).
 pub fn push_encoded_segment(out: &mut String, seg: &str) {
     for part in percent_encoding::utf8_percent_encode(seg, SEGMENT) {
@@ -313,6 +324,11 @@ pub fn push_encoded_segment(out: &mut String, seg: &str) {
 
 /// Appends a validated blog path, each segment encoded, `/` between segments kept.
 pub fn push_encoded_path(out: &mut String, path: &str) {
+    // Most paths need no escape at all: copy them in one go.
+    if path.bytes().all(|b| b == b'/' || is_unreserved(b)) {
+        out.push_str(path);
+        return;
+    }
     for seg in path[1..].split('/') {
         out.push('/');
         push_encoded_segment(out, seg);

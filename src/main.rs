@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+// Every resolve allocates a string per URL and the gRPC layer a few buffers
+// per call; mimalloc makes those markedly cheaper than glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     blotcdn::telemetry::init();
