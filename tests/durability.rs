@@ -77,3 +77,46 @@ async fn acknowledged_invalidations_survive_kill_9() {
     }
     eprintln!("{calls} calls before kill -9, {} keys checked", acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let url = format!("http://{}", server.grpc);
+    let mut p = pb::publisher_client::PublisherClient::connect(url.clone()).await.unwrap();
+    let id = p
+        .invalidate(pb::InvalidateRequest { blog_id: "term".into(), paths: vec!["/a.css".into()] })
+        .await
+        .unwrap()
+        .into_inner()
+        .cache_id;
+    p.set_domain(pb::SetDomainRequest { domain: "term.example".into(), blog_id: "term".into() }).await.unwrap();
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    // Bounded wait for a clean exit.
+    let mut status = None;
+    for _ in 0..500 {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = status.expect("the server exits within 5 s of SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    // Stopped cleanly: sled holds everything, the write-ahead log is empty.
+    let wal = std::fs::read(dir.path().join("db.wal")).unwrap();
+    assert!(wal.len() < 8 || wal[..8] == [0u8; 8], "log not emptied at shutdown");
+
+    let server = ChildServer::spawn(dir.path());
+    let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let a = r
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "term".into(), paths: vec!["/a.css".into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.assets[0].cache_id, id);
+    let d = r.lookup_domain(pb::LookupDomainRequest { domain: "term.example".into() }).await.unwrap();
+    assert_eq!(d.into_inner().blog_id, "term");
+}

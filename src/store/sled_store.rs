@@ -34,6 +34,9 @@ use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domai
 
 type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
+/// sled's page cache.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
+
 /// Most writes taken into one flush.
 const MAX_GROUP: usize = 4096;
 
@@ -190,7 +193,9 @@ fn blog_value(floor: CacheId, last: CacheId) -> [u8; 16] {
 impl SledStore {
     /// Opens (or creates) the store in `dir`, loads the index, starts the writer.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // Reads are served by the index, so sled's own cache only has to hold
+        // what writes touch: a small one keeps memory and start-up down.
+        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
         let trees = Arc::new(Trees {
             blogs: db.open_tree("blogs")?,
             paths: db.open_tree("paths")?,
@@ -244,7 +249,27 @@ impl SledStore {
     }
 }
 
+/// Reads every tree into the index. The `paths` tree (by far the largest)
+/// is read on a second thread while this one reads the rest: start-up time
+/// is what a restart costs the renderers.
 fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
+    type PathsByBlog = Vec<(Box<str>, FastMap<Box<str>, PathEntry>)>;
+    let paths_tree = t.paths.clone();
+    let paths_reader = std::thread::spawn(move || -> Result<PathsByBlog, StoreError> {
+        // Keys sort by blog, so each blog's paths arrive together.
+        let mut out: PathsByBlog = Vec::new();
+        for kv in paths_tree.iter() {
+            let (k, v) = kv?;
+            let (blog, path) = split_key("paths", &k)?;
+            let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
+            let entry = decode_path_entry(&v)?;
+            if out.last().is_none_or(|(b, _)| &**b != blog) {
+                out.push((blog.into(), FastMap::default()));
+            }
+            out.last_mut().expect("pushed").1.insert(path.into(), entry);
+        }
+        Ok(out)
+    });
     let mut index = Index::default();
     let mut ids = FastMap::default();
     for kv in t.blogs.iter() {
@@ -253,14 +278,6 @@ fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
         let (floor, last) = (u64_at("blogs", &v, 0)?, u64_at("blogs", &v, 8)?);
         index.blogs.insert(blog.into(), BlogState { floor, ..Default::default() });
         ids.insert(blog.into(), Ids { floor, last });
-    }
-    for kv in t.paths.iter() {
-        let (k, v) = kv?;
-        let (blog, path) = split_key("paths", &k)?;
-        let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
-        let entry = decode_path_entry(&v)?;
-        let state = index.blogs.get_mut(blog).ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
-        state.paths.insert(path.into(), entry);
     }
     for kv in t.refs.iter() {
         let (k, v) = kv?;
@@ -281,6 +298,11 @@ fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
             state.domains.insert(domain.into());
         }
         index.domains.insert(domain.into(), blog_id);
+    }
+    let by_blog = paths_reader.join().map_err(|_| corrupt("paths", "reader thread panicked"))??;
+    for (blog, paths) in by_blog {
+        let state = index.blogs.get_mut(&blog).ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
+        state.paths = paths;
     }
     Ok((index, ids))
 }
