@@ -393,26 +393,28 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
         let our_cpu = (cpu_secs(s.proc.0.id()) - cpu0) * 1e6 / (calls as f64 * batch as f64 / 1000.0);
         let (p50, p99) = (lat.pct(0.5), lat.pct(0.99));
 
-        // Redis: one connection per caller, one HMGET in flight on each.
+        // Redis: one connection per caller, one HMGET in flight on each. Like
+        // the gRPC callers, each call builds its request from the paths.
         let conns = Arc::new(tokio::sync::Mutex::new(Vec::new()));
-        for w in 0..CONC {
+        for _ in 0..CONC {
             let c = tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
             c.set_nodelay(true).unwrap();
-            let mut args = vec!["HMGET".to_string(), "manifest:bench".to_string()];
-            args.extend(paths[w].iter().cloned());
-            let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-            conns.lock().await.push(Some((BufReader::new(c), resp_command(&refs))));
+            conns.lock().await.push(Some(BufReader::new(c)));
         }
-        let conns2 = conns.clone();
+        let (conns2, p3) = (conns.clone(), paths.clone());
         let rcpu0 = cpu_secs(r.proc.0.id());
         let (rcalls, mut rlat, rel) = load(CONC, dur, move |w| {
             let conns = conns2.clone();
+            let paths = p3[w].clone();
             async move {
-                let (mut c, cmd) = conns.lock().await[w].take().unwrap();
+                let mut args = vec!["HMGET", "manifest:bench"];
+                args.extend(paths.iter().map(|s| s.as_str()));
+                let cmd = resp_command(&args);
+                let mut c = conns.lock().await[w].take().unwrap();
                 c.get_mut().write_all(&cmd).await.unwrap();
                 let n = read_reply(&mut c).await;
                 assert_eq!(n, batch);
-                conns.lock().await[w] = Some((c, cmd));
+                conns.lock().await[w] = Some(c);
             }
         })
         .await;

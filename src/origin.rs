@@ -338,7 +338,8 @@ impl Origin {
                 crate::domain::push_encoded_path(&mut s, p.as_str());
                 s
             }
-            None => req.uri().path().to_owned(),
+            // Anything else goes as asked, query included (the app may need it).
+            None => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         };
         let dirs = self.catalog.blogs_dir();
         let backfill = blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), dirs.file_path(b.as_str(), p)));

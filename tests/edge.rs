@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use blotcdn::proto as pb;
-use common::{curl, free_port, open_up, path_of, run, Daemon, Server};
+use common::{curl, free_port, invalidate, open_up, path_of, run, url_of, Daemon, Server};
 
 fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
     let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
@@ -30,18 +30,6 @@ fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
         port,
     );
     (d, port)
-}
-
-async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
-    let mut c = s.publisher().await;
-    let paths = paths.iter().map(|p| p.to_string()).collect();
-    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths }).await.unwrap().into_inner().cache_id
-}
-
-async fn url_of(s: &Server, blog: &str, path: &str) -> String {
-    let mut c = s.resolver().await;
-    let r = c.resolve_batch(pb::ResolveBatchRequest { blog_id: blog.into(), paths: vec![path.into()] }).await.unwrap();
-    r.into_inner().assets[0].url.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,29 +3,8 @@
 mod common;
 
 use blotcdn::proto::{self as pb, ResolveStatus};
-use common::Server;
+use common::{invalidate, resolve, Server};
 use tonic::Code;
-
-async fn resolve(s: &Server, blog: &str, paths: &[&str]) -> Vec<pb::ResolvedAsset> {
-    let mut c = s.resolver().await;
-    c.resolve_batch(pb::ResolveBatchRequest {
-        blog_id: blog.into(),
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .assets
-}
-
-async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
-    let mut c = s.publisher().await;
-    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths: paths.iter().map(|p| p.to_string()).collect() })
-        .await
-        .unwrap()
-        .into_inner()
-        .cache_id
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blog_wide_and_per_path_invalidation() {

@@ -5,26 +5,7 @@
 mod common;
 
 use blotcdn::proto as pb;
-use common::{curl, free_port, get, nginx, path_of, request, Server};
-
-async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
-    let mut c = s.publisher().await;
-    c.invalidate(pb::InvalidateRequest { blog_id: blog.into(), paths: paths.iter().map(|p| p.to_string()).collect() })
-        .await
-        .unwrap()
-        .into_inner()
-        .cache_id
-}
-
-async fn url_of(s: &Server, blog: &str, path: &str) -> String {
-    let mut c = s.resolver().await;
-    let r = c
-        .resolve_batch(pb::ResolveBatchRequest { blog_id: blog.into(), paths: vec![path.into()] })
-        .await
-        .unwrap()
-        .into_inner();
-    r.assets[0].url.clone()
-}
+use common::{curl, free_port, get, invalidate, nginx, path_of, request, url_of, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versioned_urls_follow_the_cache_rules() {
@@ -160,7 +141,7 @@ async fn fallback_origins_in_order_and_backfill() {
     }
     let (lp, ap) = (free_port(), free_port());
     let _legacy = nginx(&work.path().join("n1"), &legacy_root, lp, "");
-    let _app = nginx(&work.path().join("n2"), &app_root, ap, "");
+    let _app = nginx(&work.path().join("n2"), &app_root, ap, "location = /echo { return 200 \"args=$args\"; }");
     let s = Server::start_with(|p| {
         p.fallback_origins = Some(vec![format!("http://127.0.0.1:{lp}"), format!("http://127.0.0.1:{ap}")]);
     })
@@ -182,6 +163,8 @@ async fn fallback_origins_in_order_and_backfill() {
     assert_eq!(curl(&[&s.url("/both.txt")]).body, b"from legacy");
     assert_eq!(curl(&[&s.url("/app-only.txt")]).body, b"from app");
     assert_eq!(curl(&[&s.url("/nowhere.txt")]).status, 404);
+    // The app sees the query of what it is asked.
+    assert_eq!(curl(&[&s.url("/echo?x=1&y=2")]).body, b"args=x=1&y=2");
 
     // A versioned URL whose file is only in the bucket: fetched by its
     // unversioned name, written into the blog's folder.
@@ -221,7 +204,9 @@ async fn hostile_requests_never_escape_a_blog() {
     invalidate(&s, "sibling", &[]).await;
     let long = "a".repeat(2000);
 
-    let cases: Vec<(String, u16, Vec<(&str, &str)>)> = vec![
+    // (request target, expected status, extra headers)
+    type Case = (String, u16, Vec<(&'static str, &'static str)>);
+    let cases: Vec<Case> = vec![
         (format!("/victim/{f}/../sibling/secret.txt"), 400, vec![]),
         (format!("/victim/{f}/%2e%2e/sibling/secret.txt"), 400, vec![]),
         (format!("/victim/{f}/%2E%2E/%2E%2E/etc/passwd"), 400, vec![]),

@@ -366,8 +366,8 @@ impl Writer {
     /// Writes sled to disk, records the last log record it holds, and
     /// empties the log.
     fn maybe_checkpoint(&mut self, idle: bool) {
-        let due = self.wal.len() > CHECKPOINT_BYTES
-            || (self.wal.len() > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
+        let due = self.wal.bytes() > CHECKPOINT_BYTES
+            || (self.wal.bytes() > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
         if !due || self.failed.is_some() {
             return;
         }

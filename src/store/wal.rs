@@ -300,7 +300,7 @@ impl Wal {
     }
 
     /// Bytes of records since the last reset.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.pos
     }
 
@@ -319,7 +319,6 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write as _;
 
     fn all() -> Vec<Rec> {
         vec![

@@ -328,3 +328,24 @@ pub fn curl(args: &[&str]) -> RawResponse {
     // curl -i may print interim answers (100 Continue); keep the last head.
     parse_response(&out.stdout)
 }
+
+/// `Invalidate` through the generated client; the new cache id.
+pub async fn invalidate(s: &Server, blog: &str, paths: &[&str]) -> u64 {
+    let mut c = s.publisher().await;
+    let paths = paths.iter().map(|p| p.to_string()).collect();
+    let req = blotcdn::proto::InvalidateRequest { blog_id: blog.into(), paths };
+    c.invalidate(req).await.unwrap().into_inner().cache_id
+}
+
+/// `ResolveBatch` through the generated client.
+pub async fn resolve(s: &Server, blog: &str, paths: &[&str]) -> Vec<blotcdn::proto::ResolvedAsset> {
+    let mut c = s.resolver().await;
+    let paths = paths.iter().map(|p| p.to_string()).collect();
+    let req = blotcdn::proto::ResolveBatchRequest { blog_id: blog.into(), paths };
+    c.resolve_batch(req).await.unwrap().into_inner().assets
+}
+
+/// The URL a renderer would get for one path.
+pub async fn url_of(s: &Server, blog: &str, path: &str) -> String {
+    resolve(s, blog, &[path]).await.remove(0).url
+}
