@@ -31,18 +31,25 @@ impl From<CatalogError> for Status {
     }
 }
 
-/// One span per call: method, blog, item count, outcome and latency, logged
-/// when the call ends.
+/// One span per call, open from the call's start to its end (so an exporter
+/// sees its real duration): method, blog, item count, then outcome and
+/// latency, recorded and logged when the call ends.
 struct CallLog {
-    method: &'static str,
-    blog: String,
-    items: usize,
+    span: tracing::Span,
     start: Instant,
 }
 
 impl CallLog {
     fn new(method: &'static str, blog: &str, items: usize) -> Self {
-        CallLog { method, blog: blog.to_owned(), items, start: Instant::now() }
+        let span = tracing::info_span!(
+            "rpc",
+            method,
+            blog_id = blog,
+            items,
+            outcome = tracing::field::Empty,
+            latency_us = tracing::field::Empty
+        );
+        CallLog { span, start: Instant::now() }
     }
 
     fn done<T>(self, r: Result<T, Status>) -> Result<T, Status> {
@@ -51,8 +58,9 @@ impl CallLog {
             Ok(_) => "ok",
             Err(s) => code_name(s.code()),
         };
-        let span = tracing::info_span!("rpc", method = self.method, blog_id = %self.blog, items = self.items);
-        let _e = span.enter();
+        self.span.record("outcome", outcome);
+        self.span.record("latency_us", latency_us);
+        let _e = self.span.enter();
         match &r {
             Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown) => {
                 tracing::error!(outcome, latency_us, message = s.message(), "call failed")

@@ -43,7 +43,8 @@ const MAX_GROUP: usize = 4096;
 #[derive(Debug, Clone)]
 struct PathEntry {
     version: CacheId,
-    binding: Option<(ContentHash, Arc<str>)>,
+    /// Boxed: most paths have none, and a million entries stay 16 bytes each.
+    binding: Option<Box<(ContentHash, Arc<str>)>>,
 }
 
 #[derive(Debug, Default)]
@@ -559,8 +560,10 @@ impl Writer {
                         let aref = AssetRef { size: binding.size, content_type: binding.content_type.clone() };
                         let new_ref = state.refs.insert(binding.hash, aref).is_none();
                         if let Some(p) = &path {
-                            let entry =
-                                PathEntry { version: id, binding: Some((binding.hash, binding.filename.clone())) };
+                            let entry = PathEntry {
+                                version: id,
+                                binding: Some(Box::new((binding.hash, binding.filename.clone()))),
+                            };
                             state.paths.insert(p.as_str().into(), entry);
                         }
                         if new_ref {
@@ -696,7 +699,7 @@ fn decode_path_entry(v: &[u8]) -> Result<PathEntry, StoreError> {
     let binding = if v.len() > 8 {
         let hash = hash_at("paths", v, 8)?;
         let name = std::str::from_utf8(&v[24..]).map_err(|_| corrupt("paths", "filename not UTF-8"))?;
-        Some((hash, Arc::from(name)))
+        Some(Box::new((hash, Arc::from(name))))
     } else {
         None
     };
@@ -716,9 +719,7 @@ impl Store for SledStore {
         let out = paths
             .iter()
             .map(|p| match state.paths.get(*p) {
-                Some(PathEntry { binding: Some((hash, name)), .. }) => {
-                    Resolution::Permanent { hash: *hash, filename: name.clone() }
-                }
+                Some(PathEntry { binding: Some(b), .. }) => Resolution::Permanent { hash: b.0, filename: b.1.clone() },
                 Some(e) => Resolution::Versioned(e.version.max(state.floor)),
                 None => Resolution::Versioned(state.floor),
             })
