@@ -251,35 +251,47 @@ impl SledStore {
 }
 
 /// Reads every tree into the index. The `paths` tree (by far the largest)
-/// is read on a second thread while this one reads the rest: start-up time
-/// is what a restart costs the renderers.
-fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
-    type PathsByBlog = Vec<(Box<str>, FastMap<Box<str>, PathEntry>)>;
-    let paths_tree = t.paths.clone();
-    let paths_reader = std::thread::spawn(move || -> Result<PathsByBlog, StoreError> {
-        // Keys sort by blog, so each blog's paths arrive together.
-        let mut out: PathsByBlog = Vec::new();
-        for kv in paths_tree.iter() {
-            let (k, v) = kv?;
-            let (blog, path) = split_key("paths", &k)?;
-            let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
-            let entry = decode_path_entry(&v)?;
-            if out.last().is_none_or(|(b, _)| &**b != blog) {
-                out.push((blog.into(), FastMap::default()));
-            }
-            out.last_mut().expect("pushed").1.insert(path.into(), entry);
+/// is read in two halves on two threads while this one reads the rest:
+/// start-up time is what a restart costs the renderers.
+type PathsByBlog = Vec<(Box<str>, FastMap<Box<str>, PathEntry>)>;
+
+/// Reads the paths in `[from, to)`, grouped by blog (keys sort by blog).
+fn read_paths(tree: &sled::Tree, from: Option<Vec<u8>>, to: Option<Vec<u8>>) -> Result<PathsByBlog, StoreError> {
+    use std::ops::Bound;
+    let lo = from.map_or(Bound::Unbounded, Bound::Included);
+    let hi = to.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut out: PathsByBlog = Vec::new();
+    for kv in tree.range::<Vec<u8>, _>((lo, hi)) {
+        let (k, v) = kv?;
+        let (blog, path) = split_key("paths", &k)?;
+        let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
+        let entry = decode_path_entry(&v)?;
+        if out.last().is_none_or(|(b, _)| &**b != blog) {
+            out.push((blog.into(), FastMap::default()));
         }
-        Ok(out)
-    });
+        out.last_mut().expect("pushed").1.insert(path.into(), entry);
+    }
+    Ok(out)
+}
+
+fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
     let mut index = Index::default();
     let mut ids = FastMap::default();
+    let mut names = Vec::new();
     for kv in t.blogs.iter() {
         let (k, v) = kv?;
         let blog = std::str::from_utf8(&k).map_err(|_| corrupt("blogs", "blog id not UTF-8"))?;
         let (floor, last) = (u64_at("blogs", &v, 0)?, u64_at("blogs", &v, 8)?);
         index.blogs.insert(blog.into(), BlogState { floor, ..Default::default() });
         ids.insert(blog.into(), Ids { floor, last });
+        names.push(blog.to_owned());
     }
+    // Split the paths at the middle blog (blogs come sorted from sled).
+    let mid = names.get(names.len() / 2).map(|b| key(b, b"")).unwrap_or_default();
+    let readers = [(None, Some(mid.clone())), (Some(mid), None)].map(|(from, to)| {
+        let tree = t.paths.clone();
+        std::thread::spawn(move || read_paths(&tree, from, to))
+    });
     for kv in t.refs.iter() {
         let (k, v) = kv?;
         let (blog, hash) = split_key("refs", &k)?;
@@ -300,10 +312,16 @@ fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
         }
         index.domains.insert(domain.into(), blog_id);
     }
-    let by_blog = paths_reader.join().map_err(|_| corrupt("paths", "reader thread panicked"))??;
-    for (blog, paths) in by_blog {
-        let state = index.blogs.get_mut(&blog).ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
-        state.paths = paths;
+    for r in readers {
+        let by_blog = r.join().map_err(|_| corrupt("paths", "reader thread panicked"))??;
+        for (blog, paths) in by_blog {
+            let state = index.blogs.get_mut(&blog).ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
+            if state.paths.is_empty() {
+                state.paths = paths;
+            } else {
+                state.paths.extend(paths);
+            }
+        }
     }
     Ok((index, ids))
 }
