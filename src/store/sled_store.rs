@@ -196,7 +196,9 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         // Reads are served by the index, so sled's own cache only has to hold
         // what writes touch: a small one keeps memory and start-up down.
+        let started = Instant::now();
         let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
+        let sled_ms = started.elapsed().as_millis() as u64;
         let trees = Arc::new(Trees {
             blogs: db.open_tree("blogs")?,
             paths: db.open_tree("paths")?,
@@ -223,7 +225,17 @@ impl SledStore {
         if replayed > 0 {
             tracing::info!(replayed, "replayed writes from the write-ahead log");
         }
+        let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
         let (index, ids) = load(&trees)?;
+        let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
+        tracing::info!(
+            blogs = index.blogs.len(),
+            paths,
+            sled_ms,
+            replay_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "store open"
+        );
         let shared = Arc::new(Shared { index: RwLock::new(index), pending_refs: Mutex::default() });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
