@@ -197,7 +197,9 @@ impl SledStore {
         // Reads are served by the index, so sled's own cache only has to hold
         // what writes touch: a small one keeps memory and start-up down.
         let started = Instant::now();
-        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
+        // No background flushes: durability comes from the log, and sled is
+        // flushed at checkpoints; its own flusher would only compete for the disk.
+        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).flush_every_ms(None).open()?;
         let sled_ms = started.elapsed().as_millis() as u64;
         let trees = Arc::new(Trees {
             blogs: db.open_tree("blogs")?,
