@@ -120,3 +120,46 @@ async fn sigterm_drains_and_flushes() {
     let d = r.lookup_domain(pb::LookupDomainRequest { domain: "term.example".into() }).await.unwrap();
     assert_eq!(d.into_inner().blog_id, "term");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_bindings_and_domains_survive_kill_9() {
+    use blotcdn::proto::put_asset_chunk::Chunk;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let url = format!("http://{}", server.grpc);
+    let mut p = pb::publisher_client::PublisherClient::connect(url).await.unwrap();
+    let chunks = vec![
+        pb::PutAssetChunk {
+            chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                blog_id: "k9".into(),
+                filename: "avatar.png".into(),
+                content_type: String::new(),
+                path: "/avatars/me.png".into(),
+            })),
+        },
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes::Bytes::from_static(b"avatar bytes"))) },
+    ];
+    let asset = p.put_asset(tokio_stream::iter(chunks)).await.unwrap().into_inner();
+    p.set_domain(pb::SetDomainRequest { domain: "k9.example".into(), blog_id: "k9".into() }).await.unwrap();
+    p.set_domain(pb::SetDomainRequest { domain: "gone.example".into(), blog_id: "k9".into() }).await.unwrap();
+    p.remove_domain(pb::RemoveDomainRequest { domain: "gone.example".into() }).await.unwrap();
+    // Straight after the acknowledgements: nothing has been checkpointed into sled.
+    server.kill9();
+
+    let server = ChildServer::spawn(dir.path());
+    let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let a = r
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "k9".into(), paths: vec!["/avatars/me.png".into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    // The port (and so the base URL) changed with the restart; the path did not.
+    assert_eq!(common::path_of(&a.assets[0].url), common::path_of(&asset.url));
+    assert_eq!(a.assets[0].content_hash, asset.hash);
+    let got = common::get(server.http, &common::path_of(&asset.url), &[]);
+    assert_eq!((got.status, got.body.as_slice()), (200, &b"avatar bytes"[..]));
+    let d = r.lookup_domain(pb::LookupDomainRequest { domain: "k9.example".into() }).await.unwrap();
+    assert_eq!(d.into_inner().blog_id, "k9");
+    let e = r.lookup_domain(pb::LookupDomainRequest { domain: "gone.example".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+}
