@@ -149,6 +149,10 @@ impl App {
             }
         };
         let grpc = tonic::transport::Server::builder()
+            // Past this many calls in flight on one connection, refuse at once
+            // (RESOURCE_EXHAUSTED) rather than queue without bound.
+            .concurrency_limit_per_connection(config.max_in_flight)
+            .load_shed(true)
             // Outermost: a call without the right token is refused before any
             // service sees it, and so changes nothing.
             .layer(AuthLayer { tokens })

@@ -38,6 +38,9 @@ pub struct Partial {
     pub backfill_origins: Option<usize>,
     /// Bytes of small hot files the origin keeps in memory.
     pub hot_cache_bytes: Option<u64>,
+    /// gRPC calls in flight per connection; past it a call is refused with
+    /// RESOURCE_EXHAUSTED instead of queueing.
+    pub max_in_flight: Option<usize>,
 }
 
 impl Partial {
@@ -57,7 +60,8 @@ impl Partial {
             max_asset_bytes,
             fallback_origins,
             backfill_origins,
-            hot_cache_bytes
+            hot_cache_bytes,
+            max_in_flight
         );
     }
 
@@ -88,6 +92,7 @@ impl Partial {
             fallback_origins: list(get("BLOTCDN_FALLBACK_ORIGINS")),
             backfill_origins: num("BLOTCDN_BACKFILL_ORIGINS", get("BLOTCDN_BACKFILL_ORIGINS"))?,
             hot_cache_bytes: num("BLOTCDN_HOT_CACHE_BYTES", get("BLOTCDN_HOT_CACHE_BYTES"))?,
+            max_in_flight: num("BLOTCDN_MAX_IN_FLIGHT", get("BLOTCDN_MAX_IN_FLIGHT"))?,
         })
     }
 
@@ -113,6 +118,7 @@ pub struct Config {
     pub fallback_origins: Vec<String>,
     pub backfill_origins: usize,
     pub hot_cache_bytes: u64,
+    pub max_in_flight: usize,
 }
 
 impl Config {
@@ -153,6 +159,10 @@ impl Config {
         if max_asset_bytes == 0 {
             return Err(invalid("max_asset_bytes", "must be at least 1".into()));
         }
+        let max_in_flight = p.max_in_flight.unwrap_or(1024);
+        if max_in_flight == 0 {
+            return Err(invalid("max_in_flight", "must be at least 1".into()));
+        }
         let fallback_origins: Vec<String> =
             p.fallback_origins.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         for o in &fallback_origins {
@@ -179,6 +189,7 @@ impl Config {
             backfill_origins: p.backfill_origins.unwrap_or(1).min(fallback_origins.len()),
             fallback_origins,
             hot_cache_bytes: p.hot_cache_bytes.unwrap_or(64 * 1024 * 1024),
+            max_in_flight,
         })
     }
 

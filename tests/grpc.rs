@@ -215,3 +215,49 @@ async fn state_survives_a_graceful_restart() {
     assert_eq!(got.into_inner().blog_id, "keep");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_not_queued() {
+    use blotcdn::proto::put_asset_chunk::Chunk;
+    let s = Server::start_with(|p| p.max_in_flight = Some(2)).await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
+    // Two uploads that never finish hold both slots of this connection.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut c = pb::publisher_client::PublisherClient::new(ch.clone());
+        let header = pb::PutAssetChunk {
+            chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                blog_id: "busy".into(),
+                filename: format!("f{i}.bin"),
+                ..Default::default()
+            })),
+        };
+        let stream = tokio_stream::StreamExt::chain(tokio_stream::iter(vec![header]), futures_util::stream::pending());
+        held.push(tokio::spawn(async move { c.put_asset(stream).await }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut r = pb::resolver_client::ResolverClient::new(ch.clone());
+    let e = r.get_blog(pb::GetBlogRequest { blog_id: "busy".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    for h in held {
+        h.abort();
+    }
+    // Once the slots are free, calls go through again.
+    let mut ok = false;
+    for _ in 0..100 {
+        let mut r = pb::resolver_client::ResolverClient::new(ch.clone());
+        match r.get_blog(pb::GetBlogRequest { blog_id: "busy".into() }).await {
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::NotFound);
+                ok = true;
+                break;
+            }
+            Ok(_) => panic!("the refused uploads created a blog"),
+        }
+    }
+    assert!(ok, "slots never freed");
+    s.stop().await;
+}
