@@ -225,6 +225,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_says_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("blotcdn.example.toml");
+        let c = Config::load(Some(&path), Partial::default(), Partial::default()).unwrap();
+        let d = Config::from_partial(Partial::default()).unwrap();
+        assert_eq!(
+            (c.grpc_addr, c.http_addr, c.max_batch, c.max_asset_bytes),
+            (d.grpc_addr, d.http_addr, d.max_batch, d.max_asset_bytes)
+        );
+        assert_eq!((c.hot_cache_bytes, c.max_in_flight, c.data_dir), (d.hot_cache_bytes, d.max_in_flight, d.data_dir));
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let e = Partial::from_env(|k| (k == "BLOTCDN_MAX_BATCH").then(|| "lots".to_owned())).unwrap_err();
         assert!(e.to_string().contains("BLOTCDN_MAX_BATCH"), "{e}");
