@@ -24,7 +24,7 @@ impl From<CatalogError> for Status {
             CatalogError::NotFound(_) => Status::not_found(msg),
             CatalogError::TooLarge(_) => Status::resource_exhausted(msg),
             CatalogError::Store(_) | CatalogError::Io(_) => {
-                tracing::error!(error = %msg, "internal error");
+                tracing::error!(code = e.code(), error = %msg, "internal error");
                 Status::internal(msg)
             }
         }
