@@ -37,10 +37,6 @@ impl BlogsDir {
         Ok(BlogsDir { root: dir.canonicalize()? })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn blog_dir(&self, blog: &str) -> PathBuf {
         self.root.join(blog)
     }
@@ -57,10 +53,7 @@ impl BlogsDir {
     /// Opens a blog's file for reading if, once open, it is a regular file
     /// inside the blog's folder. Hidden paths are refused.
     pub fn open(&self, blog: &BlogId, path: &BlogPath) -> Result<(File, Metadata), OpenError> {
-        self.open_str(blog.as_str(), path)
-    }
-
-    pub fn open_str(&self, blog: &str, path: &BlogPath) -> Result<(File, Metadata), OpenError> {
+        let blog = blog.as_str();
         if path.is_hidden() {
             return Err(OpenError::Refused("hidden file"));
         }

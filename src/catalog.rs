@@ -147,9 +147,6 @@ impl Catalog {
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
-    pub fn max_asset_bytes(&self) -> u64 {
-        self.max_asset_bytes
-    }
 
     /// One answer per path, in order. Memory only: a look-up and a string
     /// per item.
