@@ -261,3 +261,40 @@ async fn overload_is_refused_not_queued() {
     assert!(ok, "slots never freed");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_both_list_the_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let s = Server::start().await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
+
+    let mut c = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = first.message_response
+    else {
+        panic!("v1: unexpected answer {first:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for svc in ["blotcdn.v1.Resolver", "blotcdn.v1.Publisher", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == svc), "v1 lists {names:?}");
+    }
+
+    let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(ch);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = first.message_response
+    else {
+        panic!("v1alpha: unexpected answer {first:?}");
+    };
+    assert!(list.service.iter().any(|s| s.name == "blotcdn.v1.Resolver"));
+    s.stop().await;
+}
