@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::fs::Metadata;
 use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -342,7 +343,7 @@ impl Origin {
             None => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         };
         let dirs = self.catalog.blogs_dir();
-        let backfill = blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), dirs.file_path(b.as_str(), p)));
+        let backfill = blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), PathBuf::from(&p.as_str()[1..])));
         match self.fallback.fetch(req.method(), &target, backfill, blog_file.map(|(b, _)| b.as_str())).await {
             Some(resp) => resp,
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),

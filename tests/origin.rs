@@ -166,6 +166,17 @@ async fn fallback_origins_in_order_and_backfill() {
     // The app sees the query of what it is asked.
     assert_eq!(curl(&[&s.url("/echo?x=1&y=2")]).body, b"args=x=1&y=2");
 
+    // A backfill never follows a link out of the blog's folder: the answer
+    // still comes from the bucket, but nothing is written outside.
+    let outside = work.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, s.blogs_dir().join("oldblog/evil")).unwrap();
+    std::fs::create_dir_all(legacy_root.join("oldblog/evil")).unwrap();
+    std::fs::write(legacy_root.join("oldblog/evil/x.png"), b"bucket bytes").unwrap();
+    let r = curl(&[&s.url("/oldblog/evil/x.png")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"bucket bytes"[..]));
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the blog's folder");
+
     // A versioned URL whose file is only in the bucket: fetched by its
     // unversioned name, written into the blog's folder.
     let id = invalidate(&s, "oldblog", &[]).await;

@@ -4,7 +4,8 @@
 //! written into the blog's folder, so the bucket empties itself into the
 //! server over time. Only 2xx answers are taken; anything else tries the next.
 
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -33,8 +34,8 @@ impl Fallback {
     }
 
     /// Tries each origin for `target` (an absolute path). `backfill_to` is
-    /// (blog folder, file) where a backfill origin's hit is written, when
-    /// the URL names a blog file.
+    /// (blog folder, file relative to it) where a backfill origin's hit is
+    /// written, when the URL names a blog file.
     pub async fn fetch(
         &self,
         method: &Method,
@@ -100,27 +101,69 @@ impl Fallback {
     }
 }
 
-/// Writes a file that does not exist yet: temporary name, fsync, then a
-/// link that fails if a synced file appeared meanwhile (that one wins).
-/// The folder it lands in must really be inside the blog's folder (a synced
-/// symbolic link could point elsewhere).
-fn write_new_file(blog_dir: &std::path::Path, dest: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+/// Writes a blog file that does not exist yet, at `rel` (relative, already
+/// validated) under the blog's folder: temporary name, fsync, then a link
+/// that fails if a synced file appeared meanwhile (that one wins).
+///
+/// Every step below the blog's folder goes through a directory descriptor
+/// opened with `O_NOFOLLOW`: a symbolic link anywhere on the way (one a sync
+/// put there, even one swapped in mid-way) stops the write instead of leading
+/// it outside the folder.
+fn write_new_file(blog_dir: &Path, rel: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::{AsRawFd, FromRawFd};
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = dest.parent().ok_or_else(|| std::io::Error::other("no parent"))?;
-    std::fs::create_dir_all(dir)?;
-    if !dir.canonicalize()?.starts_with(blog_dir.canonicalize()?) {
-        return Err(std::io::Error::other("backfill target resolves outside the blog's folder"));
+    let cstr = |b: &[u8]| std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"));
+
+    std::fs::create_dir_all(blog_dir)?;
+    let mut dir =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(blog_dir)?;
+    let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
+    for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
+        let c = cstr(comp.as_os_str().as_bytes())?;
+        // SAFETY: `dir` is an open directory and `c` a NUL-terminated name.
+        if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: as above; the new descriptor is owned by the File below.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::other(format!(
+                "backfill refused: {:?} is not a plain folder inside the blog ({})",
+                comp.as_os_str(),
+                io::Error::last_os_error()
+            )));
+        }
+        dir = unsafe { std::fs::File::from_raw_fd(fd) };
     }
-    let tmp = dir.join(format!(".blotcdn-backfill-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    let r = std::fs::hard_link(&tmp, dest);
-    let _ = std::fs::remove_file(&tmp);
-    match r {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
+    let tmp =
+        cstr(format!(".blotcdn-backfill-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes())?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `dir` is open; the descriptor is owned by the File below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let written = file.write_all(bytes).and_then(|_| file.sync_all());
+    let name = cstr(name.as_bytes())?;
+    let linked = written.and_then(|_| {
+        // SAFETY: both names are relative to the same open directory.
+        match unsafe { libc::linkat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) } {
+            0 => dir.sync_all(),
+            _ => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                e => Err(e),
+            },
+        }
+    });
+    // SAFETY: as above.
+    unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
+    linked
 }
