@@ -152,7 +152,15 @@ impl Origin {
     async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
         let path = req.uri().path();
         match path {
-            "/healthz" => return plain(StatusCode::OK, NO_STORE, "ok\n"),
+            "/healthz" => {
+                return match self.catalog.store().health() {
+                    Ok(()) => plain(StatusCode::OK, NO_STORE, "ok\n"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "health check failed");
+                        plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "store unavailable\n")
+                    }
+                }
+            }
             "/_ask" => return self.ask(req.uri().query().unwrap_or("")),
             _ => {}
         }

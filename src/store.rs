@@ -124,4 +124,7 @@ pub trait Store: Send + Sync + 'static {
     fn gc_done(&self, hash: ContentHash) -> Pending<()>;
     /// Durable once everything handed over before it is.
     fn flush(&self) -> Pending<()>;
+    /// `Err` with the reason when writes can no longer be taken (a failed
+    /// sync, a stopped writer). Memory only: cheap enough for every health check.
+    fn health(&self) -> Result<(), String>;
 }

@@ -72,6 +72,8 @@ impl Index {
 }
 
 struct Shared {
+    /// Set when the writer refuses writes from then on.
+    failed: Mutex<Option<String>>,
     index: RwLock<Index>,
     /// References handed to the writer but not yet in the index.
     pending_refs: Mutex<FastMap<ContentHash, u32>>,
@@ -238,7 +240,8 @@ impl SledStore {
             total_ms = started.elapsed().as_millis() as u64,
             "store open"
         );
-        let shared = Arc::new(Shared { index: RwLock::new(index), pending_refs: Mutex::default() });
+        let shared =
+            Arc::new(Shared { failed: Mutex::default(), index: RwLock::new(index), pending_refs: Mutex::default() });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
             trees: trees.clone(),
@@ -393,6 +396,7 @@ impl Writer {
         tracing::error!(error = %e, "write-ahead log sync failed; refusing further writes");
         let msg = format!("the store refuses writes after a failed sync: {e}");
         self.failed = Some(msg.clone());
+        *self.shared.failed.lock() = Some(msg.clone());
         msg
     }
 
@@ -826,6 +830,16 @@ impl Store for SledStore {
 
     fn flush(&self) -> Pending<()> {
         self.submit(|tx| Op::Flush { tx })
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if let Some(e) = self.shared.failed.lock().clone() {
+            return Err(e);
+        }
+        match self.writer.lock().as_ref() {
+            Some(h) if !h.is_finished() => Ok(()),
+            _ => Err("the store's writer has stopped".into()),
+        }
     }
 }
 
