@@ -267,30 +267,45 @@ impl SledStore {
     }
 }
 
-/// Reads every tree into the index. The `paths` tree (by far the largest)
-/// is read in two halves on two threads while this one reads the rest:
-/// start-up time is what a restart costs the renderers.
 type PathsByBlog = Vec<(Box<str>, FastMap<Box<str>, PathEntry>)>;
 
 /// Reads the paths in `[from, to)`, grouped by blog (keys sort by blog).
+/// Each blog's entries are gathered first so its map is built at its final
+/// size: no rehashing, no outgrown tables left behind.
 fn read_paths(tree: &sled::Tree, from: Option<Vec<u8>>, to: Option<Vec<u8>>) -> Result<PathsByBlog, StoreError> {
     use std::ops::Bound;
+    type Entries = (Box<str>, Vec<(Box<str>, PathEntry)>);
     let lo = from.map_or(Bound::Unbounded, Bound::Included);
     let hi = to.map_or(Bound::Unbounded, Bound::Excluded);
     let mut out: PathsByBlog = Vec::new();
+    let finish = |out: &mut PathsByBlog, (blog, entries): Entries| {
+        let mut map = FastMap::with_capacity_and_hasher(entries.len(), Default::default());
+        map.extend(entries);
+        out.push((blog, map));
+    };
+    let mut current: Option<Entries> = None;
     for kv in tree.range::<Vec<u8>, _>((lo, hi)) {
         let (k, v) = kv?;
         let (blog, path) = split_key("paths", &k)?;
         let path = std::str::from_utf8(path).map_err(|_| corrupt("paths", "path not UTF-8"))?;
         let entry = decode_path_entry(&v)?;
-        if out.last().is_none_or(|(b, _)| &**b != blog) {
-            out.push((blog.into(), FastMap::default()));
+        if current.as_ref().is_none_or(|(b, _)| &**b != blog) {
+            if let Some(done) = current.take() {
+                finish(&mut out, done);
+            }
+            current = Some((blog.into(), Vec::new()));
         }
-        out.last_mut().expect("pushed").1.insert(path.into(), entry);
+        current.as_mut().expect("set").1.push((path.into(), entry));
+    }
+    if let Some(done) = current.take() {
+        finish(&mut out, done);
     }
     Ok(out)
 }
 
+/// Reads every tree into the index. The `paths` tree (by far the largest)
+/// is read in two halves on two threads while this one reads the rest:
+/// start-up time is what a restart costs the renderers.
 fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
     let mut index = Index::default();
     let mut ids = FastMap::default();
