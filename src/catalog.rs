@@ -148,17 +148,19 @@ impl Catalog {
         &self.base_url
     }
 
+    /// Both ResolveBatch and Invalidate take at most `max_batch` paths.
+    fn check_batch(&self, n: usize) -> Result<(), CatalogError> {
+        if n > self.max_batch {
+            return Err(CatalogError::BadRequest(format!("batch of {n} paths is over max_batch ({})", self.max_batch)));
+        }
+        Ok(())
+    }
+
     /// One answer per path, in order. Memory only: a look-up and a string
     /// per item.
     pub fn resolve_batch(&self, blog: &str, paths: &[String]) -> Result<Vec<Resolved>, CatalogError> {
         let blog = BlogId::parse(blog)?;
-        if paths.len() > self.max_batch {
-            return Err(CatalogError::BadRequest(format!(
-                "batch of {} paths is over max_batch ({})",
-                paths.len(),
-                self.max_batch
-            )));
-        }
+        self.check_batch(paths.len())?;
         let checked: Vec<Option<std::borrow::Cow<'_, str>>> =
             paths.iter().map(|p| BlogPath::validate(p).ok()).collect();
         let valid: Vec<&str> = checked.iter().flatten().map(|c| c.as_ref()).collect();
@@ -207,13 +209,7 @@ impl Catalog {
 
     pub async fn invalidate(self: &Arc<Self>, blog: &str, paths: &[String]) -> Result<CacheId, CatalogError> {
         let blog = BlogId::parse(blog)?;
-        if paths.len() > self.max_batch {
-            return Err(CatalogError::BadRequest(format!(
-                "{} paths is over max_batch ({})",
-                paths.len(),
-                self.max_batch
-            )));
-        }
+        self.check_batch(paths.len())?;
         let mut parsed = Vec::with_capacity(paths.len());
         for (i, p) in paths.iter().enumerate() {
             parsed.push(BlogPath::parse(p).map_err(|e| CatalogError::BadRequest(format!("paths[{i}]: {e}")))?);

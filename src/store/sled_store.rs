@@ -250,7 +250,6 @@ impl SledStore {
             wal,
             seq: last + 1,
             last_checkpoint: Instant::now(),
-            failed: None,
         };
         let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
         Ok(SledStore { shared, trees, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
@@ -366,9 +365,6 @@ struct Writer {
     /// Sequence number of the next log record.
     seq: u64,
     last_checkpoint: Instant,
-    /// After a failed sync every write is refused: an fsync error means the
-    /// disk can no longer be trusted with acknowledged data.
-    failed: Option<String>,
 }
 
 /// Write the log into sled and empty it past this size, or this long after
@@ -397,8 +393,8 @@ impl Writer {
                     op = rx.try_recv().ok();
                 }
             }
-            let synced = match &self.failed {
-                Some(e) => Err(e.clone()),
+            let synced = match self.failed() {
+                Some(e) => Err(e),
                 None => self.wal.sync().map_err(|e| self.fail(&e)),
             };
             self.publish(effects, synced);
@@ -410,7 +406,6 @@ impl Writer {
     fn fail(&mut self, e: &dyn std::fmt::Display) -> String {
         tracing::error!(error = %e, "write-ahead log sync failed; refusing further writes");
         let msg = format!("the store refuses writes after a failed sync: {e}");
-        self.failed = Some(msg.clone());
         *self.shared.failed.lock() = Some(msg.clone());
         msg
     }
@@ -420,7 +415,7 @@ impl Writer {
     fn maybe_checkpoint(&mut self, idle: bool) {
         let due = self.wal.bytes() > CHECKPOINT_BYTES
             || (self.wal.bytes() > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
-        if !due || self.failed.is_some() {
+        if !due || self.failed().is_some() {
             return;
         }
         let r = checkpoint(&self.trees, &mut self.wal, self.seq - 1);
@@ -446,17 +441,17 @@ impl Writer {
     /// Resolves one write into a log record, applies it to sled (in memory)
     /// and queues it for the group's sync. Errors are answered at once.
     fn take(&mut self, op: Op) -> Option<Effect> {
-        if let Some(e) = self.failed.clone() {
-            let err = || StoreError::Io(std::io::Error::other(e.clone()));
+        if let Some(e) = self.failed() {
+            let e = StoreError::Io(std::io::Error::other(e));
             match op {
-                Op::Invalidate { tx, .. } => drop(tx.send(Err(err()))),
+                Op::Invalidate { tx, .. } => drop(tx.send(Err(e))),
                 Op::Bind { tx, binding, .. } => {
                     self.unpin(&binding.hash);
-                    drop(tx.send(Err(err())))
+                    drop(tx.send(Err(e)))
                 }
-                Op::SetDomain { tx, .. } | Op::GcDone { tx, .. } | Op::Flush { tx } => drop(tx.send(Err(err()))),
-                Op::RemoveDomain { tx, .. } => drop(tx.send(Err(err()))),
-                Op::DeleteBlog { tx, .. } => drop(tx.send(Err(err()))),
+                Op::SetDomain { tx, .. } | Op::GcDone { tx, .. } | Op::Flush { tx } => drop(tx.send(Err(e))),
+                Op::RemoveDomain { tx, .. } => drop(tx.send(Err(e))),
+                Op::DeleteBlog { tx, .. } => drop(tx.send(Err(e))),
             }
             return None;
         }
@@ -530,17 +525,7 @@ impl Writer {
         };
         if let Err(e) = apply(&self.trees, &rec) {
             // Not logged, not answered as done: the caller hears why.
-            let e = StoreError::from(e);
-            match effect {
-                Effect::Invalidated { tx, .. } => drop(tx.send(Err(e))),
-                Effect::Bound { tx, binding, .. } => {
-                    self.unpin(&binding.hash);
-                    drop(tx.send(Err(e)))
-                }
-                Effect::DomainSet { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
-                Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(e))),
-                Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
-            }
+            self.refuse(effect, e.into());
             return None;
         }
         self.wal.push(self.seq, &rec);
@@ -566,6 +551,26 @@ impl Writer {
         Ok(Rec::Delete { blog: blog.to_string(), hashes, domains })
     }
 
+    /// Why the store refuses writes, if it does.
+    fn failed(&self) -> Option<String> {
+        self.shared.failed.lock().clone()
+    }
+
+    /// Answers a write that will not happen with its error (and lets go of
+    /// the blob a refused binding had pinned).
+    fn refuse(&self, effect: Effect, e: StoreError) {
+        match effect {
+            Effect::Invalidated { tx, .. } => drop(tx.send(Err(e))),
+            Effect::Bound { tx, binding, .. } => {
+                self.unpin(&binding.hash);
+                drop(tx.send(Err(e)))
+            }
+            Effect::DomainSet { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
+            Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(e))),
+            Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
+        }
+    }
+
     fn unpin(&self, hash: &ContentHash) {
         let mut p = self.shared.pending_refs.lock();
         if let Some(n) = p.get_mut(hash) {
@@ -578,19 +583,9 @@ impl Writer {
 
     /// After the flush: the index learns the writes, then callers hear back.
     fn publish(&self, effects: Vec<Effect>, flushed: Result<(), String>) {
-        let err = |e: &String| StoreError::Io(std::io::Error::other(e.clone()));
         if let Err(e) = &flushed {
             for eff in effects {
-                match eff {
-                    Effect::Invalidated { tx, .. } => drop(tx.send(Err(err(e)))),
-                    Effect::Bound { tx, binding, .. } => {
-                        self.unpin(&binding.hash);
-                        drop(tx.send(Err(err(e))))
-                    }
-                    Effect::DomainSet { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(err(e)))),
-                    Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(err(e)))),
-                    Effect::Deleted { tx, .. } => drop(tx.send(Err(err(e)))),
-                }
+                self.refuse(eff, StoreError::Io(std::io::Error::other(e.clone())));
             }
             return;
         }
