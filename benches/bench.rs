@@ -9,17 +9,22 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
 use bytes::Bytes;
+use common::{free_port, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::Channel;
 
 // ---------------------------------------------------------------- helpers
+
+// The test suite's helpers: ports, daemons stopped gracefully, Varnish.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Opts {
     quick: bool,
@@ -35,41 +40,12 @@ impl Opts {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_port(port: u16, secs: u64) -> Duration {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(secs), "port {port} did not open");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    start.elapsed()
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    /// SIGTERM first, so a master process (nginx, varnish) takes its workers
-    /// with it; SIGKILL if it lingers.
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn wait_port(port: u16) {
+    common::wait_for_port(([127, 0, 0, 1], port).into());
 }
 
 struct BlotServer {
-    proc: Proc,
+    proc: Daemon,
     grpc: SocketAddr,
     http: SocketAddr,
     /// From spawn until the gRPC health check answers SERVING.
@@ -90,12 +66,12 @@ impl BlotServer {
             .spawn()
             .expect("server binary");
         let grpc: SocketAddr = ([127, 0, 0, 1], g).into();
-        wait_port(g, 120);
+        wait_port(g);
         let ch = Channel::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
         health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
         let startup = start.elapsed();
-        BlotServer { proc: Proc(child), grpc, http: ([127, 0, 0, 1], h).into(), startup }
+        BlotServer { proc: Daemon { child, name: "blotcdn" }, grpc, http: ([127, 0, 0, 1], h).into(), startup }
     }
 
     async fn channel(&self) -> Channel {
@@ -103,7 +79,7 @@ impl BlotServer {
     }
 
     fn rss_mib(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id())).unwrap_or_default();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id())).unwrap_or_default();
         let kb: f64 = s
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -260,7 +236,7 @@ where
 // ---------------------------------------------------------------- redis
 
 struct Redis {
-    proc: Proc,
+    proc: Daemon,
     port: u16,
     _dir: tempfile::TempDir,
 }
@@ -275,8 +251,9 @@ fn redis() -> Redis {
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server (run ./scripts/install-test-deps.sh)");
-    wait_port(port, 20);
-    Redis { proc: Proc(child), port, _dir: dir }
+    let proc = Daemon { child, name: "redis-server" };
+    wait_port(port);
+    Redis { proc, port, _dir: dir }
 }
 
 fn resp_command(args: &[&str]) -> Vec<u8> {
@@ -376,7 +353,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
                 .collect(),
         );
         let (chans2, p2) = (Arc::new(chans.clone()), paths.clone());
-        let cpu0 = cpu_secs(s.proc.0.id());
+        let cpu0 = cpu_secs(s.proc.child.id());
         let (calls, mut lat, el) = load(CONC, dur, move |w| {
             let ch = chans2[w % CONNS].clone();
             let paths = p2[w].clone();
@@ -390,7 +367,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
         let ours = calls as f64 * batch as f64 / el.as_secs_f64();
         // Server CPU per 1,000 URLs: what the server itself spends, whatever
         // the load generator (same process as the clients) costs.
-        let our_cpu = (cpu_secs(s.proc.0.id()) - cpu0) * 1e6 / (calls as f64 * batch as f64 / 1000.0);
+        let our_cpu = (cpu_secs(s.proc.child.id()) - cpu0) * 1e6 / (calls as f64 * batch as f64 / 1000.0);
         let (p50, p99) = (lat.pct(0.5), lat.pct(0.99));
 
         // Redis: one connection per caller, one HMGET in flight on each. Like
@@ -402,7 +379,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
             conns.lock().await.push(Some(BufReader::new(c)));
         }
         let (conns2, p3) = (conns.clone(), paths.clone());
-        let rcpu0 = cpu_secs(r.proc.0.id());
+        let rcpu0 = cpu_secs(r.proc.child.id());
         let (rcalls, mut rlat, rel) = load(CONC, dur, move |w| {
             let conns = conns2.clone();
             let paths = p3[w].clone();
@@ -419,7 +396,7 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
         })
         .await;
         let peer = rcalls as f64 * batch as f64 / rel.as_secs_f64();
-        let peer_cpu = (cpu_secs(r.proc.0.id()) - rcpu0) * 1e6 / (rcalls as f64 * batch as f64 / 1000.0);
+        let peer_cpu = (cpu_secs(r.proc.child.id()) - rcpu0) * 1e6 / (rcalls as f64 * batch as f64 / 1000.0);
         println!(
             "batch {batch:>3}: blotcdn {ours:>10.0} URLs/s p50 {} p99 {} cpu {our_cpu:.0} µs/1k | redis {peer:>10.0} fields/s p50 {} p99 {} cpu {peer_cpu:.0} µs/1k",
             ms(p50),
@@ -472,7 +449,7 @@ fn parse_size(s: &str) -> f64 {
     }
 }
 
-fn nginx(work: &Path, root: &Path, port: u16) -> Proc {
+fn nginx(work: &Path, root: &Path, port: u16) -> Daemon {
     std::fs::create_dir_all(work.join("tmp")).unwrap();
     let conf = work.join("nginx.conf");
     std::fs::write(
@@ -501,8 +478,9 @@ fn nginx(work: &Path, root: &Path, port: u16) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx (run ./scripts/install-test-deps.sh)");
-    wait_port(port, 20);
-    Proc(child)
+    let d = Daemon { child, name: "nginx" };
+    wait_port(port);
+    d
 }
 
 async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
@@ -798,28 +776,6 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
 
 // ---------------------------------------------------------------- edge effect
 
-fn varnish(work: &Path, origin_port: u16) -> (Proc, u16) {
-    let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
-    let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
-    std::fs::create_dir_all(work).unwrap();
-    let vcl_path = work.join("blotcdn.vcl");
-    std::fs::write(&vcl_path, vcl).unwrap();
-    let port = free_port();
-    let child = Command::new("varnishd")
-        .arg("-F")
-        .arg("-n")
-        .arg(work.join("varnish"))
-        .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", "malloc,256m"])
-        .arg("-f")
-        .arg(&vcl_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("varnishd (run ./scripts/install-test-deps.sh)");
-    wait_port(port, 20);
-    (Proc(child), port)
-}
-
 /// A keep-alive HTTP/1.1 GET over one connection: (status, X-Cache hit, body).
 struct Http {
     stream: std::net::TcpStream,
@@ -892,7 +848,7 @@ async fn edge_run(versioned: bool, requests: usize, o: &Opts) -> EdgeResult {
         }
     }
     let vwork = tempfile::tempdir().unwrap();
-    let (_v, vport) = varnish(vwork.path(), s.http.port());
+    let (_v, vport) = common::varnish(vwork.path(), s.http.port(), "malloc,256m");
     let mut http = Http::connect(vport);
     let zipf = Zipf::new(BLOGS * FILES, 1.0);
     let mut rng = Rng(42);

@@ -229,11 +229,7 @@ impl Origin {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
         let cache = if id == version { IMMUTABLE } else { SHORT };
-        match self.blog_file(blog, path, version, cache).await {
-            Ok(Some(answer)) => respond(req, answer),
-            Ok(None) => self.fallback(req, Some((blog, path))).await,
-            Err(resp) => resp,
-        }
+        self.serve_blog_file(req, blog, path, version, cache).await
     }
 
     async fn unversioned(&self, req: &Request<Incoming>, blog: &BlogId, path: &BlogPath) -> Response<Body> {
@@ -241,7 +237,19 @@ impl Origin {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
         let version = self.catalog.store().path_version(blog.as_str(), path.as_str()).unwrap_or(0);
-        match self.blog_file(blog, path, version, SHORT).await {
+        self.serve_blog_file(req, blog, path, version, SHORT).await
+    }
+
+    /// The blog's file if the disk has it, else the fallback chain.
+    async fn serve_blog_file(
+        &self,
+        req: &Request<Incoming>,
+        blog: &BlogId,
+        path: &BlogPath,
+        version: CacheId,
+        cache: &'static str,
+    ) -> Response<Body> {
+        match self.blog_file(blog, path, version, cache).await {
             Ok(Some(answer)) => respond(req, answer),
             Ok(None) => self.fallback(req, Some((blog, path))).await,
             Err(resp) => resp,

@@ -4,39 +4,16 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use blotcdn::proto as pb;
-use common::{curl, free_port, invalidate, open_up, path_of, run, url_of, Daemon, Server};
-
-fn varnish(work: &Path, origin_port: u16) -> (Daemon, u16) {
-    let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
-    let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
-    std::fs::create_dir_all(work).unwrap();
-    open_up(work);
-    let vcl_path = work.join("blotcdn.vcl");
-    std::fs::write(&vcl_path, vcl).unwrap();
-    let port = free_port();
-    let d = Daemon::spawn(
-        "varnishd",
-        Command::new("varnishd")
-            .arg("-F")
-            .arg("-n")
-            .arg(work.join("varnish"))
-            .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", "malloc,64m"])
-            .arg("-f")
-            .arg(&vcl_path),
-        port,
-    );
-    (d, port)
-}
+use common::{curl, free_port, invalidate, open_up, path_of, run, url_of, varnish, Daemon, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn varnish_caches_versions_and_publishes_move_urls() {
     let work = tempfile::tempdir().unwrap();
     let s = Server::start().await;
-    let (_varnish, vport) = varnish(work.path(), s.http.port());
+    let (_varnish, vport) = varnish(work.path(), s.http.port(), "malloc,64m");
     let edge = |url: &str| format!("http://127.0.0.1:{vport}{}", path_of(url));
 
     s.write("blog", "/style.css", b"v1 bytes");
@@ -80,7 +57,7 @@ async fn varnish_caches_versions_and_publishes_move_urls() {
 async fn varnish_serves_permanent_assets() {
     let work = tempfile::tempdir().unwrap();
     let s = Server::start().await;
-    let (_varnish, vport) = varnish(work.path(), s.http.port());
+    let (_varnish, vport) = varnish(work.path(), s.http.port(), "malloc,64m");
     s.write("pblog", "/thumbs/cat.jpg", b"\xff\xd8\xffcat");
     let mut p = s.publisher().await;
     let a = p

@@ -286,6 +286,30 @@ pub fn open_up(p: &Path) {
     let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
 }
 
+/// Varnish in front of the origin on `origin_port`, running `edge/varnish.vcl`
+/// with only the backend port rewritten; `storage` like `malloc,64m`.
+pub fn varnish(work: &Path, origin_port: u16, storage: &str) -> (Daemon, u16) {
+    let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
+    let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
+    std::fs::create_dir_all(work).unwrap();
+    open_up(work);
+    let vcl_path = work.join("blotcdn.vcl");
+    std::fs::write(&vcl_path, vcl).unwrap();
+    let port = free_port();
+    let d = Daemon::spawn(
+        "varnishd",
+        Command::new("varnishd")
+            .arg("-F")
+            .arg("-n")
+            .arg(work.join("varnish"))
+            .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", storage])
+            .arg("-f")
+            .arg(&vcl_path),
+        port,
+    );
+    (d, port)
+}
+
 /// nginx serving `root` on 127.0.0.1:`port` (a stand-in for a static origin).
 pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Daemon {
     std::fs::create_dir_all(dir).unwrap();
