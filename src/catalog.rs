@@ -148,6 +148,10 @@ impl Catalog {
         &self.base_url
     }
 
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     /// Both ResolveBatch and Invalidate take at most `max_batch` paths.
     fn check_batch(&self, n: usize) -> Result<(), CatalogError> {
         if n > self.max_batch {

@@ -146,6 +146,16 @@ impl pb::resolver_server::Resolver for ResolverService {
             .map(|b| Response::new(pb::LookupDomainResponse { blog_id: b.to_string() }));
         log.done(r)
     }
+
+    async fn get_info(&self, _req: Request<pb::GetInfoRequest>) -> Result<Response<pb::Info>, Status> {
+        let c = &self.catalog;
+        Ok(Response::new(pb::Info {
+            cdn_base_url: c.base_url().to_string(),
+            max_batch: u32::try_from(c.max_batch()).unwrap_or(u32::MAX),
+            url_style: "path".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
 }
 
 pub struct PublisherService {
