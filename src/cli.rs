@@ -22,7 +22,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start the service (gRPC and the HTTP origin).
-    Serve(ServeArgs),
+    Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Once both listeners are bound, write `{"grpc":"ADDR","http":"ADDR"}` to this file
+        /// (atomically): how a supervisor or a test learns the ports chosen for `127.0.0.1:0`.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
     /// Resolve paths of a blog to CDN URLs.
     Resolve {
         #[command(flatten)]
@@ -196,9 +203,15 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => {
+        Command::Serve { args, addr_file } => {
             let config = args.load()?;
             let app = crate::app::App::build(config).await?;
+            if let Some(f) = addr_file {
+                let body = format!("{{\"grpc\":\"{}\",\"http\":\"{}\"}}\n", app.grpc_addr(), app.http_addr());
+                let tmp = f.with_extension("tmp");
+                std::fs::write(&tmp, body).with_context(|| format!("cannot write --addr-file {}", tmp.display()))?;
+                std::fs::rename(&tmp, &f).with_context(|| format!("cannot write --addr-file {}", f.display()))?;
+            }
             app.run_until_stopped(crate::app::shutdown_signal()).await?;
         }
         Command::Resolve { conn, blog, paths } => {
