@@ -32,6 +32,32 @@ pub enum AppError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error("config: invalid {key}: {reason}")]
+    Config { key: &'static str, reason: String },
+}
+
+/// The origin serves whatever lies under `blogs_dir/{blog id}/`: the data dir
+/// (the database, its log, the CAS) must not be reachable from there, nor may
+/// the blogs live inside the database's or the CAS's folders.
+fn check_blogs_dir(config: &Config) -> Result<(), AppError> {
+    let canon = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    let blogs = canon(&config.blogs_dir);
+    let data = canon(&config.data_dir);
+    let reason = if data.starts_with(&blogs) {
+        Some(format!(
+            "{} holds the data dir {} (its database and CAS would be served as blog files); use a folder of its own",
+            blogs.display(),
+            data.display()
+        ))
+    } else if blogs.starts_with(data.join("db")) || blogs.starts_with(data.join("cas")) {
+        Some(format!("{} lies inside the data dir's database or CAS folder", blogs.display()))
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(AppError::Config { key: "blogs_dir", reason }),
+        None => Ok(()),
+    }
 }
 
 pub struct App {
@@ -51,8 +77,21 @@ impl App {
         };
         std::fs::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
+        check_blogs_dir(&config)?;
         let cas_dir = config.data_dir.join("cas");
         let cas = Cas::open(&cas_dir).map_err(dir_err("the CAS", &cas_dir))?;
+        // Once per data dir: blobs that earlier versions hard-linked to blog
+        // files get inodes of their own before anything is served.
+        let cas = tokio::task::spawn_blocking(move || cas.unshare_linked().map(|n| (cas, n)))
+            .await
+            .expect("unshare does not panic")
+            .map(|(cas, (copied, quarantined))| {
+                if copied + quarantined > 0 {
+                    tracing::warn!(copied, quarantined, "blobs that shared an inode with a blog file were separated");
+                }
+                cas
+            })
+            .map_err(dir_err("the CAS", &cas_dir))?;
         let db_dir = config.data_dir.join("db");
         let store = {
             let dir = db_dir.clone();

@@ -69,13 +69,28 @@ impl BlogsDir {
                 return Err(OpenError::NotFound)
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(OpenError::Refused("symbolic link loop")),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(OpenError::NotFound),
+            // Whatever a sync tool can put in a folder is the reader's 404,
+            // not the server's 500: no permission, a socket (ENXIO), a device
+            // without a driver (ENODEV), a name too long for the filesystem.
+            Err(e)
+                if e.kind() == io::ErrorKind::PermissionDenied
+                    || matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV | libc::ENAMETOOLONG)) =>
+            {
+                return Err(OpenError::NotFound)
+            }
             Err(e) => return Err(e.into()),
         };
         let meta = file.metadata()?;
         if !meta.is_file() {
             // Directories are never listed; devices and FIFOs never read.
             return Err(OpenError::NotFound);
+        }
+        // A hard link is a second name for an inode that may live anywhere on
+        // the same filesystem, outside the blog included; the name the kernel
+        // reports for the descriptor cannot tell which name is the real one.
+        // Nothing of the service links into blog folders, so refuse them all.
+        if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+            return Err(OpenError::Refused("a hard link (more than one name for the file)"));
         }
         if !self.is_inside(blog, &file)? {
             return Err(OpenError::Refused("resolves outside the blog's folder"));

@@ -102,8 +102,13 @@ impl Cas {
         Ok(BlobWriter { file: Some(file), path, hasher: blake3::Hasher::new(), size: 0 })
     }
 
-    /// Copies a readable file into a new blob (hashing on the way).
-    pub fn copy_from(&self, mut src: impl Read) -> io::Result<PendingBlob> {
+    /// Copies a readable file into a new blob (hashing on the way). More
+    /// than `limit` bytes is refused with `FileTooLarge`: a file may grow
+    /// after it was measured.
+    ///
+    /// Never a hard link or any other sharing of the source's inode: a blob's
+    /// bytes must not change when a sync tool rewrites the user's file in place.
+    pub fn copy_from(&self, mut src: impl Read, limit: u64) -> io::Result<PendingBlob> {
         let mut w = self.writer()?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -111,47 +116,47 @@ impl Cas {
             if n == 0 {
                 break;
             }
+            if w.size() + n as u64 > limit {
+                return Err(io::Error::new(io::ErrorKind::FileTooLarge, format!("over {limit} bytes")));
+            }
             w.write(&buf[..n])?;
         }
         w.finish()
     }
 
-    /// Hard-links `src` into the CAS's temporary folder and hashes the linked
-    /// inode, so no byte is copied. `expect` is the (dev, ino) the caller
-    /// verified; a different inode behind the name (swapped since) is refused.
-    /// Returns `Ok(None)` when the filesystem cannot link (other device).
-    pub fn link_from(&self, src: &Path, expect: (u64, u64)) -> io::Result<Option<PendingBlob>> {
+    /// Gives every blob that shares its inode with another name (imports of
+    /// earlier versions hard-linked the blog's file) an inode of its own,
+    /// after checking its bytes still match its name; a blob whose bytes
+    /// changed is quarantined. Runs once per data dir (a marker file records
+    /// it). Returns (blobs copied, blobs quarantined).
+    pub fn unshare_linked(&self) -> io::Result<(usize, usize)> {
         use std::os::unix::fs::MetadataExt;
-        let path = self.temp_path();
-        if let Err(e) = std::fs::hard_link(src, &path) {
-            return match e.raw_os_error() {
-                Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK) | Some(libc::ENOTSUP) => Ok(None),
-                _ => Err(e),
-            };
+        let marker = self.root.join(".no-shared-inodes");
+        if marker.exists() {
+            return Ok((0, 0));
         }
-        let pending = PendingBlob { path, hash: ContentHash([0; 16]), size: 0 };
-        let meta = std::fs::symlink_metadata(&pending.path)?;
-        if !meta.is_file() || (meta.dev(), meta.ino()) != expect {
-            return Ok(None);
-        }
-        let mut file = File::open(&pending.path)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
+        let (mut copied, mut quarantined) = (0, 0);
+        for (hash, path) in self.list()? {
+            if std::fs::symlink_metadata(&path)?.nlink() <= 1 {
+                continue;
             }
-            hasher.update(&buf[..n]);
-            size += n as u64;
+            let pending = self.copy_from(File::open(&path)?, u64::MAX)?;
+            if pending.hash != hash {
+                tracing::error!(%hash, "blob shared its inode with a blog file that changed; quarantined");
+                drop(pending);
+                self.quarantine(&hash)?;
+                quarantined += 1;
+                continue;
+            }
+            let mut pending = pending;
+            let from = std::mem::take(&mut pending.path);
+            std::fs::rename(&from, &path)?;
+            File::open(path.parent().expect("blob paths have parents"))?.sync_all()?;
+            copied += 1;
         }
-        // The link shares the source's data blocks: make sure they are on disk.
-        file.sync_all()?;
-        let mut pending = pending;
-        pending.hash = ContentHash::of(&hasher.finalize());
-        pending.size = size;
-        Ok(Some(pending))
+        File::create(&marker)?.sync_all()?;
+        File::open(&self.root)?.sync_all()?;
+        Ok((copied, quarantined))
     }
 
     /// Gives a pending blob its name. When the blob already exists, the new

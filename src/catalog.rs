@@ -288,7 +288,6 @@ impl Catalog {
     }
 
     fn import_file_blocking(&self, blog: BlogId, path: BlogPath) -> Result<(AssetInfo, Pending<()>), CatalogError> {
-        use std::os::unix::fs::MetadataExt;
         let (file, meta) = self.blogs.open(&blog, &path).map_err(|e| match e {
             OpenError::NotFound => CatalogError::NotFound(format!("no file {path} in blog {blog}")),
             OpenError::Refused(why) => CatalogError::BadRequest(format!("{path} in blog {blog}: {why}")),
@@ -301,11 +300,16 @@ impl Catalog {
                 self.max_asset_bytes
             )));
         }
-        let on_disk = self.blogs.file_path(blog.as_str(), &path);
-        let pending = match self.cas.link_from(&on_disk, (meta.dev(), meta.ino()))? {
-            Some(p) => p,
-            None => self.cas.copy_from(file)?,
-        };
+        // A copy from the descriptor checked above, never a link: the blob
+        // must not change when the sync tool rewrites the file in place, and
+        // a rename racing the import cannot swap another file in.
+        let pending = self.cas.copy_from(file, self.max_asset_bytes).map_err(|e| match e.kind() {
+            std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
+                "{path} grew past max_asset_bytes ({}) while it was imported",
+                self.max_asset_bytes
+            )),
+            _ => CatalogError::Io(e),
+        })?;
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;
         self.commit_blob(blog, Some(path), pending, filename, content_type)
@@ -352,7 +356,7 @@ impl Catalog {
     /// and at start to finish what a crash interrupted.
     pub fn collect_garbage(&self) -> Result<usize, CatalogError> {
         let mut removed = 0;
-        for hash in self.store.gc_candidates()? {
+        for hash in self.store.gc_candidates() {
             {
                 let _g = self.blob_lock.lock();
                 if !self.store.is_referenced(&hash) {

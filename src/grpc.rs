@@ -327,7 +327,11 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(|v| {
+                    // The scheme is case-insensitive (RFC 9110, 11.1).
+                    let (scheme, token) = v.trim_start().split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+                })
                 .map(str::trim);
             let ok = given.is_some_and(|g| allowed.iter().any(|t| token_eq(t.as_bytes(), g.as_bytes())));
             if !ok {

@@ -341,7 +341,9 @@ impl Origin {
             len: meta.len(),
             cache: IMMUTABLE,
             blog: HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe"),
-            cors: aref.content_type.starts_with("font/") || cors_for(name),
+            // From the stored content type only: the URL's file name is the
+            // caller's to spell, and must not change what the answer allows.
+            cors: cors_for_type(&aref.content_type),
             source: Source::File(file),
         };
         respond(req, answer)
@@ -382,6 +384,11 @@ fn content_type(name: &str) -> HeaderValue {
 fn cors_for(name: &str) -> bool {
     let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
     matches!(ext.as_str(), "woff" | "woff2" | "ttf" | "otf" | "eot")
+}
+
+fn cors_for_type(content_type: &str) -> bool {
+    content_type.starts_with("font/")
+        || matches!(content_type, "application/font-woff" | "application/vnd.ms-fontobject" | "application/x-font-ttf")
 }
 
 fn file_etag(meta: &Metadata) -> HeaderValue {
@@ -495,11 +502,12 @@ fn parse_range(v: &[u8], len: u64) -> RangeAnswer {
     let Some((a, b)) = spec.trim().split_once('-') else {
         return RangeAnswer::Whole;
     };
+    // A number too large for u64 is still a number, past any file's end.
     let num = |s: &str| -> Option<u64> {
-        if s.is_empty() || s.len() > 19 || !s.bytes().all(|c| c.is_ascii_digit()) {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
             None
         } else {
-            s.parse().ok()
+            Some(s.parse().unwrap_or(u64::MAX))
         }
     };
     match (a.is_empty(), b.is_empty()) {
@@ -545,6 +553,9 @@ mod tests {
         assert_eq!(parse_range(b"bytes=0-1,5-6", 100), RangeAnswer::Whole);
         assert_eq!(parse_range(b"bytes=9-1", 100), RangeAnswer::Whole);
         assert_eq!(parse_range(b"items=0-1", 100), RangeAnswer::Whole);
-        assert_eq!(parse_range(b"bytes=99999999999999999999-", 100), RangeAnswer::Whole);
+        assert_eq!(parse_range(b"bytes=99999999999999999999-", 100), RangeAnswer::Unsatisfiable);
+        assert_eq!(parse_range(b"bytes=18446744073709551615-", 100), RangeAnswer::Unsatisfiable);
+        assert_eq!(parse_range(b"bytes=0-99999999999999999999", 100), RangeAnswer::Part(0, 99));
+        assert_eq!(parse_range(b"bytes=-99999999999999999999", 100), RangeAnswer::Part(0, 99));
     }
 }

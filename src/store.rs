@@ -17,8 +17,10 @@ use std::sync::Arc;
 
 use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
+pub mod index;
 pub mod sled_store;
 pub mod wal;
+pub mod writer;
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +29,47 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot open the database at {path}: {source}")]
+    Open { path: String, source: sled::Error },
     #[error("corrupt record in tree {tree}: {what}")]
     Corrupt { tree: &'static str, what: String },
     #[error("unknown blog {0}")]
     UnknownBlog(String),
     #[error("the store is closed")]
     Closed,
+    /// Out of room (disk full, the write queue full, the log past its bound):
+    /// nothing was changed, and the same write can succeed later.
+    #[error("{0}")]
+    Full(String),
+    /// A write could not be logged for another reason; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Writes are refused from now on (a failed disk sync).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// The refusal of a group whose log append failed.
+    pub fn append(e: &std::io::Error) -> StoreError {
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+            StoreError::Full(format!(
+                "the server's disk is full: the write could not be logged ({e}); nothing was changed, retry once space is freed"
+            ))
+        } else {
+            StoreError::Unavailable(format!("the write could not be logged ({e}); nothing was changed"))
+        }
+    }
+
+    /// The same refusal, for another caller of the same group.
+    pub fn clone_for_reply(&self) -> StoreError {
+        match self {
+            StoreError::Full(m) => StoreError::Full(m.clone()),
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Failed(m) => StoreError::Failed(m.clone()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 /// What a path of a known blog resolves to.
@@ -95,6 +132,8 @@ pub trait Store: Send + Sync + 'static {
     /// The blog's reference to a permanent asset, if it holds one.
     fn asset_ref(&self, blog: &str, hash: &ContentHash) -> Option<AssetRef>;
     fn blog(&self, blog: &BlogId) -> Option<BlogInfo>;
+    /// True for a blog that was deleted and not created again.
+    fn is_deleted(&self, blog: &str) -> bool;
     fn lookup_domain(&self, domain: &str) -> Option<BlogId>;
     /// Every hash some blog references (for fsck).
     fn referenced_hashes(&self) -> Vec<ContentHash>;
@@ -118,13 +157,15 @@ pub trait Store: Send + Sync + 'static {
     /// as garbage candidates in the same flush, and returned. `None` for an
     /// unknown blog.
     fn delete_blog(&self, blog: BlogId) -> Pending<Option<Vec<ContentHash>>>;
-    /// Garbage candidates left by deletions, including ones a crash interrupted.
-    fn gc_candidates(&self) -> Result<Vec<ContentHash>, StoreError>;
+    /// Garbage candidates left by deletions, including ones a crash
+    /// interrupted. Memory only.
+    fn gc_candidates(&self) -> Vec<ContentHash>;
     /// Drops a garbage candidate once its blob is gone or found referenced.
     fn gc_done(&self, hash: ContentHash) -> Pending<()>;
     /// Durable once everything handed over before it is.
     fn flush(&self) -> Pending<()>;
-    /// `Err` with the reason when writes can no longer be taken (a failed
-    /// sync, a stopped writer). Memory only: cheap enough for every health check.
+    /// `Err` with the reason when writes are refused (a failed sync, a
+    /// stopped writer, or the last append failed: disk full). Memory only:
+    /// cheap enough for every health check.
     fn health(&self) -> Result<(), String>;
 }

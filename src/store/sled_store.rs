@@ -1,5 +1,7 @@
 //! The embedded store: sled 0.34 on disk, one tree per keyspace, mirrored in
-//! an in-memory index that serves every read.
+//! the in-memory index ([`super::index`]) that serves every read; writes go
+//! through one writer thread ([`super::writer`]) and the write-ahead log
+//! ([`super::wal`]).
 //!
 //! Trees (keys are `blog 0x00 rest`, which sorts a blog's keys together and
 //! cannot collide: neither blog ids nor paths hold NUL):
@@ -8,152 +10,100 @@
 //! - `refs`:    blog\0hash16 → size u64 BE, content type
 //! - `domains`: domain → blog
 //! - `gc`:      hash16 → () — blobs whose last reference may be gone
-//!
+//! - `deleted`: blog → its last cache id u64 BE, for blogs deleted (ignored
+//!   while a blog of that id exists again)
 //! - `meta`:    `wal_seq` → the last write-ahead log record sled holds
 //!
-//! All writes go through one writer thread. It takes every write waiting in
-//! its queue, resolves each (assigning cache ids), applies it to sled in
-//! memory and appends it to the write-ahead log ([`super::wal`]); one
-//! `fdatasync` of the log makes the whole group durable (group commit); then
-//! it updates the index and answers each caller. sled itself is flushed only
-//! at checkpoints. One thread means cache ids are assigned in order without
-//! a lock, sled is never called from an async worker, and a reader never
-//! sees a write before it is durable.
+//! sled is written only at start-up (log replay) and at checkpoints, by the
+//! writer thread; it is never read after start-up.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
+use super::index::{BlogState, FastMap, Index, PathEntry};
 use super::wal::{Rec, Wal};
+use super::writer::{Ids, Op, Writer};
 use super::{AssetRef, Binding, BlogInfo, Pending, Resolution, Store, StoreError};
-use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
-
-type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 /// sled's page cache.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
 
-/// Most writes taken into one flush.
-const MAX_GROUP: usize = 4096;
+/// Paths (and writes) waiting in the writer's queue at most; past it a write
+/// is refused with RESOURCE_EXHAUSTED instead of queueing without bound.
+const MAX_QUEUED: usize = 1_000_000;
 
-#[derive(Debug, Clone)]
-struct PathEntry {
-    version: CacheId,
-    /// Boxed: most paths have none, and a million entries stay 16 bytes each.
-    binding: Option<Box<(ContentHash, Arc<str>)>>,
+/// What the writer and the readers share.
+pub struct Shared {
+    /// Set after a failed sync: writes are refused until a restart.
+    pub failed: Mutex<Option<String>>,
+    /// Set while the last append failed (disk full): cleared by the next
+    /// group that becomes durable.
+    pub degraded: Mutex<Option<String>>,
+    pub index: RwLock<Index>,
+    /// References handed to the writer but not yet in the index.
+    pub pending_refs: Mutex<FastMap<ContentHash, u32>>,
+    /// The weight of the writes in the queue (see [`Op::weight`]).
+    pub queued: AtomicUsize,
 }
 
-#[derive(Debug, Default)]
-struct BlogState {
-    floor: CacheId,
-    paths: FastMap<Box<str>, PathEntry>,
-    refs: FastMap<ContentHash, AssetRef>,
-    domains: BTreeSet<Box<str>>,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    blogs: FastMap<Box<str>, BlogState>,
-    domains: FastMap<Box<str>, BlogId>,
-    /// How many blogs reference each blob.
-    blob_refs: FastMap<ContentHash, u32>,
-}
-
-impl Index {
-    fn blog_mut(&mut self, blog: &BlogId, floor: CacheId) -> &mut BlogState {
-        let state = self.blogs.entry(blog.as_str().into()).or_default();
-        state.floor = state.floor.max(floor);
-        state
+impl Shared {
+    pub fn unpin(&self, hash: &ContentHash) {
+        let mut p = self.pending_refs.lock();
+        if let Some(n) = p.get_mut(hash) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(hash);
+            }
+        }
     }
 }
 
-struct Shared {
-    /// Set when the writer refuses writes from then on.
-    failed: Mutex<Option<String>>,
-    index: RwLock<Index>,
-    /// References handed to the writer but not yet in the index.
-    pending_refs: Mutex<FastMap<ContentHash, u32>>,
-}
-
-enum Op {
-    Invalidate { blog: BlogId, paths: Vec<BlogPath>, tx: oneshot::Sender<Result<CacheId, StoreError>> },
-    Bind { blog: BlogId, path: Option<BlogPath>, binding: Binding, tx: oneshot::Sender<Result<(), StoreError>> },
-    SetDomain { domain: Domain, blog: BlogId, tx: oneshot::Sender<Result<(), StoreError>> },
-    RemoveDomain { domain: Domain, tx: oneshot::Sender<Result<bool, StoreError>> },
-    DeleteBlog { blog: BlogId, tx: oneshot::Sender<Result<Option<Vec<ContentHash>>, StoreError>> },
-    GcDone { hash: ContentHash, tx: oneshot::Sender<Result<(), StoreError>> },
-    Flush { tx: oneshot::Sender<Result<(), StoreError>> },
-}
-
-/// What a write does to the index once flushed, and whom to answer.
-enum Effect {
-    Invalidated {
-        blog: BlogId,
-        floor: CacheId,
-        id: CacheId,
-        paths: Vec<BlogPath>,
-        tx: oneshot::Sender<Result<CacheId, StoreError>>,
-    },
-    Bound {
-        blog: BlogId,
-        floor: CacheId,
-        id: CacheId,
-        path: Option<BlogPath>,
-        binding: Binding,
-        tx: oneshot::Sender<Result<(), StoreError>>,
-    },
-    DomainSet {
-        domain: Domain,
-        blog: BlogId,
-        floor: CacheId,
-        tx: oneshot::Sender<Result<(), StoreError>>,
-    },
-    DomainRemoved {
-        domain: Domain,
-        existed: bool,
-        tx: oneshot::Sender<Result<bool, StoreError>>,
-    },
-    Deleted {
-        blog: BlogId,
-        hashes: Option<Vec<ContentHash>>,
-        tx: oneshot::Sender<Result<Option<Vec<ContentHash>>, StoreError>>,
-    },
-    Done {
-        tx: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
-struct Trees {
-    db: sled::Db,
+pub struct Trees {
+    pub db: sled::Db,
     blogs: sled::Tree,
     paths: sled::Tree,
     refs: sled::Tree,
     domains: sled::Tree,
     gc: sled::Tree,
+    deleted: sled::Tree,
     /// `wal_seq`: the last log record sled holds durably.
     meta: sled::Tree,
 }
 
-/// Per blog, as written to sled: the floor and the last assigned cache id.
-#[derive(Debug, Clone, Copy)]
-struct Ids {
-    floor: CacheId,
-    last: CacheId,
+impl Trees {
+    pub fn open(dir: &Path) -> Result<Trees, StoreError> {
+        // Reads are served by the index, so sled's own cache only has to hold
+        // what checkpoints touch. No background flushes: durability comes
+        // from the log, and sled is flushed at checkpoints.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| StoreError::Open { path: dir.display().to_string(), source: e })?;
+        Ok(Trees {
+            blogs: db.open_tree("blogs")?,
+            paths: db.open_tree("paths")?,
+            refs: db.open_tree("refs")?,
+            domains: db.open_tree("domains")?,
+            gc: db.open_tree("gc")?,
+            deleted: db.open_tree("deleted")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
 }
 
 pub struct SledStore {
     shared: Arc<Shared>,
-    trees: Arc<Trees>,
     queue: Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn key(blog: &str, rest: &[u8]) -> Vec<u8> {
@@ -196,25 +146,14 @@ fn blog_value(floor: CacheId, last: CacheId) -> [u8; 16] {
 impl SledStore {
     /// Opens (or creates) the store in `dir`, loads the index, starts the writer.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // Reads are served by the index, so sled's own cache only has to hold
-        // what writes touch: a small one keeps memory and start-up down.
         let started = Instant::now();
-        // No background flushes: durability comes from the log, and sled is
-        // flushed at checkpoints; its own flusher would only compete for the disk.
-        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).flush_every_ms(None).open()?;
+        let trees = Trees::open(dir)?;
         let sled_ms = started.elapsed().as_millis() as u64;
-        let trees = Arc::new(Trees {
-            blogs: db.open_tree("blogs")?,
-            paths: db.open_tree("paths")?,
-            refs: db.open_tree("refs")?,
-            domains: db.open_tree("domains")?,
-            gc: db.open_tree("gc")?,
-            meta: db.open_tree("meta")?,
-            db,
-        });
         // Replay what the log holds past sled's last checkpoint, then
         // checkpoint, so the log starts empty.
-        let (mut wal, records) = Wal::open(&dir.with_extension("wal"))?;
+        let wal_path = dir.with_extension("wal");
+        let (mut wal, records) =
+            Wal::open(&wal_path).map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
         let done = trees.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0);
         let mut last = done;
         let mut replayed = 0;
@@ -225,12 +164,13 @@ impl SledStore {
             }
             last = last.max(*seq);
         }
+        drop(records);
         checkpoint(&trees, &mut wal, last)?;
         if replayed > 0 {
             tracing::info!(replayed, "replayed writes from the write-ahead log");
         }
         let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
-        let (index, ids) = load(&trees)?;
+        let (index, ids, deleted_last) = load(&trees)?;
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
         tracing::info!(
             blogs = index.blogs.len(),
@@ -240,27 +180,53 @@ impl SledStore {
             total_ms = started.elapsed().as_millis() as u64,
             "store open"
         );
-        let shared =
-            Arc::new(Shared { failed: Mutex::default(), index: RwLock::new(index), pending_refs: Mutex::default() });
+        let shared = Arc::new(Shared {
+            failed: Mutex::default(),
+            degraded: Mutex::default(),
+            index: RwLock::new(index),
+            pending_refs: Mutex::default(),
+            queued: AtomicUsize::new(0),
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
-            trees: trees.clone(),
+            trees: Some(trees),
+            db_path: PathBuf::from(dir),
             shared: shared.clone(),
             ids,
+            deleted_last,
             wal,
             seq: last + 1,
             last_checkpoint: Instant::now(),
+            checkpoint_failed: None,
+            undo: Vec::new(),
         };
         let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
-        Ok(SledStore { shared, trees, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
+        Ok(SledStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
     }
 
     fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
         let (tx, rx) = oneshot::channel();
-        if let Some(q) = self.queue.lock().as_ref() {
-            // A closed queue drops the op, and with it the sender: the caller
-            // gets `Closed`.
-            let _ = q.send(make(tx));
+        let op = make(tx);
+        let w = op.weight();
+        let queued = self.shared.queued.fetch_add(w, Ordering::Relaxed);
+        if queued + w > MAX_QUEUED && queued > 0 {
+            self.shared.queued.fetch_sub(w, Ordering::Relaxed);
+            let msg = format!("the store's write queue is full ({queued} paths waiting); retry shortly");
+            // The op's sender answers: it is refused, not lost.
+            op.refuse(StoreError::Full(msg), &self.shared);
+            return Pending(rx);
+        }
+        match self.queue.lock().as_ref() {
+            Some(q) => {
+                if let Err(std::sync::mpsc::SendError(op)) = q.send(op) {
+                    self.shared.queued.fetch_sub(w, Ordering::Relaxed);
+                    op.refuse(StoreError::Closed, &self.shared);
+                }
+            }
+            None => {
+                self.shared.queued.fetch_sub(w, Ordering::Relaxed);
+                op.refuse(StoreError::Closed, &self.shared);
+            }
         }
         Pending(rx)
     }
@@ -305,7 +271,9 @@ fn read_paths(tree: &sled::Tree, from: Option<Vec<u8>>, to: Option<Vec<u8>>) -> 
 /// Reads every tree into the index. The `paths` tree (by far the largest)
 /// is read in two halves on two threads while this one reads the rest:
 /// start-up time is what a restart costs the renderers.
-fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
+type Loaded = (Index, FastMap<Box<str>, Ids>, FastMap<Box<str>, CacheId>);
+
+fn load(t: &Trees) -> Result<Loaded, StoreError> {
     let mut index = Index::default();
     let mut ids = FastMap::default();
     let mut names = Vec::new();
@@ -343,6 +311,18 @@ fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
         }
         index.domains.insert(domain.into(), blog_id);
     }
+    let mut deleted_last = FastMap::default();
+    for kv in t.deleted.iter() {
+        let (k, v) = kv?;
+        let blog = std::str::from_utf8(&k).map_err(|_| corrupt("deleted", "blog id not UTF-8"))?;
+        if !index.blogs.contains_key(blog) {
+            index.deleted.insert(blog.into());
+            deleted_last.insert(blog.into(), u64_at("deleted", &v, 0)?);
+        }
+    }
+    for kv in t.gc.iter() {
+        index.gc.insert(hash_at("gc", &kv?.0, 0)?);
+    }
     for r in readers {
         let by_blog = r.join().map_err(|_| corrupt("paths", "reader thread panicked"))??;
         for (blog, paths) in by_blog {
@@ -354,326 +334,27 @@ fn load(t: &Trees) -> Result<(Index, FastMap<Box<str>, Ids>), StoreError> {
             }
         }
     }
-    Ok((index, ids))
+    Ok((index, ids, deleted_last))
 }
 
-struct Writer {
-    trees: Arc<Trees>,
-    shared: Arc<Shared>,
-    ids: FastMap<Box<str>, Ids>,
-    wal: Wal,
-    /// Sequence number of the next log record.
-    seq: u64,
-    last_checkpoint: Instant,
-}
-
-/// Write the log into sled and empty it past this size, or this long after
-/// the last checkpoint.
-const CHECKPOINT_BYTES: u64 = 64 << 20;
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
-
-impl Writer {
-    fn run(&mut self, rx: std::sync::mpsc::Receiver<Op>) {
-        loop {
-            let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
-                Ok(op) => op,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    self.maybe_checkpoint(true);
-                    continue;
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut effects = Vec::new();
-            let mut op = Some(first);
-            while let Some(o) = op.take() {
-                if let Some(e) = self.take(o) {
-                    effects.push(e);
-                }
-                if effects.len() < MAX_GROUP {
-                    op = rx.try_recv().ok();
-                }
-            }
-            let synced = match self.failed() {
-                Some(e) => Err(e),
-                None => self.wal.sync().map_err(|e| self.fail(&e)),
-            };
-            self.publish(effects, synced);
-            self.maybe_checkpoint(false);
-        }
-        self.maybe_checkpoint(true);
-    }
-
-    fn fail(&mut self, e: &dyn std::fmt::Display) -> String {
-        tracing::error!(error = %e, "write-ahead log sync failed; refusing further writes");
-        let msg = format!("the store refuses writes after a failed sync: {e}");
-        *self.shared.failed.lock() = Some(msg.clone());
-        msg
-    }
-
-    /// Writes sled to disk, records the last log record it holds, and
-    /// empties the log.
-    fn maybe_checkpoint(&mut self, idle: bool) {
-        let due = self.wal.bytes() > CHECKPOINT_BYTES
-            || (self.wal.bytes() > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
-        if !due || self.failed().is_some() {
-            return;
-        }
-        let r = checkpoint(&self.trees, &mut self.wal, self.seq - 1);
-        self.last_checkpoint = Instant::now();
-        if let Err(e) = r {
-            self.fail(&e);
-        }
-    }
-
-    /// Assigns the next cache id of a blog: (id, floor). A new blog's floor
-    /// is its first id.
-    fn assign(&mut self, blog: &BlogId, raise_floor: bool) -> (CacheId, CacheId) {
-        let prev = self.ids.get(blog.as_str()).copied();
-        let id = next_cache_id(now_ms(), prev.map_or(0, |p| p.last));
-        let floor = match prev {
-            Some(p) if !raise_floor => p.floor,
-            _ => id,
-        };
-        self.ids.insert(blog.as_str().into(), Ids { floor, last: id });
-        (id, floor)
-    }
-
-    /// Resolves one write into a log record, applies it to sled (in memory)
-    /// and queues it for the group's sync. Errors are answered at once.
-    fn take(&mut self, op: Op) -> Option<Effect> {
-        if let Some(e) = self.failed() {
-            let e = StoreError::Io(std::io::Error::other(e));
-            match op {
-                Op::Invalidate { tx, .. } => drop(tx.send(Err(e))),
-                Op::Bind { tx, binding, .. } => {
-                    self.unpin(&binding.hash);
-                    drop(tx.send(Err(e)))
-                }
-                Op::SetDomain { tx, .. } | Op::GcDone { tx, .. } | Op::Flush { tx } => drop(tx.send(Err(e))),
-                Op::RemoveDomain { tx, .. } => drop(tx.send(Err(e))),
-                Op::DeleteBlog { tx, .. } => drop(tx.send(Err(e))),
-            }
-            return None;
-        }
-        let (rec, effect) = match op {
-            Op::Invalidate { blog, paths, tx } => {
-                let (id, floor) = self.assign(&blog, paths.is_empty());
-                let rec = Rec::Invalidate {
-                    blog: blog.to_string(),
-                    id,
-                    floor,
-                    paths: paths.iter().map(|p| p.as_str().to_owned()).collect(),
-                };
-                (rec, Effect::Invalidated { blog, floor, id, paths, tx })
-            }
-            Op::Bind { blog, path, binding, tx } => {
-                let (id, floor) = self.assign(&blog, false);
-                let rec = Rec::Bind {
-                    blog: blog.to_string(),
-                    id,
-                    floor,
-                    path: path.as_ref().map(|p| p.as_str().to_owned()),
-                    hash: binding.hash.0,
-                    size: binding.size,
-                    content_type: binding.content_type.to_string(),
-                    filename: binding.filename.to_string(),
-                };
-                (rec, Effect::Bound { blog, floor, id, path, binding, tx })
-            }
-            Op::SetDomain { domain, blog, tx } => {
-                let (create, floor) = match self.ids.get(blog.as_str()) {
-                    Some(ids) => (None, ids.floor),
-                    None => {
-                        let (id, floor) = self.assign(&blog, true);
-                        (Some(id), floor)
-                    }
-                };
-                let rec = Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create };
-                (rec, Effect::DomainSet { domain, blog, floor, tx })
-            }
-            Op::RemoveDomain { domain, tx } => match self.trees.domains.contains_key(domain.as_str().as_bytes()) {
-                Ok(existed) => {
-                    (Rec::RemoveDomain { domain: domain.to_string() }, Effect::DomainRemoved { domain, existed, tx })
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.into()));
-                    return None;
-                }
-            },
-            Op::DeleteBlog { blog, tx } => {
-                if !self.ids.contains_key(blog.as_str()) {
-                    let _ = tx.send(Ok(None));
-                    return None;
-                }
-                match self.deletion(&blog) {
-                    Ok(rec) => {
-                        self.ids.remove(blog.as_str());
-                        let hashes = match &rec {
-                            Rec::Delete { hashes, .. } => hashes.iter().map(|h| ContentHash(*h)).collect(),
-                            _ => Vec::new(),
-                        };
-                        (rec, Effect::Deleted { blog, hashes: Some(hashes), tx })
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return None;
-                    }
-                }
-            }
-            Op::GcDone { hash, tx } => (Rec::GcDone { hash: hash.0 }, Effect::Done { tx }),
-            Op::Flush { tx } => return Some(Effect::Done { tx }),
-        };
-        if let Err(e) = apply(&self.trees, &rec) {
-            // Not logged, not answered as done: the caller hears why.
-            self.refuse(effect, e.into());
-            return None;
-        }
-        self.wal.push(self.seq, &rec);
-        self.seq += 1;
-        Some(effect)
-    }
-
-    /// Everything a deletion removes, read from sled as it stands (earlier
-    /// writes of the same group included).
-    fn deletion(&self, blog: &BlogId) -> Result<Rec, StoreError> {
-        let prefix = key(blog.as_str(), b"");
-        let mut hashes = Vec::new();
-        for kv in self.trees.refs.scan_prefix(&prefix) {
-            hashes.push(hash_at("refs", &kv?.0, prefix.len())?.0);
-        }
-        let mut domains = Vec::new();
-        for kv in self.trees.domains.iter() {
-            let (k, v) = kv?;
-            if v.as_ref() == blog.as_str().as_bytes() {
-                domains.push(String::from_utf8_lossy(&k).into_owned());
-            }
-        }
-        Ok(Rec::Delete { blog: blog.to_string(), hashes, domains })
-    }
-
-    /// Why the store refuses writes, if it does.
-    fn failed(&self) -> Option<String> {
-        self.shared.failed.lock().clone()
-    }
-
-    /// Answers a write that will not happen with its error (and lets go of
-    /// the blob a refused binding had pinned).
-    fn refuse(&self, effect: Effect, e: StoreError) {
-        match effect {
-            Effect::Invalidated { tx, .. } => drop(tx.send(Err(e))),
-            Effect::Bound { tx, binding, .. } => {
-                self.unpin(&binding.hash);
-                drop(tx.send(Err(e)))
-            }
-            Effect::DomainSet { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
-            Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(e))),
-            Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
-        }
-    }
-
-    fn unpin(&self, hash: &ContentHash) {
-        let mut p = self.shared.pending_refs.lock();
-        if let Some(n) = p.get_mut(hash) {
-            *n -= 1;
-            if *n == 0 {
-                p.remove(hash);
-            }
-        }
-    }
-
-    /// After the flush: the index learns the writes, then callers hear back.
-    fn publish(&self, effects: Vec<Effect>, flushed: Result<(), String>) {
-        if let Err(e) = &flushed {
-            for eff in effects {
-                self.refuse(eff, StoreError::Io(std::io::Error::other(e.clone())));
-            }
-            return;
-        }
-        let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(effects.len());
-        {
-            let mut index = self.shared.index.write();
-            for eff in effects {
-                match eff {
-                    Effect::Invalidated { blog, floor, id, paths, tx } => {
-                        let state = index.blog_mut(&blog, floor);
-                        for p in &paths {
-                            state.paths.insert(p.as_str().into(), PathEntry { version: id, binding: None });
-                        }
-                        replies.push(Box::new(move || drop(tx.send(Ok(id)))));
-                    }
-                    Effect::Bound { blog, floor, id, path, binding, tx } => {
-                        let state = index.blog_mut(&blog, floor);
-                        let aref = AssetRef { size: binding.size, content_type: binding.content_type.clone() };
-                        let new_ref = state.refs.insert(binding.hash, aref).is_none();
-                        if let Some(p) = &path {
-                            let entry = PathEntry {
-                                version: id,
-                                binding: Some(Box::new((binding.hash, binding.filename.clone()))),
-                            };
-                            state.paths.insert(p.as_str().into(), entry);
-                        }
-                        if new_ref {
-                            *index.blob_refs.entry(binding.hash).or_default() += 1;
-                        }
-                        self.unpin(&binding.hash);
-                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
-                    }
-                    Effect::DomainSet { domain, blog, floor, tx } => {
-                        if let Some(old) = index.domains.remove(domain.as_str()) {
-                            if let Some(s) = index.blogs.get_mut(old.as_str()) {
-                                s.domains.remove(domain.as_str());
-                            }
-                        }
-                        index.blog_mut(&blog, floor).domains.insert(domain.as_str().into());
-                        index.domains.insert(domain.as_str().into(), blog);
-                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
-                    }
-                    Effect::DomainRemoved { domain, existed, tx } => {
-                        if let Some(old) = index.domains.remove(domain.as_str()) {
-                            if let Some(s) = index.blogs.get_mut(old.as_str()) {
-                                s.domains.remove(domain.as_str());
-                            }
-                        }
-                        replies.push(Box::new(move || drop(tx.send(Ok(existed)))));
-                    }
-                    Effect::Deleted { blog, hashes, tx } => {
-                        if let Some(state) = index.blogs.remove(blog.as_str()) {
-                            for h in state.refs.keys() {
-                                if let Some(n) = index.blob_refs.get_mut(h) {
-                                    *n -= 1;
-                                    if *n == 0 {
-                                        index.blob_refs.remove(h);
-                                    }
-                                }
-                            }
-                            for d in &state.domains {
-                                index.domains.remove(d);
-                            }
-                        }
-                        replies.push(Box::new(move || drop(tx.send(Ok(hashes)))));
-                    }
-                    Effect::Done { tx } => replies.push(Box::new(move || drop(tx.send(Ok(()))))),
-                }
-            }
-        }
-        for r in replies {
-            r();
-        }
-    }
-}
-
-/// Applies a resolved write to sled's trees (in memory until a flush). The
-/// same function serves live writes and log replay, so both agree.
-fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
+/// Applies a durable write to sled's trees (in memory until the flush that
+/// ends a checkpoint). The same function serves checkpoints and start-up's
+/// replay, so both agree; applying a record twice gives what once gives.
+///
+/// One insert at a time, never a `sled::Batch`: sled holds everything a
+/// batch replaces until the whole batch is done, and a publish pipeline's
+/// 10,000-path invalidations made that memory grow without bound. The log,
+/// not sled, is what makes a write atomic and durable.
+pub(super) fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
     match rec {
         Rec::Invalidate { blog, id, floor, paths } => {
             t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
-            if !paths.is_empty() {
-                let mut batch = sled::Batch::default();
-                for p in paths {
-                    batch.insert(key(blog, p.as_bytes()), &id.to_be_bytes());
-                }
-                t.paths.apply_batch(batch)?;
+            let mut k = key(blog, b"");
+            let prefix = k.len();
+            for p in paths {
+                k.truncate(prefix);
+                k.extend_from_slice(p.as_bytes());
+                t.paths.insert(&k[..], &id.to_be_bytes())?;
             }
         }
         Rec::Bind { blog, id, floor, path, hash, size, content_type, filename } => {
@@ -699,21 +380,18 @@ fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
         Rec::RemoveDomain { domain } => {
             t.domains.remove(domain.as_bytes())?;
         }
-        Rec::Delete { blog, hashes, domains } => {
+        Rec::Delete { blog, last, hashes, domains } => {
             // Garbage candidates first: whatever a crash leaves, start-up
             // finds the candidates and finishes.
-            let mut gc = sled::Batch::default();
             for h in hashes {
-                gc.insert(h, &[]);
+                t.gc.insert(h, &[])?;
             }
-            t.gc.apply_batch(gc)?;
+            t.deleted.insert(blog.as_bytes(), &last.to_be_bytes())?;
             let prefix = key(blog, b"");
             for tree in [&t.paths, &t.refs] {
-                let mut batch = sled::Batch::default();
                 for kv in tree.scan_prefix(&prefix) {
-                    batch.remove(kv?.0);
+                    tree.remove(kv?.0)?;
                 }
-                tree.apply_batch(batch)?;
             }
             for d in domains {
                 // Only if it still points at this blog.
@@ -733,7 +411,7 @@ fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
 const CHECKPOINT_KEY: &[u8] = b"wal_seq";
 
 /// sled holds every record up to `seq` once this returns; the log is empty.
-fn checkpoint(t: &Trees, wal: &mut Wal, seq: u64) -> Result<(), StoreError> {
+pub(super) fn checkpoint(t: &Trees, wal: &mut Wal, seq: u64) -> Result<(), StoreError> {
     t.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
     t.db.flush()?;
     wal.reset()?;
@@ -760,23 +438,11 @@ fn decode_ref(v: &[u8]) -> Result<AssetRef, StoreError> {
 
 impl Store for SledStore {
     fn resolve(&self, blog: &BlogId, paths: &[&str]) -> Option<Vec<Resolution>> {
-        let index = self.shared.index.read();
-        let state = index.blogs.get(blog.as_str())?;
-        let out = paths
-            .iter()
-            .map(|p| match state.paths.get(*p) {
-                Some(PathEntry { binding: Some(b), .. }) => Resolution::Permanent { hash: b.0, filename: b.1.clone() },
-                Some(e) => Resolution::Versioned(e.version.max(state.floor)),
-                None => Resolution::Versioned(state.floor),
-            })
-            .collect();
-        Some(out)
+        self.shared.index.read().resolve(blog, paths)
     }
 
     fn path_version(&self, blog: &str, path: &str) -> Option<CacheId> {
-        let index = self.shared.index.read();
-        let state = index.blogs.get(blog)?;
-        Some(state.paths.get(path).map_or(state.floor, |e| e.version.max(state.floor)))
+        self.shared.index.read().path_version(blog, path)
     }
 
     fn asset_ref(&self, blog: &str, hash: &ContentHash) -> Option<AssetRef> {
@@ -784,15 +450,11 @@ impl Store for SledStore {
     }
 
     fn blog(&self, blog: &BlogId) -> Option<BlogInfo> {
-        let index = self.shared.index.read();
-        let s = index.blogs.get(blog.as_str())?;
-        Some(BlogInfo {
-            blog_id: blog.clone(),
-            floor: s.floor,
-            domains: s.domains.iter().map(|d| d.to_string()).collect(),
-            path_count: s.paths.len() as u64,
-            asset_count: s.refs.len() as u64,
-        })
+        self.shared.index.read().blog_info(blog)
+    }
+
+    fn is_deleted(&self, blog: &str) -> bool {
+        self.shared.index.read().deleted.contains(blog)
     }
 
     fn lookup_domain(&self, domain: &str) -> Option<BlogId> {
@@ -830,8 +492,8 @@ impl Store for SledStore {
         self.submit(|tx| Op::DeleteBlog { blog, tx })
     }
 
-    fn gc_candidates(&self) -> Result<Vec<ContentHash>, StoreError> {
-        self.trees.gc.iter().map(|kv| hash_at("gc", &kv?.0, 0)).collect()
+    fn gc_candidates(&self) -> Vec<ContentHash> {
+        self.shared.index.read().gc.iter().copied().collect()
     }
 
     fn gc_done(&self, hash: ContentHash) -> Pending<()> {
@@ -844,6 +506,9 @@ impl Store for SledStore {
 
     fn health(&self) -> Result<(), String> {
         if let Some(e) = self.shared.failed.lock().clone() {
+            return Err(e);
+        }
+        if let Some(e) = self.shared.degraded.lock().clone() {
             return Err(e);
         }
         match self.writer.lock().as_ref() {

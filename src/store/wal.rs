@@ -45,8 +45,11 @@ pub enum Rec {
         domain: String,
     },
     /// Everything the deletion touches is named, so a replay needs no index.
+    /// `last`: the blog's last cache id, kept after it is gone so that a blog
+    /// created again under the same id starts above it.
     Delete {
         blog: String,
+        last: CacheId,
         hashes: Vec<[u8; 16]>,
         domains: Vec<String>,
     },
@@ -147,9 +150,10 @@ impl Rec {
                 e.u8(4);
                 e.str(domain);
             }
-            Rec::Delete { blog, hashes, domains } => {
-                e.u8(5);
+            Rec::Delete { blog, last, hashes, domains } => {
+                e.u8(7);
                 e.str(blog);
+                e.u64(*last);
                 e.u64(hashes.len() as u64);
                 for h in hashes {
                     e.hash(h);
@@ -202,8 +206,10 @@ impl Rec {
                 Rec::SetDomain { domain, blog, create: (c != 0).then_some(c) }
             }
             4 => Rec::RemoveDomain { domain: d.str()? },
-            5 => {
+            // 5: a deletion written before `last` was recorded.
+            tag @ (5 | 7) => {
                 let blog = d.str()?;
+                let last = if tag == 7 { d.u64()? } else { 0 };
                 let n = d.u64()? as usize;
                 let mut hashes = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
@@ -214,13 +220,41 @@ impl Rec {
                 for _ in 0..n {
                     domains.push(d.str()?);
                 }
-                Rec::Delete { blog, hashes, domains }
+                Rec::Delete { blog, last, hashes, domains }
             }
             6 => Rec::GcDone { hash: d.hash()? },
             _ => return None,
         };
         d.0.is_empty().then_some((seq, rec))
     }
+}
+
+/// Why a group did not become durable.
+#[derive(Debug)]
+pub enum WalError {
+    /// Writing the group failed before any sync: nothing of it is durable,
+    /// and the log is as it was. Safe to go on.
+    Append(io::Error),
+    /// `fdatasync` failed: what the kernel held may be lost. Not safe to go on.
+    Sync(io::Error),
+}
+
+/// The whole records at the start of `data`, and where they end. A torn or
+/// corrupt record, or the zeros after the last one, ends the log.
+fn parse(data: &[u8]) -> (Vec<(u64, Rec)>, usize) {
+    let mut recs = Vec::new();
+    let mut at = 0usize;
+    while data.len() - at >= 8 {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4")) as usize;
+        let Some(body) = data.get(at + 8..at + 8 + len) else { break };
+        if len == 0 || blake3::hash(body).as_bytes()[..4] != data[at + 4..at + 8] {
+            break;
+        }
+        let Some(r) = Rec::decode(body) else { break };
+        recs.push(r);
+        at += 8 + len;
+    }
+    (recs, at)
 }
 
 /// The log file is kept at least this long, filled with zeros ahead of the
@@ -245,21 +279,35 @@ impl Wal {
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
-        let mut recs = Vec::new();
-        let mut at = 0usize;
-        while data.len() - at >= 8 {
-            let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4")) as usize;
-            let Some(body) = data.get(at + 8..at + 8 + len) else { break };
-            if len == 0 || blake3::hash(body).as_bytes()[..4] != data[at + 4..at + 8] {
-                break;
-            }
-            let Some(r) = Rec::decode(body) else { break };
-            recs.push(r);
-            at += 8 + len;
-        }
+        let (recs, at) = parse(&data);
         let mut wal = Wal { file, pos: at as u64, cap: data.len() as u64, buf: Vec::with_capacity(64 * 1024) };
         wal.ensure(PREALLOCATE)?;
         Ok((wal, recs))
+    }
+
+    /// Calls `f` with each record written since the last reset, in order,
+    /// read back from the file (the page cache, as a rule) one at a time:
+    /// what a checkpoint applies, in memory bounded by the largest record.
+    pub fn for_each_record<E: From<io::Error>>(
+        &self,
+        mut f: impl FnMut(u64, Rec) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut at = 0u64;
+        let mut head = [0u8; 8];
+        let mut body = Vec::new();
+        while at < self.pos {
+            self.file.read_exact_at(&mut head, at)?;
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
+            body.resize(len, 0);
+            self.file.read_exact_at(&mut body, at + 8)?;
+            let rec = (len > 0 && blake3::hash(&body).as_bytes()[..4] == head[4..])
+                .then(|| Rec::decode(&body))
+                .flatten()
+                .ok_or_else(|| io::Error::other(format!("the write-ahead log reads back corrupt at byte {at}")))?;
+            f(rec.0, rec.1)?;
+            at += 8 + len as u64;
+        }
+        Ok(())
     }
 
     /// Grows the zero-filled allocation to at least `cap` bytes.
@@ -286,17 +334,37 @@ impl Wal {
     }
 
     /// Writes the group and waits for the disk: one write, one fdatasync.
-    pub fn sync(&mut self) -> io::Result<()> {
+    ///
+    /// The two ways this fails are not alike. An append that fails (no space
+    /// to grow the file, a short write) has made nothing durable and the
+    /// disk's state is known: the group is dropped, its start is zeroed so
+    /// no replay reads it, and the log goes on. A failed `fdatasync` may have
+    /// lost pages the kernel will never write again: nothing can be trusted.
+    pub fn sync(&mut self) -> Result<(), WalError> {
         if !self.buf.is_empty() {
             // The record after the last one must read as the end of the log.
             let end = self.pos + self.buf.len() as u64 + 8;
-            self.ensure(end)?;
-            self.buf.extend_from_slice(&[0u8; 8]);
-            self.file.write_all_at(&self.buf, self.pos)?;
-            self.pos = end - 8;
+            let appended = self.ensure(end).and_then(|_| {
+                self.buf.extend_from_slice(&[0u8; 8]);
+                self.file.write_all_at(&self.buf, self.pos)
+            });
             self.buf.clear();
+            if let Err(e) = appended {
+                // Inside the allocated zeros (or nothing was written): this
+                // overwrite needs no new block.
+                if self.pos + 8 <= self.cap {
+                    let _ = self.file.write_all_at(&[0u8; 8], self.pos);
+                }
+                return Err(WalError::Append(e));
+            }
+            self.pos = end - 8;
         }
-        self.file.sync_data()
+        self.file.sync_data().map_err(WalError::Sync)
+    }
+
+    /// Drops the records pushed since the last sync.
+    pub fn discard(&mut self) {
+        self.buf.clear();
     }
 
     /// Bytes of records since the last reset.
@@ -347,7 +415,7 @@ mod tests {
             Rec::SetDomain { domain: "a.com".into(), blog: "b".into(), create: None },
             Rec::SetDomain { domain: "c.com".into(), blog: "c".into(), create: Some(44) },
             Rec::RemoveDomain { domain: "a.com".into() },
-            Rec::Delete { blog: "b".into(), hashes: vec![[9; 16]], domains: vec!["x.org".into()] },
+            Rec::Delete { blog: "b".into(), last: 77, hashes: vec![[9; 16]], domains: vec!["x.org".into()] },
             Rec::GcDone { hash: [9; 16] },
         ]
     }

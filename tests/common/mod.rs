@@ -161,7 +161,9 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The server as a child process on the given data dir.
+/// The server as a child process on the given data dir, on ports it chose
+/// itself (port 0) and reported through `--addr-file`: no port is picked
+/// here and released for the child to race for.
 pub struct ChildServer {
     pub child: Child,
     pub grpc: SocketAddr,
@@ -170,26 +172,76 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn spawn(data_dir: &Path) -> ChildServer {
-        let (g, h) = (free_port(), free_port());
-        let child = Command::new(binary())
-            .args(["serve", "--data-dir"])
-            .arg(data_dir)
-            .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--http-addr", &format!("127.0.0.1:{h}")])
-            .env("RUST_LOG", "warn")
+        Self::spawn_with(data_dir, &[], &[])
+    }
+
+    /// With extra `serve` flags and environment variables.
+    pub fn spawn_with(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ChildServer {
+        let mut cmd = Command::new(binary());
+        cmd.args(["serve", "--data-dir"]).arg(data_dir).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn_cmd(cmd, data_dir)
+    }
+
+    /// `cmd` runs `blotcdn serve` (perhaps through a wrapper such as `sh -c
+    /// 'ulimit -n 256; exec …'`); the addresses are added here.
+    pub fn spawn_cmd(mut cmd: Command, data_dir: &Path) -> ChildServer {
+        let addr_file = data_dir.with_extension(format!("addrs-{}.json", next_seq()));
+        let _ = std::fs::remove_file(&addr_file);
+        cmd.args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--addr-file"])
+            .arg(&addr_file)
+            .env("RUST_LOG", std::env::var("TEST_LOG").map(|_| "info".to_string()).unwrap_or("warn".into()))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let s = ChildServer { child, grpc: ([127, 0, 0, 1], g).into(), http: ([127, 0, 0, 1], h).into() };
-        wait_for_port(s.grpc);
-        wait_for_port(s.http);
-        s
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&addr_file) {
+                break t;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the server exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "the server did not report its addresses in 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_file(&addr_file);
+        let field = |name: &str| -> SocketAddr {
+            let start = text.find(&format!("\"{name}\":\"")).expect("field") + name.len() + 4;
+            text[start..].split('"').next().unwrap().parse().unwrap()
+        };
+        ChildServer { grpc: field("grpc"), http: field("http"), child }
     }
 
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+
+    /// The child's resident memory, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kb * 1024
+    }
+
+    /// Open file descriptors of the child.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+fn next_seq() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Drop for ChildServer {

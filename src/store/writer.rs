@@ -1,0 +1,423 @@
+//! The store's one writer thread. It takes every write waiting in its queue,
+//! resolves each (assigning cache ids) into a log record, appends the group
+//! to the write-ahead log and makes it durable with one `fdatasync` (group
+//! commit); then the index learns the writes and each caller hears back.
+//!
+//! sled is touched only at checkpoints: the records written since the last
+//! one are read back from the log, applied to sled, sled is flushed, and the
+//! log starts over. So nothing a failed append refused ever reaches sled or
+//! the index (the ordering rule in ARCHITECTURE.md), and a publish costs an
+//! append and one `fdatasync`, nothing more.
+//!
+//! Failures, and what each leaves possible:
+//! - an append that fails (disk full): the group is refused, the ids it
+//!   took are given back, `/healthz` reports it, and the next group tries
+//!   again: nothing was made durable, nothing was half-applied;
+//! - a failed `fdatasync`: refused from then on, until a restart replays the log;
+//! - a failed checkpoint: the log keeps everything, sled is reopened from
+//!   disk at the next try; past [`MAX_LOG_BYTES`] of log, writes are refused.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use super::index::{FastMap, PathEntry};
+use super::sled_store::{apply, checkpoint, Shared, Trees};
+use super::wal::{Rec, Wal, WalError};
+use super::{AssetRef, Binding, StoreError};
+use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
+
+/// Most writes taken into one group.
+const MAX_GROUP: usize = 4096;
+/// Checkpoint past this much log, or this long after the last checkpoint.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// A checkpoint that failed is tried again after this long.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(2);
+/// While checkpoints fail, the log grows; past this, writes are refused
+/// rather than let the log (and start-up's replay) grow without bound.
+pub const MAX_LOG_BYTES: u64 = 4 * CHECKPOINT_BYTES;
+
+pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub enum Op {
+    Invalidate { blog: BlogId, paths: Vec<BlogPath>, tx: Reply<CacheId> },
+    Bind { blog: BlogId, path: Option<BlogPath>, binding: Binding, tx: Reply<()> },
+    SetDomain { domain: Domain, blog: BlogId, tx: Reply<()> },
+    RemoveDomain { domain: Domain, tx: Reply<bool> },
+    DeleteBlog { blog: BlogId, tx: Reply<Option<Vec<ContentHash>>> },
+    GcDone { hash: ContentHash, tx: Reply<()> },
+    Flush { tx: Reply<()> },
+}
+
+impl Op {
+    /// Its share of the queue's bound: a batch of paths weighs its paths.
+    pub fn weight(&self) -> usize {
+        match self {
+            Op::Invalidate { paths, .. } => 1 + paths.len(),
+            _ => 1,
+        }
+    }
+
+    /// Reads the index to decide what it does, so it must see every earlier
+    /// write there: the group before it is committed first.
+    fn reads_index(&self) -> bool {
+        matches!(self, Op::RemoveDomain { .. } | Op::DeleteBlog { .. })
+    }
+
+    pub(super) fn refuse(self, e: StoreError, shared: &Shared) {
+        match self {
+            Op::Invalidate { tx, .. } => drop(tx.send(Err(e))),
+            Op::Bind { tx, binding, .. } => {
+                shared.unpin(&binding.hash);
+                drop(tx.send(Err(e)))
+            }
+            Op::SetDomain { tx, .. } | Op::GcDone { tx, .. } | Op::Flush { tx } => drop(tx.send(Err(e))),
+            Op::RemoveDomain { tx, .. } => drop(tx.send(Err(e))),
+            Op::DeleteBlog { tx, .. } => drop(tx.send(Err(e))),
+        }
+    }
+}
+
+/// What a write does to the index once durable, and whom to answer.
+enum Effect {
+    Invalidated { blog: BlogId, floor: CacheId, id: CacheId, paths: Vec<BlogPath>, tx: Reply<CacheId> },
+    Bound { blog: BlogId, floor: CacheId, id: CacheId, path: Option<BlogPath>, binding: Binding, tx: Reply<()> },
+    DomainSet { domain: Domain, blog: BlogId, floor: CacheId, tx: Reply<()> },
+    DomainRemoved { domain: Domain, existed: bool, tx: Reply<bool> },
+    Deleted { blog: BlogId, hashes: Option<Vec<ContentHash>>, tx: Reply<Option<Vec<ContentHash>>> },
+    GcDone { hash: ContentHash, tx: Reply<()> },
+    Done { tx: Reply<()> },
+}
+
+impl Effect {
+    fn refuse(self, e: StoreError, shared: &Shared) {
+        match self {
+            Effect::Invalidated { tx, .. } => drop(tx.send(Err(e))),
+            Effect::Bound { tx, binding, .. } => {
+                shared.unpin(&binding.hash);
+                drop(tx.send(Err(e)))
+            }
+            Effect::DomainSet { tx, .. } | Effect::GcDone { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
+            Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(e))),
+            Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
+        }
+    }
+}
+
+/// Per blog, as written to sled: the floor and the last assigned cache id.
+#[derive(Debug, Clone, Copy)]
+pub struct Ids {
+    pub floor: CacheId,
+    pub last: CacheId,
+}
+
+pub struct Writer {
+    /// `None` while sled is closed to be reopened after a failed checkpoint.
+    pub trees: Option<Trees>,
+    pub db_path: PathBuf,
+    pub shared: Arc<Shared>,
+    pub ids: FastMap<Box<str>, Ids>,
+    /// The last cache id of each deleted blog, so one created again under
+    /// the same id never hands out an id it had before.
+    pub deleted_last: FastMap<Box<str>, CacheId>,
+    pub wal: Wal,
+    /// Sequence number of the next log record.
+    pub seq: u64,
+    pub last_checkpoint: Instant,
+    pub checkpoint_failed: Option<Instant>,
+    /// How to give back what the group being written took, if it is refused.
+    pub undo: Vec<(Box<str>, Option<Ids>, Option<CacheId>)>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Writer {
+    pub fn run(&mut self, rx: std::sync::mpsc::Receiver<Op>) {
+        loop {
+            let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(op) => op,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    self.maybe_checkpoint(true);
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut group = Vec::new();
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                self.shared.queued.fetch_sub(op.weight(), Ordering::Relaxed);
+                if op.reads_index() && !group.is_empty() {
+                    self.commit(std::mem::take(&mut group));
+                }
+                if let Some(e) = self.take(op) {
+                    group.push(e);
+                }
+                if group.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(group);
+            self.maybe_checkpoint(false);
+        }
+        self.maybe_checkpoint(true);
+    }
+
+    /// Makes a group durable, then lets the index and the callers know.
+    fn commit(&mut self, group: Vec<Effect>) {
+        if group.is_empty() {
+            return;
+        }
+        match self.wal.sync() {
+            Ok(()) => {
+                self.undo.clear();
+                self.shared.degraded.lock().take();
+                self.publish(group);
+            }
+            Err(WalError::Append(e)) => {
+                // Nothing of the group is durable: give back the ids it took.
+                for (blog, ids, deleted) in self.undo.drain(..).rev() {
+                    match ids {
+                        Some(ids) => self.ids.insert(blog.clone(), ids),
+                        None => self.ids.remove(&blog),
+                    };
+                    match deleted {
+                        Some(last) => self.deleted_last.insert(blog, last),
+                        None => self.deleted_last.remove(&blog),
+                    };
+                }
+                let err = StoreError::append(&e);
+                tracing::error!(error = %e, writes = group.len(), "write-ahead log append failed; writes refused");
+                *self.shared.degraded.lock() = Some(err.to_string());
+                for eff in group {
+                    eff.refuse(err.clone_for_reply(), &self.shared);
+                }
+            }
+            Err(WalError::Sync(e)) => {
+                let msg = self.fail(&e);
+                for eff in group {
+                    eff.refuse(StoreError::Failed(msg.clone()), &self.shared);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &dyn std::fmt::Display) -> String {
+        tracing::error!(error = %e, "write-ahead log sync failed; refusing further writes until a restart");
+        let msg = format!("the store refuses writes after a failed disk sync ({e}); restart the server");
+        *self.shared.failed.lock() = Some(msg.clone());
+        msg
+    }
+
+    /// Applies the log to sled, flushes it, records the last log record it
+    /// holds, and empties the log.
+    fn maybe_checkpoint(&mut self, idle: bool) {
+        let bytes = self.wal.bytes();
+        let due = bytes > CHECKPOINT_BYTES
+            || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
+        let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
+        if !due || backing_off || self.shared.failed.lock().is_some() {
+            return;
+        }
+        match self.checkpoint() {
+            Ok(()) => {
+                self.last_checkpoint = Instant::now();
+                if self.checkpoint_failed.take().is_some() {
+                    tracing::info!("checkpoint succeeded again");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, log_bytes = bytes, "checkpoint failed; the log keeps every write, retrying");
+                // sled keeps an I/O error for good: reopen it from disk next time.
+                self.trees = None;
+                self.checkpoint_failed = Some(Instant::now());
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.trees.is_none() {
+            self.trees = Some(Trees::open(&self.db_path)?);
+        }
+        let trees = self.trees.as_ref().expect("just opened");
+        self.wal.for_each_record(|_, rec| apply(trees, &rec).map_err(StoreError::from))?;
+        checkpoint(trees, &mut self.wal, self.seq - 1)
+    }
+
+    /// Assigns the next cache id of a blog: (id, floor). A new blog's floor
+    /// is its first id; a blog deleted before starts above its old ids.
+    fn assign(&mut self, blog: &BlogId, raise_floor: bool) -> (CacheId, CacheId) {
+        let prev = self.ids.get(blog.as_str()).copied();
+        self.undo.push((blog.as_str().into(), prev, self.deleted_last.get(blog.as_str()).copied()));
+        let last = match prev {
+            Some(p) => p.last,
+            None => self.deleted_last.get(blog.as_str()).copied().unwrap_or(0),
+        };
+        let id = next_cache_id(now_ms(), last);
+        let floor = match prev {
+            Some(p) if !raise_floor => p.floor,
+            _ => id,
+        };
+        self.ids.insert(blog.as_str().into(), Ids { floor, last: id });
+        (id, floor)
+    }
+
+    /// Resolves one write into a log record and adds it to the group's
+    /// append. Refusals are answered at once.
+    fn take(&mut self, op: Op) -> Option<Effect> {
+        if let Some(e) = self.shared.failed.lock().clone() {
+            op.refuse(StoreError::Failed(e), &self.shared);
+            return None;
+        }
+        if self.wal.bytes() > MAX_LOG_BYTES && !matches!(op, Op::Flush { .. }) {
+            op.refuse(
+                StoreError::Full(format!(
+                    "the store cannot checkpoint its write-ahead log ({} MiB waiting); writes are refused until it can",
+                    self.wal.bytes() >> 20
+                )),
+                &self.shared,
+            );
+            return None;
+        }
+        let (rec, effect) = match op {
+            Op::Invalidate { blog, paths, tx } => {
+                let (id, floor) = self.assign(&blog, paths.is_empty());
+                let rec = Rec::Invalidate {
+                    blog: blog.to_string(),
+                    id,
+                    floor,
+                    paths: paths.iter().map(|p| p.as_str().to_owned()).collect(),
+                };
+                (rec, Effect::Invalidated { blog, floor, id, paths, tx })
+            }
+            Op::Bind { blog, path, binding, tx } => {
+                let (id, floor) = self.assign(&blog, false);
+                let rec = Rec::Bind {
+                    blog: blog.to_string(),
+                    id,
+                    floor,
+                    path: path.as_ref().map(|p| p.as_str().to_owned()),
+                    hash: binding.hash.0,
+                    size: binding.size,
+                    content_type: binding.content_type.to_string(),
+                    filename: binding.filename.to_string(),
+                };
+                (rec, Effect::Bound { blog, floor, id, path, binding, tx })
+            }
+            Op::SetDomain { domain, blog, tx } => {
+                let (create, floor) = match self.ids.get(blog.as_str()) {
+                    Some(ids) => (None, ids.floor),
+                    None => {
+                        let (id, floor) = self.assign(&blog, true);
+                        (Some(id), floor)
+                    }
+                };
+                let rec = Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create };
+                (rec, Effect::DomainSet { domain, blog, floor, tx })
+            }
+            Op::RemoveDomain { domain, tx } => {
+                // The group before this one is committed: the index is current.
+                let existed = self.shared.index.read().domains.contains_key(domain.as_str());
+                (Rec::RemoveDomain { domain: domain.to_string() }, Effect::DomainRemoved { domain, existed, tx })
+            }
+            Op::DeleteBlog { blog, tx } => {
+                let Some(ids) = self.ids.get(blog.as_str()).copied() else {
+                    let _ = tx.send(Ok(None));
+                    return None;
+                };
+                // From the index (current, see above): no scan of sled.
+                let (hashes, domains) = {
+                    let index = self.shared.index.read();
+                    match index.blogs.get(blog.as_str()) {
+                        Some(s) => (
+                            s.refs.keys().map(|h| h.0).collect::<Vec<_>>(),
+                            s.domains.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                        ),
+                        None => (Vec::new(), Vec::new()),
+                    }
+                };
+                self.undo.push((blog.as_str().into(), Some(ids), self.deleted_last.get(blog.as_str()).copied()));
+                self.ids.remove(blog.as_str());
+                self.deleted_last.insert(blog.as_str().into(), ids.last);
+                let found = hashes.iter().map(|h| ContentHash(*h)).collect();
+                let rec = Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains };
+                (rec, Effect::Deleted { blog, hashes: Some(found), tx })
+            }
+            Op::GcDone { hash, tx } => (Rec::GcDone { hash: hash.0 }, Effect::GcDone { hash, tx }),
+            Op::Flush { tx } => return Some(Effect::Done { tx }),
+        };
+        self.wal.push(self.seq, &rec);
+        self.seq += 1;
+        Some(effect)
+    }
+
+    /// After the sync: the index learns the writes, then callers hear back.
+    fn publish(&self, effects: Vec<Effect>) {
+        let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(effects.len());
+        {
+            let mut index = self.shared.index.write();
+            for eff in effects {
+                match eff {
+                    Effect::Invalidated { blog, floor, id, paths, tx } => {
+                        let state = index.blog_mut(&blog, floor);
+                        for p in paths {
+                            let entry = PathEntry { version: id, binding: None };
+                            match state.paths.get_mut(p.as_str()) {
+                                Some(e) => *e = entry,
+                                None => {
+                                    state.paths.insert(p.as_str().into(), entry);
+                                }
+                            }
+                        }
+                        replies.push(Box::new(move || drop(tx.send(Ok(id)))));
+                    }
+                    Effect::Bound { blog, floor, id, path, binding, tx } => {
+                        let state = index.blog_mut(&blog, floor);
+                        let aref = AssetRef { size: binding.size, content_type: binding.content_type.clone() };
+                        let new_ref = state.refs.insert(binding.hash, aref).is_none();
+                        if let Some(p) = &path {
+                            let entry = PathEntry {
+                                version: id,
+                                binding: Some(Box::new((binding.hash, binding.filename.clone()))),
+                            };
+                            state.paths.insert(p.as_str().into(), entry);
+                        }
+                        if new_ref {
+                            *index.blob_refs.entry(binding.hash).or_default() += 1;
+                        }
+                        self.shared.unpin(&binding.hash);
+                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
+                    }
+                    Effect::DomainSet { domain, blog, floor, tx } => {
+                        index.unmap_domain(domain.as_str());
+                        index.blog_mut(&blog, floor).domains.insert(domain.as_str().into());
+                        index.domains.insert(domain.as_str().into(), blog);
+                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
+                    }
+                    Effect::DomainRemoved { domain, existed, tx } => {
+                        index.unmap_domain(domain.as_str());
+                        replies.push(Box::new(move || drop(tx.send(Ok(existed)))));
+                    }
+                    Effect::Deleted { blog, hashes, tx } => {
+                        index.remove_blog(blog.as_str());
+                        index.gc.extend(hashes.iter().flatten().copied());
+                        replies.push(Box::new(move || drop(tx.send(Ok(hashes)))));
+                    }
+                    Effect::GcDone { hash, tx } => {
+                        index.gc.remove(&hash);
+                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
+                    }
+                    Effect::Done { tx } => replies.push(Box::new(move || drop(tx.send(Ok(()))))),
+                }
+            }
+        }
+        for r in replies {
+            r();
+        }
+    }
+}
