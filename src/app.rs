@@ -13,7 +13,9 @@ use crate::blogfs::BlogsDir;
 use crate::cas::Cas;
 use crate::catalog::{Catalog, CatalogOptions};
 use crate::config::Config;
-use crate::grpc::{AuthLayer, PublisherService, ResolverService, Tokens, UploadGuardLayer, MAX_MESSAGE_BYTES};
+use crate::grpc::{
+    AuthLayer, PublisherService, ResolverService, StatusRewriteLayer, Tokens, UploadGuardLayer, MAX_MESSAGE_BYTES,
+};
 use crate::origin::Origin;
 use crate::proto;
 use crate::store::{SledStore, Store};
@@ -58,6 +60,32 @@ fn check_blogs_dir(config: &Config) -> Result<(), AppError> {
         Some(reason) => Err(AppError::Config { key: "blogs_dir", reason }),
         None => Ok(()),
     }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit (the usual
+/// soft limit, 1,024, is far below what a busy origin needs) and returns
+/// the limit in force. Two syscalls: `libc`, already a dependency, is enough.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill and read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur as u64
+}
+
+/// Descriptors kept back from connections: the store, the log, files being
+/// served, blobs being written, fallback fetches and their backfills.
+fn fd_reserve(config: &Config) -> u64 {
+    256 + 2 * config.max_uploads as u64 + 3 * config.max_fallback_fetches as u64
 }
 
 pub struct App {
@@ -157,10 +185,17 @@ impl App {
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
+        // A full batch of the longest paths, each percent-encoded (3 bytes a
+        // byte at worst) under the base URL, must fit in the answer.
+        let max_answer = config.max_batch * (catalog.base_url().len() + 64 + 20 + 3 * 1024 + 64);
         let resolver = proto::resolver_server::ResolverServer::new(ResolverService { catalog: catalog.clone() })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let publisher = proto::publisher_server::PublisherServer::new(PublisherService { catalog: catalog.clone() })
+            .max_encoding_message_size(max_answer.max(MAX_MESSAGE_BYTES));
+        let publisher = proto::publisher_server::PublisherServer::new(PublisherService {
+            catalog: catalog.clone(),
+            uploads: Arc::new(tokio::sync::Semaphore::new(config.max_uploads)),
+            upload_idle: config.upload_idle_timeout,
+        })
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let tokens = Tokens {
             resolver: config.resolver_tokens.clone().into(),
@@ -197,6 +232,9 @@ impl App {
             .layer(AuthLayer { tokens })
             // Inside auth: only calls allowed in get their upload bodies guarded.
             .layer(UploadGuardLayer)
+            // Decoder and size-limit errors become the caller's INVALID_ARGUMENT
+            // and RESOURCE_EXHAUSTED, with a sentence.
+            .layer(StatusRewriteLayer)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -207,7 +245,17 @@ impl App {
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 grpc_stop,
             );
-        let origin = Origin::new(catalog.clone(), &config);
+        let nofile = raise_nofile_limit();
+        let max_connections = (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config))).max(16);
+        if max_connections < config.max_connections as u64 {
+            tracing::warn!(
+                nofile,
+                max_connections,
+                configured = config.max_connections,
+                "the descriptor limit caps HTTP connections below max_connections; raise `ulimit -n`"
+            );
+        }
+        let origin = Origin::new(catalog.clone(), &config, max_connections as usize);
         let http = origin.serve(http_listener, stop_rx);
         tracing::info!(%grpc_addr, %http_addr, base_url = catalog.base_url(), "blotcdn serving");
         let (g, ()) = tokio::join!(grpc, http);

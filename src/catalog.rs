@@ -26,6 +26,8 @@ pub enum CatalogError {
     NotFound(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("I/O error: {0}")]
@@ -39,6 +41,7 @@ impl CatalogError {
             CatalogError::Invalid(_) | CatalogError::BadRequest(_) => "invalid_argument",
             CatalogError::NotFound(_) => "not_found",
             CatalogError::TooLarge(_) => "too_large",
+            CatalogError::Timeout(_) => "timeout",
             CatalogError::Store(_) => "store",
             CatalogError::Io(_) => "io",
         }

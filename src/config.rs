@@ -41,6 +41,17 @@ pub struct Partial {
     /// gRPC calls in flight per connection; past it a call is refused with
     /// RESOURCE_EXHAUSTED instead of queueing.
     pub max_in_flight: Option<usize>,
+    /// `PutAsset` streams open at once, server-wide; past it RESOURCE_EXHAUSTED.
+    pub max_uploads: Option<usize>,
+    /// An upload that sends nothing for this long is dropped (DEADLINE_EXCEEDED).
+    pub upload_idle_timeout_secs: Option<u64>,
+    /// HTTP origin connections open at once; past it, new ones wait in the
+    /// listen backlog. Also bounded by the descriptor limit, less a reserve.
+    pub max_connections: Option<usize>,
+    /// Fallback fetches in flight at once; past it the origin answers 503.
+    pub max_fallback_fetches: Option<usize>,
+    /// The whole of one fallback fetch (headers and body), in seconds.
+    pub fallback_timeout_secs: Option<u64>,
 }
 
 impl Partial {
@@ -61,7 +72,12 @@ impl Partial {
             fallback_origins,
             backfill_origins,
             hot_cache_bytes,
-            max_in_flight
+            max_in_flight,
+            max_uploads,
+            upload_idle_timeout_secs,
+            max_connections,
+            max_fallback_fetches,
+            fallback_timeout_secs
         );
     }
 
@@ -93,6 +109,11 @@ impl Partial {
             backfill_origins: num("BLOTCDN_BACKFILL_ORIGINS", get("BLOTCDN_BACKFILL_ORIGINS"))?,
             hot_cache_bytes: num("BLOTCDN_HOT_CACHE_BYTES", get("BLOTCDN_HOT_CACHE_BYTES"))?,
             max_in_flight: num("BLOTCDN_MAX_IN_FLIGHT", get("BLOTCDN_MAX_IN_FLIGHT"))?,
+            max_uploads: num("BLOTCDN_MAX_UPLOADS", get("BLOTCDN_MAX_UPLOADS"))?,
+            upload_idle_timeout_secs: num("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS", get("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS"))?,
+            max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
+            max_fallback_fetches: num("BLOTCDN_MAX_FALLBACK_FETCHES", get("BLOTCDN_MAX_FALLBACK_FETCHES"))?,
+            fallback_timeout_secs: num("BLOTCDN_FALLBACK_TIMEOUT_SECS", get("BLOTCDN_FALLBACK_TIMEOUT_SECS"))?,
         })
     }
 
@@ -119,6 +140,11 @@ pub struct Config {
     pub backfill_origins: usize,
     pub hot_cache_bytes: u64,
     pub max_in_flight: usize,
+    pub max_uploads: usize,
+    pub upload_idle_timeout: std::time::Duration,
+    pub max_connections: usize,
+    pub max_fallback_fetches: usize,
+    pub fallback_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -163,6 +189,18 @@ impl Config {
         if max_in_flight == 0 {
             return Err(invalid("max_in_flight", "must be at least 1".into()));
         }
+        let at_least_1 = |key: &str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(key, "must be at least 1".into())),
+                n => Ok(n),
+            }
+        };
+        let max_uploads = at_least_1("max_uploads", p.max_uploads.map(|n| n as u64), 64)? as usize;
+        let upload_idle = at_least_1("upload_idle_timeout_secs", p.upload_idle_timeout_secs, 30)?;
+        let max_connections = at_least_1("max_connections", p.max_connections.map(|n| n as u64), 10_000)? as usize;
+        let max_fallback_fetches =
+            at_least_1("max_fallback_fetches", p.max_fallback_fetches.map(|n| n as u64), 64)? as usize;
+        let fallback_timeout = at_least_1("fallback_timeout_secs", p.fallback_timeout_secs, 30)?;
         let fallback_origins: Vec<String> =
             p.fallback_origins.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         for o in &fallback_origins {
@@ -190,6 +228,11 @@ impl Config {
             fallback_origins,
             hot_cache_bytes: p.hot_cache_bytes.unwrap_or(64 * 1024 * 1024),
             max_in_flight,
+            max_uploads,
+            upload_idle_timeout: std::time::Duration::from_secs(upload_idle),
+            max_connections,
+            max_fallback_fetches,
+            fallback_timeout: std::time::Duration::from_secs(fallback_timeout),
         })
     }
 

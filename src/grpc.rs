@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{AssetInfo, Catalog, CatalogError, PutHeader, ResolveStatus};
+use crate::store::StoreError;
 use crate::proto as pb;
 
 /// Largest gRPC message accepted: a full batch of 10,000 long paths fits.
@@ -23,12 +24,22 @@ impl From<CatalogError> for Status {
             CatalogError::Invalid(_) | CatalogError::BadRequest(_) => Status::invalid_argument(msg),
             CatalogError::NotFound(_) => Status::not_found(msg),
             CatalogError::TooLarge(_) => Status::resource_exhausted(msg),
+            CatalogError::Timeout(_) => Status::deadline_exceeded(msg),
+            CatalogError::Store(StoreError::Full(_)) => Status::resource_exhausted(msg),
+            CatalogError::Store(StoreError::Unavailable(_) | StoreError::Closed) => Status::unavailable(msg),
+            CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(
+                "the server's disk is full: the upload could not be stored ({io}); nothing was changed"
+            )),
             CatalogError::Store(_) | CatalogError::Io(_) => {
                 tracing::error!(code = e.code(), error = %msg, "internal error");
                 Status::internal(msg)
             }
         }
     }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// One span per call, open from the call's start to its end (so an exporter
@@ -160,6 +171,11 @@ impl pb::resolver_server::Resolver for ResolverService {
 
 pub struct PublisherService {
     pub catalog: Arc<Catalog>,
+    /// One permit per `PutAsset` stream open: each holds a descriptor and a
+    /// temporary file, so their number is bounded server-wide.
+    pub uploads: Arc<tokio::sync::Semaphore>,
+    /// An upload silent for this long is dropped.
+    pub upload_idle: std::time::Duration,
 }
 
 #[tonic::async_trait]
@@ -181,19 +197,48 @@ impl pb::publisher_server::Publisher for PublisherService {
 
     async fn put_asset(&self, req: Request<Streaming<pb::PutAssetChunk>>) -> Result<Response<pb::Asset>, Status> {
         use pb::put_asset_chunk::Chunk;
+        let Ok(permit) = self.uploads.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "too many uploads in flight (max_uploads); retry when one has finished",
+            ));
+        };
+        let idle = self.upload_idle;
+        let idle_error = move || {
+            Status::deadline_exceeded(format!(
+                "upload idle: nothing received for {} s (upload_idle_timeout_secs); the upload was dropped",
+                idle.as_secs()
+            ))
+        };
         let mut stream = req.into_inner();
-        let header = match stream.next().await {
-            Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Header(h)) })) => h,
-            Some(Ok(_)) => return Err(Status::invalid_argument("the first PutAssetChunk must be a header")),
-            Some(Err(s)) => return Err(s),
-            None => return Err(Status::invalid_argument("empty PutAsset stream: expected a header")),
+        let header = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => return Err(idle_error()),
+            Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Header(h)) }))) => h,
+            Ok(Some(Ok(_))) => return Err(Status::invalid_argument("the first PutAssetChunk must be a header")),
+            Ok(Some(Err(s))) => return Err(s),
+            Ok(None) => return Err(Status::invalid_argument("empty PutAsset stream: expected a header")),
         };
         let log = CallLog::new("PutAsset", &header.blog_id, 1);
-        let data = stream.map(|m| match m {
-            Ok(pb::PutAssetChunk { chunk: Some(Chunk::Data(d)) }) => Ok(d),
-            Ok(_) => Err(CatalogError::BadRequest("only the first PutAssetChunk may be a header".into())),
-            Err(s) => Err(CatalogError::BadRequest(format!("upload broke off: {}", s.message()))),
+        // Each chunk must come within the idle timeout; the permit is held
+        // until the stream is done with.
+        let data = futures_util::stream::unfold((stream, Some(permit)), move |(mut stream, permit)| async move {
+            permit.as_ref()?;
+            let item = match tokio::time::timeout(idle, stream.next()).await {
+                Err(_) => Some(Err(CatalogError::Timeout(format!(
+                    "upload idle: nothing received for {} s (upload_idle_timeout_secs); the upload was dropped",
+                    idle.as_secs()
+                )))),
+                Ok(None) => None,
+                Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Data(d)) }))) => Some(Ok(d)),
+                Ok(Some(Ok(_))) => {
+                    Some(Err(CatalogError::BadRequest("only the first PutAssetChunk may be a header".into())))
+                }
+                Ok(Some(Err(s))) => Some(Err(CatalogError::BadRequest(format!("upload broke off: {}", s.message())))),
+            };
+            // After an error the stream ends (the permit is dropped with it).
+            let next_permit = if matches!(item, Some(Ok(_))) { permit } else { None };
+            item.map(|i| (i, (stream, next_permit)))
         });
+        let data = Box::pin(data);
         let header = PutHeader {
             blog_id: header.blog_id,
             filename: header.filename,
@@ -415,3 +460,84 @@ impl http_body::Body for NoSilentCancel {
         self.0.size_hint()
     }
 }
+
+/// tonic answers a body it cannot decode with INTERNAL and prost's text, and
+/// a message over the size limit with OUT_OF_RANGE. Neither is what a caller
+/// should act on: a malformed request is the caller's INVALID_ARGUMENT (the
+/// field prost names is kept in a sentence), and a request too large is
+/// RESOURCE_EXHAUSTED, like every other size limit of the API. The status of
+/// such an answer is in its headers (trailers-only), so rewriting the head
+/// is enough.
+#[derive(Clone, Default)]
+pub struct StatusRewriteLayer;
+
+impl<S> tower::Layer<S> for StatusRewriteLayer {
+    type Service = StatusRewrite<S>;
+    fn layer(&self, inner: S) -> StatusRewrite<S> {
+        StatusRewrite { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct StatusRewrite<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for StatusRewrite<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::MapOk<S::Future, fn(http::Response<R>) -> http::Response<R>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use futures_util::TryFutureExt;
+        self.inner.call(req).map_ok(rewrite_status as fn(http::Response<R>) -> http::Response<R>)
+    }
+}
+
+fn rewrite_status<R>(mut resp: http::Response<R>) -> http::Response<R> {
+    let h = resp.headers_mut();
+    let code = match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        Some("13") => tonic::Code::Internal,
+        Some("11") => tonic::Code::OutOfRange,
+        _ => return resp,
+    };
+    let msg = h
+        .get("grpc-message")
+        .map(|v| percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy().into_owned())
+        .unwrap_or_default();
+    let (code, text) = match code {
+        tonic::Code::Internal => match msg.strip_prefix("failed to decode Protobuf message: ") {
+            Some(detail) => (
+                tonic::Code::InvalidArgument,
+                format!("malformed request: the body is not a valid protobuf message for this method ({detail})"),
+            ),
+            None => return resp,
+        },
+        _ if msg.contains("message length too large") => (
+            tonic::Code::ResourceExhausted,
+            format!(
+                "request too large: {}; a full batch (max_batch paths of up to 1024 bytes) fits",
+                msg.trim_start_matches("Error, decoded ")
+            ),
+        ),
+        _ => return resp,
+    };
+    let encoded = percent_encoding::utf8_percent_encode(&text, GRPC_MESSAGE).to_string();
+    h.insert("grpc-status", http::HeaderValue::from(code as i32));
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// What the gRPC spec says `grpc-message` must percent-encode.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b'%').add(b' ').add(b'"').add(b'<').add(b'>').add(b'`').add(b'{').add(b'}');

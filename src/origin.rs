@@ -67,6 +67,8 @@ pub struct Origin {
     catalog: Arc<Catalog>,
     hot: HotCache,
     fallback: Fallback,
+    /// One permit per open connection.
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a file answer is made of, from a blog's folder, the CAS or the hot cache.
@@ -88,11 +90,12 @@ enum Source {
 }
 
 impl Origin {
-    pub fn new(catalog: Arc<Catalog>, config: &Config) -> Arc<Origin> {
+    pub fn new(catalog: Arc<Catalog>, config: &Config, max_connections: usize) -> Arc<Origin> {
         Arc::new(Origin {
             hot: HotCache::new(config.hot_cache_bytes),
-            fallback: Fallback::new(&config.fallback_origins, config.backfill_origins),
+            fallback: Fallback::new(config),
             catalog,
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         })
     }
 
@@ -105,6 +108,13 @@ impl Origin {
         // A slow client may not hold a connection open forever before sending headers.
         builder.header_read_timeout(std::time::Duration::from_secs(30));
         loop {
+            // At the cap, stop accepting: new connections wait in the listen
+            // backlog, and the descriptors kept in reserve stay free for
+            // files, uploads and the store.
+            let permit = tokio::select! {
+                p = self.connections.clone().acquire_owned() => p.expect("never closed"),
+                _ = stop.wait_for(|s| *s) => break,
+            };
             tokio::select! {
                 accepted = listener.accept() => {
                     let (stream, _) = match accepted {
@@ -125,6 +135,7 @@ impl Origin {
                     let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
                     tokio::spawn(async move {
                         let _ = conn.await;
+                        drop(permit);
                     });
                 }
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
@@ -234,6 +245,11 @@ impl Origin {
 
     async fn unversioned(&self, req: &Request<Incoming>, blog: &BlogId, path: &BlogPath) -> Response<Body> {
         if path.is_hidden() {
+            return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
+        }
+        // A deleted blog's files stay gone, on disk or in the legacy bucket,
+        // until a blog of that id is created again.
+        if self.catalog.store().is_deleted(blog.as_str()) {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
         let version = self.catalog.store().path_version(blog.as_str(), path.as_str()).unwrap_or(0);

@@ -153,7 +153,7 @@ async fn fallback_origins_in_order_and_backfill() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy avatar"[..]));
     assert_eq!(r.header("surrogate-key"), Some("oldblog"));
     let on_disk = s.blogs_dir().join("oldblog/avatars/1468462389403/me.png");
-    assert_eq!(std::fs::read(&on_disk).unwrap(), b"legacy avatar");
+    assert_eq!(eventually_read(&on_disk), b"legacy avatar");
     // The bucket can forget it now: local disk answers first.
     std::fs::remove_file(legacy_root.join("oldblog/avatars/1468462389403/me.png")).unwrap();
     let r = curl(&[&s.url(avatar)]);
@@ -184,8 +184,21 @@ async fn fallback_origins_in_order_and_backfill() {
     std::fs::write(legacy_root.join("oldblog/img/p.jpg"), b"legacy photo").unwrap();
     let r = curl(&[&s.url(&format!("/oldblog/{id}/img/p.jpg"))]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy photo"[..]));
-    assert_eq!(std::fs::read(s.blogs_dir().join("oldblog/img/p.jpg")).unwrap(), b"legacy photo");
+    assert_eq!(eventually_read(&s.blogs_dir().join("oldblog/img/p.jpg")), b"legacy photo");
     s.stop().await;
+}
+
+/// A backfilled file is named once the answer has streamed through (its
+/// fsync runs off the request path): wait for it, boundedly.
+fn eventually_read(p: &std::path::Path) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(b) = std::fs::read(p) {
+            return b;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} was not backfilled within 10 s", p.display());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Markers that must never come back from the origin.

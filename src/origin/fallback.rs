@@ -6,36 +6,60 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body::Frame;
+use std::future::Future as _;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{full, Body, SHORT};
+use super::{plain, Body, NO_STORE, SHORT};
+use crate::config::Config;
 
-/// Bodies larger than this pass through without being kept.
-const MAX_BACKFILL_BYTES: usize = 64 * 1024 * 1024;
+/// How long a request waits for a free fetch slot before it is answered 503.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Fallback {
     origins: Vec<String>,
     backfill: usize,
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// One permit per fetch in flight, held until its body is done.
+    slots: Arc<Semaphore>,
+    /// The whole of one fetch: headers and body.
+    timeout: Duration,
 }
 
 impl Fallback {
-    pub fn new(origins: &[String], backfill: usize) -> Fallback {
+    pub fn new(config: &Config) -> Fallback {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);
-        Fallback { origins: origins.to_vec(), backfill, client: Client::builder(TokioExecutor::new()).build(connector) }
+        Fallback {
+            origins: config.fallback_origins.clone(),
+            backfill: config.backfill_origins,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            slots: Arc::new(Semaphore::new(config.max_fallback_fetches)),
+            timeout: config.fallback_timeout,
+        }
     }
 
     /// Tries each origin for `target` (an absolute path). `backfill_to` is
     /// (blog folder, file relative to it) where a backfill origin's hit is
     /// written, when the URL names a blog file.
+    ///
+    /// The body streams through as it arrives, never held whole: memory per
+    /// fetch is a few buffers, and fetches are bounded in number. A backfill
+    /// hit is written to a temporary file on the way and named only once
+    /// the whole body arrived, within the deadline.
     pub async fn fetch(
         &self,
         method: &Method,
@@ -43,12 +67,25 @@ impl Fallback {
         backfill_to: Option<(PathBuf, PathBuf)>,
         blog: Option<&str>,
     ) -> Option<Response<Body>> {
+        if self.origins.is_empty() {
+            return None;
+        }
+        let permit = match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                tracing::warn!(target, "every fallback fetch slot is busy (max_fallback_fetches)");
+                let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "busy, retry\n");
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Some(r);
+            }
+        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
         for (i, origin) in self.origins.iter().enumerate() {
             let uri = format!("{origin}{target}");
             let Ok(req) = Request::builder().method(method.clone()).uri(&uri).body(Empty::new()) else {
                 continue;
             };
-            let resp = match tokio::time::timeout(std::time::Duration::from_secs(10), self.client.request(req)).await {
+            let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::warn!(origin, error = %e, "fallback origin failed");
@@ -63,28 +100,35 @@ impl Fallback {
                 continue;
             }
             let (parts, body) = resp.into_parts();
-            let body = match Limited::new(body, MAX_BACKFILL_BYTES).collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(e) => {
-                    tracing::warn!(origin, error = %e, "fallback body unreadable or too large");
-                    continue;
-                }
-            };
+            let len = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             let keep = i < self.backfill && method == Method::GET;
-            if let (true, Some((blog_dir, dest))) = (keep, backfill_to.as_ref()) {
-                let (blog_dir, dest, bytes) = (blog_dir.clone(), dest.clone(), body.clone());
-                match tokio::task::spawn_blocking(move || write_new_file(&blog_dir, &dest, &bytes)).await {
-                    Ok(Ok(())) => {
-                        tracing::info!(target, origin, "backfilled from the legacy origin")
+            let sink = match (keep, backfill_to.as_ref()) {
+                (true, Some((blog_dir, dest))) => {
+                    let (dir, dest) = (blog_dir.clone(), dest.clone());
+                    match tokio::task::spawn_blocking(move || Backfill::start(&dir, &dest)).await {
+                        Ok(Ok(b)) => Some(b),
+                        Ok(Err(e)) => {
+                            tracing::warn!(target, error = %e, "backfill refused");
+                            None
+                        }
+                        Err(_) => None,
                     }
-                    Ok(Err(e)) => tracing::warn!(target, error = %e, "backfill write failed"),
-                    Err(_) => {}
                 }
-            }
-            let mut out = Response::new(full(body));
+                _ => None,
+            };
+            let body = Through {
+                upstream: body,
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                sink,
+                expected: len,
+                seen: 0,
+                target: target.to_owned(),
+                _permit: permit,
+            };
+            let mut out = Response::new(body.boxed_unsync());
             *out.status_mut() = StatusCode::OK;
             let h = out.headers_mut();
-            for name in [header::CONTENT_TYPE, header::ETAG, header::LAST_MODIFIED] {
+            for name in [header::CONTENT_TYPE, header::ETAG, header::LAST_MODIFIED, header::CONTENT_LENGTH] {
                 if let Some(v) = parts.headers.get(&name) {
                     h.insert(name, v.clone());
                 }
@@ -101,69 +145,176 @@ impl Fallback {
     }
 }
 
-/// Writes a blog file that does not exist yet, at `rel` (relative, already
-/// validated) under the blog's folder: temporary name, fsync, then a link
-/// that fails if a synced file appeared meanwhile (that one wins).
+/// A fallback body on its way to the edge: within the fetch's deadline,
+/// copied to the backfill file when there is one, and holding its fetch
+/// slot until done. A body cut short or late ends the answer with an error
+/// (the client sees a truncated response, never a complete-looking one).
+struct Through {
+    upstream: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    sink: Option<Backfill>,
+    expected: Option<u64>,
+    seen: u64,
+    target: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Through {
+    /// The body is over: a whole one is named on disk, off the async workers.
+    fn finish_backfill(&mut self) {
+        let whole = self.expected.is_none_or(|n| n == self.seen);
+        if let (true, Some(sink)) = (whole, self.sink.take()) {
+            let target = self.target.clone();
+            tokio::task::spawn_blocking(move || match sink.finish() {
+                Ok(()) => tracing::info!(target, "backfilled from the legacy origin"),
+                Err(e) => tracing::warn!(target, error = %e, "backfill write failed"),
+            });
+        }
+    }
+}
+
+impl http_body::Body for Through {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            tracing::warn!(target = %self.target, "fallback body past the deadline (fallback_timeout_secs)");
+            self.sink = None;
+            return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::TimedOut, "fallback body too slow"))));
+        }
+        match Pin::new(&mut self.upstream).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers: not passed on.
+                    return Poll::Ready(None);
+                };
+                self.seen += data.len() as u64;
+                if let Some(sink) = self.sink.as_mut() {
+                    // A write to the page cache: short, unlike the network.
+                    if let Err(e) = sink.file.write_all(&data) {
+                        tracing::warn!(target = %self.target, error = %e, "backfill write failed");
+                        self.sink = None;
+                    }
+                }
+                // hyper stops polling a body that says it has ended: the
+                // last frame may be the last call.
+                if self.upstream.is_end_stream() {
+                    self.finish_backfill();
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(target = %self.target, error = %e, "fallback body broke off");
+                self.sink = None;
+                Poll::Ready(Some(Err(io::Error::other(e))))
+            }
+            Poll::Ready(None) => {
+                self.finish_backfill();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.upstream.size_hint()
+    }
+}
+
+/// A blog file being written from a fallback body, not there yet: a
+/// temporary name in the file's folder, then (once whole and fsynced) a link
+/// under its real name that fails if a synced file appeared meanwhile (that
+/// one wins). Dropped unfinished, the temporary file is removed.
 ///
 /// Every step below the blog's folder goes through a directory descriptor
 /// opened with `O_NOFOLLOW`: a symbolic link anywhere on the way (one a sync
 /// put there, even one swapped in mid-way) stops the write instead of leading
 /// it outside the folder.
-fn write_new_file(blog_dir: &Path, rel: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::io::{AsRawFd, FromRawFd};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let cstr = |b: &[u8]| std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"));
+struct Backfill {
+    dir: std::fs::File,
+    tmp: std::ffi::CString,
+    name: std::ffi::CString,
+    file: std::fs::File,
+}
 
-    std::fs::create_dir_all(blog_dir)?;
-    let mut dir =
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(blog_dir)?;
-    let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
-    for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
-        let c = cstr(comp.as_os_str().as_bytes())?;
-        // SAFETY: `dir` is an open directory and `c` a NUL-terminated name.
-        if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return Err(e);
+fn cstr(b: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"))
+}
+
+impl Backfill {
+    fn start(blog_dir: &Path, rel: &Path) -> io::Result<Backfill> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::{AsRawFd, FromRawFd};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+
+        std::fs::create_dir_all(blog_dir)?;
+        let mut dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(blog_dir)?;
+        let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
+        for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
+            let c = cstr(comp.as_os_str().as_bytes())?;
+            // SAFETY: `dir` is an open directory and `c` a NUL-terminated name.
+            if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
             }
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            // SAFETY: as above; the new descriptor is owned by the File below.
+            let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+            if fd < 0 {
+                return Err(io::Error::other(format!(
+                    "backfill refused: {:?} is not a plain folder inside the blog ({})",
+                    comp.as_os_str(),
+                    io::Error::last_os_error()
+                )));
+            }
+            dir = unsafe { std::fs::File::from_raw_fd(fd) };
         }
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: as above; the new descriptor is owned by the File below.
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+        let tmp = cstr(
+            format!(".blotcdn-backfill-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes(),
+        )?;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: `dir` is open; the descriptor is owned by the File below.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
         if fd < 0 {
-            return Err(io::Error::other(format!(
-                "backfill refused: {:?} is not a plain folder inside the blog ({})",
-                comp.as_os_str(),
-                io::Error::last_os_error()
-            )));
+            return Err(io::Error::last_os_error());
         }
-        dir = unsafe { std::fs::File::from_raw_fd(fd) };
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        Ok(Backfill { dir, tmp, name: cstr(name.as_bytes())?, file })
     }
-    let tmp =
-        cstr(format!(".blotcdn-backfill-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes())?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `dir` is open; the descriptor is owned by the File below.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    let written = file.write_all(bytes).and_then(|_| file.sync_all());
-    let name = cstr(name.as_bytes())?;
-    let linked = written.and_then(|_| {
+
+    /// The whole body is written: make it durable and give it its name.
+    fn finish(self) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        self.file.sync_all()?;
         // SAFETY: both names are relative to the same open directory.
-        match unsafe { libc::linkat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) } {
-            0 => dir.sync_all(),
+        let r = unsafe { libc::linkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
+        match r {
+            0 => self.dir.sync_all(),
             _ => match io::Error::last_os_error() {
                 e if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
                 e => Err(e),
             },
         }
-    });
-    // SAFETY: as above.
-    unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
-    linked
+    }
+}
+
+impl Drop for Backfill {
+    fn drop(&mut self) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a name relative to the open directory. The temporary name
+        // goes in every case: after a link, the file keeps its real name.
+        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+    }
 }
