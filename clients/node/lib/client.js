@@ -18,6 +18,11 @@ const DEFAULTS = Object.freeze({
   grpcOptions: undefined,
 });
 
+// Publish calls wait for a connection (a pipeline rides out a restart) up to their deadline.
+function publishOpts(client) {
+  return { deadline: client.options.publishDeadlineMs, waitForReady: true };
+}
+
 class Client {
   constructor(options = {}) {
     const o = { ...DEFAULTS };
@@ -89,7 +94,7 @@ class Client {
 
   // The publish side, for Node pipelines and dashboards.
   invalidate(blogId, paths = []) {
-    return publish.invalidate(this.conn, blogId, paths, this.publishOpts());
+    return publish.invalidate(this.conn, blogId, paths, publishOpts(this));
   }
 
   putAsset(blogId, header, data) {
@@ -98,36 +103,32 @@ class Client {
   }
 
   importFile(blogId, path) {
-    return publish.importFile(this.conn, blogId, path, this.publishOpts());
+    return publish.importFile(this.conn, blogId, path, publishOpts(this));
   }
 
   setDomain(domain, blogId) {
-    return publish.setDomain(this.conn, domain, blogId, this.publishOpts());
+    return publish.setDomain(this.conn, domain, blogId, publishOpts(this));
   }
 
   removeDomain(domain) {
-    return publish.removeDomain(this.conn, domain, this.publishOpts());
+    return publish.removeDomain(this.conn, domain, publishOpts(this));
   }
 
   deleteBlog(blogId) {
-    return publish.deleteBlog(this.conn, blogId, this.publishOpts());
+    return publish.deleteBlog(this.conn, blogId, publishOpts(this));
   }
 
   async getBlog(blogId) {
-    return this.conn.unary('resolver', 'GetBlog', { blogId }, this.publishOpts());
+    return this.conn.unary('resolver', 'GetBlog', { blogId }, publishOpts(this));
   }
 
   async lookupDomain(domain) {
-    const res = await this.conn.unary('resolver', 'LookupDomain', { domain }, this.publishOpts());
+    const res = await this.conn.unary('resolver', 'LookupDomain', { domain }, publishOpts(this));
     return res.blogId;
   }
 
   close() {
     this.conn.close();
-  }
-
-  publishOpts() {
-    return { deadline: this.options.publishDeadlineMs, waitForReady: true };
   }
 }
 

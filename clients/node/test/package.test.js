@@ -1,0 +1,36 @@
+'use strict';
+// The package as published: index.d.ts declares what index.js exports, and the
+// proto it carries is the server's.
+const { test } = require('node:test');
+const assert = require('node:assert/strict');
+const { execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const path = require('node:path');
+const api = require('..');
+
+const here = path.join(__dirname, '..');
+const dts = fs.readFileSync(path.join(here, 'index.d.ts'), 'utf8');
+
+test('index.d.ts declares exactly the exports and public methods of index.js', () => {
+  const declaredExports = [...dts.matchAll(/^export (?:declare )?(?:class|function|const) (\w+)/gm)].map((m) => m[1]);
+  assert.deepEqual(declaredExports.sort(), Object.keys(api).sort());
+  const body = dts.slice(dts.indexOf('export class Client'));
+  const declaredMethods = [...body.matchAll(/^ {2}(\w+)\(/gm)].map((m) => m[1]).filter((n) => n !== 'constructor');
+  const methods = Object.getOwnPropertyNames(api.Client.prototype).filter((n) => n !== 'constructor');
+  assert.deepEqual(declaredMethods.sort(), methods.sort());
+});
+
+test('index.d.ts type-checks against a typical use', () => {
+  const tsc = path.join(here, 'node_modules', 'typescript', 'bin', 'tsc');
+  execFileSync(process.execPath, [tsc, '--noEmit', '--strict', '--types', 'node', path.join(__dirname, 'types', 'usage.ts')], { cwd: here, stdio: 'pipe' });
+});
+
+test('the packed package carries a copy of the server proto, and any copy agrees with it', () => {
+  const out = execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: here, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  const files = JSON.parse(out)[0].files.map((f) => f.path);
+  assert.ok(files.includes('proto/blotcdn/v1/blotcdn.proto'), files.join(', '));
+  assert.ok(files.includes('index.d.ts') && files.includes('lib/render.js'));
+  const server = fs.readFileSync(path.join(here, '..', '..', 'proto', 'blotcdn', 'v1', 'blotcdn.proto'));
+  const copy = path.join(here, 'proto', 'blotcdn', 'v1', 'blotcdn.proto');
+  if (fs.existsSync(copy)) assert.ok(fs.readFileSync(copy).equals(server), `${copy} differs from the server's proto`);
+});
