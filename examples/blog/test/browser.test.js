@@ -58,9 +58,18 @@ async function startVarnish(originPort, port) {
   fs.writeFileSync(vclPath, vcl);
   fs.chmodSync(vclPath, 0o644);
   const child = spawn('varnishd', ['-F', '-n', path.join(dir, 'n'), '-a', `127.0.0.1:${port}`, '-T', '127.0.0.1:0', '-s', 'malloc,64m', '-f', vclPath], {
-    stdio: ['ignore', 'ignore', 'inherit'],
+    stdio: ['ignore', 'ignore', process.env.TEST_LOG ? 'inherit' : 'pipe'],
   });
-  await waitForPort(port);
+  let log = '';
+  child.stderr?.on('data', (d) => {
+    log = (log + d).slice(-4000);
+  });
+  try {
+    await waitForPort(port);
+  } catch (err) {
+    child.kill('SIGKILL');
+    throw new Error(`varnishd did not start: ${err.message}\n${log}`);
+  }
   return child;
 }
 
@@ -144,7 +153,10 @@ test('the home page loads every asset through Varnish, the font cross-origin, wi
   assert.equal(first.main.status(), 200);
   assert.deepEqual(first.errors, []);
   assert.equal(first.answers.length, ASSETS, first.answers.map((a) => a.url).join('\n'));
-  for (const a of first.answers) assert.equal(a.status, 200, a.url);
+  for (const a of first.answers) {
+    assert.equal(a.status, 200, a.url);
+    assert.equal(a.headers['x-cache'], 'MISS', a.url); // a fresh edge
+  }
   // Thumbnails are permanent assets, the template's files versioned URLs.
   assert.equal(first.answers.filter((a) => a.url.includes(`/${BLOG}/_assets/`)).length, POSTS.length);
   const font = first.answers.find((a) => a.url.endsWith('/fonts/blog.ttf'));
