@@ -33,8 +33,12 @@ async function startServer({ env = {} } = {}) {
     stderr = (stderr + d).slice(-4000);
   });
   let exited = null;
+  // Should the test process die without its after hook, the server goes with it.
+  const reap = () => child.kill('SIGKILL');
+  process.on('exit', reap);
   child.on('exit', (code, signal) => {
     exited = { code, signal };
+    process.off('exit', reap);
   });
 
   let addrs = null;
