@@ -13,6 +13,7 @@ const { setTimeout: sleep } = require('node:timers/promises');
 const Mustache = require('mustache');
 const { createClient } = require('redis');
 const { Client } = require('..');
+const { renderPage } = require('../lib/render');
 const { startServer } = require('../test/helpers/server');
 
 const SECONDS = Number(process.argv[2] || 3);
@@ -86,8 +87,11 @@ async function main() {
     if ((await rc.hmGet(`blog:${BLOG}:urls`, PATHS)).filter(Boolean).length !== 20) throw new Error('bad redis data');
 
     const writer = new Mustache.Writer();
+    const answers = new Map(PATHS.map((p) => [p, `https://blotcdn.com/${BLOG}/1700000000000${p}`]));
     const ops = [
       ['render (20 targets, 1 ResolveBatch)', () => client.render(BLOG, TEMPLATE, VIEW)],
+      ['render passes alone, answers at hand', () =>
+        renderPage({ writer, template: TEMPLATE, view: VIEW, tags: ['cdn'], resolveAll: async () => answers, knownBase: () => '', learnBase: async () => {} })],
       ['Mustache alone, same page, no CDN', async () => writer.render(PLAIN, VIEW)],
       ['resolve 20 paths', () => client.resolve(BLOG, PATHS)],
       ['Redis HMGET 20 fields', () => rc.hmGet(`blog:${BLOG}:urls`, PATHS)],

@@ -15,6 +15,7 @@ const NAMED = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
 
 /** Reads HTML text as a browser would for the entities that matter in a URL. */
 function htmlDecode(s) {
+  if (!s.includes('&')) return s;
   return s.replace(/&(?:#(\d+)|#[xX]([0-9a-fA-F]+)|(amp|lt|gt|quot|apos));/g, (m, dec, hex, name) => {
     if (name) return NAMED[name];
     const cp = dec !== undefined ? Number(dec) : parseInt(hex, 16);
@@ -66,6 +67,17 @@ function withTags(view, tags, onSection, baseUrl) {
  * is called only when a template prints {{cdn}} and the base is not known yet.
  */
 async function renderPage({ writer, template, view, partials, tags, resolveAll, knownBase, learnBase }) {
+  // Both passes see the same section texts: parse each once per page.
+  const parsed = new Map();
+  const parse = (rendered) => {
+    let t = parsed.get(rendered);
+    if (t === undefined) {
+      t = parseTarget(rendered);
+      parsed.set(rendered, t);
+    }
+    return t;
+  };
+
   // Pass 1: collect.
   const targets = new Set();
   let wantsBase = false;
@@ -73,7 +85,7 @@ async function renderPage({ writer, template, view, partials, tags, resolveAll, 
     view,
     tags,
     (rendered) => {
-      const t = parseTarget(rendered);
+      const t = parse(rendered);
       if (t) targets.add(t.path);
       return '';
     },
@@ -97,7 +109,7 @@ async function renderPage({ writer, template, view, partials, tags, resolveAll, 
     view,
     tags,
     (rendered) => {
-      const t = parseTarget(rendered);
+      const t = parse(rendered);
       const url = t && urls.get(t.path);
       return url ? htmlEscape(url + t.suffix) : rendered;
     },
