@@ -26,7 +26,13 @@ function publishOpts(client) {
 class Client {
   constructor(options = {}) {
     const o = { ...DEFAULTS };
-    for (const [k, v] of Object.entries(options)) if (v !== undefined) o[k] = v;
+    for (const [k, v] of Object.entries(options)) {
+      if (!(k in DEFAULTS)) throw new TypeError(`blotcdn-client: unknown option ${k}`);
+      if (v !== undefined) o[k] = v;
+    }
+    for (const k of ['deadlineMs', 'publishDeadlineMs']) {
+      if (!(o[k] > 0)) throw new TypeError(`blotcdn-client: ${k} must be a positive number of milliseconds`);
+    }
     if (!Array.isArray(o.tags) || o.tags.some((t) => typeof t !== 'string' || t === '')) {
       throw new TypeError('blotcdn-client: tags must be an array of tag names');
     }

@@ -57,7 +57,14 @@ class Connection {
   constructor({ address, token, grpcOptions }) {
     const v1 = loadServices();
     const credentials = grpc.credentials.createInsecure();
-    const options = { 'grpc.max_receive_message_length': 16 * 1024 * 1024, ...grpcOptions };
+    const options = {
+      'grpc.max_receive_message_length': 16 * 1024 * 1024,
+      // After a server restart, pages render as written until the channel reconnects:
+      // keep grpc-js's reconnect backoff short (its own default grows to 120 s).
+      'grpc.initial_reconnect_backoff_ms': 100,
+      'grpc.max_reconnect_backoff_ms': 2000,
+      ...grpcOptions,
+    };
     this.resolver = new v1.Resolver(address, credentials, options);
     // The publisher shares the resolver's channel: one connection per Client.
     this.publisher = new v1.Publisher(address, credentials, { ...options, channelOverride: this.resolver.getChannel() });

@@ -34,3 +34,14 @@ test('the packed package carries a copy of the server proto, and any copy agrees
   const copy = path.join(here, 'proto', 'blotcdn', 'v1', 'blotcdn.proto');
   if (fs.existsSync(copy)) assert.ok(fs.readFileSync(copy).equals(server), `${copy} differs from the server's proto`);
 });
+
+test('options: a misspelt option or a bad deadline is refused at construction', () => {
+  assert.throws(() => new api.Client({ adress: '127.0.0.1:1' }), /unknown option adress/);
+  assert.throws(() => new api.Client({ deadlineMs: 0 }), /deadlineMs must be a positive/);
+  assert.throws(() => new api.Client({ tags: 'cdn' }), /tags must be an array/);
+  const c = new api.Client({ address: '127.0.0.1:1', token: undefined });
+  assert.equal(c.options.deadlineMs, 250);
+  assert.deepEqual(c.options.tags, ['cdn', 'asset']);
+  assert.equal(c.options.address, '127.0.0.1:1');
+  c.close();
+});
