@@ -5,6 +5,7 @@ const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const api = require('..');
 
@@ -26,11 +27,19 @@ test('index.d.ts type-checks against a typical use', () => {
 });
 
 test('the packed package carries a copy of the server proto, and any copy agrees with it', () => {
-  const out = execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: here, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-  const files = JSON.parse(out)[0].files.map((f) => f.path);
-  assert.ok(files.includes('proto/blotcdn/v1/blotcdn.proto'), files.join(', '));
-  assert.ok(files.includes('index.d.ts') && files.includes('lib/render.js'));
+  const pkg = JSON.parse(fs.readFileSync(path.join(here, 'package.json'), 'utf8'));
+  assert.ok(pkg.files.includes('proto/'));
+  assert.match(pkg.scripts.prepack, /scripts\/copy-proto\.js$/);
+  assert.match(pkg.scripts.postpack, /scripts\/copy-proto\.js --remove$/);
   const server = fs.readFileSync(path.join(here, '..', '..', 'proto', 'blotcdn', 'v1', 'blotcdn.proto'));
+  // What prepack does, into a scratch folder (not ./proto, which other test files may be loading).
+  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'blotcdn-proto-'));
+  try {
+    execFileSync(process.execPath, [path.join(here, 'scripts', 'copy-proto.js'), path.join(scratch, 'proto')]);
+    assert.ok(fs.readFileSync(path.join(scratch, 'proto', 'blotcdn', 'v1', 'blotcdn.proto')).equals(server));
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
   const copy = path.join(here, 'proto', 'blotcdn', 'v1', 'blotcdn.proto');
   if (fs.existsSync(copy)) assert.ok(fs.readFileSync(copy).equals(server), `${copy} differs from the server's proto`);
 });
