@@ -80,11 +80,13 @@ async function renderPage({ writer, template, view, partials, tags, resolveAll, 
 
   // Pass 1: collect.
   const targets = new Set();
+  let sections = 0;
   let wantsBase = false;
   const collecting = withTags(
     view,
     tags,
     (rendered) => {
+      sections += 1;
       const t = parse(rendered);
       if (t) targets.add(t.path);
       return '';
@@ -96,7 +98,8 @@ async function renderPage({ writer, template, view, partials, tags, resolveAll, 
   );
   // A template Mustache refuses throws here, before any call to the server.
   const draft = writer.render(template, collecting, partials);
-  if (targets.size === 0 && !wantsBase) return draft;
+  // Nothing of ours on the page: the draft is the page.
+  if (sections === 0 && !wantsBase) return draft;
 
   const [urls] = await Promise.all([
     targets.size ? resolveAll([...targets]) : new Map(),

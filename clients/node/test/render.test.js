@@ -101,6 +101,12 @@ test('invalid paths render as written, next to good ones in the same batch', asy
   assert.equal(html, `[/a/../b.png][/a//b.png][/x\\y&lt;][${v('ok.png')}][  ]`);
 });
 
+test('a page whose only sections have nothing to resolve renders them as written, with no call', async () => {
+  const { html, batches } = await renderCounting('<a href="{{#cdn}}  {{/cdn}}">[{{#asset}}{{empty}}{{/asset}}]', { empty: '' });
+  assert.equal(html, '<a href="  ">[]');
+  assert.equal(batches.length, 0);
+});
+
 test('an unknown blog renders every target as written', async () => {
   rec.reset();
   const html = await client.render('no-such-blog', '<img src="{{#cdn}}/a {{x}}.png{{/cdn}}">', { x: '&' });
