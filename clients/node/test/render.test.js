@@ -114,6 +114,11 @@ test('an unknown blog renders every target as written', async () => {
   assert.equal(rec.count('ResolveBatch'), 1);
 });
 
+test('a blog id the server refuses renders every target as written', async () => {
+  const html = await client.render('not a blog id!', '<img src="{{#cdn}}/a.png{{/cdn}}">', {});
+  assert.equal(html, '<img src="/a.png">');
+});
+
 test('a permanent asset renders its permanent URL', async () => {
   const asset = await client.putAsset(BLOG, { filename: 'me.png', path: '/avatars/me.png' }, Buffer.from('not a png'));
   const { html } = await renderCounting('{{#cdn}}/avatars/me.png{{/cdn}}', {});
