@@ -60,6 +60,10 @@ async function startVarnish(originPort, port) {
   const child = spawn('varnishd', ['-F', '-n', path.join(dir, 'n'), '-a', `127.0.0.1:${port}`, '-T', '127.0.0.1:0', '-s', 'malloc,64m', '-f', vclPath], {
     stdio: ['ignore', 'ignore', process.env.TEST_LOG ? 'inherit' : 'pipe'],
   });
+  // Should the test process die without its after hook, varnishd goes with it.
+  const reap = () => child.kill('SIGKILL');
+  process.on('exit', reap);
+  child.once('exit', () => process.off('exit', reap));
   let log = '';
   child.stderr?.on('data', (d) => {
     log = (log + d).slice(-4000);
