@@ -3,11 +3,16 @@
 # Idempotent: a second run installs nothing and returns quickly.
 set -euo pipefail
 
-debs=(curl varnish caddy nginx-light redis-server wrk)
+# chromium and a font: the examples/blog browser test.
+debs=(curl varnish caddy nginx-light redis-server wrk chromium fonts-dejavu-core)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node and npm for clients/node: checked by command, since a nodejs package from another
+# source (NodeSource) ships npm itself and conflicts with Debian's npm package.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

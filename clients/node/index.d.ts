@@ -1,0 +1,95 @@
+// Type declarations for blotcdn-client; they describe what index.js exports.
+import type { Readable } from 'node:stream';
+import type { ClientOptions as GrpcClientOptions } from '@grpc/grpc-js';
+
+export type ResolveStatus =
+  | 'RESOLVE_STATUS_UNSPECIFIED'
+  | 'RESOLVE_STATUS_OK'
+  | 'RESOLVE_STATUS_UNKNOWN_BLOG'
+  | 'RESOLVE_STATUS_INVALID_PATH';
+
+export interface ClientOptions {
+  /** host:port of blotcdn's gRPC listener. Default '127.0.0.1:50051'. */
+  address?: string;
+  /** Sent as `authorization: Bearer <token>` on every call. */
+  token?: string;
+  /** Deadline of render() (the whole page) and resolve(), in ms. Default 250. */
+  deadlineMs?: number;
+  /** Mustache section names that become CDN URLs. Default ['cdn', 'asset']. */
+  tags?: string[];
+  /** What {{cdn}} prints; learned once from Resolver.GetInfo when not given. */
+  cdnBaseUrl?: string;
+  /** Deadline of the publish side's unary calls and of getBlog/lookupDomain/getInfo, in ms. Default 30000. */
+  publishDeadlineMs?: number;
+  /** Passed to the @grpc/grpc-js client constructors (channel options, interceptors). */
+  grpcOptions?: GrpcClientOptions;
+}
+
+export interface Resolved {
+  url: string;
+  status: ResolveStatus;
+  /** Set for a versioned URL, else 0. */
+  cacheId: number;
+  /** Set for a permanent URL, else ''. */
+  contentHash: string;
+}
+
+export interface Asset {
+  hash: string;
+  url: string;
+  size: number;
+  contentType: string;
+  filename: string;
+}
+
+export interface Blog {
+  blogId: string;
+  cacheId: number;
+  domains: string[];
+  pathCount: number;
+  assetCount: number;
+}
+
+export interface Info {
+  cdnBaseUrl: string;
+  maxBatch: number;
+  urlStyle: string;
+  version: string;
+}
+
+export interface AssetHeader {
+  filename: string;
+  /** Guessed by the server from the filename when empty. */
+  contentType?: string;
+  /** Binds this blog path to the asset. */
+  path?: string;
+}
+
+/** How calls fail: `code` is the gRPC status name, the message the server's. */
+export interface BlotcdnError extends Error {
+  code: string;
+}
+
+export class Client {
+  constructor(options?: ClientOptions);
+  readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>>> &
+    Pick<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>;
+
+  /** One ResolveBatch; a Map from each path as given to its answer. */
+  resolve(blogId: string, paths: string[], options?: { deadlineMs?: number }): Promise<Map<string, Resolved>>;
+  /** The page, with one ResolveBatch for all its targets; never fails because of the server. */
+  render(blogId: string, template: string, view?: unknown, partials?: Record<string, string> | ((name: string) => string | undefined)): Promise<string>;
+  getInfo(options?: { deadlineMs?: number }): Promise<Info>;
+  getBlog(blogId: string): Promise<Blog>;
+  /** The blog id a domain belongs to. */
+  lookupDomain(domain: string): Promise<string>;
+
+  /** No paths: raise the blog's floor. Returns the new cache id. */
+  invalidate(blogId: string, paths?: string[]): Promise<number>;
+  putAsset(blogId: string, header: AssetHeader, data: Buffer | Uint8Array | Readable | AsyncIterable<Buffer | Uint8Array>): Promise<Asset>;
+  importFile(blogId: string, path: string): Promise<Asset>;
+  setDomain(domain: string, blogId: string): Promise<void>;
+  removeDomain(domain: string): Promise<void>;
+  deleteBlog(blogId: string): Promise<void>;
+  close(): void;
+}

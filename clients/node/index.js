@@ -1,0 +1,6 @@
+'use strict';
+// blotcdn-client: CDN URLs for Mustache pages (one ResolveBatch per page) and
+// the publish side of blotcdn, on @grpc/grpc-js.
+const { Client } = require('./lib/client');
+
+module.exports = { Client };

@@ -1,0 +1,141 @@
+'use strict';
+// The Client: options with their defaults in one place, and the public methods.
+// Each method hands off to the file that owns its concern: connection.js for
+// calls, render.js for Mustache, publish.js for the publish side.
+
+const Mustache = require('mustache');
+const { Connection } = require('./connection');
+const { renderPage } = require('./render');
+const publish = require('./publish');
+
+const DEFAULTS = Object.freeze({
+  address: '127.0.0.1:50051',
+  token: undefined,
+  deadlineMs: 250,
+  tags: Object.freeze(['cdn', 'asset']),
+  cdnBaseUrl: undefined,
+  publishDeadlineMs: 30000,
+  grpcOptions: undefined,
+});
+
+// Publish calls wait for a connection (a pipeline rides out a restart) up to their deadline.
+function publishOpts(client) {
+  return { deadline: client.options.publishDeadlineMs, waitForReady: true };
+}
+
+class Client {
+  constructor(options = {}) {
+    const o = { ...DEFAULTS };
+    for (const [k, v] of Object.entries(options)) {
+      if (!(k in DEFAULTS)) throw new TypeError(`blotcdn-client: unknown option ${k}`);
+      if (v !== undefined) o[k] = v;
+    }
+    for (const k of ['deadlineMs', 'publishDeadlineMs']) {
+      if (!(o[k] > 0)) throw new TypeError(`blotcdn-client: ${k} must be a positive number of milliseconds`);
+    }
+    if (!Array.isArray(o.tags) || o.tags.some((t) => typeof t !== 'string' || t === '')) {
+      throw new TypeError('blotcdn-client: tags must be an array of tag names');
+    }
+    this.options = Object.freeze({ ...o, tags: Object.freeze([...o.tags]) });
+    this.conn = new Connection({ address: o.address, token: o.token, grpcOptions: o.grpcOptions });
+    this.baseUrl = o.cdnBaseUrl;
+    // Templates are parsed once per Client, not in Mustache's shared cache.
+    this.writer = new Mustache.Writer();
+  }
+
+  /** Resolves paths in one ResolveBatch; a Map from each path as given to its answer. */
+  async resolve(blogId, paths, { deadlineMs = this.options.deadlineMs } = {}) {
+    const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths }, { deadline: deadlineMs });
+    const out = new Map();
+    paths.forEach((p, i) => {
+      const a = res.assets[i];
+      if (a) out.set(p, { url: a.url, status: a.status, cacheId: a.cacheId, contentHash: a.contentHash });
+    });
+    return out;
+  }
+
+  /** The server's Info: cdnBaseUrl, maxBatch, urlStyle, version. */
+  async getInfo({ deadlineMs = this.options.publishDeadlineMs } = {}) {
+    return this.conn.unary('resolver', 'GetInfo', {}, { deadline: deadlineMs });
+  }
+
+  /**
+   * Renders a Mustache template with CDN URLs: one ResolveBatch for the page.
+   * Never fails because of the server: a target that does not resolve in time
+   * renders as written. Rejects only for a template Mustache refuses.
+   */
+  async render(blogId, template, view, partials) {
+    // One deadline for the whole page, whatever calls it needs.
+    const deadline = new Date(Date.now() + this.options.deadlineMs);
+    return renderPage({
+      writer: this.writer,
+      template,
+      view,
+      partials,
+      tags: this.options.tags,
+      knownBase: () => this.baseUrl,
+      learnBase: async () => {
+        try {
+          const info = await this.conn.unary('resolver', 'GetInfo', {}, { deadline });
+          if (info.cdnBaseUrl) this.baseUrl = info.cdnBaseUrl;
+        } catch {
+          // Unknown for this page; asked again on the next one.
+        }
+      },
+      resolveAll: async (paths) => {
+        const urls = new Map();
+        try {
+          const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths }, { deadline });
+          paths.forEach((p, i) => {
+            const a = res.assets[i];
+            if (a && a.status === 'RESOLVE_STATUS_OK' && a.url) urls.set(p, a.url);
+          });
+        } catch {
+          // Down, slow, refused or unauthorised: every target renders as written.
+        }
+        return urls;
+      },
+    });
+  }
+
+  // The publish side, for Node pipelines and dashboards.
+  invalidate(blogId, paths = []) {
+    return publish.invalidate(this.conn, blogId, paths, publishOpts(this));
+  }
+
+  putAsset(blogId, header, data) {
+    // No deadline: a large stream takes as long as it takes; back-pressure bounds memory.
+    return publish.putAsset(this.conn, blogId, header, data, {});
+  }
+
+  importFile(blogId, path) {
+    return publish.importFile(this.conn, blogId, path, publishOpts(this));
+  }
+
+  setDomain(domain, blogId) {
+    return publish.setDomain(this.conn, domain, blogId, publishOpts(this));
+  }
+
+  removeDomain(domain) {
+    return publish.removeDomain(this.conn, domain, publishOpts(this));
+  }
+
+  deleteBlog(blogId) {
+    return publish.deleteBlog(this.conn, blogId, publishOpts(this));
+  }
+
+  async getBlog(blogId) {
+    return this.conn.unary('resolver', 'GetBlog', { blogId }, publishOpts(this));
+  }
+
+  async lookupDomain(domain) {
+    const res = await this.conn.unary('resolver', 'LookupDomain', { domain }, publishOpts(this));
+    return res.blogId;
+  }
+
+  close() {
+    this.conn.close();
+  }
+}
+
+module.exports = { Client, DEFAULTS };

@@ -1,0 +1,83 @@
+'use strict';
+// The publish side: what a Node publish pipeline or dashboard tells the server.
+// Each function takes the Connection; PutAsset streams bytes in bounded memory.
+
+const { once } = require('node:events');
+const { Readable } = require('node:stream');
+
+const CHUNK = 64 * 1024;
+
+async function invalidate(conn, blogId, paths = [], opts) {
+  const res = await conn.unary('publisher', 'Invalidate', { blogId, paths }, opts);
+  return res.cacheId;
+}
+
+/** Yields the data in pieces of at most CHUNK bytes, from a Buffer or any readable. */
+async function* chunks(data) {
+  if (Buffer.isBuffer(data) || data instanceof Uint8Array) {
+    for (let i = 0; i < data.length; i += CHUNK) yield data.subarray(i, i + CHUNK);
+    return;
+  }
+  if (!data || typeof data[Symbol.asyncIterator] !== 'function') {
+    throw new TypeError('putAsset: data must be a Buffer or a readable stream');
+  }
+  for await (let piece of data) {
+    if (typeof piece === 'string') piece = Buffer.from(piece);
+    for (let i = 0; i < piece.length; i += CHUNK) yield piece.subarray(i, i + CHUNK);
+  }
+}
+
+/**
+ * Uploads `data` as a permanent asset: the header first, then 64 KiB chunks.
+ * Waits for 'drain' whenever the call's buffer is full, so a stream of any size
+ * is read only as fast as the server takes it.
+ */
+async function putAsset(conn, blogId, { filename, contentType = '', path = '' } = {}, data, opts) {
+  const { call, answer } = conn.clientStream('publisher', 'PutAsset', opts);
+  // The answer settles early when the server refuses (too big, bad header):
+  // stop writing then, and report the server's error.
+  let failed = null;
+  answer.catch((err) => {
+    failed = err;
+  });
+  const stopped = answer.then(
+    () => null,
+    (err) => err,
+  );
+  try {
+    call.write({ header: { blogId, filename, contentType, path } });
+    for await (const piece of chunks(data)) {
+      if (failed) break;
+      if (!call.write({ data: piece })) {
+        await Promise.race([once(call, 'drain'), stopped]);
+      }
+    }
+  } catch (err) {
+    // The source failed (or was not a stream): the upload must not complete.
+    call.cancel();
+    answer.catch(() => {});
+    if (data instanceof Readable) data.destroy();
+    throw err;
+  }
+  if (data instanceof Readable && failed) data.destroy();
+  call.end();
+  return answer;
+}
+
+async function importFile(conn, blogId, path, opts) {
+  return conn.unary('publisher', 'ImportFile', { blogId, path }, opts);
+}
+
+async function setDomain(conn, domain, blogId, opts) {
+  await conn.unary('publisher', 'SetDomain', { domain, blogId }, opts);
+}
+
+async function removeDomain(conn, domain, opts) {
+  await conn.unary('publisher', 'RemoveDomain', { domain }, opts);
+}
+
+async function deleteBlog(conn, blogId, opts) {
+  await conn.unary('publisher', 'DeleteBlog', { blogId }, opts);
+}
+
+module.exports = { invalidate, putAsset, importFile, setDomain, removeDomain, deleteBlog, CHUNK };
