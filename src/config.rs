@@ -48,6 +48,9 @@ pub struct Partial {
     /// HTTP origin connections open at once; past it, new ones wait in the
     /// listen backlog. Also bounded by the descriptor limit, less a reserve.
     pub max_connections: Option<usize>,
+    /// An HTTP connection waiting this long for a request's headers (idle
+    /// keep-alive included) is closed.
+    pub http_idle_timeout_secs: Option<u64>,
     /// Fallback fetches in flight at once; past it the origin answers 503.
     pub max_fallback_fetches: Option<usize>,
     /// The whole of one fallback fetch (headers and body), in seconds.
@@ -76,6 +79,7 @@ impl Partial {
             max_uploads,
             upload_idle_timeout_secs,
             max_connections,
+            http_idle_timeout_secs,
             max_fallback_fetches,
             fallback_timeout_secs
         );
@@ -112,6 +116,7 @@ impl Partial {
             max_uploads: num("BLOTCDN_MAX_UPLOADS", get("BLOTCDN_MAX_UPLOADS"))?,
             upload_idle_timeout_secs: num("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS", get("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS"))?,
             max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
+            http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             max_fallback_fetches: num("BLOTCDN_MAX_FALLBACK_FETCHES", get("BLOTCDN_MAX_FALLBACK_FETCHES"))?,
             fallback_timeout_secs: num("BLOTCDN_FALLBACK_TIMEOUT_SECS", get("BLOTCDN_FALLBACK_TIMEOUT_SECS"))?,
         })
@@ -143,6 +148,7 @@ pub struct Config {
     pub max_uploads: usize,
     pub upload_idle_timeout: std::time::Duration,
     pub max_connections: usize,
+    pub http_idle_timeout: std::time::Duration,
     pub max_fallback_fetches: usize,
     pub fallback_timeout: std::time::Duration,
 }
@@ -198,6 +204,7 @@ impl Config {
         let max_uploads = at_least_1("max_uploads", p.max_uploads.map(|n| n as u64), 64)? as usize;
         let upload_idle = at_least_1("upload_idle_timeout_secs", p.upload_idle_timeout_secs, 30)?;
         let max_connections = at_least_1("max_connections", p.max_connections.map(|n| n as u64), 10_000)? as usize;
+        let http_idle = at_least_1("http_idle_timeout_secs", p.http_idle_timeout_secs, 30)?;
         let max_fallback_fetches =
             at_least_1("max_fallback_fetches", p.max_fallback_fetches.map(|n| n as u64), 64)? as usize;
         let fallback_timeout = at_least_1("fallback_timeout_secs", p.fallback_timeout_secs, 30)?;
@@ -231,6 +238,7 @@ impl Config {
             max_uploads,
             upload_idle_timeout: std::time::Duration::from_secs(upload_idle),
             max_connections,
+            http_idle_timeout: std::time::Duration::from_secs(http_idle),
             max_fallback_fetches,
             fallback_timeout: std::time::Duration::from_secs(fallback_timeout),
         })

@@ -69,6 +69,7 @@ pub struct Origin {
     fallback: Fallback,
     /// One permit per open connection.
     connections: Arc<tokio::sync::Semaphore>,
+    idle_timeout: std::time::Duration,
 }
 
 /// What a file answer is made of, from a blog's folder, the CAS or the hot cache.
@@ -96,6 +97,7 @@ impl Origin {
             fallback: Fallback::new(config),
             catalog,
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            idle_timeout: config.http_idle_timeout,
         })
     }
 
@@ -105,8 +107,10 @@ impl Origin {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(hyper_util::rt::TokioTimer::new());
-        // A slow client may not hold a connection open forever before sending headers.
-        builder.header_read_timeout(std::time::Duration::from_secs(30));
+        // A slow or idle client (keep-alive included: the timer runs while
+        // hyper waits for the next request's head) may not hold a connection
+        // slot forever.
+        builder.header_read_timeout(self.idle_timeout);
         loop {
             // At the cap, stop accepting: new connections wait in the listen
             // backlog, and the descriptors kept in reserve stay free for

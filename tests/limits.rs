@@ -1,0 +1,333 @@
+//! Bounds a hostile or unlucky client runs into: uploads that go silent,
+//! more connections than descriptors, fallback origins that trickle or send
+//! huge bodies, and requests too large or malformed for the API.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
+use bytes::Bytes;
+use common::{binary, curl, nginx, ChildServer, Server};
+use tonic::Code;
+
+fn header(blog: &str, filename: &str) -> pb::PutAssetChunk {
+    pb::PutAssetChunk {
+        chunk: Some(Chunk::Header(pb::PutAssetHeader {
+            blog_id: blog.into(),
+            filename: filename.into(),
+            content_type: String::new(),
+            path: String::new(),
+        })),
+    }
+}
+
+fn data(b: &[u8]) -> pb::PutAssetChunk {
+    pb::PutAssetChunk { chunk: Some(Chunk::Data(Bytes::copy_from_slice(b))) }
+}
+
+fn tmp_files(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("cas/tmp")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_uploads_time_out_and_uploads_in_flight_are_capped() {
+    let s = Server::start_with(|p| {
+        p.max_uploads = Some(3);
+        p.upload_idle_timeout_secs = Some(1);
+    })
+    .await;
+    // Three uploads send a header and a chunk, then go silent (their
+    // senders stay open).
+    let mut senders = Vec::new();
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header("quiet", &format!("f{i}.bin"))).await.unwrap();
+        tx.send(data(b"some bytes")).await.unwrap();
+        senders.push(tx);
+        let mut p = s.publisher().await;
+        calls.push(tokio::spawn(async move { p.put_asset(tokio_stream::wrappers::ReceiverStream::new(rx)).await }));
+    }
+    // Until they are dropped, a fourth is refused at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let mut p = s.publisher().await;
+        match p.put_asset(tokio_stream::iter(vec![header("quiet", "x.bin"), data(b"x")])).await {
+            Err(e) if e.code() == Code::ResourceExhausted => break e,
+            // The three may not all have started yet.
+            _ => {
+                assert!(Instant::now() < deadline, "a fourth upload was never refused");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(refused.message().contains("max_uploads"), "{}", refused.message());
+    assert!(tmp_files(&s.config.data_dir) >= 1, "the silent uploads had started writing");
+    // Each silent upload is dropped after its idle timeout, saying why.
+    for c in calls {
+        let e = tokio::time::timeout(Duration::from_secs(10), c).await.expect("dropped in time").unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+        assert!(e.message().contains("idle"), "{}", e.message());
+    }
+    drop(senders);
+    // Their temporary files are gone, and uploads work again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tmp_files(&s.config.data_dir) > 0 {
+        assert!(Instant::now() < deadline, "temporary files left behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut p = s.publisher().await;
+    let ok = p.put_asset(tokio_stream::iter(vec![header("quiet", "y.bin"), data(b"fine")])).await.unwrap();
+    assert_eq!(ok.into_inner().size, 4);
+    s.stop().await;
+}
+
+/// The soft descriptor limit of a process, from /proc.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+fn raise_own_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() {
+    raise_own_nofile();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("blogs/conn")).unwrap();
+    std::fs::write(dir.path().join("blogs/conn/page.css"), b"still served").unwrap();
+    // The usual soft limit (1,024 here: 300), under a hard limit of 1,000.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -Sn 300 && ulimit -Hn 1000 && exec \"$0\" \"$@\""])
+        .arg(binary())
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", "2");
+    let server = ChildServer::spawn_cmd(cmd, dir.path());
+    assert_eq!(soft_nofile(server.child.id()), 1000, "the server raises its soft limit to the hard one");
+
+    // 1,100 connections that never send a request.
+    let mut hogs = Vec::new();
+    for _ in 0..1100 {
+        match TcpStream::connect(server.http) {
+            Ok(c) => hogs.push(c),
+            Err(_) => break,
+        }
+    }
+    assert!(hogs.len() >= 1000, "only {} connections opened", hogs.len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(server.open_fds() < 1000, "the server ran out of descriptors: {}", server.open_fds());
+    // Uploads still get their descriptors.
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let a = p.put_asset(tokio_stream::iter(vec![header("conn", "u.bin"), data(&[5u8; 100_000])])).await;
+    assert_eq!(a.expect("upload while the origin is hogged").into_inner().size, 100_000);
+    // Idle connections are closed in turn, and a reader gets through.
+    let started = Instant::now();
+    let r = curl(&["--max-time", "30", &format!("http://{}/conn/page.css", server.http)]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"still served"[..]));
+    eprintln!("a new reader got through in {:?} behind {} idle connections", started.elapsed(), hogs.len());
+    drop(hogs);
+}
+
+/// A fallback origin that sends its headers at once, then one byte every
+/// `gap` (a trickle), with a Content-Length it never reaches in time.
+fn trickle_origin(gap: Duration) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let h = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(20);
+        let mut conns: Vec<TcpStream> = Vec::new();
+        while Instant::now() < end {
+            if let Ok((mut c, _)) = l.accept() {
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                let mut buf = [0u8; 2048];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n");
+                conns.push(c);
+            }
+            conns.retain_mut(|c| c.write_all(b"x").is_ok());
+            std::thread::sleep(gap);
+        }
+    });
+    (addr, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_fallback_is_cut_at_the_deadline_and_fetches_are_bounded() {
+    let (addr, _origin) = trickle_origin(Duration::from_millis(100));
+    let s = Server::start_with(|p| {
+        p.fallback_origins = Some(vec![format!("http://{addr}")]);
+        // Longer than the 2 s a request waits for a free slot.
+        p.fallback_timeout_secs = Some(4);
+        p.max_fallback_fetches = Some(2);
+    })
+    .await;
+    // Two slow fetches hold both slots; a third is answered 503 quickly.
+    let url = s.url("/slowblog/avatars/a.png");
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let out = Command::new("curl").args(["-s", "-o", "/dev/null", "--max-time", "20", &url]).output();
+                (t.elapsed(), out.unwrap().status.code())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = curl(&[&s.url("/slowblog/avatars/b.png")]);
+    assert_eq!(r.status, 503, "a third fetch past max_fallback_fetches");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    for t in slow {
+        let (took, code) = t.join().unwrap();
+        // curl 18: the body ended before its Content-Length — cut, not complete.
+        assert_eq!(code, Some(18), "a trickled body must end as a broken transfer");
+        assert!(took < Duration::from_secs(10), "the fetch took {took:?}, past its 4 s deadline");
+    }
+    // Nothing was backfilled from a cut body.
+    assert!(!s.blogs_dir().join("slowblog/avatars/a.png").exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_object_over_64_mib_streams_through_in_bounded_memory_and_lands_on_disk() {
+    let work = tempfile::tempdir().unwrap();
+    let bucket = work.path().join("bucket");
+    std::fs::create_dir_all(bucket.join("bigblog")).unwrap();
+    let big: Vec<u8> = (0..96u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    std::fs::write(bucket.join("bigblog/video.mp4"), &big).unwrap();
+    let port = common::free_port();
+    let _n = nginx(&work.path().join("nginx"), &bucket, port, "");
+    let data = work.path().join("data");
+    let server =
+        ChildServer::spawn_with(&data, &[], &[("BLOTCDN_FALLBACK_ORIGINS", &format!("http://127.0.0.1:{port}"))]);
+    let base = server.rss_bytes();
+    // Four readers at once.
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let url = format!("http://{}/bigblog/video.mp4", server.http);
+            let out = work.path().join(format!("got{i}"));
+            std::thread::spawn(move || {
+                let st = Command::new("curl")
+                    .args(["-s", "-f", "--max-time", "60", "-o"])
+                    .arg(&out)
+                    .arg(&url)
+                    .status()
+                    .unwrap();
+                (st, out)
+            })
+        })
+        .collect();
+    let mut peak = base;
+    while readers.iter().any(|r| !r.is_finished()) {
+        peak = peak.max(server.rss_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in readers {
+        let (st, out) = r.join().unwrap();
+        assert!(st.success(), "curl: {st}");
+        assert!(std::fs::read(&out).unwrap() == big, "bytes differ");
+    }
+    let mb = |b: u64| b >> 20;
+    eprintln!("RSS {} MB before, peak {} MB while four 96 MiB objects streamed", mb(base), mb(peak));
+    assert!(peak < base + (64 << 20), "memory grew from {} to {} MB", mb(base), mb(peak));
+    // Backfilled whole into the blog's folder.
+    let on_disk = data.join("blogs/bigblog/video.mp4");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&on_disk).map(|m| m.len()).unwrap_or(0) != big.len() as u64 {
+        assert!(Instant::now() < deadline, "not backfilled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::fs::read(&on_disk).unwrap() == big);
+}
+
+/// Sends `body` as the request message of `path` (raw bytes, whatever they are).
+async fn raw_unary(addr: SocketAddr, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    #[derive(Clone)]
+    struct Raw;
+    struct RawEnc;
+    struct RawDec;
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+    impl tonic::codec::Encoder for RawEnc {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use bytes::BufMut;
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl tonic::codec::Decoder for RawDec {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            use bytes::Buf;
+            let mut v = vec![0; src.remaining()];
+            src.copy_to_slice(&mut v);
+            Ok(Some(v))
+        }
+    }
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut g = tonic::client::Grpc::new(ch).max_encoding_message_size(64 << 20);
+    g.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(path);
+    g.unary(tonic::Request::new(body), path, Raw).await.unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizes_and_decoding_follow_the_contract() {
+    let s = Server::start().await;
+    common::invalidate(&s, "big", &[]).await;
+    // A valid full batch whose answer percent-encodes past 16 MiB.
+    let paths: Vec<String> = (0..10_000).map(|i| format!("/{i:05} {}", "ü".repeat(500))).collect();
+    let mut r = s.resolver().await.max_decoding_message_size(256 << 20).max_encoding_message_size(64 << 20);
+    let got = r.resolve_batch(pb::ResolveBatchRequest { blog_id: "big".into(), paths: paths.clone() }).await;
+    let got = got.expect("a full batch fits").into_inner().assets;
+    let bytes: usize = got.iter().map(|a| a.url.len()).sum();
+    assert!(bytes > 16 << 20, "the answer is {bytes} bytes");
+    assert!(got.iter().all(|a| a.status == pb::ResolveStatus::Ok as i32));
+
+    // A request over the limit: RESOURCE_EXHAUSTED, in a sentence.
+    let huge: Vec<String> = (0..9_000).map(|i| format!("/{i}/{}", "a".repeat(2000))).collect();
+    let e = r.resolve_batch(pb::ResolveBatchRequest { blog_id: "big".into(), paths: huge }).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("too large"), "{}", e.message());
+
+    // Malformed protobuf, and a string that is not UTF-8: INVALID_ARGUMENT
+    // naming the field.
+    let e = raw_unary(s.grpc, "/blotcdn.v1.Resolver/ResolveBatch", vec![0x0a, 0x05, b'b', b'i']).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().starts_with("malformed request"), "{}", e.message());
+    let mut bad_utf8 = vec![0x0a, 0x03, b'b', b'i', b'g', 0x12, 0x03, b'/', 0xff, 0xfe];
+    let e = raw_unary(s.grpc, "/blotcdn.v1.Resolver/ResolveBatch", std::mem::take(&mut bad_utf8)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("paths") && e.message().contains("UTF-8"), "{}", e.message());
+    let e = raw_unary(s.grpc, "/blotcdn.v1.Publisher/Invalidate", vec![0xff; 7]).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    s.stop().await;
+}

@@ -1,0 +1,313 @@
+//! What a hostile tester broke, each checked the way a user would see it:
+//! permanent bytes that changed under another blog's sync tool, deleted
+//! blogs coming back with old ids, special files and links in blog folders,
+//! a full disk, and the smaller edges of the HTTP and gRPC contracts.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
+use bytes::Bytes;
+use common::{binary, curl, get, invalidate, path_of, run, ChildServer, Server};
+use tonic::Code;
+
+fn upload(blog: &str, filename: &str, path: &str, data: &[u8]) -> Vec<pb::PutAssetChunk> {
+    let header = pb::PutAssetHeader {
+        blog_id: blog.into(),
+        filename: filename.into(),
+        content_type: String::new(),
+        path: path.into(),
+    };
+    let mut v = vec![pb::PutAssetChunk { chunk: Some(Chunk::Header(header)) }];
+    for c in data.chunks(64 * 1024) {
+        v.push(pb::PutAssetChunk { chunk: Some(Chunk::Data(Bytes::copy_from_slice(c))) });
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_tool_rewriting_an_imported_file_never_changes_a_permanent_url() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Server::start().await;
+    let original = b"body { color: teal }".repeat(100);
+    let file = s.write("alice", "/theme.css", &original);
+    let mut p = s.publisher().await;
+    let a = p.import_file(pb::ImportFileRequest { blog_id: "alice".into(), path: "/theme.css".into() }).await;
+    let a = a.unwrap().into_inner();
+    // Another blog uploads the same bytes: stored once, one URL each.
+    let b = p.put_asset(tokio_stream::iter(upload("bob", "theme.css", "", &original))).await.unwrap().into_inner();
+    assert_eq!(a.hash, b.hash);
+    // No blob shares its inode with the user's file.
+    assert_eq!(std::fs::metadata(&file).unwrap().nlink(), 1, "the blog's file is linked into the CAS");
+
+    // Alice's sync tool rewrites the file in place (same inode, new bytes).
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&file).unwrap();
+    f.write_all(b"body { color: red }").unwrap();
+    drop(f);
+    for url in [&a.url, &b.url] {
+        let r = get(s.http, &path_of(url), &[]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, original, "{url} changed its bytes");
+        assert_eq!(r.header("etag"), Some(format!("\"{}\"", a.hash).as_str()));
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_blog_created_again_never_reuses_a_cache_id_and_its_files_stay_gone() {
+    let s = Server::start().await;
+    s.write("phoenix", "/avatar.png", b"old avatar");
+    // A burst pushes cache ids ahead of the clock (each is max(now, last + 1)).
+    let mut p = s.publisher().await;
+    let mut last = 0;
+    for _ in 0..3000 {
+        let r = p.invalidate(pb::InvalidateRequest { blog_id: "phoenix".into(), paths: vec![] }).await;
+        last = r.unwrap().into_inner().cache_id;
+    }
+    assert_eq!(get(s.http, "/phoenix/avatar.png", &[]).status, 200);
+    p.delete_blog(pb::DeleteBlogRequest { blog_id: "phoenix".into() }).await.unwrap();
+    // Gone, even its unversioned URL whose file is still in the folder.
+    let r = get(s.http, "/phoenix/avatar.png", &[]);
+    assert_eq!(r.status, 404, "a deleted blog's folder is still served");
+
+    // Created again at once: every new id is above every old one.
+    let first = invalidate(&s, "phoenix", &[]).await;
+    assert!(first > last, "new id {first} is not above the deleted blog's last id {last}");
+    assert_eq!(get(s.http, "/phoenix/avatar.png", &[]).status, 200, "a blog created again serves its folder");
+    // Also across a restart.
+    let id_before = invalidate(&s, "phoenix", &[]).await;
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |_| {}).await;
+    let mut p = s.publisher().await;
+    p.delete_blog(pb::DeleteBlogRequest { blog_id: "phoenix".into() }).await.unwrap();
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |_| {}).await;
+    assert_eq!(get(s.http, "/phoenix/avatar.png", &[]).status, 404, "deleted across a restart");
+    let again = invalidate(&s, "phoenix", &[]).await;
+    assert!(again > id_before, "after restarts: {again} not above {id_before}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_files_long_names_and_hard_links_in_a_blog_folder_are_404() {
+    let s = Server::start().await;
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "OUTSIDE-SECRET").unwrap();
+    s.write("odd", "/ok.txt", b"fine");
+    let dir = s.blogs_dir().join("odd");
+    // A socket (open gives ENXIO), a hard link to a file outside the folder.
+    let _sock = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+    // Same filesystem needed for a hard link: put the outside file beside the blogs dir.
+    let beside = s.blogs_dir().parent().unwrap().join("outside-secret.txt");
+    std::fs::write(&beside, "OUTSIDE-SECRET").unwrap();
+    std::fs::hard_link(&beside, dir.join("linked.txt")).unwrap();
+    let id = invalidate(&s, "odd", &[]).await;
+    let long = "a".repeat(300);
+    for target in [
+        format!("/odd/{id}/sock"),
+        format!("/odd/sock"),
+        format!("/odd/{id}/{long}.txt"),
+        format!("/odd/{long}.txt"),
+        format!("/odd/{id}/linked.txt"),
+        format!("/odd/linked.txt"),
+    ] {
+        let r = get(s.http, &target, &[]);
+        assert_eq!(r.status, 404, "{target}: {}", String::from_utf8_lossy(&r.body));
+        assert!(!String::from_utf8_lossy(&r.body).contains("OUTSIDE-SECRET"));
+    }
+    assert_eq!(get(s.http, &format!("/odd/{id}/ok.txt"), &[]).body, b"fine");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_racing_a_rename_is_found_or_not_found_never_internal() {
+    let s = Server::start().await;
+    let a = s.write("race", "/a.css", b"racing bytes");
+    let b = a.with_file_name("b.css");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 1_000_000 {
+                let _ = std::fs::rename(&a, &b);
+                let _ = std::fs::rename(&b, &a);
+                n += 1;
+            }
+        })
+    };
+    let mut p = s.publisher().await;
+    let (mut ok, mut missing) = (0, 0);
+    for _ in 0..300 {
+        match p.import_file(pb::ImportFileRequest { blog_id: "race".into(), path: "/a.css".into() }).await {
+            Ok(asset) => {
+                assert_eq!(asset.into_inner().size, 12);
+                ok += 1;
+            }
+            Err(e) if e.code() == Code::NotFound => missing += 1,
+            Err(e) => panic!("import during a rename: {:?} {}", e.code(), e.message()),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    eprintln!("{ok} imported, {missing} not found mid-rename");
+    assert_eq!(ok + missing, 300);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_come_from_the_binding_not_the_url_and_edge_cases_of_the_http_contract() {
+    let s = Server::start_with(|p| p.resolver_tokens = Some(vec!["r-token".into()])).await;
+    let mut p = s.publisher().await;
+    let a = p.put_asset(tokio_stream::iter(upload("fonts", "logo.png", "", b"\x89PNG not a font")));
+    let a = a.await.unwrap().into_inner();
+    let url = path_of(&a.url);
+    let as_font = url.replace("logo.png", "logo.woff2");
+    let r = get(s.http, &as_font, &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("image/png"), "the content type is the asset's");
+    assert_eq!(r.header("access-control-allow-origin"), None, "renaming a URL to .woff2 must not add CORS");
+    let f = p.put_asset(tokio_stream::iter(upload("fonts", "face.woff2", "", b"wOF2 font bytes"))).await;
+    let r = get(s.http, &path_of(&f.unwrap().into_inner().url), &[]);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"), "a font keeps its CORS");
+
+    // A range starting past any file: 416, not the whole file.
+    let r = get(s.http, &url, &[("Range", "bytes=18446744073709551615-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */15"));
+    let r = get(s.http, &url, &[("Range", "bytes=99999999999999999999999-")]);
+    assert_eq!(r.status, 416);
+
+    // The bearer scheme is case-insensitive.
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth: tonic::metadata::MetadataValue<_> = format!("{scheme} r-token").parse().unwrap();
+        let mut r = pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", auth.clone());
+            Ok(req)
+        });
+        let got = r.get_blog(pb::GetBlogRequest { blog_id: "fonts".into() }).await;
+        assert!(got.is_ok(), "{scheme}: {:?}", got.err());
+    }
+    s.stop().await;
+}
+
+#[test]
+fn a_blogs_dir_that_holds_the_data_dir_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for blogs in [dir.path().to_owned(), dir.path().parent().unwrap().to_owned()] {
+        let (code, out, err) = run(
+            std::process::Command::new(binary())
+                .args(["serve", "--data-dir"])
+                .arg(dir.path())
+                .arg("--blogs-dir")
+                .arg(&blogs)
+                .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]),
+            30,
+        );
+        assert_ne!(code, 0, "started with blogs_dir {}: {out}", blogs.display());
+        assert!(err.contains("blogs_dir"), "the error names the key: {err}");
+    }
+}
+
+/// A tmpfs of a few MiB, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        st.success().then_some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// Fills the filesystem at `dir` with one file until it is full.
+fn fill(path: &std::path::Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![7u8; 1 << 16];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed() {
+    let Some(disk) = SmallDisk::mount(48) else {
+        assert!(!common::unsafe_is_root(), "root could not mount a tmpfs");
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let data = disk.dir.path().join("data");
+    let mut server = ChildServer::spawn(&data);
+    let url = format!("http://{}", server.grpc);
+    let mut p = pb::publisher_client::PublisherClient::connect(url.clone()).await.unwrap();
+    let before = p.invalidate(pb::InvalidateRequest { blog_id: "full".into(), paths: vec!["/a.css".into()] });
+    let before = before.await.unwrap().into_inner().cache_id;
+    let filler = disk.dir.path().join("filler");
+    fill(&filler);
+
+    // An upload needs new blocks: refused, saying why.
+    let e = p.put_asset(tokio_stream::iter(upload("full", "big.bin", "", &vec![1u8; 2 << 20]))).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("disk is full"), "{}", e.message());
+    // Invalidations past the log's preallocated space: refused the same way.
+    let long: Vec<String> = (0..10_000).map(|i| format!("/{:04}/{}", i, "x".repeat(900))).collect();
+    let mut refused = None;
+    for _ in 0..4 {
+        match p.invalidate(pb::InvalidateRequest { blog_id: "full".into(), paths: long.clone() }).await {
+            Ok(_) => continue,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("40 MB of invalidations fit on a full 48 MiB disk");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("disk is full") && !e.message().contains("Os {"), "{}", e.message());
+    let r = curl(&[&format!("http://{}/healthz", server.http)]);
+    assert_eq!(r.status, 503, "healthz while every write fails");
+
+    // Space freed: writes go through again without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match p.invalidate(pb::InvalidateRequest { blog_id: "full".into(), paths: vec!["/a.css".into()] }).await {
+            Ok(r) => break r.into_inner().cache_id,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "still refused after space was freed: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(after > before);
+    assert_eq!(curl(&[&format!("http://{}/healthz", server.http)]).status, 200);
+    let asset = p.put_asset(tokio_stream::iter(upload("full", "small.bin", "", b"fits now"))).await.unwrap();
+    let asset = asset.into_inner();
+
+    // A clean stop, and everything acknowledged is there after a restart.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM after recovering");
+    let server = ChildServer::spawn(&data);
+    let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let got = r.resolve_batch(pb::ResolveBatchRequest { blog_id: "full".into(), paths: vec!["/a.css".into()] });
+    assert_eq!(got.await.unwrap().into_inner().assets[0].cache_id, after);
+    assert_eq!(get(server.http, &path_of(&asset.url), &[]).body, b"fits now");
+    drop(server);
+    drop(disk);
+}
