@@ -4,7 +4,7 @@
 //! in time. Run with `./scripts/bench.sh` (or `cargo bench --bench bench`).
 //!
 //! Arguments: names of benchmarks to run (default: all of resolve, origin,
-//! publish, ingest, scale, edge); `--quick` shortens every phase.
+//! publish, ingest, scale, edge, soak); `--quick` shortens every phase.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,6 +25,8 @@ use tonic::transport::Channel;
 // The test suite's helpers: ports, daemons stopped gracefully, Varnish.
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bench/soak.rs"]
+mod soak;
 
 struct Opts {
     quick: bool,
@@ -927,7 +929,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
     let o = Opts { quick: args.iter().any(|a| a == "--quick") };
     let names: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(|s| s.as_str()).collect();
-    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge"];
+    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "soak"];
     let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
@@ -940,6 +942,7 @@ fn main() {
                 "ingest" => bench_ingest(&o, &mut rows).await,
                 "scale" => bench_scale(&o, &mut rows).await,
                 "edge" => bench_edge(&o, &mut rows).await,
+                "soak" => soak::bench_soak(&o, &mut rows).await,
                 other => eprintln!("unknown benchmark {other:?}; known: {all:?}"),
             }
         }
