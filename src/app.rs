@@ -82,6 +82,26 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur as u64
 }
 
+/// Opens the store; a panic inside sled (it panics on some corrupt files)
+/// becomes an error naming the folder, without a backtrace on the console.
+fn open_store_quietly(dir: &std::path::Path) -> Result<SledStore, crate::store::StoreError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(|| SledStore::open(dir));
+    std::panic::set_hook(hook);
+    r.unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(crate::store::StoreError::Corrupt {
+            tree: "database",
+            what: format!("{} could not be read ({why}); restore it from a backup", dir.display()),
+        })
+    })
+}
+
 /// Descriptors kept back from connections: the store, the log, files being
 /// served, blobs being written, fallback fetches and their backfills.
 fn fd_reserve(config: &Config) -> u64 {
@@ -123,9 +143,9 @@ impl App {
         let db_dir = config.data_dir.join("db");
         let store = {
             let dir = db_dir.clone();
-            tokio::task::spawn_blocking(move || SledStore::open(&dir))
+            tokio::task::spawn_blocking(move || open_store_quietly(&dir))
                 .await
-                .expect("store open does not panic")
+                .expect("panics are caught inside")
                 .map_err(|source| AppError::Store { path: db_dir.display().to_string(), source })?
         };
         let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|source| AppError::Bind {

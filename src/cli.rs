@@ -276,16 +276,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let data = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
             use futures_util::StreamExt;
-            let chunks = futures_util::stream::iter([header]).chain(data.filter_map(|r| async move {
-                match r {
-                    Ok(b) => Some(pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(b)) }),
-                    Err(e) => {
-                        eprintln!("read error: {e}");
-                        None
+            // A read error must not end the stream (the server would take
+            // that as the whole file): the stream stalls, and the call is
+            // dropped below, which cancels the upload.
+            let (err_tx, mut err_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
+            let data = futures_util::stream::unfold((data, Some(err_tx)), |(mut data, mut err_tx)| async move {
+                match data.next().await {
+                    Some(Ok(b)) => {
+                        Some((pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(b)) }, (data, err_tx)))
                     }
+                    Some(Err(e)) => {
+                        if let Some(tx) = err_tx.take() {
+                            let _ = tx.send(e);
+                        }
+                        std::future::pending().await
+                    }
+                    None => None,
                 }
-            }));
-            let a = c.put_asset(chunks).await.map_err(status_err)?.into_inner();
+            });
+            let chunks = futures_util::stream::iter([header]).chain(data);
+            let a = tokio::select! {
+                r = c.put_asset(chunks) => r.map_err(status_err)?.into_inner(),
+                Ok(e) = &mut err_rx => bail!("cannot read {}: {e}; the upload was cancelled", file.display()),
+            };
             println!("{}\t{}\t{} bytes\t{}", a.hash, a.url, a.size, a.content_type);
         }
         Command::Import { conn, blog, path, dir, blogs_dir } => {

@@ -326,7 +326,20 @@ impl Origin {
                 self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
                 Ok(Some(hot.answer(cache, blog_hv)))
             }
-            _ => Ok(Some(hot.streaming(file, meta.len(), cache, blog_hv))),
+            // Large, or grew past the limit since `stat`: stream it with its
+            // length and validators as they are now, from the start (the
+            // read above moved the offset), and never keep it hot.
+            Some(_) => {
+                let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
+                let reopened = tokio::task::spawn_blocking(move || cat.blogs_dir().open(&b, &p)).await;
+                let Ok(Ok((file, meta))) = reopened else {
+                    return Err(plain(StatusCode::NOT_FOUND, SHORT, "not found\n"));
+                };
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                let hot = HotFile::new(crate::origin::content_type(path.file_name()), file_etag(&meta), modified, cors_for(path.file_name()));
+                Ok(Some(hot.streaming(file, meta.len(), SHORT, blog_hv)))
+            }
+            None => Ok(Some(hot.streaming(file, meta.len(), cache, blog_hv))),
         }
     }
 

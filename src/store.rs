@@ -33,6 +33,13 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("corrupt record in tree {tree}: {what}")]
     Corrupt { tree: &'static str, what: String },
+    /// sled came back older than its last checkpoint: it lost writes
+    /// (corruption it read as a torn tail, or a restored old copy).
+    #[error(
+        "the database in {path} is corrupt or older than its last checkpoint (it holds writes up to record \
+         {holds}, the checkpoint recorded {recorded}); refusing to start on it: restore {path} from a backup"
+    )]
+    Behind { path: String, holds: u64, recorded: u64 },
     #[error("unknown blog {0}")]
     UnknownBlog(String),
     #[error("the store is closed")]

@@ -6,7 +6,9 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::registry().with(filter).with(fmt::layer().with_target(false)).try_init();
+    // Colours only for a person at a terminal, not in files and pipes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let _ = tracing_subscriber::registry().with(filter).with(fmt::layer().with_target(false).with_ansi(ansi)).try_init();
 }
 
 /// For tests: logs only when `TEST_LOG` is set.

@@ -311,3 +311,85 @@ async fn a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed() {
     drop(server);
     drop(disk);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_lost_writes_is_refused_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    for b in 0..5 {
+        let paths = (0..2000).map(|i| format!("/p/{i}.css")).collect();
+        p.invalidate(pb::InvalidateRequest { blog_id: format!("b{b}"), paths }).await.unwrap();
+    }
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+    drop(server);
+    // Damage the middle of sled's file: sled reads it as a torn tail and,
+    // left alone, opens an older state without a word.
+    let db = dir.path().join("db/db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let at = bytes.len() / 3;
+    for b in &mut bytes[at..at + 200] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let (code, _, err) = run(
+        std::process::Command::new(binary())
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]),
+        30,
+    );
+    assert_ne!(code, 0, "started on a damaged database");
+    assert!(err.contains(&dir.path().join("db").display().to_string()), "names the database: {err}");
+    assert!(err.contains("corrupt") && !err.contains("panicked"), "a sentence, not a panic: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blotcdn_put_never_stores_a_file_it_could_not_read_whole() {
+    let s = Server::start().await;
+    let unreadable = tempfile::tempdir().unwrap();
+    // Opening a directory works; reading it fails (EISDIR) before any byte.
+    let (code, out, err) = run(
+        std::process::Command::new(binary())
+            .args(["put", "--server", &format!("http://{}", s.grpc), "--blog", "putblog"])
+            .arg(unreadable.path()),
+        30,
+    );
+    assert_ne!(code, 0, "put of an unreadable file succeeded: {out}");
+    assert!(err.contains("cancelled"), "{err}");
+    let mut r = s.resolver().await;
+    let e = r.get_blog(pb::GetBlogRequest { blog_id: "putblog".into() }).await;
+    assert!(e.is_err() || e.unwrap().into_inner().asset_count == 0, "an empty asset was stored");
+    // A readable file goes through.
+    let f = unreadable.path().join("ok.txt");
+    std::fs::write(&f, b"whole").unwrap();
+    let (code, out, err) = run(
+        std::process::Command::new(binary())
+            .args(["put", "--server", &format!("http://{}", s.grpc), "--blog", "putblog"])
+            .arg(&f),
+        30,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("5 bytes"), "{out}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blog_file_that_grew_past_1_mib_streams_whole_from_its_start() {
+    let s = Server::start().await;
+    let path = s.write("grow", "/data.bin", &[1u8; 1000]);
+    let id = invalidate(&s, "grow", &[]).await;
+    assert_eq!(get(s.http, &format!("/grow/{id}/data.bin"), &[]).body.len(), 1000);
+    // The same version, bigger than what is kept hot (1 MiB).
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+    let tmp = path.with_file_name("data.tmp");
+    std::fs::write(&tmp, &big).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let id2 = invalidate(&s, "grow", &["/data.bin"]).await;
+    let r = get(s.http, &format!("/grow/{id2}/data.bin"), &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("3000000"));
+    assert!(r.body == big, "streamed bytes differ (offset or length)");
+    s.stop().await;
+}

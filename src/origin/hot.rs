@@ -121,6 +121,13 @@ impl HotCache {
         }
         inner.bytes += size;
         inner.order.push_back((k, seq));
+        // Re-inserts (a new version of the same file) leave stale places in
+        // the order; drop them once they outnumber the live ones, so the
+        // queue stays within twice the entries however long under the cap.
+        if inner.order.len() > 2 * inner.map.len() + 64 {
+            let Inner { map, order, .. } = &mut *inner;
+            order.retain(|(k, seq)| map.get(k).is_some_and(|e| e.seq == *seq));
+        }
         while inner.bytes > self.cap {
             let Some((k, seq)) = inner.order.pop_front() else {
                 break;
@@ -130,5 +137,46 @@ impl HotCache {
                 inner.bytes -= e.file.bytes.len() as u64 + e.path.len() as u64 + 256;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl HotCache {
+        /// Entries, and places in the eviction order.
+        fn lens(&self) -> (usize, usize) {
+            let inner = self.inner.read();
+            (inner.map.len(), inner.order.len())
+        }
+    }
+
+    fn file(n: usize) -> Arc<HotFile> {
+        let hv = HeaderValue::from_static("x");
+        Arc::new(HotFile::new(hv.clone(), hv, SystemTime::UNIX_EPOCH, false).with_bytes(Bytes::from(vec![0u8; n])))
+    }
+
+    #[test]
+    fn re_inserts_under_the_cap_keep_the_order_bounded() {
+        let c = HotCache::new(1 << 30);
+        for v in 0..100_000u64 {
+            c.insert("b", &format!("/f{}", v % 10), v, file(10));
+        }
+        let (entries, order) = c.lens();
+        assert_eq!(entries, 10);
+        assert!(order <= 2 * entries + 64 + 1, "{order} places for {entries} entries");
+    }
+
+    #[test]
+    fn eviction_keeps_the_newest_within_the_byte_cap() {
+        let c = HotCache::new(100 * (1000 + 256 + 3));
+        for i in 0..1000u64 {
+            c.insert("b", &format!("/{i}"), 1, file(1000));
+        }
+        let (entries, _) = c.lens();
+        assert!(entries <= 100 && entries >= 90, "{entries}");
+        assert!(c.get("b", "/999", 1).is_some(), "the newest stays");
+        assert!(c.get("b", "/0", 1).is_none(), "the oldest went first");
     }
 }

@@ -155,6 +155,13 @@ impl SledStore {
         let (mut wal, records) =
             Wal::open(&wal_path).map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
         let done = trees.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0);
+        // sled reads a corrupt segment as the end of its log and opens an
+        // older state without a word: the marker written after each
+        // checkpoint tells.
+        let recorded = read_marker(dir)?;
+        if done < recorded {
+            return Err(StoreError::Behind { path: dir.display().to_string(), holds: done, recorded });
+        }
         let mut last = done;
         let mut replayed = 0;
         for (seq, rec) in &records {
@@ -165,7 +172,7 @@ impl SledStore {
             last = last.max(*seq);
         }
         drop(records);
-        checkpoint(&trees, &mut wal, last)?;
+        checkpoint(&trees, &mut wal, dir, last)?;
         if replayed > 0 {
             tracing::info!(replayed, "replayed writes from the write-ahead log");
         }
@@ -411,10 +418,46 @@ pub(super) fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
 const CHECKPOINT_KEY: &[u8] = b"wal_seq";
 
 /// sled holds every record up to `seq` once this returns; the log is empty.
-pub(super) fn checkpoint(t: &Trees, wal: &mut Wal, seq: u64) -> Result<(), StoreError> {
+/// The marker beside the database records `seq` (durably) before the log
+/// is emptied, so a sled that later opens older than that is caught.
+pub(super) fn checkpoint(t: &Trees, wal: &mut Wal, dir: &Path, seq: u64) -> Result<(), StoreError> {
     t.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
     t.db.flush()?;
+    write_marker(dir, seq)?;
     wal.reset()?;
+    Ok(())
+}
+
+fn marker_path(dir: &Path) -> PathBuf {
+    dir.with_extension("checkpoint")
+}
+
+/// The last checkpoint's record number, 0 when none was written yet.
+fn read_marker(dir: &Path) -> Result<u64, StoreError> {
+    let p = marker_path(dir);
+    match std::fs::read(&p) {
+        Ok(b) if b.len() == 12 && blake3::hash(&b[..8]).as_bytes()[..4] == b[8..] => {
+            Ok(u64::from_le_bytes(b[..8].try_into().expect("8")))
+        }
+        Ok(_) => Err(StoreError::Corrupt { tree: "checkpoint marker", what: format!("{} is damaged", p.display()) }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_marker(dir: &Path, seq: u64) -> Result<(), StoreError> {
+    use std::io::Write;
+    let p = marker_path(dir);
+    let tmp = p.with_extension("checkpoint.tmp");
+    let mut body = seq.to_le_bytes().to_vec();
+    body.extend_from_slice(&blake3::hash(&seq.to_le_bytes()).as_bytes()[..4]);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, &p)?;
+    if let Some(parent) = p.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
     Ok(())
 }
 

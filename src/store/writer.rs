@@ -246,7 +246,7 @@ impl Writer {
         }
         let trees = self.trees.as_ref().expect("just opened");
         self.wal.for_each_record(|_, rec| apply(trees, &rec).map_err(StoreError::from))?;
-        checkpoint(trees, &mut self.wal, self.seq - 1)
+        checkpoint(trees, &mut self.wal, &self.db_path, self.seq - 1)
     }
 
     /// Assigns the next cache id of a blog: (id, floor). A new blog's floor
