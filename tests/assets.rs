@@ -136,12 +136,15 @@ async fn broken_and_oversize_uploads_leave_nothing() {
         let _ = c.put_asset(stream).await;
     });
     // Wait until the server has started writing it, then cut the connection.
-    for _ in 0..200 {
+    let mut started = false;
+    for _ in 0..500 {
         if tmp_files(s.dir.path()) > 0 {
+            started = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(started, "the upload never reached the server: the cut would prove nothing");
     task.abort();
     let mut left = usize::MAX;
     for _ in 0..300 {
@@ -259,11 +262,14 @@ async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
         let mut server = ChildServer::spawn(dir.path());
         // "doomed" holds 150 blobs, 50 of them shared with "keeper".
         let mut keeper_urls = Vec::new();
+        let mut doomed_urls = Vec::new();
         for i in 0..150u32 {
             let data = format!("blob {i} of round {round}");
-            put(server.grpc, "doomed", &format!("f{i}.txt"), "", data.as_bytes()).await.unwrap();
+            let d = put(server.grpc, "doomed", &format!("f{i}.txt"), "", data.as_bytes()).await.unwrap();
+            doomed_urls.push((d, data.clone()));
             if i % 3 == 0 {
-                keeper_urls.push(put(server.grpc, "keeper", &format!("k{i}.txt"), "", data.as_bytes()).await.unwrap());
+                let k = put(server.grpc, "keeper", &format!("k{i}.txt"), "", data.as_bytes()).await.unwrap();
+                keeper_urls.push((k, data));
             }
         }
         let grpc = server.grpc;
@@ -276,23 +282,31 @@ async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
         let acked = del.await.unwrap().is_ok();
 
         let server = ChildServer::spawn(dir.path());
-        for a in &keeper_urls {
+        for (a, data) in &keeper_urls {
             let r = get(server.http, &path_of(&a.url), &[]);
-            assert_eq!(r.status, 200, "round {round}: keeper lost {}", a.hash);
+            assert_eq!((r.status, r.body.as_slice()), (200, data.as_bytes()), "round {round}: keeper lost {}", a.hash);
         }
         let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
         let doomed = r.get_blog(pb::GetBlogRequest { blog_id: "doomed".into() }).await;
         match doomed {
             Ok(b) => {
                 assert!(!acked, "round {round}: an acknowledged deletion came back");
-                // Not deleted: every blob it references is still there.
+                // Not deleted: every blob it references is there, bytes and all.
                 assert_eq!(b.into_inner().asset_count, 150);
                 assert_eq!(blobs(dir.path()).len(), 150);
+                for (a, data) in &doomed_urls {
+                    let r = get(server.http, &path_of(&a.url), &[]);
+                    assert_eq!((r.status, r.body.as_slice()), (200, data.as_bytes()), "round {round}");
+                }
             }
-            // Deleted: a restart finished the removal; only keeper's blobs remain.
+            // Deleted: a restart finished the removal; only keeper's blobs remain,
+            // and none of the deleted blog's URLs answers.
             Err(e) => {
                 assert_eq!(e.code(), Code::NotFound);
                 assert_eq!(blobs(dir.path()).len(), keeper_urls.len(), "round {round}");
+                for (a, _) in &doomed_urls {
+                    assert_eq!(get(server.http, &path_of(&a.url), &[]).status, 404, "round {round}");
+                }
             }
         }
     }

@@ -71,7 +71,7 @@ async fn varnish_serves_permanent_assets() {
     assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
     assert_eq!(r.header("content-type"), Some("image/jpeg"));
     let r = curl(&[&url]);
-    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("HIT"), &b"\xff\xd8\xffcat"[..]));
     s.stop().await;
 }
 
@@ -129,14 +129,20 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     assert_ne!(code, 0, "handshake for an unmapped domain must fail");
     assert!(err.contains("SSL") || err.contains("TLS") || err.contains("alert"), "{err}");
 
-    // Unmapping a domain stops new certificates for it.
-    p.remove_domain(pb::RemoveDomainRequest { domain: "mapped.example".into() }).await.unwrap();
-    let (code, _, _) = run(
+    // Unmapping a domain stops new certificates for it: mapped (the edge's
+    // check says yes), then unmapped before its first visit (now no).
+    let ask = |d: &str| curl(&[&format!("http://{}/_ask?domain={d}", s.http)]).status;
+    p.set_domain(pb::SetDomainRequest { domain: "second.example".into(), blog_id: "tlsblog".into() }).await.unwrap();
+    assert_eq!(ask("second.example"), 200);
+    p.remove_domain(pb::RemoveDomainRequest { domain: "second.example".into() }).await.unwrap();
+    assert_eq!(ask("second.example"), 404);
+    let (code, _, err) = run(
         Command::new("curl")
-            .args(["-sS", "-k", "--max-time", "20", "--resolve", &resolve("other.example")])
-            .arg(target("other.example")),
+            .args(["-sS", "-k", "--max-time", "20", "--resolve", &resolve("second.example")])
+            .arg(target("second.example")),
         30,
     );
-    assert_ne!(code, 0);
+    assert_ne!(code, 0, "a removed domain still got a certificate");
+    assert!(err.contains("SSL") || err.contains("TLS") || err.contains("alert"), "{err}");
     s.stop().await;
 }

@@ -29,7 +29,7 @@ async fn versioned_urls_follow_the_cache_rules() {
     assert!(r.header("last-modified").is_some_and(|d| d.ends_with("GMT")));
     assert_eq!(r.header("access-control-allow-origin"), None, "CORS only where needed");
     let font = curl(&[&url_of(&s, "b1", "/fonts/x.woff2").await]);
-    assert_eq!(font.status, 200);
+    assert_eq!((font.status, font.body.as_slice()), (200, &b"wOF2...."[..]));
     assert_eq!(font.header("access-control-allow-origin"), Some("*"));
     assert_eq!(font.header("content-type"), Some("font/woff2"));
 
@@ -366,12 +366,51 @@ async fn hot_files_follow_publishes() {
     invalidate(&s, "h", &[]).await;
     let u1 = url_of(&s, "h", "/app.js").await;
     assert_eq!(curl(&[&u1]).body, b"v1");
-    assert_eq!(curl(&[&u1]).body, b"v1", "second read comes from memory, same bytes");
+    // Kept in memory: with the file gone from disk, the same version is
+    // still answered (a cache that were off would answer 404 here).
+    let file = s.blogs_dir().join("h/app.js");
+    std::fs::remove_file(&file).unwrap();
+    let r = curl(&[&u1]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"v1"[..]), "second read comes from memory");
     s.write("h", "/app.js", b"v2");
     invalidate(&s, "h", &["/app.js"]).await;
     let u2 = url_of(&s, "h", "/app.js").await;
-    assert_eq!(curl(&[&u2]).body, b"v2");
+    assert_eq!(curl(&[&u2]).body, b"v2", "a new version is read from disk, never the stale entry");
     assert_eq!(curl(&[&u1]).body, b"v2", "an old URL gets the current file");
     assert_eq!(get(s.http, &path_of(&u2), &[]).body, b"v2");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_cache_evicts_within_its_bytes_and_can_be_turned_off() {
+    // 64 KiB of hot files: files of 4 KiB, one eighth of it at most each.
+    let s = Server::start_with(|p| p.hot_cache_bytes = Some(64 * 1024)).await;
+    for i in 0..40 {
+        s.write("ev", &format!("/f{i}.txt"), &vec![b'a' + (i % 26) as u8; 4096]);
+    }
+    invalidate(&s, "ev", &[]).await;
+    let mut urls = Vec::new();
+    for i in 0..40 {
+        let u = url_of(&s, "ev", &format!("/f{i}.txt")).await;
+        assert_eq!(curl(&[&u]).status, 200);
+        urls.push(u);
+    }
+    // Remove every file: what is still answered came from memory.
+    for i in 0..40 {
+        std::fs::remove_file(s.blogs_dir().join(format!("ev/f{i}.txt"))).unwrap();
+    }
+    let hot: Vec<usize> = (0..40).filter(|i| curl(&[&urls[*i]]).status == 200).collect();
+    assert!(!hot.is_empty() && hot.len() <= 16, "hot files within 64 KiB: {hot:?}");
+    assert!(hot.contains(&39), "the newest stays: {hot:?}");
+    assert!(!hot.contains(&0), "the oldest went first: {hot:?}");
+    s.stop().await;
+
+    let s = Server::start_with(|p| p.hot_cache_bytes = Some(0)).await;
+    s.write("off", "/a.txt", b"on disk");
+    invalidate(&s, "off", &[]).await;
+    let u = url_of(&s, "off", "/a.txt").await;
+    assert_eq!(curl(&[&u]).body, b"on disk");
+    std::fs::remove_file(s.blogs_dir().join("off/a.txt")).unwrap();
+    assert_eq!(curl(&[&u]).status, 404, "hot_cache_bytes = 0 keeps nothing");
     s.stop().await;
 }

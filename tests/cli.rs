@@ -1,0 +1,150 @@
+//! The command line as a person uses it (the commands not covered in
+//! assets.rs), configuration errors that name their key, and fallback
+//! origins that refuse, fail or are not allowed to backfill.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{binary, curl, nginx, run, Server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_invalidate_domain_and_blog_commands() {
+    let s = Server::start().await;
+    let server = format!("http://{}", s.grpc);
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(binary());
+        c.args(args).env("BLOTCDN_SERVER", &server);
+        run(&mut c, 60)
+    };
+    let (code, out, err) = cli(&["invalidate", "--blog", "clib"]);
+    assert_eq!(code, 0, "{err}");
+    let floor: u64 = out.trim().strip_prefix("cache_id ").unwrap().parse().unwrap();
+    let (code, out, _) = cli(&["invalidate", "--blog", "clib", "/a b/ü.css"]);
+    assert_eq!(code, 0);
+    let id: u64 = out.trim().strip_prefix("cache_id ").unwrap().parse().unwrap();
+    assert!(id > floor);
+    let (code, out, _) = cli(&["resolve", "--blog", "clib", "/a b/ü.css", "/other.js", "/../x"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], format!("/a b/ü.css\t{}/clib/{id}/a%20b/%C3%BC.css", s.url("")));
+    assert_eq!(lines[1], format!("/other.js\t{}/clib/{floor}/other.js", s.url("")));
+    assert_eq!(lines[2], "/../x\tRESOLVE_STATUS_INVALID_PATH");
+
+    let (code, out, err) = cli(&["domain", "set", "blog.example.com", "clib"]);
+    assert_eq!((code, out.trim()), (0, "blog.example.com -> clib"), "{err}");
+    let (code, out, _) = cli(&["domain", "get", "blog.example.com"]);
+    assert_eq!((code, out.trim()), (0, "clib"));
+    let (code, out, _) = cli(&["blog", "get", "clib"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("cache_id    {floor}")) && out.contains("domains     blog.example.com"), "{out}");
+    assert!(out.contains("path_count  1"), "{out}");
+    let (code, out, _) = cli(&["domain", "rm", "blog.example.com"]);
+    assert_eq!((code, out.trim()), (0, "removed blog.example.com"));
+    let (code, _, err) = cli(&["domain", "get", "blog.example.com"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unmapped domain blog.example.com"), "{err}");
+    let (code, _, err) = cli(&["invalidate", "--blog", "bad/id"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("InvalidArgument"), "{err}");
+    // No server there: a clear error, not a hang.
+    let (code, _, err) = run(Command::new(binary()).args(["blog", "--server", "http://127.0.0.1:1", "get", "x"]), 30);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot connect"), "{err}");
+    s.stop().await;
+}
+
+#[test]
+fn configuration_errors_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |env: &[(&str, &str)], args: &[&str]| {
+        let mut c = Command::new(binary());
+        c.args(["serve", "--data-dir"]).arg(dir.path()).args(args);
+        c.env("BLOTCDN_HTTP_ADDR", "127.0.0.1:0");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        run(&mut c, 30)
+    };
+    let (code, _, err) = serve(&[("BLOTCDN_MAX_BATCH", "lots")], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("BLOTCDN_MAX_BATCH") && err.contains("not a number"), "{err}");
+    let (code, _, err) = serve(&[("BLOTCDN_MAX_UPLOADS", "0")], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("max_uploads"), "{err}");
+    let toml = dir.path().join("bad.toml");
+    std::fs::write(&toml, "fallback_origins = [\"ftp://bucket\"]\n").unwrap();
+    let (code, _, err) = serve(&[], &["--config", toml.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("fallback_origins"), "{err}");
+    std::fs::write(&toml, "max_bach = 5\n").unwrap();
+    let (code, _, err) = serve(&[], &["--config", toml.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("max_bach"), "an unknown key is named: {err}");
+    let (code, _, err) = serve(&[("BLOTCDN_GRPC_ADDR", "localhost")], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("grpc_addr"), "{err}");
+}
+
+/// A fallback origin that answers every request with `status`, for 20 s at most.
+fn answering(status: &'static str) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    if status.is_empty() {
+                        // Refuses: closes without a word.
+                        continue;
+                    }
+                    let body = "upstream says no";
+                    let _ = write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallbacks_that_refuse_or_fail_are_skipped_and_backfill_can_be_off() {
+    let work = tempfile::tempdir().unwrap();
+    let bucket = work.path().join("bucket");
+    std::fs::create_dir_all(bucket.join("fb")).unwrap();
+    std::fs::write(bucket.join("fb/logo.png"), b"from the good origin").unwrap();
+    let port = common::free_port();
+    let _good = nginx(&work.path().join("nginx"), &bucket, port, "");
+    let (refuses, fails, missing) = (answering(""), answering("503 Service Unavailable"), answering("404 Not Found"));
+    let s = Server::start_with(|p| {
+        p.fallback_origins = Some(vec![
+            format!("http://{refuses}"),
+            format!("http://{fails}"),
+            format!("http://{missing}"),
+            format!("http://127.0.0.1:{port}"),
+        ]);
+        p.backfill_origins = Some(0);
+    })
+    .await;
+    let r = curl(&[&s.url("/fb/logo.png")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"from the good origin"[..]), "the first origin that has it");
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    // backfill_origins = 0: nothing is written to local disk.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!s.blogs_dir().join("fb/logo.png").exists(), "backfilled though backfill_origins = 0");
+    // Nobody has it: 404, not the upstream's 503 or its body.
+    let r = curl(&[&s.url("/fb/none.png")]);
+    assert_eq!(r.status, 404);
+    assert!(!String::from_utf8_lossy(&r.body).contains("upstream"), "an upstream error leaked");
+    s.stop().await;
+}
