@@ -123,8 +123,7 @@ async fn fallbacks_that_refuse_or_fail_are_skipped_and_backfill_can_be_off() {
     let bucket = work.path().join("bucket");
     std::fs::create_dir_all(bucket.join("fb")).unwrap();
     std::fs::write(bucket.join("fb/logo.png"), b"from the good origin").unwrap();
-    let port = common::free_port();
-    let _good = nginx(&work.path().join("nginx"), &bucket, port, "");
+    let (_good, port) = nginx(&work.path().join("nginx"), &bucket, "");
     let (refuses, fails, missing) = (answering(""), answering("503 Service Unavailable"), answering("404 Not Found"));
     let s = Server::start_with(|p| {
         p.fallback_origins = Some(vec![

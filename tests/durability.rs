@@ -19,9 +19,10 @@ async fn acknowledged_invalidations_survive_kill_9() {
 
     // (blog, path or "" for the floor) → highest acknowledged cache id.
     let acked: Arc<Mutex<HashMap<(String, String), u64>>> = Arc::default();
+    let acks: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let mut tasks = Vec::new();
     for worker in 0..16u32 {
-        let (url, acked) = (url.clone(), acked.clone());
+        let (url, acked, acks) = (url.clone(), acked.clone(), acks.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = pb::publisher_client::PublisherClient::connect(url).await.unwrap();
             // Bounded: at most 10,000 calls; the kill ends it much sooner.
@@ -32,6 +33,7 @@ async fn acknowledged_invalidations_survive_kill_9() {
                 match c.invalidate(pb::InvalidateRequest { blog_id: blog.clone(), paths }).await {
                     Ok(r) => {
                         let id = r.into_inner().cache_id;
+                        acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let mut a = acked.lock().unwrap();
                         let e = a.entry((blog, path)).or_default();
                         *e = (*e).max(id);
@@ -42,7 +44,13 @@ async fn acknowledged_invalidations_survive_kill_9() {
             10_000
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Kill once a few hundred writes were acknowledged (waiting on the
+    // traffic itself, not on a sleep being long enough).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().values().count() < 40 || acks.load(std::sync::atomic::Ordering::SeqCst) < 300 {
+        assert!(std::time::Instant::now() < deadline, "too little traffic in 30 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     server.kill9();
     let mut calls = 0;
     for t in tasks {

@@ -86,25 +86,23 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     p.set_domain(pb::SetDomainRequest { domain: "mapped.example".into(), blog_id: "tlsblog".into() }).await.unwrap();
     let url = url_of(&s, "tlsblog", "/style.css").await;
 
-    let (hp, sp) = (free_port(), free_port());
     let origin = format!("127.0.0.1:{}", s.http.port());
-    let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/Caddyfile"))
-        .unwrap()
-        .replace("127.0.0.1:8080", &origin)
-        .replace("http_port 8081", &format!("http_port {hp}"))
-        .replace("https_port 8443", &format!("https_port {sp}"));
+    let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/Caddyfile")).unwrap();
     let caddyfile = work.path().join("Caddyfile");
-    std::fs::write(&caddyfile, conf).unwrap();
-    let _caddy = Daemon::spawn(
-        "caddy",
-        Command::new("caddy")
-            .args(["run", "--adapter", "caddyfile", "--config"])
+    let (_caddy, sp) = Daemon::spawn_on_free_port("caddy", |sp| {
+        let conf = template
+            .replace("127.0.0.1:8080", &origin)
+            .replace("http_port 8081", &format!("http_port {}", free_port()))
+            .replace("https_port 8443", &format!("https_port {sp}"));
+        std::fs::write(&caddyfile, conf).unwrap();
+        let mut c = Command::new("caddy");
+        c.args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&caddyfile)
             .env("XDG_DATA_HOME", work.path().join("data"))
             .env("XDG_CONFIG_HOME", work.path().join("config"))
-            .env("HOME", work.path()),
-        sp,
-    );
+            .env("HOME", work.path());
+        c
+    });
 
     let resolve = |d: &str| format!("{d}:{sp}:127.0.0.1");
     let target = |d: &str| format!("https://{d}:{sp}{}", path_of(&url));

@@ -143,10 +143,14 @@ async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() 
 
 /// A fallback origin that sends its headers at once, then one byte every
 /// `gap` (a trickle), with a Content-Length it never reaches in time.
-fn trickle_origin(gap: Duration) -> (SocketAddr, std::thread::JoinHandle<()>) {
+fn trickle_origin(
+    gap: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>, std::thread::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     l.set_nonblocking(true).unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
     let h = std::thread::spawn(move || {
         let end = Instant::now() + Duration::from_secs(20);
         let mut conns: Vec<TcpStream> = Vec::new();
@@ -158,17 +162,18 @@ fn trickle_origin(gap: Duration) -> (SocketAddr, std::thread::JoinHandle<()>) {
                 let _ = c.read(&mut buf);
                 let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n");
                 conns.push(c);
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             conns.retain_mut(|c| c.write_all(b"x").is_ok());
             std::thread::sleep(gap);
         }
     });
-    (addr, h)
+    (addr, accepted, h)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_fallback_is_cut_at_the_deadline_and_fetches_are_bounded() {
-    let (addr, _origin) = trickle_origin(Duration::from_millis(100));
+    let (addr, accepted, _origin) = trickle_origin(Duration::from_millis(100));
     let s = Server::start_with(|p| {
         p.fallback_origins = Some(vec![format!("http://{addr}")]);
         // Longer than the 2 s a request waits for a free slot.
@@ -188,7 +193,12 @@ async fn a_trickling_fallback_is_cut_at_the_deadline_and_fetches_are_bounded() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both slow fetches have reached the origin (and so hold both slots).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the slow fetches never reached the origin");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let r = curl(&[&s.url("/slowblog/avatars/b.png")]);
     assert_eq!(r.status, 503, "a third fetch past max_fallback_fetches");
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -210,8 +220,7 @@ async fn a_bucket_object_over_64_mib_streams_through_in_bounded_memory_and_lands
     std::fs::create_dir_all(bucket.join("bigblog")).unwrap();
     let big: Vec<u8> = (0..96u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     std::fs::write(bucket.join("bigblog/video.mp4"), &big).unwrap();
-    let port = common::free_port();
-    let _n = nginx(&work.path().join("nginx"), &bucket, port, "");
+    let (_n, port) = nginx(&work.path().join("nginx"), &bucket, "");
     let data = work.path().join("data");
     let server =
         ChildServer::spawn_with(&data, &[], &[("BLOTCDN_FALLBACK_ORIGINS", &format!("http://127.0.0.1:{port}"))]);

@@ -5,7 +5,7 @@
 mod common;
 
 use blotcdn::proto as pb;
-use common::{curl, free_port, get, invalidate, nginx, path_of, request, url_of, Server};
+use common::{curl, get, invalidate, nginx, path_of, request, url_of, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versioned_urls_follow_the_cache_rules() {
@@ -139,9 +139,8 @@ async fn fallback_origins_in_order_and_backfill() {
             std::fs::write(f, b).unwrap();
         }
     }
-    let (lp, ap) = (free_port(), free_port());
-    let _legacy = nginx(&work.path().join("n1"), &legacy_root, lp, "");
-    let _app = nginx(&work.path().join("n2"), &app_root, ap, "location = /echo { return 200 \"args=$args\"; }");
+    let (_legacy, lp) = nginx(&work.path().join("n1"), &legacy_root, "");
+    let (_app, ap) = nginx(&work.path().join("n2"), &app_root, "location = /echo { return 200 \"args=$args\"; }");
     let s = Server::start_with(|p| {
         p.fallback_origins = Some(vec![format!("http://127.0.0.1:{lp}"), format!("http://127.0.0.1:{ap}")]);
     })

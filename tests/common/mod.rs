@@ -298,6 +298,39 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts a daemon that cannot be told to bind port 0 and report it
+    /// (nginx, varnish, caddy) on a port found free; if another process took
+    /// that port before the daemon bound it, the daemon exits and it is
+    /// started again on another port. `make` builds its command for a port.
+    pub fn spawn_on_free_port(name: &'static str, mut make: impl FnMut(u16) -> Command) -> (Daemon, u16) {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut cmd = make(port);
+            let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap_or_else(|e| {
+                panic!("cannot start {name} ({e}); run ./scripts/install-test-deps.sh");
+            });
+            let mut d = Daemon { child, name };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let up = loop {
+                if let Ok(Some(_)) = d.child.try_wait() {
+                    break false;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // Ours, not a process that took the port: still alive a moment later.
+                    std::thread::sleep(Duration::from_millis(50));
+                    break d.child.try_wait().map(|s| s.is_none()).unwrap_or(false);
+                }
+                assert!(Instant::now() < deadline, "{name} did not open port {port} in 20 s");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if up {
+                return (d, port);
+            }
+            eprintln!("{name} could not start on port {port}; trying another");
+        }
+        panic!("{name} did not start on any of five free ports");
+    }
+
     pub fn spawn(name: &'static str, cmd: &mut Command, port: u16) -> Daemon {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap_or_else(|e| {
             panic!("cannot start {name} ({e}); run ./scripts/install-test-deps.sh");
@@ -347,26 +380,34 @@ pub fn varnish(work: &Path, origin_port: u16, storage: &str) -> (Daemon, u16) {
     open_up(work);
     let vcl_path = work.join("blotcdn.vcl");
     std::fs::write(&vcl_path, vcl).unwrap();
-    let port = free_port();
-    let d = Daemon::spawn(
-        "varnishd",
-        Command::new("varnishd")
-            .arg("-F")
+    Daemon::spawn_on_free_port("varnishd", |port| {
+        let mut c = Command::new("varnishd");
+        c.arg("-F")
             .arg("-n")
             .arg(work.join("varnish"))
             .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", storage])
             .arg("-f")
-            .arg(&vcl_path),
-        port,
-    );
-    (d, port)
+            .arg(&vcl_path);
+        c
+    })
 }
 
-/// nginx serving `root` on 127.0.0.1:`port` (a stand-in for a static origin).
-pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Daemon {
+/// nginx serving `root` on a free port of 127.0.0.1 (a stand-in for a
+/// static origin): the daemon and its port.
+pub fn nginx(dir: &Path, root: &Path, extra: &str) -> (Daemon, u16) {
     std::fs::create_dir_all(dir).unwrap();
     open_up(dir);
     open_up(root);
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    Daemon::spawn_on_free_port("nginx", |port| {
+        let conf = nginx_conf(dir, root, port, extra);
+        let mut c = Command::new("nginx");
+        c.arg("-p").arg(dir).arg("-c").arg(&conf);
+        c
+    })
+}
+
+fn nginx_conf(dir: &Path, root: &Path, port: u16, extra: &str) -> PathBuf {
     let conf = dir.join("nginx.conf");
     let user = if unsafe_is_root() { "user root;" } else { "" };
     std::fs::write(
@@ -384,8 +425,7 @@ pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Daemon {
         ),
     )
     .unwrap();
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    Daemon::spawn("nginx", Command::new("nginx").arg("-p").arg(dir).arg("-c").arg(&conf), port)
+    conf
 }
 
 pub fn unsafe_is_root() -> bool {
