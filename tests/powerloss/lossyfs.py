@@ -34,6 +34,9 @@ one line in, one JSON line out:
 * ``stats``: counters (fsyncs, bytes written, ...).
 * ``quit``: unmount and exit.
 
+Fault injection: ``--ignore-fsync REGEX`` makes fsync of matching files a
+no-op, which is what a program that forgot that fsync looks like to a disk.
+
 Usage: lossyfs.py MOUNTPOINT --control SOCKET [--log FILE]
 """
 
@@ -41,6 +44,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -145,8 +149,10 @@ class LossyFS(Operations):
     lock = None
     bmap = None
 
-    def __init__(self, log=None):
+    def __init__(self, log=None, ignore_fsync=None):
         self.mu = threading.RLock()
+        self.ignore_fsync = re.compile(ignore_fsync) if ignore_fsync else None
+        self.fsync_by_path = {}
         self.inodes = {}
         self.next_ino = 1
         self.handles = {}
@@ -155,7 +161,7 @@ class LossyFS(Operations):
         self.mounted = threading.Event()
         self.counts = {
             "fsync": 0, "fdatasync": 0, "fsyncdir": 0, "writes": 0, "bytes_written": 0,
-            "crashes": 0, "syncs": 0,
+            "crashes": 0, "syncs": 0, "ignored_fsync": 0,
         }
         root = self._new(stat.S_IFDIR | 0o755)
         root.nlink = 1
@@ -295,6 +301,7 @@ class LossyFS(Operations):
         with self.mu:
             out = dict(self.counts)
             out["inodes"] = len(self.inodes)
+            out["fsync_by_path"] = dict(self.fsync_by_path)
             out["bytes_held"] = sum(len(n.data) + len(n.ddata) for n in self.inodes.values() if n.is_file())
             return out
 
@@ -469,6 +476,12 @@ class LossyFS(Operations):
     def fsync(self, path, datasync, fh):
         with self.mu:
             n = self._node(path, fh)
+            if path:
+                self.fsync_by_path[path] = self.fsync_by_path.get(path, 0) + 1
+            if self.ignore_fsync is not None and path and self.ignore_fsync.search(path):
+                # Fault injection: this fsync is a lie (as if the caller had not made it).
+                self.counts["ignored_fsync"] += 1
+                return 0
             if n.is_file():
                 n.sync_data()
             elif n.is_dir():
@@ -693,9 +706,11 @@ def main():
     ap.add_argument("mountpoint")
     ap.add_argument("--control", required=True, help="unix socket for crash/sync/stats/quit")
     ap.add_argument("--log", help="append a log of control commands and crashes here")
+    ap.add_argument("--ignore-fsync", metavar="REGEX",
+                    help="fault injection: fsync/fdatasync of files whose path matches does nothing")
     a = ap.parse_args()
     log = open(a.log, "a") if a.log else None
-    fs = LossyFS(log)
+    fs = LossyFS(log, a.ignore_fsync)
     Server(fs, os.path.abspath(a.mountpoint), a.control, log).run()
 
 
