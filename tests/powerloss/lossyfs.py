@@ -148,6 +148,9 @@ class LossyFS(Operations):
     # always local with libfuse2): sled's lock on its db file just works.
     lock = None
     bmap = None
+    # Reads, writes, fsync and getattr on a file that is open but unlinked
+    # come with no path; the handle says which inode.
+    flag_nullpath_ok = True
 
     def __init__(self, log=None, ignore_fsync=None):
         self.mu = threading.RLock()
