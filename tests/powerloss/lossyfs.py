@@ -37,6 +37,12 @@ one line in, one JSON line out:
 Fault injection: ``--ignore-fsync REGEX`` makes fsync of matching files a
 no-op, which is what a program that forgot that fsync looks like to a disk.
 
+Gentler models, to isolate one component's promise from another's:
+``--journaled-names`` makes every namespace change durable, in order, at
+the next fsync or fsyncdir of anything (a metadata journal, as ext4 and XFS
+have in practice); ``--trust REGEX`` makes writes and names at matching
+paths durable at once (a component taken on trust).
+
 Usage: lossyfs.py MOUNTPOINT --control SOCKET [--log FILE]
 """
 
@@ -152,8 +158,11 @@ class LossyFS(Operations):
     # come with no path; the handle says which inode.
     flag_nullpath_ok = True
 
-    def __init__(self, log=None, ignore_fsync=None):
+    def __init__(self, log=None, ignore_fsync=None, journaled_names=False, trust=None):
         self.mu = threading.RLock()
+        self.journaled_names = journaled_names
+        self.trust = re.compile(trust) if trust else None
+        self.dirty_dirs = set()  # directories whose entries changed since their last sync
         self.ignore_fsync = re.compile(ignore_fsync) if ignore_fsync else None
         self.fsync_by_path = {}
         self.inodes = {}
@@ -215,6 +224,7 @@ class LossyFS(Operations):
 
     def _unlink_entry(self, parent, name):
         ino = parent.entries.pop(name)
+        self.dirty_dirs.add(parent.ino)
         node = self.inodes[ino]
         node.nlink -= 1
         node.ctime = now_ns()
@@ -223,6 +233,7 @@ class LossyFS(Operations):
 
     def _link_entry(self, parent, name, node):
         parent.entries[name] = node.ino
+        self.dirty_dirs.add(parent.ino)
         node.nlink += 1
         parent.mtime = parent.ctime = now_ns()
 
@@ -238,6 +249,23 @@ class LossyFS(Operations):
             if old.get(name) != ino:
                 self.inodes[ino].dlinks += 1
         node.dentries = new
+        self.dirty_dirs.discard(node.ino)
+
+    def _commit_names(self):
+        """--journaled-names: every namespace change so far becomes durable."""
+        for ino in list(self.dirty_dirs):
+            node = self.inodes.get(ino)
+            if node is not None and node.is_dir():
+                self._sync_dir(node)
+        self.dirty_dirs.clear()
+
+    def _trusted(self, path):
+        return self.trust is not None and path is not None and self.trust.search(path) is not None
+
+    def _names_changed(self, parent, path):
+        """After a namespace change at `path` in `parent`: --trust makes it durable at once."""
+        if self._trusted(path):
+            self._sync_dir(parent)
 
     # ---- control -------------------------------------------------------
 
@@ -277,6 +305,7 @@ class LossyFS(Operations):
                     node.dirty = []
                 node.opens = 0
             self.handles.clear()
+            self.dirty_dirs.clear()
             # Keep only what durable names reach; recount the links.
             reach = self._paths("dentries")
             self.inodes = {ino: n for ino, n in self.inodes.items() if ino in reach}
@@ -364,6 +393,8 @@ class LossyFS(Operations):
         with self.mu:
             n = self._lookup(path)
             self._sync_dir(n)
+            if self.journaled_names:
+                self._commit_names()
             self.counts["fsyncdir"] += 1
         return 0
 
@@ -373,6 +404,7 @@ class LossyFS(Operations):
             if name in parent.entries:
                 raise FuseOSError(errno.EEXIST)
             self._link_entry(parent, name, self._new(stat.S_IFDIR | (mode & 0o7777)))
+            self._names_changed(parent, path)
         return 0
 
     def rmdir(self, path):
@@ -387,6 +419,7 @@ class LossyFS(Operations):
             if n.entries:
                 raise FuseOSError(errno.ENOTEMPTY)
             self._unlink_entry(parent, name)
+            self._names_changed(parent, path)
         return 0
 
     def mknod(self, path, mode, dev):
@@ -397,6 +430,7 @@ class LossyFS(Operations):
             if name in parent.entries:
                 raise FuseOSError(errno.EEXIST)
             self._link_entry(parent, name, self._new(mode))
+            self._names_changed(parent, path)
         return 0
 
     def create(self, path, mode, fi=None):
@@ -409,6 +443,7 @@ class LossyFS(Operations):
             else:
                 n = self._new(stat.S_IFREG | (mode & 0o7777))
                 self._link_entry(parent, name, n)
+                self._names_changed(parent, path)
             return self._open_handle(n)
 
     def _open_handle(self, n):
@@ -423,6 +458,8 @@ class LossyFS(Operations):
             n = self._lookup(path)
             if n.is_file() and flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
                 self._truncate(n, 0)
+                if self._trusted(path):
+                    n.sync_data()
             return self._open_handle(n)
 
     def release(self, path, fh):
@@ -455,6 +492,8 @@ class LossyFS(Operations):
                 buf.extend(bytes(offset - old))
             buf[offset:offset + len(data)] = data
             n.mark(min(offset, old), offset + len(data))
+            if self._trusted(path):
+                n.sync_data()
             n.mtime = n.ctime = now_ns()
             self.counts["writes"] += 1
             self.counts["bytes_written"] += len(data)
@@ -473,7 +512,10 @@ class LossyFS(Operations):
 
     def truncate(self, path, length, fh=None):
         with self.mu:
-            self._truncate(self._node(path, fh), length)
+            n = self._node(path, fh)
+            self._truncate(n, length)
+            if self._trusted(path):
+                n.sync_data()
         return 0
 
     def fsync(self, path, datasync, fh):
@@ -489,6 +531,8 @@ class LossyFS(Operations):
                 n.sync_data()
             elif n.is_dir():
                 self._sync_dir(n)
+            if self.journaled_names:
+                self._commit_names()
             self.counts["fdatasync" if datasync else "fsync"] += 1
         return 0
 
@@ -501,6 +545,7 @@ class LossyFS(Operations):
             if self.inodes[ino].is_dir():
                 raise FuseOSError(errno.EISDIR)
             self._unlink_entry(parent, name)
+            self._names_changed(parent, path)
         return 0
 
     def rename(self, old, new):
@@ -531,10 +576,13 @@ class LossyFS(Operations):
                     raise FuseOSError(errno.ENOTDIR)
                 self._unlink_entry(np, nname)
             op.entries.pop(oname)
+            self.dirty_dirs.add(op.ino)
             src.nlink -= 1
             op.mtime = op.ctime = now_ns()
             self._link_entry(np, nname, src)
             src.ctime = now_ns()
+            self._names_changed(op, old)
+            self._names_changed(np, new)
         return 0
 
     def link(self, target, source):
@@ -548,6 +596,7 @@ class LossyFS(Operations):
                 raise FuseOSError(errno.EEXIST)
             self._link_entry(parent, name, n)
             n.ctime = now_ns()
+            self._names_changed(parent, target)
         return 0
 
     def symlink(self, target, source):
@@ -559,6 +608,7 @@ class LossyFS(Operations):
             n = self._new(stat.S_IFLNK | 0o777)
             n.target = source
             self._link_entry(parent, name, n)
+            self._names_changed(parent, target)
         return 0
 
     def readlink(self, path):
@@ -711,9 +761,15 @@ def main():
     ap.add_argument("--log", help="append a log of control commands and crashes here")
     ap.add_argument("--ignore-fsync", metavar="REGEX",
                     help="fault injection: fsync/fdatasync of files whose path matches does nothing")
+    ap.add_argument("--journaled-names", action="store_true",
+                    help="namespace changes become durable all together, in order, at any fsync or fsyncdir"
+                         " (a metadata journal, as on ext4 or XFS); the default needs each directory's own fsync")
+    ap.add_argument("--trust", metavar="REGEX",
+                    help="writes and namespace changes at matching paths are durable at once (for a component"
+                         " whose own durability is taken on trust, e.g. sled, which syncs with sync_file_range)")
     a = ap.parse_args()
     log = open(a.log, "a") if a.log else None
-    fs = LossyFS(log, a.ignore_fsync)
+    fs = LossyFS(log, a.ignore_fsync, a.journaled_names, a.trust)
     Server(fs, os.path.abspath(a.mountpoint), a.control, log).run()
 
 

@@ -175,3 +175,23 @@ def test_ignored_fsync(tmp_path):
         assert fs.stats()["ignored_fsync"] == 1
     finally:
         fs.close()
+
+
+def test_journaled_names_and_trust(tmp_path):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing: lossyfs needs FUSE")
+    fs = harness.LossyMount(str(tmp_path), ["--journaled-names", "--trust", "^/sled/"])
+    try:
+        m = fs.path
+        os.mkdir(f"{m}/sled")
+        os.makedirs(f"{m}/cas/ab/cd")
+        write(f"{m}/cas/ab/cd/blob", b"blob")
+        fsync(f"{m}/cas/ab/cd/blob")  # commits every name so far, but not other files' data
+        write(f"{m}/sled/db", b"trusted")
+        os.mkdir(f"{m}/late")  # after the last fsync: lost
+        fs.crash()
+        assert sorted(os.listdir(m)) == ["cas", "sled"]
+        assert read(f"{m}/cas/ab/cd/blob") == b"blob"
+        assert read(f"{m}/sled/db") == b"trusted"
+    finally:
+        fs.close()
