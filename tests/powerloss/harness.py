@@ -452,7 +452,7 @@ class Storm:
     until the server goes away. Every answer is written into the ledger."""
 
     def __init__(self, client, ledger, threads=4, seed=1, prefix="s", mix=None, batch_paths=20,
-                 asset_sizes=(1, 64 * 1024)):
+                 asset_sizes=(1, 64 * 1024), path_len=30):
         self.client = client
         self.ledger = ledger
         self.nthreads = threads
@@ -460,6 +460,7 @@ class Storm:
         self.prefix = prefix
         self.mix = mix or {"floor": 3, "paths": 3, "asset": 3, "domain": 1, "delete": 1}
         self.batch_paths = batch_paths
+        self.path_len = path_len
         self.asset_sizes = asset_sizes
         self.stop_flag = threading.Event()
         self.threads = []
@@ -493,7 +494,8 @@ class Storm:
                     i = c.invalidate(blog)
                     led.ack("floor", blog=blog, id=i)
                 elif kind == "paths":
-                    paths = [f"/p/{rnd.randrange(10000)}/{'x' * rnd.randrange(1, 60)}.html"
+                    pad = "x" * max(1, self.path_len - 20)
+                    paths = [f"/p/{n}/{rnd.randrange(1 << 30)}/{pad[:rnd.randrange(1, 2 * len(pad))]}.html"
                              for _ in range(self.batch_paths)]
                     i = c.invalidate(blog, paths)
                     led.ack("paths", blog=blog, id=i, paths=paths)

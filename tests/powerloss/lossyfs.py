@@ -31,7 +31,8 @@ one line in, one JSON line out:
 * ``crash``: unmount (lazily), drop everything not durable, mount again;
   answers with what was lost. Kill the processes using the mount first.
 * ``sync``: make everything durable, like sync(1) on a healthy machine.
-* ``stats``: counters (fsyncs, bytes written, ...).
+* ``stats``: counters (fsyncs by path, bytes written, fsyncs that made a
+  zeroed file head durable (how the server empties its log), ...).
 * ``quit``: unmount and exit.
 
 Fault injection: ``--ignore-fsync REGEX`` makes fsync of matching files a
@@ -165,6 +166,10 @@ class LossyFS(Operations):
         self.dirty_dirs = set()  # directories whose entries changed since their last sync
         self.ignore_fsync = re.compile(ignore_fsync) if ignore_fsync else None
         self.fsync_by_path = {}
+        # A write of zeros at offset 0 then an fsync: how blotcdn's log is
+        # emptied after a checkpoint. Counted so tests can cut right after one.
+        self.zero_head = set()
+        self.zero_head_syncs = {}
         self.inodes = {}
         self.next_ino = 1
         self.handles = {}
@@ -334,6 +339,7 @@ class LossyFS(Operations):
             out = dict(self.counts)
             out["inodes"] = len(self.inodes)
             out["fsync_by_path"] = dict(self.fsync_by_path)
+            out["zero_head_syncs"] = dict(self.zero_head_syncs)
             out["bytes_held"] = sum(len(n.data) + len(n.ddata) for n in self.inodes.values() if n.is_file())
             return out
 
@@ -492,6 +498,8 @@ class LossyFS(Operations):
                 buf.extend(bytes(offset - old))
             buf[offset:offset + len(data)] = data
             n.mark(min(offset, old), offset + len(data))
+            if offset == 0 and data.count(0) == len(data):
+                self.zero_head.add(n.ino)
             if self._trusted(path):
                 n.sync_data()
             n.mtime = n.ctime = now_ns()
@@ -529,6 +537,10 @@ class LossyFS(Operations):
                 return 0
             if n.is_file():
                 n.sync_data()
+                if n.ino in self.zero_head:
+                    self.zero_head.discard(n.ino)
+                    if path:
+                        self.zero_head_syncs[path] = self.zero_head_syncs.get(path, 0) + 1
             elif n.is_dir():
                 self._sync_dir(n)
             if self.journaled_names:
