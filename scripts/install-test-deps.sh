@@ -30,7 +30,7 @@ command -v grpcurl >/dev/null || { echo "grpcurl not on PATH after install" >&2;
 
 # The power-loss tests (tests/powerloss): a FUSE filesystem in Python, a gRPC client, BLAKE3.
 pymissing=()
-for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest blake3:blake3; do
+for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest pytest_timeout:pytest-timeout blake3:blake3; do
   python3 -c "import ${m%%:*}" >/dev/null 2>&1 || pymissing+=("${m#*:}")
 done
 if ((${#pymissing[@]})); then

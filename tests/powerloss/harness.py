@@ -45,6 +45,15 @@ def generate_stubs(out_dir):
     return pb2, pb2_grpc
 
 
+def _die_with_parent(sig):
+    """For Popen's preexec_fn: the child gets `sig` when the test process dies."""
+    def f():
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    return f
+
+
 def wait_until(cond, timeout, what, step=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,7 +79,8 @@ class LossyMount:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "lossyfs.py"), self.path, "--control", self.control,
              "--log", self.log, *extra_args],
-            stdout=self.errlog, stderr=self.errlog, start_new_session=True)
+            stdout=self.errlog, stderr=self.errlog, start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGTERM))  # SIGTERM: fusepy unmounts on it
         try:
             wait_until(self._ready, 30, "lossyfs to mount")
         except Exception:
@@ -166,7 +176,8 @@ class Server:
         self.proc = subprocess.Popen(
             [server_binary(), "serve", "--data-dir", self.data_dir, "--grpc-addr", "127.0.0.1:0",
              "--http-addr", "127.0.0.1:0", "--addr-file", self.addr_file],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGKILL))
         log.close()
 
         def ready():
