@@ -45,13 +45,15 @@ def generate_stubs(out_dir):
     return pb2, pb2_grpc
 
 
-def _die_with_parent(sig):
-    """For Popen's preexec_fn: the child gets `sig` when the test process dies."""
-    def f():
-        import ctypes
+def _die_with_parent(sig, argv):
+    """argv, run so that the child gets `sig` when the test process dies.
+    setpriv (util-linux) sets it; a preexec_fn would run Python in the forked
+    child, which gRPC's threads do not survive."""
+    import shutil
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    return f
+    if shutil.which("setpriv"):
+        return ["setpriv", f"--pdeathsig={sig}", "--", *argv]
+    return argv
 
 
 def wait_until(cond, timeout, what, step=0.02):
@@ -76,11 +78,11 @@ class LossyMount:
         self.log = os.path.join(workdir, "lossyfs.log")
         os.makedirs(self.path, exist_ok=True)
         self.errlog = open(os.path.join(workdir, "lossyfs.stderr"), "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "lossyfs.py"), self.path, "--control", self.control,
-             "--log", self.log, *extra_args],
-            stdout=self.errlog, stderr=self.errlog, start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGTERM))  # SIGTERM: fusepy unmounts on it
+        argv = [sys.executable, os.path.join(HERE, "lossyfs.py"), self.path, "--control", self.control,
+                "--log", self.log, *extra_args]
+        # TERM: fusepy unmounts and lossyfs exits if the tests die.
+        self.proc = subprocess.Popen(_die_with_parent("TERM", argv), stdout=self.errlog, stderr=self.errlog,
+                                     start_new_session=True)
         try:
             wait_until(self._ready, 30, "lossyfs to mount")
         except Exception:
@@ -173,11 +175,10 @@ class Server:
         log = open(self.log_path, "wb")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
-        self.proc = subprocess.Popen(
-            [server_binary(), "serve", "--data-dir", self.data_dir, "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", "--addr-file", self.addr_file],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGKILL))
+        argv = [server_binary(), "serve", "--data-dir", self.data_dir, "--grpc-addr", "127.0.0.1:0",
+                "--http-addr", "127.0.0.1:0", "--addr-file", self.addr_file]
+        self.proc = subprocess.Popen(_die_with_parent("KILL", argv), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()
 
         def ready():
@@ -223,7 +224,7 @@ class Server:
 # ---- the client -------------------------------------------------------------
 
 class Client:
-    def __init__(self, pb2, pb2_grpc, server, timeout=30):
+    def __init__(self, pb2, pb2_grpc, server, timeout=60):
         self.pb2 = pb2
         self.timeout = timeout
         self.http_addr = server.http_addr
