@@ -11,5 +11,5 @@ status=0
 cargo nextest run --locked --no-fail-fast "$@" || status=$?
 # Power-loss tests: the binary just built, its data dir on a FUSE filesystem
 # that forgets what was not fsynced (tests/powerloss/lossyfs.py).
-BLOTCDN_BIN="$PWD/target/debug/blotcdn" python3 -m pytest -q tests/powerloss || status=$?
+BLOTCDN_BIN="$PWD/target/debug/blotcdn" python3 -m pytest -q -rxXf tests/powerloss || status=$?
 exit "$status"

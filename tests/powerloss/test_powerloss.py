@@ -162,8 +162,11 @@ def test_power_cuts_around_checkpoints(make_env, model, known):
                      mix=mix, **kw).start()
 
     def cut_after_next_checkpoint(s, timeout, what):
-        base = resets(env)
+        base, t0 = resets(env), time.monotonic()
         wait_until(lambda: resets(env) > base, timeout, what, step=0.003)
+        st = env.fs.stats()
+        print(f"{model}: {what} after {time.monotonic() - t0:.1f} s; {st['bytes_written'] >> 20} MiB written so far;"
+              f" fsyncs of sled's files: { {p: n for p, n in st['fsync_by_path'].items() if p.startswith('/data/db/')} }")
         lost = env.crash(srv)
         s.stop()
         assert not s.errors, s.errors
