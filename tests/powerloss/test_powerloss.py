@@ -200,6 +200,25 @@ def test_power_cuts_around_checkpoints(make_env, model, known):
     print(led.summary())
 
 
+@pytest.mark.parametrize("model,known", [("journal", ["sled-flush"]), ("wal", [])])
+def test_two_power_cuts_in_a_row(make_env, model, known):
+    """Writes live in the log only; the power goes; the restart replays them
+    and checkpoints; the power goes again at once. Nothing may be lost."""
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    led = Ledger()
+    s = Storm(env.client(srv), led, threads=4, seed=5, prefix="twox").start()
+    time.sleep(2.0)
+    lost = env.crash(srv)
+    s.stop()
+    assert not s.errors, s.errors
+    check(env, env.client(srv), led, lost, f"{model}: first cut", known)
+    srv.kill()
+    lost = env.fs.crash()
+    srv.start()
+    check(env, env.client(srv), led, lost, f"{model}: second cut, right after the restart", known)
+
+
 # ---- c. uploads in flight -------------------------------------------------------------------
 
 @pytest.mark.parametrize("model,known", [("posix", ["cas-dirs"]), ("wal", [])])
