@@ -529,12 +529,12 @@ class LossyFS(Operations):
     def fsync(self, path, datasync, fh):
         with self.mu:
             n = self._node(path, fh)
-            if path:
-                self.fsync_by_path[path] = self.fsync_by_path.get(path, 0) + 1
             if self.ignore_fsync is not None and path and self.ignore_fsync.search(path):
-                # Fault injection: this fsync is a lie (as if the caller had not made it).
+                # Fault injection: as if the caller had not made this fsync.
                 self.counts["ignored_fsync"] += 1
                 return 0
+            if path:
+                self.fsync_by_path[path] = self.fsync_by_path.get(path, 0) + 1
             if n.is_file():
                 n.sync_data()
                 if n.ino in self.zero_head:
