@@ -498,6 +498,7 @@ class Storm:
         blog = f"{self.prefix}{t}g{gen}"
         n = 0
         led, c = self.ledger, self.client
+        transient = 0
         while not self.stop_flag.is_set():
             n += 1
             kind = rnd.choice(kinds)
@@ -542,7 +543,14 @@ class Storm:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
                                 grpc.StatusCode.INTERNAL):
-                    # The server is gone (the crash); this write was not acknowledged.
-                    return
+                    # Most likely the server is gone (the cut). The write was not
+                    # acknowledged, which the ledger allows for (in flight); keep
+                    # trying until stopped, in case it was a passing failure.
+                    transient += 1
+                    if transient > 400:
+                        return
+                    time.sleep(0.05)
+                    continue
                 self.errors.append(f"{kind} on {blog}: {e.code()} {e.details()}")
                 return
+            transient = 0

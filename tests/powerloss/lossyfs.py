@@ -41,8 +41,11 @@ no-op, which is what a program that forgot that fsync looks like to a disk.
 Gentler models, to isolate one component's promise from another's:
 ``--journaled-names`` makes every namespace change durable, in order, at
 the next fsync or fsyncdir of anything (a metadata journal, as ext4 and XFS
-have in practice); ``--trust REGEX`` makes writes and names at matching
-paths durable at once (a component taken on trust).
+have in practice); ``--trust-at-log-reset REGEX`` makes the files and
+directories at matching paths durable whenever a file's zeroed head is
+synced, which is how blotcdn ends a checkpoint (sled flushed, then its log
+emptied): it takes sled's flush on trust, which on Linux is only
+sync_file_range and never reaches FUSE.
 
 Usage: lossyfs.py MOUNTPOINT --control SOCKET [--log FILE]
 """
@@ -268,9 +271,16 @@ class LossyFS(Operations):
         return self.trust is not None and path is not None and self.trust.search(path) is not None
 
     def _names_changed(self, parent, path):
-        """After a namespace change at `path` in `parent`: --trust makes it durable at once."""
-        if self._trusted(path):
-            self._sync_dir(parent)
+        pass
+
+    def _sync_trusted(self):
+        """--trust-at-log-reset: the trusted files and directories become durable."""
+        for ino, path in self._paths("entries").items():
+            node = self.inodes[ino]
+            if node.is_dir() and self._trusted(path + "/"):
+                self._sync_dir(node)
+            elif node.is_file() and self._trusted(path):
+                node.sync_data()
 
     # ---- control -------------------------------------------------------
 
@@ -464,8 +474,6 @@ class LossyFS(Operations):
             n = self._lookup(path)
             if n.is_file() and flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
                 self._truncate(n, 0)
-                if self._trusted(path):
-                    n.sync_data()
             return self._open_handle(n)
 
     def release(self, path, fh):
@@ -500,8 +508,6 @@ class LossyFS(Operations):
             n.mark(min(offset, old), offset + len(data))
             if offset == 0 and data.count(0) == len(data):
                 self.zero_head.add(n.ino)
-            if self._trusted(path):
-                n.sync_data()
             n.mtime = n.ctime = now_ns()
             self.counts["writes"] += 1
             self.counts["bytes_written"] += len(data)
@@ -522,8 +528,6 @@ class LossyFS(Operations):
         with self.mu:
             n = self._node(path, fh)
             self._truncate(n, length)
-            if self._trusted(path):
-                n.sync_data()
         return 0
 
     def fsync(self, path, datasync, fh):
@@ -541,6 +545,8 @@ class LossyFS(Operations):
                     self.zero_head.discard(n.ino)
                     if path:
                         self.zero_head_syncs[path] = self.zero_head_syncs.get(path, 0) + 1
+                    if self.trust is not None:
+                        self._sync_trusted()
             elif n.is_dir():
                 self._sync_dir(n)
             if self.journaled_names:
@@ -776,12 +782,12 @@ def main():
     ap.add_argument("--journaled-names", action="store_true",
                     help="namespace changes become durable all together, in order, at any fsync or fsyncdir"
                          " (a metadata journal, as on ext4 or XFS); the default needs each directory's own fsync")
-    ap.add_argument("--trust", metavar="REGEX",
-                    help="writes and namespace changes at matching paths are durable at once (for a component"
-                         " whose own durability is taken on trust, e.g. sled, which syncs with sync_file_range)")
+    ap.add_argument("--trust-at-log-reset", metavar="REGEX",
+                    help="files and directories (path + '/') that match become durable whenever a file's zeroed"
+                         " head is synced: blotcdn's checkpoint; takes sled's flush (sync_file_range) on trust")
     a = ap.parse_args()
     log = open(a.log, "a") if a.log else None
-    fs = LossyFS(log, a.ignore_fsync, a.journaled_names, a.trust)
+    fs = LossyFS(log, a.ignore_fsync, a.journaled_names, a.trust_at_log_reset)
     Server(fs, os.path.abspath(a.mountpoint), a.control, log).run()
 
 

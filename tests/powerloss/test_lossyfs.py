@@ -180,18 +180,27 @@ def test_ignored_fsync(tmp_path):
 def test_journaled_names_and_trust(tmp_path):
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing: lossyfs needs FUSE")
-    fs = harness.LossyMount(str(tmp_path), ["--journaled-names", "--trust", "^/sled/"])
+    fs = harness.LossyMount(str(tmp_path), ["--journaled-names", "--trust-at-log-reset", "^/sled/"])
     try:
         m = fs.path
         os.mkdir(f"{m}/sled")
         os.makedirs(f"{m}/cas/ab/cd")
         write(f"{m}/cas/ab/cd/blob", b"blob")
         fsync(f"{m}/cas/ab/cd/blob")  # commits every name so far, but not other files' data
-        write(f"{m}/sled/db", b"trusted")
+        write(f"{m}/sled/db", b"flushed")
+        write(f"{m}/log", b"records")
+        fsync(f"{m}/log")
+        with open(f"{m}/log", "r+b") as f:  # the log is emptied: sled counts as flushed
+            f.write(bytes(4))
+            f.flush()
+            os.fdatasync(f.fileno())
+        write(f"{m}/sled/late", b"not flushed")
         os.mkdir(f"{m}/late")  # after the last fsync: lost
         fs.crash()
-        assert sorted(os.listdir(m)) == ["cas", "sled"]
+        assert sorted(os.listdir(m)) == ["cas", "log", "sled"]
         assert read(f"{m}/cas/ab/cd/blob") == b"blob"
-        assert read(f"{m}/sled/db") == b"trusted"
+        assert read(f"{m}/sled/db") == b"flushed"
+        assert os.listdir(f"{m}/sled") == ["db"]
+        assert fs.stats()["zero_head_syncs"] == {"/log": 1}
     finally:
         fs.close()

@@ -12,8 +12,9 @@ Each test runs on one or more models of the disk (lossyfs options):
   mkdir, rename and unlink durable, as ext4 and XFS do in practice); file
   data still needs the file's own fsync. sled, which syncs its file with
   sync_file_range (no FUSE request, no durability promise), is not trusted.
-* ``wal``: ``journal``, and sled's files are taken on trust (durable as
-  written). This isolates the server's own part: its log's fdatasync and the
+* ``wal``: ``journal``, and sled's flush is taken on trust: sled's files
+  become durable when the server ends a checkpoint (its log emptied and
+  synced). This isolates the server's own part: its log's fdatasync and the
   CAS's fsyncs. These tests pass on a correct server; removing the log's
   sync makes them fail.
 
@@ -35,7 +36,7 @@ WAL = "/data/db.wal"
 MODELS = {
     "posix": [],
     "journal": ["--journaled-names"],
-    "wal": ["--journaled-names", "--trust", r"^/data/db/"],
+    "wal": ["--journaled-names", "--trust-at-log-reset", r"^/data/db/"],
 }
 
 # Found by this harness in the current server; see ARCHITECTURE.md, "Power-loss tests".
@@ -296,6 +297,9 @@ def test_harness_detects_a_log_that_is_not_synced(make_env, model, known):
     time.sleep(2.0)
     lost = env.crash(srv)
     s.stop()
+    print(f"{model}: {s.ops} writes, {led.summary()}, errors: {s.errors}")
+    assert not s.errors, s.errors
+    assert s.ops > 20, f"the storm made only {s.ops} writes before the cut"
     assert env.fs.stats()["ignored_fsync"] > 0, "no fsync of the log was seen"
     with pytest.raises(pytest.fail.Exception) as failed:
         check(env, env.client(srv), led, lost, f"{model}, log sync ignored", known)
