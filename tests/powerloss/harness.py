@@ -553,4 +553,6 @@ class Storm:
                     continue
                 self.errors.append(f"{kind} on {blog}: {e.code()} {e.details()}")
                 return
+            except ValueError:  # the channel was closed: the test is over
+                return
             transient = 0

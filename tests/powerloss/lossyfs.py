@@ -173,6 +173,7 @@ class LossyFS(Operations):
         # emptied after a checkpoint. Counted so tests can cut right after one.
         self.zero_head = set()
         self.zero_head_syncs = {}
+        self.zero_head_writes = {}
         self.inodes = {}
         self.next_ino = 1
         self.handles = {}
@@ -350,6 +351,7 @@ class LossyFS(Operations):
             out["inodes"] = len(self.inodes)
             out["fsync_by_path"] = dict(self.fsync_by_path)
             out["zero_head_syncs"] = dict(self.zero_head_syncs)
+            out["zero_head_writes"] = dict(self.zero_head_writes)
             out["bytes_held"] = sum(len(n.data) + len(n.ddata) for n in self.inodes.values() if n.is_file())
             return out
 
@@ -508,6 +510,8 @@ class LossyFS(Operations):
             n.mark(min(offset, old), offset + len(data))
             if offset == 0 and data.count(0) == len(data):
                 self.zero_head.add(n.ino)
+                if path:
+                    self.zero_head_writes[path] = self.zero_head_writes.get(path, 0) + 1
             n.mtime = n.ctime = now_ns()
             self.counts["writes"] += 1
             self.counts["bytes_written"] += len(data)
