@@ -133,6 +133,11 @@ class LossyMount:
     def stats(self):
         return self.command("stats", timeout=10)["stats"]
 
+    def mounted(self):
+        """In the mount table (a dead FUSE mount fails os.path.ismount)."""
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == self.path for line in f if len(line.split()) > 1)
+
     def close(self):
         if self.proc.poll() is None:
             try:
@@ -144,7 +149,7 @@ class LossyMount:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        if os.path.ismount(self.path):
+        if self.mounted():
             for cmd in (["fusermount", "-u", "-z", self.path], ["fusermount3", "-u", "-z", self.path],
                         ["umount", "-l", self.path]):
                 try:

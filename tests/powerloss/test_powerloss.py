@@ -189,7 +189,9 @@ def test_power_cuts_around_checkpoints(make_env, model, known):
         t0 = time.monotonic()
         wait_for_checkpoint(env, timeout, what)
         st = env.fs.stats()
-        print(f"{model}: {what} after {time.monotonic() - t0:.1f} s; {st['bytes_written'] >> 20} MiB written so far;"
+        wal_mib = os.path.getsize(env.data_dir + "/db.wal") >> 20
+        print(f"{model}: {what} after {time.monotonic() - t0:.1f} s (log file {wal_mib} MiB);"
+              f" {st['bytes_written'] >> 20} MiB written so far;"
               f" fsyncs of sled's files: { {p: n for p, n in st['fsync_by_path'].items() if p.startswith('/data/db/')} }")
         lost = env.crash(srv)
         s.stop()
@@ -209,9 +211,10 @@ def test_power_cuts_around_checkpoints(make_env, model, known):
     assert not s.errors, s.errors
     check(env, env.client(srv), led, lost, f"{model}: cut between checkpoints", known)
 
-    # 3. Big batches (10,000 paths of ~100 bytes a call): 64 MiB of log
-    #    force a checkpoint well before 10 s.
-    s = storm("big", threads=2, mix={"paths": 1}, batch_paths=10000, path_len=100)
+    # 3. Big batches (10,000 paths of ~300 bytes a call): 64 MiB of log
+    #    force a checkpoint before the 10 s are up (the log file, grown in
+    #    16 MiB steps, then holds over 64 MiB).
+    s = storm("big", threads=3, mix={"paths": 1}, batch_paths=10000, path_len=300)
     lost = cut_after_next_checkpoint(s, 60, "a checkpoint after 64 MiB of log")
     check(env, env.client(srv), led, lost, f"{model}: cut right after a size checkpoint", known)
 
