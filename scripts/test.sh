@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test. On a fresh machine it first installs what the tests use
-# (varnish, caddy, nginx, redis, wrk, grpcurl, cargo-nextest, node, chromium); idempotent.
-# Then the Node client's tests and the examples/blog browser test, against the
-# binary just built (BLOTCDN_BIN overrides it).
+# (varnish, caddy, nginx, redis, wrk, grpcurl, cargo-nextest, node, chromium,
+# FUSE and the Python packages of the power-loss tests); idempotent.
+# Then the power-loss tests, the Node client's tests and the examples/blog
+# browser test, against the binary just built (BLOTCDN_BIN overrides it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 cargo build --locked --all-targets
-cargo nextest run --locked --no-fail-fast "$@"
+status=0
+cargo nextest run --locked --no-fail-fast "$@" || status=$?
+export BLOTCDN_BIN="${BLOTCDN_BIN:-$PWD/target/debug/blotcdn}"
+
+# Power-loss tests: the binary just built, its data dir on a FUSE filesystem
+# that forgets what was not fsynced (tests/powerloss/lossyfs.py).
+python3 -m pytest -q -rxXf tests/powerloss || status=$?
 
 # npm ci when node_modules is missing or older than the lockfile.
 npm_ci_if_stale() {
@@ -16,6 +23,6 @@ npm_ci_if_stale() {
     npm ci --no-audit --no-fund
   fi
 }
-export BLOTCDN_BIN="${BLOTCDN_BIN:-$PWD/target/debug/blotcdn}"
-(cd clients/node && npm_ci_if_stale && npm test)
-(cd examples/blog && npm_ci_if_stale && npm test)
+(cd clients/node && npm_ci_if_stale && npm test) || status=$?
+(cd examples/blog && npm_ci_if_stale && npm test) || status=$?
+exit "$status"

@@ -123,7 +123,7 @@ impl App {
             let path = path.display().to_string();
             move |source| AppError::Dir { what, path, source }
         };
-        std::fs::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
+        crate::durable::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
         check_blogs_dir(&config)?;
         let cas_dir = config.data_dir.join("cas");

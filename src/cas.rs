@@ -78,7 +78,7 @@ impl Cas {
     pub fn open(dir: &Path) -> io::Result<Cas> {
         let tmp = dir.join("tmp");
         let quarantine = dir.join("quarantine");
-        std::fs::create_dir_all(&tmp)?;
+        crate::durable::create_dir_all(&tmp)?;
         // Temporary files left by a crash are never referenced: clear them.
         for entry in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(entry?.path());
@@ -167,7 +167,8 @@ impl Cas {
         if dest.exists() {
             return Ok(dest);
         }
-        std::fs::create_dir_all(parent)?;
+        // New `ab/` and `ab/cd/` folders are named durably, not just the blob.
+        crate::durable::create_dir_all(parent)?;
         let from = std::mem::take(&mut pending.path);
         std::fs::rename(&from, &dest)?;
         File::open(parent)?.sync_all()?;

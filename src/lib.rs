@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod durable;
 pub mod grpc;
 pub mod origin;
 pub mod store;

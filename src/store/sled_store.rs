@@ -154,6 +154,10 @@ impl SledStore {
         let wal_path = dir.with_extension("wal");
         let (mut wal, records) =
             Wal::open(&wal_path).map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
+        // The names of the database folder and of the log, new on a first start.
+        if let Some(parent) = dir.parent() {
+            crate::durable::sync_dir(parent)?;
+        }
         let done = trees.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0);
         // sled reads a corrupt segment as the end of its log and opens an
         // older state without a word: the marker written after each
@@ -423,6 +427,10 @@ const CHECKPOINT_KEY: &[u8] = b"wal_seq";
 pub(super) fn checkpoint(t: &Trees, wal: &mut Wal, dir: &Path, seq: u64) -> Result<(), StoreError> {
     t.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
     t.db.flush()?;
+    // sled's flush ends in `sync_file_range`, which neither reaches the
+    // disk's cache nor saves the file's size or new names: fsync its files
+    // and folder before the log that still holds these writes is emptied.
+    crate::durable::sync_tree(dir)?;
     write_marker(dir, seq)?;
     wal.reset()?;
     Ok(())

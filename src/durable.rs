@@ -1,0 +1,48 @@
+//! Making names durable, not just bytes: a file's `fsync` keeps its data,
+//! but the directory entry that names it (and the entries naming every new
+//! directory on its path) survive a power cut only once the directory that
+//! holds them is fsynced too. The power-loss tests (`tests/powerloss/`) hold
+//! the server to that, POSIX's minimum.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// fsyncs a directory, so the names in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// `create_dir_all`, and each directory it created is named durably (its
+/// parent fsynced once it holds it).
+pub fn create_dir_all(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_all(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    sync_dir(parent)
+}
+
+/// fsyncs every regular file directly in `dir` and in its subdirectories,
+/// then the directories: for a store (sled) whose own flush does not reach
+/// the disk's cache or the filesystem's metadata.
+pub fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let t = entry.file_type()?;
+        if t.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        } else if t.is_dir() {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(dir)
+}

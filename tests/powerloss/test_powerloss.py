@@ -1,0 +1,323 @@
+"""Power-loss tests: the real server on lossyfs, which forgets on a simulated
+power cut whatever was not fsynced (file data) or dir-fsynced (names).
+
+Every test checks the same promise: what the server acknowledged is there
+after the power comes back (see harness.Ledger.check for the list).
+
+Each test runs on one or more models of the disk (lossyfs options):
+
+* ``posix``: the minimum POSIX promises. A file's data is durable after its
+  fsync, a name after an fsync of its directory, nothing else.
+* ``journal``: names are journaled (any fsync makes every earlier create,
+  mkdir, rename and unlink durable, as ext4 and XFS do in practice); file
+  data still needs the file's own fsync. sled, which syncs its file with
+  sync_file_range (no FUSE request, no durability promise), is not trusted.
+* ``wal``: ``journal``, and sled's flush is taken on trust: sled's files
+  become durable when the server ends a checkpoint (its log emptied and
+  synced). This isolates the server's own part: its log's fdatasync and the
+  CAS's fsyncs. These tests pass on a correct server; removing the log's
+  sync makes them fail.
+
+Losses that a known server bug explains (KNOWN_BUGS) are reported as xfail
+with the losses in the reason; any other loss fails. Set
+BLOTCDN_POWERLOSS_KNOWN_BUGS=fail to make known bugs fail too.
+"""
+
+import os
+import random
+import time
+
+import pytest
+
+from harness import Ledger, Storm, corrupt_blobs, wait_until
+
+WAL = "/data/db.wal"
+
+MODELS = {
+    "posix": [],
+    "journal": ["--journaled-names"],
+    "wal": ["--journaled-names", "--trust-at-log-reset", r"^/data/db/"],
+}
+
+# Found by this harness in the current server; see ARCHITECTURE.md, "Power-loss tests".
+KNOWN_BUGS = {
+    "cas-dirs": (
+        "Cas::commit creates cas/ab/cd with create_dir_all and fsyncs only cd: the new names ab (in cas)"
+        " and cd (in ab) are never made durable, so an acknowledged upload into a new fan-out directory"
+        " is lost (404) after a power cut on a filesystem that needs the parent's fsync"
+    ),
+    "sled-flush": (
+        "a checkpoint trusts sled's flush, which on Linux ends in sync_file_range (no durability"
+        " promise: no metadata, no cache flush; not even a FUSE request), then empties the log with"
+        " fdatasync: acknowledged writes since the last real fsync of sled's file are lost by a power"
+        " cut after a checkpoint, including the checkpoint every start-up makes after its replay"
+    ),
+    "first-start": (
+        "the server never fsyncs the directories it creates (data dir, db/, db.wal's name): a power"
+        " cut soon after the first start loses the whole store"
+    ),
+}
+
+
+def report(problems, lost, ledger, env=None):
+    """The failure message: which acknowledged writes were lost, and what
+    the power cut dropped on the filesystem."""
+    lines = [f"{len(problems)} acknowledged write(s) lost or wrong after the power cut:"]
+    lines += ["  - " + p for p in problems[:40]]
+    if len(problems) > 40:
+        lines.append(f"  ... and {len(problems) - 40} more")
+    lines.append(ledger.summary())
+    if lost is not None:
+        names = lost.get("lost_names", [])
+        data = lost.get("lost_data", [])
+        lines.append(f"the power cut dropped {len(names)} unsynced name(s) and unsynced data of {len(data)} file(s):")
+        lines += ["  name: " + n for n in names[:20]]
+        if len(names) > 20:
+            lines.append(f"  ... and {len(names) - 20} more names")
+        lines += [f"  data: {d['path']}: {d['unsynced_bytes']} unsynced bytes (size {d['size']},"
+                  f" durable size {d['durable_size']})" for d in data[:20]]
+    if env is not None and env.servers:
+        s = env.servers[-1]
+        lines.append(f"server log: {s.log_path}")
+    return "\n".join(lines)
+
+
+def explained(bug, problems, lost):
+    """True when every loss fits the known bug's signature."""
+    if bug == "cas-dirs":
+        return all("/_assets/" in p and ": 404, but PutAsset" in p for p in problems) and any(
+            n.startswith("/data/cas/") for n in lost.get("lost_names", []))
+    if bug == "sled-flush":
+        return any(d["path"].startswith("/data/db/") for d in lost.get("lost_data", []))
+    if bug == "first-start":
+        return "/data" in lost.get("lost_names", [])
+    return False
+
+
+def log_was_synced(env, ledger):
+    """A known bug may explain a loss only if the server did sync its log:
+    about one fdatasync per group of at most a few writes (4 writers here).
+    A server without that sync makes almost none (the checkpoints' only)."""
+    syncs = env.fs.stats()["fsync_by_path"].get(WAL, 0)
+    return syncs * 8 >= ledger.acks
+
+
+def check(env, client, ledger, lost, context, known=()):
+    problems = ledger.check(client, context)
+    if not problems:
+        return
+    msg = report(problems, lost, ledger, env)
+    if known and not log_was_synced(env, ledger):
+        pytest.fail(msg + "\nthe log was hardly ever fsynced: no known bug explains this", pytrace=False)
+    for bug in known:
+        if explained(bug, problems, lost) and os.environ.get("BLOTCDN_POWERLOSS_KNOWN_BUGS") != "fail":
+            print(msg)
+            first = "; ".join(problems[:3])
+            pytest.xfail(f"known bug {bug}: {KNOWN_BUGS[bug]}. {len(problems)} losses, e.g. {first}")
+    pytest.fail(msg, pytrace=False)
+
+
+def settled_env(env):
+    """A server that has run once with everything it created on disk, as on
+    a machine that has been up for a while (sync(1)); the power cut comes later."""
+    srv = env.server()
+    env.fs.sync()
+    return srv
+
+
+def resets(env):
+    """(log emptied, log emptied and synced): how many checkpoints began to
+    end, and ended."""
+    st = env.fs.stats()
+    return st["zero_head_writes"].get(WAL, 0), st["zero_head_syncs"].get(WAL, 0)
+
+
+def wait_for_checkpoint(env, timeout, what):
+    """Returns once the next checkpoint has emptied the log and synced that
+    (or, for a server that does not sync it, 1 s after the emptying)."""
+    (w0, s0) = resets(env)
+    wait_until(lambda: resets(env)[0] > w0, timeout, what, step=0.003)
+    try:
+        wait_until(lambda: resets(env)[1] > s0, 1.0, "the sync of the emptied log", step=0.002)
+    except TimeoutError:
+        pass
+
+
+def model_env(make_env, model):
+    return make_env(MODELS[model])
+
+
+# ---- a. a storm of writes, then a power cut -------------------------------------------
+
+@pytest.mark.parametrize("model,known", [("posix", ["cas-dirs", "sled-flush"]), ("journal", ["sled-flush"]),
+                                         ("wal", [])])
+def test_storm_of_writes_survives_a_power_cut(make_env, model, known):
+    """Publishes, uploads, domains and deletions from 4 threads; the power
+    goes mid-storm, twice (the second time soon after the restart, whose
+    start-up replays the log and checkpoints)."""
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    led = Ledger()
+    for round_ in range(2):
+        storm = Storm(env.client(srv), led, threads=4, seed=10 + round_, prefix=f"a{round_}x").start()
+        time.sleep(3.0)
+        lost = env.crash(srv)
+        storm.stop()
+        assert not storm.errors, storm.errors
+        assert storm.ops > 20, f"the storm made only {storm.ops} writes before the cut"
+        check(env, env.client(srv), led, lost, f"{model}, round {round_}", known)
+    print(led.summary())
+
+
+# ---- b. crash windows around checkpoints -------------------------------------------------
+
+@pytest.mark.parametrize("model,known", [("journal", ["sled-flush"]), ("wal", [])])
+def test_power_cuts_around_checkpoints(make_env, model, known):
+    """The store checkpoints (flushes sled, empties the log) every 10 s under
+    load, after 64 MiB of log, and when idle. The power goes right after
+    each kind, and once between checkpoints."""
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    led = Ledger()
+
+    def storm(tag, threads=2, mix=None, **kw):
+        mix = mix or {"floor": 2, "paths": 4, "asset": 2, "domain": 1, "delete": 1}
+        return Storm(env.client(srv), led, threads=threads, seed=sum(map(ord, tag)), prefix=f"b{tag}x",
+                     mix=mix, **kw).start()
+
+    def cut_after_next_checkpoint(s, timeout, what):
+        t0 = time.monotonic()
+        wait_for_checkpoint(env, timeout, what)
+        st = env.fs.stats()
+        wal_mib = os.path.getsize(env.data_dir + "/db.wal") >> 20
+        print(f"{model}: {what} after {time.monotonic() - t0:.1f} s (log file {wal_mib} MiB);"
+              f" {st['bytes_written'] >> 20} MiB written so far;"
+              f" fsyncs of sled's files: { {p: n for p, n in st['fsync_by_path'].items() if p.startswith('/data/db/')} }")
+        lost = env.crash(srv)
+        s.stop()
+        assert not s.errors, s.errors
+        return lost
+
+    # 1. Writes for more than 10 s: the timed checkpoint comes under load.
+    s = storm("timed")
+    lost = cut_after_next_checkpoint(s, 25, "a timed checkpoint under load")
+    check(env, env.client(srv), led, lost, f"{model}: cut right after a timed checkpoint", known)
+
+    # 2. Between checkpoints: what was acknowledged lives in the log only.
+    s = storm("between")
+    time.sleep(2.0)
+    lost = env.crash(srv)
+    s.stop()
+    assert not s.errors, s.errors
+    check(env, env.client(srv), led, lost, f"{model}: cut between checkpoints", known)
+
+    # 3. Big batches (10,000 paths of ~300 bytes a call): 64 MiB of log
+    #    force a checkpoint before the 10 s are up (the log file, grown in
+    #    16 MiB steps, then holds over 64 MiB).
+    s = storm("big", threads=3, mix={"paths": 1}, batch_paths=10000, path_len=300)
+    lost = cut_after_next_checkpoint(s, 60, "a checkpoint after 64 MiB of log")
+    check(env, env.client(srv), led, lost, f"{model}: cut right after a size checkpoint", known)
+
+    # 4. Idle: writes stop; after 10 s of quiet sled is flushed and the log emptied.
+    s = storm("idle")
+    time.sleep(1.0)
+    s.stop()
+    lost = cut_after_next_checkpoint(s, 25, "an idle checkpoint")
+    check(env, env.client(srv), led, lost, f"{model}: cut right after an idle checkpoint", known)
+    print(led.summary())
+
+
+@pytest.mark.parametrize("model,known", [("journal", ["sled-flush"]), ("wal", [])])
+def test_two_power_cuts_in_a_row(make_env, model, known):
+    """Writes live in the log only; the power goes; the restart replays them
+    and checkpoints; the power goes again at once. Nothing may be lost."""
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    led = Ledger()
+    s = Storm(env.client(srv), led, threads=4, seed=5, prefix="twox").start()
+    time.sleep(2.0)
+    lost = env.crash(srv)
+    s.stop()
+    assert not s.errors, s.errors
+    check(env, env.client(srv), led, lost, f"{model}: first cut", known)
+    srv.kill()
+    lost = env.fs.crash()
+    srv.start()
+    check(env, env.client(srv), led, lost, f"{model}: second cut, right after the restart", known)
+
+
+# ---- c. uploads in flight -------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,known", [("posix", ["cas-dirs"]), ("wal", [])])
+def test_uploads_in_flight_at_a_power_cut(make_env, model, known):
+    """Uploads from 4 threads, cut at random moments: acknowledged blobs
+    serve their bytes; no blob (acknowledged or not) is corrupt under its name."""
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    led = Ledger()
+    rnd = random.Random(7)
+    for round_ in range(4):
+        s = Storm(env.client(srv), led, threads=4, seed=100 + round_, prefix=f"c{round_}x",
+                  mix={"asset": 1}, asset_sizes=(20_000, 700_000)).start()
+        time.sleep(0.8 + rnd.random() * 1.5)
+        srv.kill()
+        s.stop()
+        assert not s.errors, s.errors
+        lost = env.fs.crash()
+        bad = corrupt_blobs(env.data_dir)
+        assert not bad, "blobs whose bytes do not match their name after the power cut:\n" + "\n".join(bad)
+        srv.start()
+        check(env, env.client(srv), led, lost, f"{model}: uploads, round {round_}", known)
+    assert led.assets, "no upload was acknowledged"
+    print(led.summary())
+
+
+# ---- the very first start -------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,known", [("posix", ["first-start", "cas-dirs"]), ("wal", [])])
+def test_power_cut_soon_after_the_first_start(make_env, model, known):
+    """No sync(1) after the install: whatever the server needs on disk (its
+    folders, the log, sled's files) it must make durable itself before it
+    acknowledges writes."""
+    env = model_env(make_env, model)
+    srv = env.server()
+    c = env.client(srv)
+    led = Ledger()
+    i = c.invalidate("first")
+    led.ack("floor", blog="first", id=i)
+    paths = ["/index.html", "/style.css"]
+    i = c.invalidate("first", paths)
+    led.ack("paths", blog="first", id=i, paths=paths)
+    data = b"first bytes " * 1000
+    a = c.put_asset("first", "first.bin", data, path="/a/first.bin")
+    led.ack("asset", blog="first", url=f"/first/_assets/{a.hash}/first.bin", hash=a.hash, data=data,
+            path="/a/first.bin")
+    c.set_domain("first.powerloss.example", "first")
+    led.ack("domain", blog="first", domain="first.powerloss.example")
+    lost = env.crash(srv)
+    check(env, env.client(srv), led, lost, f"{model}: first start", known)
+
+
+# ---- d. the harness catches a missing fsync ------------------------------------------------
+
+@pytest.mark.parametrize("model,known", [("posix", ["cas-dirs", "sled-flush"]), ("journal", ["sled-flush"]),
+                                         ("wal", [])])
+def test_harness_detects_a_log_that_is_not_synced(make_env, model, known):
+    """Self-test: lossyfs ignores the fdatasync of the write-ahead log, which
+    is what a server without that sync looks like to a disk. The checks of
+    test a must then fail (not xfail: no known bug may explain the loss)."""
+    env = make_env(MODELS[model] + ["--ignore-fsync", r"^/data/db\.wal$"])
+    srv = settled_env(env)
+    led = Ledger()
+    s = Storm(env.client(srv), led, threads=4, seed=99, prefix="dx").start()
+    time.sleep(2.0)
+    lost = env.crash(srv)
+    s.stop()
+    print(f"{model}: {s.ops} writes, {led.summary()}, errors: {s.errors}")
+    assert not s.errors, s.errors
+    assert s.ops > 20, f"the storm made only {s.ops} writes before the cut"
+    assert env.fs.stats()["ignored_fsync"] > 0, "no fsync of the log was seen"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check(env, env.client(srv), led, lost, f"{model}, log sync ignored", known)
+    assert not isinstance(failed.value, pytest.xfail.Exception), f"a known bug was blamed: {failed.value}"
+    print(failed.value)
