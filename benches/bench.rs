@@ -62,6 +62,7 @@ impl BlotServer {
             .args(["serve", "--data-dir"])
             .arg(data)
             .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--http-addr", &format!("127.0.0.1:{h}")])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "error")
             .env("BLOTCDN_MAX_ASSET_BYTES", (4u64 << 30).to_string())
             .stdout(Stdio::null())

@@ -111,8 +111,10 @@ fn fd_reserve(config: &Config) -> u64 {
 pub struct App {
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    metrics_listener: TcpListener,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     catalog: Arc<Catalog>,
     config: Config,
 }
@@ -158,6 +160,13 @@ impl App {
             addr: config.http_addr,
             source,
         })?;
+        let metrics_listener = TcpListener::bind(config.metrics_addr).await.map_err(|source| AppError::Bind {
+            key: "metrics_addr",
+            addr: config.metrics_addr,
+            source,
+        })?;
+        crate::metrics::init();
+        let metrics_addr = metrics_listener.local_addr().expect("bound");
         let grpc_addr = grpc_listener.local_addr().expect("bound");
         let http_addr = http_listener.local_addr().expect("bound");
         let base_url = config.cdn_base_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
@@ -174,7 +183,7 @@ impl App {
         if removed > 0 {
             tracing::info!(removed, "removed unreferenced blobs left by an interrupted deletion");
         }
-        Ok(App { grpc_listener, http_listener, grpc_addr, http_addr, catalog, config })
+        Ok(App { grpc_listener, http_listener, metrics_listener, grpc_addr, http_addr, metrics_addr, catalog, config })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -183,13 +192,17 @@ impl App {
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }
 
     /// Serves until `stop` completes, then drains and flushes.
     pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
-        let App { grpc_listener, http_listener, catalog, config, grpc_addr, http_addr } = self;
+        let App { grpc_listener, http_listener, metrics_listener, catalog, config, grpc_addr, http_addr, metrics_addr } =
+            self;
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(
                 resolver_open = config.resolver_tokens.is_empty(),
@@ -276,9 +289,10 @@ impl App {
             );
         }
         let origin = Origin::new(catalog.clone(), &config, max_connections as usize);
+        let metrics = crate::metrics::serve(metrics_listener, catalog.clone(), stop_rx.clone());
         let http = origin.serve(http_listener, stop_rx);
-        tracing::info!(%grpc_addr, %http_addr, base_url = catalog.base_url(), "blotcdn serving");
-        let (g, ()) = tokio::join!(grpc, http);
+        tracing::info!(%grpc_addr, %http_addr, %metrics_addr, base_url = catalog.base_url(), "blotcdn serving");
+        let (g, (), ()) = tokio::join!(grpc, http, metrics);
         g?;
         let c = catalog.clone();
         c.store()

@@ -207,6 +207,18 @@ impl Cas {
         Ok(out)
     }
 
+    /// How many blobs, and their bytes (for the metrics; walks the folders).
+    pub fn totals(&self) -> io::Result<(u64, u64)> {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for (_, path) in self.list()? {
+            if let Ok(m) = std::fs::metadata(&path) {
+                n += 1;
+                bytes += m.len();
+            }
+        }
+        Ok((n, bytes))
+    }
+
     /// Re-hashes a stored blob.
     pub fn rehash(&self, path: &Path) -> io::Result<ContentHash> {
         let mut hasher = blake3::Hasher::new();

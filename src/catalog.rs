@@ -50,9 +50,9 @@ impl CatalogError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResolveStatus {
-    Ok,
-    UnknownBlog,
-    InvalidPath,
+    Ok = 0,
+    UnknownBlog = 1,
+    InvalidPath = 2,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

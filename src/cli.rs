@@ -25,7 +25,7 @@ pub enum Command {
     Serve {
         #[command(flatten)]
         args: ServeArgs,
-        /// Once both listeners are bound, write `{"grpc":"ADDR","http":"ADDR"}` to this file
+        /// Once the listeners are bound, write `{"grpc":"ADDR","http":"ADDR","metrics":"ADDR"}` to this file
         /// (atomically): how a supervisor or a test learns the ports chosen for `127.0.0.1:0`.
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -142,6 +142,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub http_addr: Option<String>,
     #[arg(long)]
+    pub metrics_addr: Option<String>,
+    #[arg(long)]
     pub cdn_base_url: Option<String>,
 }
 
@@ -153,6 +155,7 @@ impl ServeArgs {
             blogs_dir: self.blogs_dir.clone(),
             grpc_addr: self.grpc_addr.clone(),
             http_addr: self.http_addr.clone(),
+            metrics_addr: self.metrics_addr.clone(),
             cdn_base_url: self.cdn_base_url.clone(),
             ..Default::default()
         };
@@ -207,7 +210,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.load()?;
             let app = crate::app::App::build(config).await?;
             if let Some(f) = addr_file {
-                let body = format!("{{\"grpc\":\"{}\",\"http\":\"{}\"}}\n", app.grpc_addr(), app.http_addr());
+                let body = format!(
+                    "{{\"grpc\":\"{}\",\"http\":\"{}\",\"metrics\":\"{}\"}}\n",
+                    app.grpc_addr(),
+                    app.http_addr(),
+                    app.metrics_addr()
+                );
                 let tmp = f.with_extension("tmp");
                 std::fs::write(&tmp, body).with_context(|| format!("cannot write --addr-file {}", tmp.display()))?;
                 std::fs::rename(&tmp, &f).with_context(|| format!("cannot write --addr-file {}", f.display()))?;

@@ -25,6 +25,8 @@ pub struct Partial {
     pub blogs_dir: Option<PathBuf>,
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
+    /// Prometheus text exposition at `GET /metrics`, never on the origin's port.
+    pub metrics_addr: Option<String>,
     pub cdn_base_url: Option<String>,
     pub resolver_tokens: Option<Vec<String>>,
     pub publisher_tokens: Option<Vec<String>>,
@@ -67,6 +69,7 @@ impl Partial {
             blogs_dir,
             grpc_addr,
             http_addr,
+            metrics_addr,
             cdn_base_url,
             resolver_tokens,
             publisher_tokens,
@@ -104,6 +107,7 @@ impl Partial {
             blogs_dir: get("BLOTCDN_BLOGS_DIR").map(PathBuf::from),
             grpc_addr: get("BLOTCDN_GRPC_ADDR"),
             http_addr: get("BLOTCDN_HTTP_ADDR"),
+            metrics_addr: get("BLOTCDN_METRICS_ADDR"),
             cdn_base_url: get("BLOTCDN_CDN_BASE_URL"),
             resolver_tokens: list(get("BLOTCDN_RESOLVER_TOKENS")),
             publisher_tokens: list(get("BLOTCDN_PUBLISHER_TOKENS")),
@@ -134,6 +138,7 @@ pub struct Config {
     pub blogs_dir: PathBuf,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     /// Without a trailing slash. `None` until the HTTP listener is bound when
     /// not configured: it then defaults to `http://{bound http addr}`.
     pub cdn_base_url: Option<String>,
@@ -224,6 +229,7 @@ impl Config {
         Ok(Config {
             grpc_addr: addr("grpc_addr", p.grpc_addr, "127.0.0.1:50051")?,
             http_addr: addr("http_addr", p.http_addr, "127.0.0.1:8080")?,
+            metrics_addr: addr("metrics_addr", p.metrics_addr, "127.0.0.1:9464")?,
             data_dir,
             blogs_dir,
             cdn_base_url,
@@ -251,6 +257,7 @@ impl Config {
             data_dir: Some(data_dir.into()),
             grpc_addr: Some("127.0.0.1:0".into()),
             http_addr: Some("127.0.0.1:0".into()),
+            metrics_addr: Some("127.0.0.1:0".into()),
             ..Default::default()
         })
         .expect("defaults are valid")

@@ -48,6 +48,7 @@ fn is_disk_full(e: &std::io::Error) -> bool {
 struct CallLog {
     span: tracing::Span,
     start: Instant,
+    method: &'static str,
 }
 
 impl CallLog {
@@ -60,11 +61,20 @@ impl CallLog {
             outcome = tracing::field::Empty,
             latency_us = tracing::field::Empty
         );
-        CallLog { span, start: Instant::now() }
+        CallLog { span, start: Instant::now(), method }
     }
 
     fn done<T>(self, r: Result<T, Status>) -> Result<T, Status> {
-        let latency_us = self.start.elapsed().as_micros() as u64;
+        let elapsed = self.start.elapsed();
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        let method = self.method;
+        metrics::counter!(crate::metrics::RPC_REQUESTS, "method" => method, "code" => crate::metrics::code_label(code))
+            .increment(1);
+        metrics::histogram!(crate::metrics::RPC_DURATION, "method" => method).record(elapsed.as_secs_f64());
+        let latency_us = elapsed.as_micros() as u64;
         let outcome = match &r {
             Ok(_) => "ok",
             Err(s) => code_name(s.code()),
@@ -111,6 +121,16 @@ impl pb::resolver_server::Resolver for ResolverService {
         let req = req.into_inner();
         let log = CallLog::new("ResolveBatch", &req.blog_id, req.paths.len());
         let r = self.catalog.resolve_batch(&req.blog_id, &req.paths).map_err(Status::from).map(|items| {
+            // Counted per batch: three adds, whatever the batch's size.
+            let mut by_status = [0u64; 3];
+            for r in &items {
+                by_status[r.status as usize] += 1;
+            }
+            for (status, n) in ["ok", "unknown_blog", "invalid_path"].into_iter().zip(by_status) {
+                if n > 0 {
+                    metrics::counter!(crate::metrics::RESOLVE_PATHS, "status" => status).increment(n);
+                }
+            }
             let assets = items
                 .into_iter()
                 .map(|r| pb::ResolvedAsset {
@@ -160,12 +180,13 @@ impl pb::resolver_server::Resolver for ResolverService {
 
     async fn get_info(&self, _req: Request<pb::GetInfoRequest>) -> Result<Response<pb::Info>, Status> {
         let c = &self.catalog;
-        Ok(Response::new(pb::Info {
+        let log = CallLog::new("GetInfo", "", 0);
+        log.done(Ok(Response::new(pb::Info {
             cdn_base_url: c.base_url().to_string(),
             max_batch: u32::try_from(c.max_batch()).unwrap_or(u32::MAX),
             url_style: "path".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-        }))
+        })))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod durable;
 pub mod grpc;
+pub mod metrics;
 pub mod origin;
 pub mod store;
 pub mod telemetry;

@@ -117,7 +117,7 @@ impl Origin {
             // files, uploads and the store.
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => p.expect("never closed"),
-                _ = stop.wait_for(|s| *s) => break,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             };
             tokio::select! {
                 accepted = listener.accept() => {
@@ -150,16 +150,27 @@ impl Origin {
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let route = route_label(req.uri().path());
         let head = req.method() == Method::HEAD;
-        if req.method() != Method::GET && !head {
+        let resp = if req.method() != Method::GET && !head {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return r;
-        }
-        let mut resp = self.route(&req).await;
-        if head {
-            // Same headers, Content-Length included; no body.
-            *resp.body_mut() = empty();
+            r
+        } else {
+            let mut resp = self.route(&req).await;
+            if head {
+                // Same headers, Content-Length included; no body.
+                *resp.body_mut() = empty();
+            }
+            resp
+        };
+        let status = crate::metrics::status_label(resp.status());
+        metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+        if !head {
+            let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if let Some(n) = len.filter(|n| *n > 0) {
+                metrics::counter!(crate::metrics::HTTP_BYTES, "route" => route).increment(n);
+            }
         }
         resp
     }
@@ -399,6 +410,22 @@ impl Origin {
             Some(resp) => resp,
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
         }
+    }
+}
+
+/// The route a request takes, by the shape of its path (a label value).
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/healthz" => return "healthz",
+        "/_ask" => return "ask",
+        _ => {}
+    }
+    let mut segs = path.trim_start_matches('/').splitn(3, '/');
+    match (segs.next(), segs.next(), segs.next()) {
+        (Some(_), Some("_assets"), Some(_)) => "asset",
+        (Some(_), Some(id), Some(_)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => "versioned",
+        (Some(_), Some(p), _) if !p.is_empty() => "unversioned",
+        _ => "other",
     }
 }
 

@@ -141,6 +141,8 @@ pub trait Store: Send + Sync + 'static {
     fn blog(&self, blog: &BlogId) -> Option<BlogInfo>;
     /// True for a blog that was deleted and not created again.
     fn is_deleted(&self, blog: &str) -> bool;
+    /// Path versions held in memory, all blogs together (for the metrics).
+    fn index_paths(&self) -> u64;
     fn lookup_domain(&self, domain: &str) -> Option<BlogId>;
     /// Every hash some blog references (for fsck).
     fn referenced_hashes(&self) -> Vec<ContentHash>;

@@ -73,6 +73,7 @@ impl Fallback {
         let permit = match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
+                metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => "any", "outcome" => "busy").increment(1);
                 tracing::warn!(target, "every fallback fetch slot is busy (max_fallback_fetches)");
                 let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "busy, retry\n");
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -85,20 +86,28 @@ impl Fallback {
             let Ok(req) = Request::builder().method(method.clone()).uri(&uri).body(Empty::new()) else {
                 continue;
             };
+            let count = |outcome: &'static str| {
+                metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => origin.clone(), "outcome" => outcome)
+                    .increment(1)
+            };
             let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
+                    count("error");
                     tracing::warn!(origin, error = %e, "fallback origin failed");
                     continue;
                 }
                 Err(_) => {
+                    count("timeout");
                     tracing::warn!(origin, "fallback origin timed out");
                     continue;
                 }
             };
             if !resp.status().is_success() {
+                count(if resp.status().is_server_error() { "error" } else { "miss" });
                 continue;
             }
+            count("hit");
             let (parts, body) = resp.into_parts();
             let len = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             let keep = i < self.backfill && method == Method::GET;

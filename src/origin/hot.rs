@@ -102,8 +102,17 @@ impl HotCache {
         }
         let k = self.key(blog, path);
         let inner = self.inner.read();
-        let e = inner.map.get(&k)?;
-        (e.version == version && &*e.blog == blog && &*e.path == path).then(|| e.file.clone())
+        let hit = inner
+            .map
+            .get(&k)
+            .filter(|e| e.version == version && &*e.blog == blog && &*e.path == path)
+            .map(|e| e.file.clone());
+        drop(inner);
+        match hit {
+            Some(_) => metrics::counter!(crate::metrics::HOT_HITS).increment(1),
+            None => metrics::counter!(crate::metrics::HOT_MISSES).increment(1),
+        }
+        hit
     }
 
     pub fn insert(&self, blog: &str, path: &str, version: CacheId, file: Arc<HotFile>) {

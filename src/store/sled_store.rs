@@ -504,6 +504,10 @@ impl Store for SledStore {
         self.shared.index.read().blog_info(blog)
     }
 
+    fn index_paths(&self) -> u64 {
+        self.shared.index.read().blogs.values().map(|b| b.paths.len() as u64).sum()
+    }
+
     fn is_deleted(&self, blog: &str) -> bool {
         self.shared.index.read().deleted.contains(blog)
     }

@@ -359,7 +359,10 @@ impl Wal {
             }
             self.pos = end - 8;
         }
-        self.file.sync_data().map_err(WalError::Sync)
+        let started = std::time::Instant::now();
+        let r = self.file.sync_data().map_err(WalError::Sync);
+        metrics::histogram!(crate::metrics::WAL_FSYNC).record(started.elapsed().as_secs_f64());
+        r
     }
 
     /// Drops the records pushed since the last sync.

@@ -40,6 +40,7 @@ impl Server {
             data_dir: Some(dir.path().to_owned()),
             grpc_addr: Some("127.0.0.1:0".into()),
             http_addr: Some("127.0.0.1:0".into()),
+            metrics_addr: Some("127.0.0.1:0".into()),
             ..Default::default()
         };
         tweak(&mut p);
@@ -168,6 +169,7 @@ pub struct ChildServer {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ChildServer {
@@ -190,7 +192,8 @@ impl ChildServer {
     pub fn spawn_cmd(mut cmd: Command, data_dir: &Path) -> ChildServer {
         let addr_file = data_dir.with_extension(format!("addrs-{}.json", next_seq()));
         let _ = std::fs::remove_file(&addr_file);
-        cmd.args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--addr-file"])
+        cmd.args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .arg("--addr-file")
             .arg(&addr_file)
             .env("RUST_LOG", std::env::var("TEST_LOG").map(|_| "info".to_string()).unwrap_or("warn".into()))
             .stdout(Stdio::null())
@@ -208,11 +211,11 @@ impl ChildServer {
             std::thread::sleep(Duration::from_millis(10));
         };
         let _ = std::fs::remove_file(&addr_file);
-        let field = |name: &str| -> SocketAddr {
-            let start = text.find(&format!("\"{name}\":\"")).expect("field") + name.len() + 4;
-            text[start..].split('"').next().unwrap().parse().unwrap()
+        let field = |name: &str| -> Option<SocketAddr> {
+            let start = text.find(&format!("\"{name}\":\""))? + name.len() + 4;
+            text[start..].split('"').next()?.parse().ok()
         };
-        ChildServer { grpc: field("grpc"), http: field("http"), child }
+        ChildServer { grpc: field("grpc").unwrap(), http: field("http").unwrap(), metrics: field("metrics"), child }
     }
 
     pub fn kill9(&mut self) {

@@ -181,7 +181,7 @@ class Server:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
         argv = [server_binary(), "serve", "--data-dir", self.data_dir, "--grpc-addr", "127.0.0.1:0",
-                "--http-addr", "127.0.0.1:0", "--addr-file", self.addr_file]
+                "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--addr-file", self.addr_file]
         self.proc = subprocess.Popen(_die_with_parent("KILL", argv), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()

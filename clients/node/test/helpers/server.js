@@ -23,7 +23,7 @@ async function startServer({ env = {} } = {}) {
   if (!fs.existsSync(bin)) throw new Error(`blotcdn binary not found at ${bin}: run cargo build, or set BLOTCDN_BIN`);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blotcdn-node-'));
   const addrFile = path.join(dataDir, 'addrs.json');
-  const args = ['serve', '--data-dir', dataDir, '--grpc-addr', '127.0.0.1:0', '--http-addr', '127.0.0.1:0', '--addr-file', addrFile];
+  const args = ['serve', '--data-dir', dataDir, '--grpc-addr', '127.0.0.1:0', '--http-addr', '127.0.0.1:0', '--metrics-addr', '127.0.0.1:0', '--addr-file', addrFile];
   const child = spawn(bin, args, {
     env: { RUST_LOG: 'warn', ...process.env, ...env },
     stdio: ['ignore', process.env.TEST_LOG ? 'inherit' : 'ignore', process.env.TEST_LOG ? 'inherit' : 'pipe'],

@@ -1,0 +1,118 @@
+//! Prometheus metrics as an operator sees them: Debian's `prometheus`
+//! scrapes a running server and its HTTP API answers queries showing the
+//! counters moved after real calls; `promtool check metrics` finds nothing
+//! to complain about.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blotcdn::proto as pb;
+use common::{curl, run, ChildServer, Daemon};
+
+fn metrics_addr(server: &ChildServer) -> std::net::SocketAddr {
+    server.metrics.expect("the server reported its metrics address")
+}
+
+/// One sample's value from the text exposition, by its full name and labels.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("blogs/mblog")).unwrap();
+    std::fs::write(dir.path().join("blogs/mblog/style.css"), b"body{}").unwrap();
+    let server = ChildServer::spawn(dir.path());
+    let grpc = format!("http://{}", server.grpc);
+    let mut p = pb::publisher_client::PublisherClient::connect(grpc.clone()).await.unwrap();
+    let mut r = pb::resolver_client::ResolverClient::connect(grpc).await.unwrap();
+    p.invalidate(pb::InvalidateRequest { blog_id: "mblog".into(), paths: vec![] }).await.unwrap();
+    let paths = vec!["/style.css".to_string(), "/a.js".into(), "/../bad".into()];
+    let got = r.resolve_batch(pb::ResolveBatchRequest { blog_id: "mblog".into(), paths }).await.unwrap().into_inner();
+    let _ = r.get_blog(pb::GetBlogRequest { blog_id: "nosuchblog".into() }).await.unwrap_err();
+    let style = common::path_of(&got.assets[0].url);
+    for _ in 0..3 {
+        assert_eq!(curl(&[&format!("http://{}{}", server.http, style)]).body, b"body{}");
+    }
+    assert_eq!(curl(&[&format!("http://{}/mblog/none.css", server.http)]).status, 404);
+
+    // The exposition itself.
+    let m = curl(&[&format!("http://{}/metrics", metrics_addr(&server))]);
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body).unwrap();
+    assert_eq!(sample(&text, "blotcdn_resolve_paths_total{status=\"ok\"}"), Some(2.0), "{text}");
+    assert_eq!(sample(&text, "blotcdn_resolve_paths_total{status=\"invalid_path\"}"), Some(1.0));
+    assert_eq!(sample(&text, "blotcdn_rpc_requests_total{method=\"GetBlog\",code=\"NOT_FOUND\"}"), Some(1.0));
+    assert_eq!(sample(&text, "blotcdn_rpc_requests_total{method=\"Invalidate\",code=\"OK\"}"), Some(1.0));
+    assert_eq!(sample(&text, "blotcdn_http_requests_total{route=\"versioned\",status=\"200\"}"), Some(3.0));
+    assert_eq!(sample(&text, "blotcdn_http_requests_total{route=\"unversioned\",status=\"404\"}"), Some(1.0));
+    assert_eq!(sample(&text, "blotcdn_http_response_bytes_total{route=\"versioned\"}"), Some(18.0));
+    assert_eq!(sample(&text, "blotcdn_hot_cache_hits_total"), Some(2.0), "first read from disk, then memory");
+    assert!(sample(&text, "blotcdn_wal_fsync_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
+    assert!(text.contains("blotcdn_rpc_duration_seconds_bucket{method=\"ResolveBatch\",le=\"0.001\"}"), "{text}");
+    assert_eq!(sample(&text, "blotcdn_index_paths"), Some(0.0));
+    assert!(sample(&text, "process_resident_memory_bytes").is_some_and(|b| b > 1e6), "process metrics");
+
+    // promtool's own lint.
+    let f = dir.path().join("metrics.txt");
+    std::fs::write(&f, &text).unwrap();
+    let (code, out, err) = run(Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", f.display())), 30);
+    assert_eq!(code, 0, "promtool: {out}{err}");
+    assert!(out.trim().is_empty() && err.trim().is_empty(), "promtool found problems: {out}{err}");
+
+    // Prometheus scraping it, and its query API.
+    let work = tempfile::tempdir().unwrap();
+    common::open_up(work.path());
+    let conf = work.path().join("prometheus.yml");
+    std::fs::write(
+        &conf,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: blotcdn\n    static_configs:\n      - targets: ['{}']\n",
+            metrics_addr(&server)
+        ),
+    )
+    .unwrap();
+    let (_prom, port) = Daemon::spawn_on_free_port("prometheus", |port| {
+        let mut c = Command::new("prometheus");
+        c.arg(format!("--config.file={}", conf.display()))
+            .arg(format!("--storage.tsdb.path={}", work.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=error");
+        c
+    });
+    let query = |q: &str| -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{port}/api/v1/query?query={}", percent(q));
+        let r = curl(&[&url]);
+        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let value = loop {
+        let v = query("sum(blotcdn_resolve_paths_total{status=\"ok\"})");
+        if let Some(x) = v["data"]["result"][0]["value"][1].as_str() {
+            break x.parse::<f64>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "prometheus never scraped the server: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(value, 2.0);
+    let up = query("up{job=\"blotcdn\"}");
+    assert_eq!(up["data"]["result"][0]["value"][1].as_str(), Some("1"), "{up}");
+    let rate = query("sum by (method) (blotcdn_rpc_requests_total)");
+    let methods: Vec<&str> =
+        rate["data"]["result"].as_array().unwrap().iter().filter_map(|r| r["metric"]["method"].as_str()).collect();
+    for m in ["Invalidate", "ResolveBatch", "GetBlog"] {
+        assert!(methods.contains(&m), "{m} missing from {methods:?}");
+    }
+}
+
+fn percent(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
