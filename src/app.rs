@@ -14,7 +14,8 @@ use crate::cas::Cas;
 use crate::catalog::{Catalog, CatalogOptions};
 use crate::config::Config;
 use crate::grpc::{
-    AuthLayer, PublisherService, ResolverService, StatusRewriteLayer, Tokens, UploadGuardLayer, MAX_MESSAGE_BYTES,
+    AuthLayer, PublisherService, ResolverService, StatusRewriteLayer, Tokens, TraceLayer, UploadGuardLayer,
+    MAX_MESSAGE_BYTES,
 };
 use crate::origin::Origin;
 use crate::proto;
@@ -260,8 +261,10 @@ impl App {
             // (RESOURCE_EXHAUSTED) rather than queue without bound.
             .concurrency_limit_per_connection(config.max_in_flight)
             .load_shed(true)
-            // Outermost: a call without the right token is refused before any
-            // service sees it, and so changes nothing.
+            // Outermost: every call is traced, refused ones included.
+            .layer(TraceLayer)
+            // A call without the right token is refused before any service
+            // sees it, and so changes nothing.
             .layer(AuthLayer { tokens })
             // Inside auth: only calls allowed in get their upload bodies guarded.
             .layer(UploadGuardLayer)

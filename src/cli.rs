@@ -147,6 +147,18 @@ pub struct ServeArgs {
     pub cdn_base_url: Option<String>,
 }
 
+impl Cli {
+    /// Where `serve` exports traces, from its configuration (the other
+    /// commands export none). A configuration error surfaces when `serve`
+    /// loads it again.
+    pub fn otlp_endpoint(&self) -> Option<String> {
+        match &self.command {
+            Command::Serve { args, .. } => args.load().ok()?.otlp_endpoint,
+            _ => None,
+        }
+    }
+}
+
 impl ServeArgs {
     pub fn load(&self) -> anyhow::Result<Config> {
         let env = Partial::from_env(|k| std::env::var(k).ok())?;

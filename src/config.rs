@@ -27,6 +27,8 @@ pub struct Partial {
     pub http_addr: Option<String>,
     /// Prometheus text exposition at `GET /metrics`, never on the origin's port.
     pub metrics_addr: Option<String>,
+    /// OTLP/gRPC collector for traces, like `http://127.0.0.1:4317`; none: no traces.
+    pub otlp_endpoint: Option<String>,
     pub cdn_base_url: Option<String>,
     pub resolver_tokens: Option<Vec<String>>,
     pub publisher_tokens: Option<Vec<String>>,
@@ -70,6 +72,7 @@ impl Partial {
             grpc_addr,
             http_addr,
             metrics_addr,
+            otlp_endpoint,
             cdn_base_url,
             resolver_tokens,
             publisher_tokens,
@@ -108,6 +111,8 @@ impl Partial {
             grpc_addr: get("BLOTCDN_GRPC_ADDR"),
             http_addr: get("BLOTCDN_HTTP_ADDR"),
             metrics_addr: get("BLOTCDN_METRICS_ADDR"),
+            // The standard variable is honoured too; ours wins.
+            otlp_endpoint: get("BLOTCDN_OTLP_ENDPOINT").or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT")),
             cdn_base_url: get("BLOTCDN_CDN_BASE_URL"),
             resolver_tokens: list(get("BLOTCDN_RESOLVER_TOKENS")),
             publisher_tokens: list(get("BLOTCDN_PUBLISHER_TOKENS")),
@@ -139,6 +144,7 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub otlp_endpoint: Option<String>,
     /// Without a trailing slash. `None` until the HTTP listener is bound when
     /// not configured: it then defaults to `http://{bound http addr}`.
     pub cdn_base_url: Option<String>,
@@ -230,6 +236,12 @@ impl Config {
             grpc_addr: addr("grpc_addr", p.grpc_addr, "127.0.0.1:50051")?,
             http_addr: addr("http_addr", p.http_addr, "127.0.0.1:8080")?,
             metrics_addr: addr("metrics_addr", p.metrics_addr, "127.0.0.1:9464")?,
+            otlp_endpoint: match p.otlp_endpoint.filter(|e| !e.is_empty()) {
+                Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
+                    return Err(invalid("otlp_endpoint", format!("{e:?} is not an http(s) URL like http://127.0.0.1:4317")))
+                }
+                e => e,
+            },
             data_dir,
             blogs_dir,
             cdn_base_url,

@@ -562,3 +562,42 @@ fn rewrite_status<R>(mut resp: http::Response<R>) -> http::Response<R> {
 /// What the gRPC spec says `grpc-message` must percent-encode.
 const GRPC_MESSAGE: &percent_encoding::AsciiSet =
     &percent_encoding::CONTROLS.add(b'%').add(b' ').add(b'"').add(b'<').add(b'>').add(b'`').add(b'{').add(b'}');
+
+/// One span per gRPC request, around the whole call (decoding included),
+/// continuing the caller's trace when its metadata carry a `traceparent`.
+/// The handler's own `rpc` span (method, blog, items, outcome) is its child.
+/// Debug level: enabled only when traces are exported.
+#[derive(Clone, Default)]
+pub struct TraceLayer;
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+    fn layer(&self, inner: S) -> Trace<S> {
+        Trace { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Trace<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Trace<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
+        let span = tracing::debug_span!("grpc", rpc.path = req.uri().path(), otel.kind = "server");
+        crate::telemetry::remote_parent(&span, req.headers());
+        self.inner.call(req).instrument(span)
+    }
+}

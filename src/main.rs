@@ -9,9 +9,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
-    blotcdn::telemetry::init();
     let cli = blotcdn::cli::Cli::parse();
-    if let Err(e) = blotcdn::cli::run(cli).await {
+    let telemetry = blotcdn::telemetry::init(cli.otlp_endpoint().as_deref());
+    let result = blotcdn::cli::run(cli).await;
+    // Spans still waiting are exported before the process ends.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    if let Err(e) = result {
         eprintln!("blotcdn: {e:#}");
         std::process::exit(2);
     }

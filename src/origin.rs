@@ -150,14 +150,26 @@ impl Origin {
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        use tracing::Instrument;
         let route = route_label(req.uri().path());
         let head = req.method() == Method::HEAD;
+        // Debug level: enabled only when traces are exported.
+        let span = tracing::debug_span!(
+            "http",
+            http.route = route,
+            http.method = req.method().as_str(),
+            http.status_code = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            source = tracing::field::Empty,
+            otel.kind = "server"
+        );
+        crate::telemetry::remote_parent(&span, req.headers());
         let resp = if req.method() != Method::GET && !head {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         } else {
-            let mut resp = self.route(&req).await;
+            let mut resp = self.route(&req).instrument(span.clone()).await;
             if head {
                 // Same headers, Content-Length included; no body.
                 *resp.body_mut() = empty();
@@ -166,12 +178,12 @@ impl Origin {
         };
         let status = crate::metrics::status_label(resp.status());
         metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
-        if !head {
-            let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            if let Some(n) = len.filter(|n| *n > 0) {
-                metrics::counter!(crate::metrics::HTTP_BYTES, "route" => route).increment(n);
-            }
+        let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(n) = len.filter(|n| *n > 0 && !head) {
+            metrics::counter!(crate::metrics::HTTP_BYTES, "route" => route).increment(n);
         }
+        span.record("http.status_code", resp.status().as_u16());
+        span.record("bytes", if head { 0 } else { len.unwrap_or(0) });
         resp
     }
 
@@ -297,8 +309,10 @@ impl Origin {
     ) -> Result<Option<FileAnswer>, Response<Body>> {
         let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
         if let Some(hot) = self.hot.get(blog.as_str(), path.as_str(), version) {
+            tracing::Span::current().record("source", "hot");
             return Ok(Some(hot.answer(cache, blog_hv)));
         }
+        tracing::Span::current().record("source", "disk");
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
         let opened =
             tokio::task::spawn_blocking(move || -> Result<(std::fs::File, Metadata, Option<Bytes>), OpenError> {
@@ -365,6 +379,7 @@ impl Origin {
         let Some(aref) = self.catalog.store().asset_ref(blog.as_str(), &hash) else {
             return not_found();
         };
+        tracing::Span::current().record("source", "cas");
         let path = self.catalog.cas().blob_path(&hash);
         let opened = tokio::task::spawn_blocking(move || {
             let f = std::fs::File::open(&path)?;
@@ -404,6 +419,7 @@ impl Origin {
             // Anything else goes as asked, query included (the app may need it).
             None => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         };
+        tracing::Span::current().record("source", "fallback");
         let dirs = self.catalog.blogs_dir();
         let backfill = blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), PathBuf::from(&p.as_str()[1..])));
         match self.fallback.fetch(req.method(), &target, backfill, blog_file.map(|(b, _)| b.as_str())).await {

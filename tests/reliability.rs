@@ -348,12 +348,15 @@ async fn a_database_that_lost_writes_is_refused_at_start_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blotcdn_put_never_stores_a_file_it_could_not_read_whole() {
     let s = Server::start().await;
-    let unreadable = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
     // Opening a directory works; reading it fails (EISDIR) before any byte.
+    // (A name the server takes, so that only the read error can stop it.)
+    let unreadable = work.path().join("photo.jpg");
+    std::fs::create_dir(&unreadable).unwrap();
     let (code, out, err) = run(
         std::process::Command::new(binary())
             .args(["put", "--server", &format!("http://{}", s.grpc), "--blog", "putblog"])
-            .arg(unreadable.path()),
+            .arg(&unreadable),
         30,
     );
     assert_ne!(code, 0, "put of an unreadable file succeeded: {out}");
@@ -362,7 +365,7 @@ async fn blotcdn_put_never_stores_a_file_it_could_not_read_whole() {
     let e = r.get_blog(pb::GetBlogRequest { blog_id: "putblog".into() }).await;
     assert!(e.is_err() || e.unwrap().into_inner().asset_count == 0, "an empty asset was stored");
     // A readable file goes through.
-    let f = unreadable.path().join("ok.txt");
+    let f = work.path().join("ok.txt");
     std::fs::write(&f, b"whole").unwrap();
     let (code, out, err) = run(
         std::process::Command::new(binary())

@@ -83,14 +83,19 @@ impl Fallback {
         let deadline = tokio::time::Instant::now() + self.timeout;
         for (i, origin) in self.origins.iter().enumerate() {
             let uri = format!("{origin}{target}");
-            let Ok(req) = Request::builder().method(method.clone()).uri(&uri).body(Empty::new()) else {
+            let Ok(mut req) = Request::builder().method(method.clone()).uri(&uri).body(Empty::new()) else {
                 continue;
             };
+            // Debug level: enabled only when traces are exported; the
+            // origin then sees the trace in a `traceparent` header.
+            let span = tracing::debug_span!("fallback", origin = origin.as_str(), target, otel.kind = "client");
+            crate::telemetry::inject(&span, req.headers_mut());
             let count = |outcome: &'static str| {
                 metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => origin.clone(), "outcome" => outcome)
                     .increment(1)
             };
-            let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            let fetched = tokio::time::timeout_at(deadline, self.client.request(req));
+            let resp = match tracing::Instrument::instrument(fetched, span).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     count("error");

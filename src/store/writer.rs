@@ -173,7 +173,13 @@ impl Writer {
         if group.is_empty() {
             return;
         }
-        match self.wal.sync() {
+        // Debug level: enabled only when traces are exported.
+        let span = tracing::debug_span!("wal.commit", records = group.len(), fsync_us = tracing::field::Empty);
+        let _entered = span.enter();
+        let started = Instant::now();
+        let synced = self.wal.sync();
+        span.record("fsync_us", started.elapsed().as_micros() as u64);
+        match synced {
             Ok(()) => {
                 self.undo.clear();
                 self.shared.degraded.lock().take();
