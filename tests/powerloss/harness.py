@@ -133,6 +133,19 @@ class LossyMount:
     def stats(self):
         return self.command("stats", timeout=10)["stats"]
 
+    def freeze_after_fsync(self, regex, n=1, arm=None):
+        """Sets the trigger: the durable state freezes when the n-th fsync
+        of a path matching `regex` completes (counted once an fsync matching
+        `arm` was seen, if given). See lossyfs's docstring."""
+        cmd = f"freeze-after-fsync {regex} {n}" + (f" {arm}" if arm else "")
+        r = self.command(cmd, timeout=10)
+        if not r.get("ok"):
+            raise RuntimeError(f"lossyfs refused {cmd!r}: {r}")
+        return r["trigger"]
+
+    def frozen(self):
+        return self.command("frozen", timeout=10)["frozen"]
+
     def mounted(self):
         """In the mount table (a dead FUSE mount fails os.path.ismount)."""
         with open("/proc/self/mounts") as f:
@@ -321,8 +334,20 @@ class Ledger:
         self.maybe_deleted = set()  # blogs whose deletion was in flight
         self.inflight_assets = {}  # url path -> bytes, uploads not acknowledged
         self.acks = 0
+        # Optional: a callable asked after each answer, False once the disk's
+        # durable state is frozen (lossyfs's freeze-after-fsync). An answer
+        # heard after the freeze may rest on an fsync that made nothing
+        # durable, which a real power cut at that instant would never have
+        # answered: it is kept as in flight, not as acknowledged. An answer
+        # heard before it rests on an fsync that completed before it.
+        self.gate = None
+        self.late = 0  # answers heard after the freeze
 
     def ack(self, kind, **kw):
+        if self.gate is not None and not self.gate():
+            with self.mu:
+                self.late += 1
+            return
         with self.mu:
             self.acks += 1
             blog = kw.get("blog")

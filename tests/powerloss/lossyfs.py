@@ -34,6 +34,22 @@ one line in, one JSON line out:
 * ``stats``: counters (fsyncs by path, bytes written, fsyncs that made a
   zeroed file head durable (how the server empties its log), ...).
 * ``quit``: unmount and exit.
+* ``freeze-after-fsync REGEX N [ARM_REGEX]``: a power cut at an exact
+  instant of the program's sequence. When the N-th fsync/fdatasync/fsyncdir
+  whose path matches REGEX completes (counted from this command; with
+  ARM_REGEX, counted only after a later fsync matching ARM_REGEX, which
+  itself does not count), the durable state freezes: every fsync after it is
+  acknowledged to the caller but makes nothing durable. Kill the program and
+  ``crash`` afterwards, and the disk is as a power cut at that instant left
+  it. A directory's path is matched with a trailing ``/`` (``^/data/db/$``),
+  a file's without (``^/data/db\.wal$``); regexes cannot hold spaces. One
+  trigger at a time (a new one replaces it); ``crash`` clears it.
+  ``stats`` reports it under ``trigger`` (``fired``: the fsync it froze
+  after; ``after``: the first fsyncs acknowledged without effect), and
+  ``freezes`` counts the triggers that fired.
+* ``frozen``: whether the durable state is frozen now (cheap: a test asks
+  it after each acknowledgement, to know whether the acknowledged write was
+  made durable before the freeze).
 
 Fault injection: ``--ignore-fsync REGEX`` makes fsync of matching files a
 no-op, which is what a program that forgot that fsync looks like to a disk.
@@ -152,6 +168,27 @@ class Inode:
         self.dirty = []
 
 
+class FreezeTrigger:
+    """``freeze-after-fsync``: the N-th fsync matching `pattern` (after one
+    matching `arm`, if given) freezes the durable state."""
+
+    def __init__(self, pattern, n, arm=None):
+        self.source = (pattern, n, arm)
+        self.pattern = re.compile(pattern)
+        self.n = n
+        self.arm = re.compile(arm) if arm else None
+        self.armed = self.arm is None
+        self.seen = 0  # matching fsyncs since armed
+        self.fired = None  # the fsync the durable state froze after
+        self.after = []  # the first fsyncs acknowledged while frozen
+        self.after_count = 0
+
+    def describe(self):
+        pattern, n, arm = self.source
+        return {"regex": pattern, "n": n, "arm": arm, "armed": self.armed, "seen": self.seen,
+                "fired": self.fired, "after": list(self.after), "after_count": self.after_count}
+
+
 class LossyFS(Operations):
     use_ns = True
     # Not provided, so that the kernel keeps POSIX locks local (flock is
@@ -168,6 +205,7 @@ class LossyFS(Operations):
         self.trust = re.compile(trust) if trust else None
         self.dirty_dirs = set()  # directories whose entries changed since their last sync
         self.ignore_fsync = re.compile(ignore_fsync) if ignore_fsync else None
+        self.trigger = None  # a FreezeTrigger, or None
         self.fsync_by_path = {}
         # A write of zeros at offset 0 then an fsync: how blotcdn's log is
         # emptied after a checkpoint. Counted so tests can cut right after one.
@@ -182,7 +220,7 @@ class LossyFS(Operations):
         self.mounted = threading.Event()
         self.counts = {
             "fsync": 0, "fdatasync": 0, "fsyncdir": 0, "writes": 0, "bytes_written": 0,
-            "crashes": 0, "syncs": 0, "ignored_fsync": 0,
+            "crashes": 0, "syncs": 0, "ignored_fsync": 0, "freezes": 0, "frozen_fsync": 0,
         }
         root = self._new(stat.S_IFDIR | 0o755)
         root.nlink = 1
@@ -283,6 +321,34 @@ class LossyFS(Operations):
             elif node.is_file() and self._trusted(path):
                 node.sync_data()
 
+    def frozen(self):
+        t = self.trigger
+        return t is not None and t.fired is not None
+
+    def _synced(self, key, kind, zero_head):
+        """Called once an fsync took effect: counts it for the trigger."""
+        t = self.trigger
+        if t is None or t.fired is not None or key is None:
+            return
+        if not t.armed:
+            if t.arm.search(key):
+                t.armed = True
+            return
+        if t.pattern.search(key):
+            t.seen += 1
+            if t.seen == t.n:
+                t.fired = {"path": key, "op": kind, "zero_head": zero_head, "time": time.time()}
+                self.counts["freezes"] += 1
+
+    def _frozen_sync(self, key, kind, zero_head):
+        """An fsync after the freeze: acknowledged, nothing made durable."""
+        t = self.trigger
+        t.after_count += 1
+        if len(t.after) < 50:
+            t.after.append({"path": key, "op": kind, "zero_head": zero_head})
+        self.counts["frozen_fsync"] += 1
+        return 0
+
     # ---- control -------------------------------------------------------
 
     def _paths(self, which):
@@ -322,6 +388,7 @@ class LossyFS(Operations):
                 node.opens = 0
             self.handles.clear()
             self.dirty_dirs.clear()
+            self.trigger = None  # the power is back: nothing is frozen any more
             # Keep only what durable names reach; recount the links.
             reach = self._paths("dentries")
             self.inodes = {ino: n for ino, n in self.inodes.items() if ino in reach}
@@ -352,6 +419,7 @@ class LossyFS(Operations):
             out["fsync_by_path"] = dict(self.fsync_by_path)
             out["zero_head_syncs"] = dict(self.zero_head_syncs)
             out["zero_head_writes"] = dict(self.zero_head_writes)
+            out["trigger"] = self.trigger.describe() if self.trigger is not None else None
             out["bytes_held"] = sum(len(n.data) + len(n.ddata) for n in self.inodes.values() if n.is_file())
             return out
 
@@ -410,10 +478,14 @@ class LossyFS(Operations):
     def fsyncdir(self, path, datasync, fh):
         with self.mu:
             n = self._lookup(path)
+            key = path.rstrip("/") + "/"
+            if self.frozen():
+                return self._frozen_sync(key, "fsyncdir", False)
             self._sync_dir(n)
             if self.journaled_names:
                 self._commit_names()
             self.counts["fsyncdir"] += 1
+            self._synced(key, "fsyncdir", False)
         return 0
 
     def mkdir(self, path, mode):
@@ -541,11 +613,16 @@ class LossyFS(Operations):
                 # Fault injection: as if the caller had not made this fsync.
                 self.counts["ignored_fsync"] += 1
                 return 0
+            kind = "fdatasync" if datasync else "fsync"
+            key = (path.rstrip("/") + "/" if n.is_dir() else path) if path else None
+            zero_head = n.ino in self.zero_head
+            if self.frozen():
+                return self._frozen_sync(key, kind, zero_head)
             if path:
                 self.fsync_by_path[path] = self.fsync_by_path.get(path, 0) + 1
             if n.is_file():
                 n.sync_data()
-                if n.ino in self.zero_head:
+                if zero_head:
                     self.zero_head.discard(n.ino)
                     if path:
                         self.zero_head_syncs[path] = self.zero_head_syncs.get(path, 0) + 1
@@ -555,7 +632,8 @@ class LossyFS(Operations):
                 self._sync_dir(n)
             if self.journaled_names:
                 self._commit_names()
-            self.counts["fdatasync" if datasync else "fsync"] += 1
+            self.counts[kind] += 1
+            self._synced(key, kind, zero_head)
         return 0
 
     def unlink(self, path):
@@ -736,6 +814,19 @@ class Server:
         if cmd == "sync":
             self.fs.sync_all()
             return {"ok": True}
+        if cmd == "frozen":
+            return {"ok": True, "frozen": self.fs.frozen()}
+        if cmd.startswith("freeze-after-fsync"):
+            parts = cmd.split()
+            if len(parts) not in (3, 4) or not parts[2].isdigit() or int(parts[2]) < 1:
+                return {"ok": False, "error": "usage: freeze-after-fsync REGEX N [ARM_REGEX] (N >= 1)"}
+            try:
+                t = FreezeTrigger(parts[1], int(parts[2]), parts[3] if len(parts) == 4 else None)
+            except re.error as e:
+                return {"ok": False, "error": f"bad regex: {e}"}
+            with self.fs.mu:
+                self.fs.trigger = t
+            return {"ok": True, "trigger": t.describe()}
         if cmd == "crash":
             self.remounted.clear()
             self.want_crash = True

@@ -204,3 +204,53 @@ def test_journaled_names_and_trust(tmp_path):
         assert fs.stats()["zero_head_syncs"] == {"/log": 1}
     finally:
         fs.close()
+
+
+def test_freeze_after_the_nth_fsync(fs):
+    """freeze-after-fsync: the durable state is what it was when the n-th
+    matching fsync completed; later fsyncs are answered but change nothing."""
+    m = fs.path
+    os.mkdir(f"{m}/d")
+    write(f"{m}/d/log", b"")
+    fs.sync()
+    with pytest.raises(RuntimeError):
+        fs.freeze_after_fsync(r"^/d/log$", 0)
+    t = fs.freeze_after_fsync(r"^/d/log$", 2, r"^/d/$")
+    assert t["armed"] is False and t["fired"] is None
+    with open(f"{m}/d/log", "r+b") as f:
+        f.write(b"one")
+        f.flush()
+        os.fdatasync(f.fileno())  # before the arming fsync: not counted
+        fsync(f"{m}/d")  # arms
+        f.write(b" two")
+        f.flush()
+        os.fdatasync(f.fileno())  # 1st
+        assert not fs.frozen()
+        f.write(b" three")
+        f.flush()
+        os.fdatasync(f.fileno())  # 2nd: durable, then frozen
+        assert fs.frozen()
+        f.write(b" four")
+        f.flush()
+        os.fdatasync(f.fileno())  # answered, not durable
+    write(f"{m}/d/new", b"x")
+    fsync(f"{m}/d/new")
+    fsync(f"{m}/d")
+    st = fs.stats()
+    assert st["freezes"] == 1
+    fired = st["trigger"]["fired"]
+    assert (fired["path"], fired["op"], st["trigger"]["seen"]) == ("/d/log", "fdatasync", 2)
+    assert [(a["path"], a["op"]) for a in st["trigger"]["after"]] == [
+        ("/d/log", "fdatasync"), ("/d/new", "fsync"), ("/d/", "fsyncdir")]
+    assert read(f"{m}/d/log") == b"one two three four"
+    fs.crash()
+    assert read(f"{m}/d/log") == b"one two three"
+    assert os.listdir(f"{m}/d") == ["log"]
+    # The power is back: the trigger is gone and fsyncs count again.
+    assert not fs.frozen() and fs.stats()["trigger"] is None
+    with open(f"{m}/d/log", "ab") as f:
+        f.write(b" five")
+        f.flush()
+        os.fdatasync(f.fileno())
+    fs.crash()
+    assert read(f"{m}/d/log") == b"one two three five"
