@@ -37,7 +37,9 @@ fn tmp_files(data_dir: &std::path::Path) -> usize {
 async fn silent_uploads_time_out_and_uploads_in_flight_are_capped() {
     let s = Server::start_with(|p| {
         p.max_uploads = Some(3);
-        p.upload_idle_timeout_secs = Some(1);
+        // Long enough that the checks below happen while the three are
+        // still held, however slow the machine.
+        p.upload_idle_timeout_secs = Some(5);
     })
     .await;
     // Three uploads send a header and a chunk, then go silent (their
@@ -52,8 +54,12 @@ async fn silent_uploads_time_out_and_uploads_in_flight_are_capped() {
         let mut p = s.publisher().await;
         calls.push(tokio::spawn(async move { p.put_asset(tokio_stream::wrappers::ReceiverStream::new(rx)).await }));
     }
-    // Until they are dropped, a fourth is refused at once.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Once all three are writing, and until they are dropped, a fourth is refused at once.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while tmp_files(&s.config.data_dir) < 3 {
+        assert!(Instant::now() < deadline, "the three uploads never started writing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let refused = loop {
         let mut p = s.publisher().await;
         match p.put_asset(tokio_stream::iter(vec![header("quiet", "x.bin"), data(b"x")])).await {
@@ -66,10 +72,9 @@ async fn silent_uploads_time_out_and_uploads_in_flight_are_capped() {
         }
     };
     assert!(refused.message().contains("max_uploads"), "{}", refused.message());
-    assert!(tmp_files(&s.config.data_dir) >= 1, "the silent uploads had started writing");
     // Each silent upload is dropped after its idle timeout, saying why.
     for c in calls {
-        let e = tokio::time::timeout(Duration::from_secs(10), c).await.expect("dropped in time").unwrap().unwrap_err();
+        let e = tokio::time::timeout(Duration::from_secs(20), c).await.expect("dropped in time").unwrap().unwrap_err();
         assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
         assert!(e.message().contains("idle"), "{}", e.message());
     }
