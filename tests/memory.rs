@@ -66,3 +66,47 @@ async fn repeated_10k_path_invalidations_keep_memory_flat() {
     assert_eq!(got.len(), 10_000);
     assert!(got.iter().all(|a| a.cache_id == last), "every path at the last acknowledged version");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_raise_drops_the_path_versions_it_made_meaningless() {
+    use blotcdn::proto::put_asset_chunk::Chunk;
+    let s = common::Server::start().await;
+    let paths: Vec<String> = (0..5000).map(|i| format!("/posts/{i}.html")).collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    common::invalidate(&s, "prune", &refs).await;
+    let mut p = s.publisher().await;
+    let header = pb::PutAssetHeader {
+        blog_id: "prune".into(),
+        filename: "logo.png".into(),
+        path: "/logo.png".into(),
+        ..Default::default()
+    };
+    let chunks = vec![
+        pb::PutAssetChunk { chunk: Some(Chunk::Header(header)) },
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes::Bytes::from_static(b"png"))) },
+    ];
+    let logo = p.put_asset(tokio_stream::iter(chunks)).await.unwrap().into_inner();
+    let count = |s: &common::Server| {
+        let s = s.grpc;
+        async move {
+            let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{s}")).await.unwrap();
+            r.get_blog(pb::GetBlogRequest { blog_id: "prune".into() }).await.unwrap().into_inner()
+        }
+    };
+    assert_eq!(count(&s).await.path_count, 5001);
+    let floor = common::invalidate(&s, "prune", &[]).await;
+    let after = count(&s).await;
+    assert_eq!((after.path_count, after.cache_id), (1, floor), "only the bound path is left");
+    // What they resolve to is unchanged: the floor, and the permanent URL.
+    let got = common::resolve(&s, "prune", &["/posts/7.html", "/logo.png"]).await;
+    assert_eq!(got[0].cache_id, floor);
+    assert_eq!(got[1].url, logo.url);
+    // And on disk: a restart (log replay, then sled) gives the same.
+    let dir = s.stop().await;
+    let s = common::Server::start_in(dir, |_| {}).await;
+    assert_eq!(count(&s).await.path_count, 1);
+    let got = common::resolve(&s, "prune", &["/posts/7.html", "/logo.png"]).await;
+    // (The restarted server listens on another port: compare the URL's path.)
+    assert_eq!((got[0].cache_id, common::path_of(&got[1].url)), (floor, common::path_of(&logo.url)));
+    s.stop().await;
+}

@@ -336,8 +336,12 @@ fn load(t: &Trees) -> Result<Loaded, StoreError> {
     }
     for r in readers {
         let by_blog = r.join().map_err(|_| corrupt("paths", "reader thread panicked"))??;
-        for (blog, paths) in by_blog {
+        for (blog, mut paths) in by_blog {
             let state = index.blogs.get_mut(&blog).ok_or_else(|| corrupt("paths", "path of an unknown blog"))?;
+            // Versions below the floor without a binding (left by data dirs
+            // from before floor raises pruned them) say nothing.
+            let floor = state.floor;
+            paths.retain(|_, e| e.binding.is_some() || e.version >= floor);
             if state.paths.is_empty() {
                 state.paths = paths;
             } else {
@@ -361,6 +365,16 @@ pub(super) fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
         Rec::Invalidate { blog, id, floor, paths } => {
             t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
             let mut k = key(blog, b"");
+            if paths.is_empty() {
+                // A floor raise: drop the path versions it made meaningless
+                // (those without a binding), as the index does.
+                for kv in t.paths.scan_prefix(&k) {
+                    let (pk, v) = kv?;
+                    if v.len() == 8 {
+                        t.paths.remove(pk)?;
+                    }
+                }
+            }
             let prefix = k.len();
             for p in paths {
                 k.truncate(prefix);

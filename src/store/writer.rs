@@ -371,6 +371,15 @@ impl Writer {
                 match eff {
                     Effect::Invalidated { blog, floor, id, paths, tx } => {
                         let state = index.blog_mut(&blog, floor);
+                        if paths.is_empty() {
+                            // The floor rose past every path version: one
+                            // without a binding now says nothing the floor
+                            // does not. The index keeps what is live.
+                            state.paths.retain(|_, e| e.binding.is_some());
+                            if state.paths.capacity() > 4 * state.paths.len() + 64 {
+                                state.paths.shrink_to_fit();
+                            }
+                        }
                         for p in paths {
                             let entry = PathEntry { version: id, binding: None };
                             match state.paths.get_mut(p.as_str()) {
