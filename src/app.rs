@@ -116,12 +116,16 @@ pub struct App {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    /// The descriptor limit in force (raised at the start of `build`).
+    nofile: u64,
     catalog: Arc<Catalog>,
     config: Config,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<App, AppError> {
+        // First, before anything opens a descriptor.
+        let nofile = raise_nofile_limit();
         let dir_err = |what, path: &std::path::Path| {
             let path = path.display().to_string();
             move |source| AppError::Dir { what, path, source }
@@ -184,7 +188,17 @@ impl App {
         if removed > 0 {
             tracing::info!(removed, "removed unreferenced blobs left by an interrupted deletion");
         }
-        Ok(App { grpc_listener, http_listener, metrics_listener, grpc_addr, http_addr, metrics_addr, catalog, config })
+        Ok(App {
+            grpc_listener,
+            http_listener,
+            metrics_listener,
+            grpc_addr,
+            http_addr,
+            metrics_addr,
+            nofile,
+            catalog,
+            config,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -202,8 +216,17 @@ impl App {
 
     /// Serves until `stop` completes, then drains and flushes.
     pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
-        let App { grpc_listener, http_listener, metrics_listener, catalog, config, grpc_addr, http_addr, metrics_addr } =
-            self;
+        let App {
+            grpc_listener,
+            http_listener,
+            metrics_listener,
+            catalog,
+            config,
+            grpc_addr,
+            http_addr,
+            metrics_addr,
+            nofile,
+        } = self;
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(
                 resolver_open = config.resolver_tokens.is_empty(),
@@ -281,7 +304,6 @@ impl App {
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 grpc_stop,
             );
-        let nofile = raise_nofile_limit();
         let max_connections = (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config))).max(16);
         if max_connections < config.max_connections as u64 {
             tracing::warn!(
@@ -303,6 +325,10 @@ impl App {
             .done()
             .await
             .map_err(|e| AppError::Store { path: config.data_dir.join("db").display().to_string(), source: e })?;
+        // Let go of the database now, not when the last holder of the
+        // catalog goes: a restart in the same process must find it unlocked.
+        let c = catalog.clone();
+        let _ = tokio::task::spawn_blocking(move || c.store().close()).await;
         tracing::info!("stopped; store flushed");
         Ok(())
     }

@@ -276,7 +276,7 @@ impl Catalog {
             this.commit_blob(blog, path, pending, filename, content_type)
         })
         .await?;
-        durable.done().await?;
+        self.bound_or_dropped(&info.hash, durable).await?;
         Ok(info)
     }
 
@@ -286,7 +286,7 @@ impl Catalog {
         let path = BlogPath::parse(path)?;
         let this = self.clone();
         let (info, durable) = blocking(move || this.import_file_blocking(blog, path)).await?;
-        durable.done().await?;
+        self.bound_or_dropped(&info.hash, durable).await?;
         Ok(info)
     }
 
@@ -316,6 +316,25 @@ impl Catalog {
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;
         self.commit_blob(blog, Some(path), pending, filename, content_type)
+    }
+
+    /// Waits for a binding to be durable. Refused (disk full, queue full),
+    /// the blob just named is removed unless another reference holds it:
+    /// nothing else would ever collect it.
+    async fn bound_or_dropped(self: &Arc<Self>, hash: &ContentHash, durable: Pending<()>) -> Result<(), CatalogError> {
+        let Err(e) = durable.done().await else {
+            return Ok(());
+        };
+        let (this, hash) = (self.clone(), *hash);
+        let _ = blocking(move || {
+            let _g = this.blob_lock.lock();
+            if !this.store.is_referenced(&hash) {
+                this.cas.remove(&hash)?;
+            }
+            Ok(())
+        })
+        .await;
+        Err(e.into())
     }
 
     /// Names the blob and hands its reference to the store. Returns the
@@ -360,14 +379,16 @@ impl Catalog {
     pub fn collect_garbage(&self) -> Result<usize, CatalogError> {
         let mut removed = 0;
         for hash in self.store.gc_candidates() {
-            {
+            let gone = {
                 let _g = self.blob_lock.lock();
-                if !self.store.is_referenced(&hash) {
+                let gone = !self.store.is_referenced(&hash);
+                if gone {
                     self.cas.remove(&hash)?;
                     removed += 1;
                 }
-            }
-            self.store.gc_done(hash).blocking()?;
+                gone
+            };
+            self.store.gc_done(hash, gone).blocking()?;
         }
         Ok(removed)
     }

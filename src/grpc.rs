@@ -239,10 +239,14 @@ impl pb::publisher_server::Publisher for PublisherService {
             Ok(None) => return Err(Status::invalid_argument("empty PutAsset stream: expected a header")),
         };
         let log = CallLog::new("PutAsset", &header.blog_id, 1);
-        // Each chunk must come within the idle timeout; the permit is held
-        // until the stream is done with.
-        let data = futures_util::stream::unfold((stream, Some(permit)), move |(mut stream, permit)| async move {
-            permit.as_ref()?;
+        // Each chunk must come within the idle timeout. The permit is held
+        // by this call until the asset is stored or refused (the temporary
+        // file and its descriptor live that long).
+        let _permit = permit;
+        let data = futures_util::stream::unfold((stream, true), move |(mut stream, open)| async move {
+            if !open {
+                return None;
+            }
             let item = match tokio::time::timeout(idle, stream.next()).await {
                 Err(_) => Some(Err(CatalogError::Timeout(format!(
                     "upload idle: nothing received for {} s (upload_idle_timeout_secs); the upload was dropped",
@@ -255,9 +259,9 @@ impl pb::publisher_server::Publisher for PublisherService {
                 }
                 Ok(Some(Err(s))) => Some(Err(CatalogError::BadRequest(format!("upload broke off: {}", s.message())))),
             };
-            // After an error the stream ends (the permit is dropped with it).
-            let next_permit = if matches!(item, Some(Ok(_))) { permit } else { None };
-            item.map(|i| (i, (stream, next_permit)))
+            // After an error the stream ends.
+            let still_open = matches!(item, Some(Ok(_)));
+            item.map(|i| (i, (stream, still_open)))
         });
         let data = Box::pin(data);
         let header = PutHeader {

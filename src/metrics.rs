@@ -155,6 +155,7 @@ pub async fn serve(listener: TcpListener, catalog: Arc<Catalog>, mut stop: tokio
         }
     }
     cas_task.abort();
+    let _ = cas_task.await;
 }
 
 fn answer(req: &Request<Incoming>, process: &metrics_process::Collector, catalog: &Catalog) -> Response<Full<Bytes>> {

@@ -169,10 +169,16 @@ pub trait Store: Send + Sync + 'static {
     /// Garbage candidates left by deletions, including ones a crash
     /// interrupted. Memory only.
     fn gc_candidates(&self) -> Vec<ContentHash>;
-    /// Drops a garbage candidate once its blob is gone or found referenced.
-    fn gc_done(&self, hash: ContentHash) -> Pending<()>;
+    /// Drops a garbage candidate once its blob is gone (`removed`) or found
+    /// referenced (and still is: a candidate no blog references any more
+    /// stays, for the next collection).
+    fn gc_done(&self, hash: ContentHash, removed: bool) -> Pending<()>;
     /// Durable once everything handed over before it is.
     fn flush(&self) -> Pending<()>;
+    /// Stops taking writes, finishes (and checkpoints) what was handed over,
+    /// and lets go of the database and its lock: a clean stop, even while
+    /// other parts still hold the store. Blocks until done.
+    fn close(&self);
     /// `Err` with the reason when writes are refused (a failed sync, a
     /// stopped writer, or the last append failed: disk full). Memory only:
     /// cheap enough for every health check.

@@ -6,16 +6,13 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
-use std::future::Future as _;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -130,15 +127,15 @@ impl Fallback {
                 }
                 _ => None,
             };
-            let body = Through {
-                upstream: body,
-                deadline: Box::pin(tokio::time::sleep_until(deadline)),
-                sink,
-                expected: len,
-                seen: 0,
-                target: target.to_owned(),
-                _permit: permit,
-            };
+            // Whole means: as long as its Content-Length, or a chunked body
+            // that ended with its last chunk (a cut one is an error). A
+            // close-delimited body cannot tell a cut from an end.
+            let chunked = parts
+                .headers
+                .get(header::TRANSFER_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+            let body = through(body, permit, deadline, sink, len, chunked, target.to_owned());
             let mut out = Response::new(body.boxed_unsync());
             *out.status_mut() = StatusCode::OK;
             let h = out.headers_mut();
@@ -159,85 +156,82 @@ impl Fallback {
     }
 }
 
-/// A fallback body on its way to the edge: within the fetch's deadline,
-/// copied to the backfill file when there is one, and holding its fetch
-/// slot until done. A body cut short or late ends the answer with an error
-/// (the client sees a truncated response, never a complete-looking one).
-struct Through {
-    upstream: Incoming,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    sink: Option<Backfill>,
+/// A fallback body on its way to the edge. A task of its own copies the
+/// upstream body into a small channel (and into the backfill file, when
+/// there is one), holding the fetch slot, all of it within the fetch's
+/// deadline — whether or not the client reads: a client that stops reading
+/// cannot hold a slot past the deadline. The body read from the channel
+/// ends cleanly only if the task saw the upstream body end whole; anything
+/// else (cut, late, broken) ends it with an error, so the client sees a
+/// broken transfer, never a complete-looking one.
+fn through(
+    mut upstream: Incoming,
+    permit: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+    mut sink: Option<Backfill>,
     expected: Option<u64>,
-    seen: u64,
+    chunked: bool,
     target: String,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Through {
-    /// The body is over: a whole one is named on disk, off the async workers.
-    fn finish_backfill(&mut self) {
-        let whole = self.expected.is_none_or(|n| n == self.seen);
-        if let (true, Some(sink)) = (whole, self.sink.take()) {
-            let target = self.target.clone();
-            tokio::task::spawn_blocking(move || match sink.finish() {
-                Ok(()) => tracing::info!(target, "backfilled from the legacy origin"),
-                Err(e) => tracing::warn!(target, error = %e, "backfill write failed"),
-            });
-        }
-    }
-}
-
-impl http_body::Body for Through {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            tracing::warn!(target = %self.target, "fallback body past the deadline (fallback_timeout_secs)");
-            self.sink = None;
-            return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::TimedOut, "fallback body too slow"))));
-        }
-        match Pin::new(&mut self.upstream).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else {
-                    // Trailers: not passed on.
-                    return Poll::Ready(None);
-                };
-                self.seen += data.len() as u64;
-                if let Some(sink) = self.sink.as_mut() {
+) -> Body {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let whole = Arc::new(AtomicBool::new(false));
+    let done = whole.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut seen = 0u64;
+        let copied = tokio::time::timeout_at(deadline, async {
+            while let Some(frame) = upstream.frame().await {
+                let frame = frame.map_err(|e| format!("broke off: {e}"))?;
+                let Ok(data) = frame.into_data() else { continue };
+                seen += data.len() as u64;
+                if let Some(s) = sink.as_mut() {
                     // A write to the page cache: short, unlike the network.
-                    if let Err(e) = sink.file.write_all(&data) {
-                        tracing::warn!(target = %self.target, error = %e, "backfill write failed");
-                        self.sink = None;
+                    if let Err(e) = s.file.write_all(&data) {
+                        tracing::warn!(target, error = %e, "backfill write failed");
+                        sink = None;
                     }
                 }
-                // hyper stops polling a body that says it has ended: the
-                // last frame may be the last call.
-                if self.upstream.is_end_stream() {
-                    self.finish_backfill();
+                if tx.send(data).await.is_err() {
+                    return Err("the client went away".to_string());
                 }
-                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(target = %self.target, error = %e, "fallback body broke off");
-                self.sink = None;
-                Poll::Ready(Some(Err(io::Error::other(e))))
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err("past the deadline (fallback_timeout_secs)".into()));
+        let complete = match expected {
+            Some(n) => n == seen,
+            None => chunked,
+        };
+        match copied {
+            Ok(()) if complete || expected.is_none() => {
+                // What the client got is all the origin sent.
+                done.store(true, Ordering::Release);
+                if let (true, Some(s)) = (complete, sink.take()) {
+                    tokio::task::spawn_blocking(move || match s.finish() {
+                        Ok(()) => tracing::info!(target, "backfilled from the legacy origin"),
+                        Err(e) => tracing::warn!(target, error = %e, "backfill write failed"),
+                    });
+                }
             }
-            Poll::Ready(None) => {
-                self.finish_backfill();
-                Poll::Ready(None)
+            Ok(()) => tracing::warn!(target, seen, ?expected, "fallback body shorter than its Content-Length"),
+            Err(why) => tracing::warn!(target, why, "fallback body not passed on whole"),
+        }
+    });
+    let stream = futures_util::stream::unfold((rx, whole), |(mut rx, whole)| async move {
+        match rx.recv().await {
+            Some(data) => Some((Ok(Frame::data(data)), (rx, whole))),
+            None if whole.load(std::sync::atomic::Ordering::Acquire) => None,
+            None => {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "fallback body cut");
+                // Once: the stream ends after the error.
+                whole.store(true, std::sync::atomic::Ordering::Release);
+                Some((Err(e), (rx, whole)))
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.upstream.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.upstream.size_hint()
-    }
+    });
+    http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
 /// A blog file being written from a fallback body, not there yet: a

@@ -158,7 +158,7 @@ impl SledStore {
         if let Some(parent) = dir.parent() {
             crate::durable::sync_dir(parent)?;
         }
-        let done = trees.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0);
+        let done = sled_seq(&trees)?;
         // sled reads a corrupt segment as the end of its log and opens an
         // older state without a word: the marker written after each
         // checkpoint tells.
@@ -435,6 +435,11 @@ pub(super) fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
 
 const CHECKPOINT_KEY: &[u8] = b"wal_seq";
 
+/// The last log record sled holds (its checkpoint), 0 for a new database.
+pub(super) fn sled_seq(t: &Trees) -> Result<u64, StoreError> {
+    Ok(t.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0))
+}
+
 /// sled holds every record up to `seq` once this returns; the log is empty.
 /// The marker beside the database records `seq` (durably) before the log
 /// is emptied, so a sled that later opens older than that is caught.
@@ -455,7 +460,7 @@ fn marker_path(dir: &Path) -> PathBuf {
 }
 
 /// The last checkpoint's record number, 0 when none was written yet.
-fn read_marker(dir: &Path) -> Result<u64, StoreError> {
+pub(super) fn read_marker(dir: &Path) -> Result<u64, StoreError> {
     let p = marker_path(dir);
     match std::fs::read(&p) {
         Ok(b) if b.len() == 12 && blake3::hash(&b[..8]).as_bytes()[..4] == b[8..] => {
@@ -565,12 +570,21 @@ impl Store for SledStore {
         self.shared.index.read().gc.iter().copied().collect()
     }
 
-    fn gc_done(&self, hash: ContentHash) -> Pending<()> {
-        self.submit(|tx| Op::GcDone { hash, tx })
+    fn gc_done(&self, hash: ContentHash, removed: bool) -> Pending<()> {
+        self.submit(|tx| Op::GcDone { hash, removed, tx })
     }
 
     fn flush(&self) -> Pending<()> {
         self.submit(|tx| Op::Flush { tx })
+    }
+
+    fn close(&self) {
+        // Closing the queue ends the writer after it has answered (and
+        // flushed) everything handed over; its end drops sled.
+        self.queue.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
     }
 
     fn health(&self) -> Result<(), String> {
@@ -589,11 +603,6 @@ impl Store for SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        // Closing the queue ends the writer after it has answered (and
-        // flushed) everything handed over.
-        self.queue.lock().take();
-        if let Some(h) = self.writer.lock().take() {
-            let _ = h.join();
-        }
+        self.close();
     }
 }

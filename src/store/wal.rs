@@ -351,9 +351,15 @@ impl Wal {
             self.buf.clear();
             if let Err(e) = appended {
                 // Inside the allocated zeros (or nothing was written): this
-                // overwrite needs no new block.
+                // overwrite needs no new block. If even it fails, records
+                // the callers were told are refused may stay readable for a
+                // replay: treat that like a failed sync.
                 if self.pos + 8 <= self.cap {
-                    let _ = self.file.write_all_at(&[0u8; 8], self.pos);
+                    if let Err(z) = self.file.write_all_at(&[0u8; 8], self.pos) {
+                        return Err(WalError::Sync(io::Error::other(format!(
+                            "{e}; and the refused group could not be cut off ({z})"
+                        ))));
+                    }
                 }
                 return Err(WalError::Append(e));
             }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use super::index::{FastMap, PathEntry};
-use super::sled_store::{apply, checkpoint, Shared, Trees};
+use super::sled_store::{apply, checkpoint, read_marker, sled_seq, Shared, Trees};
 use super::wal::{Rec, Wal, WalError};
 use super::{AssetRef, Binding, StoreError};
 use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
@@ -49,7 +49,8 @@ pub enum Op {
     SetDomain { domain: Domain, blog: BlogId, tx: Reply<()> },
     RemoveDomain { domain: Domain, tx: Reply<bool> },
     DeleteBlog { blog: BlogId, tx: Reply<Option<Vec<ContentHash>>> },
-    GcDone { hash: ContentHash, tx: Reply<()> },
+    /// `removed`: the collector deleted the blob (else it found it referenced).
+    GcDone { hash: ContentHash, removed: bool, tx: Reply<()> },
     Flush { tx: Reply<()> },
 }
 
@@ -248,7 +249,18 @@ impl Writer {
 
     fn checkpoint(&mut self) -> Result<(), StoreError> {
         if self.trees.is_none() {
-            self.trees = Some(Trees::open(&self.db_path)?);
+            let trees = Trees::open(&self.db_path)?;
+            // sled reopened after a failure may read damage as a torn tail
+            // and come back older than its last checkpoint, which the log no
+            // longer covers: never checkpoint over that (it would make the
+            // loss permanent); refuse writes, keep the log, say why.
+            let (holds, recorded) = (sled_seq(&trees)?, read_marker(&self.db_path)?);
+            if holds < recorded {
+                let e = StoreError::Behind { path: self.db_path.display().to_string(), holds, recorded };
+                self.fail(&e);
+                return Err(e);
+            }
+            self.trees = Some(trees);
         }
         let trees = self.trees.as_ref().expect("just opened");
         self.wal.for_each_record(|_, rec| apply(trees, &rec).map_err(StoreError::from))?;
@@ -354,7 +366,18 @@ impl Writer {
                 let rec = Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains };
                 (rec, Effect::Deleted { blog, hashes: Some(found), tx })
             }
-            Op::GcDone { hash, tx } => (Rec::GcDone { hash: hash.0 }, Effect::GcDone { hash, tx }),
+            Op::GcDone { hash, removed, tx } => {
+                // Kept as a candidate when the collector left the blob because
+                // a blog referenced it, but none does any more (that blog was
+                // deleted meanwhile): dropping it now would leak the blob.
+                let referenced = self.shared.pending_refs.lock().contains_key(&hash)
+                    || self.shared.index.read().blob_refs.contains_key(&hash);
+                if !removed && !referenced {
+                    let _ = tx.send(Ok(()));
+                    return None;
+                }
+                (Rec::GcDone { hash: hash.0 }, Effect::GcDone { hash, tx })
+            }
             Op::Flush { tx } => return Some(Effect::Done { tx }),
         };
         self.wal.push(self.seq, &rec);
