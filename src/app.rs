@@ -253,7 +253,7 @@ impl App {
             uploads: Arc::new(tokio::sync::Semaphore::new(config.max_uploads)),
             upload_idle: config.upload_idle_timeout,
         })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let tokens = Tokens {
             resolver: config.resolver_tokens.clone().into(),
             publisher: config.publisher_tokens.clone().into(),

@@ -238,7 +238,10 @@ impl Config {
             metrics_addr: addr("metrics_addr", p.metrics_addr, "127.0.0.1:9464")?,
             otlp_endpoint: match p.otlp_endpoint.filter(|e| !e.is_empty()) {
                 Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
-                    return Err(invalid("otlp_endpoint", format!("{e:?} is not an http(s) URL like http://127.0.0.1:4317")))
+                    return Err(invalid(
+                        "otlp_endpoint",
+                        format!("{e:?} is not an http(s) URL like http://127.0.0.1:4317"),
+                    ))
                 }
                 e => e,
             },

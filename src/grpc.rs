@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{AssetInfo, Catalog, CatalogError, PutHeader, ResolveStatus};
-use crate::store::StoreError;
 use crate::proto as pb;
+use crate::store::StoreError;
 
 /// Largest gRPC message accepted: a full batch of 10,000 long paths fits.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -361,7 +361,12 @@ impl Origin {
                     return Err(plain(StatusCode::NOT_FOUND, SHORT, "not found\n"));
                 };
                 let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                let hot = HotFile::new(crate::origin::content_type(path.file_name()), file_etag(&meta), modified, cors_for(path.file_name()));
+                let hot = HotFile::new(
+                    crate::origin::content_type(path.file_name()),
+                    file_etag(&meta),
+                    modified,
+                    cors_for(path.file_name()),
+                );
                 Ok(Some(hot.streaming(file, meta.len(), SHORT, blog_hv)))
             }
             None => Ok(Some(hot.streaming(file, meta.len(), cache, blog_hv))),

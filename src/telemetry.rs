@@ -73,10 +73,7 @@ fn provider(endpoint: &str) -> Result<SdkTracerProvider, Box<dyn std::error::Err
     let resource = opentelemetry_sdk::Resource::builder().with_service_name("blotcdn").build();
     // The sampler comes from OTEL_TRACES_SAMPLER / _ARG (the SDK's default
     // configuration reads them), parent-based always-on otherwise.
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(OwnRuntime { inner, rt })
-        .with_resource(resource)
-        .build())
+    Ok(SdkTracerProvider::builder().with_batch_exporter(OwnRuntime { inner, rt }).with_resource(resource).build())
 }
 
 #[derive(Debug)]
@@ -86,7 +83,10 @@ struct OwnRuntime {
 }
 
 impl SpanExporter for OwnRuntime {
-    fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
         std::future::ready(self.rt.block_on(self.inner.export(batch)))
     }
 

@@ -108,7 +108,11 @@ fn answering(status: &'static str) -> std::net::SocketAddr {
                         continue;
                     }
                     let body = "upstream says no";
-                    let _ = write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }

@@ -59,7 +59,8 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     // promtool's own lint.
     let f = dir.path().join("metrics.txt");
     std::fs::write(&f, &text).unwrap();
-    let (code, out, err) = run(Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", f.display())), 30);
+    let (code, out, err) =
+        run(Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", f.display())), 30);
     assert_eq!(code, 0, "promtool: {out}{err}");
     assert!(out.trim().is_empty() && err.trim().is_empty(), "promtool found problems: {out}{err}");
 

@@ -36,7 +36,10 @@ impl TraceService for Receiver {
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v.as_ref().and_then(|v| v.value.as_ref()) {
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
             Some(Value::StringValue(s)) => s.clone(),
             Some(Value::IntValue(i)) => i.to_string(),
             Some(Value::BoolValue(b)) => b.to_string(),
@@ -148,14 +151,18 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     let ch = tonic::transport::Channel::from_shared(grpc).unwrap().connect().await.unwrap();
     let mut p = pb::publisher_client::PublisherClient::new(ch.clone());
     p.invalidate(pb::InvalidateRequest { blog_id: "tblog".into(), paths: vec![] }).await.unwrap();
-    let mut req = tonic::Request::new(pb::ResolveBatchRequest { blog_id: "tblog".into(), paths: vec!["/a.css".into()] });
+    let mut req =
+        tonic::Request::new(pb::ResolveBatchRequest { blog_id: "tblog".into(), paths: vec!["/a.css".into()] });
     req.metadata_mut().insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
     let url = pb::resolver_client::ResolverClient::new(ch).resolve_batch(req).await.unwrap().into_inner().assets[0]
         .url
         .clone();
 
     // The RPC, continuing the caller's trace.
-    let rpc = wait_for(&rx, "ResolveBatch", |g| g.name == "grpc" && g.attr("rpc.path").is_some_and(|p| p.ends_with("/ResolveBatch"))).await;
+    let rpc = wait_for(&rx, "ResolveBatch", |g| {
+        g.name == "grpc" && g.attr("rpc.path").is_some_and(|p| p.ends_with("/ResolveBatch"))
+    })
+    .await;
     assert_eq!((rpc.trace_id.as_str(), rpc.parent.as_str()), (trace, parent), "{rpc:?}");
     assert_eq!(rpc.service, "blotcdn");
     let inner = wait_for(&rx, "rpc", |g| g.name == "rpc" && g.attr("method") == Some("ResolveBatch")).await;

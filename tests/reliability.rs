@@ -185,10 +185,11 @@ async fn headers_come_from_the_binding_not_the_url_and_edge_cases_of_the_http_co
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let auth: tonic::metadata::MetadataValue<_> = format!("{scheme} r-token").parse().unwrap();
-        let mut r = pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", auth.clone());
-            Ok(req)
-        });
+        let mut r =
+            pb::resolver_client::ResolverClient::with_interceptor(ch.clone(), move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", auth.clone());
+                Ok(req)
+            });
         let got = r.get_blog(pb::GetBlogRequest { blog_id: "fonts".into() }).await;
         assert!(got.is_ok(), "{scheme}: {:?}", got.err());
     }
@@ -334,10 +335,12 @@ async fn a_database_that_lost_writes_is_refused_at_start_naming_it() {
     }
     std::fs::write(&db, &bytes).unwrap();
     let (code, _, err) = run(
-        std::process::Command::new(binary())
-            .args(["serve", "--data-dir"])
-            .arg(dir.path())
-            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]),
+        std::process::Command::new(binary()).args(["serve", "--data-dir"]).arg(dir.path()).args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ]),
         30,
     );
     assert_ne!(code, 0, "started on a damaged database");

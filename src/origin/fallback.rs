@@ -70,7 +70,8 @@ impl Fallback {
         let permit = match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
-                metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => "any", "outcome" => "busy").increment(1);
+                metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => "any", "outcome" => "busy")
+                    .increment(1);
                 tracing::warn!(target, "every fallback fetch slot is busy (max_fallback_fetches)");
                 let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "busy, retry\n");
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -263,10 +264,8 @@ impl Backfill {
         static SEQ: AtomicU64 = AtomicU64::new(0);
 
         std::fs::create_dir_all(blog_dir)?;
-        let mut dir = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(blog_dir)?;
+        let mut dir =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(blog_dir)?;
         let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
         for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
             let c = cstr(comp.as_os_str().as_bytes())?;
@@ -307,7 +306,9 @@ impl Backfill {
         use std::os::unix::io::AsRawFd;
         self.file.sync_all()?;
         // SAFETY: both names are relative to the same open directory.
-        let r = unsafe { libc::linkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
+        let r = unsafe {
+            libc::linkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0)
+        };
         match r {
             0 => self.dir.sync_all(),
             _ => match io::Error::last_os_error() {

@@ -152,8 +152,8 @@ impl SledStore {
         // Replay what the log holds past sled's last checkpoint, then
         // checkpoint, so the log starts empty.
         let wal_path = dir.with_extension("wal");
-        let (mut wal, records) =
-            Wal::open(&wal_path).map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
+        let (mut wal, records) = Wal::open(&wal_path)
+            .map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
         // The names of the database folder and of the log, new on a first start.
         if let Some(parent) = dir.parent() {
             crate::durable::sync_dir(parent)?;

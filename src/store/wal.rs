@@ -288,10 +288,7 @@ impl Wal {
     /// Calls `f` with each record written since the last reset, in order,
     /// read back from the file (the page cache, as a rule) one at a time:
     /// what a checkpoint applies, in memory bounded by the largest record.
-    pub fn for_each_record<E: From<io::Error>>(
-        &self,
-        mut f: impl FnMut(u64, Rec) -> Result<(), E>,
-    ) -> Result<(), E> {
+    pub fn for_each_record<E: From<io::Error>>(&self, mut f: impl FnMut(u64, Rec) -> Result<(), E>) -> Result<(), E> {
         let mut at = 0u64;
         let mut head = [0u8; 8];
         let mut body = Vec::new();

@@ -44,14 +44,39 @@ pub const MAX_LOG_BYTES: u64 = 4 * CHECKPOINT_BYTES;
 pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub enum Op {
-    Invalidate { blog: BlogId, paths: Vec<BlogPath>, tx: Reply<CacheId> },
-    Bind { blog: BlogId, path: Option<BlogPath>, binding: Binding, tx: Reply<()> },
-    SetDomain { domain: Domain, blog: BlogId, tx: Reply<()> },
-    RemoveDomain { domain: Domain, tx: Reply<bool> },
-    DeleteBlog { blog: BlogId, tx: Reply<Option<Vec<ContentHash>>> },
+    Invalidate {
+        blog: BlogId,
+        paths: Vec<BlogPath>,
+        tx: Reply<CacheId>,
+    },
+    Bind {
+        blog: BlogId,
+        path: Option<BlogPath>,
+        binding: Binding,
+        tx: Reply<()>,
+    },
+    SetDomain {
+        domain: Domain,
+        blog: BlogId,
+        tx: Reply<()>,
+    },
+    RemoveDomain {
+        domain: Domain,
+        tx: Reply<bool>,
+    },
+    DeleteBlog {
+        blog: BlogId,
+        tx: Reply<Option<Vec<ContentHash>>>,
+    },
     /// `removed`: the collector deleted the blob (else it found it referenced).
-    GcDone { hash: ContentHash, removed: bool, tx: Reply<()> },
-    Flush { tx: Reply<()> },
+    GcDone {
+        hash: ContentHash,
+        removed: bool,
+        tx: Reply<()>,
+    },
+    Flush {
+        tx: Reply<()>,
+    },
 }
 
 impl Op {
@@ -225,8 +250,8 @@ impl Writer {
     /// holds, and empties the log.
     fn maybe_checkpoint(&mut self, idle: bool) {
         let bytes = self.wal.bytes();
-        let due = bytes > CHECKPOINT_BYTES
-            || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
+        let due =
+            bytes > CHECKPOINT_BYTES || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
         let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
         if !due || backing_off || self.shared.failed.lock().is_some() {
             return;
