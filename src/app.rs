@@ -80,7 +80,7 @@ pub fn raise_nofile_limit() -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// Opens the store; a panic inside sled (it panics on some corrupt files)

@@ -224,15 +224,16 @@ impl pb::publisher_server::Publisher for PublisherService {
             ));
         };
         let idle = self.upload_idle;
+        // One sentence for the header and the chunks (DEADLINE_EXCEEDED).
         let idle_error = move || {
-            Status::deadline_exceeded(format!(
+            CatalogError::Timeout(format!(
                 "upload idle: nothing received for {} s (upload_idle_timeout_secs); the upload was dropped",
                 idle.as_secs()
             ))
         };
         let mut stream = req.into_inner();
         let header = match tokio::time::timeout(idle, stream.next()).await {
-            Err(_) => return Err(idle_error()),
+            Err(_) => return Err(idle_error().into()),
             Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Header(h)) }))) => h,
             Ok(Some(Ok(_))) => return Err(Status::invalid_argument("the first PutAssetChunk must be a header")),
             Ok(Some(Err(s))) => return Err(s),
@@ -248,10 +249,7 @@ impl pb::publisher_server::Publisher for PublisherService {
                 return None;
             }
             let item = match tokio::time::timeout(idle, stream.next()).await {
-                Err(_) => Some(Err(CatalogError::Timeout(format!(
-                    "upload idle: nothing received for {} s (upload_idle_timeout_secs); the upload was dropped",
-                    idle.as_secs()
-                )))),
+                Err(_) => Some(Err(idle_error())),
                 Ok(None) => None,
                 Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Data(d)) }))) => Some(Ok(d)),
                 Ok(Some(Ok(_))) => {

@@ -314,21 +314,29 @@ impl Origin {
         }
         tracing::Span::current().record("source", "disk");
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
-        let opened =
-            tokio::task::spawn_blocking(move || -> Result<(std::fs::File, Metadata, Option<Bytes>), OpenError> {
-                let (mut f, meta) = cat.blogs_dir().open(&b, &p)?;
-                let small = if meta.len() <= SMALL_FILE {
-                    let mut buf = Vec::with_capacity(meta.len() as usize);
-                    (&mut f).take(SMALL_FILE + 1).read_to_end(&mut buf)?;
-                    Some(Bytes::from(buf))
+        type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
+        let opened = tokio::task::spawn_blocking(move || -> Result<Opened, OpenError> {
+            let (mut f, mut meta) = cat.blogs_dir().open(&b, &p)?;
+            let (mut small, mut grew) = (None, false);
+            if meta.len() <= SMALL_FILE {
+                let mut buf = Vec::with_capacity(meta.len() as usize);
+                (&mut f).take(SMALL_FILE + 1).read_to_end(&mut buf)?;
+                if buf.len() as u64 <= SMALL_FILE {
+                    small = Some(Bytes::from(buf));
                 } else {
-                    None
-                };
-                Ok((f, meta, small))
-            })
-            .await
-            .map_err(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"))?;
-        let (file, meta, small) = match opened {
+                    // Grew past the limit since `stat`: streamed from its
+                    // start (the read moved the offset) with its length and
+                    // validators as they are now, and never kept hot.
+                    f.seek(SeekFrom::Start(0))?;
+                    meta = f.metadata()?;
+                    grew = true;
+                }
+            }
+            Ok((f, meta, small, grew))
+        })
+        .await
+        .map_err(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"))?;
+        let (file, meta, small, grew) = match opened {
             Ok(x) => x,
             Err(OpenError::NotFound) => return Ok(None),
             Err(OpenError::Refused(why)) => {
@@ -345,31 +353,12 @@ impl Origin {
         let etag = file_etag(&meta);
         let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()));
         match small {
-            // The file may have grown between stat and read: what was read is the answer.
-            Some(bytes) if bytes.len() as u64 <= SMALL_FILE => {
+            Some(bytes) => {
                 let hot = Arc::new(hot.with_bytes(bytes));
                 self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
                 Ok(Some(hot.answer(cache, blog_hv)))
             }
-            // Large, or grew past the limit since `stat`: stream it with its
-            // length and validators as they are now, from the start (the
-            // read above moved the offset), and never keep it hot.
-            Some(_) => {
-                let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
-                let reopened = tokio::task::spawn_blocking(move || cat.blogs_dir().open(&b, &p)).await;
-                let Ok(Ok((file, meta))) = reopened else {
-                    return Err(plain(StatusCode::NOT_FOUND, SHORT, "not found\n"));
-                };
-                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                let hot = HotFile::new(
-                    crate::origin::content_type(path.file_name()),
-                    file_etag(&meta),
-                    modified,
-                    cors_for(path.file_name()),
-                );
-                Ok(Some(hot.streaming(file, meta.len(), SHORT, blog_hv)))
-            }
-            None => Ok(Some(hot.streaming(file, meta.len(), cache, blog_hv))),
+            None => Ok(Some(hot.streaming(file, meta.len(), if grew { SHORT } else { cache }, blog_hv))),
         }
     }
 

@@ -108,11 +108,11 @@ async fn special_files_long_names_and_hard_links_in_a_blog_folder_are_404() {
     let long = "a".repeat(300);
     for target in [
         format!("/odd/{id}/sock"),
-        format!("/odd/sock"),
+        "/odd/sock".to_string(),
         format!("/odd/{id}/{long}.txt"),
         format!("/odd/{long}.txt"),
         format!("/odd/{id}/linked.txt"),
-        format!("/odd/linked.txt"),
+        "/odd/linked.txt".to_string(),
     ] {
         let r = get(s.http, &target, &[]);
         assert_eq!(r.status, 404, "{target}: {}", String::from_utf8_lossy(&r.body));
@@ -356,12 +356,11 @@ async fn blotcdn_put_never_stores_a_file_it_could_not_read_whole() {
     // (A name the server takes, so that only the read error can stop it.)
     let unreadable = work.path().join("photo.jpg");
     std::fs::create_dir(&unreadable).unwrap();
-    let (code, out, err) = run(
-        std::process::Command::new(binary())
-            .args(["put", "--server", &format!("http://{}", s.grpc), "--blog", "putblog"])
-            .arg(&unreadable),
-        30,
-    );
+    let server = format!("http://{}", s.grpc);
+    let put = |file: &std::path::Path| {
+        run(std::process::Command::new(binary()).args(["put", "--server", &server, "--blog", "putblog"]).arg(file), 30)
+    };
+    let (code, out, err) = put(&unreadable);
     assert_ne!(code, 0, "put of an unreadable file succeeded: {out}");
     assert!(err.contains("cancelled"), "{err}");
     let mut r = s.resolver().await;
@@ -370,12 +369,7 @@ async fn blotcdn_put_never_stores_a_file_it_could_not_read_whole() {
     // A readable file goes through.
     let f = work.path().join("ok.txt");
     std::fs::write(&f, b"whole").unwrap();
-    let (code, out, err) = run(
-        std::process::Command::new(binary())
-            .args(["put", "--server", &format!("http://{}", s.grpc), "--blog", "putblog"])
-            .arg(&f),
-        30,
-    );
+    let (code, out, err) = put(&f);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("5 bytes"), "{out}");
     s.stop().await;

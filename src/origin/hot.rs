@@ -184,7 +184,7 @@ mod tests {
             c.insert("b", &format!("/{i}"), 1, file(1000));
         }
         let (entries, _) = c.lens();
-        assert!(entries <= 100 && entries >= 90, "{entries}");
+        assert!((90..=100).contains(&entries), "{entries}");
         assert!(c.get("b", "/999", 1).is_some(), "the newest stays");
         assert!(c.get("b", "/0", 1).is_none(), "the oldest went first");
     }

@@ -368,11 +368,6 @@ impl Wal {
         r
     }
 
-    /// Drops the records pushed since the last sync.
-    pub fn discard(&mut self) {
-        self.buf.clear();
-    }
-
     /// Bytes of records since the last reset.
     pub fn bytes(&self) -> u64 {
         self.pos
