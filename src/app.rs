@@ -85,10 +85,13 @@ pub fn raise_nofile_limit() -> u64 {
 
 /// Opens the store; a panic inside sled (it panics on some corrupt files)
 /// becomes an error naming the folder, without a backtrace on the console.
-fn open_store_quietly(dir: &std::path::Path) -> Result<SledStore, crate::store::StoreError> {
+fn open_store_quietly(
+    dir: &std::path::Path,
+    purge: crate::store::PurgeOptions,
+) -> Result<SledStore, crate::store::StoreError> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(|| SledStore::open(dir));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| SledStore::open_with(dir, purge)));
     std::panic::set_hook(hook);
     r.unwrap_or_else(|p| {
         let why = p
@@ -120,6 +123,8 @@ pub struct App {
     nofile: u64,
     catalog: Arc<Catalog>,
     config: Config,
+    /// Edge purge targets, their queues, and the store that logs deliveries.
+    purge: (Vec<crate::purge::target::Target>, Arc<crate::purge::Outbox>, Arc<dyn Store>),
 }
 
 impl App {
@@ -147,10 +152,20 @@ impl App {
                 cas
             })
             .map_err(dir_err("the CAS", &cas_dir))?;
+        // Credentials are read now: a target that cannot send stops the start.
+        let targets = config
+            .purge
+            .iter()
+            .map(|t| crate::purge::target::Target::new(t.clone(), |v| std::env::var(v).ok()))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|reason| AppError::Config { key: "purge", reason })?;
+        let outbox =
+            Arc::new(crate::purge::Outbox::new(config.purge.iter().map(|t| t.name.clone()), config.purge_queue_max));
         let db_dir = config.data_dir.join("db");
         let store = {
             let dir = db_dir.clone();
-            tokio::task::spawn_blocking(move || open_store_quietly(&dir))
+            let purge = crate::store::PurgeOptions { outbox: outbox.clone(), on_publish: config.purge_on_publish };
+            tokio::task::spawn_blocking(move || open_store_quietly(&dir, purge))
                 .await
                 .expect("panics are caught inside")
                 .map_err(|source| AppError::Store { path: db_dir.display().to_string(), source })?
@@ -177,10 +192,15 @@ impl App {
         let base_url = config.cdn_base_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
         let store: Arc<dyn Store> = Arc::new(store);
         let catalog = Arc::new(Catalog::new(
-            store,
+            store.clone(),
             cas,
             blogs,
-            CatalogOptions { base_url, max_batch: config.max_batch, max_asset_bytes: config.max_asset_bytes },
+            CatalogOptions {
+                base_url,
+                max_batch: config.max_batch,
+                max_asset_bytes: config.max_asset_bytes,
+                purges: outbox.clone(),
+            },
         ));
         // Finish any blob removal a crash interrupted.
         let c = catalog.clone();
@@ -198,6 +218,7 @@ impl App {
             nofile,
             catalog,
             config,
+            purge: (targets, outbox, store),
         })
     }
 
@@ -226,7 +247,9 @@ impl App {
             http_addr,
             metrics_addr,
             nofile,
+            purge: (targets, outbox, store),
         } = self;
+        let deliveries = crate::purge::spawn(targets, outbox, store);
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(
                 resolver_open = config.resolver_tokens.is_empty(),
@@ -318,6 +341,10 @@ impl App {
         let http = origin.serve(http_listener, stop_rx);
         tracing::info!(%grpc_addr, %http_addr, %metrics_addr, base_url = catalog.base_url(), "blotcdn serving");
         let (g, (), ()) = tokio::join!(grpc, http, metrics);
+        // What they were sending is logged as unsent, and resent at the next start.
+        for d in deliveries {
+            d.abort();
+        }
         g?;
         let c = catalog.clone();
         c.store()

@@ -108,13 +108,19 @@ pub struct Catalog {
     /// blob is garbage + deleting it, so a blob never disappears under a
     /// reference being added.
     blob_lock: parking_lot::Mutex<()>,
+    purges: Arc<crate::purge::Outbox>,
 }
 
 pub struct CatalogOptions {
     pub base_url: String,
     pub max_batch: usize,
     pub max_asset_bytes: u64,
+    /// The outbox the store fills (for `GetPurges`).
+    pub purges: Arc<crate::purge::Outbox>,
 }
+
+/// Longest purge key accepted, in bytes.
+const MAX_PURGE_KEY_BYTES: usize = 256;
 
 /// Runs blocking store or file work off the async workers.
 async fn blocking<T: Send + 'static>(
@@ -135,6 +141,7 @@ impl Catalog {
             max_batch: opts.max_batch,
             max_asset_bytes: opts.max_asset_bytes,
             blob_lock: parking_lot::Mutex::new(()),
+            purges: opts.purges,
         }
     }
 
@@ -372,6 +379,48 @@ impl Catalog {
         let this = self.clone();
         blocking(move || this.collect_garbage()).await?;
         Ok(())
+    }
+
+    /// Takes down one permanent asset of a blog (and purges it at the edges).
+    pub async fn delete_asset(self: &Arc<Self>, blog: &str, hash: &str) -> Result<(), CatalogError> {
+        let blog = BlogId::parse(blog)?;
+        let hash = ContentHash::parse(hash)?;
+        if !self.store.delete_asset(blog.clone(), hash).done().await? {
+            let why = if self.store.blog(&blog).is_some() { "does not reference" } else { "is unknown, so holds no" };
+            return Err(CatalogError::NotFound(format!("blog {blog} {why} asset {hash}")));
+        }
+        let this = self.clone();
+        blocking(move || this.collect_garbage()).await?;
+        Ok(())
+    }
+
+    /// Enqueues purge keys of one blog at every edge target (none given: the
+    /// blog id), durably. A key is the blog id or `{blog_id}/{rest}`, `rest`
+    /// of `[A-Za-z0-9_-]` and `/`: a publisher can only purge its own blog.
+    pub async fn purge(&self, blog: &str, keys: Vec<String>) -> Result<(), CatalogError> {
+        let blog = BlogId::parse(blog)?;
+        self.check_batch(keys.len())?;
+        for k in &keys {
+            let rest = if k == blog.as_str() { Some("x") } else { k.strip_prefix(blog.as_str()).and_then(|r| r.strip_prefix('/')) };
+            let ok = k.len() <= MAX_PURGE_KEY_BYTES
+                && rest.is_some_and(|r| {
+                    !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'/')
+                });
+            if !ok {
+                return Err(CatalogError::BadRequest(format!(
+                    "invalid purge key {:?}: expected the blog id {blog} or {blog}/… ([A-Za-z0-9_-/], at most {MAX_PURGE_KEY_BYTES} bytes)",
+                    k.chars().take(120).collect::<String>()
+                )));
+            }
+        }
+        let keys = if keys.is_empty() { vec![blog.to_string()] } else { keys };
+        self.store.purge(keys).done().await?;
+        Ok(())
+    }
+
+    /// Each edge target's purge queue.
+    pub fn purge_queues(&self) -> Vec<crate::purge::QueueInfo> {
+        self.purges.snapshot()
     }
 
     /// Removes blobs no blog references any more. Safe to run at any time,

@@ -370,6 +370,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     base_url: String::new(),
                     max_batch: config.max_batch,
                     max_asset_bytes: config.max_asset_bytes,
+                    purges: std::sync::Arc::new(crate::purge::Outbox::none()),
                 },
             );
             let r = catalog.fsck(quarantine)?;

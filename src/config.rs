@@ -59,6 +59,72 @@ pub struct Partial {
     pub max_fallback_fetches: Option<usize>,
     /// The whole of one fallback fetch (headers and body), in seconds.
     pub fallback_timeout_secs: Option<u64>,
+    /// Edge purge targets (`[[purge]]` tables; `BLOTCDN_PURGE_URLS`).
+    pub purge: Option<Vec<PurgeTargetConfig>>,
+    /// Purge the blog's key at every target when its floor is raised (a
+    /// publish), for edges that cache pages.
+    pub purge_on_publish: Option<bool>,
+    /// Keys waiting per target at most; past it, writes that would add a
+    /// purge are refused (RESOURCE_EXHAUSTED) rather than let memory grow.
+    pub purge_queue_max: Option<usize>,
+}
+
+/// One `[[purge]]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeTargetConfig {
+    /// Unique; defaults to the kind (then `kind-2`, …).
+    pub name: Option<String>,
+    pub kind: String,
+    pub url: String,
+    pub rate_per_sec: Option<f64>,
+}
+
+/// What kind of edge a purge target is, and so how a purge is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeKind {
+    /// `BAN` to the URL with `Surrogate-Key: <keys>` (`edge/varnish.vcl`).
+    Varnish,
+    /// `POST` of `{"keys": [...]}`.
+    Http,
+    /// Bunny's purge by cache tag; `BUNNY_API_KEY`.
+    Bunny,
+    /// Cloudflare's purge by tags; `CLOUDFLARE_API_TOKEN`.
+    Cloudflare,
+    /// A CloudFront `CreateInvalidation` signed with SigV4; `AWS_*` credentials.
+    Cloudfront,
+}
+
+impl PurgeKind {
+    pub fn parse(s: &str) -> Option<PurgeKind> {
+        Some(match s {
+            "varnish" => PurgeKind::Varnish,
+            "http" => PurgeKind::Http,
+            "bunny" => PurgeKind::Bunny,
+            "cloudflare" => PurgeKind::Cloudflare,
+            "cloudfront" => PurgeKind::Cloudfront,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PurgeKind::Varnish => "varnish",
+            PurgeKind::Http => "http",
+            PurgeKind::Bunny => "bunny",
+            PurgeKind::Cloudflare => "cloudflare",
+            PurgeKind::Cloudfront => "cloudfront",
+        }
+    }
+}
+
+/// A checked purge target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurgeTarget {
+    pub name: String,
+    pub kind: PurgeKind,
+    pub url: String,
+    pub rate_per_sec: f64,
 }
 
 impl Partial {
@@ -87,7 +153,10 @@ impl Partial {
             max_connections,
             http_idle_timeout_secs,
             max_fallback_fetches,
-            fallback_timeout_secs
+            fallback_timeout_secs,
+            purge,
+            purge_on_publish,
+            purge_queue_max
         );
     }
 
@@ -128,6 +197,35 @@ impl Partial {
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             max_fallback_fetches: num("BLOTCDN_MAX_FALLBACK_FETCHES", get("BLOTCDN_MAX_FALLBACK_FETCHES"))?,
             fallback_timeout_secs: num("BLOTCDN_FALLBACK_TIMEOUT_SECS", get("BLOTCDN_FALLBACK_TIMEOUT_SECS"))?,
+            purge: list(get("BLOTCDN_PURGE_URLS"))
+                .map(|l: Vec<String>| {
+                    l.into_iter()
+                        .map(|t| match t.split_once('=') {
+                            Some((kind, url)) => Ok(PurgeTargetConfig {
+                                name: None,
+                                kind: kind.trim().to_owned(),
+                                url: url.trim().to_owned(),
+                                rate_per_sec: None,
+                            }),
+                            None => Err(ConfigError::Invalid {
+                                key: "BLOTCDN_PURGE_URLS".into(),
+                                reason: format!("{t:?} is not kind=url, like varnish=http://127.0.0.1:6081/"),
+                            }),
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?,
+            purge_on_publish: get("BLOTCDN_PURGE_ON_PUBLISH")
+                .map(|v| match v.trim() {
+                    "1" | "true" | "yes" | "on" => Ok(true),
+                    "0" | "false" | "no" | "off" | "" => Ok(false),
+                    other => Err(ConfigError::Invalid {
+                        key: "BLOTCDN_PURGE_ON_PUBLISH".into(),
+                        reason: format!("{other:?} is not true or false"),
+                    }),
+                })
+                .transpose()?,
+            purge_queue_max: num("BLOTCDN_PURGE_QUEUE_MAX", get("BLOTCDN_PURGE_QUEUE_MAX"))?,
         })
     }
 
@@ -162,6 +260,53 @@ pub struct Config {
     pub http_idle_timeout: std::time::Duration,
     pub max_fallback_fetches: usize,
     pub fallback_timeout: std::time::Duration,
+    pub purge: Vec<PurgeTarget>,
+    pub purge_on_publish: bool,
+    pub purge_queue_max: usize,
+}
+
+/// Checks the purge targets: known kinds, URLs, unique names, sane rates.
+fn purge_targets(list: Vec<PurgeTargetConfig>) -> Result<Vec<PurgeTarget>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { key: "purge".into(), reason };
+    let mut out: Vec<PurgeTarget> = Vec::new();
+    for t in list {
+        let kind = PurgeKind::parse(&t.kind).ok_or_else(|| {
+            invalid(format!("unknown kind {:?}: one of varnish, http, bunny, cloudflare, cloudfront", t.kind))
+        })?;
+        let url = t.url.trim().to_owned();
+        let ok_scheme = url.starts_with("http://") || url.starts_with("https://");
+        if !ok_scheme || url.parse::<http::Uri>().is_err() {
+            return Err(invalid(format!("{url:?} (target {}) is not an http(s) URL", t.kind)));
+        }
+        let name = match t.name {
+            Some(n) => n,
+            None => {
+                let taken = |n: &str| out.iter().any(|o| o.name == n);
+                let mut n = kind.as_str().to_owned();
+                let mut i = 2;
+                while taken(&n) {
+                    n = format!("{}-{i}", kind.as_str());
+                    i += 1;
+                }
+                n
+            }
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !name_ok {
+            return Err(invalid(format!("name {name:?}: 1 to 64 of A-Z a-z 0-9 - _ .")));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(invalid(format!("two targets are named {name:?}")));
+        }
+        let rate_per_sec = t.rate_per_sec.unwrap_or(10.0);
+        if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
+            return Err(invalid(format!("rate_per_sec of {name} must be above 0")));
+        }
+        out.push(PurgeTarget { name, kind, url, rate_per_sec });
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -262,6 +407,9 @@ impl Config {
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
             max_fallback_fetches,
             fallback_timeout: std::time::Duration::from_secs(fallback_timeout),
+            purge: purge_targets(p.purge.unwrap_or_default())?,
+            purge_on_publish: p.purge_on_publish.unwrap_or(false),
+            purge_queue_max: at_least_1("purge_queue_max", p.purge_queue_max.map(|n| n as u64), 1_000_000)? as usize,
         })
     }
 

@@ -325,6 +325,53 @@ impl pb::publisher_server::Publisher for PublisherService {
             .map(|_| Response::new(pb::DeleteBlogResponse {}));
         log.done(r)
     }
+
+    async fn delete_asset(
+        &self,
+        req: Request<pb::DeleteAssetRequest>,
+    ) -> Result<Response<pb::DeleteAssetResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("DeleteAsset", &req.blog_id, 1);
+        let r = self
+            .catalog
+            .delete_asset(&req.blog_id, &req.hash)
+            .await
+            .map_err(Status::from)
+            .map(|_| Response::new(pb::DeleteAssetResponse {}));
+        log.done(r)
+    }
+
+    async fn purge(&self, req: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeResponse>, Status> {
+        let req = req.into_inner();
+        let log = CallLog::new("Purge", &req.blog_id, req.keys.len().max(1));
+        let r = self
+            .catalog
+            .purge(&req.blog_id, req.keys)
+            .await
+            .map_err(Status::from)
+            .map(|_| Response::new(pb::PurgeResponse {}));
+        log.done(r)
+    }
+
+    async fn get_purges(
+        &self,
+        _req: Request<pb::GetPurgesRequest>,
+    ) -> Result<Response<pb::GetPurgesResponse>, Status> {
+        let log = CallLog::new("GetPurges", "", 0);
+        let queues = self
+            .catalog
+            .purge_queues()
+            .into_iter()
+            .map(|q| pb::PurgeQueue {
+                target: q.target,
+                length: q.length,
+                oldest_ms: q.oldest_ms,
+                last_error: q.last_error,
+                sent: q.sent,
+            })
+            .collect();
+        log.done(Ok(Response::new(pb::GetPurgesResponse { queues })))
+    }
 }
 
 /// Bearer tokens per service. An empty list leaves that service open.

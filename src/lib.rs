@@ -12,6 +12,7 @@ pub mod durable;
 pub mod grpc;
 pub mod metrics;
 pub mod origin;
+pub mod purge;
 pub mod store;
 pub mod telemetry;
 

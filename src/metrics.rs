@@ -31,6 +31,9 @@ pub const HOT_HITS: &str = "blotcdn_hot_cache_hits_total";
 pub const HOT_MISSES: &str = "blotcdn_hot_cache_misses_total";
 pub const WAL_FSYNC: &str = "blotcdn_wal_fsync_seconds";
 pub const FALLBACK_REQUESTS: &str = "blotcdn_fallback_requests_total";
+pub const PURGE_QUEUE: &str = "blotcdn_purge_queue_length";
+pub const PURGE_SENT: &str = "blotcdn_purge_sent_total";
+pub const PURGE_SECONDS: &str = "blotcdn_purge_delivery_seconds";
 pub const INDEX_PATHS: &str = "blotcdn_index_paths";
 pub const CAS_BLOBS: &str = "blotcdn_cas_blobs";
 pub const CAS_BYTES: &str = "blotcdn_cas_bytes";
@@ -44,6 +47,7 @@ fn handle() -> &'static PrometheusHandle {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(RPC_DURATION.into()), &latency)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WAL_FSYNC.into()), &latency))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PURGE_SECONDS.into()), &latency))
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -66,6 +70,9 @@ fn describe() {
     describe_counter!(HOT_MISSES, "origin file reads that went to the disk");
     describe_histogram!(WAL_FSYNC, Unit::Seconds, "fdatasync of the write-ahead log, one per group commit");
     describe_counter!(FALLBACK_REQUESTS, "fallback origin fetches, by origin and outcome");
+    describe_gauge!(PURGE_QUEUE, "purge keys waiting, by edge target");
+    describe_counter!(PURGE_SENT, "purge keys sent to an edge target, by target and outcome (ok, error, throttled)");
+    describe_histogram!(PURGE_SECONDS, Unit::Seconds, "one purge request to an edge target, by target");
     describe_gauge!(INDEX_PATHS, "path versions held in the in-memory index");
     describe_gauge!(CAS_BLOBS, "blobs in the content-addressed store");
     describe_gauge!(CAS_BYTES, Unit::Bytes, "bytes in the content-addressed store");

@@ -21,7 +21,7 @@ pub mod index;
 pub mod sled_store;
 pub mod wal;
 pub mod writer;
-pub use sled_store::SledStore;
+pub use sled_store::{PurgeOptions, SledStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -164,8 +164,17 @@ pub trait Store: Send + Sync + 'static {
     fn remove_domain(&self, domain: Domain) -> Pending<bool>;
     /// Removes everything of the blog; the hashes it referenced are recorded
     /// as garbage candidates in the same flush, and returned. `None` for an
-    /// unknown blog.
+    /// unknown blog. Enqueues the blog's purge key in the same flush.
     fn delete_blog(&self, blog: BlogId) -> Pending<Option<Vec<ContentHash>>>;
+    /// Takes down one permanent asset: the blog's reference and every path
+    /// bound to it go (those paths take a new version), the hash becomes a
+    /// garbage candidate, and its purge key is enqueued in the same flush.
+    /// False when the blog does not reference the hash.
+    fn delete_asset(&self, blog: BlogId, hash: ContentHash) -> Pending<bool>;
+    /// Enqueues purge keys for every edge target, durably.
+    fn purge(&self, keys: Vec<String>) -> Pending<()>;
+    /// Records that `target` delivered every purge up to record `upto`.
+    fn purge_sent(&self, target: String, upto: u64) -> Pending<()>;
     /// Garbage candidates left by deletions, including ones a crash
     /// interrupted. Memory only.
     fn gc_candidates(&self) -> Vec<ContentHash>;

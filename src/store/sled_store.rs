@@ -13,6 +13,9 @@
 //! - `deleted`: blog → its last cache id u64 BE, for blogs deleted (ignored
 //!   while a blog of that id exists again)
 //! - `meta`:    `wal_seq` → the last write-ahead log record sled holds
+//! - `purges`:  record u64 BE → enqueued at (ms u64 BE), then keys (u32 LE
+//!   length, bytes): the edge purge outbox, until every target sent it
+//! - `purge_sent`: target name → the last record it was sent up to, u64 BE
 //!
 //! sled is written only at start-up (log replay) and at checkpoints, by the
 //! writer thread; it is never read after start-up.
@@ -74,6 +77,8 @@ pub struct Trees {
     deleted: sled::Tree,
     /// `wal_seq`: the last log record sled holds durably.
     meta: sled::Tree,
+    purges: sled::Tree,
+    purge_sent: sled::Tree,
 }
 
 impl Trees {
@@ -95,6 +100,8 @@ impl Trees {
             gc: db.open_tree("gc")?,
             deleted: db.open_tree("deleted")?,
             meta: db.open_tree("meta")?,
+            purges: db.open_tree("purges")?,
+            purge_sent: db.open_tree("purge_sent")?,
             db,
         })
     }
@@ -143,9 +150,28 @@ fn blog_value(floor: CacheId, last: CacheId) -> [u8; 16] {
     v
 }
 
+/// What the store needs to know of edge purges.
+pub struct PurgeOptions {
+    pub outbox: Arc<crate::purge::Outbox>,
+    /// A floor raise purges the blog's key.
+    pub on_publish: bool,
+}
+
+impl Default for PurgeOptions {
+    fn default() -> Self {
+        PurgeOptions { outbox: Arc::new(crate::purge::Outbox::none()), on_publish: false }
+    }
+}
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`, loads the index, starts the writer.
+    /// Opens (or creates) the store in `dir` with no purge targets.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        SledStore::open_with(dir, PurgeOptions::default())
+    }
+
+    /// Opens (or creates) the store in `dir`, loads the index and the purge
+    /// outbox, starts the writer.
+    pub fn open_with(dir: &Path, purge: PurgeOptions) -> Result<Self, StoreError> {
         let started = Instant::now();
         let trees = Trees::open(dir)?;
         let sled_ms = started.elapsed().as_millis() as u64;
@@ -170,7 +196,7 @@ impl SledStore {
         let mut replayed = 0;
         for (seq, rec) in &records {
             if *seq > done {
-                apply(&trees, rec)?;
+                apply(&trees, *seq, rec)?;
                 replayed += 1;
             }
             last = last.max(*seq);
@@ -182,6 +208,7 @@ impl SledStore {
         }
         let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
         let (index, ids, deleted_last) = load(&trees)?;
+        let purge_sent = load_purges(&trees, &purge.outbox, last)?;
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
         tracing::info!(
             blogs = index.blogs.len(),
@@ -210,6 +237,9 @@ impl SledStore {
             last_checkpoint: Instant::now(),
             checkpoint_failed: None,
             undo: Vec::new(),
+            outbox: purge.outbox,
+            purge_on_publish: purge.on_publish,
+            purge_sent,
         };
         let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
         Ok(SledStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
@@ -352,6 +382,46 @@ fn load(t: &Trees) -> Result<Loaded, StoreError> {
     Ok((index, ids, deleted_last))
 }
 
+/// Fills the outbox from sled: each configured target gets the purge
+/// records past its delivered mark. Records every configured target has
+/// sent are dropped first; with no target (fsck, a server started without
+/// its targets) nothing is dropped.
+fn load_purges(t: &Trees, outbox: &crate::purge::Outbox, last_seq: u64) -> Result<FastMap<String, u64>, StoreError> {
+    let mut sent = FastMap::default();
+    for kv in t.purge_sent.iter() {
+        let (k, v) = kv?;
+        let name = std::str::from_utf8(&k).map_err(|_| corrupt("purge_sent", "target not UTF-8"))?;
+        sent.insert(name.to_owned(), u64_at("purge_sent", &v, 0)?);
+    }
+    let low = outbox.queues().iter().map(|q| sent.get(&q.name).copied().unwrap_or(0)).min().unwrap_or(0);
+    let mut records = Vec::new();
+    for kv in t.purges.iter() {
+        let (k, v) = kv?;
+        let seq = u64_at("purges", &k, 0)?;
+        if seq <= low {
+            t.purges.remove(k)?;
+            continue;
+        }
+        records.push((seq, u64_at("purges", &v, 0)?, decode_keys(&v[8..])?));
+    }
+    outbox.restore(&sent, records.iter().map(|(s, a, k)| (*s, *a, &k[..])), last_seq);
+    if !records.is_empty() {
+        tracing::info!(records = records.len(), "purges waiting from before the restart");
+    }
+    Ok(sent)
+}
+
+fn decode_keys(mut v: &[u8]) -> Result<Vec<String>, StoreError> {
+    let mut keys = Vec::new();
+    while !v.is_empty() {
+        let n = v.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize);
+        let key = n.and_then(|n| v.get(4..4 + n)).ok_or_else(|| corrupt("purges", "key cut short"))?;
+        keys.push(std::str::from_utf8(key).map_err(|_| corrupt("purges", "key not UTF-8"))?.to_owned());
+        v = &v[4 + key.len()..];
+    }
+    Ok(keys)
+}
+
 /// Applies a durable write to sled's trees (in memory until the flush that
 /// ends a checkpoint). The same function serves checkpoints and start-up's
 /// replay, so both agree; applying a record twice gives what once gives.
@@ -360,7 +430,7 @@ fn load(t: &Trees) -> Result<Loaded, StoreError> {
 /// batch replaces until the whole batch is done, and a publish pipeline's
 /// 10,000-path invalidations made that memory grow without bound. The log,
 /// not sled, is what makes a write atomic and durable.
-pub(super) fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
+pub(super) fn apply(t: &Trees, seq: u64, rec: &Rec) -> Result<(), sled::Error> {
     match rec {
         Rec::Invalidate { blog, id, floor, paths } => {
             t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
@@ -428,6 +498,29 @@ pub(super) fn apply(t: &Trees, rec: &Rec) -> Result<(), sled::Error> {
         }
         Rec::GcDone { hash } => {
             t.gc.remove(hash)?;
+        }
+        Rec::Unref { blog, id, floor, hash, paths } => {
+            t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
+            t.gc.insert(hash, &[])?;
+            t.refs.remove(key(blog, hash))?;
+            for p in paths {
+                t.paths.insert(key(blog, p.as_bytes()), &id.to_be_bytes())?;
+            }
+        }
+        Rec::Purge { at_ms, keys } => {
+            let mut v = Vec::with_capacity(8 + keys.iter().map(|k| 4 + k.len()).sum::<usize>());
+            v.extend_from_slice(&at_ms.to_be_bytes());
+            for k in keys {
+                v.extend_from_slice(&(k.len() as u32).to_le_bytes());
+                v.extend_from_slice(k.as_bytes());
+            }
+            t.purges.insert(seq.to_be_bytes(), v)?;
+        }
+        Rec::PurgeSent { target, upto, prune } => {
+            t.purge_sent.insert(target.as_bytes(), &upto.to_be_bytes())?;
+            for kv in t.purges.range(..=prune.to_be_bytes()) {
+                t.purges.remove(kv?.0)?;
+            }
         }
     }
     Ok(())
@@ -564,6 +657,18 @@ impl Store for SledStore {
 
     fn delete_blog(&self, blog: BlogId) -> Pending<Option<Vec<ContentHash>>> {
         self.submit(|tx| Op::DeleteBlog { blog, tx })
+    }
+
+    fn delete_asset(&self, blog: BlogId, hash: ContentHash) -> Pending<bool> {
+        self.submit(|tx| Op::DeleteAsset { blog, hash, tx })
+    }
+
+    fn purge(&self, keys: Vec<String>) -> Pending<()> {
+        self.submit(|tx| Op::Purge { keys, tx })
+    }
+
+    fn purge_sent(&self, target: String, upto: u64) -> Pending<()> {
+        self.submit(|tx| Op::PurgeSent { target, upto, tx })
     }
 
     fn gc_candidates(&self) -> Vec<ContentHash> {

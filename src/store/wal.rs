@@ -56,6 +56,28 @@ pub enum Rec {
     GcDone {
         hash: [u8; 16],
     },
+    /// A blog's reference to a permanent asset taken down (`DeleteAsset`);
+    /// `paths` were bound to it and now take version `id`, unbound.
+    Unref {
+        blog: String,
+        id: CacheId,
+        floor: CacheId,
+        hash: [u8; 16],
+        paths: Vec<String>,
+    },
+    /// Purge keys for every edge target, enqueued at `at_ms`; the record's
+    /// sequence number orders it in each target's outbox.
+    Purge {
+        at_ms: u64,
+        keys: Vec<String>,
+    },
+    /// `target` delivered every purge up to record `upto`; purges up to
+    /// `prune` were delivered to every target and can be forgotten.
+    PurgeSent {
+        target: String,
+        upto: u64,
+        prune: u64,
+    },
 }
 
 struct Enc(Vec<u8>);
@@ -167,6 +189,31 @@ impl Rec {
                 e.u8(6);
                 e.hash(hash);
             }
+            Rec::Unref { blog, id, floor, hash, paths } => {
+                e.u8(8);
+                e.str(blog);
+                e.u64(*id);
+                e.u64(*floor);
+                e.hash(hash);
+                e.u64(paths.len() as u64);
+                for p in paths {
+                    e.str(p);
+                }
+            }
+            Rec::Purge { at_ms, keys } => {
+                e.u8(9);
+                e.u64(*at_ms);
+                e.u64(keys.len() as u64);
+                for k in keys {
+                    e.str(k);
+                }
+            }
+            Rec::PurgeSent { target, upto, prune } => {
+                e.u8(10);
+                e.str(target);
+                e.u64(*upto);
+                e.u64(*prune);
+            }
         }
         let body = e.0;
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -223,6 +270,25 @@ impl Rec {
                 Rec::Delete { blog, last, hashes, domains }
             }
             6 => Rec::GcDone { hash: d.hash()? },
+            8 => {
+                let (blog, id, floor, hash) = (d.str()?, d.u64()?, d.u64()?, d.hash()?);
+                let n = d.u64()? as usize;
+                let mut paths = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    paths.push(d.str()?);
+                }
+                Rec::Unref { blog, id, floor, hash, paths }
+            }
+            9 => {
+                let at_ms = d.u64()?;
+                let n = d.u64()? as usize;
+                let mut keys = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    keys.push(d.str()?);
+                }
+                Rec::Purge { at_ms, keys }
+            }
+            10 => Rec::PurgeSent { target: d.str()?, upto: d.u64()?, prune: d.u64()? },
             _ => return None,
         };
         d.0.is_empty().then_some((seq, rec))
@@ -418,6 +484,9 @@ mod tests {
             Rec::RemoveDomain { domain: "a.com".into() },
             Rec::Delete { blog: "b".into(), last: 77, hashes: vec![[9; 16]], domains: vec!["x.org".into()] },
             Rec::GcDone { hash: [9; 16] },
+            Rec::Unref { blog: "c".into(), id: 9, floor: 1, hash: [1; 16], paths: vec!["/y".into()] },
+            Rec::Purge { at_ms: 1_700_000_000_000, keys: vec!["b".into(), "b/0123".into()] },
+            Rec::PurgeSent { target: "varnish-2".into(), upto: 12, prune: 10 },
         ]
     }
 

@@ -68,6 +68,24 @@ pub enum Op {
         blog: BlogId,
         tx: Reply<Option<Vec<ContentHash>>>,
     },
+    /// Takes down one permanent asset of a blog; false when the blog does
+    /// not reference it.
+    DeleteAsset {
+        blog: BlogId,
+        hash: ContentHash,
+        tx: Reply<bool>,
+    },
+    /// Purges `keys` at every edge target.
+    Purge {
+        keys: Vec<String>,
+        tx: Reply<()>,
+    },
+    /// A target delivered every purge up to record `upto`.
+    PurgeSent {
+        target: String,
+        upto: u64,
+        tx: Reply<()>,
+    },
     /// `removed`: the collector deleted the blob (else it found it referenced).
     GcDone {
         hash: ContentHash,
@@ -91,7 +109,16 @@ impl Op {
     /// Reads the index to decide what it does, so it must see every earlier
     /// write there: the group before it is committed first.
     fn reads_index(&self) -> bool {
-        matches!(self, Op::RemoveDomain { .. } | Op::DeleteBlog { .. })
+        matches!(self, Op::RemoveDomain { .. } | Op::DeleteBlog { .. } | Op::DeleteAsset { .. })
+    }
+
+    /// True if it enqueues a purge (so is refused while an outbox is full).
+    fn purges(&self, purge_on_publish: bool) -> bool {
+        match self {
+            Op::Invalidate { paths, .. } => purge_on_publish && paths.is_empty(),
+            Op::DeleteBlog { .. } | Op::DeleteAsset { .. } | Op::Purge { .. } => true,
+            _ => false,
+        }
     }
 
     pub(super) fn refuse(self, e: StoreError, shared: &Shared) {
@@ -101,8 +128,12 @@ impl Op {
                 shared.unpin(&binding.hash);
                 drop(tx.send(Err(e)))
             }
-            Op::SetDomain { tx, .. } | Op::GcDone { tx, .. } | Op::Flush { tx } => drop(tx.send(Err(e))),
-            Op::RemoveDomain { tx, .. } => drop(tx.send(Err(e))),
+            Op::SetDomain { tx, .. }
+            | Op::GcDone { tx, .. }
+            | Op::Flush { tx }
+            | Op::Purge { tx, .. }
+            | Op::PurgeSent { tx, .. } => drop(tx.send(Err(e))),
+            Op::RemoveDomain { tx, .. } | Op::DeleteAsset { tx, .. } => drop(tx.send(Err(e))),
             Op::DeleteBlog { tx, .. } => drop(tx.send(Err(e))),
         }
     }
@@ -115,6 +146,9 @@ enum Effect {
     DomainSet { domain: Domain, blog: BlogId, floor: CacheId, tx: Reply<()> },
     DomainRemoved { domain: Domain, existed: bool, tx: Reply<bool> },
     Deleted { blog: BlogId, hashes: Option<Vec<ContentHash>>, tx: Reply<Option<Vec<ContentHash>>> },
+    Unref { blog: BlogId, floor: CacheId, id: CacheId, hash: ContentHash, paths: Vec<Box<str>>, tx: Reply<bool> },
+    /// A purge record: its keys go to the outbox once durable.
+    Enqueue { seq: u64, at_ms: u64, keys: Vec<String> },
     GcDone { hash: ContentHash, tx: Reply<()> },
     Done { tx: Reply<()> },
 }
@@ -128,8 +162,9 @@ impl Effect {
                 drop(tx.send(Err(e)))
             }
             Effect::DomainSet { tx, .. } | Effect::GcDone { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
-            Effect::DomainRemoved { tx, .. } => drop(tx.send(Err(e))),
+            Effect::DomainRemoved { tx, .. } | Effect::Unref { tx, .. } => drop(tx.send(Err(e))),
             Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
+            Effect::Enqueue { .. } => {}
         }
     }
 }
@@ -157,6 +192,11 @@ pub struct Writer {
     pub checkpoint_failed: Option<Instant>,
     /// How to give back what the group being written took, if it is refused.
     pub undo: Vec<(Box<str>, Option<Ids>, Option<CacheId>)>,
+    pub outbox: Arc<crate::purge::Outbox>,
+    pub purge_on_publish: bool,
+    /// Each target's delivered mark, as logged: purge records below the
+    /// lowest are forgotten at checkpoints.
+    pub purge_sent: FastMap<String, u64>,
 }
 
 fn now_ms() -> u64 {
@@ -181,9 +221,7 @@ impl Writer {
                 if op.reads_index() && !group.is_empty() {
                     self.commit(std::mem::take(&mut group));
                 }
-                if let Some(e) = self.take(op) {
-                    group.push(e);
-                }
+                self.take(op, &mut group);
                 if group.len() < MAX_GROUP {
                     next = rx.try_recv().ok();
                 }
@@ -288,7 +326,7 @@ impl Writer {
             self.trees = Some(trees);
         }
         let trees = self.trees.as_ref().expect("just opened");
-        self.wal.for_each_record(|_, rec| apply(trees, &rec).map_err(StoreError::from))?;
+        self.wal.for_each_record(|seq, rec| apply(trees, seq, &rec).map_err(StoreError::from))?;
         checkpoint(trees, &mut self.wal, &self.db_path, self.seq - 1)
     }
 
@@ -310,12 +348,19 @@ impl Writer {
         (id, floor)
     }
 
-    /// Resolves one write into a log record and adds it to the group's
-    /// append. Refusals are answered at once.
-    fn take(&mut self, op: Op) -> Option<Effect> {
+    /// Resolves one write into log records (the write, and the purge it
+    /// causes) and adds them to the group's append. Refusals are answered
+    /// at once.
+    fn take(&mut self, op: Op, group: &mut Vec<Effect>) {
         if let Some(e) = self.shared.failed.lock().clone() {
             op.refuse(StoreError::Failed(e), &self.shared);
-            return None;
+            return;
+        }
+        if op.purges(self.purge_on_publish) {
+            if let Some(why) = self.outbox.full() {
+                op.refuse(StoreError::Full(why), &self.shared);
+                return;
+            }
         }
         if self.wal.bytes() > MAX_LOG_BYTES && !matches!(op, Op::Flush { .. }) {
             op.refuse(
@@ -325,11 +370,15 @@ impl Writer {
                 )),
                 &self.shared,
             );
-            return None;
+            return;
         }
+        let mut purge: Option<Vec<String>> = None;
         let (rec, effect) = match op {
             Op::Invalidate { blog, paths, tx } => {
                 let (id, floor) = self.assign(&blog, paths.is_empty());
+                if paths.is_empty() && self.purge_on_publish {
+                    purge = Some(vec![blog.to_string()]);
+                }
                 let rec = Rec::Invalidate {
                     blog: blog.to_string(),
                     id,
@@ -371,7 +420,7 @@ impl Writer {
             Op::DeleteBlog { blog, tx } => {
                 let Some(ids) = self.ids.get(blog.as_str()).copied() else {
                     let _ = tx.send(Ok(None));
-                    return None;
+                    return;
                 };
                 // From the index (current, see above): no scan of sled.
                 let (hashes, domains) = {
@@ -388,8 +437,54 @@ impl Writer {
                 self.ids.remove(blog.as_str());
                 self.deleted_last.insert(blog.as_str().into(), ids.last);
                 let found = hashes.iter().map(|h| ContentHash(*h)).collect();
+                purge = Some(vec![blog.to_string()]);
                 let rec = Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains };
                 (rec, Effect::Deleted { blog, hashes: Some(found), tx })
+            }
+            Op::DeleteAsset { blog, hash, tx } => {
+                // The group before this one is committed: the index is current.
+                let paths: Option<Vec<Box<str>>> = {
+                    let index = self.shared.index.read();
+                    index.blogs.get(blog.as_str()).filter(|s| s.refs.contains_key(&hash)).map(|s| {
+                        s.paths
+                            .iter()
+                            .filter(|(_, e)| e.binding.as_ref().is_some_and(|b| b.0 == hash))
+                            .map(|(p, _)| p.clone())
+                            .collect()
+                    })
+                };
+                let Some(paths) = paths else {
+                    let _ = tx.send(Ok(false));
+                    return;
+                };
+                let (id, floor) = self.assign(&blog, false);
+                purge = Some(vec![format!("{blog}/{hash}")]);
+                let rec = Rec::Unref {
+                    blog: blog.to_string(),
+                    id,
+                    floor,
+                    hash: hash.0,
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                };
+                (rec, Effect::Unref { blog, floor, id, hash, paths, tx })
+            }
+            Op::Purge { keys, tx } => {
+                if self.outbox.has_targets() {
+                    self.push_purge(keys, group);
+                }
+                group.push(Effect::Done { tx });
+                return;
+            }
+            Op::PurgeSent { target, upto, tx } => {
+                self.purge_sent.insert(target.clone(), upto);
+                let prune = self
+                    .outbox
+                    .queues()
+                    .iter()
+                    .map(|q| self.purge_sent.get(&q.name).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(0);
+                (Rec::PurgeSent { target, upto, prune }, Effect::Done { tx })
             }
             Op::GcDone { hash, removed, tx } => {
                 // Kept as a candidate when the collector left the blob because
@@ -399,15 +494,32 @@ impl Writer {
                     || self.shared.index.read().blob_refs.contains_key(&hash);
                 if !removed && !referenced {
                     let _ = tx.send(Ok(()));
-                    return None;
+                    return;
                 }
                 (Rec::GcDone { hash: hash.0 }, Effect::GcDone { hash, tx })
             }
-            Op::Flush { tx } => return Some(Effect::Done { tx }),
+            Op::Flush { tx } => {
+                group.push(Effect::Done { tx });
+                return;
+            }
         };
         self.wal.push(self.seq, &rec);
         self.seq += 1;
-        Some(effect)
+        group.push(effect);
+        if let Some(keys) = purge.filter(|_| self.outbox.has_targets()) {
+            self.push_purge(keys, group);
+        }
+    }
+
+    /// Adds a purge record to the group: its keys reach the outbox once the
+    /// group is durable, with the write that caused them.
+    fn push_purge(&mut self, keys: Vec<String>, group: &mut Vec<Effect>) {
+        let at_ms = now_ms();
+        let rec = Rec::Purge { at_ms, keys };
+        self.wal.push(self.seq, &rec);
+        let Rec::Purge { keys, .. } = rec else { unreachable!("built just above") };
+        group.push(Effect::Enqueue { seq: self.seq, at_ms, keys });
+        self.seq += 1;
     }
 
     /// After the sync: the index learns the writes, then callers hear back.
@@ -471,6 +583,22 @@ impl Writer {
                         index.gc.extend(hashes.iter().flatten().copied());
                         replies.push(Box::new(move || drop(tx.send(Ok(hashes)))));
                     }
+                    Effect::Unref { blog, floor, id, hash, paths, tx } => {
+                        let state = index.blog_mut(&blog, floor);
+                        state.refs.remove(&hash);
+                        for p in paths {
+                            state.paths.insert(p, PathEntry { version: id, binding: None });
+                        }
+                        if let Some(n) = index.blob_refs.get_mut(&hash) {
+                            *n -= 1;
+                            if *n == 0 {
+                                index.blob_refs.remove(&hash);
+                            }
+                        }
+                        index.gc.insert(hash);
+                        replies.push(Box::new(move || drop(tx.send(Ok(true)))));
+                    }
+                    Effect::Enqueue { seq, at_ms, keys } => self.outbox.enqueue(seq, at_ms, &keys),
                     Effect::GcDone { hash, tx } => {
                         index.gc.remove(&hash);
                         replies.push(Box::new(move || drop(tx.send(Ok(())))));

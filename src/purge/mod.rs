@@ -1,0 +1,134 @@
+//! Edge purge: what must disappear or change at the edge at once (a deleted
+//! blog, an asset taken down, a blog's cached pages on publish) is written
+//! to a durable outbox in the same log group as the write that caused it,
+//! and one task per target delivers it: in order, at most `rate_per_sec`
+//! requests a second, retried with backoff (or after the edge's
+//! `Retry-After`), keys waiting together sent once. What a target was sent
+//! is logged too, so a restart resends only what may not have arrived:
+//! delivery is at least once.
+
+mod outbox;
+pub mod target;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::Instrument;
+
+pub use outbox::{Outbox, Queue, QueueInfo};
+use target::{HttpClient, Outcome, Target};
+
+use crate::store::Store;
+
+/// Backoff after a failed request: doubling from the first to the last.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const LAST_BACKOFF: Duration = Duration::from_secs(10);
+/// A `Retry-After` longer than this is cut to it.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Starts one delivery task per target. They run until the runtime stops;
+/// what they had not sent is resent after a restart.
+pub fn spawn(targets: Vec<Target>, outbox: Arc<Outbox>, store: Arc<dyn Store>) -> Vec<tokio::task::JoinHandle<()>> {
+    let client = target::client();
+    targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| tokio::spawn(deliver(t, i, outbox.clone(), store.clone(), client.clone())))
+        .collect()
+}
+
+/// A token bucket: bursts up to one second's worth, `rate` a second on average.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        Bucket { rate, tokens: rate.max(1.0), at: Instant::now() }
+    }
+
+    async fn take(&mut self) {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate.max(1.0));
+        self.at = now;
+        if self.tokens < 1.0 {
+            tokio::time::sleep(Duration::from_secs_f64((1.0 - self.tokens) / self.rate)).await;
+            self.tokens = 1.0;
+            self.at = Instant::now();
+        }
+        self.tokens -= 1.0;
+    }
+}
+
+/// Up to a fifth less, so targets that failed together do not retry together.
+fn jitter(d: Duration) -> Duration {
+    let n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    d.mul_f64(1.0 - f64::from(n % 200) / 1000.0)
+}
+
+async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>, client: HttpClient) {
+    let q = &outbox.queues()[i];
+    let name = t.cfg.name.clone();
+    let kind = t.cfg.kind;
+    let mut bucket = Bucket::new(t.cfg.rate_per_sec);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if q.is_empty() {
+            // A key added since the check left a permit: no wake-up is lost.
+            q.notify.notified().await;
+            continue;
+        }
+        // Waiting for the rate first lets keys that arrive meanwhile join
+        // this request.
+        bucket.take().await;
+        let Some(keys) = q.take(t.max_keys()) else { continue };
+        let span = tracing::debug_span!(
+            "purge.deliver",
+            target = %name,
+            kind = kind.as_str(),
+            keys = keys.len(),
+            outcome = tracing::field::Empty
+        );
+        let started = Instant::now();
+        let outcome = match t.request(&keys, SystemTime::now()) {
+            Ok(mut req) => {
+                crate::telemetry::inject(&span, req.headers_mut());
+                target::send(&client, req, kind).instrument(span.clone()).await
+            }
+            Err(error) => Outcome::Retry { error, after: None, throttled: false },
+        };
+        metrics::histogram!(crate::metrics::PURGE_SECONDS, "target" => name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let label = match &outcome {
+            Outcome::Sent => "ok",
+            Outcome::Retry { throttled: true, .. } => "throttled",
+            Outcome::Retry { .. } => "error",
+        };
+        span.record("outcome", label);
+        metrics::counter!(crate::metrics::PURGE_SENT, "target" => name.clone(), "outcome" => label)
+            .increment(keys.len() as u64);
+        match outcome {
+            Outcome::Sent => {
+                backoff = FIRST_BACKOFF;
+                let upto = q.delivered();
+                tracing::debug!(target = %name, keys = keys.len(), upto, "purge delivered");
+                if let Err(e) = store.purge_sent(name.clone(), upto).done().await {
+                    // Not recorded: resent after a restart, which is harmless.
+                    tracing::warn!(target = %name, error = %e, "could not record a delivered purge");
+                }
+            }
+            Outcome::Retry { error, after, .. } => {
+                let wait = match after {
+                    Some(a) => a.min(MAX_RETRY_AFTER),
+                    None => jitter(backoff),
+                };
+                tracing::warn!(target = %name, error = %error, retry_in_ms = wait.as_millis() as u64, "purge not delivered");
+                q.failed(error);
+                backoff = (backoff * 2).min(LAST_BACKOFF);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}

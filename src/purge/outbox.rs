@@ -1,0 +1,298 @@
+//! The outbox in memory: per target, the purge keys waiting, in the order
+//! of the log records that enqueued them. The log (then sled's `purges`
+//! tree) is what makes it durable; this is the working copy the delivery
+//! tasks read, rebuilt from sled at start.
+//!
+//! Coalescing: a key already waiting at a target (not yet taken into a
+//! request) is not added again; the waiting one is sent after the write
+//! that asked again, so it covers both. A key in flight is added again: the
+//! request on its way may have reached the edge before that write.
+//!
+//! Each target's delivered mark is the record up to which everything was
+//! sent: the record before the first item still waiting, or the last record
+//! seen when nothing waits. It is what the log keeps (`PurgeSent`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::store::index::FastMap;
+
+/// One key waiting at one target.
+struct Item {
+    seq: u64,
+    at_ms: u64,
+    key: Arc<str>,
+}
+
+#[derive(Default)]
+struct State {
+    items: VecDeque<Item>,
+    /// Keys waiting and not in flight, with their item's record.
+    waiting: FastMap<Arc<str>, u64>,
+    /// Items at the head taken into the request being sent.
+    in_flight: usize,
+    /// The last purge record this outbox was told of.
+    last_seq: u64,
+    sent: u64,
+    last_error: String,
+}
+
+impl State {
+    fn mark(&self) -> u64 {
+        self.items.front().map_or(self.last_seq, |i| i.seq - 1)
+    }
+}
+
+/// One target's queue.
+pub struct Queue {
+    pub name: String,
+    state: Mutex<State>,
+    /// Woken when keys are added.
+    pub notify: tokio::sync::Notify,
+}
+
+/// What `GetPurges` and `blotcdn purges` show of one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub target: String,
+    pub length: u64,
+    /// When the oldest waiting key was enqueued (ms since the epoch), 0 when none waits.
+    pub oldest_ms: u64,
+    pub last_error: String,
+    pub sent: u64,
+}
+
+pub struct Outbox {
+    queues: Vec<Queue>,
+    cap: usize,
+}
+
+impl Outbox {
+    /// Queues for the named targets, each holding at most `cap` keys.
+    pub fn new(names: impl IntoIterator<Item = String>, cap: usize) -> Outbox {
+        let queues = names
+            .into_iter()
+            .map(|name| Queue { name, state: Mutex::default(), notify: tokio::sync::Notify::new() })
+            .collect();
+        Outbox { queues, cap }
+    }
+
+    /// No targets: nothing is ever enqueued.
+    pub fn none() -> Outbox {
+        Outbox::new(Vec::new(), 1)
+    }
+
+    pub fn has_targets(&self) -> bool {
+        !self.queues.is_empty()
+    }
+
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// Called once at start, before any write: each target's delivered mark
+    /// (0 for a target never recorded), then every purge record kept, in order.
+    pub fn restore<'a>(
+        &self,
+        sent: &FastMap<String, u64>,
+        records: impl IntoIterator<Item = (u64, u64, &'a [String])>,
+        last_seq: u64,
+    ) {
+        let marks: Vec<u64> = self.queues.iter().map(|q| sent.get(&q.name).copied().unwrap_or(0)).collect();
+        for (seq, at_ms, keys) in records {
+            for (q, mark) in self.queues.iter().zip(&marks) {
+                if seq > *mark {
+                    q.add(seq, at_ms, keys);
+                }
+            }
+        }
+        for q in &self.queues {
+            let mut s = q.state.lock();
+            s.last_seq = s.last_seq.max(last_seq);
+            gauge(&q.name, s.items.len());
+        }
+    }
+
+    /// Adds a durable purge record's keys to every target.
+    pub fn enqueue(&self, seq: u64, at_ms: u64, keys: &[String]) {
+        for q in &self.queues {
+            q.add(seq, at_ms, keys);
+            q.notify.notify_one();
+        }
+    }
+
+    /// Why a write that adds `keys` purges must be refused now, if it must:
+    /// a target already holds `purge_queue_max` keys.
+    pub fn full(&self) -> Option<String> {
+        self.queues.iter().find_map(|q| {
+            let s = q.state.lock();
+            (s.items.len() >= self.cap).then(|| {
+                let why = if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
+                format!(
+                    "the purge queue of target {} is full ({} keys waiting, purge_queue_max){why}; \
+                     retry once it drains",
+                    q.name,
+                    s.items.len()
+                )
+            })
+        })
+    }
+
+    pub fn snapshot(&self) -> Vec<QueueInfo> {
+        self.queues
+            .iter()
+            .map(|q| {
+                let s = q.state.lock();
+                QueueInfo {
+                    target: q.name.clone(),
+                    length: s.items.len() as u64,
+                    oldest_ms: s.items.front().map_or(0, |i| i.at_ms),
+                    last_error: s.last_error.clone(),
+                    sent: s.sent,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Queue {
+    fn add(&self, seq: u64, at_ms: u64, keys: &[String]) {
+        let mut s = self.state.lock();
+        for k in keys {
+            if s.waiting.contains_key(k.as_str()) {
+                continue;
+            }
+            let key: Arc<str> = Arc::from(k.as_str());
+            s.waiting.insert(key.clone(), seq);
+            s.items.push_back(Item { seq, at_ms, key });
+        }
+        s.last_seq = s.last_seq.max(seq);
+        gauge(&self.name, s.items.len());
+    }
+
+    /// Takes up to `max` keys from the head into a request: distinct keys,
+    /// in order. `None` when nothing waits.
+    pub fn take(&self, max: usize) -> Option<Vec<Arc<str>>> {
+        let mut s = self.state.lock();
+        if s.items.is_empty() {
+            return None;
+        }
+        let s = &mut *s;
+        let mut keys: Vec<Arc<str>> = Vec::new();
+        let mut n = 0;
+        for item in &s.items {
+            if !keys.contains(&item.key) {
+                if keys.len() == max {
+                    break;
+                }
+                keys.push(item.key.clone());
+            }
+            n += 1;
+            if s.waiting.get(&item.key) == Some(&item.seq) {
+                s.waiting.remove(&item.key);
+            }
+        }
+        s.in_flight = n;
+        Some(keys)
+    }
+
+    /// The request taken was answered: its keys are sent. Returns the new
+    /// delivered mark.
+    pub fn delivered(&self) -> u64 {
+        let mut s = self.state.lock();
+        let n = s.in_flight;
+        s.items.drain(..n);
+        s.in_flight = 0;
+        s.sent += n as u64;
+        s.last_error.clear();
+        gauge(&self.name, s.items.len());
+        s.mark()
+    }
+
+    /// The request failed: its keys wait again, at the head.
+    pub fn failed(&self, error: String) {
+        let mut s = self.state.lock();
+        let s = &mut *s;
+        for item in s.items.iter().take(s.in_flight) {
+            s.waiting.entry(item.key.clone()).or_insert(item.seq);
+        }
+        s.in_flight = 0;
+        s.last_error = error;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state.lock().items.is_empty()
+    }
+}
+
+fn gauge(target: &str, len: usize) {
+    metrics::gauge!(crate::metrics::PURGE_QUEUE, "target" => target.to_owned()).set(len as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn coalesces_waiting_keys_but_not_ones_in_flight() {
+        let o = Outbox::new(["a".to_owned()], 100);
+        let q = &o.queues()[0];
+        o.enqueue(1, 10, &keys(&["blog"]));
+        o.enqueue(2, 11, &keys(&["blog", "other"]));
+        o.enqueue(3, 12, &keys(&["blog"]));
+        assert_eq!(o.snapshot()[0].length, 2);
+        let batch = q.take(10).unwrap();
+        assert_eq!(batch.iter().map(|k| &**k).collect::<Vec<_>>(), ["blog", "other"]);
+        // Asked again while in flight: a new item.
+        o.enqueue(4, 13, &keys(&["blog"]));
+        assert_eq!(q.delivered(), 3);
+        assert_eq!(o.snapshot()[0], QueueInfo {
+            target: "a".into(),
+            length: 1,
+            oldest_ms: 13,
+            last_error: String::new(),
+            sent: 2
+        });
+        assert_eq!(q.take(10).unwrap().len(), 1);
+        q.failed("503".into());
+        assert_eq!(o.snapshot()[0].last_error, "503");
+        o.enqueue(5, 14, &keys(&["blog"]));
+        assert_eq!(o.snapshot()[0].length, 1, "a failed key waits again and coalesces");
+        q.take(10).unwrap();
+        assert_eq!(q.delivered(), 5);
+        assert!(q.take(10).is_none());
+    }
+
+    #[test]
+    fn a_batch_cut_inside_a_record_marks_the_record_before() {
+        let o = Outbox::new(["a".to_owned(), "b".to_owned()], 3);
+        o.enqueue(7, 1, &keys(&["x", "y", "z"]));
+        assert!(o.full().unwrap().contains("target a is full (3 keys waiting"));
+        let q = &o.queues()[0];
+        assert_eq!(q.take(2).unwrap().len(), 2);
+        assert_eq!(q.delivered(), 6);
+        q.take(2).unwrap();
+        assert_eq!(q.delivered(), 7);
+        assert!(o.full().unwrap().contains("target b"));
+    }
+
+    #[test]
+    fn restore_skips_what_each_target_sent() {
+        let o = Outbox::new(["a".to_owned(), "b".to_owned()], 10);
+        let mut sent = FastMap::default();
+        sent.insert("a".to_owned(), 4);
+        let r1 = keys(&["k1"]);
+        let r2 = keys(&["k2"]);
+        o.restore(&sent, [(3, 0, &r1[..]), (5, 0, &r2[..])], 9);
+        let s = o.snapshot();
+        assert_eq!((s[0].length, s[1].length), (1, 2));
+        o.queues()[0].take(5).unwrap();
+        assert_eq!(o.queues()[0].delivered(), 9);
+    }
+}
