@@ -35,8 +35,10 @@ fi
 command -v grpcurl >/dev/null || { echo "grpcurl not on PATH after install" >&2; exit 1; }
 
 # The power-loss tests (tests/powerloss): a FUSE filesystem in Python, a gRPC client, BLAKE3.
+# botocore: tests/purge.rs checks CloudFront's SigV4 signature with it.
 pymissing=()
-for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest pytest_timeout:pytest-timeout blake3:blake3; do
+for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest pytest_timeout:pytest-timeout blake3:blake3 \
+         botocore:botocore; do
   python3 -c "import ${m%%:*}" >/dev/null 2>&1 || pymissing+=("${m#*:}")
 done
 if ((${#pymissing[@]})); then

@@ -96,6 +96,29 @@ pub enum Command {
         conn: Conn,
         blog: String,
     },
+    /// Take down one permanent asset of a blog: its URL answers 404 and is purged at the edges.
+    DeleteAsset {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        blog: String,
+        /// The content hash (32 hex characters), as in the asset's URL.
+        hash: String,
+    },
+    /// Purge keys at every edge target (none: the blog id).
+    Purge {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        blog: String,
+        /// The blog id, or `{blog_id}/{rest}` (a permanent asset's key is `{blog_id}/{hash}`).
+        keys: Vec<String>,
+    },
+    /// Each edge target's purge queue: keys waiting, the oldest, the last error, keys sent.
+    Purges {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Re-hash the CAS (server stopped): report corrupt blobs and missing ones.
     Fsck {
         #[command(flatten)]
@@ -357,6 +380,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = conn.publisher().await?;
             c.delete_blog(pb::DeleteBlogRequest { blog_id: blog.clone() }).await.map_err(status_err)?;
             println!("deleted {blog}");
+        }
+        Command::DeleteAsset { conn, blog, hash } => {
+            let mut c = conn.publisher().await?;
+            c.delete_asset(pb::DeleteAssetRequest { blog_id: blog.clone(), hash: hash.clone() })
+                .await
+                .map_err(status_err)?;
+            println!("deleted asset {hash} of {blog}");
+        }
+        Command::Purge { conn, blog, keys } => {
+            let mut c = conn.publisher().await?;
+            let n = keys.len().max(1);
+            c.purge(pb::PurgeRequest { blog_id: blog, keys }).await.map_err(status_err)?;
+            println!("enqueued {n} purge key{}", if n == 1 { "" } else { "s" });
+        }
+        Command::Purges { conn } => {
+            let mut c = conn.publisher().await?;
+            let queues = c.get_purges(pb::GetPurgesRequest {}).await.map_err(status_err)?.into_inner().queues;
+            if queues.is_empty() {
+                println!("no purge targets configured");
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            for q in queues {
+                let oldest = match q.oldest_ms {
+                    0 => "-".to_owned(),
+                    t => format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0),
+                };
+                let error = if q.last_error.is_empty() { String::new() } else { format!("  last error: {}", q.last_error) };
+                println!("{}  waiting {}  oldest {oldest}  sent {}{error}", q.target, q.length, q.sent);
+            }
         }
         Command::Fsck { serve, quarantine } => {
             let config = serve.load()?;

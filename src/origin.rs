@@ -81,6 +81,8 @@ struct FileAnswer {
     len: u64,
     cache: &'static str,
     blog: HeaderValue,
+    /// A permanent asset's own purge key, `{blog}/{hash}`, carried next to the blog's.
+    asset_key: Option<String>,
     cors: bool,
     source: Source,
 }
@@ -394,6 +396,7 @@ impl Origin {
             len: meta.len(),
             cache: IMMUTABLE,
             blog: HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe"),
+            asset_key: Some(format!("{blog}/{hash}")),
             // From the stored content type only: the URL's file name is the
             // caller's to spell, and must not change what the answer allows.
             cors: cors_for_type(&aref.content_type),
@@ -480,8 +483,18 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static(a.cache));
         out.insert(header::ETAG, a.etag.clone());
         out.insert(header::LAST_MODIFIED, a.last_modified.clone());
-        out.insert("surrogate-key", a.blog.clone());
-        out.insert("cache-tag", a.blog.clone());
+        match &a.asset_key {
+            None => {
+                out.insert("surrogate-key", a.blog.clone());
+                out.insert("cache-tag", a.blog.clone());
+            }
+            Some(key) => {
+                let blog = a.blog.to_str().unwrap_or_default();
+                let both = |sep| HeaderValue::from_str(&format!("{blog}{sep}{key}")).expect("ids and hex are header-safe");
+                out.insert("surrogate-key", both(" "));
+                out.insert("cache-tag", both(","));
+            }
+        }
         if a.cors {
             out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
         }

@@ -147,9 +147,25 @@ impl Fallback {
             }
             // An unversioned URL may change behind the edge: keep it short.
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static(SHORT));
-            if let Some(b) = blog.and_then(|b| HeaderValue::from_str(b).ok()) {
-                h.insert("surrogate-key", b.clone());
-                h.insert("cache-tag", b);
+            // The edge's own lifetime for what the app marks so (pages it
+            // tags for purging on publish; see edge/varnish.vcl).
+            if let Some(v) = parts.headers.get("surrogate-control") {
+                h.insert("surrogate-control", v.clone());
+            }
+            match blog.and_then(|b| HeaderValue::from_str(b).ok()) {
+                Some(b) => {
+                    h.insert("surrogate-key", b.clone());
+                    h.insert("cache-tag", b);
+                }
+                // Not under a blog's URL (a page on a custom domain): the
+                // app's own tags.
+                None => {
+                    for name in ["surrogate-key", "cache-tag"] {
+                        if let Some(v) = parts.headers.get(name) {
+                            h.insert(name, v.clone());
+                        }
+                    }
+                }
             }
             return Some(out);
         }

@@ -42,6 +42,7 @@ impl HotFile {
             len: self.bytes.len() as u64,
             cache,
             blog,
+            asset_key: None,
             cors: self.cors,
             source: Source::Bytes(self.bytes.clone()),
         }
@@ -56,6 +57,7 @@ impl HotFile {
             len,
             cache,
             blog,
+            asset_key: None,
             cors: self.cors,
             source: Source::File(file),
         }

@@ -381,18 +381,73 @@ pub fn varnish(work: &Path, origin_port: u16, storage: &str) -> (Daemon, u16) {
     let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
     std::fs::create_dir_all(work).unwrap();
     open_up(work);
-    let vcl_path = work.join("blotcdn.vcl");
-    std::fs::write(&vcl_path, vcl).unwrap();
-    Daemon::spawn_on_free_port("varnishd", |port| {
-        let mut c = Command::new("varnishd");
-        c.arg("-F")
-            .arg("-n")
-            .arg(work.join("varnish"))
-            .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", storage])
-            .arg("-f")
-            .arg(&vcl_path);
-        c
-    })
+    std::fs::write(work.join("blotcdn.vcl"), vcl).unwrap();
+    Daemon::spawn_on_free_port("varnishd", |port| varnish_cmd(work, port, storage))
+}
+
+/// Varnish of `work` on a given `port` (an edge coming back where it was,
+/// cache empty): the same configuration as [`varnish`].
+pub fn varnish_at(work: &Path, origin_port: u16, storage: &str, port: u16) -> Daemon {
+    let vcl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/varnish.vcl")).unwrap();
+    let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
+    std::fs::create_dir_all(work).unwrap();
+    open_up(work);
+    std::fs::write(work.join("blotcdn.vcl"), vcl).unwrap();
+    Daemon::spawn("varnishd", &mut varnish_cmd(work, port, storage), port)
+}
+
+/// An edge that is down but keeps its port: every connection to it is
+/// accepted and closed at once, until it is stopped (and the port freed for
+/// the edge to come back on). A port merely left free could be taken by
+/// another test's server meanwhile.
+pub struct DownEdge {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DownEdge {
+    pub fn bind(port: u16) -> DownEdge {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the edge's port is still free");
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                drop(conn);
+            }
+        });
+        DownEdge { port, stop, thread: Some(thread) }
+    }
+
+    /// Frees the port.
+    pub fn stop(mut self) -> u16 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        self.thread.take().unwrap().join().unwrap();
+        self.port
+    }
+}
+
+fn varnish_cmd(work: &Path, port: u16, storage: &str) -> Command {
+    let mut c = Command::new("varnishd");
+    c.arg("-F")
+        .arg("-n")
+        .arg(work.join("varnish"))
+        .args(["-a", &format!("127.0.0.1:{port}"), "-T", "127.0.0.1:0", "-s", storage])
+        .arg("-f")
+        .arg(work.join("blotcdn.vcl"));
+    c
+}
+
+/// The bans a Varnish of `work` holds (`varnishadm ban.list`).
+pub fn varnish_bans(work: &Path) -> String {
+    let (code, out, err) = run(Command::new("varnishadm").arg("-n").arg(work.join("varnish")).arg("ban.list"), 20);
+    assert_eq!(code, 0, "varnishadm ban.list: {err}");
+    out
 }
 
 /// nginx serving `root` on a free port of 127.0.0.1 (a stand-in for a

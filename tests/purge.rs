@@ -1,0 +1,629 @@
+//! Edge purge, end to end: two real Varnish instances running
+//! `edge/varnish.vcl` in front of the origin, an edge that is down while a
+//! blog is deleted, `kill -9` of blotcdn between the acknowledgement and the
+//! delivery, an endpoint that answers 429, a storm of publishes, an asset
+//! taken down, and the exact requests of Bunny, Cloudflare and CloudFront
+//! (the SigV4 signature checked by botocore, an implementation of its own).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blotcdn::config::PurgeTargetConfig;
+use blotcdn::proto as pb;
+use common::{
+    binary, curl, path_of, run, varnish, varnish_at, varnish_bans, ChildServer, DownEdge, Server,
+};
+
+/// One request an endpoint received.
+#[derive(Debug, Clone)]
+struct Got {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: String,
+    at: Instant,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A local HTTP endpoint standing in for a provider's purge API: it records
+/// every request and answers what `answer(n)` says for the n-th (status,
+/// extra headers, body). One request per connection.
+struct Endpoint {
+    port: u16,
+    got: Arc<Mutex<Vec<Got>>>,
+}
+
+type Answer = (u16, Vec<(&'static str, String)>, String);
+
+impl Endpoint {
+    fn start(answer: impl Fn(usize) -> Answer + Send + 'static) -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let (method, target) = (parts.next().unwrap().to_owned(), parts.next().unwrap().to_owned());
+                let mut headers = Vec::new();
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    headers.push((k.trim().to_owned(), v.trim().to_owned()));
+                }
+                let len = headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |(_, v)| v.parse().unwrap());
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body).unwrap();
+                let n = {
+                    let mut g = g.lock().unwrap();
+                    let body = String::from_utf8(body).unwrap();
+                    g.push(Got { method, target, headers, body, at: Instant::now() });
+                    g.len() - 1
+                };
+                let (status, extra, body) = answer(n);
+                let mut resp = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                for (k, v) in extra {
+                    resp.push_str(&format!("{k}: {v}\r\n"));
+                }
+                resp.push_str("\r\n");
+                resp.push_str(&body);
+                let _ = conn.write_all(resp.as_bytes());
+            }
+        });
+        Endpoint { port, got }
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+fn target(name: &str, kind: &str, url: String, rate: Option<f64>) -> PurgeTargetConfig {
+    PurgeTargetConfig { name: Some(name.into()), kind: kind.into(), url, rate_per_sec: rate }
+}
+
+async fn queues(s: &Server) -> Vec<pb::PurgeQueue> {
+    s.publisher().await.get_purges(pb::GetPurgesRequest {}).await.unwrap().into_inner().queues
+}
+
+/// Polls `GetPurges` until `done` holds of the queues, for at most `secs`.
+async fn wait_queues(
+    grpc: std::net::SocketAddr,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&[pb::PurgeQueue]) -> bool,
+) -> Vec<pb::PurgeQueue> {
+    let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let q = c.get_purges(pb::GetPurgesRequest {}).await.unwrap().into_inner().queues;
+        if done(&q) {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "{what} within {secs} s; queues: {q:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn drained(q: &[pb::PurgeQueue]) -> bool {
+    q.iter().all(|q| q.length == 0 && q.sent > 0)
+}
+
+/// GET through an edge: (status, X-Cache, body).
+fn edge_get(port: u16, url: &str) -> (u16, String, Vec<u8>) {
+    let r = curl(&[&format!("http://127.0.0.1:{port}{}", path_of(url))]);
+    (r.status, r.header("x-cache").unwrap_or_default().to_owned(), r.body)
+}
+
+/// Fetches twice so the edge holds it; checks the second is a hit.
+fn warm(port: u16, url: &str, bytes: &[u8]) {
+    edge_get(port, url);
+    let (status, cache, body) = edge_get(port, url);
+    assert_eq!((status, cache.as_str(), body.as_slice()), (200, "HIT", bytes), "{url} through edge {port}");
+}
+
+async fn put(s: &Server, blog: &str, name: &str, bytes: &[u8]) -> pb::Asset {
+    let header = pb::PutAssetChunk {
+        chunk: Some(pb::put_asset_chunk::Chunk::Header(pb::PutAssetHeader {
+            blog_id: blog.into(),
+            filename: name.into(),
+            content_type: String::new(),
+            path: format!("/{name}"),
+        })),
+    };
+    let data = pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(bytes.to_vec().into())) };
+    s.publisher().await.put_asset(tokio_stream::iter(vec![header, data])).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_blog_empties_both_edges() {
+    let work = tempfile::tempdir().unwrap();
+    // The edges need the origin's port, the origin the edges' ports: the
+    // origin starts first without targets, then again with them.
+    let s = Server::start().await;
+    let origin = s.http.port();
+    let (_a, pa) = varnish(&work.path().join("a"), origin, "malloc,32m");
+    let (_b, pb_) = varnish(&work.path().join("b"), origin, "malloc,32m");
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |p| {
+        p.http_addr = Some(format!("127.0.0.1:{origin}"));
+        p.purge = Some(vec![
+            target("edge-a", "varnish", format!("http://127.0.0.1:{pa}/"), None),
+            target("edge-b", "varnish", format!("http://127.0.0.1:{pb_}/"), None),
+        ]);
+    })
+    .await;
+
+    s.write("doomed", "/style.css", b"body{}");
+    s.write("kept", "/style.css", b"p{}");
+    common::invalidate(&s, "doomed", &[]).await;
+    common::invalidate(&s, "kept", &[]).await;
+    let doomed = common::url_of(&s, "doomed", "/style.css").await;
+    let kept = common::url_of(&s, "kept", "/style.css").await;
+    let asset = put(&s, "doomed", "cat.png", b"\x89PNGcat").await;
+    for port in [pa, pb_] {
+        warm(port, &doomed, b"body{}");
+        warm(port, &asset.url, b"\x89PNGcat");
+        warm(port, &kept, b"p{}");
+    }
+
+    s.publisher().await.delete_blog(pb::DeleteBlogRequest { blog_id: "doomed".into() }).await.unwrap();
+    wait_queues(s.grpc, 10, "both edges sent the purge", drained).await;
+    for port in [pa, pb_] {
+        for url in [&doomed, &asset.url] {
+            let (status, cache, _) = edge_get(port, url);
+            assert_eq!((status, cache.as_str()), (404, "MISS"), "{url} at edge {port} after the deletion");
+        }
+        // Another blog's objects stay.
+        assert_eq!(edge_get(port, &kept), (200, "HIT".to_owned(), b"p{}".to_vec()));
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_down_during_the_deletion_gets_its_purge_when_it_is_back() {
+    let work = tempfile::tempdir().unwrap();
+    let s = Server::start().await;
+    let origin = s.http.port();
+    let (_a, pa) = varnish(&work.path().join("a"), origin, "malloc,32m");
+    let (b, pb_) = varnish(&work.path().join("b"), origin, "malloc,32m");
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |p| {
+        p.http_addr = Some(format!("127.0.0.1:{origin}"));
+        p.purge = Some(vec![
+            target("edge-a", "varnish", format!("http://127.0.0.1:{pa}/"), None),
+            target("edge-b", "varnish", format!("http://127.0.0.1:{pb_}/"), None),
+        ]);
+        p.purge_queue_max = Some(3);
+    })
+    .await;
+    s.write("gone", "/a.css", b"a");
+    common::invalidate(&s, "gone", &[]).await;
+    let url = common::url_of(&s, "gone", "/a.css").await;
+    warm(pa, &url, b"a");
+
+    drop(b); // edge B goes down
+    let down = DownEdge::bind(pb_);
+    s.publisher().await.delete_blog(pb::DeleteBlogRequest { blog_id: "gone".into() }).await.unwrap();
+    let q = wait_queues(s.grpc, 10, "edge A purged and edge B failing", |q| {
+        q[0].length == 0 && q[0].sent == 1 && q[1].length == 1 && !q[1].last_error.is_empty()
+    })
+    .await;
+    assert!(q[1].oldest_ms > 0, "{q:?}");
+    assert_eq!(edge_get(pa, &url).1, "MISS");
+
+    // Past purge_queue_max keys waiting, a write that would add one is
+    // refused with a sentence, not queued without bound; others go on.
+    let mut p = s.publisher().await;
+    p.purge(pb::PurgeRequest { blog_id: "x1".into(), keys: vec![] }).await.unwrap();
+    p.purge(pb::PurgeRequest { blog_id: "x2".into(), keys: vec![] }).await.unwrap();
+    let e = p.purge(pb::PurgeRequest { blog_id: "x3".into(), keys: vec![] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("edge-b") && e.message().contains("purge_queue_max"), "{}", e.message());
+    common::invalidate(&s, "x4", &[]).await;
+    // A key of another blog is refused, naming it.
+    let e = p.purge(pb::PurgeRequest { blog_id: "x1".into(), keys: vec!["x2".into()] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("\"x2\""), "{}", e.message());
+
+    // Seconds later it is back (cache empty, on the same port): the purges
+    // waiting for it arrive, in order.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bwork = work.path().join("b");
+    let _b = varnish_at(&bwork, origin, "malloc,32m", down.stop());
+    wait_queues(s.grpc, 20, "edge B back and purged", |q| q[1].length == 0).await;
+    // What waited went in one request, in the order it was enqueued.
+    let bans = varnish_bans(&bwork);
+    assert!(bans.contains("(^|[[:space:]])(gone|x1|x2)([[:space:]]|$)"), "bans at edge B: {bans}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_acknowledgement_and_delivery_then_restart_delivers() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // The edge is down from the start.
+    let config = work.path().join("blotcdn.toml");
+    let down = DownEdge::bind(0);
+    std::fs::write(
+        &config,
+        format!(
+            "purge_on_publish = true\n[[purge]]\nname = \"edge\"\nkind = \"varnish\"\nurl = \"http://127.0.0.1:{}/\"\n",
+            down.port
+        ),
+    )
+    .unwrap();
+    let conf = config.to_str().unwrap();
+    let mut s = ChildServer::spawn_with(&data, &["--config", conf], &[]);
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", s.grpc)).await.unwrap();
+    p.invalidate(pb::InvalidateRequest { blog_id: "b1".into(), paths: vec![] }).await.unwrap();
+    p.delete_blog(pb::DeleteBlogRequest { blog_id: "b1".into() }).await.unwrap();
+    p.purge(pb::PurgeRequest { blog_id: "b2".into(), keys: vec!["b2/page".into()] }).await.unwrap();
+    // Acknowledged, not delivered (the edge is down): kill -9.
+    let q = p.get_purges(pb::GetPurgesRequest {}).await.unwrap().into_inner().queues;
+    assert_eq!((q[0].length, q[0].sent), (2, 0), "{q:?}");
+    s.kill9();
+
+    let mut s = ChildServer::spawn_with(&data, &["--config", conf], &[]);
+    wait_queues(s.grpc, 10, "the restarted server tried the edge", |q| !q[0].last_error.is_empty()).await;
+    // `blotcdn purges` shows what waits from before the crash.
+    let (code, out, err) =
+        run(Command::new(binary()).args(["purges", "--server", &format!("http://{}", s.grpc)]), 20);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("edge  waiting 2  oldest "), "{out}");
+    assert!(out.contains("last error: "), "{out}");
+
+    let ework = work.path().join("edge");
+    let _edge = varnish_at(&ework, s.http.port(), "malloc,32m", down.stop());
+    wait_queues(s.grpc, 20, "the purges from before the crash delivered", drained).await;
+    let bans = varnish_bans(&ework);
+    assert!(bans.contains("(b1|b2/page)") || (bans.contains("(b1)") && bans.contains("(b2/page)")), "{bans}");
+    // Delivered is recorded: after a clean stop and a start, nothing waits.
+    common::stop_gracefully(&mut s.child);
+    let s = ChildServer::spawn_with(&data, &["--config", conf], &[]);
+    let (_, out, _) = run(Command::new(binary()).args(["purges", "--server", &format!("http://{}", s.grpc)]), 20);
+    assert!(out.starts_with("edge  waiting 0  oldest -  sent 0"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_is_waited_on() {
+    let ep = Endpoint::start(|n| match n {
+        0 => (429, vec![("Retry-After", "2".into())], "slow down".into()),
+        _ => (200, vec![], "{}".into()),
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("hook", "http", ep.url("/purge"), None)])).await;
+    s.publisher()
+        .await
+        .purge(pb::PurgeRequest { blog_id: "blog".into(), keys: vec!["blog".into(), "blog/page".into()] })
+        .await
+        .unwrap();
+    let q = wait_queues(s.grpc, 5, "the 429 seen", |q| q[0].last_error.starts_with("429")).await;
+    assert_eq!(q[0].length, 2);
+    wait_queues(s.grpc, 10, "the purge sent after the wait", drained).await;
+    let got = ep.got();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for g in &got {
+        assert_eq!((g.method.as_str(), g.target.as_str()), ("POST", "/purge"));
+        assert_eq!(g.header("content-type"), Some("application/json"));
+        let body: serde_json::Value = serde_json::from_str(&g.body).unwrap();
+        assert_eq!(body, serde_json::json!({ "keys": ["blog", "blog/page"] }));
+    }
+    let waited = got[1].at - got[0].at;
+    assert!(waited >= Duration::from_millis(1900), "retried after {waited:?}, Retry-After said 2 s");
+    assert!(queues(&s).await[0].last_error.is_empty());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_publishes_in_a_second_coalesce() {
+    let ep = Endpoint::start(|_| (200, vec![], String::new()));
+    let s = Server::start_with(|p| {
+        p.purge = Some(vec![target("hook", "http", ep.url("/"), Some(5.0))]);
+        p.purge_on_publish = Some(true);
+    })
+    .await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut p = s.publisher().await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..125 {
+                p.invalidate(pb::InvalidateRequest { blog_id: "busy".into(), paths: vec![] }).await.unwrap();
+            }
+            w
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last_ack = Instant::now();
+    println!("1,000 publishes in {:?}", last_ack - started);
+    wait_queues(s.grpc, 10, "the publishes' purges sent", |q| q[0].length == 0).await;
+    let got = ep.got();
+    assert!(!got.is_empty() && got.len() <= 10, "{} purge requests for 1,000 publishes", got.len());
+    for g in &got {
+        assert_eq!(g.body, r#"{"keys":["busy"]}"#);
+    }
+    // The last publish is covered: a purge went out after it was acknowledged.
+    assert!(got.last().unwrap().at >= last_ack, "no purge after the last publish");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_asset_takes_one_asset_down_at_the_origin_and_both_edges() {
+    let work = tempfile::tempdir().unwrap();
+    let s = Server::start().await;
+    let origin = s.http.port();
+    let (_a, pa) = varnish(&work.path().join("a"), origin, "malloc,32m");
+    let (_b, pb_) = varnish(&work.path().join("b"), origin, "malloc,32m");
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |p| {
+        p.http_addr = Some(format!("127.0.0.1:{origin}"));
+        p.purge = Some(vec![
+            target("edge-a", "varnish", format!("http://127.0.0.1:{pa}/"), None),
+            target("edge-b", "varnish", format!("http://127.0.0.1:{pb_}/"), None),
+        ]);
+    })
+    .await;
+    let bytes = b"GIF89a shared bytes";
+    let taken = put(&s, "alice", "pic.gif", bytes).await;
+    let other = put(&s, "bob", "pic.gif", bytes).await;
+    assert_eq!(taken.hash, other.hash);
+    let r = common::get(s.http, &path_of(&taken.url), &[]);
+    assert_eq!(r.header("surrogate-key"), Some(format!("alice alice/{}", taken.hash).as_str()));
+    assert_eq!(r.header("cache-tag"), Some(format!("alice,alice/{}", taken.hash).as_str()));
+    for port in [pa, pb_] {
+        warm(port, &taken.url, bytes);
+        warm(port, &other.url, bytes);
+    }
+
+    let mut p = s.publisher().await;
+    p.delete_asset(pb::DeleteAssetRequest { blog_id: "alice".into(), hash: taken.hash.clone() }).await.unwrap();
+    assert_eq!(common::get(s.http, &path_of(&taken.url), &[]).status, 404);
+    // The path bound to it resolves to a versioned URL again.
+    let r = common::resolve(&s, "alice", &["/pic.gif"]).await;
+    assert!(r[0].content_hash.is_empty() && r[0].cache_id > 0, "{r:?}");
+    wait_queues(s.grpc, 10, "both edges purged", drained).await;
+    for port in [pa, pb_] {
+        assert_eq!(edge_get(port, &taken.url).0, 404, "the taken-down URL at edge {port}");
+        // Bob's reference to the same bytes keeps working, still cached.
+        assert_eq!(edge_get(port, &other.url), (200, "HIT".to_owned(), bytes.to_vec()));
+    }
+    assert!(s.dir.path().join("cas").exists());
+    assert_eq!(common::get(s.http, &path_of(&other.url), &[]).body, bytes);
+
+    let e = p.delete_asset(pb::DeleteAssetRequest { blog_id: "alice".into(), hash: taken.hash.clone() }).await;
+    let e = e.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("does not reference"), "{}", e.message());
+    let e = p.delete_asset(pb::DeleteAssetRequest { blog_id: "alice".into(), hash: "xyz".into() }).await;
+    assert_eq!(e.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // Bob deletes his too: the blob goes from the CAS.
+    p.delete_asset(pb::DeleteAssetRequest { blog_id: "bob".into(), hash: other.hash.clone() }).await.unwrap();
+    let h = &other.hash;
+    let blob = s.dir.path().join("cas").join(&h[..2]).join(&h[2..4]).join(h);
+    assert!(!blob.exists(), "{} still there", blob.display());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_purges_pages_the_app_tagged() {
+    let work = tempfile::tempdir().unwrap();
+    // The app: nginx serving a page tagged for the edge.
+    let root = work.path().join("app");
+    std::fs::create_dir_all(root.join("pages")).unwrap();
+    std::fs::write(root.join("pages/index.html"), "<p>first</p>").unwrap();
+    common::open_up(work.path());
+    common::open_up(&root);
+    common::open_up(&root.join("pages"));
+    let (_app, app_port) = common::nginx(
+        &work.path().join("nginx"),
+        &root,
+        "open_file_cache off; add_header Surrogate-Key pages; add_header Surrogate-Control max-age=3600; \
+         add_header Cache-Control no-cache;",
+    );
+    let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{app_port}")])).await;
+    let origin = s.http.port();
+    let (_v, vport) = varnish(&work.path().join("edge"), origin, "malloc,32m");
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |p| {
+        p.http_addr = Some(format!("127.0.0.1:{origin}"));
+        p.fallback_origins = Some(vec![format!("http://127.0.0.1:{app_port}")]);
+        p.backfill_origins = Some(0);
+        p.purge_on_publish = Some(true);
+        p.purge = Some(vec![target("edge", "varnish", format!("http://127.0.0.1:{vport}/"), None)]);
+    })
+    .await;
+    common::invalidate(&s, "pages", &[]).await;
+    wait_queues(s.grpc, 10, "the first publish purged", drained).await;
+    let page = format!("http://127.0.0.1:{vport}/pages/index.html");
+    curl(&[&page]);
+    let r = curl(&[&page]);
+    assert_eq!((r.status, r.header("x-cache"), r.body.as_slice()), (200, Some("HIT"), &b"<p>first</p>"[..]));
+
+    // The page changes in the app; the edge keeps the old one until a publish.
+    std::fs::write(root.join("pages/index.html"), "<p>second</p>").unwrap();
+    assert_eq!(curl(&[&page]).body, b"<p>first</p>");
+    let sent = queues(&s).await[0].sent;
+    common::invalidate(&s, "pages", &[]).await;
+    wait_queues(s.grpc, 10, "the publish purged", |q| q[0].length == 0 && q[0].sent > sent).await;
+    let r = curl(&[&page]);
+    assert_eq!((r.header("x-cache"), r.body.as_slice()), (Some("MISS"), &b"<p>second</p>"[..]));
+    s.stop().await;
+}
+
+/// Recomputes a SigV4 signature with botocore from the request as received.
+fn botocore_signature(g: &Got, port: u16, secret: &str, token: &str) -> String {
+    let script = r#"
+import json, sys
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+r = json.load(sys.stdin)
+h = dict(r["headers"])
+# Sign what the request says it signed, as botocore would.
+signed = h["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+headers = {k: h[k] for k in signed if k not in ("host", "x-amz-date", "x-amz-security-token")}
+req = AWSRequest(method=r["method"], url=r["url"], data=r["body"].encode(), headers=headers)
+auth = SigV4Auth(Credentials("AKIDTEST", r["secret"], r["token"]), "cloudfront", "us-east-1")
+req.context["timestamp"] = h["x-amz-date"]
+auth._modify_request_before_signing(req)
+del req.headers["X-Amz-Date"]
+req.headers["X-Amz-Date"] = h["x-amz-date"]
+creq = auth.canonical_request(req)
+sys.stderr.write(creq + "\n")
+sts = auth.string_to_sign(req, creq)
+print(auth.signature(sts, req))
+"#;
+    let headers: Vec<(String, String)> = g.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    let input = serde_json::json!({
+        "method": g.method,
+        "url": format!("http://127.0.0.1:{port}{}", g.target),
+        "headers": headers,
+        "body": g.body,
+        "secret": secret,
+        "token": token,
+    });
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "botocore: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("botocore's canonical request:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bunny_cloudflare_and_cloudfront_get_the_requests_they_document() {
+    // Each test runs in a process of its own (nextest): the credentials
+    // are read from this process's environment at start.
+    std::env::set_var("BUNNY_API_KEY", "bunny-key");
+    std::env::set_var("CLOUDFLARE_API_TOKEN", "cf-token");
+    std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDTEST");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "secret/KEY+test");
+    std::env::set_var("AWS_SESSION_TOKEN", "session-token");
+    let bunny = Endpoint::start(|_| (204, vec![], String::new()));
+    let cf = Endpoint::start(|_| (200, vec![], r#"{"success":true,"errors":[],"result":{"id":"x"}}"#.into()));
+    let cfront = Endpoint::start(|_| (201, vec![], "<Invalidation><Id>I1</Id></Invalidation>".into()));
+    let s = Server::start_with(|p| {
+        p.purge = Some(vec![
+            target("bunny", "bunny", bunny.url("/pullzone/123/purgeCache"), None),
+            target("cf", "cloudflare", cf.url("/client/v4/zones/zone9/purge_cache"), None),
+            target("cfront", "cloudfront", cfront.url("/2020-05-31/distribution/EDFDVBD6EXAMPLE/invalidation"), None),
+        ]);
+    })
+    .await;
+    let hash = "0123456789abcdef0123456789abcdef";
+    s.publisher()
+        .await
+        .purge(pb::PurgeRequest { blog_id: "pblog".into(), keys: vec!["pblog".into(), format!("pblog/{hash}")] })
+        .await
+        .unwrap();
+    wait_queues(s.grpc, 10, "every provider purged", drained).await;
+
+    // Bunny: one tag a request, the AccessKey header.
+    let got = bunny.got();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (g, tag) in got.iter().zip(["pblog".to_owned(), format!("pblog/{hash}")]) {
+        assert_eq!((g.method.as_str(), g.target.as_str()), ("POST", "/pullzone/123/purgeCache"));
+        assert_eq!(g.header("accesskey"), Some("bunny-key"));
+        assert_eq!(g.header("content-type"), Some("application/json"));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&g.body).unwrap(), serde_json::json!({ "CacheTag": tag }));
+    }
+
+    // Cloudflare: purge by tags, a bearer token.
+    let got = cf.got();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let g = &got[0];
+    assert_eq!((g.method.as_str(), g.target.as_str()), ("POST", "/client/v4/zones/zone9/purge_cache"));
+    assert_eq!(g.header("authorization"), Some("Bearer cf-token"));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&g.body).unwrap(),
+        serde_json::json!({ "tags": ["pblog", format!("pblog/{hash}")] })
+    );
+
+    // CloudFront: CreateInvalidation of the blog's paths, signed with SigV4.
+    let got = cfront.got();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let g = &got[0];
+    assert_eq!((g.method.as_str(), g.target.as_str()), ("POST", "/2020-05-31/distribution/EDFDVBD6EXAMPLE/invalidation"));
+    assert!(g.body.contains(r#"<InvalidationBatch xmlns="http://cloudfront.amazonaws.com/doc/2020-05-31/">"#), "{}", g.body);
+    assert!(
+        g.body.contains(&format!(
+            "<Paths><Quantity>2</Quantity><Items><Path>/pblog/*</Path><Path>/pblog/_assets/{hash}/*</Path></Items></Paths>"
+        )),
+        "{}",
+        g.body
+    );
+    assert!(g.body.contains("<CallerReference>blotcdn-cfront-"), "{}", g.body);
+    assert_eq!(g.header("x-amz-security-token"), Some("session-token"));
+    let auth = g.header("authorization").unwrap();
+    let date = g.header("x-amz-date").unwrap();
+    assert!(
+        auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential=AKIDTEST/{}/us-east-1/cloudfront/aws4_request, ", &date[..8])),
+        "{auth}"
+    );
+    let signature = auth.rsplit("Signature=").next().unwrap();
+    assert_eq!(signature, botocore_signature(g, cfront.port, "secret/KEY+test", "session-token"), "{auth}");
+    s.stop().await;
+}
+
+#[test]
+fn a_target_without_its_credentials_stops_the_start_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(
+        Command::new(binary())
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .env("BLOTCDN_PURGE_URLS", "cloudflare=https://api.cloudflare.com/client/v4/zones/z/purge_cache")
+            .env_remove("CLOUDFLARE_API_TOKEN"),
+        20,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("CLOUDFLARE_API_TOKEN"), "{err}");
+    let (code, _, err) = run(
+        Command::new(binary())
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .env("BLOTCDN_PURGE_URLS", "fastly=https://example.com/"),
+        20,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown kind \"fastly\""), "{err}");
+}
