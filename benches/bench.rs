@@ -4,7 +4,7 @@
 //! in time. Run with `./scripts/bench.sh` (or `cargo bench --bench bench`).
 //!
 //! Arguments: names of benchmarks to run (default: all of resolve, origin,
-//! publish, ingest, scale, edge, soak); `--quick` shortens every phase.
+//! publish, ingest, scale, edge, purge, soak); `--quick` shortens every phase.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,6 +25,8 @@ use tonic::transport::Channel;
 // The test suite's helpers: ports, daemons stopped gracefully, Varnish.
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bench/purge.rs"]
+mod purge;
 #[path = "bench/soak.rs"]
 mod soak;
 
@@ -56,11 +58,17 @@ struct BlotServer {
 
 impl BlotServer {
     async fn start(data: &Path) -> BlotServer {
-        let (g, h) = (free_port(), free_port());
+        BlotServer::start_with(data, free_port(), &[]).await
+    }
+
+    /// With the HTTP origin on `h` and extra `serve` flags.
+    async fn start_with(data: &Path, h: u16, extra: &[&str]) -> BlotServer {
+        let g = free_port();
         let start = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_blotcdn"))
             .args(["serve", "--data-dir"])
             .arg(data)
+            .args(extra)
             .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--http-addr", &format!("127.0.0.1:{h}")])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "error")
@@ -793,7 +801,12 @@ impl Http {
     }
 
     fn get(&mut self, path: &str) -> (u16, bool, Vec<u8>) {
-        write!(self.stream, "GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n").unwrap();
+        self.request("GET", path, "")
+    }
+
+    /// `extra`: header lines, each ending in CRLF.
+    fn request(&mut self, method: &str, path: &str, extra: &str) -> (u16, bool, Vec<u8>) {
+        write!(self.stream, "{method} {path} HTTP/1.1\r\nHost: edge\r\n{extra}\r\n").unwrap();
         self.buf.clear();
         let mut tmp = [0u8; 16384];
         loop {
@@ -930,7 +943,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
     let o = Opts { quick: args.iter().any(|a| a == "--quick") };
     let names: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(|s| s.as_str()).collect();
-    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "soak"];
+    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "purge", "soak"];
     let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
@@ -943,6 +956,7 @@ fn main() {
                 "ingest" => bench_ingest(&o, &mut rows).await,
                 "scale" => bench_scale(&o, &mut rows).await,
                 "edge" => bench_edge(&o, &mut rows).await,
+                "purge" => purge::bench_purge(&o, &mut rows).await,
                 "soak" => soak::bench_soak(&o, &mut rows).await,
                 other => eprintln!("unknown benchmark {other:?}; known: {all:?}"),
             }
