@@ -70,6 +70,17 @@ export interface BlotcdnError extends Error {
   code: string;
 }
 
+export interface PurgeQueue {
+  target: string;
+  /** Keys waiting. */
+  length: number;
+  /** When the oldest waiting key was enqueued (ms since the epoch), 0 when none waits. */
+  oldestMs: number;
+  lastError: string;
+  /** Keys sent since the server started. */
+  sent: number;
+}
+
 export class Client {
   constructor(options?: ClientOptions);
   readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>>> &
@@ -91,5 +102,11 @@ export class Client {
   setDomain(domain: string, blogId: string): Promise<void>;
   removeDomain(domain: string): Promise<void>;
   deleteBlog(blogId: string): Promise<void>;
+  /** Takes one permanent asset down: its URL answers 404 and is purged at the edges. */
+  deleteAsset(blogId: string, hash: string): Promise<void>;
+  /** Purges keys (the blog id, or `${blogId}/...`; none: the blog id) at every edge target, durably. */
+  purge(blogId: string, keys?: string[]): Promise<void>;
+  /** Each edge target's purge queue. */
+  getPurges(): Promise<PurgeQueue[]>;
   close(): void;
 }

@@ -124,6 +124,18 @@ class Client {
     return publish.deleteBlog(this.conn, blogId, publishOpts(this));
   }
 
+  deleteAsset(blogId, hash) {
+    return publish.deleteAsset(this.conn, blogId, hash, publishOpts(this));
+  }
+
+  purge(blogId, keys = []) {
+    return publish.purge(this.conn, blogId, keys, publishOpts(this));
+  }
+
+  getPurges() {
+    return publish.getPurges(this.conn, publishOpts(this));
+  }
+
   async getBlog(blogId) {
     return this.conn.unary('resolver', 'GetBlog', { blogId }, publishOpts(this));
   }

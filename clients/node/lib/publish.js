@@ -80,4 +80,29 @@ async function deleteBlog(conn, blogId, opts) {
   await conn.unary('publisher', 'DeleteBlog', { blogId }, opts);
 }
 
-module.exports = { invalidate, putAsset, importFile, setDomain, removeDomain, deleteBlog, CHUNK };
+async function deleteAsset(conn, blogId, hash, opts) {
+  await conn.unary('publisher', 'DeleteAsset', { blogId, hash }, opts);
+}
+
+/** Enqueues purge keys of one blog at every edge target (none: the blog id). */
+async function purge(conn, blogId, keys = [], opts) {
+  await conn.unary('publisher', 'Purge', { blogId, keys }, opts);
+}
+
+async function getPurges(conn, opts) {
+  const res = await conn.unary('publisher', 'GetPurges', {}, opts);
+  return res.queues;
+}
+
+module.exports = {
+  invalidate,
+  putAsset,
+  importFile,
+  setDomain,
+  removeDomain,
+  deleteBlog,
+  deleteAsset,
+  purge,
+  getPurges,
+  CHUNK,
+};

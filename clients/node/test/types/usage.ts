@@ -1,5 +1,5 @@
 // Compiled by test/package.test.js with `tsc --noEmit --strict`: the declarations fit real use.
-import { Client, Resolved, Asset, BlotcdnError } from '../..';
+import { Client, Resolved, Asset, BlotcdnError, PurgeQueue } from '../..';
 import { Readable } from 'node:stream';
 
 async function use(): Promise<void> {
@@ -16,6 +16,11 @@ async function use(): Promise<void> {
   const blog = await client.getBlog('blog');
   const n: number = blog.cacheId + blog.pathCount;
   await client.deleteBlog('blog');
+  await client.deleteAsset('blog', a.hash);
+  await client.purge('blog');
+  await client.purge('blog', ['blog/pages']);
+  const queues: PurgeQueue[] = await client.getPurges();
+  const waiting: number = queues[0].length + queues[0].oldestMs + queues[0].sent;
   const info = await client.getInfo();
   try {
     await client.getBlog('x');
@@ -24,6 +29,6 @@ async function use(): Promise<void> {
     void code;
   }
   client.close();
-  void [html, answers, cacheId, a, b, c, owner, n, info.cdnBaseUrl];
+  void [html, answers, cacheId, a, b, c, owner, n, info.cdnBaseUrl, waiting, queues[0].lastError];
 }
 void use;
