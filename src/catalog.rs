@@ -401,7 +401,11 @@ impl Catalog {
         let blog = BlogId::parse(blog)?;
         self.check_batch(keys.len())?;
         for k in &keys {
-            let rest = if k == blog.as_str() { Some("x") } else { k.strip_prefix(blog.as_str()).and_then(|r| r.strip_prefix('/')) };
+            let rest = if k == blog.as_str() {
+                Some("x")
+            } else {
+                k.strip_prefix(blog.as_str()).and_then(|r| r.strip_prefix('/'))
+            };
             let ok = k.len() <= MAX_PURGE_KEY_BYTES
                 && rest.is_some_and(|r| {
                     !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'/')

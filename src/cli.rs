@@ -409,7 +409,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     0 => "-".to_owned(),
                     t => format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0),
                 };
-                let error = if q.last_error.is_empty() { String::new() } else { format!("  last error: {}", q.last_error) };
+                let error =
+                    if q.last_error.is_empty() { String::new() } else { format!("  last error: {}", q.last_error) };
                 println!("{}  waiting {}  oldest {oldest}  sent {}{error}", q.target, q.length, q.sent);
             }
         }

@@ -353,10 +353,7 @@ impl pb::publisher_server::Publisher for PublisherService {
         log.done(r)
     }
 
-    async fn get_purges(
-        &self,
-        _req: Request<pb::GetPurgesRequest>,
-    ) -> Result<Response<pb::GetPurgesResponse>, Status> {
+    async fn get_purges(&self, _req: Request<pb::GetPurgesRequest>) -> Result<Response<pb::GetPurgesResponse>, Status> {
         let log = CallLog::new("GetPurges", "", 0);
         let queues = self
             .catalog

@@ -490,7 +490,8 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
             }
             Some(key) => {
                 let blog = a.blog.to_str().unwrap_or_default();
-                let both = |sep| HeaderValue::from_str(&format!("{blog}{sep}{key}")).expect("ids and hex are header-safe");
+                let both =
+                    |sep| HeaderValue::from_str(&format!("{blog}{sep}{key}")).expect("ids and hex are header-safe");
                 out.insert("surrogate-key", both(" "));
                 out.insert("cache-tag", both(","));
             }

@@ -25,7 +25,12 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("blogs/mblog")).unwrap();
     std::fs::write(dir.path().join("blogs/mblog/style.css"), b"body{}").unwrap();
-    let server = ChildServer::spawn(dir.path());
+    // A purge target that is down: the outbox's metrics move too.
+    let server = ChildServer::spawn_with(
+        dir.path(),
+        &[],
+        &[("BLOTCDN_PURGE_URLS", "http=http://127.0.0.1:9/"), ("BLOTCDN_PURGE_ON_PUBLISH", "true")],
+    );
     let grpc = format!("http://{}", server.grpc);
     let mut p = pb::publisher_client::PublisherClient::connect(grpc.clone()).await.unwrap();
     let mut r = pb::resolver_client::ResolverClient::connect(grpc).await.unwrap();
@@ -54,6 +59,18 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     assert!(sample(&text, "blotcdn_wal_fsync_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
     assert!(text.contains("blotcdn_rpc_duration_seconds_bucket{method=\"ResolveBatch\",le=\"0.001\"}"), "{text}");
     assert_eq!(sample(&text, "blotcdn_index_paths"), Some(0.0));
+    assert_eq!(sample(&text, "blotcdn_purge_queue_length{target=\"http\"}"), Some(1.0), "{text}");
+    // The first delivery fails at once (nothing listens there); scrape until it shows.
+    let mut text = text;
+    for _ in 0..100 {
+        if sample(&text, "blotcdn_purge_sent_total{target=\"http\",outcome=\"error\"}").is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        text = String::from_utf8(curl(&[&format!("http://{}/metrics", metrics_addr(&server))]).body).unwrap();
+    }
+    assert!(sample(&text, "blotcdn_purge_sent_total{target=\"http\",outcome=\"error\"}").is_some_and(|n| n >= 1.0));
+    assert!(text.contains("blotcdn_purge_delivery_seconds_bucket{target=\"http\",le=\"0.001\"}"), "{text}");
     assert!(sample(&text, "process_resident_memory_bytes").is_some_and(|b| b > 1e6), "process metrics");
 
     // promtool's own lint.

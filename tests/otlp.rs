@@ -135,12 +135,14 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     std::fs::write(dir.path().join("blogs/tblog/a.css"), b"a{}").unwrap();
     let endpoint = format!("http://{otlp}");
     let fallback = format!("http://{origin}");
+    let purge_to = format!("http=http://{origin}/purge");
     let mut server = ChildServer::spawn_with(
         dir.path(),
         &[],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("BLOTCDN_FALLBACK_ORIGINS", fallback.as_str()),
+            ("BLOTCDN_PURGE_URLS", purge_to.as_str()),
             // Export every 200 ms, so the test need not wait 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
         ],
@@ -195,6 +197,14 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     assert_eq!(fetch.attr("origin"), Some(fallback.as_str()));
     let sent = seen.lock().unwrap().clone();
     assert!(sent.iter().any(|s| s.starts_with(&format!("00-{t3}-"))), "the fallback origin got {sent:?}");
+
+    // A purge delivery: a span of its own, whose trace the target is sent.
+    p.purge(pb::PurgeRequest { blog_id: "tblog".into(), keys: vec![] }).await.unwrap();
+    let d = wait_for(&rx, "purge.deliver", |g| g.name == "purge.deliver").await;
+    assert_eq!((d.attr("purge.target"), d.attr("kind"), d.attr("keys")), (Some("http"), Some("http"), Some("1")), "{d:?}");
+    assert_eq!(d.attr("outcome"), Some("ok"), "{d:?}");
+    let sent = seen.lock().unwrap().clone();
+    assert!(sent.iter().any(|s| s.starts_with(&format!("00-{}-", d.trace_id))), "the purge target got {sent:?}");
 
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     assert_eq!(server.child.wait().unwrap().code(), Some(0));

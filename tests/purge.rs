@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use blotcdn::config::PurgeTargetConfig;
 use blotcdn::proto as pb;
-use common::{
-    binary, curl, path_of, run, varnish, varnish_at, varnish_bans, ChildServer, DownEdge, Server,
-};
+use common::{binary, curl, path_of, run, varnish, varnish_at, varnish_bans, ChildServer, DownEdge, Server};
 
 /// One request an endpoint received.
 #[derive(Debug, Clone)]
@@ -85,7 +83,8 @@ impl Endpoint {
                     g.len() - 1
                 };
                 let (status, extra, body) = answer(n);
-                let mut resp = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                let mut resp =
+                    format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
                 for (k, v) in extra {
                     resp.push_str(&format!("{k}: {v}\r\n"));
                 }
@@ -296,8 +295,7 @@ async fn kill_9_between_acknowledgement_and_delivery_then_restart_delivers() {
     let mut s = ChildServer::spawn_with(&data, &["--config", conf], &[]);
     wait_queues(s.grpc, 10, "the restarted server tried the edge", |q| !q[0].last_error.is_empty()).await;
     // `blotcdn purges` shows what waits from before the crash.
-    let (code, out, err) =
-        run(Command::new(binary()).args(["purges", "--server", &format!("http://{}", s.grpc)]), 20);
+    let (code, out, err) = run(Command::new(binary()).args(["purges", "--server", &format!("http://{}", s.grpc)]), 20);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("edge  waiting 2  oldest "), "{out}");
     assert!(out.contains("last error: "), "{out}");
@@ -581,8 +579,15 @@ async fn bunny_cloudflare_and_cloudfront_get_the_requests_they_document() {
     let got = cfront.got();
     assert_eq!(got.len(), 1, "{got:?}");
     let g = &got[0];
-    assert_eq!((g.method.as_str(), g.target.as_str()), ("POST", "/2020-05-31/distribution/EDFDVBD6EXAMPLE/invalidation"));
-    assert!(g.body.contains(r#"<InvalidationBatch xmlns="http://cloudfront.amazonaws.com/doc/2020-05-31/">"#), "{}", g.body);
+    assert_eq!(
+        (g.method.as_str(), g.target.as_str()),
+        ("POST", "/2020-05-31/distribution/EDFDVBD6EXAMPLE/invalidation")
+    );
+    assert!(
+        g.body.contains(r#"<InvalidationBatch xmlns="http://cloudfront.amazonaws.com/doc/2020-05-31/">"#),
+        "{}",
+        g.body
+    );
     assert!(
         g.body.contains(&format!(
             "<Paths><Quantity>2</Quantity><Items><Path>/pblog/*</Path><Path>/pblog/_assets/{hash}/*</Path></Items></Paths>"
@@ -595,7 +600,10 @@ async fn bunny_cloudflare_and_cloudfront_get_the_requests_they_document() {
     let auth = g.header("authorization").unwrap();
     let date = g.header("x-amz-date").unwrap();
     assert!(
-        auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential=AKIDTEST/{}/us-east-1/cloudfront/aws4_request, ", &date[..8])),
+        auth.starts_with(&format!(
+            "AWS4-HMAC-SHA256 Credential=AKIDTEST/{}/us-east-1/cloudfront/aws4_request, ",
+            &date[..8]
+        )),
         "{auth}"
     );
     let signature = auth.rsplit("Signature=").next().unwrap();

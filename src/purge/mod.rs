@@ -86,7 +86,7 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
         let Some(keys) = q.take(t.max_keys()) else { continue };
         let span = tracing::debug_span!(
             "purge.deliver",
-            target = %name,
+            purge.target = %name,
             kind = kind.as_str(),
             keys = keys.len(),
             outcome = tracing::field::Empty
@@ -113,10 +113,10 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
             Outcome::Sent => {
                 backoff = FIRST_BACKOFF;
                 let upto = q.delivered();
-                tracing::debug!(target = %name, keys = keys.len(), upto, "purge delivered");
+                tracing::debug!(purge_target = %name, keys = keys.len(), upto, "purge delivered");
                 if let Err(e) = store.purge_sent(name.clone(), upto).done().await {
                     // Not recorded: resent after a restart, which is harmless.
-                    tracing::warn!(target = %name, error = %e, "could not record a delivered purge");
+                    tracing::warn!(purge_target = %name, error = %e, "could not record a delivered purge");
                 }
             }
             Outcome::Retry { error, after, .. } => {
@@ -124,7 +124,7 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                     Some(a) => a.min(MAX_RETRY_AFTER),
                     None => jitter(backoff),
                 };
-                tracing::warn!(target = %name, error = %error, retry_in_ms = wait.as_millis() as u64, "purge not delivered");
+                tracing::warn!(purge_target = %name, error = %error, retry_in_ms = wait.as_millis() as u64, "purge not delivered");
                 q.failed(error);
                 backoff = (backoff * 2).min(LAST_BACKOFF);
                 tokio::time::sleep(wait).await;

@@ -129,7 +129,8 @@ impl Outbox {
         self.queues.iter().find_map(|q| {
             let s = q.state.lock();
             (s.items.len() >= self.cap).then(|| {
-                let why = if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
+                let why =
+                    if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
                 format!(
                     "the purge queue of target {} is full ({} keys waiting, purge_queue_max){why}; \
                      retry once it drains",
@@ -252,13 +253,10 @@ mod tests {
         // Asked again while in flight: a new item.
         o.enqueue(4, 13, &keys(&["blog"]));
         assert_eq!(q.delivered(), 3);
-        assert_eq!(o.snapshot()[0], QueueInfo {
-            target: "a".into(),
-            length: 1,
-            oldest_ms: 13,
-            last_error: String::new(),
-            sent: 2
-        });
+        assert_eq!(
+            o.snapshot()[0],
+            QueueInfo { target: "a".into(), length: 1, oldest_ms: 13, last_error: String::new(), sent: 2 }
+        );
         assert_eq!(q.take(10).unwrap().len(), 1);
         q.failed("503".into());
         assert_eq!(o.snapshot()[0].last_error, "503");

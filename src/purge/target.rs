@@ -48,7 +48,11 @@ pub struct Target {
 pub enum Outcome {
     Sent,
     /// Try again: after `after` when the edge said so (`Retry-After`).
-    Retry { error: String, after: Option<Duration>, throttled: bool },
+    Retry {
+        error: String,
+        after: Option<Duration>,
+        throttled: bool,
+    },
 }
 
 impl Target {

@@ -141,16 +141,58 @@ impl Op {
 
 /// What a write does to the index once durable, and whom to answer.
 enum Effect {
-    Invalidated { blog: BlogId, floor: CacheId, id: CacheId, paths: Vec<BlogPath>, tx: Reply<CacheId> },
-    Bound { blog: BlogId, floor: CacheId, id: CacheId, path: Option<BlogPath>, binding: Binding, tx: Reply<()> },
-    DomainSet { domain: Domain, blog: BlogId, floor: CacheId, tx: Reply<()> },
-    DomainRemoved { domain: Domain, existed: bool, tx: Reply<bool> },
-    Deleted { blog: BlogId, hashes: Option<Vec<ContentHash>>, tx: Reply<Option<Vec<ContentHash>>> },
-    Unref { blog: BlogId, floor: CacheId, id: CacheId, hash: ContentHash, paths: Vec<Box<str>>, tx: Reply<bool> },
+    Invalidated {
+        blog: BlogId,
+        floor: CacheId,
+        id: CacheId,
+        paths: Vec<BlogPath>,
+        tx: Reply<CacheId>,
+    },
+    Bound {
+        blog: BlogId,
+        floor: CacheId,
+        id: CacheId,
+        path: Option<BlogPath>,
+        binding: Binding,
+        tx: Reply<()>,
+    },
+    DomainSet {
+        domain: Domain,
+        blog: BlogId,
+        floor: CacheId,
+        tx: Reply<()>,
+    },
+    DomainRemoved {
+        domain: Domain,
+        existed: bool,
+        tx: Reply<bool>,
+    },
+    Deleted {
+        blog: BlogId,
+        hashes: Option<Vec<ContentHash>>,
+        tx: Reply<Option<Vec<ContentHash>>>,
+    },
+    Unref {
+        blog: BlogId,
+        floor: CacheId,
+        id: CacheId,
+        hash: ContentHash,
+        paths: Vec<Box<str>>,
+        tx: Reply<bool>,
+    },
     /// A purge record: its keys go to the outbox once durable.
-    Enqueue { seq: u64, at_ms: u64, keys: Vec<String> },
-    GcDone { hash: ContentHash, tx: Reply<()> },
-    Done { tx: Reply<()> },
+    Enqueue {
+        seq: u64,
+        at_ms: u64,
+        keys: Vec<String>,
+    },
+    GcDone {
+        hash: ContentHash,
+        tx: Reply<()>,
+    },
+    Done {
+        tx: Reply<()>,
+    },
 }
 
 impl Effect {
