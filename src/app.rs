@@ -39,28 +39,39 @@ pub enum AppError {
     Config { key: &'static str, reason: String },
 }
 
-/// The origin serves whatever lies under `blogs_dir/{blog id}/`: the data dir
-/// (the database, its log, the CAS) must not be reachable from there, nor may
-/// the blogs live inside the database's or the CAS's folders.
-fn check_blogs_dir(config: &Config) -> Result<(), AppError> {
+/// The origin serves whatever lies under `blogs_dir/{blog id}/` and
+/// `static_dir/{blog id}/`: the data dir (the database, its log, the CAS)
+/// must not be reachable from either, neither may lie inside the database's
+/// or the CAS's folders, and the two must not overlap (backfill writes into
+/// the static folder, never into a user's synced folder).
+fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
     let canon = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
-    let blogs = canon(&config.blogs_dir);
     let data = canon(&config.data_dir);
-    let reason = if data.starts_with(&blogs) {
-        Some(format!(
-            "{} holds the data dir {} (its database and CAS would be served as blog files); use a folder of its own",
-            blogs.display(),
-            data.display()
-        ))
-    } else if blogs.starts_with(data.join("db")) || blogs.starts_with(data.join("cas")) {
-        Some(format!("{} lies inside the data dir's database or CAS folder", blogs.display()))
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(AppError::Config { key: "blogs_dir", reason }),
-        None => Ok(()),
+    let blogs = canon(&config.blogs_dir);
+    let statics = canon(&config.static_dir);
+    for (key, dir) in [("blogs_dir", &blogs), ("static_dir", &statics)] {
+        let reason = if data.starts_with(dir) {
+            Some(format!(
+                "{} holds the data dir {} (its database and CAS would be served as blog files); use a folder of its own",
+                dir.display(),
+                data.display()
+            ))
+        } else if dir.starts_with(data.join("db")) || dir.starts_with(data.join("cas")) {
+            Some(format!("{} lies inside the data dir's database or CAS folder", dir.display()))
+        } else if key == "static_dir" && (statics.starts_with(&blogs) || blogs.starts_with(&statics)) {
+            Some(format!(
+                "{} and blogs_dir {} overlap: the platform's files must stay apart from the users' synced folders",
+                statics.display(),
+                blogs.display()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(AppError::Config { key, reason });
+        }
     }
+    Ok(())
 }
 
 /// Raises the soft limit on open descriptors to the hard limit (the usual
@@ -137,7 +148,9 @@ impl App {
         };
         crate::durable::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
-        check_blogs_dir(&config)?;
+        let statics =
+            BlogsDir::new(&config.static_dir).map_err(dir_err("static_dir", &config.static_dir))?;
+        check_serving_dirs(&config)?;
         let cas_dir = config.data_dir.join("cas");
         let cas = Cas::open(&cas_dir).map_err(dir_err("the CAS", &cas_dir))?;
         // Once per data dir: blobs that earlier versions hard-linked to blog
@@ -200,6 +213,7 @@ impl App {
                 max_batch: config.max_batch,
                 max_asset_bytes: config.max_asset_bytes,
                 purges: outbox.clone(),
+                static_dir: statics,
             },
         ));
         // Finish any blob removal a crash interrupted.

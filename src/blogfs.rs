@@ -37,6 +37,10 @@ impl BlogsDir {
         Ok(BlogsDir { root: dir.canonicalize()? })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn blog_dir(&self, blog: &str) -> PathBuf {
         self.root.join(blog)
     }
@@ -110,5 +114,124 @@ impl BlogsDir {
             Ok(real_dir) => Ok(real.starts_with(&real_dir) && real != real_dir),
             Err(_) => Ok(false),
         }
+    }
+}
+
+/// A file being written under a folder (a blog's static folder), not there
+/// yet: a temporary name in the file's folder, then, once whole and
+/// fsynced, a link under its real name that fails if a file appeared there
+/// meanwhile (that one wins, nothing is overwritten). Dropped unfinished,
+/// the temporary file is removed.
+///
+/// Every step goes through a directory descriptor opened with `O_NOFOLLOW`,
+/// the blog's own folder included: a symbolic link anywhere on the way (even
+/// one swapped in mid-way) stops the write instead of leading it outside.
+/// Folders it creates are made durable in their parents.
+pub struct NewFile {
+    dir: File,
+    tmp: std::ffi::CString,
+    name: std::ffi::CString,
+    file: File,
+    /// Folders created on the way, each with the descriptor of its parent.
+    created: Vec<File>,
+}
+
+fn cstr(b: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"))
+}
+
+/// Opens `name` under `dir` as a directory, never through a link; creates
+/// it first when missing (then returns true).
+fn open_dir_at(dir: &File, name: &std::ffi::CStr) -> io::Result<(File, bool)> {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: `dir` is an open directory and `name` a NUL-terminated name.
+    let created = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) } == 0;
+    if !created {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: as above; the new descriptor is owned by the File below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::other(format!(
+            "write refused: {name:?} is not a plain folder ({})",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok((unsafe { File::from_raw_fd(fd) }, created))
+}
+
+impl NewFile {
+    /// Starts `rel` (a relative file path of plain segments) under
+    /// `root/blog`, creating folders as needed.
+    pub fn start(root: &Path, blog: &str, rel: &Path) -> io::Result<NewFile> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::io::FromRawFd;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+
+        std::fs::create_dir_all(root)?;
+        let mut dir =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(root)?;
+        let mut created = Vec::new();
+        let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
+        let parents = rel.parent().into_iter().flat_map(|p| p.components()).map(|c| c.as_os_str().as_bytes());
+        for comp in std::iter::once(blog.as_bytes()).chain(parents) {
+            let (next, new) = open_dir_at(&dir, &cstr(comp)?)?;
+            if new {
+                created.push(dir);
+            }
+            dir = next;
+        }
+        let tmp = cstr(
+            format!(".blotcdn-new-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes(),
+        )?;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: `dir` is open; the descriptor is owned by the File below.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(NewFile { dir, tmp, name: cstr(name.as_bytes())?, file, created })
+    }
+
+    pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        self.file.write_all(data)
+    }
+
+    /// The whole content is written: make it durable and give it its name.
+    /// `Ok(false)` when a file of that name appeared meanwhile (kept).
+    pub fn finish(self) -> io::Result<bool> {
+        self.file.sync_all()?;
+        // SAFETY: both names are relative to the same open directory.
+        let r = unsafe {
+            libc::linkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0)
+        };
+        if r != 0 {
+            return match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                e => Err(e),
+            };
+        }
+        // SAFETY: the temporary name, relative to the open directory.
+        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+        self.dir.sync_all()?;
+        for parent in &self.created {
+            parent.sync_all()?;
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        // SAFETY: a name relative to the open directory; after `finish` it is
+        // gone already, and this does nothing.
+        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
     }
 }

@@ -109,6 +109,7 @@ pub struct Catalog {
     /// reference being added.
     blob_lock: parking_lot::Mutex<()>,
     purges: Arc<crate::purge::Outbox>,
+    statics: BlogsDir,
 }
 
 pub struct CatalogOptions {
@@ -117,6 +118,8 @@ pub struct CatalogOptions {
     pub max_asset_bytes: u64,
     /// The outbox the store fills (for `GetPurges`).
     pub purges: Arc<crate::purge::Outbox>,
+    /// The platform's own files per blog (legacy URLs), and where backfill lands.
+    pub static_dir: BlogsDir,
 }
 
 /// Longest purge key accepted, in bytes.
@@ -142,6 +145,7 @@ impl Catalog {
             max_asset_bytes: opts.max_asset_bytes,
             blob_lock: parking_lot::Mutex::new(()),
             purges: opts.purges,
+            statics: opts.static_dir,
         }
     }
 
@@ -153,6 +157,10 @@ impl Catalog {
     }
     pub fn blogs_dir(&self) -> &BlogsDir {
         &self.blogs
+    }
+    /// The static folder: `{static_dir}/{blog}/…`, confined like the blogs.
+    pub fn static_dir(&self) -> &BlogsDir {
+        &self.statics
     }
     pub fn base_url(&self) -> &str {
         &self.base_url

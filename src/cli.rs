@@ -119,6 +119,25 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Copy the legacy S3 bucket's `{blog_id}/{path}` objects into the static folder: verified,
+    /// atomic, resumable (a checkpoint in the data dir), skipping what is there already.
+    Migrate {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// `http://host:port/bucket` (path style) or `https://bucket.s3.amazonaws.com`; credentials
+        /// from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (none: unsigned), region from AWS_REGION.
+        #[arg(long)]
+        bucket_url: String,
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// List and count what would be copied; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Objects copied at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
     /// Re-hash the CAS (server stopped): report corrupt blobs and missing ones.
     Fsck {
         #[command(flatten)]
@@ -160,6 +179,9 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long)]
     pub blogs_dir: Option<PathBuf>,
+    /// Where the platform's own files per blog live (thumbnails, avatars), and legacy-bucket copies land.
+    #[arg(long)]
+    pub static_dir: Option<PathBuf>,
     #[arg(long)]
     pub grpc_addr: Option<String>,
     #[arg(long)]
@@ -188,6 +210,7 @@ impl ServeArgs {
         let flags = Partial {
             data_dir: self.data_dir.clone(),
             blogs_dir: self.blogs_dir.clone(),
+            static_dir: self.static_dir.clone(),
             grpc_addr: self.grpc_addr.clone(),
             http_addr: self.http_addr.clone(),
             metrics_addr: self.metrics_addr.clone(),
@@ -414,6 +437,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}  waiting {}  oldest {oldest}  sent {}{error}", q.target, q.length, q.sent);
             }
         }
+        Command::Migrate { serve, bucket_url, prefix, dry_run, concurrency } => {
+            let config = serve.load()?;
+            crate::durable::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+            let opts = crate::migrate::Options { bucket_url, prefix, dry_run, concurrency };
+            let s = crate::migrate::run(&config.static_dir, &config.data_dir, opts).await?;
+            let mb = s.bytes as f64 / 1e6;
+            if dry_run {
+                println!("dry run: nothing written; would copy {} objects ({mb:.1} MB)", s.copied);
+            } else {
+                println!("{mb:.1} MB copied into {}", config.static_dir.display());
+            }
+            if s.interrupted {
+                println!("interrupted: run the same command again to go on");
+            }
+            println!("{s}");
+            if s.interrupted {
+                std::process::exit(130);
+            }
+            if s.failed > 0 {
+                std::process::exit(1);
+            }
+        }
         Command::Fsck { serve, quarantine } => {
             let config = serve.load()?;
             let store = crate::store::SledStore::open(&config.data_dir.join("db"))
@@ -427,6 +473,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_batch: config.max_batch,
                     max_asset_bytes: config.max_asset_bytes,
                     purges: std::sync::Arc::new(crate::purge::Outbox::none()),
+                    static_dir: crate::blogfs::BlogsDir::new(&config.static_dir)?,
                 },
             );
             let r = catalog.fsck(quarantine)?;

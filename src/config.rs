@@ -23,6 +23,9 @@ pub enum ConfigError {
 pub struct Partial {
     pub data_dir: Option<PathBuf>,
     pub blogs_dir: Option<PathBuf>,
+    /// Files the platform generates per blog (thumbnails, cached images,
+    /// avatars), apart from the users' synced folders: `{static_dir}/{blog}/…`.
+    pub static_dir: Option<PathBuf>,
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
     /// Prometheus text exposition at `GET /metrics`, never on the origin's port.
@@ -135,6 +138,7 @@ impl Partial {
         take!(
             data_dir,
             blogs_dir,
+            static_dir,
             grpc_addr,
             http_addr,
             metrics_addr,
@@ -177,6 +181,7 @@ impl Partial {
         Ok(Partial {
             data_dir: get("BLOTCDN_DATA_DIR").map(PathBuf::from),
             blogs_dir: get("BLOTCDN_BLOGS_DIR").map(PathBuf::from),
+            static_dir: get("BLOTCDN_STATIC_DIR").map(PathBuf::from),
             grpc_addr: get("BLOTCDN_GRPC_ADDR"),
             http_addr: get("BLOTCDN_HTTP_ADDR"),
             metrics_addr: get("BLOTCDN_METRICS_ADDR"),
@@ -239,6 +244,7 @@ impl Partial {
 pub struct Config {
     pub data_dir: PathBuf,
     pub blogs_dir: PathBuf,
+    pub static_dir: PathBuf,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -329,6 +335,7 @@ impl Config {
         };
         let data_dir = p.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
         let blogs_dir = p.blogs_dir.unwrap_or_else(|| data_dir.join("blogs"));
+        let static_dir = p.static_dir.unwrap_or_else(|| data_dir.join("static"));
         let cdn_base_url = match p.cdn_base_url {
             Some(u) => {
                 let u = u.trim_end_matches('/').to_owned();
@@ -392,6 +399,7 @@ impl Config {
             },
             data_dir,
             blogs_dir,
+            static_dir,
             cdn_base_url,
             resolver_tokens: check_tokens("resolver_tokens", p.resolver_tokens.unwrap_or_default())?,
             publisher_tokens: check_tokens("publisher_tokens", p.publisher_tokens.unwrap_or_default())?,
@@ -443,6 +451,7 @@ mod tests {
         assert_eq!(c.http_addr.port(), 9000);
         assert_eq!(c.grpc_addr.port(), 9002);
         assert_eq!(c.blogs_dir, PathBuf::from("./data/blogs"));
+        assert_eq!(c.static_dir, PathBuf::from("./data/static"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod durable;
 pub mod grpc;
 pub mod metrics;
+pub mod migrate;
 pub mod origin;
 pub mod purge;
 pub mod store;

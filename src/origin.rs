@@ -1,14 +1,18 @@
 //! The HTTP origin the CDN's edge pulls from. Routes, by DESIGN.md:
-//! - `/{blog}/{cache_id}/{path}`: versioned files from the blog's folder;
+//! - `/{blog}/{cache_id}/{path}`: versioned files from the blog's folder
+//!   (then the static folder, where a legacy-bucket copy may have landed);
 //! - `/{blog}/_assets/{hash}/{filename}`: permanent assets from the CAS;
 //! - `/_ask?domain=`: the edge's on-demand TLS check;
 //! - `/healthz`;
-//! - anything else: the blog's folder when the URL names a blog file, then
-//!   the fallback origins in order (legacy bucket, then app), then 404.
+//! - anything else: when the URL names a blog path, its permanent asset if
+//!   the path is bound to one, else the static folder, then the blog's
+//!   folder; then the fallback origins in order (legacy bucket, then app),
+//!   a bucket hit backfilled into the static folder; then 404.
 //!
 //! Whether a versioned URL can be valid is decided from metadata before any
 //! disk access. Files are opened only through [`crate::blogfs`], so nothing
-//! outside a blog's folder is ever read. It must not write metadata.
+//! outside a blog's folder (or its static folder) is ever read. It must not
+//! write metadata.
 
 use std::convert::Infallible;
 use std::fs::Metadata;
@@ -30,6 +34,7 @@ use crate::blogfs::OpenError;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{parse_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
+use crate::store::Resolution;
 
 mod fallback;
 mod hot;
@@ -90,6 +95,15 @@ struct FileAnswer {
 enum Source {
     Bytes(Bytes),
     File(std::fs::File),
+}
+
+/// The two folders a blog path's bytes may be in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Root {
+    /// The user's synced folder, `{blogs_dir}/{blog}`.
+    Blogs,
+    /// The platform's files and legacy-bucket copies, `{static_dir}/{blog}`.
+    Static,
 }
 
 impl Origin {
@@ -269,7 +283,8 @@ impl Origin {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
         let cache = if id == version { IMMUTABLE } else { SHORT };
-        self.serve_blog_file(req, blog, path, version, cache).await
+        // The user's file; one the legacy bucket backfilled, else.
+        self.serve_blog_file(req, blog, path, version, cache, [Root::Blogs, Root::Static]).await
     }
 
     async fn unversioned(&self, req: &Request<Incoming>, blog: &BlogId, path: &BlogPath) -> Response<Body> {
@@ -281,11 +296,20 @@ impl Origin {
         if self.catalog.store().is_deleted(blog.as_str()) {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
-        let version = self.catalog.store().path_version(blog.as_str(), path.as_str()).unwrap_or(0);
-        self.serve_blog_file(req, blog, path, version, SHORT).await
+        // A legacy URL of a path bound to a permanent asset serves the asset.
+        let store = self.catalog.store();
+        if let Some(resolved) = store.resolve(blog, &[path.as_str()]) {
+            if let Some(Resolution::Permanent { hash, .. }) = resolved.into_iter().next() {
+                return self.serve_asset(req, blog, &hash).await;
+            }
+        }
+        let version = store.path_version(blog.as_str(), path.as_str()).unwrap_or(0);
+        // The platform's files first, then the user's, then the fallbacks.
+        self.serve_blog_file(req, blog, path, version, SHORT, [Root::Static, Root::Blogs]).await
     }
 
-    /// The blog's file if the disk has it, else the fallback chain.
+    /// The file from the first folder in `order` that has it, else the
+    /// fallback chain.
     async fn serve_blog_file(
         &self,
         req: &Request<Incoming>,
@@ -293,32 +317,44 @@ impl Origin {
         path: &BlogPath,
         version: CacheId,
         cache: &'static str,
+        order: [Root; 2],
     ) -> Response<Body> {
-        match self.blog_file(blog, path, version, cache).await {
-            Ok(Some(answer)) => respond(req, answer),
-            Ok(None) => self.fallback(req, Some((blog, path))).await,
-            Err(resp) => resp,
+        for root in order {
+            match self.blog_file(blog, path, version, cache, root).await {
+                Ok(Some(answer)) => return respond(req, answer),
+                Ok(None) => {}
+                Err(resp) => return resp,
+            }
         }
+        self.fallback(req, Some((blog, path))).await
     }
 
-    /// The blog's file, from the hot cache or the disk. `Ok(None)` when missing.
+    /// A blog path's file in one folder, from the hot cache (blog folders
+    /// only) or the disk. `Ok(None)` when missing.
     async fn blog_file(
         &self,
         blog: &BlogId,
         path: &BlogPath,
         version: CacheId,
         cache: &'static str,
+        root: Root,
     ) -> Result<Option<FileAnswer>, Response<Body>> {
         let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
-        if let Some(hot) = self.hot.get(blog.as_str(), path.as_str(), version) {
-            tracing::Span::current().record("source", "hot");
-            return Ok(Some(hot.answer(cache, blog_hv)));
+        if root == Root::Blogs {
+            if let Some(hot) = self.hot.get(blog.as_str(), path.as_str(), version) {
+                tracing::Span::current().record("source", "hot");
+                return Ok(Some(hot.answer(cache, blog_hv)));
+            }
         }
-        tracing::Span::current().record("source", "disk");
+        tracing::Span::current().record("source", if root == Root::Blogs { "disk" } else { "static" });
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
         type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
         let opened = tokio::task::spawn_blocking(move || -> Result<Opened, OpenError> {
-            let (mut f, mut meta) = cat.blogs_dir().open(&b, &p)?;
+            let dir = match root {
+                Root::Blogs => cat.blogs_dir(),
+                Root::Static => cat.static_dir(),
+            };
+            let (mut f, mut meta) = dir.open(&b, &p)?;
             let (mut small, mut grew) = (None, false);
             if meta.len() <= SMALL_FILE {
                 let mut buf = Vec::with_capacity(meta.len() as usize);
@@ -357,7 +393,11 @@ impl Origin {
         match small {
             Some(bytes) => {
                 let hot = Arc::new(hot.with_bytes(bytes));
-                self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
+                // Keyed by the path's version, which says nothing of the
+                // static folder's files: only blog files are kept.
+                if root == Root::Blogs {
+                    self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
+                }
                 Ok(Some(hot.answer(cache, blog_hv)))
             }
             None => Ok(Some(hot.streaming(file, meta.len(), if grew { SHORT } else { cache }, blog_hv))),
@@ -372,6 +412,13 @@ impl Origin {
         if name.is_empty() {
             return not_found();
         }
+        self.serve_asset(req, blog, &hash).await
+    }
+
+    /// A permanent asset the blog references, from the CAS; else 404.
+    async fn serve_asset(&self, req: &Request<Incoming>, blog: &BlogId, hash: &ContentHash) -> Response<Body> {
+        let hash = *hash;
+        let not_found = || plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         let Some(aref) = self.catalog.store().asset_ref(blog.as_str(), &hash) else {
             return not_found();
         };
@@ -417,8 +464,10 @@ impl Origin {
             None => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         };
         tracing::Span::current().record("source", "fallback");
-        let dirs = self.catalog.blogs_dir();
-        let backfill = blog_file.map(|(b, p)| (dirs.blog_dir(b.as_str()), PathBuf::from(&p.as_str()[1..])));
+        // Backfill lands in the static folder, never in a user's synced folder.
+        let dirs = self.catalog.static_dir();
+        let backfill =
+            blog_file.map(|(b, p)| (dirs.root().to_owned(), b.to_string(), PathBuf::from(&p.as_str()[1..])));
         match self.fallback.fetch(req.method(), &target, backfill, blog_file.map(|(b, _)| b.as_str())).await {
             Some(resp) => resp,
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),

@@ -259,8 +259,8 @@ async fn a_bucket_object_over_64_mib_streams_through_in_bounded_memory_and_lands
     let mb = |b: u64| b >> 20;
     eprintln!("RSS {} MB before, peak {} MB while four 96 MiB objects streamed", mb(base), mb(peak));
     assert!(peak < base + (64 << 20), "memory grew from {} to {} MB", mb(base), mb(peak));
-    // Backfilled whole into the blog's folder.
-    let on_disk = data.join("blogs/bigblog/video.mp4");
+    // Backfilled whole into the static folder.
+    let on_disk = data.join("static/bigblog/video.mp4");
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::metadata(&on_disk).map(|m| m.len()).unwrap_or(0) != big.len() as u64 {
         assert!(Instant::now() < deadline, "not backfilled");

@@ -146,12 +146,13 @@ async fn fallback_origins_in_order_and_backfill() {
     })
     .await;
 
-    // Not on local disk: the legacy bucket answers, and the file lands on disk.
+    // Not on local disk: the legacy bucket answers, and the file lands in
+    // the static folder (never the user's synced folder).
     let avatar = "/oldblog/avatars/1468462389403/me.png";
     let r = curl(&[&s.url(avatar)]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy avatar"[..]));
     assert_eq!(r.header("surrogate-key"), Some("oldblog"));
-    let on_disk = s.blogs_dir().join("oldblog/avatars/1468462389403/me.png");
+    let on_disk = s.config.static_dir.join("oldblog/avatars/1468462389403/me.png");
     assert_eq!(eventually_read(&on_disk), b"legacy avatar");
     // The bucket can forget it now: local disk answers first.
     std::fs::remove_file(legacy_root.join("oldblog/avatars/1468462389403/me.png")).unwrap();
@@ -165,11 +166,11 @@ async fn fallback_origins_in_order_and_backfill() {
     // The app sees the query of what it is asked.
     assert_eq!(curl(&[&s.url("/echo?x=1&y=2")]).body, b"args=x=1&y=2");
 
-    // A backfill never follows a link out of the blog's folder: the answer
-    // still comes from the bucket, but nothing is written outside.
+    // A backfill never follows a link out of the blog's static folder: the
+    // answer still comes from the bucket, but nothing is written outside.
     let outside = work.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    std::os::unix::fs::symlink(&outside, s.blogs_dir().join("oldblog/evil")).unwrap();
+    std::os::unix::fs::symlink(&outside, s.config.static_dir.join("oldblog/evil")).unwrap();
     std::fs::create_dir_all(legacy_root.join("oldblog/evil")).unwrap();
     std::fs::write(legacy_root.join("oldblog/evil/x.png"), b"bucket bytes").unwrap();
     let r = curl(&[&s.url("/oldblog/evil/x.png")]);
@@ -177,13 +178,15 @@ async fn fallback_origins_in_order_and_backfill() {
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the blog's folder");
 
     // A versioned URL whose file is only in the bucket: fetched by its
-    // unversioned name, written into the blog's folder.
+    // unversioned name, written into the static folder, served from there.
     let id = invalidate(&s, "oldblog", &[]).await;
     std::fs::create_dir_all(legacy_root.join("oldblog/img")).unwrap();
     std::fs::write(legacy_root.join("oldblog/img/p.jpg"), b"legacy photo").unwrap();
     let r = curl(&[&s.url(&format!("/oldblog/{id}/img/p.jpg"))]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"legacy photo"[..]));
-    assert_eq!(eventually_read(&s.blogs_dir().join("oldblog/img/p.jpg")), b"legacy photo");
+    // Into the static folder, never the user's synced folder.
+    assert_eq!(eventually_read(&s.config.static_dir.join("oldblog/img/p.jpg")), b"legacy photo");
+    assert!(!s.blogs_dir().join("oldblog/img/p.jpg").exists());
     s.stop().await;
 }
 

@@ -287,9 +287,10 @@ async fn kill_9_between_acknowledgement_and_delivery_then_restart_delivers() {
     p.invalidate(pb::InvalidateRequest { blog_id: "b1".into(), paths: vec![] }).await.unwrap();
     p.delete_blog(pb::DeleteBlogRequest { blog_id: "b1".into() }).await.unwrap();
     p.purge(pb::PurgeRequest { blog_id: "b2".into(), keys: vec!["b2/page".into()] }).await.unwrap();
-    // Acknowledged, not delivered (the edge is down): kill -9.
+    // Acknowledged, not delivered (the edge is down): kill -9. (Three keys
+    // may wait: b1 asked again while its first request was on its way.)
     let q = p.get_purges(pb::GetPurgesRequest {}).await.unwrap().into_inner().queues;
-    assert_eq!((q[0].length, q[0].sent), (2, 0), "{q:?}");
+    assert!(q[0].sent == 0 && (2..=3).contains(&q[0].length), "{q:?}");
     s.kill9();
 
     let mut s = ChildServer::spawn_with(&data, &["--config", conf], &[]);

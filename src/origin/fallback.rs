@@ -4,8 +4,8 @@
 //! written into the blog's folder, so the bucket empties itself into the
 //! server over time. Only 2xx answers are taken; anything else tries the next.
 
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{plain, Body, NO_STORE, SHORT};
+use crate::blogfs::NewFile;
 use crate::config::Config;
 
 /// How long a request waits for a free fetch slot before it is answered 503.
@@ -50,8 +51,8 @@ impl Fallback {
     }
 
     /// Tries each origin for `target` (an absolute path). `backfill_to` is
-    /// (blog folder, file relative to it) where a backfill origin's hit is
-    /// written, when the URL names a blog file.
+    /// (static folder, blog, file relative to the blog's folder) where a
+    /// backfill origin's hit is written, when the URL names a blog file.
     ///
     /// The body streams through as it arrives, never held whole: memory per
     /// fetch is a few buffers, and fetches are bounded in number. A backfill
@@ -61,7 +62,7 @@ impl Fallback {
         &self,
         method: &Method,
         target: &str,
-        backfill_to: Option<(PathBuf, PathBuf)>,
+        backfill_to: Option<(PathBuf, String, PathBuf)>,
         blog: Option<&str>,
     ) -> Option<Response<Body>> {
         if self.origins.is_empty() {
@@ -115,9 +116,9 @@ impl Fallback {
             let len = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             let keep = i < self.backfill && method == Method::GET;
             let sink = match (keep, backfill_to.as_ref()) {
-                (true, Some((blog_dir, dest))) => {
-                    let (dir, dest) = (blog_dir.clone(), dest.clone());
-                    match tokio::task::spawn_blocking(move || Backfill::start(&dir, &dest)).await {
+                (true, Some((root, blog, dest))) => {
+                    let (root, blog, dest) = (root.clone(), blog.clone(), dest.clone());
+                    match tokio::task::spawn_blocking(move || NewFile::start(&root, &blog, &dest)).await {
                         Ok(Ok(b)) => Some(b),
                         Ok(Err(e)) => {
                             tracing::warn!(target, error = %e, "backfill refused");
@@ -185,7 +186,7 @@ fn through(
     mut upstream: Incoming,
     permit: OwnedSemaphorePermit,
     deadline: tokio::time::Instant,
-    mut sink: Option<Backfill>,
+    mut sink: Option<NewFile>,
     expected: Option<u64>,
     chunked: bool,
     target: String,
@@ -204,7 +205,7 @@ fn through(
                 seen += data.len() as u64;
                 if let Some(s) = sink.as_mut() {
                     // A write to the page cache: short, unlike the network.
-                    if let Err(e) = s.file.write_all(&data) {
+                    if let Err(e) = s.write_all(&data) {
                         tracing::warn!(target, error = %e, "backfill write failed");
                         sink = None;
                     }
@@ -227,7 +228,7 @@ fn through(
                 done.store(true, Ordering::Release);
                 if let (true, Some(s)) = (complete, sink.take()) {
                     tokio::task::spawn_blocking(move || match s.finish() {
-                        Ok(()) => tracing::info!(target, "backfilled from the legacy origin"),
+                        Ok(_) => tracing::info!(target, "backfilled from the legacy origin"),
                         Err(e) => tracing::warn!(target, error = %e, "backfill write failed"),
                     });
                 }
@@ -251,95 +252,3 @@ fn through(
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-/// A blog file being written from a fallback body, not there yet: a
-/// temporary name in the file's folder, then (once whole and fsynced) a link
-/// under its real name that fails if a synced file appeared meanwhile (that
-/// one wins). Dropped unfinished, the temporary file is removed.
-///
-/// Every step below the blog's folder goes through a directory descriptor
-/// opened with `O_NOFOLLOW`: a symbolic link anywhere on the way (one a sync
-/// put there, even one swapped in mid-way) stops the write instead of leading
-/// it outside the folder.
-struct Backfill {
-    dir: std::fs::File,
-    tmp: std::ffi::CString,
-    name: std::ffi::CString,
-    file: std::fs::File,
-}
-
-fn cstr(b: &[u8]) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"))
-}
-
-impl Backfill {
-    fn start(blog_dir: &Path, rel: &Path) -> io::Result<Backfill> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::{AsRawFd, FromRawFd};
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-
-        std::fs::create_dir_all(blog_dir)?;
-        let mut dir =
-            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(blog_dir)?;
-        let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
-        for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
-            let c = cstr(comp.as_os_str().as_bytes())?;
-            // SAFETY: `dir` is an open directory and `c` a NUL-terminated name.
-            if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::AlreadyExists {
-                    return Err(e);
-                }
-            }
-            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-            // SAFETY: as above; the new descriptor is owned by the File below.
-            let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
-            if fd < 0 {
-                return Err(io::Error::other(format!(
-                    "backfill refused: {:?} is not a plain folder inside the blog ({})",
-                    comp.as_os_str(),
-                    io::Error::last_os_error()
-                )));
-            }
-            dir = unsafe { std::fs::File::from_raw_fd(fd) };
-        }
-        let tmp = cstr(
-            format!(".blotcdn-backfill-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes(),
-        )?;
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: `dir` is open; the descriptor is owned by the File below.
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
-        Ok(Backfill { dir, tmp, name: cstr(name.as_bytes())?, file })
-    }
-
-    /// The whole body is written: make it durable and give it its name.
-    fn finish(self) -> io::Result<()> {
-        use std::os::unix::io::AsRawFd;
-        self.file.sync_all()?;
-        // SAFETY: both names are relative to the same open directory.
-        let r = unsafe {
-            libc::linkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0)
-        };
-        match r {
-            0 => self.dir.sync_all(),
-            _ => match io::Error::last_os_error() {
-                e if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-                e => Err(e),
-            },
-        }
-    }
-}
-
-impl Drop for Backfill {
-    fn drop(&mut self) {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a name relative to the open directory. The temporary name
-        // goes in every case: after a link, the file keeps its real name.
-        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
-    }
-}
