@@ -36,9 +36,10 @@ command -v grpcurl >/dev/null || { echo "grpcurl not on PATH after install" >&2;
 
 # The power-loss tests (tests/powerloss): a FUSE filesystem in Python, a gRPC client, BLAKE3.
 # botocore: tests/purge.rs checks CloudFront's SigV4 signature with it.
+# moto's standalone server (and boto3): the S3 API server of tests/migrate.rs and the migrate benchmark.
 pymissing=()
 for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest pytest_timeout:pytest-timeout blake3:blake3 \
-         botocore:botocore; do
+         botocore:botocore boto3:boto3 moto.server:moto[server] flask_cors:moto[server]; do
   python3 -c "import ${m%%:*}" >/dev/null 2>&1 || pymissing+=("${m#*:}")
 done
 if ((${#pymissing[@]})); then

@@ -148,9 +148,10 @@ impl App {
         };
         crate::durable::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
-        let statics =
-            BlogsDir::new(&config.static_dir).map_err(dir_err("static_dir", &config.static_dir))?;
+        let statics = BlogsDir::new(&config.static_dir).map_err(dir_err("static_dir", &config.static_dir))?;
         check_serving_dirs(&config)?;
+        // Backfills a crash cut off.
+        crate::blogfs::NewFile::sweep(statics.root()).map_err(dir_err("static_dir", &config.static_dir))?;
         let cas_dir = config.data_dir.join("cas");
         let cas = Cas::open(&cas_dir).map_err(dir_err("the CAS", &cas_dir))?;
         // Once per data dir: blobs that earlier versions hard-linked to blog

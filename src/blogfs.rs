@@ -118,10 +118,11 @@ impl BlogsDir {
 }
 
 /// A file being written under a folder (a blog's static folder), not there
-/// yet: a temporary name in the file's folder, then, once whole and
-/// fsynced, a link under its real name that fails if a file appeared there
-/// meanwhile (that one wins, nothing is overwritten). Dropped unfinished,
-/// the temporary file is removed.
+/// yet: a temporary file in `{root}/.tmp/` (a name no URL reaches: not a
+/// blog id), then, once whole and fsynced, a link under its real name that
+/// fails if a file appeared there meanwhile (that one wins, nothing is
+/// overwritten). Dropped unfinished, the temporary file is removed; one a
+/// crash left behind is removed by [`NewFile::sweep`].
 ///
 /// Every step goes through a directory descriptor opened with `O_NOFOLLOW`,
 /// the blog's own folder included: a symbolic link anywhere on the way (even
@@ -129,12 +130,17 @@ impl BlogsDir {
 /// Folders it creates are made durable in their parents.
 pub struct NewFile {
     dir: File,
+    tmp_dir: File,
     tmp: std::ffi::CString,
     name: std::ffi::CString,
     file: File,
     /// Folders created on the way, each with the descriptor of its parent.
     created: Vec<File>,
 }
+
+/// Where files being written wait, under the root: not a blog id, so no URL
+/// reaches it.
+const TMP_DIR: &str = ".tmp";
 
 fn cstr(b: &[u8]) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"))
@@ -176,6 +182,7 @@ impl NewFile {
         std::fs::create_dir_all(root)?;
         let mut dir =
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(root)?;
+        let (tmp_dir, _) = open_dir_at(&dir, &cstr(TMP_DIR.as_bytes())?)?;
         let mut created = Vec::new();
         let name = rel.file_name().ok_or_else(|| io::Error::other("no file name"))?;
         let parents = rel.parent().into_iter().flat_map(|p| p.components()).map(|c| c.as_os_str().as_bytes());
@@ -186,17 +193,42 @@ impl NewFile {
             }
             dir = next;
         }
-        let tmp = cstr(
-            format!(".blotcdn-new-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes(),
-        )?;
+        let tmp = cstr(format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes())?;
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: `dir` is open; the descriptor is owned by the File below.
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
+        // SAFETY: `tmp_dir` is open; the descriptor is owned by the File below.
+        let fd = unsafe { libc::openat(tmp_dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         let file = unsafe { File::from_raw_fd(fd) };
-        Ok(NewFile { dir, tmp, name: cstr(name.as_bytes())?, file, created })
+        Ok(NewFile { dir, tmp_dir, tmp, name: cstr(name.as_bytes())?, file, created })
+    }
+
+    /// Removes temporary files that processes no longer running left in
+    /// `{root}/.tmp` (a crash mid-write). Files of live processes stay.
+    pub fn sweep(root: &Path) -> io::Result<usize> {
+        let dir = root.join(TMP_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut removed = 0;
+        for e in entries {
+            let e = e?;
+            let name = e.file_name();
+            let pid = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<i32>().ok());
+            // SAFETY: signal 0 only checks that the process exists.
+            let alive = pid.is_some_and(|p| {
+                p > 0
+                    && (unsafe { libc::kill(p, 0) } == 0
+                        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+            });
+            if !alive && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -208,9 +240,9 @@ impl NewFile {
     /// `Ok(false)` when a file of that name appeared meanwhile (kept).
     pub fn finish(self) -> io::Result<bool> {
         self.file.sync_all()?;
-        // SAFETY: both names are relative to the same open directory.
+        // SAFETY: each name is relative to its open directory (one filesystem).
         let r = unsafe {
-            libc::linkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0)
+            libc::linkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0)
         };
         if r != 0 {
             return match io::Error::last_os_error() {
@@ -218,8 +250,8 @@ impl NewFile {
                 e => Err(e),
             };
         }
-        // SAFETY: the temporary name, relative to the open directory.
-        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+        // SAFETY: the temporary name, relative to its open directory.
+        unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
         self.dir.sync_all()?;
         for parent in &self.created {
             parent.sync_all()?;
@@ -230,8 +262,8 @@ impl NewFile {
 
 impl Drop for NewFile {
     fn drop(&mut self) {
-        // SAFETY: a name relative to the open directory; after `finish` it is
-        // gone already, and this does nothing.
-        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+        // SAFETY: a name relative to its open directory; after `finish` it
+        // is gone already, and this does nothing.
+        unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
     }
 }

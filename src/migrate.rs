@@ -361,6 +361,8 @@ impl Progress {
 pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Result<Summary> {
     let bucket = parse_bucket(&o.bucket_url)?;
     let statics = BlogsDir::new(static_dir).with_context(|| format!("cannot open {}", static_dir.display()))?;
+    // Copies a killed run left half-written.
+    NewFile::sweep(statics.root()).context("cannot clear the static folder's temporary files")?;
     let ctx = Arc::new(Ctx { bucket, creds: Credentials::from_env(), client: client(), statics, dry_run: o.dry_run });
     let checkpoint = checkpoint_path(state_dir, &o);
     let resume = match std::fs::read_to_string(&checkpoint) {

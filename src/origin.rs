@@ -466,8 +466,7 @@ impl Origin {
         tracing::Span::current().record("source", "fallback");
         // Backfill lands in the static folder, never in a user's synced folder.
         let dirs = self.catalog.static_dir();
-        let backfill =
-            blog_file.map(|(b, p)| (dirs.root().to_owned(), b.to_string(), PathBuf::from(&p.as_str()[1..])));
+        let backfill = blog_file.map(|(b, p)| (dirs.root().to_owned(), b.to_string(), PathBuf::from(&p.as_str()[1..])));
         match self.fallback.fetch(req.method(), &target, backfill, blog_file.map(|(b, _)| b.as_str())).await {
             Some(resp) => resp,
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),

@@ -251,4 +251,3 @@ fn through(
     });
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
-

@@ -1,0 +1,218 @@
+//! Moving off S3, against a real S3 API server on 127.0.0.1 (moto's
+//! standalone server, from PyPI): `blotcdn migrate` killed midway and
+//! resumed copies every object exactly once, byte-identical; keys that are
+//! not `{blog_id}/{path}` are refused and nothing lands outside the static
+//! folder; a key that cannot be written fails the run; `--dry-run` writes
+//! nothing; and the origin's fallback chain against the same bucket (then an
+//! app) backfills into the static folder.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{binary, curl, nginx, run, Daemon, Server};
+
+const BUCKET: &str = "legacy";
+/// Keys the migration must refuse.
+const REFUSED: [&str; 4] = ["not a blog!/x.png", "toplevel.txt", "b1/.hidden/x.png", "b3/folder/"];
+
+fn moto() -> (Daemon, u16) {
+    Daemon::spawn_on_free_port("moto_server", |port| {
+        // As a module: found wherever pip put it, on PATH or not.
+        let mut c = Command::new("python3");
+        c.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]);
+        c
+    })
+}
+
+fn aws_env(c: &mut Command) -> &mut Command {
+    c.env("AWS_ACCESS_KEY_ID", "testing").env("AWS_SECRET_ACCESS_KEY", "testing").env("AWS_REGION", "us-east-1")
+}
+
+/// The small objects: key → bytes.
+fn small_objects() -> BTreeMap<String, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    for i in 0..3000 {
+        m.insert(format!("b{}/avatars/{i}/a-{i}.png", i % 30), format!("object {i} ").repeat(i % 50 + 1).into_bytes());
+    }
+    m.insert("b1/ü dir/é x.png".into(), b"unicode".to_vec());
+    m.insert("b2/with space/file name.txt".into(), b"spaces".to_vec());
+    m
+}
+
+/// Fills the bucket with boto3 (16 threads): the small objects, the refused
+/// keys, and a 100 MiB object whose bytes are written to `big` too.
+fn populate(port: u16, objects: &BTreeMap<String, Vec<u8>>, big: &Path, work: &Path) {
+    let list = work.join("objects.json");
+    let as_json: BTreeMap<&String, String> =
+        objects.iter().map(|(k, v)| (k, String::from_utf8_lossy(v).into())).collect();
+    std::fs::write(&list, serde_json::to_string(&as_json).unwrap()).unwrap();
+    let script = r#"
+import json, os, sys, boto3
+from concurrent.futures import ThreadPoolExecutor
+port, listfile, big = sys.argv[1], sys.argv[2], sys.argv[3]
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+s3.create_bucket(Bucket="legacy")
+objs = json.load(open(listfile))
+objs.update({"not a blog!/x.png": "no", "toplevel.txt": "no", "b1/.hidden/x.png": "no", "b3/folder/": ""})
+with ThreadPoolExecutor(16) as ex:
+    list(ex.map(lambda kv: s3.put_object(Bucket="legacy", Key=kv[0], Body=kv[1].encode()), objs.items()))
+data = os.urandom(100 << 20)
+open(big, "wb").write(data)
+s3.put_object(Bucket="legacy", Key="b2/big.bin", Body=data)
+"#;
+    let (code, out, err) =
+        run(aws_env(Command::new("python3").args(["-c", script, &port.to_string()]).arg(&list).arg(big)), 300);
+    assert_eq!(code, 0, "populate: {out}{err}");
+}
+
+/// Every named file under the static folder (not the temporary ones), with
+/// its inode and modification time.
+fn files(root: &Path) -> BTreeMap<PathBuf, (u64, i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                if e.file_name() != ".tmp" {
+                    stack.push(e.path());
+                }
+            } else {
+                out.insert(e.path().strip_prefix(root).unwrap().to_owned(), (m.ino(), m.mtime(), m.mtime_nsec()));
+            }
+        }
+    }
+    out
+}
+
+fn migrate(data: &Path, bucket_url: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(binary());
+    c.args(["migrate", "--data-dir"]).arg(data).args(["--bucket-url", bucket_url]).args(extra);
+    aws_env(&mut c);
+    c
+}
+
+/// `copied N, skipped N, refused N, failed N`, the last line of a run.
+fn summary(out: &str) -> [u64; 4] {
+    let line = out.lines().last().unwrap_or_default();
+    let n: Vec<u64> = line.split(", ").filter_map(|p| p.rsplit(' ').next()?.parse().ok()).collect();
+    assert!(line.starts_with("copied ") && n.len() == 4, "no summary line in {out:?}");
+    [n[0], n[1], n[2], n[3]]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_killed_midway_resumes_copies_each_object_once_and_backfill_lands_in_static() {
+    let work = tempfile::tempdir().unwrap();
+    let (_moto, port) = moto();
+    let objects = small_objects();
+    let big = work.path().join("big.bin");
+    populate(port, &objects, &big, work.path());
+    let bucket_url = format!("http://127.0.0.1:{port}/{BUCKET}");
+    let valid = objects.len() as u64 + 1;
+
+    // --dry-run: counts, writes nothing.
+    let dry = work.path().join("dry");
+    let (code, out, err) = run(&mut migrate(&dry, &bucket_url, &["--dry-run"]), 300);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(summary(&out), [valid, 0, REFUSED.len() as u64, 0], "{out}");
+    assert!(out.contains(&format!("would copy {valid} objects")), "{out}");
+    assert!(files(&dry.join("static")).is_empty());
+
+    // A run killed midway (kill -9), once some objects are in.
+    let data = work.path().join("data");
+    let statics = data.join("static");
+    let mut child = migrate(&data, &bucket_url, &["--concurrency", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while files(&statics).len() < 600 {
+        assert!(child.try_wait().unwrap().is_none(), "the first run ended before it could be killed");
+        assert!(Instant::now() < deadline, "the first run copied too little in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = files(&statics);
+    assert!((before.len() as u64) < valid, "the first run finished before the kill");
+
+    // Resumed: everything else copied, nothing copied twice.
+    let (code, out, err) = run(&mut migrate(&data, &bucket_url, &["--concurrency", "8"]), 600);
+    assert_eq!(code, 0, "{out}{err}");
+    // (It lists from its resume point: refused keys before it are not seen again.)
+    let [copied, _, refused, failed] = summary(&out);
+    assert!(failed == 0 && refused <= REFUSED.len() as u64, "{out}");
+    assert!(out.contains("resuming after "), "{out}");
+    assert_eq!(copied, valid - before.len() as u64, "copied in the second run: {out}");
+    let after = files(&statics);
+    for (p, id) in &before {
+        assert_eq!(after.get(p), Some(id), "{} was written again", p.display());
+    }
+    assert_eq!(after.len() as u64, valid, "files in the static folder");
+    for (k, v) in &objects {
+        assert_eq!(&std::fs::read(statics.join(k)).unwrap(), v, "{k}");
+    }
+    assert!(std::fs::read(statics.join("b2/big.bin")).unwrap() == std::fs::read(&big).unwrap(), "the 100 MiB object");
+    // Nothing half-written left, nothing outside the static folder, no checkpoint once done.
+    assert_eq!(std::fs::read_dir(statics.join(".tmp")).map(|d| d.count()).unwrap_or(0), 0);
+    assert!(!statics.join("toplevel.txt").exists() && !statics.join("b1/.hidden").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!leftovers.iter().any(|n| n.to_string_lossy().ends_with(".checkpoint")), "{leftovers:?}");
+
+    // Again: everything is there already.
+    let (code, out, _) = run(&mut migrate(&data, &bucket_url, &[]), 300);
+    assert_eq!((code, summary(&out)), (0, [0, valid, REFUSED.len() as u64, 0]), "{out}");
+
+    // A key that cannot be written fails the run (non-zero), naming it; the others go on.
+    let blocked = work.path().join("blocked");
+    std::fs::create_dir_all(blocked.join("static")).unwrap();
+    std::fs::write(blocked.join("static/b3"), b"a file where a folder should be").unwrap();
+    let (code, out, err) = run(&mut migrate(&blocked, &bucket_url, &["--prefix", "b3/"]), 300);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(summary(&out), [0, 0, 1, 100], "{out}");
+    assert!(err.contains("failed: b3/avatars/"), "{err}");
+
+    // The origin, on the migrated data: legacy URLs from the static folder,
+    // the bucket for what came later (backfilled into the static folder),
+    // then the app.
+    let app_root = work.path().join("app");
+    std::fs::create_dir_all(app_root.join("b5")).unwrap();
+    std::fs::write(app_root.join("b5/page.html"), b"from the app").unwrap();
+    let (_app, app_port) = nginx(&work.path().join("nginx"), &app_root, "");
+    let put_later = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1")
+# Public, as the legacy bucket's objects are to its HTTP endpoint.
+s3.put_object(Bucket="legacy", Key="b5/avatars/later.png", Body=b"uploaded after the migration", ACL="public-read")
+"#;
+    let (code, _, err) = run(aws_env(Command::new("python3").args(["-c", put_later, &port.to_string()])), 60);
+    assert_eq!(code, 0, "{err}");
+    let data_dir = data.clone();
+    let origins = vec![bucket_url.clone(), format!("http://127.0.0.1:{app_port}")];
+    let s = Server::start_in(tempfile::tempdir().unwrap(), move |p| {
+        p.data_dir = Some(data_dir);
+        p.fallback_origins = Some(origins);
+    })
+    .await;
+    let r = curl(&[&s.url("/b1/%C3%BC%20dir/%C3%A9%20x.png")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"unicode"[..]));
+    let r = curl(&[&s.url("/b5/avatars/later.png")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"uploaded after the migration"[..]));
+    let landed = statics.join("b5/avatars/later.png");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read(&landed).ok().as_deref() != Some(&b"uploaded after the migration"[..]) {
+        assert!(Instant::now() < deadline, "not backfilled into the static folder");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!s.blogs_dir().join("b5/avatars/later.png").exists(), "backfilled into the user's folder");
+    assert_eq!(curl(&[&s.url("/b5/page.html")]).body, b"from the app");
+    s.stop().await;
+}
