@@ -211,6 +211,7 @@ impl App {
             blogs,
             CatalogOptions {
                 base_url,
+                url_style: config.url_style,
                 max_batch: config.max_batch,
                 max_asset_bytes: config.max_asset_bytes,
                 purges: outbox.clone(),

@@ -102,6 +102,7 @@ pub struct Catalog {
     cas: Cas,
     blogs: BlogsDir,
     base_url: String,
+    url_style: domain::UrlStyle,
     max_batch: usize,
     max_asset_bytes: u64,
     /// Serialises naming a blob + recording its reference against deciding a
@@ -114,6 +115,7 @@ pub struct Catalog {
 
 pub struct CatalogOptions {
     pub base_url: String,
+    pub url_style: domain::UrlStyle,
     pub max_batch: usize,
     pub max_asset_bytes: u64,
     /// The outbox the store fills (for `GetPurges`).
@@ -141,6 +143,7 @@ impl Catalog {
             cas,
             blogs,
             base_url: opts.base_url,
+            url_style: opts.url_style,
             max_batch: opts.max_batch,
             max_asset_bytes: opts.max_asset_bytes,
             blob_lock: parking_lot::Mutex::new(()),
@@ -164,6 +167,9 @@ impl Catalog {
     }
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+    pub fn url_style(&self) -> domain::UrlStyle {
+        self.url_style
     }
 
     pub fn max_batch(&self) -> usize {
@@ -203,13 +209,13 @@ impl Catalog {
             };
             out.push(match resolutions.next().expect("one resolution per valid path") {
                 Resolution::Versioned(id) => Resolved {
-                    url: domain::versioned_url(&self.base_url, blog.as_str(), id, path),
+                    url: domain::versioned_url(&self.base_url, self.url_style, blog.as_str(), id, path),
                     status: ResolveStatus::Ok,
                     cache_id: id,
                     content_hash: None,
                 },
                 Resolution::Permanent { hash, filename } => Resolved {
-                    url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, &filename),
+                    url: domain::permanent_url(&self.base_url, self.url_style, blog.as_str(), &hash, &filename),
                     status: ResolveStatus::Ok,
                     cache_id: 0,
                     content_hash: Some(hash),
@@ -365,7 +371,7 @@ impl Catalog {
         let (hash, size) = (pending.hash, pending.size);
         let info = AssetInfo {
             hash,
-            url: domain::permanent_url(&self.base_url, blog.as_str(), &hash, &filename),
+            url: domain::permanent_url(&self.base_url, self.url_style, blog.as_str(), &hash, &filename),
             size,
             content_type: content_type.clone(),
             filename: filename.clone(),

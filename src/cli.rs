@@ -470,6 +470,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::blogfs::BlogsDir::new(&config.blogs_dir)?,
                 crate::catalog::CatalogOptions {
                     base_url: String::new(),
+                    url_style: config.url_style,
                     max_batch: config.max_batch,
                     max_asset_bytes: config.max_asset_bytes,
                     purges: std::sync::Arc::new(crate::purge::Outbox::none()),

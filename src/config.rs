@@ -33,6 +33,9 @@ pub struct Partial {
     /// OTLP/gRPC collector for traces, like `http://127.0.0.1:4317`; none: no traces.
     pub otlp_endpoint: Option<String>,
     pub cdn_base_url: Option<String>,
+    /// `path` (the default): `{cdn_base_url}/{blog}/…`; `host`:
+    /// `{scheme}://{blog}.{host}/…`, the origin taking the blog from `Host`.
+    pub url_style: Option<String>,
     pub resolver_tokens: Option<Vec<String>>,
     pub publisher_tokens: Option<Vec<String>>,
     pub max_batch: Option<usize>,
@@ -144,6 +147,7 @@ impl Partial {
             metrics_addr,
             otlp_endpoint,
             cdn_base_url,
+            url_style,
             resolver_tokens,
             publisher_tokens,
             max_batch,
@@ -188,6 +192,7 @@ impl Partial {
             // The standard variable is honoured too; ours wins.
             otlp_endpoint: get("BLOTCDN_OTLP_ENDPOINT").or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT")),
             cdn_base_url: get("BLOTCDN_CDN_BASE_URL"),
+            url_style: get("BLOTCDN_URL_STYLE"),
             resolver_tokens: list(get("BLOTCDN_RESOLVER_TOKENS")),
             publisher_tokens: list(get("BLOTCDN_PUBLISHER_TOKENS")),
             max_batch: num("BLOTCDN_MAX_BATCH", get("BLOTCDN_MAX_BATCH"))?,
@@ -252,6 +257,7 @@ pub struct Config {
     /// Without a trailing slash. `None` until the HTTP listener is bound when
     /// not configured: it then defaults to `http://{bound http addr}`.
     pub cdn_base_url: Option<String>,
+    pub url_style: crate::domain::UrlStyle,
     pub resolver_tokens: Vec<String>,
     pub publisher_tokens: Vec<String>,
     pub max_batch: usize,
@@ -346,6 +352,26 @@ impl Config {
             }
             None => None,
         };
+        let url_style = match p.url_style.as_deref().map(str::trim) {
+            None | Some("path") => crate::domain::UrlStyle::Path,
+            Some("host") => {
+                // Host names, not addresses: `{blog}.{host}` must be a name.
+                let host = cdn_base_url.as_deref().and_then(|u| u.split_once("://")).map(|(_, h)| h);
+                let named = host.is_some_and(|h| {
+                    let name = h.rsplit_once(':').map_or(h, |(n, _)| n);
+                    !h.contains('/') && name.contains('.') && name.parse::<std::net::IpAddr>().is_err()
+                });
+                if !named {
+                    return Err(invalid(
+                        "url_style",
+                        "\"host\" needs cdn_base_url to be scheme://host.name[:port] with no path (a host name, not an address)"
+                            .into(),
+                    ));
+                }
+                crate::domain::UrlStyle::Host
+            }
+            Some(other) => return Err(invalid("url_style", format!("{other:?}: expected \"path\" or \"host\""))),
+        };
         let max_batch = p.max_batch.unwrap_or(10_000);
         if max_batch == 0 {
             return Err(invalid("max_batch", "must be at least 1".into()));
@@ -401,6 +427,7 @@ impl Config {
             blogs_dir,
             static_dir,
             cdn_base_url,
+            url_style,
             resolver_tokens: check_tokens("resolver_tokens", p.resolver_tokens.unwrap_or_default())?,
             publisher_tokens: check_tokens("publisher_tokens", p.publisher_tokens.unwrap_or_default())?,
             max_batch,

@@ -335,24 +335,66 @@ pub fn push_encoded_path(out: &mut String, path: &str) {
     }
 }
 
-/// `{base}/{blog}/{cache_id}{encoded path}`.
-pub fn versioned_url(base: &str, blog: &str, cache_id: CacheId, path: &str) -> String {
-    let mut url = String::with_capacity(base.len() + blog.len() + path.len() + 32);
+/// Where the blog id goes in a URL (DESIGN.md, `url_style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlStyle {
+    /// `{base}/{blog}/…`, the default.
+    Path,
+    /// `{scheme}://{blog}.{host}/…`, for blogs whose id is a DNS label; the
+    /// others keep path-style URLs.
+    Host,
+}
+
+impl UrlStyle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UrlStyle::Path => "path",
+            UrlStyle::Host => "host",
+        }
+    }
+}
+
+/// A blog id that can be a host name's first label: 1 to 63 of lowercase
+/// letters, digits and `-`, not at either end.
+pub fn is_dns_label(blog: &str) -> bool {
+    (1..=63).contains(&blog.len())
+        && !blog.starts_with('-')
+        && !blog.ends_with('-')
+        && blog.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Appends `{base}/{blog}` in path style, or `{scheme}://{blog}.{host}` in
+/// host style (`base` then has no path).
+fn push_blog_base(url: &mut String, base: &str, blog: &str, style: UrlStyle) {
+    if style == UrlStyle::Host && is_dns_label(blog) {
+        if let Some((scheme, host)) = base.split_once("://") {
+            url.push_str(scheme);
+            url.push_str("://");
+            url.push_str(blog);
+            url.push('.');
+            url.push_str(host);
+            return;
+        }
+    }
     url.push_str(base);
     url.push('/');
     url.push_str(blog);
+}
+
+/// `{base}/{blog}/{cache_id}{encoded path}` (or its host-style form).
+pub fn versioned_url(base: &str, style: UrlStyle, blog: &str, cache_id: CacheId, path: &str) -> String {
+    let mut url = String::with_capacity(base.len() + blog.len() + path.len() + 32);
+    push_blog_base(&mut url, base, blog, style);
     url.push('/');
     url.push_str(itoa::Buffer::new().format(cache_id));
     push_encoded_path(&mut url, path);
     url
 }
 
-/// `{base}/{blog}/_assets/{hash}/{filename}`.
-pub fn permanent_url(base: &str, blog: &str, hash: &ContentHash, filename: &str) -> String {
+/// `{base}/{blog}/_assets/{hash}/{filename}` (or its host-style form).
+pub fn permanent_url(base: &str, style: UrlStyle, blog: &str, hash: &ContentHash, filename: &str) -> String {
     let mut url = String::with_capacity(base.len() + blog.len() + filename.len() + 48);
-    url.push_str(base);
-    url.push('/');
-    url.push_str(blog);
+    push_blog_base(&mut url, base, blog, style);
     url.push_str("/_assets/");
     url.push_str(&hash.to_hex());
     url.push('/');
@@ -368,8 +410,22 @@ mod tests {
     fn design_example() {
         let p = BlogPath::parse("style.css").unwrap();
         assert_eq!(
-            versioned_url("https://blotcdn.com", "443d398b03", 1700000000000, p.as_str()),
+            versioned_url("https://blotcdn.com", UrlStyle::Path, "443d398b03", 1700000000000, p.as_str()),
             "https://blotcdn.com/443d398b03/1700000000000/style.css"
+        );
+        assert_eq!(
+            versioned_url("https://blotcdn.com", UrlStyle::Host, "443d398b03", 1700000000000, p.as_str()),
+            "https://443d398b03.blotcdn.com/1700000000000/style.css"
+        );
+        // An id that cannot be a host label keeps the path style.
+        assert_eq!(
+            versioned_url("https://blotcdn.com", UrlStyle::Host, "Blog_1", 17, p.as_str()),
+            "https://blotcdn.com/Blog_1/17/style.css"
+        );
+        let h = ContentHash([0xab; 16]);
+        assert_eq!(
+            permanent_url("http://cdn.test:8080", UrlStyle::Host, "b1", &h, "a b.png"),
+            format!("http://b1.cdn.test:8080/_assets/{h}/a%20b.png")
         );
         let p = BlogPath::parse("/a b/ü.png").unwrap();
         let mut s = String::new();

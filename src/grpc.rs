@@ -184,7 +184,7 @@ impl pb::resolver_server::Resolver for ResolverService {
         log.done(Ok(Response::new(pb::Info {
             cdn_base_url: c.base_url().to_string(),
             max_batch: u32::try_from(c.max_batch()).unwrap_or(u32::MAX),
-            url_style: "path".to_string(),
+            url_style: self.catalog.url_style().as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         })))
     }

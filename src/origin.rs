@@ -75,6 +75,9 @@ pub struct Origin {
     /// One permit per open connection.
     connections: Arc<tokio::sync::Semaphore>,
     idle_timeout: std::time::Duration,
+    /// With host-style URLs: `.{cdn host}` (lower case); a request to
+    /// `{blog}.{cdn host}` names its blog by its `Host`.
+    host_suffix: Option<String>,
 }
 
 /// What a file answer is made of, from a blog's folder, the CAS or the hot cache.
@@ -114,7 +117,30 @@ impl Origin {
             catalog,
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             idle_timeout: config.http_idle_timeout,
+            host_suffix: match (config.url_style, config.cdn_base_url.as_deref()) {
+                (crate::domain::UrlStyle::Host, Some(base)) => {
+                    base.split_once("://").map(|(_, host)| format!(".{}", host.to_ascii_lowercase()))
+                }
+                _ => None,
+            },
         })
+    }
+
+    /// The blog a host-style request names by its `Host`, if it does (host
+    /// names are case-insensitive; host-style blog ids are lower case).
+    fn blog_from_host<'a>(&self, req: &'a Request<Incoming>) -> Option<std::borrow::Cow<'a, str>> {
+        let suffix = self.host_suffix.as_deref()?;
+        let host = req.headers().get(header::HOST)?.to_str().ok()?;
+        let cut = host.len().checked_sub(suffix.len())?;
+        let (label, rest) = (host.get(..cut)?, host.get(cut..)?);
+        if !rest.eq_ignore_ascii_case(suffix) {
+            return None;
+        }
+        let label = match label.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => std::borrow::Cow::Owned(label.to_ascii_lowercase()),
+            false => std::borrow::Cow::Borrowed(label),
+        };
+        crate::domain::is_dns_label(&label).then_some(label)
     }
 
     /// Accepts HTTP/1.1 connections until `stop` turns true, then lets open
@@ -167,7 +193,10 @@ impl Origin {
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         use tracing::Instrument;
-        let route = route_label(req.uri().path());
+        let route = match self.blog_from_host(&req) {
+            Some(blog) => route_label(&format!("/{blog}{}", req.uri().path())),
+            None => route_label(req.uri().path()),
+        };
         let head = req.method() == Method::HEAD;
         // Debug level: enabled only when traces are exported.
         let span = tracing::debug_span!(
@@ -218,6 +247,15 @@ impl Origin {
             "/_ask" => return self.ask(req.uri().query().unwrap_or("")),
             _ => {}
         }
+        // `{blog}.{cdn host}/…` is `/{blog}/…`.
+        let in_host;
+        let path = match self.blog_from_host(req) {
+            Some(blog) => {
+                in_host = format!("/{blog}{path}");
+                in_host.as_str()
+            }
+            None => path,
+        };
         let mut segs = path.strip_prefix('/').unwrap_or(path).split('/');
         let (Some(first), second, third) = (segs.next(), segs.next(), segs.clone().next()) else {
             return self.fallback(req, None).await;

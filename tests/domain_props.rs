@@ -1,7 +1,7 @@
 //! Properties of paths and URLs: every valid path survives URL building and
 //! parsing back unchanged; no invalid path is accepted.
 
-use blotcdn::domain::{versioned_url, BlogPath};
+use blotcdn::domain::{versioned_url, BlogPath, UrlStyle};
 use proptest::prelude::*;
 
 fn segment() -> impl Strategy<Value = String> {
@@ -32,7 +32,7 @@ proptest! {
     fn valid_paths_round_trip_through_urls(p in valid_path(), id in any::<u64>()) {
         let path = BlogPath::parse(&p).unwrap();
         prop_assert_eq!(path.as_str(), p.as_str());
-        let url = versioned_url("https://blotcdn.com", "blog_1", id, path.as_str());
+        let url = versioned_url("https://blotcdn.com", UrlStyle::Path, "blog_1", id, path.as_str());
         let prefix = format!("https://blotcdn.com/blog_1/{id}/");
         prop_assert!(url.starts_with(&prefix));
         let rest = &url[prefix.len()..];

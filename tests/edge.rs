@@ -144,3 +144,45 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     assert!(err.contains("SSL") || err.contains("TLS") || err.contains("alert"), "{err}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_serves_host_style_urls_under_a_wildcard_name() {
+    let work = tempfile::tempdir().unwrap();
+    open_up(work.path());
+    // The edge needs the origin's port, the origin the edge's (in its base
+    // URL): the origin starts, the edge starts, the origin starts again.
+    let s = Server::start().await;
+    let origin = s.http.port();
+    let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/host-style.Caddyfile")).unwrap();
+    let caddyfile = work.path().join("Caddyfile");
+    let (_caddy, sp) = Daemon::spawn_on_free_port("caddy", |sp| {
+        let conf = template
+            .replace("127.0.0.1:8080", &format!("127.0.0.1:{origin}"))
+            .replace("http_port 8081", &format!("http_port {}", free_port()))
+            .replace("https_port 8443", &format!("https_port {sp}"));
+        std::fs::write(&caddyfile, conf).unwrap();
+        let mut c = Command::new("caddy");
+        c.args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile)
+            .env("XDG_DATA_HOME", work.path().join("data"))
+            .env("XDG_CONFIG_HOME", work.path().join("config"))
+            .env("HOME", work.path());
+        c
+    });
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, |p| {
+        p.http_addr = Some(format!("127.0.0.1:{origin}"));
+        p.cdn_base_url = Some(format!("https://blotcdn.com:{sp}"));
+        p.url_style = Some("host".into());
+    })
+    .await;
+    s.write("hblog", "/style.css", b"under its own name");
+    invalidate(&s, "hblog", &[]).await;
+    let url = url_of(&s, "hblog", "/style.css").await;
+    assert!(url.starts_with(&format!("https://hblog.blotcdn.com:{sp}/")), "{url}");
+    // The URL a renderer got, as a browser would fetch it.
+    let r = curl(&["-k", "--resolve", &format!("hblog.blotcdn.com:{sp}:127.0.0.1"), &url]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"under its own name"[..]));
+    assert_eq!(r.header("surrogate-key"), Some("hblog"));
+    s.stop().await;
+}

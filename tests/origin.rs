@@ -5,7 +5,7 @@
 mod common;
 
 use blotcdn::proto as pb;
-use common::{curl, get, invalidate, nginx, path_of, request, url_of, Server};
+use common::{curl, get, invalidate, nginx, path_of, request, resolve, url_of, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versioned_urls_follow_the_cache_rules() {
@@ -415,4 +415,53 @@ async fn the_hot_cache_evicts_within_its_bytes_and_can_be_turned_off() {
     std::fs::remove_file(s.blogs_dir().join("off/a.txt")).unwrap();
     assert_eq!(curl(&[&u]).status, 404, "hot_cache_bytes = 0 keeps nothing");
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_style_urls_name_the_blog_in_the_host() {
+    let s = Server::start_with(|p| {
+        p.cdn_base_url = Some("http://cdn.test".into());
+        p.url_style = Some("host".into());
+    })
+    .await;
+    s.write("b1", "/style.css", b"host style");
+    s.write("Up_Per", "/style.css", b"path style");
+    let id = invalidate(&s, "b1", &[]).await;
+    invalidate(&s, "Up_Per", &[]).await;
+    let urls = resolve(&s, "b1", &["/style.css"]).await;
+    assert_eq!(urls[0].url, format!("http://b1.cdn.test/{id}/style.css"));
+    // An id that cannot be a host label keeps the path style.
+    let other = resolve(&s, "Up_Per", &["/style.css"]).await;
+    assert!(other[0].url.starts_with("http://cdn.test/Up_Per/"), "{}", other[0].url);
+    let info = s.resolver().await.get_info(pb::GetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.url_style, "host");
+
+    // The origin takes the blog from the Host header…
+    let by_host = |host: &str, path: &str| curl(&["-H", &format!("Host: {host}"), &s.url(path)]);
+    let r = by_host("b1.cdn.test", &format!("/{id}/style.css"));
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"host style"[..]));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
+    assert_eq!(by_host("B1.CDN.TEST", &format!("/{id}/style.css")).status, 200);
+    // …a permanent asset too…
+    let mut p = s.publisher().await;
+    let a = p
+        .import_file(pb::ImportFileRequest { blog_id: "b1".into(), path: "/style.css".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.url.starts_with("http://b1.cdn.test/_assets/"), "{}", a.url);
+    assert_eq!(by_host("b1.cdn.test", &path_of(&a.url)).body, b"host style");
+    // …while path-style URLs keep working, and an unknown blog is 404.
+    assert_eq!(by_host("127.0.0.1", &format!("/b1/{id}/style.css")).status, 200);
+    assert_eq!(by_host("nosuch.cdn.test", &format!("/{id}/style.css")).status, 404);
+    assert_eq!(by_host("b1.cdn.test", "/healthz").status, 200);
+    s.stop().await;
+
+    // Host style needs a host name to put blogs under.
+    let e = blotcdn::config::Config::from_partial(blotcdn::config::Partial {
+        url_style: Some("host".into()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("url_style"), "{e}");
 }
