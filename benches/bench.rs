@@ -4,7 +4,7 @@
 //! in time. Run with `./scripts/bench.sh` (or `cargo bench --bench bench`).
 //!
 //! Arguments: names of benchmarks to run (default: all of resolve, origin,
-//! publish, ingest, scale, edge, purge, soak); `--quick` shortens every phase.
+//! publish, ingest, scale, edge, purge, migrate, soak); `--quick` shortens every phase.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,6 +25,8 @@ use tonic::transport::Channel;
 // The test suite's helpers: ports, daemons stopped gracefully, Varnish.
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bench/migrate.rs"]
+mod migrate;
 #[path = "bench/purge.rs"]
 mod purge;
 #[path = "bench/soak.rs"]
@@ -943,7 +945,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
     let o = Opts { quick: args.iter().any(|a| a == "--quick") };
     let names: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(|s| s.as_str()).collect();
-    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "purge", "soak"];
+    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "purge", "migrate", "soak"];
     let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
@@ -957,6 +959,7 @@ fn main() {
                 "scale" => bench_scale(&o, &mut rows).await,
                 "edge" => bench_edge(&o, &mut rows).await,
                 "purge" => purge::bench_purge(&o, &mut rows).await,
+                "migrate" => migrate::bench_migrate(&o, &mut rows).await,
                 "soak" => soak::bench_soak(&o, &mut rows).await,
                 other => eprintln!("unknown benchmark {other:?}; known: {all:?}"),
             }

@@ -304,7 +304,8 @@ struct Progress {
 
 impl Progress {
     fn new() -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        // A bar (on stderr) for a person at a terminal; lines for logs.
+        let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
