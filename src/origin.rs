@@ -338,7 +338,8 @@ impl Origin {
         let store = self.catalog.store();
         if let Some(resolved) = store.resolve(blog, &[path.as_str()]) {
             if let Some(Resolution::Permanent { hash, .. }) = resolved.into_iter().next() {
-                return self.serve_asset(req, blog, &hash).await;
+                // Short-lived: the path may be bound to other bytes later.
+                return self.serve_asset(req, blog, &hash, SHORT).await;
             }
         }
         let version = store.path_version(blog.as_str(), path.as_str()).unwrap_or(0);
@@ -450,11 +451,17 @@ impl Origin {
         if name.is_empty() {
             return not_found();
         }
-        self.serve_asset(req, blog, &hash).await
+        self.serve_asset(req, blog, &hash, IMMUTABLE).await
     }
 
     /// A permanent asset the blog references, from the CAS; else 404.
-    async fn serve_asset(&self, req: &Request<Incoming>, blog: &BlogId, hash: &ContentHash) -> Response<Body> {
+    async fn serve_asset(
+        &self,
+        req: &Request<Incoming>,
+        blog: &BlogId,
+        hash: &ContentHash,
+        cache: &'static str,
+    ) -> Response<Body> {
         let hash = *hash;
         let not_found = || plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         let Some(aref) = self.catalog.store().asset_ref(blog.as_str(), &hash) else {
@@ -479,7 +486,7 @@ impl Origin {
             last_modified: http_date(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             len: meta.len(),
-            cache: IMMUTABLE,
+            cache,
             blog: HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe"),
             asset_key: Some(format!("{blog}/{hash}")),
             // From the stored content type only: the URL's file name is the

@@ -465,3 +465,57 @@ async fn host_style_urls_name_the_blog_in_the_host() {
     .unwrap_err();
     assert!(e.to_string().contains("url_style"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_urls_come_from_the_static_folder_first_confined_like_blog_folders() {
+    let s = Server::start().await;
+    let statics = s.config.static_dir.clone();
+    let put = |root: &std::path::Path, p: &str, b: &[u8]| {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, b).unwrap();
+    };
+    put(&statics, "sblog/avatars/me.png", b"platform avatar");
+    put(&s.blogs_dir(), "sblog/avatars/me.png", b"user's file of that name");
+    put(&s.blogs_dir(), "sblog/notes.txt", b"user's notes");
+    invalidate(&s, "sblog", &[]).await;
+    // The platform's file wins over the user's; the user's folder comes next.
+    let r = curl(&[&s.url("/sblog/avatars/me.png")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"platform avatar"[..]));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    assert_eq!(curl(&[&s.url("/sblog/notes.txt")]).body, b"user's notes");
+
+    // The same confinement as blog folders: links out, hidden files, traversal.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), statics.join("sblog/link.png")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), statics.join("sblog/dir")).unwrap();
+    put(&statics, "sblog/.hidden/x.png", b"hidden");
+    for p in ["/sblog/link.png", "/sblog/dir/secret", "/sblog/.hidden/x.png", "/sblog/%2e%2e/%2e%2e/etc/passwd"] {
+        let r = curl(&[&s.url(p)]);
+        assert!(r.status == 404 || r.status == 400, "{p}: {}", r.status);
+        assert!(!r.body.windows(6).any(|w| w == b"secret"), "{p} leaked");
+    }
+    // The temporary folder is no URL.
+    put(&statics, ".tmp/1-1", b"half written");
+    assert_eq!(curl(&[&s.url("/.tmp/1-1")]).status, 404);
+
+    // A legacy URL of a path bound to a permanent asset serves the asset.
+    let mut p = s.publisher().await;
+    let header = pb::PutAssetChunk {
+        chunk: Some(pb::put_asset_chunk::Chunk::Header(pb::PutAssetHeader {
+            blog_id: "sblog".into(),
+            filename: "me.png".into(),
+            path: "/avatars/me.png".into(),
+            ..Default::default()
+        })),
+    };
+    let data =
+        pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(b"the asset's bytes".to_vec().into())) };
+    p.put_asset(tokio_stream::iter(vec![header, data])).await.unwrap();
+    let r = curl(&[&s.url("/sblog/avatars/me.png")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"the asset's bytes"[..]));
+    // Not immutable: the path may be bound to other bytes later.
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    s.stop().await;
+}

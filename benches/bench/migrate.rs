@@ -53,10 +53,12 @@ fn python(script: &str, args: &[&str]) -> String {
 /// (seconds, objects) of one `blotcdn migrate` into `data`.
 fn ours(port: u16, bucket: &str, data: &Path) -> f64 {
     let started = Instant::now();
-    let out = aws(Command::new(env!("CARGO_BIN_EXE_blotcdn"))
-        .args(["migrate", "--data-dir"])
-        .arg(data)
-        .args(["--bucket-url", &format!("http://127.0.0.1:{port}/{bucket}"), "--concurrency", "16"]))
+    let out = aws(Command::new(env!("CARGO_BIN_EXE_blotcdn")).args(["migrate", "--data-dir"]).arg(data).args([
+        "--bucket-url",
+        &format!("http://127.0.0.1:{port}/{bucket}"),
+        "--concurrency",
+        "16",
+    ]))
     .env("RUST_LOG", "error")
     .output()
     .expect("blotcdn");
