@@ -44,7 +44,7 @@ pub enum AppError {
 /// must not be reachable from either, neither may lie inside the database's
 /// or the CAS's folders, and the two must not overlap (backfill writes into
 /// the static folder, never into a user's synced folder).
-fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
+pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
     let canon = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
     let data = canon(&config.data_dir);
     let blogs = canon(&config.blogs_dir);

@@ -142,6 +142,9 @@ pub struct NewFile {
 /// reaches it.
 const TMP_DIR: &str = ".tmp";
 
+/// A temporary file not written for this long was left by a crash.
+const STALE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 fn cstr(b: &[u8]) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"))
 }
@@ -204,8 +207,11 @@ impl NewFile {
         Ok(NewFile { dir, tmp_dir, tmp, name: cstr(name.as_bytes())?, file, created })
     }
 
-    /// Removes temporary files that processes no longer running left in
-    /// `{root}/.tmp` (a crash mid-write). Files of live processes stay.
+    /// Removes temporary files a crash left in `{root}/.tmp`: those named
+    /// with this process's id (an earlier run that had it), and those not
+    /// written for [`STALE`]. Process ids cannot tell more: in containers
+    /// every run may be process 1, and another container's processes are not
+    /// visible from here.
     pub fn sweep(root: &Path) -> io::Result<usize> {
         let dir = root.join(TMP_DIR);
         let entries = match std::fs::read_dir(&dir) {
@@ -217,14 +223,11 @@ impl NewFile {
         for e in entries {
             let e = e?;
             let name = e.file_name();
-            let pid = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<i32>().ok());
-            // SAFETY: signal 0 only checks that the process exists.
-            let alive = pid.is_some_and(|p| {
-                p > 0
-                    && (unsafe { libc::kill(p, 0) } == 0
-                        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-            });
-            if !alive && std::fs::remove_file(e.path()).is_ok() {
+            let ours = name.to_str().and_then(|n| n.split('-').next()) == Some(&std::process::id().to_string());
+            // Gone meanwhile (named, or swept by another process): nothing to do.
+            let Ok(modified) = e.metadata().and_then(|m| m.modified()) else { continue };
+            let idle = modified.elapsed().unwrap_or_default();
+            if (ours || idle > STALE) && std::fs::remove_file(e.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -240,18 +243,33 @@ impl NewFile {
     /// `Ok(false)` when a file of that name appeared meanwhile (kept).
     pub fn finish(self) -> io::Result<bool> {
         self.file.sync_all()?;
-        // SAFETY: each name is relative to its open directory (one filesystem).
-        let r = unsafe {
-            libc::linkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr(), 0)
+        let (from, to) = (self.tmp_dir.as_raw_fd(), self.dir.as_raw_fd());
+        // One step, never over an existing name, and never a moment with two
+        // links (which readers refuse). SAFETY: each name is relative to its
+        // open directory (one filesystem).
+        let r = unsafe { libc::renameat2(from, self.tmp.as_ptr(), to, self.name.as_ptr(), libc::RENAME_NOREPLACE) };
+        let r = match r {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
         };
-        if r != 0 {
-            return match io::Error::last_os_error() {
-                e if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-                e => Err(e),
-            };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            // A filesystem without RENAME_NOREPLACE: a link (which also never
+            // replaces a name), then the temporary name goes.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                // SAFETY: as above.
+                if unsafe { libc::linkat(from, self.tmp.as_ptr(), to, self.name.as_ptr(), 0) } != 0 {
+                    return match io::Error::last_os_error() {
+                        e if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                        e => Err(e),
+                    };
+                }
+                // SAFETY: the temporary name, relative to its open directory.
+                unsafe { libc::unlinkat(from, self.tmp.as_ptr(), 0) };
+            }
+            Err(e) => return Err(e),
         }
-        // SAFETY: the temporary name, relative to its open directory.
-        unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
         self.dir.sync_all()?;
         for parent in &self.created {
             parent.sync_all()?;

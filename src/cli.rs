@@ -441,6 +441,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = serve.load()?;
             crate::durable::create_dir_all(&config.data_dir)
                 .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+            // The same rule as the server's: the copies must land apart from the
+            // data dir's database and CAS and from the users' folders.
+            crate::app::check_serving_dirs(&config)?;
             let opts = crate::migrate::Options { bucket_url, prefix, dry_run, concurrency };
             let s = crate::migrate::run(&config.static_dir, &config.data_dir, opts).await?;
             let mb = s.bytes as f64 / 1e6;

@@ -293,13 +293,17 @@ fn purge_targets(list: Vec<PurgeTargetConfig>) -> Result<Vec<PurgeTarget>, Confi
         let name = match t.name {
             Some(n) => n,
             None => {
-                let taken = |n: &str| out.iter().any(|o| o.name == n);
-                let mut n = kind.as_str().to_owned();
-                let mut i = 2;
-                while taken(&n) {
-                    n = format!("{}-{i}", kind.as_str());
-                    i += 1;
+                // From what the target is, not where it sits in the list:
+                // each target's delivered mark is kept under its name, and
+                // a reordered list must not hand one target another's mark.
+                let uri: http::Uri = url.parse().expect("checked above");
+                let host = uri.host().unwrap_or("").trim_matches(['[', ']']).replace(':', ".");
+                let mut n = format!("{}-{host}", kind.as_str());
+                if let Some(port) = uri.port_u16() {
+                    n.push_str(&format!("-{port}"));
                 }
+                n.retain(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+                n.truncate(64);
                 n
             }
         };
@@ -310,7 +314,7 @@ fn purge_targets(list: Vec<PurgeTargetConfig>) -> Result<Vec<PurgeTarget>, Confi
             return Err(invalid(format!("name {name:?}: 1 to 64 of A-Z a-z 0-9 - _ .")));
         }
         if out.iter().any(|o| o.name == name) {
-            return Err(invalid(format!("two targets are named {name:?}")));
+            return Err(invalid(format!("two targets are named {name:?} (give each a name)")));
         }
         let rate_per_sec = t.rate_per_sec.unwrap_or(10.0);
         if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
@@ -442,7 +446,20 @@ impl Config {
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
             max_fallback_fetches,
             fallback_timeout: std::time::Duration::from_secs(fallback_timeout),
-            purge: purge_targets(p.purge.unwrap_or_default())?,
+            purge: {
+                let targets = purge_targets(p.purge.unwrap_or_default())?;
+                // CloudFront invalidates paths, and host-style URLs carry no
+                // blog in theirs: a blog's purge would miss, or take everything.
+                if url_style == crate::domain::UrlStyle::Host && targets.iter().any(|t| t.kind == PurgeKind::Cloudfront)
+                {
+                    return Err(invalid(
+                        "purge",
+                        "a cloudfront target cannot purge host-style URLs (url_style = \"host\"): use a tag-based CDN"
+                            .into(),
+                    ));
+                }
+                targets
+            },
             purge_on_publish: p.purge_on_publish.unwrap_or(false),
             purge_queue_max: at_least_1("purge_queue_max", p.purge_queue_max.map(|n| n as u64), 1_000_000)? as usize,
         })

@@ -75,6 +75,9 @@ enum Outcome {
     Failed(String),
 }
 
+/// A download that receives nothing for this long is given up (and retried).
+const IDLE: Duration = Duration::from_secs(60);
+
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 struct Ctx {
@@ -180,7 +183,10 @@ async fn list_page(
         }
         let url = a.sign(Duration::from_secs(3600));
         let body = match get(&ctx.client, &url).await {
-            Ok(r) => r.into_body().collect().await.map(|b| b.to_bytes()).map_err(anyhow::Error::from),
+            Ok(r) => match tokio::time::timeout(Duration::from_secs(120), r.into_body().collect()).await {
+                Ok(b) => b.map(|b| b.to_bytes()).map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow!("the listing did not arrive within 120 s")),
+            },
             Err(e) => Err(e),
         };
         match body.and_then(|b| {
@@ -215,9 +221,19 @@ async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
     let dest = ctx.statics.file_path(blog.as_str(), &path);
     match std::fs::symlink_metadata(&dest) {
         Ok(m) if m.is_file() && m.len() == item.size => return Outcome::Skipped,
+        // Not overwritten, not passed over in silence: the run fails on it
+        // (and resumes from before it) until someone decides.
         Ok(m) => {
-            tracing::warn!(key = %item.key, local = m.len(), listed = item.size, "present with another size: kept the local file");
-            return Outcome::Skipped;
+            let what = if m.is_file() {
+                format!("a file of {} bytes", m.len())
+            } else {
+                "something that is not a file".into()
+            };
+            return Outcome::Failed(format!(
+                "{} is already {what}; the bucket's object is {} bytes",
+                dest.display(),
+                item.size
+            ));
         }
         Err(_) => {}
     }
@@ -243,15 +259,24 @@ async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
 async fn fetch(ctx: &Ctx, item: &Listed, blog: &BlogId, path: &BlogPath) -> anyhow::Result<Option<u64>> {
     let url = ctx.bucket.get_object(ctx.creds.as_ref(), &item.key).sign(Duration::from_secs(3600));
     let resp = get(&ctx.client, &url).await?;
+    // With SSE-KMS or SSE-C, the ETag is not the MD5 of the bytes.
+    let h = resp.headers();
+    let encrypted = h.get("x-amz-server-side-encryption").is_some_and(|v| v.as_bytes().starts_with(b"aws:kms"))
+        || h.contains_key("x-amz-server-side-encryption-customer-algorithm");
     let (root, b, rel) = (ctx.statics.root().to_owned(), blog.to_string(), PathBuf::from(&path.as_str()[1..]));
     let mut file = tokio::task::spawn_blocking(move || NewFile::start(&root, &b, &rel))
         .await?
         .context("cannot write into the static folder")?;
-    let want_md5 = md5_etag(item.etag.as_deref());
+    let want_md5 = if encrypted { None } else { md5_etag(item.etag.as_deref()) };
     let mut md5 = want_md5.map(|_| md5::Md5::new());
     let mut body = resp.into_body();
     let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
+    // A server that stops sending must not hold a worker (and the resume
+    // point) forever.
+    while let Some(frame) = tokio::time::timeout(IDLE, body.frame())
+        .await
+        .map_err(|_| anyhow!("nothing received for {} s", IDLE.as_secs()))?
+    {
         let frame = frame.map_err(|e| anyhow!("the object broke off: {e}"))?;
         let Ok(data) = frame.into_data() else { continue };
         n += data.len() as u64;

@@ -321,7 +321,8 @@ impl Origin {
             return plain(StatusCode::NOT_FOUND, SHORT, "not found\n");
         }
         let cache = if id == version { IMMUTABLE } else { SHORT };
-        // The user's file; one the legacy bucket backfilled, else.
+        // The user's file; one the legacy bucket backfilled, else (short-lived
+        // then: the static folder's files have no versions).
         self.serve_blog_file(req, blog, path, version, cache, [Root::Blogs, Root::Static]).await
     }
 
@@ -359,6 +360,7 @@ impl Origin {
         order: [Root; 2],
     ) -> Response<Body> {
         for root in order {
+            let cache = if root == Root::Static { SHORT } else { cache };
             match self.blog_file(blog, path, version, cache, root).await {
                 Ok(Some(answer)) => return respond(req, answer),
                 Ok(None) => {}
@@ -576,17 +578,23 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static(a.cache));
         out.insert(header::ETAG, a.etag.clone());
         out.insert(header::LAST_MODIFIED, a.last_modified.clone());
+        // The purge keys, in each edge's header: Varnish and Fastly read
+        // `Surrogate-Key` (space-separated), Cloudflare `Cache-Tag` and Bunny
+        // `CDN-Tag` (comma-separated).
         match &a.asset_key {
             None => {
                 out.insert("surrogate-key", a.blog.clone());
                 out.insert("cache-tag", a.blog.clone());
+                out.insert("cdn-tag", a.blog.clone());
             }
             Some(key) => {
                 let blog = a.blog.to_str().unwrap_or_default();
                 let both =
                     |sep| HeaderValue::from_str(&format!("{blog}{sep}{key}")).expect("ids and hex are header-safe");
                 out.insert("surrogate-key", both(" "));
-                out.insert("cache-tag", both(","));
+                let tags = both(",");
+                out.insert("cache-tag", tags.clone());
+                out.insert("cdn-tag", tags);
             }
         }
         if a.cors {

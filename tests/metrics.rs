@@ -59,18 +59,19 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     assert!(sample(&text, "blotcdn_wal_fsync_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
     assert!(text.contains("blotcdn_rpc_duration_seconds_bucket{method=\"ResolveBatch\",le=\"0.001\"}"), "{text}");
     assert_eq!(sample(&text, "blotcdn_index_paths"), Some(0.0));
-    assert_eq!(sample(&text, "blotcdn_purge_queue_length{target=\"http\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "blotcdn_purge_queue_length{target=\"http-127.0.0.1-9\"}"), Some(1.0), "{text}");
     // The first delivery fails at once (nothing listens there); scrape until it shows.
     let mut text = text;
     for _ in 0..100 {
-        if sample(&text, "blotcdn_purge_sent_total{target=\"http\",outcome=\"error\"}").is_some() {
+        if sample(&text, "blotcdn_purge_sent_total{target=\"http-127.0.0.1-9\",outcome=\"error\"}").is_some() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
         text = String::from_utf8(curl(&[&format!("http://{}/metrics", metrics_addr(&server))]).body).unwrap();
     }
-    assert!(sample(&text, "blotcdn_purge_sent_total{target=\"http\",outcome=\"error\"}").is_some_and(|n| n >= 1.0));
-    assert!(text.contains("blotcdn_purge_delivery_seconds_bucket{target=\"http\",le=\"0.001\"}"), "{text}");
+    assert!(sample(&text, "blotcdn_purge_sent_total{target=\"http-127.0.0.1-9\",outcome=\"error\"}")
+        .is_some_and(|n| n >= 1.0));
+    assert!(text.contains("blotcdn_purge_delivery_seconds_bucket{target=\"http-127.0.0.1-9\",le=\"0.001\"}"), "{text}");
     assert!(sample(&text, "process_resident_memory_bytes").is_some_and(|b| b > 1e6), "process metrics");
 
     // promtool's own lint.

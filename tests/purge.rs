@@ -45,6 +45,15 @@ type Answer = (u16, Vec<(&'static str, String)>, String);
 
 impl Endpoint {
     fn start(answer: impl Fn(usize) -> Answer + Send + 'static) -> Endpoint {
+        Endpoint::spawn(move |n, _| answer(n))
+    }
+
+    /// Answers from what each request carries.
+    fn start_with(answer: impl Fn(&Got) -> Answer + Send + 'static) -> Endpoint {
+        Endpoint::spawn(move |_, g| answer(g))
+    }
+
+    fn spawn(answer: impl Fn(usize, &Got) -> Answer + Send + 'static) -> Endpoint {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -76,13 +85,13 @@ impl Endpoint {
                     .map_or(0, |(_, v)| v.parse().unwrap());
                 let mut body = vec![0u8; len];
                 r.read_exact(&mut body).unwrap();
+                let got = Got { method, target, headers, body: String::from_utf8(body).unwrap(), at: Instant::now() };
                 let n = {
                     let mut g = g.lock().unwrap();
-                    let body = String::from_utf8(body).unwrap();
-                    g.push(Got { method, target, headers, body, at: Instant::now() });
+                    g.push(got.clone());
                     g.len() - 1
                 };
-                let (status, extra, body) = answer(n);
+                let (status, extra, body) = answer(n, &got);
                 let mut resp =
                     format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
                 for (k, v) in extra {
@@ -400,6 +409,7 @@ async fn delete_asset_takes_one_asset_down_at_the_origin_and_both_edges() {
     let r = common::get(s.http, &path_of(&taken.url), &[]);
     assert_eq!(r.header("surrogate-key"), Some(format!("alice alice/{}", taken.hash).as_str()));
     assert_eq!(r.header("cache-tag"), Some(format!("alice,alice/{}", taken.hash).as_str()));
+    assert_eq!(r.header("cdn-tag"), Some(format!("alice,alice/{}", taken.hash).as_str()), "Bunny's header");
     for port in [pa, pb_] {
         warm(port, &taken.url, bytes);
         warm(port, &other.url, bytes);
@@ -635,4 +645,33 @@ fn a_target_without_its_credentials_stops_the_start_naming_the_variable() {
     );
     assert_ne!(code, 0);
     assert!(err.contains("unknown kind \"fastly\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_the_rest() {
+    // An edge that refuses any request naming "blog/bad" (400), and takes the rest.
+    let bad = Endpoint::start_with(|g: &Got| {
+        if g.body.contains("blog/bad") {
+            (400, vec![], "unknown tag".into())
+        } else {
+            (200, vec![], "{}".into())
+        }
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("picky", "http", bad.url("/"), None)])).await;
+    let keys = ["blog/a", "blog/bad", "blog/c", "blog/d"].map(String::from).to_vec();
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys }).await.unwrap();
+    let q = wait_queues(s.grpc, 10, "the queue drained past the refused key", |q| q[0].length == 0).await;
+    assert!(q[0].last_error.contains("dropped key blog/bad") && q[0].last_error.contains("400"), "{q:?}");
+    // Every other key reached the edge in an accepted request.
+    let accepted: Vec<String> = bad
+        .got()
+        .iter()
+        .filter(|g| !g.body.contains("blog/bad"))
+        .flat_map(|g| serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone())
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    for k in ["blog/a", "blog/c", "blog/d"] {
+        assert!(accepted.iter().any(|a| a == k), "{k} not delivered: {accepted:?}");
+    }
+    s.stop().await;
 }

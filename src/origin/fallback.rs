@@ -156,12 +156,13 @@ impl Fallback {
             match blog.and_then(|b| HeaderValue::from_str(b).ok()) {
                 Some(b) => {
                     h.insert("surrogate-key", b.clone());
-                    h.insert("cache-tag", b);
+                    h.insert("cache-tag", b.clone());
+                    h.insert("cdn-tag", b);
                 }
                 // Not under a blog's URL (a page on a custom domain): the
                 // app's own tags.
                 None => {
-                    for name in ["surrogate-key", "cache-tag"] {
+                    for name in ["surrogate-key", "cache-tag", "cdn-tag"] {
                         if let Some(v) = parts.headers.get(name) {
                             h.insert(name, v.clone());
                         }

@@ -74,16 +74,20 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
     let kind = t.cfg.kind;
     let mut bucket = Bucket::new(t.cfg.rate_per_sec);
     let mut backoff = FIRST_BACKOFF;
+    // Halved after a request the edge refused, so one bad key cannot hold
+    // back the ones behind it; back to the most after a success.
+    let mut limit = t.max_keys();
     loop {
-        if q.is_empty() {
-            // A key added since the check left a permit: no wake-up is lost.
+        if q.is_idle() {
+            // A key added (or unpinned) since the check left a permit: no
+            // wake-up is lost.
             q.notify.notified().await;
             continue;
         }
         // Waiting for the rate first lets keys that arrive meanwhile join
         // this request.
         bucket.take().await;
-        let Some(keys) = q.take(t.max_keys()) else { continue };
+        let Some(keys) = q.take(limit, t.max_bytes()) else { continue };
         let span = tracing::debug_span!(
             "purge.deliver",
             purge.target = %name,
@@ -105,14 +109,34 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
             Outcome::Sent => "ok",
             Outcome::Retry { throttled: true, .. } => "throttled",
             Outcome::Retry { .. } => "error",
+            Outcome::Rejected { .. } if keys.len() == 1 => "rejected",
+            Outcome::Rejected { .. } => "error",
         };
         span.record("outcome", label);
         metrics::counter!(crate::metrics::PURGE_SENT, "target" => name.clone(), "outcome" => label)
             .increment(keys.len() as u64);
         match outcome {
-            Outcome::Sent => {
+            Outcome::Rejected { error } if keys.len() > 1 => {
+                // Try the same keys in smaller requests: one of them (or the
+                // request's size) is what the edge refuses.
+                tracing::warn!(purge_target = %name, error = %error, keys = keys.len(), "purge refused; splitting the request");
+                limit = (keys.len() / 2).max(1);
+                q.failed(error);
+                tokio::time::sleep(FIRST_BACKOFF).await;
+            }
+            Outcome::Sent | Outcome::Rejected { .. } => {
+                if let Outcome::Rejected { error } = &outcome {
+                    // One key the edge refuses for good: waiting on it would
+                    // hold back every purge behind it. Said loudly, counted
+                    // (`outcome="rejected"`), and left behind.
+                    tracing::error!(purge_target = %name, key = %keys[0], error = %error, "the edge refuses this purge key; dropped");
+                }
+                limit = t.max_keys();
                 backoff = FIRST_BACKOFF;
                 let upto = q.delivered();
+                if let Outcome::Rejected { error } = outcome {
+                    q.note_dropped(format!("dropped key {}: {error}", keys[0]));
+                }
                 tracing::debug!(purge_target = %name, keys = keys.len(), upto, "purge delivered");
                 if let Err(e) = store.purge_sent(name.clone(), upto).done().await {
                     // Not recorded: resent after a restart, which is harmless.

@@ -33,10 +33,15 @@ struct State {
     waiting: FastMap<Arc<str>, u64>,
     /// Items at the head taken into the request being sent.
     in_flight: usize,
+    /// Keys a write being committed counts on (see [`Outbox::pin_waiting`]):
+    /// not taken into a request until it is durable.
+    pinned: FastMap<Arc<str>, u32>,
     /// The last purge record this outbox was told of.
     last_seq: u64,
     sent: u64,
     last_error: String,
+    /// The last key an edge refused for good, and why: shown until another error.
+    dropped: String,
 }
 
 impl State {
@@ -123,6 +128,41 @@ impl Outbox {
         }
     }
 
+    /// True, with the keys pinned at every target, when every key already
+    /// waits (not in flight) at every target: a write that asks for them
+    /// again needs no record of its own, since they go out after it once
+    /// [`Outbox::unpin`] is called when it is durable (or refused). This
+    /// keeps the log and sled from holding a record per publish while an
+    /// edge is down. False (nothing pinned) otherwise.
+    pub fn pin_waiting(&self, keys: &[String]) -> bool {
+        if self.queues.is_empty() || keys.is_empty() {
+            return false;
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            let mut s = q.state.lock();
+            if !keys.iter().all(|k| s.waiting.contains_key(k.as_str())) {
+                drop(s);
+                for q in &self.queues[..i] {
+                    q.unpin(keys);
+                }
+                return false;
+            }
+            for k in keys {
+                let key = s.waiting.get_key_value(k.as_str()).map(|(k, _)| k.clone()).expect("checked above");
+                *s.pinned.entry(key).or_default() += 1;
+            }
+        }
+        true
+    }
+
+    /// Releases keys pinned by [`Outbox::pin_waiting`].
+    pub fn unpin(&self, keys: &[String]) {
+        for q in &self.queues {
+            q.unpin(keys);
+            q.notify.notify_one();
+        }
+    }
+
     /// Why a write that adds `keys` purges must be refused now, if it must:
     /// a target already holds `purge_queue_max` keys.
     pub fn full(&self) -> Option<String> {
@@ -150,7 +190,7 @@ impl Outbox {
                     target: q.name.clone(),
                     length: s.items.len() as u64,
                     oldest_ms: s.items.front().map_or(0, |i| i.at_ms),
-                    last_error: s.last_error.clone(),
+                    last_error: if s.last_error.is_empty() { s.dropped.clone() } else { s.last_error.clone() },
                     sent: s.sent,
                 }
             })
@@ -159,6 +199,18 @@ impl Outbox {
 }
 
 impl Queue {
+    fn unpin(&self, keys: &[String]) {
+        let mut s = self.state.lock();
+        for k in keys {
+            if let Some(n) = s.pinned.get_mut(k.as_str()) {
+                *n -= 1;
+                if *n == 0 {
+                    s.pinned.remove(k.as_str());
+                }
+            }
+        }
+    }
+
     fn add(&self, seq: u64, at_ms: u64, keys: &[String]) {
         let mut s = self.state.lock();
         for k in keys {
@@ -173,24 +225,33 @@ impl Queue {
         gauge(&self.name, s.items.len());
     }
 
-    /// Takes up to `max` keys from the head into a request: distinct keys,
-    /// in order. `None` when nothing waits.
-    pub fn take(&self, max: usize) -> Option<Vec<Arc<str>>> {
+    /// Takes keys from the head into a request: distinct keys, in order, at
+    /// most `max` of them and `max_bytes` of them together (one byte between
+    /// each). Stops before a pinned key (a write that counts on it is not
+    /// durable yet). `None` when nothing can be taken.
+    pub fn take(&self, max: usize, max_bytes: usize) -> Option<Vec<Arc<str>>> {
         let mut s = self.state.lock();
-        if s.items.is_empty() {
-            return None;
-        }
         let s = &mut *s;
         let mut keys: Vec<Arc<str>> = Vec::new();
-        let mut n = 0;
+        let (mut n, mut bytes) = (0, 0);
         for item in &s.items {
+            if s.pinned.contains_key(&item.key) {
+                break;
+            }
             if !keys.contains(&item.key) {
-                if keys.len() == max {
+                let more = item.key.len() + usize::from(!keys.is_empty());
+                if keys.len() == max || (!keys.is_empty() && bytes + more > max_bytes) {
                     break;
                 }
+                bytes += more;
                 keys.push(item.key.clone());
             }
             n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        for item in s.items.iter().take(n) {
             if s.waiting.get(&item.key) == Some(&item.seq) {
                 s.waiting.remove(&item.key);
             }
@@ -212,6 +273,12 @@ impl Queue {
         s.mark()
     }
 
+    /// Records a key left behind (refused by the edge for good): shown as
+    /// the last error until another one.
+    pub fn note_dropped(&self, error: String) {
+        self.state.lock().dropped = error;
+    }
+
     /// The request failed: its keys wait again, at the head.
     pub fn failed(&self, error: String) {
         let mut s = self.state.lock();
@@ -223,8 +290,11 @@ impl Queue {
         s.last_error = error;
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.state.lock().items.is_empty()
+    /// True when nothing can be sent now: nothing waits, or the head is
+    /// pinned by a write not yet durable (a wake-up follows its unpin).
+    pub fn is_idle(&self) -> bool {
+        let s = self.state.lock();
+        s.items.front().is_none_or(|i| s.pinned.contains_key(&i.key))
     }
 }
 
@@ -248,7 +318,7 @@ mod tests {
         o.enqueue(2, 11, &keys(&["blog", "other"]));
         o.enqueue(3, 12, &keys(&["blog"]));
         assert_eq!(o.snapshot()[0].length, 2);
-        let batch = q.take(10).unwrap();
+        let batch = q.take(10, 4096).unwrap();
         assert_eq!(batch.iter().map(|k| &**k).collect::<Vec<_>>(), ["blog", "other"]);
         // Asked again while in flight: a new item.
         o.enqueue(4, 13, &keys(&["blog"]));
@@ -257,14 +327,14 @@ mod tests {
             o.snapshot()[0],
             QueueInfo { target: "a".into(), length: 1, oldest_ms: 13, last_error: String::new(), sent: 2 }
         );
-        assert_eq!(q.take(10).unwrap().len(), 1);
+        assert_eq!(q.take(10, 4096).unwrap().len(), 1);
         q.failed("503".into());
         assert_eq!(o.snapshot()[0].last_error, "503");
         o.enqueue(5, 14, &keys(&["blog"]));
         assert_eq!(o.snapshot()[0].length, 1, "a failed key waits again and coalesces");
-        q.take(10).unwrap();
+        q.take(10, 4096).unwrap();
         assert_eq!(q.delivered(), 5);
-        assert!(q.take(10).is_none());
+        assert!(q.take(10, 4096).is_none());
     }
 
     #[test]
@@ -273,11 +343,27 @@ mod tests {
         o.enqueue(7, 1, &keys(&["x", "y", "z"]));
         assert!(o.full().unwrap().contains("target a is full (3 keys waiting"));
         let q = &o.queues()[0];
-        assert_eq!(q.take(2).unwrap().len(), 2);
+        assert_eq!(q.take(2, 4096).unwrap().len(), 2);
         assert_eq!(q.delivered(), 6);
-        q.take(2).unwrap();
+        q.take(2, 4096).unwrap();
         assert_eq!(q.delivered(), 7);
         assert!(o.full().unwrap().contains("target b"));
+    }
+
+    #[test]
+    fn a_pinned_key_is_not_sent_until_unpinned_and_batches_keep_to_their_bytes() {
+        let o = Outbox::new(["a".to_owned()], 100);
+        let q = &o.queues()[0];
+        o.enqueue(1, 1, &keys(&["blog", "other"]));
+        assert!(!o.pin_waiting(&keys(&["blog", "third"])), "third does not wait");
+        assert!(o.pin_waiting(&keys(&["blog"])));
+        assert!(q.is_idle() && q.take(10, 4096).is_none(), "the head is pinned");
+        o.unpin(&keys(&["blog"]));
+        assert_eq!(q.take(1, 4096).unwrap().len(), 1);
+        q.delivered();
+        o.enqueue(2, 1, &keys(&["aaaa", "bbbb", "cccc"]));
+        // "other aaaa" is 10 bytes: a third key would pass 12.
+        assert_eq!(q.take(10, 12).unwrap().iter().map(|k| &**k).collect::<Vec<_>>(), ["other", "aaaa"]);
     }
 
     #[test]
@@ -290,7 +376,7 @@ mod tests {
         o.restore(&sent, [(3, 0, &r1[..]), (5, 0, &r2[..])], 9);
         let s = o.snapshot();
         assert_eq!((s[0].length, s[1].length), (1, 2));
-        o.queues()[0].take(5).unwrap();
+        o.queues()[0].take(5, 4096).unwrap();
         assert_eq!(o.queues()[0].delivered(), 9);
     }
 }

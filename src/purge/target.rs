@@ -53,6 +53,11 @@ pub enum Outcome {
         after: Option<Duration>,
         throttled: bool,
     },
+    /// The edge refuses this request as it is (a 4xx other than 408 and
+    /// 429): sending it again would fail again.
+    Rejected {
+        error: String,
+    },
 }
 
 impl Target {
@@ -89,7 +94,17 @@ impl Target {
             PurgeKind::Http => 100,
             PurgeKind::Bunny => 1,
             PurgeKind::Cloudflare => 30,
-            PurgeKind::Cloudfront => 100,
+            // Each key is a wildcard path; CloudFront allows 15 of those in progress.
+            PurgeKind::Cloudfront => 15,
+        }
+    }
+
+    /// Bytes of keys one request carries at most: Varnish reads them from
+    /// one header (its default limit on a header is 8 KiB).
+    pub fn max_bytes(&self) -> usize {
+        match self.cfg.kind {
+            PurgeKind::Varnish => 4000,
+            _ => 64 << 10,
         }
     }
 
@@ -229,11 +244,12 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
         return Outcome::Sent;
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
-    Outcome::Retry {
-        error: format!("{status} {text}").trim().to_owned(),
-        after,
-        throttled: status == StatusCode::TOO_MANY_REQUESTS,
+    let error = format!("{status} {text}").trim().to_owned();
+    let transient = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT);
+    if status.is_client_error() && !transient {
+        return Outcome::Rejected { error };
     }
+    Outcome::Retry { error, after, throttled: status == StatusCode::TOO_MANY_REQUESTS }
 }
 
 /// `Retry-After`: seconds, or an HTTP date.

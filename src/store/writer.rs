@@ -186,6 +186,12 @@ enum Effect {
         at_ms: u64,
         keys: Vec<String>,
     },
+    /// Keys already waiting, pinned for this group: released once it is
+    /// durable (they go out after it) or refused.
+    Unpin {
+        keys: Vec<String>,
+        outbox: Arc<crate::purge::Outbox>,
+    },
     GcDone {
         hash: ContentHash,
         tx: Reply<()>,
@@ -207,6 +213,7 @@ impl Effect {
             Effect::DomainRemoved { tx, .. } | Effect::Unref { tx, .. } => drop(tx.send(Err(e))),
             Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
             Effect::Enqueue { .. } => {}
+            Effect::Unpin { keys, outbox } => outbox.unpin(&keys),
         }
     }
 }
@@ -554,8 +561,14 @@ impl Writer {
     }
 
     /// Adds a purge record to the group: its keys reach the outbox once the
-    /// group is durable, with the write that caused them.
+    /// group is durable, with the write that caused them. Keys that all wait
+    /// already (a publish storm while an edge is down) need no record: they
+    /// are pinned until the group is durable, and go out after it.
     fn push_purge(&mut self, keys: Vec<String>, group: &mut Vec<Effect>) {
+        if self.outbox.pin_waiting(&keys) {
+            group.push(Effect::Unpin { keys, outbox: self.outbox.clone() });
+            return;
+        }
         let at_ms = now_ms();
         let rec = Rec::Purge { at_ms, keys };
         self.wal.push(self.seq, &rec);
@@ -641,6 +654,7 @@ impl Writer {
                         replies.push(Box::new(move || drop(tx.send(Ok(true)))));
                     }
                     Effect::Enqueue { seq, at_ms, keys } => self.outbox.enqueue(seq, at_ms, &keys),
+                    Effect::Unpin { keys, outbox } => outbox.unpin(&keys),
                     Effect::GcDone { hash, tx } => {
                         index.gc.remove(&hash);
                         replies.push(Box::new(move || drop(tx.send(Ok(())))));

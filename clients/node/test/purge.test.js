@@ -58,7 +58,7 @@ test('purge and getPurges', async () => {
   await client.purge('npurge', ['npurge/pages']);
   const q = await drained();
   assert.equal(q.length, 1);
-  assert.equal(q[0].target, 'http');
+  assert.equal(q[0].target, `http-127.0.0.1-${hook.address().port}`);
   assert.equal(q[0].lastError, '');
   assert.equal(q[0].oldestMs, 0);
   assert.equal(typeof q[0].sent, 'number');
