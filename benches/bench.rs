@@ -565,6 +565,19 @@ async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
     let s = BlotServer::start(dir.path()).await;
     let (frate, mut flat) = fsync_peer(dir.path(), o.secs(2));
     let f50 = flat.pct(0.5);
+    // The floor any RPC pays here: a GetBlog (memory only) from one caller.
+    let ch = s.channel().await;
+    invalidate(&ch, "pub0", vec![]).await;
+    let (_, mut rpc, _) = load(1, o.secs(2), move |_| {
+        let ch = ch.clone();
+        async move {
+            let mut c = pb::resolver_client::ResolverClient::new(ch);
+            c.get_blog(pb::GetBlogRequest { blog_id: "pub0".into() }).await.unwrap();
+        }
+    })
+    .await;
+    let rpc50 = rpc.pct(0.5);
+    println!("RPC floor (GetBlog, 1 caller): p50 {}", ms(rpc50));
     for conc in [1usize, 64] {
         let mut chans = Vec::new();
         for _ in 0..CONNS.min(conc) {
@@ -593,8 +606,17 @@ async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
             what: format!("{conc} publishers: invalidations/s (p50 / p99)"),
             ours: format!("{rate:.0} ({} / {})", ms(p50), ms(p99)),
             peer: format!("4 KiB write+fsync {frate:.0}/s ({} / {})", ms(f50), ms(flat.pct(0.99))),
-            ratio: format!("p50 {:.1}× fsync", p50.as_secs_f64() / f50.as_secs_f64()),
-            target: if conc == 1 { "p50 ≤ 3× fsync".into() } else { "≥ 20,000/s".into() },
+            ratio: if conc == 1 {
+                format!(
+                    "p50 {:.1}× fsync; above the RPC floor ({}): {:.1}× fsync",
+                    p50.as_secs_f64() / f50.as_secs_f64(),
+                    ms(rpc50),
+                    p50.saturating_sub(rpc50).as_secs_f64() / f50.as_secs_f64()
+                )
+            } else {
+                format!("p50 {:.1}× fsync", p50.as_secs_f64() / f50.as_secs_f64())
+            },
+            target: if conc == 1 { "p50 ≤ 2× fsync".into() } else { "≥ 20,000/s".into() },
         });
     }
 }

@@ -189,7 +189,8 @@ impl App {
             addr: config.grpc_addr,
             source,
         })?;
-        let http_listener = TcpListener::bind(config.http_addr).await.map_err(|source| AppError::Bind {
+        // SO_REUSEPORT: the origin's threads each bind this address again.
+        let http_listener = crate::origin::bind_shared(config.http_addr).map_err(|source| AppError::Bind {
             key: "http_addr",
             addr: config.http_addr,
             source,

@@ -61,6 +61,10 @@ pub struct Partial {
     /// An HTTP connection waiting this long for a request's headers (idle
     /// keep-alive included) is closed.
     pub http_idle_timeout_secs: Option<u64>,
+    /// Threads serving the HTTP origin, each with its own listener
+    /// (`SO_REUSEPORT`); default: one per core. 0: on the runtime shared
+    /// with gRPC.
+    pub http_threads: Option<usize>,
     /// Fallback fetches in flight at once; past it the origin answers 503.
     pub max_fallback_fetches: Option<usize>,
     /// The whole of one fallback fetch (headers and body), in seconds.
@@ -160,6 +164,7 @@ impl Partial {
             upload_idle_timeout_secs,
             max_connections,
             http_idle_timeout_secs,
+            http_threads,
             max_fallback_fetches,
             fallback_timeout_secs,
             purge,
@@ -205,6 +210,7 @@ impl Partial {
             upload_idle_timeout_secs: num("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS", get("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS"))?,
             max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
+            http_threads: num("BLOTCDN_HTTP_THREADS", get("BLOTCDN_HTTP_THREADS"))?,
             max_fallback_fetches: num("BLOTCDN_MAX_FALLBACK_FETCHES", get("BLOTCDN_MAX_FALLBACK_FETCHES"))?,
             fallback_timeout_secs: num("BLOTCDN_FALLBACK_TIMEOUT_SECS", get("BLOTCDN_FALLBACK_TIMEOUT_SECS"))?,
             purge: list(get("BLOTCDN_PURGE_URLS"))
@@ -270,6 +276,7 @@ pub struct Config {
     pub upload_idle_timeout: std::time::Duration,
     pub max_connections: usize,
     pub http_idle_timeout: std::time::Duration,
+    pub http_threads: usize,
     pub max_fallback_fetches: usize,
     pub fallback_timeout: std::time::Duration,
     pub purge: Vec<PurgeTarget>,
@@ -444,6 +451,7 @@ impl Config {
             upload_idle_timeout: std::time::Duration::from_secs(upload_idle),
             max_connections,
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
+            http_threads: p.http_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             max_fallback_fetches,
             fallback_timeout: std::time::Duration::from_secs(fallback_timeout),
             purge: {

@@ -108,6 +108,41 @@ pub fn code_label(c: tonic::Code) -> &'static str {
 }
 
 /// HTTP statuses the origin answers, as static label values.
+/// The origin's routes, as its `route` label takes them.
+pub const ROUTES: [&str; 6] = ["healthz", "ask", "asset", "versioned", "unversioned", "other"];
+const STATUSES: [&str; 10] = ["200", "206", "304", "400", "404", "405", "416", "500", "503", "other"];
+
+/// The origin's per-request counters, each registered once and then kept:
+/// a request costs two atomic adds, no look-up in the recorder's registry
+/// (which hashes the name and labels every time).
+pub struct HttpCounters {
+    requests: [[OnceLock<metrics::Counter>; STATUSES.len()]; ROUTES.len()],
+    bytes: [OnceLock<metrics::Counter>; ROUTES.len()],
+}
+
+impl Default for HttpCounters {
+    fn default() -> Self {
+        HttpCounters {
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            bytes: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+}
+
+impl HttpCounters {
+    /// One answered request of `route` (an index into [`ROUTES`]).
+    pub fn request(&self, route: usize, status: StatusCode, bytes: Option<u64>) {
+        let label = status_label(status);
+        let si = STATUSES.iter().position(|s| *s == label).unwrap_or(STATUSES.len() - 1);
+        self.requests[route][si]
+            .get_or_init(|| metrics::counter!(HTTP_REQUESTS, "route" => ROUTES[route], "status" => STATUSES[si]))
+            .increment(1);
+        if let Some(n) = bytes {
+            self.bytes[route].get_or_init(|| metrics::counter!(HTTP_BYTES, "route" => ROUTES[route])).increment(n);
+        }
+    }
+}
+
 pub fn status_label(s: StatusCode) -> &'static str {
     match s.as_u16() {
         200 => "200",
