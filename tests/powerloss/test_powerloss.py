@@ -356,3 +356,49 @@ def test_harness_detects_a_log_that_is_not_synced(make_env, model):
     with pytest.raises(pytest.fail.Exception) as failed:
         check(env, env.client(srv), led, lost, f"{model}, log sync ignored")
     print(failed.value)
+
+
+# ---- h. the purge outbox ------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["posix", "wal"])
+def test_acknowledged_purges_survive_power_cuts(make_env, model, monkeypatch):
+    """Purges wait for an edge that is down (nothing listens on its port):
+    those of acknowledged deletions and Purge calls must all still wait after
+    a power cut between checkpoints, and after one right after a checkpoint
+    moved them from the log into sled."""
+    monkeypatch.setenv("BLOTCDN_PURGE_URLS", "http=http://127.0.0.1:9/")
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    c = env.client(srv)
+    pb2 = c.pb2
+    want = set()
+
+    def purges(client, n):
+        for i in range(n):
+            blog = f"p{len(want)}x{i}"
+            client.invalidate(blog)
+            client.delete_blog(blog)
+            want.add(blog)
+            client.pub.Purge(pb2.PurgeRequest(blog_id=f"q{len(want)}", keys=[f"q{len(want)}/page"]),
+                             timeout=client.timeout)
+            want.add(f"q{len(want) - 1}/page")
+
+    def waiting(client):
+        queues = client.pub.GetPurges(pb2.GetPurgesRequest(), timeout=client.timeout).queues
+        assert len(queues) == 1, queues
+        return queues[0].length
+
+    purges(c, 20)
+    assert waiting(c) == len(want)
+    lost = env.crash(srv)
+    c = env.client(srv)
+    got = waiting(c)
+    assert got == len(want), f"{model}: {got} purge keys wait after the cut, {len(want)} were acknowledged; {lost}"
+
+    # Right after a checkpoint (the log emptied into sled), then the cut.
+    purges(c, 10)
+    wait_for_checkpoint(env, 30, "a checkpoint")
+    lost = env.crash(srv)
+    c = env.client(srv)
+    got = waiting(c)
+    assert got == len(want), f"{model}: {got} purge keys wait after the cut, {len(want)} were acknowledged; {lost}"
