@@ -163,12 +163,14 @@ impl Outbox {
         }
     }
 
-    /// Why a write that adds `keys` purges must be refused now, if it must:
-    /// a target already holds `purge_queue_max` keys.
-    pub fn full(&self) -> Option<String> {
+    /// Why a write that enqueues `keys` must be refused now, if it must: a
+    /// target already holds `purge_queue_max` keys and some of `keys` do not
+    /// wait there already (a key that waits adds nothing).
+    pub fn refuses(&self, keys: &[String]) -> Option<String> {
         self.queues.iter().find_map(|q| {
             let s = q.state.lock();
-            (s.items.len() >= self.cap).then(|| {
+            let adds = keys.iter().any(|k| !s.waiting.contains_key(k.as_str()));
+            (s.items.len() >= self.cap && adds).then(|| {
                 let why =
                     if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
                 format!(
@@ -341,13 +343,14 @@ mod tests {
     fn a_batch_cut_inside_a_record_marks_the_record_before() {
         let o = Outbox::new(["a".to_owned(), "b".to_owned()], 3);
         o.enqueue(7, 1, &keys(&["x", "y", "z"]));
-        assert!(o.full().unwrap().contains("target a is full (3 keys waiting"));
+        assert!(o.refuses(&keys(&["w"])).unwrap().contains("target a is full (3 keys waiting"));
+        assert!(o.refuses(&keys(&["x"])).is_none(), "a key that waits adds nothing");
         let q = &o.queues()[0];
         assert_eq!(q.take(2, 4096).unwrap().len(), 2);
         assert_eq!(q.delivered(), 6);
         q.take(2, 4096).unwrap();
         assert_eq!(q.delivered(), 7);
-        assert!(o.full().unwrap().contains("target b"));
+        assert!(o.refuses(&keys(&["w"])).unwrap().contains("target b"));
     }
 
     #[test]

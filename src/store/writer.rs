@@ -113,11 +113,14 @@ impl Op {
     }
 
     /// True if it enqueues a purge (so is refused while an outbox is full).
-    fn purges(&self, purge_on_publish: bool) -> bool {
+    /// The purge keys it enqueues, if it enqueues any.
+    fn purge_keys(&self, purge_on_publish: bool) -> Option<Vec<String>> {
         match self {
-            Op::Invalidate { paths, .. } => purge_on_publish && paths.is_empty(),
-            Op::DeleteBlog { .. } | Op::DeleteAsset { .. } | Op::Purge { .. } => true,
-            _ => false,
+            Op::Invalidate { blog, paths, .. } if purge_on_publish && paths.is_empty() => Some(vec![blog.to_string()]),
+            Op::DeleteBlog { blog, .. } => Some(vec![blog.to_string()]),
+            Op::DeleteAsset { blog, hash, .. } => Some(vec![format!("{blog}/{hash}")]),
+            Op::Purge { keys, .. } => Some(keys.clone()),
+            _ => None,
         }
     }
 
@@ -405,11 +408,11 @@ impl Writer {
             op.refuse(StoreError::Failed(e), &self.shared);
             return;
         }
-        if op.purges(self.purge_on_publish) {
-            if let Some(why) = self.outbox.full() {
-                op.refuse(StoreError::Full(why), &self.shared);
-                return;
-            }
+        // A full outbox refuses writes that would add keys to it; one whose
+        // keys all wait already adds none (see `push_purge`) and goes on.
+        if let Some(why) = op.purge_keys(self.purge_on_publish).and_then(|keys| self.outbox.refuses(&keys)) {
+            op.refuse(StoreError::Full(why), &self.shared);
+            return;
         }
         if self.wal.bytes() > MAX_LOG_BYTES && !matches!(op, Op::Flush { .. }) {
             op.refuse(
