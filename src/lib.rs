@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod migrate;
 pub mod origin;
+pub mod outbound;
 pub mod purge;
 pub mod store;
 pub mod telemetry;

@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::Client;
 use md5::Digest;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
@@ -78,7 +77,7 @@ enum Outcome {
 /// A download that receives nothing for this long is given up (and retried).
 const IDLE: Duration = Duration::from_secs(60);
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<crate::outbound::Https, Empty<Bytes>>;
 
 struct Ctx {
     bucket: Bucket,
@@ -131,16 +130,7 @@ fn parse_key(key: &str) -> Result<(BlogId, BlogPath), &'static str> {
 }
 
 fn client() -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(https)
+    crate::outbound::client(Duration::from_secs(10), 256)
 }
 
 async fn get(client: &HttpClient, url: &url::Url) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {

@@ -86,23 +86,7 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     p.set_domain(pb::SetDomainRequest { domain: "mapped.example".into(), blog_id: "tlsblog".into() }).await.unwrap();
     let url = url_of(&s, "tlsblog", "/style.css").await;
 
-    let origin = format!("127.0.0.1:{}", s.http.port());
-    let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/Caddyfile")).unwrap();
-    let caddyfile = work.path().join("Caddyfile");
-    let (_caddy, sp) = Daemon::spawn_on_free_port("caddy", |sp| {
-        let conf = template
-            .replace("127.0.0.1:8080", &origin)
-            .replace("http_port 8081", &format!("http_port {}", free_port()))
-            .replace("https_port 8443", &format!("https_port {sp}"));
-        std::fs::write(&caddyfile, conf).unwrap();
-        let mut c = Command::new("caddy");
-        c.args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&caddyfile)
-            .env("XDG_DATA_HOME", work.path().join("data"))
-            .env("XDG_CONFIG_HOME", work.path().join("config"))
-            .env("HOME", work.path());
-        c
-    });
+    let (_caddy, sp) = caddy(work.path(), "Caddyfile", s.http.port());
 
     let resolve = |d: &str| format!("{d}:{sp}:127.0.0.1");
     let target = |d: &str| format!("https://{d}:{sp}{}", path_of(&url));
@@ -153,22 +137,7 @@ async fn caddy_serves_host_style_urls_under_a_wildcard_name() {
     // URL): the origin starts, the edge starts, the origin starts again.
     let s = Server::start().await;
     let origin = s.http.port();
-    let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edge/host-style.Caddyfile")).unwrap();
-    let caddyfile = work.path().join("Caddyfile");
-    let (_caddy, sp) = Daemon::spawn_on_free_port("caddy", |sp| {
-        let conf = template
-            .replace("127.0.0.1:8080", &format!("127.0.0.1:{origin}"))
-            .replace("http_port 8081", &format!("http_port {}", free_port()))
-            .replace("https_port 8443", &format!("https_port {sp}"));
-        std::fs::write(&caddyfile, conf).unwrap();
-        let mut c = Command::new("caddy");
-        c.args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&caddyfile)
-            .env("XDG_DATA_HOME", work.path().join("data"))
-            .env("XDG_CONFIG_HOME", work.path().join("config"))
-            .env("HOME", work.path());
-        c
-    });
+    let (_caddy, sp) = caddy(work.path(), "host-style.Caddyfile", origin);
     let dir = s.stop().await;
     let s = Server::start_in(dir, |p| {
         p.http_addr = Some(format!("127.0.0.1:{origin}"));
@@ -185,4 +154,25 @@ async fn caddy_serves_host_style_urls_under_a_wildcard_name() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"under its own name"[..]));
     assert_eq!(r.header("surrogate-key"), Some("hblog"));
     s.stop().await;
+}
+
+/// Caddy running `edge/{file}` as it is, with only its ports rewritten (the
+/// origin's, and free ones for its own), its state under `work`.
+fn caddy(work: &std::path::Path, file: &str, origin: u16) -> (Daemon, u16) {
+    let template = std::fs::read_to_string(format!("{}/edge/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let caddyfile = work.join("Caddyfile");
+    Daemon::spawn_on_free_port("caddy", |sp| {
+        let conf = template
+            .replace("127.0.0.1:8080", &format!("127.0.0.1:{origin}"))
+            .replace("http_port 8081", &format!("http_port {}", free_port()))
+            .replace("https_port 8443", &format!("https_port {sp}"));
+        std::fs::write(&caddyfile, conf).unwrap();
+        let mut c = Command::new("caddy");
+        c.args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile)
+            .env("XDG_DATA_HOME", work.join("data"))
+            .env("XDG_CONFIG_HOME", work.join("config"))
+            .env("HOME", work);
+        c
+    })
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use blotcdn::config::PurgeTargetConfig;
 use blotcdn::proto as pb;
-use common::{binary, curl, path_of, run, varnish, varnish_at, varnish_bans, ChildServer, DownEdge, Server};
+use common::{binary, curl, path_of, run, varnish, varnish_at, varnish_bans, ChildServer, Daemon, DownEdge, Server};
 
 /// One request an endpoint received.
 #[derive(Debug, Clone)]
@@ -171,24 +171,40 @@ async fn put(s: &Server, blog: &str, name: &str, bytes: &[u8]) -> pb::Asset {
     s.publisher().await.put_asset(tokio_stream::iter(vec![header, data])).await.unwrap().into_inner()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_blog_empties_both_edges() {
-    let work = tempfile::tempdir().unwrap();
-    // The edges need the origin's port, the origin the edges' ports: the
-    // origin starts first without targets, then again with them.
+/// Two Varnish edges in front of a server that purges them: the edges need
+/// the origin's port, the origin the edges' ports, so the origin starts
+/// first without targets, then again with them on the same port. `tweak`
+/// adds to the second start's configuration.
+struct TwoEdges {
+    s: Server,
+    a: (Daemon, u16),
+    b: (Daemon, u16),
+    origin: u16,
+}
+
+async fn two_edges(work: &std::path::Path, tweak: impl FnOnce(&mut blotcdn::config::Partial)) -> TwoEdges {
     let s = Server::start().await;
     let origin = s.http.port();
-    let (_a, pa) = varnish(&work.path().join("a"), origin, "malloc,32m");
-    let (_b, pb_) = varnish(&work.path().join("b"), origin, "malloc,32m");
+    let a = varnish(&work.join("a"), origin, "malloc,32m");
+    let b = varnish(&work.join("b"), origin, "malloc,32m");
     let dir = s.stop().await;
-    let s = Server::start_in(dir, |p| {
+    let (pa, pb) = (a.1, b.1);
+    let s = Server::start_in(dir, move |p| {
         p.http_addr = Some(format!("127.0.0.1:{origin}"));
         p.purge = Some(vec![
             target("edge-a", "varnish", format!("http://127.0.0.1:{pa}/"), None),
-            target("edge-b", "varnish", format!("http://127.0.0.1:{pb_}/"), None),
+            target("edge-b", "varnish", format!("http://127.0.0.1:{pb}/"), None),
         ]);
+        tweak(p);
     })
     .await;
+    TwoEdges { s, a, b, origin }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_blog_empties_both_edges() {
+    let work = tempfile::tempdir().unwrap();
+    let TwoEdges { s, a: (_a, pa), b: (_b, pb_), .. } = two_edges(work.path(), |_| {}).await;
 
     s.write("doomed", "/style.css", b"body{}");
     s.write("kept", "/style.css", b"p{}");
@@ -219,20 +235,8 @@ async fn delete_blog_empties_both_edges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_down_during_the_deletion_gets_its_purge_when_it_is_back() {
     let work = tempfile::tempdir().unwrap();
-    let s = Server::start().await;
-    let origin = s.http.port();
-    let (_a, pa) = varnish(&work.path().join("a"), origin, "malloc,32m");
-    let (b, pb_) = varnish(&work.path().join("b"), origin, "malloc,32m");
-    let dir = s.stop().await;
-    let s = Server::start_in(dir, |p| {
-        p.http_addr = Some(format!("127.0.0.1:{origin}"));
-        p.purge = Some(vec![
-            target("edge-a", "varnish", format!("http://127.0.0.1:{pa}/"), None),
-            target("edge-b", "varnish", format!("http://127.0.0.1:{pb_}/"), None),
-        ]);
-        p.purge_queue_max = Some(3);
-    })
-    .await;
+    let TwoEdges { s, a: (_a, pa), b: (b, pb_), origin } =
+        two_edges(work.path(), |p| p.purge_queue_max = Some(3)).await;
     s.write("gone", "/a.css", b"a");
     common::invalidate(&s, "gone", &[]).await;
     let url = common::url_of(&s, "gone", "/a.css").await;
@@ -391,19 +395,7 @@ async fn a_thousand_publishes_in_a_second_coalesce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_asset_takes_one_asset_down_at_the_origin_and_both_edges() {
     let work = tempfile::tempdir().unwrap();
-    let s = Server::start().await;
-    let origin = s.http.port();
-    let (_a, pa) = varnish(&work.path().join("a"), origin, "malloc,32m");
-    let (_b, pb_) = varnish(&work.path().join("b"), origin, "malloc,32m");
-    let dir = s.stop().await;
-    let s = Server::start_in(dir, |p| {
-        p.http_addr = Some(format!("127.0.0.1:{origin}"));
-        p.purge = Some(vec![
-            target("edge-a", "varnish", format!("http://127.0.0.1:{pa}/"), None),
-            target("edge-b", "varnish", format!("http://127.0.0.1:{pb_}/"), None),
-        ]);
-    })
-    .await;
+    let TwoEdges { s, a: (_a, pa), b: (_b, pb_), .. } = two_edges(work.path(), |_| {}).await;
     let bytes = b"GIF89a shared bytes";
     let taken = put(&s, "alice", "pic.gif", bytes).await;
     let other = put(&s, "bob", "pic.gif", bytes).await;

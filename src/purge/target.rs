@@ -19,8 +19,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::Client;
 
 use crate::config::{PurgeKind, PurgeTarget};
 
@@ -197,20 +196,11 @@ fn sign_v4(
     Ok(())
 }
 
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient = Client<crate::outbound::Https, Full<Bytes>>;
 
-/// One client for every target: HTTP or HTTPS (webpki roots), keep-alive.
+/// One client for every target: HTTP or HTTPS, kept-alive connections.
 pub fn client() -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
+    crate::outbound::client(Duration::from_secs(5), 8)
 }
 
 /// Sends one request and reads what its answer means. Cloudflare and Bunny
