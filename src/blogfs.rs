@@ -142,6 +142,15 @@ pub struct NewFile {
 /// reaches it.
 const TMP_DIR: &str = ".tmp";
 
+/// Eight hex digits, new each run (the clock and an address, hashed).
+fn run_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let seed = format!("{:?} {:p} {}", std::time::SystemTime::now(), &TOKEN, std::process::id());
+        blake3::hash(seed.as_bytes()).to_hex()[..8].to_owned()
+    })
+}
+
 /// A temporary file not written for this long was left by a crash.
 const STALE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
@@ -196,7 +205,10 @@ impl NewFile {
             }
             dir = next;
         }
-        let tmp = cstr(format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes())?;
+        // The process id and a token of this run: two processes in two
+        // containers may both be process 1 on one volume.
+        let tmp =
+            cstr(format!("{}-{}-{}", std::process::id(), run_token(), SEQ.fetch_add(1, Ordering::Relaxed)).as_bytes())?;
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: `tmp_dir` is open; the descriptor is owned by the File below.
         let fd = unsafe { libc::openat(tmp_dir.as_raw_fd(), tmp.as_ptr(), flags, 0o644 as libc::c_uint) };
@@ -207,11 +219,10 @@ impl NewFile {
         Ok(NewFile { dir, tmp_dir, tmp, name: cstr(name.as_bytes())?, file, created })
     }
 
-    /// Removes temporary files a crash left in `{root}/.tmp`: those named
-    /// with this process's id (an earlier run that had it), and those not
-    /// written for [`STALE`]. Process ids cannot tell more: in containers
-    /// every run may be process 1, and another container's processes are not
-    /// visible from here.
+    /// Removes temporary files a crash left in `{root}/.tmp`: those not
+    /// written for [`STALE`]. Names cannot tell more: in containers every run
+    /// may be process 1, and another container's processes are not visible
+    /// from here.
     pub fn sweep(root: &Path) -> io::Result<usize> {
         let dir = root.join(TMP_DIR);
         let entries = match std::fs::read_dir(&dir) {
@@ -222,12 +233,10 @@ impl NewFile {
         let mut removed = 0;
         for e in entries {
             let e = e?;
-            let name = e.file_name();
-            let ours = name.to_str().and_then(|n| n.split('-').next()) == Some(&std::process::id().to_string());
             // Gone meanwhile (named, or swept by another process): nothing to do.
             let Ok(modified) = e.metadata().and_then(|m| m.modified()) else { continue };
             let idle = modified.elapsed().unwrap_or_default();
-            if (ours || idle > STALE) && std::fs::remove_file(e.path()).is_ok() {
+            if idle > STALE && std::fs::remove_file(e.path()).is_ok() {
                 removed += 1;
             }
         }

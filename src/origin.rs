@@ -175,8 +175,13 @@ impl Origin {
         for (i, l) in listeners.into_iter().enumerate() {
             let (this, stop) = (self.clone(), stop.clone());
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let blocking = (512 / threads).max(16);
             let spawned = std::thread::Builder::new().name(format!("blotcdn-http-{i}")).spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .max_blocking_threads(blocking)
+                    .build()
+                    .expect("a runtime");
                 rt.block_on(async move {
                     match TcpListener::from_std(l) {
                         Ok(l) => this.serve_on(l, stop).await,
@@ -206,25 +211,29 @@ impl Origin {
         // slot forever.
         builder.header_read_timeout(self.idle_timeout);
         loop {
-            // At the cap, stop accepting: new connections wait in the listen
-            // backlog, and the descriptors kept in reserve stay free for
-            // files, uploads and the store.
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors and the like: wait, don't spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            };
+            // At the cap, this thread stops accepting (one connection, the
+            // one just taken, waits for a slot; the rest wait in the listen
+            // backlog), and the descriptors kept in reserve stay free for
+            // files, uploads and the store. Accepting first means an idle
+            // thread holds no slot.
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => p.expect("never closed"),
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             };
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, _) = match accepted {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Out of descriptors and the like: wait, don't spin.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
+            {
+                {
                     let this = self.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let this = this.clone();
@@ -236,7 +245,6 @@ impl Origin {
                         drop(permit);
                     });
                 }
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             }
         }
         drop(listener);

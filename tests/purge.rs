@@ -669,3 +669,23 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
     }
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_the_edge_can_fix_are_retried_never_dropped() {
+    // 403 (credentials), 405 (an ACL), then CloudFront's 400 for too many
+    // invalidations in progress: each is waited out, and the key gets there.
+    let ep = Endpoint::start(|n| match n {
+        0 => (403, vec![], "forbidden".into()),
+        1 => (405, vec![], "not allowed".into()),
+        2 => (400, vec![], "<Error><Code>TooManyInvalidationsInProgress</Code></Error>".into()),
+        _ => (200, vec![], "{}".into()),
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("fixable", "http", ep.url("/"), None)])).await;
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys: vec![] }).await.unwrap();
+    let q = wait_queues(s.grpc, 15, "the key delivered after the refusals", drained).await;
+    assert!(!q[0].last_error.contains("dropped"), "{q:?}");
+    let got = ep.got();
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(got.iter().all(|g| g.body == r#"{"keys":["blog"]}"#), "{got:?}");
+    s.stop().await;
+}

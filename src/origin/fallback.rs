@@ -26,10 +26,25 @@ use crate::config::Config;
 /// How long a request waits for a free fetch slot before it is answered 503.
 const SLOT_WAIT: Duration = Duration::from_secs(2);
 
+/// The HTTP client of this thread. Each origin thread has its own runtime,
+/// and a pooled connection's task lives on the runtime that opened it: one
+/// pool per thread, so no thread uses connections another thread's runtime
+/// drives (and ends at shutdown).
+fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    thread_local! {
+        static CLIENT: Client<HttpConnector, Empty<Bytes>> = {
+            let mut connector = HttpConnector::new();
+            connector.set_connect_timeout(Some(Duration::from_secs(5)));
+            connector.set_nodelay(true);
+            Client::builder(TokioExecutor::new()).build(connector)
+        };
+    }
+    CLIENT.with(Client::clone)
+}
+
 pub struct Fallback {
     origins: Vec<String>,
     backfill: usize,
-    client: Client<HttpConnector, Empty<Bytes>>,
     /// One permit per fetch in flight, held until its body is done.
     slots: Arc<Semaphore>,
     /// The whole of one fetch: headers and body.
@@ -38,13 +53,9 @@ pub struct Fallback {
 
 impl Fallback {
     pub fn new(config: &Config) -> Fallback {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.set_nodelay(true);
         Fallback {
             origins: config.fallback_origins.clone(),
             backfill: config.backfill_origins,
-            client: Client::builder(TokioExecutor::new()).build(connector),
             slots: Arc::new(Semaphore::new(config.max_fallback_fetches)),
             timeout: config.fallback_timeout,
         }
@@ -93,7 +104,7 @@ impl Fallback {
                 metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => origin.clone(), "outcome" => outcome)
                     .increment(1)
             };
-            let fetched = tokio::time::timeout_at(deadline, self.client.request(req));
+            let fetched = tokio::time::timeout_at(deadline, client().request(req));
             let resp = match tracing::Instrument::instrument(fetched, span).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {

@@ -36,6 +36,8 @@ struct State {
     /// Keys a write being committed counts on (see [`Outbox::pin_waiting`]):
     /// not taken into a request until it is durable.
     pinned: FastMap<Arc<str>, u32>,
+    /// The deliverer found the head pinned: it is not pinned again until taken.
+    head_wanted: bool,
     /// The last purge record this outbox was told of.
     last_seq: u64,
     sent: u64,
@@ -140,10 +142,16 @@ impl Outbox {
         }
         for (i, q) in self.queues.iter().enumerate() {
             let mut s = q.state.lock();
-            if !keys.iter().all(|k| s.waiting.contains_key(k.as_str())) {
+            // The head key is not pinned again once the deliverer has found it
+            // pinned: a storm of publishes re-pinning it could keep it, and all
+            // behind it, from ever going. Such a write gets a record instead.
+            let head_wanted = s.head_wanted.then(|| s.items.front().map(|i| i.key.clone())).flatten();
+            let pinnable = keys.iter().all(|k| s.waiting.contains_key(k.as_str()) && head_wanted.as_deref() != Some(k));
+            if !pinnable {
                 drop(s);
                 for q in &self.queues[..i] {
                     q.unpin(keys);
+                    q.notify.notify_one();
                 }
                 return false;
             }
@@ -234,6 +242,11 @@ impl Queue {
     pub fn take(&self, max: usize, max_bytes: usize) -> Option<Vec<Arc<str>>> {
         let mut s = self.state.lock();
         let s = &mut *s;
+        if s.items.front().is_some_and(|i| s.pinned.contains_key(&i.key)) {
+            s.head_wanted = true;
+            return None;
+        }
+        s.head_wanted = false;
         let mut keys: Vec<Arc<str>> = Vec::new();
         let (mut n, mut bytes) = (0, 0);
         for item in &s.items {
@@ -295,8 +308,10 @@ impl Queue {
     /// True when nothing can be sent now: nothing waits, or the head is
     /// pinned by a write not yet durable (a wake-up follows its unpin).
     pub fn is_idle(&self) -> bool {
-        let s = self.state.lock();
-        s.items.front().is_none_or(|i| s.pinned.contains_key(&i.key))
+        let mut s = self.state.lock();
+        let pinned = s.items.front().is_some_and(|i| s.pinned.contains_key(&i.key));
+        s.head_wanted |= pinned;
+        s.items.is_empty() || pinned
     }
 }
 
@@ -361,9 +376,13 @@ mod tests {
         assert!(!o.pin_waiting(&keys(&["blog", "third"])), "third does not wait");
         assert!(o.pin_waiting(&keys(&["blog"])));
         assert!(q.is_idle() && q.take(10, 4096).is_none(), "the head is pinned");
+        // Found pinned by the deliverer: not pinned again until it goes.
         o.unpin(&keys(&["blog"]));
+        assert!(!o.pin_waiting(&keys(&["blog"])), "the head is wanted");
+        assert!(o.pin_waiting(&keys(&["other"])), "a key behind it may be pinned");
         assert_eq!(q.take(1, 4096).unwrap().len(), 1);
         q.delivered();
+        o.unpin(&keys(&["other"]));
         o.enqueue(2, 1, &keys(&["aaaa", "bbbb", "cccc"]));
         // "other aaaa" is 10 bytes: a third key would pass 12.
         assert_eq!(q.take(10, 12).unwrap().iter().map(|k| &**k).collect::<Vec<_>>(), ["other", "aaaa"]);

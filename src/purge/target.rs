@@ -235,8 +235,14 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
     let error = format!("{status} {text}").trim().to_owned();
-    let transient = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT);
-    if status.is_client_error() && !transient {
+    // Only what says the request itself is wrong: credentials, permissions,
+    // a missing route or an ACL (401, 403, 404, 405) can be fixed on the
+    // edge's side and are retried. CloudFront answers 400 when too many
+    // invalidations are in progress: that is a wait, not a refusal.
+    let malformed = matches!(status.as_u16(), 400 | 413 | 414 | 422 | 431);
+    let busy = String::from_utf8_lossy(&body).contains("TooManyInvalidationsInProgress")
+        || String::from_utf8_lossy(&body).contains("<Code>Throttling</Code>");
+    if malformed && !busy {
         return Outcome::Rejected { error };
     }
     Outcome::Retry { error, after, throttled: status == StatusCode::TOO_MANY_REQUESTS }
