@@ -253,10 +253,10 @@ impl Origin {
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         use tracing::Instrument;
-        let route = match self.blog_from_host(&req) {
-            Some(blog) => route_label(&format!("/{blog}{}", req.uri().path())),
-            None => route_label(req.uri().path()),
-        };
+        // `{blog}.{cdn host}/…` is `/{blog}/…`: found once, used for the
+        // label and the routing.
+        let in_host = self.blog_from_host(&req).map(|blog| format!("/{blog}{}", req.uri().path()));
+        let route = route_label(in_host.as_deref().unwrap_or(req.uri().path()));
         let head = req.method() == Method::HEAD;
         // Debug level: enabled only when traces are exported.
         let span = tracing::debug_span!(
@@ -274,7 +274,7 @@ impl Origin {
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         } else {
-            let mut resp = self.route(&req).instrument(span.clone()).await;
+            let mut resp = self.route(&req, in_host.as_deref()).instrument(span.clone()).await;
             if head {
                 // Same headers, Content-Length included; no body.
                 *resp.body_mut() = empty();
@@ -288,7 +288,8 @@ impl Origin {
         resp
     }
 
-    async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+    /// `in_host`: the path with the blog the `Host` names, for host-style URLs.
+    async fn route(&self, req: &Request<Incoming>, in_host: Option<&str>) -> Response<Body> {
         let path = req.uri().path();
         match path {
             "/healthz" => {
@@ -303,15 +304,7 @@ impl Origin {
             "/_ask" => return self.ask(req.uri().query().unwrap_or("")),
             _ => {}
         }
-        // `{blog}.{cdn host}/…` is `/{blog}/…`.
-        let in_host;
-        let path = match self.blog_from_host(req) {
-            Some(blog) => {
-                in_host = format!("/{blog}{path}");
-                in_host.as_str()
-            }
-            None => path,
-        };
+        let path = in_host.unwrap_or(path);
         let mut segs = path.strip_prefix('/').unwrap_or(path).split('/');
         let (Some(first), second, third) = (segs.next(), segs.next(), segs.clone().next()) else {
             return self.fallback(req, None).await;

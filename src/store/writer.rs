@@ -113,7 +113,8 @@ impl Op {
     }
 
     /// True if it enqueues a purge (so is refused while an outbox is full).
-    /// The purge keys it enqueues, if it enqueues any.
+    /// The purge keys it enqueues, if it enqueues any: the one place that
+    /// says which writes purge what.
     fn purge_keys(&self, purge_on_publish: bool) -> Option<Vec<String>> {
         match self {
             Op::Invalidate { blog, paths, .. } if purge_on_publish && paths.is_empty() => Some(vec![blog.to_string()]),
@@ -408,9 +409,11 @@ impl Writer {
             op.refuse(StoreError::Failed(e), &self.shared);
             return;
         }
-        // A full outbox refuses writes that would add keys to it; one whose
-        // keys all wait already adds none (see `push_purge`) and goes on.
-        if let Some(why) = op.purge_keys(self.purge_on_publish).and_then(|keys| self.outbox.refuses(&keys)) {
+        // The purge keys this write enqueues (none without targets). A full
+        // outbox refuses writes that would add keys to it; one whose keys all
+        // wait already adds none (see `push_purge`) and goes on.
+        let purge = if self.outbox.has_targets() { op.purge_keys(self.purge_on_publish) } else { None };
+        if let Some(why) = purge.as_deref().and_then(|keys| self.outbox.refuses(keys)) {
             op.refuse(StoreError::Full(why), &self.shared);
             return;
         }
@@ -424,13 +427,9 @@ impl Writer {
             );
             return;
         }
-        let mut purge: Option<Vec<String>> = None;
         let (rec, effect) = match op {
             Op::Invalidate { blog, paths, tx } => {
                 let (id, floor) = self.assign(&blog, paths.is_empty());
-                if paths.is_empty() && self.purge_on_publish {
-                    purge = Some(vec![blog.to_string()]);
-                }
                 let rec = Rec::Invalidate {
                     blog: blog.to_string(),
                     id,
@@ -489,7 +488,6 @@ impl Writer {
                 self.ids.remove(blog.as_str());
                 self.deleted_last.insert(blog.as_str().into(), ids.last);
                 let found = hashes.iter().map(|h| ContentHash(*h)).collect();
-                purge = Some(vec![blog.to_string()]);
                 let rec = Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains };
                 (rec, Effect::Deleted { blog, hashes: Some(found), tx })
             }
@@ -510,7 +508,6 @@ impl Writer {
                     return;
                 };
                 let (id, floor) = self.assign(&blog, false);
-                purge = Some(vec![format!("{blog}/{hash}")]);
                 let rec = Rec::Unref {
                     blog: blog.to_string(),
                     id,
@@ -520,8 +517,8 @@ impl Writer {
                 };
                 (rec, Effect::Unref { blog, floor, id, hash, paths, tx })
             }
-            Op::Purge { keys, tx } => {
-                if self.outbox.has_targets() {
+            Op::Purge { tx, .. } => {
+                if let Some(keys) = purge {
                     self.push_purge(keys, group);
                 }
                 group.push(Effect::Done { tx });
@@ -558,7 +555,7 @@ impl Writer {
         self.wal.push(self.seq, &rec);
         self.seq += 1;
         group.push(effect);
-        if let Some(keys) = purge.filter(|_| self.outbox.has_targets()) {
+        if let Some(keys) = purge {
             self.push_purge(keys, group);
         }
     }
