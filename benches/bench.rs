@@ -91,6 +91,28 @@ impl BlotServer {
         Channel::from_shared(format!("http://{}", self.grpc)).unwrap().connect().await.unwrap()
     }
 
+    /// SIGTERM, then waits (up to a minute) for the clean stop to finish:
+    /// the last checkpoint and the index snapshot.
+    fn stop_cleanly(mut self) {
+        unsafe {
+            libc::kill(self.proc.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("blotcdn did not stop within a minute of SIGTERM");
+    }
+
+    /// SIGKILL: what a crash leaves (no snapshot, sled is read).
+    fn kill(mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
     fn rss_mib(&self) -> f64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id())).unwrap_or_default();
         let kb: f64 = s
@@ -790,28 +812,38 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
                 t.await.unwrap();
             }
             println!("  populated {n} paths and {a} assets in {:.1} s", t.elapsed().as_secs_f64());
+            s.stop_cleanly();
         }
-        // Restart on the same data: start-up loads the index.
+        // Restart on the same data after a clean stop: the index comes
+        // from the snapshot the stop wrote.
         let s = BlotServer::start(dir.path()).await;
         let startup = s.startup;
         let rate = resolve_rate(&s, "scale0", 100_000.min(n), o.secs(3)).await;
         let rss = s.rss_mib();
-        println!("  {n:>8} paths: start-up {} RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)", ms(startup));
-        results.push((n, a, startup, rss, rate));
+        // Then as after a crash: no snapshot, the index is read from sled.
+        s.kill();
+        let s = BlotServer::start(dir.path()).await;
+        let crashed = s.startup;
         drop(s);
+        println!(
+            "  {n:>8} paths: start-up {} (after a crash: {}) RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)",
+            ms(startup),
+            ms(crashed)
+        );
+        results.push((n, a, startup, crashed, rss, rate));
     }
     let (small, large) = (&results[0], &results[1]);
-    for (n, a, startup, rss, rate) in [small, large] {
+    for (n, a, startup, crashed, rss, rate) in [small, large] {
         rows.push(Row {
             bench: "Scale",
-            what: format!("{n} paths, {a} assets: URLs/s, RSS, start-up"),
-            ours: format!("{rate:.0}, {rss:.0} MiB, {}", ms(*startup)),
-            peer: if *n == small.0 { "(the baseline)".into() } else { format!("{:.0} at 10k", small.4) },
-            ratio: if *n == small.0 { "-".into() } else { ratio(*rate, small.4) },
+            what: format!("{n} paths, {a} assets: URLs/s, RSS, start-up (after a crash)"),
+            ours: format!("{rate:.0}, {rss:.0} MiB, {} ({})", ms(*startup), ms(*crashed)),
+            peer: if *n == small.0 { "(the baseline)".into() } else { format!("{:.0} at 10k", small.5) },
+            ratio: if *n == small.0 { "-".into() } else { ratio(*rate, small.5) },
             target: if *n == small.0 {
-                "start-up < 1 s".into()
+                "start-up ≤ 0.5 s".into()
             } else {
-                "≥ 0.8× rate at 10k; start-up < 1 s".into()
+                "≥ 0.9× rate at 10k; start-up ≤ 0.5 s".into()
             },
         });
     }

@@ -19,6 +19,7 @@ use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 pub mod index;
 pub mod sled_store;
+pub mod snapshot;
 pub mod wal;
 pub mod writer;
 pub use sled_store::{PurgeOptions, SledStore};

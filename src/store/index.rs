@@ -9,20 +9,21 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::wal::Rec;
 use super::{AssetRef, BlogInfo, Resolution};
 use crate::domain::{BlogId, CacheId, ContentHash};
 
 pub type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 pub type FastSet<K> = HashSet<K, ahash::RandomState>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PathEntry {
     pub version: CacheId,
     /// Boxed: most paths have none, and a million entries stay 16 bytes each.
     pub binding: Option<Box<(ContentHash, Arc<str>)>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct BlogState {
     pub floor: CacheId,
     pub paths: FastMap<Box<str>, PathEntry>,
@@ -30,7 +31,7 @@ pub struct BlogState {
     pub domains: BTreeSet<Box<str>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Index {
     pub blogs: FastMap<Box<str>, BlogState>,
     pub domains: FastMap<Box<str>, BlogId>,
@@ -45,13 +46,89 @@ pub struct Index {
 
 impl Index {
     /// The blog's state, created if new (and no longer deleted).
-    pub fn blog_mut(&mut self, blog: &BlogId, floor: CacheId) -> &mut BlogState {
+    pub fn blog_mut(&mut self, blog: &str, floor: CacheId) -> &mut BlogState {
         if !self.deleted.is_empty() {
-            self.deleted.remove(blog.as_str());
+            self.deleted.remove(blog);
         }
-        let state = self.blogs.entry(blog.as_str().into()).or_default();
+        if !self.blogs.contains_key(blog) {
+            self.blogs.insert(blog.into(), BlogState::default());
+        }
+        let state = self.blogs.get_mut(blog).expect("just inserted");
         state.floor = state.floor.max(floor);
         state
+    }
+
+    /// What a durable record changes: the one way a write reaches the
+    /// index, from the sled writer's log group or from the etcd watch.
+    pub fn apply(&mut self, rec: &Rec) {
+        match rec {
+            Rec::Invalidate { blog, id, floor, paths } => {
+                let state = self.blog_mut(blog, *floor);
+                if paths.is_empty() {
+                    // The floor rose past every path version: one without a
+                    // binding now says nothing the floor does not. The index
+                    // keeps what is live.
+                    state.paths.retain(|_, e| e.binding.is_some());
+                    if state.paths.capacity() > 4 * state.paths.len() + 64 {
+                        state.paths.shrink_to_fit();
+                    }
+                }
+                for p in paths {
+                    let entry = PathEntry { version: *id, binding: None };
+                    match state.paths.get_mut(p.as_str()) {
+                        Some(e) => *e = entry,
+                        None => {
+                            state.paths.insert(p.as_str().into(), entry);
+                        }
+                    }
+                }
+            }
+            Rec::Bind { blog, id, floor, path, hash, size, content_type, filename } => {
+                let hash = ContentHash(*hash);
+                let state = self.blog_mut(blog, *floor);
+                let aref = AssetRef { size: *size, content_type: Arc::from(content_type.as_str()) };
+                let new_ref = state.refs.insert(hash, aref).is_none();
+                if let Some(p) = path {
+                    let entry = PathEntry { version: *id, binding: Some(Box::new((hash, Arc::from(filename.as_str())))) };
+                    state.paths.insert(p.as_str().into(), entry);
+                }
+                if new_ref {
+                    *self.blob_refs.entry(hash).or_default() += 1;
+                }
+            }
+            Rec::SetDomain { domain, blog, create } => {
+                let Ok(blog_id) = BlogId::parse(blog) else { return };
+                self.unmap_domain(domain);
+                self.blog_mut(blog, create.unwrap_or(0)).domains.insert(domain.as_str().into());
+                self.domains.insert(domain.as_str().into(), blog_id);
+            }
+            Rec::RemoveDomain { domain } => {
+                self.unmap_domain(domain);
+            }
+            Rec::Delete { blog, hashes, .. } => {
+                self.remove_blog(blog);
+                self.gc.extend(hashes.iter().map(|h| ContentHash(*h)));
+            }
+            Rec::Unref { blog, id, floor, hash, paths } => {
+                let hash = ContentHash(*hash);
+                let state = self.blog_mut(blog, *floor);
+                state.refs.remove(&hash);
+                for p in paths {
+                    state.paths.insert(p.as_str().into(), PathEntry { version: *id, binding: None });
+                }
+                if let Some(n) = self.blob_refs.get_mut(&hash) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.blob_refs.remove(&hash);
+                    }
+                }
+                self.gc.insert(hash);
+            }
+            Rec::GcDone { hash } => {
+                self.gc.remove(&ContentHash(*hash));
+            }
+            Rec::Purge { .. } | Rec::PurgeSent { .. } => {}
+        }
     }
 
     /// Forgets a blog: its references stop counting, its domains go.

@@ -207,7 +207,14 @@ impl SledStore {
             tracing::info!(replayed, "replayed writes from the write-ahead log");
         }
         let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
-        let (index, ids, deleted_last) = load(&trees)?;
+        // A clean stop left a snapshot of exactly this checkpoint: read it
+        // instead of sled's trees (sled stays the truth; see `snapshot`).
+        let snap = super::snapshot::read(dir, last);
+        let from = if snap.is_some() { "snapshot" } else { "sled" };
+        let (index, ids, deleted_last) = match snap {
+            Some(loaded) => loaded,
+            None => load(&trees)?,
+        };
         let purge_sent = load_purges(&trees, &purge.outbox, last)?;
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
         tracing::info!(
@@ -215,6 +222,7 @@ impl SledStore {
             paths,
             sled_ms,
             replay_ms,
+            from,
             total_ms = started.elapsed().as_millis() as u64,
             "store open"
         );
@@ -312,9 +320,9 @@ fn read_paths(tree: &sled::Tree, from: Option<Vec<u8>>, to: Option<Vec<u8>>) -> 
 /// Reads every tree into the index. The `paths` tree (by far the largest)
 /// is read in two halves on two threads while this one reads the rest:
 /// start-up time is what a restart costs the renderers.
-type Loaded = (Index, FastMap<Box<str>, Ids>, FastMap<Box<str>, CacheId>);
+use super::snapshot::Loaded;
 
-fn load(t: &Trees) -> Result<Loaded, StoreError> {
+pub(super) fn load(t: &Trees) -> Result<Loaded, StoreError> {
     let mut index = Index::default();
     let mut ids = FastMap::default();
     let mut names = Vec::new();

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
-use super::index::{FastMap, PathEntry};
+use super::index::FastMap;
 use super::sled_store::{apply, checkpoint, read_marker, sled_seq, Shared, Trees};
 use super::wal::{Rec, Wal, WalError};
-use super::{AssetRef, Binding, StoreError};
+use super::{Binding, StoreError};
 use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 /// Most writes taken into one group.
@@ -143,45 +143,26 @@ impl Op {
     }
 }
 
-/// What a write does to the index once durable, and whom to answer.
+/// Whom to answer once a write is durable (what it changes in the index is
+/// its log record, applied by [`Index::apply`]).
 enum Effect {
     Invalidated {
-        blog: BlogId,
-        floor: CacheId,
         id: CacheId,
-        paths: Vec<BlogPath>,
         tx: Reply<CacheId>,
     },
     Bound {
-        blog: BlogId,
-        floor: CacheId,
-        id: CacheId,
-        path: Option<BlogPath>,
-        binding: Binding,
-        tx: Reply<()>,
-    },
-    DomainSet {
-        domain: Domain,
-        blog: BlogId,
-        floor: CacheId,
+        hash: ContentHash,
         tx: Reply<()>,
     },
     DomainRemoved {
-        domain: Domain,
         existed: bool,
         tx: Reply<bool>,
     },
     Deleted {
-        blog: BlogId,
         hashes: Option<Vec<ContentHash>>,
         tx: Reply<Option<Vec<ContentHash>>>,
     },
     Unref {
-        blog: BlogId,
-        floor: CacheId,
-        id: CacheId,
-        hash: ContentHash,
-        paths: Vec<Box<str>>,
         tx: Reply<bool>,
     },
     /// A purge record: its keys go to the outbox once durable.
@@ -196,24 +177,24 @@ enum Effect {
         keys: Vec<String>,
         outbox: Arc<crate::purge::Outbox>,
     },
-    GcDone {
-        hash: ContentHash,
-        tx: Reply<()>,
-    },
     Done {
         tx: Reply<()>,
     },
 }
 
+/// A group being written: each write's record (none for a flush or a pin)
+/// and whom to answer.
+type Group = Vec<(Option<Rec>, Effect)>;
+
 impl Effect {
     fn refuse(self, e: StoreError, shared: &Shared) {
         match self {
             Effect::Invalidated { tx, .. } => drop(tx.send(Err(e))),
-            Effect::Bound { tx, binding, .. } => {
-                shared.unpin(&binding.hash);
+            Effect::Bound { tx, hash } => {
+                shared.unpin(&hash);
                 drop(tx.send(Err(e)))
             }
-            Effect::DomainSet { tx, .. } | Effect::GcDone { tx, .. } | Effect::Done { tx } => drop(tx.send(Err(e))),
+            Effect::Done { tx } => drop(tx.send(Err(e))),
             Effect::DomainRemoved { tx, .. } | Effect::Unref { tx, .. } => drop(tx.send(Err(e))),
             Effect::Deleted { tx, .. } => drop(tx.send(Err(e))),
             Effect::Enqueue { .. } => {}
@@ -223,7 +204,7 @@ impl Effect {
 }
 
 /// Per blog, as written to sled: the floor and the last assigned cache id.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ids {
     pub floor: CacheId,
     pub last: CacheId,
@@ -283,10 +264,28 @@ impl Writer {
             self.maybe_checkpoint(false);
         }
         self.maybe_checkpoint(true);
+        self.write_snapshot();
+    }
+
+    /// At a clean stop, once sled holds everything: the index as a snapshot
+    /// for the next start. Best effort; without it the next start reads sled.
+    fn write_snapshot(&self) {
+        if self.wal.bytes() > 0 || self.shared.failed.lock().is_some() {
+            return;
+        }
+        let Some(seq) = self.trees.as_ref().and_then(|t| sled_seq(t).ok()) else {
+            return;
+        };
+        let started = Instant::now();
+        let index = self.shared.index.read();
+        match super::snapshot::write(&self.db_path, seq, &index, &self.ids, &self.deleted_last) {
+            Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "index snapshot written"),
+            Err(e) => tracing::warn!(error = %e, "index snapshot not written; the next start reads sled"),
+        }
     }
 
     /// Makes a group durable, then lets the index and the callers know.
-    fn commit(&mut self, group: Vec<Effect>) {
+    fn commit(&mut self, group: Group) {
         if group.is_empty() {
             return;
         }
@@ -317,13 +316,13 @@ impl Writer {
                 let err = StoreError::append(&e);
                 tracing::error!(error = %e, writes = group.len(), "write-ahead log append failed; writes refused");
                 *self.shared.degraded.lock() = Some(err.to_string());
-                for eff in group {
+                for (_, eff) in group {
                     eff.refuse(err.clone_for_reply(), &self.shared);
                 }
             }
             Err(WalError::Sync(e)) => {
                 let msg = self.fail(&e);
-                for eff in group {
+                for (_, eff) in group {
                     eff.refuse(StoreError::Failed(msg.clone()), &self.shared);
                 }
             }
@@ -404,7 +403,7 @@ impl Writer {
     /// Resolves one write into log records (the write, and the purge it
     /// causes) and adds them to the group's append. Refusals are answered
     /// at once.
-    fn take(&mut self, op: Op, group: &mut Vec<Effect>) {
+    fn take(&mut self, op: Op, group: &mut Group) {
         if let Some(e) = self.shared.failed.lock().clone() {
             op.refuse(StoreError::Failed(e), &self.shared);
             return;
@@ -436,7 +435,7 @@ impl Writer {
                     floor,
                     paths: paths.iter().map(|p| p.as_str().to_owned()).collect(),
                 };
-                (rec, Effect::Invalidated { blog, floor, id, paths, tx })
+                (rec, Effect::Invalidated { id, tx })
             }
             Op::Bind { blog, path, binding, tx } => {
                 let (id, floor) = self.assign(&blog, false);
@@ -450,23 +449,20 @@ impl Writer {
                     content_type: binding.content_type.to_string(),
                     filename: binding.filename.to_string(),
                 };
-                (rec, Effect::Bound { blog, floor, id, path, binding, tx })
+                (rec, Effect::Bound { hash: binding.hash, tx })
             }
             Op::SetDomain { domain, blog, tx } => {
-                let (create, floor) = match self.ids.get(blog.as_str()) {
-                    Some(ids) => (None, ids.floor),
-                    None => {
-                        let (id, floor) = self.assign(&blog, true);
-                        (Some(id), floor)
-                    }
+                let create = match self.ids.contains_key(blog.as_str()) {
+                    true => None,
+                    false => Some(self.assign(&blog, true).0),
                 };
                 let rec = Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create };
-                (rec, Effect::DomainSet { domain, blog, floor, tx })
+                (rec, Effect::Done { tx })
             }
             Op::RemoveDomain { domain, tx } => {
                 // The group before this one is committed: the index is current.
                 let existed = self.shared.index.read().domains.contains_key(domain.as_str());
-                (Rec::RemoveDomain { domain: domain.to_string() }, Effect::DomainRemoved { domain, existed, tx })
+                (Rec::RemoveDomain { domain: domain.to_string() }, Effect::DomainRemoved { existed, tx })
             }
             Op::DeleteBlog { blog, tx } => {
                 let Some(ids) = self.ids.get(blog.as_str()).copied() else {
@@ -489,7 +485,7 @@ impl Writer {
                 self.deleted_last.insert(blog.as_str().into(), ids.last);
                 let found = hashes.iter().map(|h| ContentHash(*h)).collect();
                 let rec = Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains };
-                (rec, Effect::Deleted { blog, hashes: Some(found), tx })
+                (rec, Effect::Deleted { hashes: Some(found), tx })
             }
             Op::DeleteAsset { blog, hash, tx } => {
                 // The group before this one is committed: the index is current.
@@ -515,13 +511,13 @@ impl Writer {
                     hash: hash.0,
                     paths: paths.iter().map(|p| p.to_string()).collect(),
                 };
-                (rec, Effect::Unref { blog, floor, id, hash, paths, tx })
+                (rec, Effect::Unref { tx })
             }
             Op::Purge { tx, .. } => {
                 if let Some(keys) = purge {
                     self.push_purge(keys, group);
                 }
-                group.push(Effect::Done { tx });
+                group.push((None, Effect::Done { tx }));
                 return;
             }
             Op::PurgeSent { target, upto, tx } => {
@@ -545,16 +541,16 @@ impl Writer {
                     let _ = tx.send(Ok(()));
                     return;
                 }
-                (Rec::GcDone { hash: hash.0 }, Effect::GcDone { hash, tx })
+                (Rec::GcDone { hash: hash.0 }, Effect::Done { tx })
             }
             Op::Flush { tx } => {
-                group.push(Effect::Done { tx });
+                group.push((None, Effect::Done { tx }));
                 return;
             }
         };
         self.wal.push(self.seq, &rec);
         self.seq += 1;
-        group.push(effect);
+        group.push((Some(rec), effect));
         if let Some(keys) = purge {
             self.push_purge(keys, group);
         }
@@ -564,101 +560,39 @@ impl Writer {
     /// group is durable, with the write that caused them. Keys that all wait
     /// already (a publish storm while an edge is down) need no record: they
     /// are pinned until the group is durable, and go out after it.
-    fn push_purge(&mut self, keys: Vec<String>, group: &mut Vec<Effect>) {
+    fn push_purge(&mut self, keys: Vec<String>, group: &mut Group) {
         if self.outbox.pin_waiting(&keys) {
-            group.push(Effect::Unpin { keys, outbox: self.outbox.clone() });
+            group.push((None, Effect::Unpin { keys, outbox: self.outbox.clone() }));
             return;
         }
         let at_ms = now_ms();
         let rec = Rec::Purge { at_ms, keys };
         self.wal.push(self.seq, &rec);
         let Rec::Purge { keys, .. } = rec else { unreachable!("built just above") };
-        group.push(Effect::Enqueue { seq: self.seq, at_ms, keys });
+        group.push((None, Effect::Enqueue { seq: self.seq, at_ms, keys }));
         self.seq += 1;
     }
 
     /// After the sync: the index learns the writes, then callers hear back.
-    fn publish(&self, effects: Vec<Effect>) {
-        let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(effects.len());
+    fn publish(&self, group: Group) {
+        let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(group.len());
         {
             let mut index = self.shared.index.write();
-            for eff in effects {
+            for (rec, eff) in group {
+                if let Some(rec) = &rec {
+                    index.apply(rec);
+                }
                 match eff {
-                    Effect::Invalidated { blog, floor, id, paths, tx } => {
-                        let state = index.blog_mut(&blog, floor);
-                        if paths.is_empty() {
-                            // The floor rose past every path version: one
-                            // without a binding now says nothing the floor
-                            // does not. The index keeps what is live.
-                            state.paths.retain(|_, e| e.binding.is_some());
-                            if state.paths.capacity() > 4 * state.paths.len() + 64 {
-                                state.paths.shrink_to_fit();
-                            }
-                        }
-                        for p in paths {
-                            let entry = PathEntry { version: id, binding: None };
-                            match state.paths.get_mut(p.as_str()) {
-                                Some(e) => *e = entry,
-                                None => {
-                                    state.paths.insert(p.as_str().into(), entry);
-                                }
-                            }
-                        }
-                        replies.push(Box::new(move || drop(tx.send(Ok(id)))));
-                    }
-                    Effect::Bound { blog, floor, id, path, binding, tx } => {
-                        let state = index.blog_mut(&blog, floor);
-                        let aref = AssetRef { size: binding.size, content_type: binding.content_type.clone() };
-                        let new_ref = state.refs.insert(binding.hash, aref).is_none();
-                        if let Some(p) = &path {
-                            let entry = PathEntry {
-                                version: id,
-                                binding: Some(Box::new((binding.hash, binding.filename.clone()))),
-                            };
-                            state.paths.insert(p.as_str().into(), entry);
-                        }
-                        if new_ref {
-                            *index.blob_refs.entry(binding.hash).or_default() += 1;
-                        }
-                        self.shared.unpin(&binding.hash);
+                    Effect::Invalidated { id, tx } => replies.push(Box::new(move || drop(tx.send(Ok(id))))),
+                    Effect::Bound { hash, tx } => {
+                        self.shared.unpin(&hash);
                         replies.push(Box::new(move || drop(tx.send(Ok(())))));
                     }
-                    Effect::DomainSet { domain, blog, floor, tx } => {
-                        index.unmap_domain(domain.as_str());
-                        index.blog_mut(&blog, floor).domains.insert(domain.as_str().into());
-                        index.domains.insert(domain.as_str().into(), blog);
-                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
-                    }
-                    Effect::DomainRemoved { domain, existed, tx } => {
-                        index.unmap_domain(domain.as_str());
-                        replies.push(Box::new(move || drop(tx.send(Ok(existed)))));
-                    }
-                    Effect::Deleted { blog, hashes, tx } => {
-                        index.remove_blog(blog.as_str());
-                        index.gc.extend(hashes.iter().flatten().copied());
-                        replies.push(Box::new(move || drop(tx.send(Ok(hashes)))));
-                    }
-                    Effect::Unref { blog, floor, id, hash, paths, tx } => {
-                        let state = index.blog_mut(&blog, floor);
-                        state.refs.remove(&hash);
-                        for p in paths {
-                            state.paths.insert(p, PathEntry { version: id, binding: None });
-                        }
-                        if let Some(n) = index.blob_refs.get_mut(&hash) {
-                            *n -= 1;
-                            if *n == 0 {
-                                index.blob_refs.remove(&hash);
-                            }
-                        }
-                        index.gc.insert(hash);
-                        replies.push(Box::new(move || drop(tx.send(Ok(true)))));
-                    }
+                    Effect::DomainRemoved { existed, tx } => replies.push(Box::new(move || drop(tx.send(Ok(existed))))),
+                    Effect::Deleted { hashes, tx } => replies.push(Box::new(move || drop(tx.send(Ok(hashes))))),
+                    Effect::Unref { tx } => replies.push(Box::new(move || drop(tx.send(Ok(true))))),
                     Effect::Enqueue { seq, at_ms, keys } => self.outbox.enqueue(seq, at_ms, &keys),
                     Effect::Unpin { keys, outbox } => outbox.unpin(&keys),
-                    Effect::GcDone { hash, tx } => {
-                        index.gc.remove(&hash);
-                        replies.push(Box::new(move || drop(tx.send(Ok(())))));
-                    }
                     Effect::Done { tx } => replies.push(Box::new(move || drop(tx.send(Ok(()))))),
                 }
             }

@@ -1,0 +1,414 @@
+//! A compact copy of the index, written when the store closes cleanly and
+//! read by the next start instead of sled's trees.
+//!
+//! Loading 1M path versions from sled costs most of a second (sled's pages
+//! are read, cached and decoded one key at a time); the same index read from
+//! one flat file is a sequential read and a parse on two threads. The file
+//! is only a cache of sled: it names the checkpoint it equals (sled's
+//! `wal_seq`) and is used only when sled holds exactly that checkpoint and
+//! the log held nothing to replay. Anything else (no file, another
+//! checkpoint, a checksum that does not match, a short file) falls back to
+//! sled, so the file needs no fsync. It is removed once read, so it never
+//! outlives the state it describes.
+//!
+//! Layout (integers little-endian, strings as u32 length then bytes):
+//! `MAGIC, seq u64, len u64 ×3` then three sections, then a BLAKE3 hash of
+//! each section. Sections one and two hold blogs (two halves, parsed on two
+//! threads): `blog, floor u64, last u64, paths u32 × (path, version u64,
+//! 0 | 1 hash16 filename), refs u32 × (hash16, size u64, content type)`.
+//! Section three: `domains u32 × (domain, blog), deleted u32 × (blog, last
+//! u64), gc u32 × hash16`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::index::{BlogState, FastMap, Index, PathEntry};
+use super::writer::Ids;
+use super::AssetRef;
+use crate::domain::{BlogId, CacheId, ContentHash};
+
+const MAGIC: &[u8; 8] = b"BLOTSNP1";
+const HEADER: usize = 8 + 8 + 3 * 8;
+
+/// The index, each blog's ids, and the last ids of deleted blogs.
+pub type Loaded = (Index, FastMap<Box<str>, Ids>, FastMap<Box<str>, CacheId>);
+
+pub fn path(db: &Path) -> PathBuf {
+    db.with_extension("snapshot")
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_blog(out: &mut Vec<u8>, name: &str, ids: &Ids, state: Option<&BlogState>) {
+    put_str(out, name);
+    out.extend_from_slice(&ids.floor.to_le_bytes());
+    out.extend_from_slice(&ids.last.to_le_bytes());
+    let Some(state) = state else {
+        put_u32(out, 0);
+        put_u32(out, 0);
+        return;
+    };
+    put_u32(out, state.paths.len());
+    for (p, e) in &state.paths {
+        put_str(out, p);
+        out.extend_from_slice(&e.version.to_le_bytes());
+        match &e.binding {
+            Some(b) => {
+                out.push(1);
+                out.extend_from_slice(&b.0 .0);
+                put_str(out, &b.1);
+            }
+            None => out.push(0),
+        }
+    }
+    put_u32(out, state.refs.len());
+    for (h, r) in &state.refs {
+        out.extend_from_slice(&h.0);
+        out.extend_from_slice(&r.size.to_le_bytes());
+        put_str(out, &r.content_type);
+    }
+}
+
+/// Writes the snapshot of the store as of checkpoint `seq`: the temporary
+/// file is renamed over the old one, so a reader sees a whole file or none.
+pub fn write(
+    db: &Path,
+    seq: u64,
+    index: &Index,
+    ids: &FastMap<Box<str>, Ids>,
+    deleted_last: &FastMap<Box<str>, CacheId>,
+) -> std::io::Result<()> {
+    // Halves by path count, so both parsing threads get about as much.
+    let total: usize = index.blogs.values().map(|b| b.paths.len() + 1).sum();
+    // Each half starts with its blog count, filled in at the end.
+    let (mut one, mut two, mut three) = (vec![0u8; 4], vec![0u8; 4], Vec::new());
+    let mut done = 0;
+    let (mut n1, mut n2) = (0usize, 0usize);
+    for (name, i) in ids {
+        let state = index.blogs.get(name);
+        let out = if done * 2 < total {
+            n1 += 1;
+            &mut one
+        } else {
+            n2 += 1;
+            &mut two
+        };
+        put_blog(out, name, i, state);
+        done += state.map_or(0, |s| s.paths.len()) + 1;
+    }
+    one[..4].copy_from_slice(&(n1 as u32).to_le_bytes());
+    two[..4].copy_from_slice(&(n2 as u32).to_le_bytes());
+    put_u32(&mut three, index.domains.len());
+    for (d, b) in &index.domains {
+        put_str(&mut three, d);
+        put_str(&mut three, b.as_str());
+    }
+    let deleted: Vec<_> = deleted_last.iter().filter(|(b, _)| !ids.contains_key(*b)).collect();
+    put_u32(&mut three, deleted.len());
+    for (b, last) in deleted {
+        put_str(&mut three, b);
+        three.extend_from_slice(&last.to_le_bytes());
+    }
+    put_u32(&mut three, index.gc.len());
+    for h in &index.gc {
+        three.extend_from_slice(&h.0);
+    }
+    let tmp = db.with_extension("snapshot.tmp");
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    f.write_all(MAGIC)?;
+    f.write_all(&seq.to_le_bytes())?;
+    for s in [&one, &two, &three] {
+        f.write_all(&(s.len() as u64).to_le_bytes())?;
+    }
+    for s in [&one, &two, &three] {
+        f.write_all(s)?;
+    }
+    for s in [&one, &two, &three] {
+        f.write_all(blake3::hash(s).as_bytes())?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?;
+    std::fs::rename(&tmp, path(db))
+}
+
+/// Reads the snapshot if there is one for checkpoint `seq`, and removes the
+/// file. `None` when there is none, it is of another checkpoint, or it is
+/// damaged (then sled is read instead).
+pub fn read(db: &Path, seq: u64) -> Option<Loaded> {
+    let p = path(db);
+    let bytes = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %p.display(), error = %e, "index snapshot unreadable; loading from sled");
+            return None;
+        }
+    };
+    let _ = std::fs::remove_file(&p);
+    let loaded = parse(&bytes, seq);
+    match &loaded {
+        Ok(_) => {}
+        Err(why) => tracing::info!(file = %p.display(), why, "index snapshot not used; loading from sled"),
+    }
+    loaded.ok()
+}
+
+struct Rd<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Rd<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.b.len() < n {
+            return None;
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Some(h)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn hash(&mut self) -> Option<ContentHash> {
+        Some(ContentHash(self.take(16)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = self.u32()?;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+type Blogs = Vec<(Box<str>, Ids, BlogState)>;
+
+fn parse_blogs(section: &[u8]) -> Option<Blogs> {
+    let mut r = Rd { b: section };
+    let n = r.u32()?;
+    let mut out = Vec::with_capacity(n.min(section.len()));
+    for _ in 0..n {
+        let name: Box<str> = r.str()?.into();
+        let ids = Ids { floor: r.u64()?, last: r.u64()? };
+        let np = r.u32()?;
+        // A count cannot promise more entries than bytes left.
+        let mut paths = FastMap::with_capacity_and_hasher(np.min(r.b.len() / 13), Default::default());
+        for _ in 0..np {
+            let path: Box<str> = r.str()?.into();
+            let version = r.u64()?;
+            let binding = match r.u8()? {
+                0 => None,
+                1 => Some(Box::new((r.hash()?, Arc::from(r.str()?)))),
+                _ => return None,
+            };
+            paths.insert(path, PathEntry { version, binding });
+        }
+        let nr = r.u32()?;
+        let mut refs = FastMap::with_capacity_and_hasher(nr.min(r.b.len() / 28), Default::default());
+        for _ in 0..nr {
+            let h = r.hash()?;
+            let size = r.u64()?;
+            refs.insert(h, AssetRef { size, content_type: Arc::from(r.str()?) });
+        }
+        out.push((name, ids, BlogState { floor: ids.floor, paths, refs, domains: Default::default() }));
+    }
+    r.b.is_empty().then_some(out)
+}
+
+fn parse(bytes: &[u8], seq: u64) -> Result<Loaded, &'static str> {
+    let mut r = Rd { b: bytes };
+    if r.take(8) != Some(&MAGIC[..]) {
+        return Err("not a snapshot of this version");
+    }
+    let at = r.u64().ok_or("short")?;
+    if at != seq {
+        return Err("of another checkpoint");
+    }
+    let lens = [r.u64(), r.u64(), r.u64()];
+    let [Some(l1), Some(l2), Some(l3)] = lens.map(|l| l.map(|l| l as usize)) else {
+        return Err("short");
+    };
+    let sum = l1.checked_add(l2).and_then(|s| s.checked_add(l3)).ok_or("damaged")?;
+    if bytes.len() != HEADER.saturating_add(sum).saturating_add(96) {
+        return Err("cut short or too long");
+    }
+    let body = &bytes[HEADER..HEADER + sum];
+    let hashes = &bytes[HEADER + sum..];
+    let (s1, rest) = body.split_at(l1);
+    let (s2, s3) = rest.split_at(l2);
+    let ok = |s: &[u8], i: usize| blake3::hash(s).as_bytes()[..] == hashes[i * 32..(i + 1) * 32];
+    let (first, second) = std::thread::scope(|sc| {
+        let t = sc.spawn(|| ok(s2, 1).then(|| parse_blogs(s2)).flatten());
+        let first = ok(s1, 0).then(|| parse_blogs(s1)).flatten();
+        (first, t.join().ok().flatten())
+    });
+    let (Some(first), Some(second)) = (first, second) else {
+        return Err("damaged");
+    };
+    if !ok(s3, 2) {
+        return Err("damaged");
+    }
+    let mut index = Index::default();
+    let mut ids = FastMap::with_capacity_and_hasher(first.len() + second.len(), Default::default());
+    index.blogs.reserve(first.len() + second.len());
+    for (name, i, state) in first.into_iter().chain(second) {
+        for h in state.refs.keys() {
+            *index.blob_refs.entry(*h).or_default() += 1;
+        }
+        ids.insert(name.clone(), i);
+        index.blogs.insert(name, state);
+    }
+    let rest = (|| {
+        let mut r = Rd { b: s3 };
+        for _ in 0..r.u32()? {
+            let domain: Box<str> = r.str()?.into();
+            let blog = BlogId::parse(r.str()?).ok()?;
+            if let Some(state) = index.blogs.get_mut(blog.as_str()) {
+                state.domains.insert(domain.clone());
+            }
+            index.domains.insert(domain, blog);
+        }
+        let mut deleted_last = FastMap::default();
+        for _ in 0..r.u32()? {
+            let blog: Box<str> = r.str()?.into();
+            let last = r.u64()?;
+            index.deleted.insert(blog.clone());
+            deleted_last.insert(blog, last);
+        }
+        for _ in 0..r.u32()? {
+            index.gc.insert(r.hash()?);
+        }
+        r.b.is_empty().then_some(deleted_last)
+    })();
+    let deleted_last = rest.ok_or("damaged")?;
+    Ok((index, ids, deleted_last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{BlogPath, Domain};
+    use crate::store::sled_store::{load, sled_seq, Trees};
+    use crate::store::{Binding, SledStore, Store};
+
+    /// A store after a mixed workload (floor raises, bindings with and
+    /// without paths, domains moved and removed, blogs deleted and created
+    /// again, assets deleted, garbage collected), stopped cleanly.
+    fn workload(dir: &Path, seed: u64) {
+        let s = SledStore::open(dir).unwrap();
+        let mut x = seed;
+        let mut rnd = |n: u64| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        let blog = |i: u64| BlogId::parse(&format!("b{i}")).unwrap();
+        let hash = |i: u64| ContentHash::of(&blake3::hash(&i.to_le_bytes()));
+        for _ in 0..400 {
+            let b = blog(rnd(6));
+            match rnd(9) {
+                0 => {
+                    s.invalidate(b, vec![]).blocking().unwrap();
+                }
+                1..=3 => {
+                    let paths = (0..rnd(5)).map(|_| BlogPath::parse(&format!("/p/{}.css", rnd(30))).unwrap()).collect();
+                    s.invalidate(b, paths).blocking().unwrap();
+                }
+                4 => {
+                    let h = rnd(12);
+                    let path = (rnd(2) == 0).then(|| BlogPath::parse(&format!("/p/{}.css", rnd(30))).unwrap());
+                    let binding = Binding {
+                        hash: hash(h),
+                        filename: Arc::from(format!("f{h}.png")),
+                        size: h,
+                        content_type: Arc::from("image/png"),
+                    };
+                    s.bind_asset(b, path, binding).blocking().unwrap();
+                }
+                5 => {
+                    let d = Domain::parse(&format!("d{}.example.com", rnd(5))).unwrap();
+                    if rnd(3) == 0 {
+                        s.remove_domain(d).blocking().unwrap();
+                    } else {
+                        let _ = s.set_domain(d, b).blocking();
+                    }
+                }
+                6 => {
+                    let _ = s.delete_blog(b).blocking();
+                }
+                7 => {
+                    let _ = s.delete_asset(b, hash(rnd(12))).blocking();
+                }
+                _ => {
+                    if let Some(h) = s.gc_candidates().first() {
+                        let _ = s.gc_done(*h, rnd(2) == 0).blocking();
+                    }
+                }
+            }
+        }
+        s.close();
+    }
+
+    fn from_sled(dir: &Path) -> (Loaded, u64) {
+        let t = Trees::open(dir).unwrap();
+        let seq = sled_seq(&t).unwrap();
+        (load(&t).unwrap(), seq)
+    }
+
+    #[test]
+    fn a_snapshot_loads_what_sled_would() {
+        for seed in 1..=6 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("db");
+            workload(&dir, seed);
+            let bytes = std::fs::read(path(&dir)).expect("a clean stop writes a snapshot");
+            let (want, seq) = from_sled(&dir);
+            assert!(!want.0.blogs.is_empty());
+            let got = read(&dir, seq).expect("the snapshot of this checkpoint is used");
+            assert_eq!(got, want, "seed {seed}");
+            assert!(!path(&dir).exists(), "a snapshot is read once");
+            // Damage anywhere, a cut, or another checkpoint: not used.
+            for at in [3, 20, HEADER + 2, bytes.len() / 2, bytes.len() - 1] {
+                let mut bad = bytes.clone();
+                bad[at] ^= 0x40;
+                std::fs::write(path(&dir), &bad).unwrap();
+                assert!(read(&dir, seq).is_none(), "seed {seed}: damage at {at} was not caught");
+            }
+            std::fs::write(path(&dir), &bytes[..bytes.len() - 7]).unwrap();
+            assert!(read(&dir, seq).is_none());
+            std::fs::write(path(&dir), &bytes).unwrap();
+            assert!(read(&dir, seq + 1).is_none());
+        }
+    }
+
+    #[test]
+    fn a_start_after_more_writes_ignores_an_old_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        workload(&dir, 7);
+        let old = std::fs::read(path(&dir)).unwrap();
+        // Opened from the snapshot, then written to and stopped.
+        let s = SledStore::open(&dir).unwrap();
+        let b = BlogId::parse("late").unwrap();
+        let id = s.invalidate(b.clone(), vec![]).blocking().unwrap();
+        s.close();
+        drop(s);
+        // The old snapshot put back (as a stop that crashed before writing
+        // its own would leave it): the store reads sled, and has the write.
+        std::fs::write(path(&dir), &old).unwrap();
+        let s = SledStore::open(&dir).unwrap();
+        assert_eq!(s.blog(&b).map(|i| i.floor), Some(id));
+        s.close();
+        let (want, _) = from_sled(&dir);
+        assert_eq!(want.0.blogs.get("late").map(|b| b.floor), Some(id));
+    }
+}
