@@ -5,8 +5,9 @@ set -euo pipefail
 
 # chromium and a font: the examples/blog browser test. libfuse2 (for fusepy) and
 # fuse3 (fusermount3, /dev/fuse setup): the power-loss tests' FUSE filesystem.
-# prometheus (and its promtool): the metrics test.
-debs=(curl varnish caddy nginx-light redis-server wrk chromium fonts-dejavu-core libfuse2 fuse3 prometheus)
+# prometheus (and its promtool): the metrics test. etcd-server: the cluster-mode tests
+# (tests/cluster.rs start their own three members).
+debs=(curl varnish caddy nginx-light redis-server wrk chromium fonts-dejavu-core libfuse2 fuse3 prometheus etcd-server)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,7 +23,7 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   # The packages' own services are not wanted: tests start their own instances on 127.0.0.1.
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  for svc in varnish caddy nginx redis-server prometheus prometheus-node-exporter; do
+  for svc in varnish caddy nginx redis-server prometheus prometheus-node-exporter etcd; do
     $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
     $sudo service "$svc" stop >/dev/null 2>&1 || true
   done

@@ -176,13 +176,24 @@ impl App {
         let outbox =
             Arc::new(crate::purge::Outbox::new(config.purge.iter().map(|t| t.name.clone()), config.purge_queue_max));
         let db_dir = config.data_dir.join("db");
-        let store = {
-            let dir = db_dir.clone();
-            let purge = crate::store::PurgeOptions { outbox: outbox.clone(), on_publish: config.purge_on_publish };
-            tokio::task::spawn_blocking(move || open_store_quietly(&dir, purge))
-                .await
-                .expect("panics are caught inside")
-                .map_err(|source| AppError::Store { path: db_dir.display().to_string(), source })?
+        let store = match &config.etcd {
+            None => {
+                let dir = db_dir.clone();
+                let purge = crate::store::PurgeOptions { outbox: outbox.clone(), on_publish: config.purge_on_publish };
+                tokio::task::spawn_blocking(move || open_store_quietly(&dir, purge))
+                    .await
+                    .expect("panics are caught inside")
+                    .map_err(|source| AppError::Store { path: db_dir.display().to_string(), source })?
+            }
+            Some(etcd) => {
+                let opts =
+                    crate::store::etcd::EtcdOptions { endpoints: etcd.endpoints.clone(), prefix: etcd.prefix.clone() };
+                let at = format!("etcd {}", etcd.endpoints.join(","));
+                tokio::task::spawn_blocking(move || crate::store::IndexedStore::open_etcd(opts))
+                    .await
+                    .expect("opening etcd does not panic")
+                    .map_err(|source| AppError::Store { path: at, source })?
+            }
         };
         let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|source| AppError::Bind {
             key: "grpc_addr",

@@ -441,6 +441,21 @@ impl Catalog {
         self.purges.snapshot()
     }
 
+    /// Names a blob fetched from a peer (cluster mode) once it proved to be
+    /// `hash`. Under the blob lock, and only while a blog references it, as
+    /// garbage collection would see it: false (and nothing kept) otherwise.
+    pub fn adopt_blob(&self, hash: &ContentHash, pending: crate::cas::PendingBlob) -> std::io::Result<bool> {
+        if pending.hash != *hash {
+            return Ok(false);
+        }
+        let _g = self.blob_lock.lock();
+        if !self.store.is_referenced(hash) {
+            return Ok(false);
+        }
+        self.cas.commit(pending)?;
+        Ok(true)
+    }
+
     /// Removes blobs no blog references any more. Safe to run at any time,
     /// and at start to finish what a crash interrupted.
     pub fn collect_garbage(&self) -> Result<usize, CatalogError> {

@@ -77,6 +77,15 @@ pub struct Partial {
     /// Keys waiting per target at most; past it, writes that would add a
     /// purge are refused (RESOURCE_EXHAUSTED) rather than let memory grow.
     pub purge_queue_max: Option<usize>,
+    /// `sled` (the default, one machine) or `etcd` (cluster mode).
+    pub store: Option<String>,
+    /// etcd client URLs, `http://host:port`, for `store = "etcd"`.
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Where the metadata lives in etcd (default `/blotcdn/`).
+    pub etcd_prefix: Option<String>,
+    /// The other nodes' HTTP origin base URLs: a permanent asset's blob this
+    /// node lacks is fetched from them by hash.
+    pub peers: Option<Vec<String>>,
 }
 
 /// One `[[purge]]` table.
@@ -169,7 +178,11 @@ impl Partial {
             fallback_timeout_secs,
             purge,
             purge_on_publish,
-            purge_queue_max
+            purge_queue_max,
+            store,
+            etcd_endpoints,
+            etcd_prefix,
+            peers
         );
     }
 
@@ -242,6 +255,10 @@ impl Partial {
                 })
                 .transpose()?,
             purge_queue_max: num("BLOTCDN_PURGE_QUEUE_MAX", get("BLOTCDN_PURGE_QUEUE_MAX"))?,
+            store: get("BLOTCDN_STORE"),
+            etcd_endpoints: list(get("BLOTCDN_ETCD_ENDPOINTS")),
+            etcd_prefix: get("BLOTCDN_ETCD_PREFIX"),
+            peers: list(get("BLOTCDN_PEERS")),
         })
     }
 
@@ -282,6 +299,16 @@ pub struct Config {
     pub purge: Vec<PurgeTarget>,
     pub purge_on_publish: bool,
     pub purge_queue_max: usize,
+    /// `None`: sled under `{data_dir}/db`; `Some`: cluster mode on etcd.
+    pub etcd: Option<EtcdConfig>,
+    /// Without trailing slashes.
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
 }
 
 /// Checks the purge targets: known kinds, URLs, unique names, sane rates.
@@ -421,7 +448,54 @@ impl Config {
             }
             Ok(t)
         };
+        let etcd = match p.store.as_deref().map(str::trim) {
+            None | Some("sled") => None,
+            Some("etcd") => {
+                let endpoints: Vec<String> = p.etcd_endpoints.unwrap_or_default();
+                if endpoints.is_empty() {
+                    return Err(invalid(
+                        "etcd_endpoints",
+                        "store = \"etcd\" needs at least one client URL, like http://127.0.0.1:2379".into(),
+                    ));
+                }
+                for e in &endpoints {
+                    if !e.starts_with("http://") || e.parse::<http::Uri>().is_err() {
+                        return Err(invalid(
+                            "etcd_endpoints",
+                            format!("{e:?} is not an http:// client URL like http://127.0.0.1:2379"),
+                        ));
+                    }
+                }
+                let prefix = p.etcd_prefix.unwrap_or_else(|| "/blotcdn/".into());
+                if prefix.is_empty() {
+                    return Err(invalid(
+                        "etcd_prefix",
+                        "must not be empty (the metadata would share etcd's whole keyspace)".into(),
+                    ));
+                }
+                if p.purge.as_ref().is_some_and(|t| !t.is_empty()) {
+                    return Err(invalid(
+                        "purge",
+                        "edge purge targets are not available with store = \"etcd\" yet".into(),
+                    ));
+                }
+                Some(EtcdConfig { endpoints, prefix })
+            }
+            Some(other) => return Err(invalid("store", format!("{other:?}: expected \"sled\" or \"etcd\""))),
+        };
+        let peers: Vec<String> =
+            p.peers.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
+        for o in &peers {
+            if !o.starts_with("http://") || o.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "peers",
+                    format!("{o:?} is not an http:// origin base URL like http://10.0.0.2:8080"),
+                ));
+            }
+        }
         Ok(Config {
+            etcd,
+            peers,
             grpc_addr: addr("grpc_addr", p.grpc_addr, "127.0.0.1:50051")?,
             http_addr: addr("http_addr", p.http_addr, "127.0.0.1:8080")?,
             metrics_addr: addr("metrics_addr", p.metrics_addr, "127.0.0.1:9464")?,

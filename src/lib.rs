@@ -25,3 +25,10 @@ pub mod proto {
     /// The encoded descriptor set, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blotcdn_descriptor.bin"));
 }
+
+/// Client code for the part of etcd's v3 API cluster mode uses
+/// (`proto/etcd/kv.proto`).
+pub mod etcdpb {
+    #![allow(clippy::all)]
+    tonic::include_proto!("etcdserverpb");
+}

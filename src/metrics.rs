@@ -37,6 +37,8 @@ pub const PURGE_SECONDS: &str = "blotcdn_purge_delivery_seconds";
 pub const INDEX_PATHS: &str = "blotcdn_index_paths";
 pub const CAS_BLOBS: &str = "blotcdn_cas_blobs";
 pub const CAS_BYTES: &str = "blotcdn_cas_bytes";
+pub const STORE_UP: &str = "blotcdn_store_up";
+pub const ETCD_TXN: &str = "blotcdn_etcd_txn_seconds";
 
 /// The recorder is process-wide (the `metrics` facade has one); several
 /// servers in one process (tests) share it.
@@ -48,6 +50,7 @@ fn handle() -> &'static PrometheusHandle {
             .set_buckets_for_metric(Matcher::Full(RPC_DURATION.into()), &latency)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WAL_FSYNC.into()), &latency))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PURGE_SECONDS.into()), &latency))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ETCD_TXN.into()), &latency))
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -76,6 +79,8 @@ fn describe() {
     describe_gauge!(INDEX_PATHS, "path versions held in the in-memory index");
     describe_gauge!(CAS_BLOBS, "blobs in the content-addressed store");
     describe_gauge!(CAS_BYTES, Unit::Bytes, "bytes in the content-addressed store");
+    describe_gauge!(STORE_UP, "1 while the store takes writes, 0 while it refuses them (see /healthz)");
+    describe_histogram!(ETCD_TXN, Unit::Seconds, "one etcd transaction of a write group (cluster mode)");
 }
 
 /// Installs the recorder (once per process).
@@ -208,6 +213,7 @@ fn answer(req: &Request<Incoming>, process: &metrics_process::Collector, catalog
     }
     process.collect();
     metrics::gauge!(INDEX_PATHS).set(catalog.store().index_paths() as f64);
+    metrics::gauge!(STORE_UP).set(if catalog.store().health().is_ok() { 1.0 } else { 0.0 });
     let mut r = Response::new(Full::new(Bytes::from(handle().render())));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r

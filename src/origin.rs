@@ -38,6 +38,7 @@ use crate::store::Resolution;
 
 mod fallback;
 mod hot;
+pub mod peers;
 
 use fallback::Fallback;
 use hot::{HotCache, HotFile};
@@ -59,7 +60,7 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed_unsync()
 }
 
-fn plain(status: StatusCode, cache: &'static str, text: &'static str) -> Response<Body> {
+fn plain(status: StatusCode, cache: &'static str, text: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(full(text));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -72,6 +73,7 @@ pub struct Origin {
     catalog: Arc<Catalog>,
     hot: HotCache,
     fallback: Fallback,
+    peers: peers::Peers,
     /// One permit per open connection.
     connections: Arc<tokio::sync::Semaphore>,
     idle_timeout: std::time::Duration,
@@ -117,6 +119,7 @@ impl Origin {
         Arc::new(Origin {
             hot: HotCache::new(config.hot_cache_bytes),
             fallback: Fallback::new(config),
+            peers: peers::Peers::new(config),
             catalog,
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             idle_timeout: config.http_idle_timeout,
@@ -297,7 +300,7 @@ impl Origin {
                     Ok(()) => plain(StatusCode::OK, NO_STORE, "ok\n"),
                     Err(e) => {
                         tracing::error!(error = %e, "health check failed");
-                        plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "store unavailable\n")
+                        plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, format!("store unavailable: {e}\n"))
                     }
                 }
             }
@@ -520,12 +523,24 @@ impl Origin {
         };
         tracing::Span::current().record("source", "cas");
         let path = self.catalog.cas().blob_path(&hash);
-        let opened = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&path)?;
-            let m = f.metadata()?;
-            Ok::<_, std::io::Error>((f, m))
-        })
-        .await;
+        let open = move || {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let f = std::fs::File::open(&path)?;
+                let m = f.metadata()?;
+                Ok::<_, std::io::Error>((f, m))
+            })
+        };
+        let mut opened = open().await;
+        // Uploaded on another node (cluster mode): fetched from a peer by
+        // hash, unless this request is itself a peer's.
+        let missing = matches!(&opened, Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound);
+        if missing && !self.peers.is_empty() && !req.headers().contains_key(peers::PEER_HEADER) {
+            tracing::Span::current().record("source", "peer");
+            if self.peers.fetch(&self.catalog, blog, &hash, aref.size).await {
+                opened = open().await;
+            }
+        }
         let Ok(Ok((file, meta))) = opened else {
             tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
             return not_found();

@@ -17,12 +17,13 @@ use std::sync::Arc;
 
 use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
+pub mod etcd;
 pub mod index;
 pub mod sled_store;
 pub mod snapshot;
 pub mod wal;
 pub mod writer;
-pub use sled_store::{PurgeOptions, SledStore};
+pub use sled_store::{IndexedStore, PurgeOptions, SledStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -30,7 +30,7 @@ const SLOT_WAIT: Duration = Duration::from_secs(2);
 /// and a pooled connection's task lives on the runtime that opened it: one
 /// pool per thread, so no thread uses connections another thread's runtime
 /// drives (and ends at shutdown).
-fn client() -> Client<HttpConnector, Empty<Bytes>> {
+pub(super) fn client() -> Client<HttpConnector, Empty<Bytes>> {
     thread_local! {
         static CLIENT: Client<HttpConnector, Empty<Bytes>> = {
             let mut connector = HttpConnector::new();

@@ -89,7 +89,8 @@ impl Index {
                 let aref = AssetRef { size: *size, content_type: Arc::from(content_type.as_str()) };
                 let new_ref = state.refs.insert(hash, aref).is_none();
                 if let Some(p) = path {
-                    let entry = PathEntry { version: *id, binding: Some(Box::new((hash, Arc::from(filename.as_str())))) };
+                    let entry =
+                        PathEntry { version: *id, binding: Some(Box::new((hash, Arc::from(filename.as_str())))) };
                     state.paths.insert(p.as_str().into(), entry);
                 }
                 if new_ref {

@@ -107,11 +107,18 @@ impl Trees {
     }
 }
 
-pub struct SledStore {
-    shared: Arc<Shared>,
-    queue: Mutex<Option<std::sync::mpsc::Sender<Op>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+/// The store every node runs: the in-memory index every read is served
+/// from, and one writer thread behind a bounded queue. The writer is what
+/// differs: sled's (its log, then checkpoints, this module) or etcd's
+/// (transactions, with a watch that applies every node's writes, `etcd`).
+pub struct IndexedStore {
+    pub(super) shared: Arc<Shared>,
+    pub(super) queue: Mutex<Option<std::sync::mpsc::Sender<Op>>>,
+    pub(super) writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+/// The embedded default: the index backed by sled and its write-ahead log.
+pub type SledStore = IndexedStore;
 
 fn key(blog: &str, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(blog.len() + 1 + rest.len());
@@ -163,10 +170,10 @@ impl Default for PurgeOptions {
     }
 }
 
-impl SledStore {
+impl IndexedStore {
     /// Opens (or creates) the store in `dir` with no purge targets.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        SledStore::open_with(dir, PurgeOptions::default())
+        IndexedStore::open_with(dir, PurgeOptions::default())
     }
 
     /// Opens (or creates) the store in `dir`, loads the index and the purge
@@ -250,7 +257,7 @@ impl SledStore {
             purge_sent,
         };
         let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
-        Ok(SledStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
+        Ok(IndexedStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
     }
 
     fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Pending<T> {
@@ -607,7 +614,7 @@ fn decode_ref(v: &[u8]) -> Result<AssetRef, StoreError> {
     Ok(AssetRef { size, content_type: Arc::from(ct) })
 }
 
-impl Store for SledStore {
+impl Store for IndexedStore {
     fn resolve(&self, blog: &BlogId, paths: &[&str]) -> Option<Vec<Resolution>> {
         self.shared.index.read().resolve(blog, paths)
     }
@@ -714,7 +721,7 @@ impl Store for SledStore {
     }
 }
 
-impl Drop for SledStore {
+impl Drop for IndexedStore {
     fn drop(&mut self) {
         self.close();
     }

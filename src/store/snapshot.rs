@@ -19,7 +19,6 @@
 //! Section three: `domains u32 × (domain, blog), deleted u32 × (blog, last
 //! u64), gc u32 × hash16`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,6 +85,19 @@ pub fn write(
     ids: &FastMap<Box<str>, Ids>,
     deleted_last: &FastMap<Box<str>, CacheId>,
 ) -> std::io::Result<()> {
+    let bytes = encode(seq, index, ids, deleted_last);
+    let tmp = db.with_extension("snapshot.tmp");
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path(db))
+}
+
+/// The snapshot's bytes: the index after record `seq`.
+pub fn encode(
+    seq: u64,
+    index: &Index,
+    ids: &FastMap<Box<str>, Ids>,
+    deleted_last: &FastMap<Box<str>, CacheId>,
+) -> Vec<u8> {
     // Halves by path count, so both parsing threads get about as much.
     let total: usize = index.blogs.values().map(|b| b.paths.len() + 1).sum();
     // Each half starts with its blog count, filled in at the end.
@@ -121,21 +133,19 @@ pub fn write(
     for h in &index.gc {
         three.extend_from_slice(&h.0);
     }
-    let tmp = db.with_extension("snapshot.tmp");
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    f.write_all(MAGIC)?;
-    f.write_all(&seq.to_le_bytes())?;
+    let mut f = Vec::with_capacity(HEADER + one.len() + two.len() + three.len() + 96);
+    f.extend_from_slice(MAGIC);
+    f.extend_from_slice(&seq.to_le_bytes());
     for s in [&one, &two, &three] {
-        f.write_all(&(s.len() as u64).to_le_bytes())?;
+        f.extend_from_slice(&(s.len() as u64).to_le_bytes());
     }
     for s in [&one, &two, &three] {
-        f.write_all(s)?;
+        f.extend_from_slice(s);
     }
     for s in [&one, &two, &three] {
-        f.write_all(blake3::hash(s).as_bytes())?;
+        f.extend_from_slice(blake3::hash(s).as_bytes());
     }
-    f.into_inner().map_err(|e| e.into_error())?;
-    std::fs::rename(&tmp, path(db))
+    f
 }
 
 /// Reads the snapshot if there is one for checkpoint `seq`, and removes the
@@ -152,7 +162,11 @@ pub fn read(db: &Path, seq: u64) -> Option<Loaded> {
         }
     };
     let _ = std::fs::remove_file(&p);
-    let loaded = parse(&bytes, seq);
+    let loaded = match decode(&bytes) {
+        Ok((at, loaded)) if at == seq => Ok(loaded),
+        Ok(_) => Err("of another checkpoint"),
+        Err(why) => Err(why),
+    };
     match &loaded {
         Ok(_) => {}
         Err(why) => tracing::info!(file = %p.display(), why, "index snapshot not used; loading from sled"),
@@ -225,15 +239,13 @@ fn parse_blogs(section: &[u8]) -> Option<Blogs> {
     r.b.is_empty().then_some(out)
 }
 
-fn parse(bytes: &[u8], seq: u64) -> Result<Loaded, &'static str> {
+/// The record a snapshot was taken after, and what it holds.
+pub fn decode(bytes: &[u8]) -> Result<(u64, Loaded), &'static str> {
     let mut r = Rd { b: bytes };
     if r.take(8) != Some(&MAGIC[..]) {
         return Err("not a snapshot of this version");
     }
     let at = r.u64().ok_or("short")?;
-    if at != seq {
-        return Err("of another checkpoint");
-    }
     let lens = [r.u64(), r.u64(), r.u64()];
     let [Some(l1), Some(l2), Some(l3)] = lens.map(|l| l.map(|l| l as usize)) else {
         return Err("short");
@@ -291,7 +303,7 @@ fn parse(bytes: &[u8], seq: u64) -> Result<Loaded, &'static str> {
         r.b.is_empty().then_some(deleted_last)
     })();
     let deleted_last = rest.ok_or("damaged")?;
-    Ok((index, ids, deleted_last))
+    Ok((at, (index, ids, deleted_last)))
 }
 
 #[cfg(test)]

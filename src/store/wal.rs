@@ -295,6 +295,31 @@ impl Rec {
     }
 }
 
+/// A group of records as one buffer, framed and checked as in the log: what
+/// cluster mode stores in etcd.
+pub fn encode_group<'a>(recs: impl IntoIterator<Item = (u64, &'a Rec)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (seq, rec) in recs {
+        rec.encode(seq, &mut out);
+    }
+    out
+}
+
+/// The records of [`encode_group`]'s buffer; `None` if it is damaged.
+pub fn decode_group(mut b: &[u8]) -> Option<Vec<(u64, Rec)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let body = b.get(8..8 + len)?;
+        if blake3::hash(body).as_bytes()[..4] != b[4..8] {
+            return None;
+        }
+        out.push(Rec::decode(body)?);
+        b = &b[8 + len..];
+    }
+    Some(out)
+}
+
 /// Why a group did not become durable.
 #[derive(Debug)]
 pub enum WalError {

@@ -108,7 +108,7 @@ impl Op {
 
     /// Reads the index to decide what it does, so it must see every earlier
     /// write there: the group before it is committed first.
-    fn reads_index(&self) -> bool {
+    pub(super) fn reads_index(&self) -> bool {
         matches!(self, Op::RemoveDomain { .. } | Op::DeleteBlog { .. } | Op::DeleteAsset { .. })
     }
 
@@ -208,6 +208,45 @@ impl Effect {
 pub struct Ids {
     pub floor: CacheId,
     pub last: CacheId,
+}
+
+impl Ids {
+    /// The cache-id rule: a blog's next id is `max(now in ms, last + 1)`,
+    /// `last` being its previous id (or, for a blog deleted before, the last
+    /// id it had then). A new blog's floor is its first id; `raise_floor`
+    /// makes the new id the floor.
+    pub fn next(prev: Option<Ids>, deleted_last: Option<CacheId>, raise_floor: bool) -> Ids {
+        let last = match prev {
+            Some(p) => p.last,
+            None => deleted_last.unwrap_or(0),
+        };
+        let id = next_cache_id(now_ms(), last);
+        let floor = match prev {
+            Some(p) if !raise_floor => p.floor,
+            _ => id,
+        };
+        Ids { floor, last: id }
+    }
+
+    /// The ids a durable record leaves its blog with (for a store that
+    /// learns writes from a log it follows, as etcd's does).
+    pub fn follow(ids: &mut FastMap<Box<str>, Ids>, deleted_last: &mut FastMap<Box<str>, CacheId>, rec: &Rec) {
+        match rec {
+            Rec::Invalidate { blog, id, floor, .. }
+            | Rec::Bind { blog, id, floor, .. }
+            | Rec::Unref { blog, id, floor, .. } => {
+                ids.insert(blog.as_str().into(), Ids { floor: *floor, last: *id });
+            }
+            Rec::SetDomain { blog, create: Some(id), .. } => {
+                ids.insert(blog.as_str().into(), Ids { floor: *id, last: *id });
+            }
+            Rec::Delete { blog, last, .. } => {
+                ids.remove(blog.as_str());
+                deleted_last.insert(blog.as_str().into(), *last);
+            }
+            _ => {}
+        }
+    }
 }
 
 pub struct Writer {
@@ -386,18 +425,11 @@ impl Writer {
     /// is its first id; a blog deleted before starts above its old ids.
     fn assign(&mut self, blog: &BlogId, raise_floor: bool) -> (CacheId, CacheId) {
         let prev = self.ids.get(blog.as_str()).copied();
-        self.undo.push((blog.as_str().into(), prev, self.deleted_last.get(blog.as_str()).copied()));
-        let last = match prev {
-            Some(p) => p.last,
-            None => self.deleted_last.get(blog.as_str()).copied().unwrap_or(0),
-        };
-        let id = next_cache_id(now_ms(), last);
-        let floor = match prev {
-            Some(p) if !raise_floor => p.floor,
-            _ => id,
-        };
-        self.ids.insert(blog.as_str().into(), Ids { floor, last: id });
-        (id, floor)
+        let deleted = self.deleted_last.get(blog.as_str()).copied();
+        self.undo.push((blog.as_str().into(), prev, deleted));
+        let next = Ids::next(prev, deleted, raise_floor);
+        self.ids.insert(blog.as_str().into(), next);
+        (next.last, next.floor)
     }
 
     /// Resolves one write into log records (the write, and the purge it

@@ -3,6 +3,8 @@
 //! generated gRPC clients; a plain HTTP client over TCP.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

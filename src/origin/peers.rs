@@ -1,0 +1,115 @@
+//! Blobs from peers (cluster mode): a node asked for a permanent asset whose
+//! blob another node took the upload of fetches it by hash from `peers`, in
+//! order, checks that its bytes hash to its name (BLAKE3), stores it through
+//! the CAS (temporary file, fsync, rename), and serves it. A peer that sends
+//! other bytes is refused and logged; nothing of its answer is kept.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use tokio::sync::Semaphore;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::domain::{BlogId, ContentHash};
+
+/// Marks a request from a peer: answered from this node's CAS only, never
+/// passed on to its own peers (no loops, no fan-out).
+pub const PEER_HEADER: &str = "x-blotcdn-peer";
+
+pub struct Peers {
+    urls: Vec<String>,
+    timeout: Duration,
+    /// Fetches in flight at once.
+    slots: Arc<Semaphore>,
+}
+
+impl Peers {
+    pub fn new(config: &Config) -> Peers {
+        Peers {
+            urls: config.peers.clone(),
+            timeout: config.fallback_timeout,
+            slots: Arc::new(Semaphore::new(config.max_fallback_fetches)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+
+    /// Fetches the blob of `hash` (of `size` bytes, which `blog` references)
+    /// from the first peer that has it; true once it is in the CAS.
+    pub async fn fetch(&self, catalog: &Arc<Catalog>, blog: &BlogId, hash: &ContentHash, size: u64) -> bool {
+        let Ok(_slot) = self.slots.acquire().await else { return false };
+        for peer in &self.urls {
+            let url = format!("{peer}/{blog}/_assets/{hash}/blob");
+            match tokio::time::timeout(self.timeout, fetch_one(catalog, &url, hash, size)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(peer, hash = %hash, "blob fetched from a peer");
+                    return true;
+                }
+                Ok(Err(Refused::Miss(why))) => tracing::debug!(peer, hash = %hash, why, "peer does not have the blob"),
+                Ok(Err(Refused::Wrong(why))) => {
+                    tracing::error!(peer, hash = %hash, why, "peer sent a wrong blob; refused")
+                }
+                Err(_) => tracing::warn!(peer, hash = %hash, "peer fetch timed out"),
+            }
+        }
+        false
+    }
+}
+
+enum Refused {
+    /// The peer does not have it, or could not be reached.
+    Miss(String),
+    /// The peer sent bytes that are not the blob.
+    Wrong(String),
+}
+
+async fn fetch_one(catalog: &Arc<Catalog>, url: &str, hash: &ContentHash, size: u64) -> Result<(), Refused> {
+    let miss = |e: &dyn std::fmt::Display| Refused::Miss(e.to_string());
+    let req = Request::get(url).header(PEER_HEADER, "1").body(Empty::<Bytes>::new()).map_err(|e| miss(&e))?;
+    let resp = super::fallback::client().request(req).await.map_err(|e| miss(&e))?;
+    if !resp.status().is_success() {
+        return Err(Refused::Miss(format!("answered {}", resp.status())));
+    }
+    let writer = catalog.cas().writer().map_err(|e| miss(&e))?;
+    // The file is written on the blocking pool as the body arrives.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let write = tokio::task::spawn_blocking(move || {
+        let mut w = writer;
+        while let Some(b) = rx.blocking_recv() {
+            w.write(&b)?;
+        }
+        w.finish()
+    });
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| miss(&e))?;
+        if let Ok(data) = frame.into_data() {
+            got += data.len() as u64;
+            if got > size {
+                return Err(Refused::Wrong(format!("more than the asset's {size} bytes")));
+            }
+            if tx.send(data).await.is_err() {
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let pending = write.await.map_err(|e| miss(&e))?.map_err(|e| miss(&e))?;
+    if pending.hash != *hash || pending.size != size {
+        return Err(Refused::Wrong(format!("{} bytes hashing to {}", pending.size, pending.hash)));
+    }
+    let (c, h) = (catalog.clone(), *hash);
+    match tokio::task::spawn_blocking(move || c.adopt_blob(&h, pending)).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(Refused::Miss("no blog references it any more".into())),
+        Ok(Err(e)) => Err(miss(&e)),
+        Err(e) => Err(miss(&e)),
+    }
+}

@@ -1,0 +1,400 @@
+//! Cluster mode (`store = "etcd"`): real blotcdn processes on a real
+//! three-member etcd cluster (Debian's `etcd-server`), all on 127.0.0.1.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
+use common::etcd::EtcdCluster;
+use common::{get, ChildServer};
+use tonic::transport::Channel;
+
+/// A blotcdn node on the cluster, a child process with its own data dir.
+fn node(etcd: &EtcdCluster, dir: &Path, peers: &[SocketAddr]) -> ChildServer {
+    let peers: Vec<String> = peers.iter().map(|p| format!("http://{p}")).collect();
+    let peers = peers.join(",");
+    let endpoints = etcd.endpoints();
+    let mut env = vec![("BLOTCDN_STORE", "etcd"), ("BLOTCDN_ETCD_ENDPOINTS", endpoints.as_str())];
+    if !peers.is_empty() {
+        env.push(("BLOTCDN_PEERS", peers.as_str()));
+    }
+    ChildServer::spawn_with(dir, &[], &env)
+}
+
+async fn publisher(n: &ChildServer) -> pb::publisher_client::PublisherClient<Channel> {
+    pb::publisher_client::PublisherClient::connect(format!("http://{}", n.grpc)).await.unwrap()
+}
+
+async fn resolver(n: &ChildServer) -> pb::resolver_client::ResolverClient<Channel> {
+    pb::resolver_client::ResolverClient::connect(format!("http://{}", n.grpc)).await.unwrap()
+}
+
+async fn invalidate(
+    c: &mut pb::publisher_client::PublisherClient<Channel>,
+    blog: &str,
+    paths: &[String],
+) -> Result<u64, tonic::Status> {
+    let req = pb::InvalidateRequest { blog_id: blog.into(), paths: paths.to_vec() };
+    c.invalidate(req).await.map(|r| r.into_inner().cache_id)
+}
+
+async fn cache_ids(c: &mut pb::resolver_client::ResolverClient<Channel>, blog: &str, paths: &[String]) -> Vec<u64> {
+    let req = pb::ResolveBatchRequest { blog_id: blog.into(), paths: paths.to_vec() };
+    match c.resolve_batch(req).await {
+        Ok(r) => r.into_inner().assets.iter().map(|a| a.cache_id).collect(),
+        Err(_) => vec![0; paths.len()],
+    }
+}
+
+async fn floor(c: &mut pb::resolver_client::ResolverClient<Channel>, blog: &str) -> u64 {
+    match c.get_blog(pb::GetBlogRequest { blog_id: blog.into() }).await {
+        Ok(b) => b.into_inner().cache_id,
+        Err(_) => 0,
+    }
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_one_node_show_on_the_other_and_cache_ids_never_repeat_across_nodes() {
+    let etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let b = node(&etcd, &work.path().join("b"), &[]);
+    let (mut pa, mut rb) = (publisher(&a).await, resolver(&b).await);
+
+    // Visibility: a publish acknowledged on A, polled for on B.
+    let mut lags = Vec::new();
+    for i in 0..100 {
+        let path = vec![format!("/p/{i}.css")];
+        let id = invalidate(&mut pa, "seen", &path).await.unwrap();
+        let acked = Instant::now();
+        loop {
+            if cache_ids(&mut rb, "seen", &path).await[0] == id {
+                break;
+            }
+            assert!(acked.elapsed() < Duration::from_secs(5), "B did not show A's write {id} within 5 s");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        lags.push(acked.elapsed());
+    }
+    println!("visibility lag A → B over 100 writes: p50 {:?}, p99 {:?}", pct(&mut lags, 0.5), pct(&mut lags, 0.99));
+
+    // Concurrent publishers on both nodes, one blog: every id is new, and
+    // each publisher's ids rise.
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let n = if w % 2 == 0 { a.grpc } else { b.grpc };
+        tasks.push(tokio::spawn(async move {
+            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{n}")).await.unwrap();
+            let mut ids = Vec::new();
+            for k in 0..40 {
+                // Floor raises and path writes, mixed.
+                let paths = if k % 2 == 0 { vec![] } else { vec![format!("/w{w}/{k}.js")] };
+                ids.push(invalidate(&mut c, "shared", &paths).await.unwrap());
+            }
+            ids
+        }));
+    }
+    let mut all = HashSet::new();
+    let mut max = 0;
+    for t in tasks {
+        let ids = t.await.unwrap();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "one publisher's ids went back: {ids:?}");
+        for id in ids {
+            assert!(all.insert(id), "cache id {id} was handed out twice");
+            max = max.max(id);
+        }
+    }
+    assert_eq!(all.len(), 320);
+    // Both nodes agree on the blog's last id (the last floor raise or path).
+    let (mut ra, mut rb) = (resolver(&a).await, resolver(&b).await);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while floor(&mut ra, "shared").await != floor(&mut rb, "shared").await {
+        assert!(Instant::now() < deadline, "the nodes disagree on the blog's floor");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last_path: Vec<String> = (0..8).map(|w| format!("/w{w}/39.js")).collect();
+    let on_a = cache_ids(&mut ra, "shared", &last_path).await;
+    let on_b = cache_ids(&mut rb, "shared", &last_path).await;
+    assert_eq!(on_a, on_b);
+    assert!(on_a.iter().chain([floor(&mut ra, "shared").await].iter()).any(|id| *id == max));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_reads_answer_writes_fail_cleanly_and_the_node_recovers() {
+    let mut etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let b = node(&etcd, &work.path().join("b"), &[]);
+    let (mut pa, mut ra) = (publisher(&a).await, resolver(&a).await);
+    let paths = vec!["/style.css".to_string()];
+    let id = invalidate(&mut pa, "down", &paths).await.unwrap();
+    assert_eq!(get(a.http, "/healthz", &[]).status, 200);
+
+    etcd.kill_all();
+    // Reads keep answering from memory.
+    for _ in 0..20 {
+        assert_eq!(cache_ids(&mut ra, "down", &paths).await, vec![id]);
+    }
+    // Writes fail with UNAVAILABLE, naming etcd, and nothing changes.
+    let e = invalidate(&mut pa, "down", &paths).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("etcd"), "{}", e.message());
+    assert_eq!(cache_ids(&mut ra, "down", &paths).await, vec![id]);
+    // /healthz and the metrics say so (once the watch has noticed).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let h = get(a.http, "/healthz", &[]);
+        if h.status == 503 {
+            assert!(String::from_utf8_lossy(&h.body).contains("etcd"), "{}", String::from_utf8_lossy(&h.body));
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz still {} with etcd down", h.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = get(a.metrics.unwrap(), "/metrics", &[]);
+    assert!(String::from_utf8_lossy(&m.body).contains("blotcdn_store_up 0"));
+
+    etcd.restart_all();
+    // The node catches up by itself: writes go through again, and B sees them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id2 = loop {
+        match invalidate(&mut pa, "down", &paths).await {
+            Ok(id2) => break id2,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                assert!(Instant::now() < deadline, "writes still refused 30 s after etcd came back: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(id2 > id);
+    let mut rb = resolver(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cache_ids(&mut rb, "down", &paths).await != vec![id2] {
+        assert!(Instant::now() < deadline, "B did not catch up after etcd came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(a.http, "/healthz", &[]).status != 200 || get(b.http, "/healthz", &[]).status != 200 {
+        assert!(Instant::now() < deadline, "/healthz did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_during_a_publish_storm_loses_no_acknowledged_write() {
+    let mut etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let b = node(&etcd, &work.path().join("b"), &[]);
+    let stop = Instant::now() + Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let n = if w % 2 == 0 { a.grpc } else { b.grpc };
+        tasks.push(tokio::spawn(async move {
+            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{n}")).await.unwrap();
+            let (mut acked, mut refused) = (BTreeMap::new(), 0);
+            let mut k = 0;
+            while Instant::now() < stop {
+                let path = format!("/storm/{w}/{k}.css");
+                match invalidate(&mut c, "storm", std::slice::from_ref(&path)).await {
+                    Ok(id) => {
+                        acked.insert(path, id);
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                        refused += 1;
+                    }
+                }
+                k += 1;
+            }
+            (acked, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The leader: the others must elect a new one mid-storm.
+    let leader = etcd.leader().expect("a leader");
+    etcd.kill(leader);
+    let mut acked = BTreeMap::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        acked.extend(a);
+        refused += r;
+    }
+    println!("storm: {} acknowledged, {refused} refused while the leader (member {leader}) was killed", acked.len());
+    assert!(acked.len() > 100, "too few writes went through: {}", acked.len());
+    etcd.restart(leader);
+    // A node that starts now reads everything from etcd.
+    let c = node(&etcd, &work.path().join("c"), &[]);
+    let paths: Vec<String> = acked.keys().cloned().collect();
+    for n in [&a, &b, &c] {
+        let mut r = resolver(n).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut lost = Vec::new();
+            for chunk in paths.chunks(1000) {
+                let ids = cache_ids(&mut r, "storm", chunk).await;
+                for (p, id) in chunk.iter().zip(ids) {
+                    if id < acked[p] {
+                        lost.push((p.clone(), acked[p], id));
+                    }
+                }
+            }
+            if lost.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "acknowledged writes missing on {}: {:?}",
+                n.grpc,
+                &lost[..lost.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_and_restarted_catches_up_and_a_new_node_starts_from_the_snapshot() {
+    let etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut b = node(&etcd, &work.path().join("b"), &[]);
+    let mut pa = publisher(&a).await;
+    invalidate(&mut pa, "kb", &["/before.css".into()]).await.unwrap();
+    b.kill9();
+    // More than one snapshot's worth of records while B is down: 64
+    // publishers, one path each per call.
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let n = a.grpc;
+        tasks.push(tokio::spawn(async move {
+            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{n}")).await.unwrap();
+            let mut last = BTreeMap::new();
+            for k in 0..200 {
+                let path = format!("/many/{w}/{}.png", k % 50);
+                last.insert(path.clone(), invalidate(&mut c, "kb", &[path]).await.unwrap());
+            }
+            last
+        }));
+    }
+    let mut want = BTreeMap::new();
+    for t in tasks {
+        want.extend(t.await.unwrap());
+    }
+    let floor_id = invalidate(&mut pa, "kb", &[]).await.unwrap();
+    let after = invalidate(&mut pa, "kb", &["/after.css".into()]).await.unwrap();
+    // The log was cut at a snapshot: fewer groups are left than were written.
+    let b = node(&etcd, &work.path().join("b"), &[]);
+    let c = node(&etcd, &work.path().join("c"), &[]);
+    for n in [&b, &c] {
+        let mut r = resolver(n).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let paths: Vec<String> = want.keys().cloned().collect();
+            let ids = cache_ids(&mut r, "kb", &paths).await;
+            // Below the floor raise, every path resolves to the floor.
+            let ok = ids.iter().all(|id| *id == floor_id)
+                && cache_ids(&mut r, "kb", &["/after.css".into(), "/before.css".into()]).await == vec![after, floor_id];
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} did not catch up", n.grpc);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut kv = blotcdn::etcdpb::kv_client::KvClient::connect(etcd.endpoints().split(',').next().unwrap().to_owned())
+        .await
+        .unwrap();
+    let count = |key: &str| {
+        let key = key.as_bytes().to_vec();
+        let mut end = key.clone();
+        *end.last_mut().unwrap() += 1;
+        blotcdn::etcdpb::RangeRequest { key, range_end: end, count_only: true, ..Default::default() }
+    };
+    let logs = kv.range(count("/blotcdn/log/")).await.unwrap().into_inner().count;
+    let snaps = kv.range(count("/blotcdn/snap/")).await.unwrap().into_inner().count;
+    println!("after 12,800 writes: {logs} log groups and {snaps} snapshot chunks left in etcd");
+    assert!(snaps >= 1, "no snapshot was written");
+    assert!(logs < 12_800 / 2, "the log was not cut at the snapshot: {logs} groups");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_url_uploaded_on_one_node_is_served_by_another_and_a_lying_peer_is_refused() {
+    let etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    // A peer that answers every request with other bytes.
+    let liar = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let liar_addr = liar.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for s in liar.incoming().take(20) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = b"not the avatar you asked for";
+            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+            let _ = s.write_all(body);
+        }
+    });
+    let b = node(&etcd, &work.path().join("b"), &[liar_addr, a.http]);
+    let lied_to = node(&etcd, &work.path().join("c"), &[liar_addr]);
+
+    let bytes = b"\x89PNG an avatar uploaded on node A".to_vec();
+    let mut pa = publisher(&a).await;
+    let chunks = vec![
+        pb::PutAssetChunk {
+            chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                blog_id: "peers".into(),
+                filename: "me.png".into(),
+                content_type: "image/png".into(),
+                path: String::new(),
+            })),
+        },
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes.clone().into())) },
+    ];
+    let asset = pa.put_asset(tokio_stream::iter(chunks)).await.unwrap().into_inner();
+    let path = common::path_of(&asset.url);
+
+    // Both other nodes know of the asset (through etcd) before they are asked.
+    for n in [&b, &lied_to] {
+        let mut r = resolver(n).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.get_blog(pb::GetBlogRequest { blog_id: "peers".into() }).await.map_or(0, |b| b.into_inner().asset_count)
+            != 1
+        {
+            assert!(Instant::now() < deadline, "{} does not know of the asset", n.grpc);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Only the liar as a peer: its bytes are refused, nothing is kept: 404.
+    let r = get(lied_to.http, &path, &[]);
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    let blob = |dir: &Path| {
+        let h = &asset.hash;
+        dir.join("cas").join(&h[0..2]).join(&h[2..4]).join(h)
+    };
+    assert!(!blob(&work.path().join("c")).exists(), "a wrong blob was stored");
+
+    // B asks the liar first, refuses its bytes, then gets them from A.
+    let r = get(b.http, &path, &[]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body, bytes);
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    assert_eq!(std::fs::read(blob(&work.path().join("b"))).unwrap(), bytes, "B keeps its own copy");
+    // From its own disk now, even with A gone.
+    drop(a);
+    let r = get(b.http, &path, &[]);
+    assert_eq!((r.status, r.body), (200, bytes));
+}

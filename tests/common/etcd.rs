@@ -1,0 +1,130 @@
+//! A real etcd cluster (Debian's `etcd-server`) on 127.0.0.1 for the cluster
+//! tests: members on free ports with data dirs in a temporary folder, killed
+//! and restarted one by one, all stopped on drop.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct EtcdCluster {
+    pub dir: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// `n` members, healthy when this returns.
+    pub fn start(n: usize) -> EtcdCluster {
+        for attempt in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let members: Vec<Member> = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client: super::free_port(),
+                    peer: super::free_port(),
+                    child: None,
+                })
+                .collect();
+            let mut c = EtcdCluster { dir, members };
+            for i in 0..n {
+                c.spawn(i, "new");
+            }
+            if c.wait_healthy(Duration::from_secs(20)) {
+                return c;
+            }
+            eprintln!("etcd cluster did not become healthy (attempt {attempt}); trying other ports");
+        }
+        panic!("etcd did not start; run ./scripts/install-test-deps.sh (etcd-server)");
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let cluster: Vec<String> =
+            self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect();
+        let m = &self.members[i];
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(&m.name))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args(["--initial-cluster-state", state, "--initial-cluster-token", "blotcdn-test"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd ({e}); run ./scripts/install-test-deps.sh"));
+        self.members[i].child = Some(child);
+    }
+
+    /// Every member answers `/health` with true.
+    pub fn wait_healthy(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let up = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
+                let addr: SocketAddr = ([127, 0, 0, 1], m.client).into();
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                    && String::from_utf8_lossy(&super::get(addr, "/health", &[]).body).contains("\"health\":\"true\"")
+            });
+            if up {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// The client URLs, comma-separated (`BLOTCDN_ETCD_ENDPOINTS`).
+    pub fn endpoints(&self) -> String {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The member that is the leader now (from each member's `/metrics`).
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.child.is_some()
+                && String::from_utf8_lossy(&super::get(([127, 0, 0, 1], m.client).into(), "/metrics", &[]).body)
+                    .lines()
+                    .any(|l| l.trim() == "etcd_server_is_leader 1")
+        })
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data dir.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i, "existing");
+    }
+
+    pub fn kill_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    pub fn restart_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.restart(i);
+        }
+        assert!(self.wait_healthy(Duration::from_secs(30)), "etcd did not come back");
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
