@@ -23,6 +23,8 @@ use tonic::transport::Channel;
 // ---------------------------------------------------------------- helpers
 
 // The test suite's helpers: ports, daemons stopped gracefully, Varnish.
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "bench/migrate.rs"]
@@ -1007,7 +1009,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
     let o = Opts { quick: args.iter().any(|a| a == "--quick") };
     let names: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(|s| s.as_str()).collect();
-    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "purge", "migrate", "soak"];
+    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "purge", "migrate", "cluster", "soak"];
     let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
@@ -1022,6 +1024,7 @@ fn main() {
                 "edge" => bench_edge(&o, &mut rows).await,
                 "purge" => purge::bench_purge(&o, &mut rows).await,
                 "migrate" => migrate::bench_migrate(&o, &mut rows).await,
+                "cluster" => cluster::bench_cluster(&o, &mut rows).await,
                 "soak" => soak::bench_soak(&o, &mut rows).await,
                 other => eprintln!("unknown benchmark {other:?}; known: {all:?}"),
             }

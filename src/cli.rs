@@ -465,6 +465,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fsck { serve, quarantine } => {
             let config = serve.load()?;
+            if config.etcd.is_some() {
+                // Its references live in etcd, and a blob uploaded on another
+                // node is not missing but fetched when asked for.
+                anyhow::bail!("fsck checks the embedded store; it does not run with store = \"etcd\"");
+            }
             let store = crate::store::SledStore::open(&config.data_dir.join("db"))
                 .context("cannot open the store: fsck needs the server stopped")?;
             let catalog = crate::catalog::Catalog::new(

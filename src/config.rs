@@ -604,4 +604,35 @@ mod tests {
         let e = Config::load(Some(&f), Partial::default(), Partial::default()).unwrap_err();
         assert!(e.to_string().contains("max_bach"), "{e}");
     }
+
+    #[test]
+    fn cluster_keys_are_checked_and_name_the_key() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            Partial::from_env(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap()
+        };
+        let err = |vars| Config::from_partial(env(vars)).unwrap_err().to_string();
+        assert!(err(&[("BLOTCDN_STORE", "etcd")]).contains("etcd_endpoints"));
+        assert!(err(&[("BLOTCDN_STORE", "zookeeper")]).contains("store"));
+        assert!(
+            err(&[("BLOTCDN_STORE", "etcd"), ("BLOTCDN_ETCD_ENDPOINTS", "127.0.0.1:2379")]).contains("etcd_endpoints")
+        );
+        assert!(err(&[("BLOTCDN_PEERS", "10.0.0.2:8080")]).contains("peers"));
+        let both = &[
+            ("BLOTCDN_STORE", "etcd"),
+            ("BLOTCDN_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
+            ("BLOTCDN_PURGE_URLS", "varnish=http://127.0.0.1:6081/"),
+        ];
+        assert!(err(both).contains("purge"));
+        let c = Config::from_partial(env(&[
+            ("BLOTCDN_STORE", "etcd"),
+            ("BLOTCDN_ETCD_ENDPOINTS", "http://127.0.0.1:2379, http://127.0.0.1:2380"),
+            ("BLOTCDN_PEERS", "http://10.0.0.2:8080/"),
+        ]))
+        .unwrap();
+        let etcd = c.etcd.unwrap();
+        assert_eq!(etcd.endpoints, ["http://127.0.0.1:2379", "http://127.0.0.1:2380"]);
+        assert_eq!(etcd.prefix, "/blotcdn/");
+        assert_eq!(c.peers, ["http://10.0.0.2:8080"]);
+        assert!(Config::from_partial(Partial::default()).unwrap().etcd.is_none(), "sled stays the default");
+    }
 }
