@@ -236,6 +236,14 @@ impl App {
         if removed > 0 {
             tracing::info!(removed, "removed unreferenced blobs left by an interrupted deletion");
         }
+        if config.etcd.is_some() {
+            let c = catalog.clone();
+            let swept =
+                tokio::task::spawn_blocking(move || c.sweep_unreferenced()).await.expect("the sweep does not panic")?;
+            if swept > 0 {
+                tracing::info!(swept, "removed blobs no blog references any more (collected on another node)");
+            }
+        }
         Ok(App {
             grpc_listener,
             http_listener,

@@ -57,6 +57,27 @@ async fn floor(c: &mut pb::resolver_client::ResolverClient<Channel>, blog: &str)
     }
 }
 
+/// Uploads `bytes` as a permanent asset of `blog`; its hash and URL path.
+async fn put(n: &ChildServer, blog: &str, bytes: &[u8]) -> (String, String) {
+    let chunks = vec![
+        pb::PutAssetChunk {
+            chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                blog_id: blog.into(),
+                filename: "f.bin".into(),
+                content_type: "application/octet-stream".into(),
+                path: String::new(),
+            })),
+        },
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes.to_vec().into())) },
+    ];
+    let asset = publisher(n).await.put_asset(tokio_stream::iter(chunks)).await.unwrap().into_inner();
+    (asset.hash.clone(), common::path_of(&asset.url))
+}
+
+fn blob_file(data_dir: &Path, hash: &str) -> std::path::PathBuf {
+    data_dir.join("cas").join(&hash[0..2]).join(&hash[2..4]).join(hash)
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -272,25 +293,38 @@ async fn a_node_killed_and_restarted_catches_up_and_a_new_node_starts_from_the_s
     let mut b = node(&etcd, &work.path().join("b"), &[]);
     let mut pa = publisher(&a).await;
     invalidate(&mut pa, "kb", &["/before.css".into()]).await.unwrap();
-    b.kill9();
-    // More than one snapshot's worth of records while B is down: 64
-    // publishers, one path each per call.
+    // More than one snapshot's worth of records, from both nodes at once (so
+    // both may snapshot at the same record): 64 publishers, one path each
+    // per call. B is killed midway.
     let mut tasks = Vec::new();
+    let b_grpc = b.grpc;
     for w in 0..64 {
-        let n = a.grpc;
+        let n = if w % 2 == 0 { a.grpc } else { b_grpc };
         tasks.push(tokio::spawn(async move {
             let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{n}")).await.unwrap();
-            let mut last = BTreeMap::new();
-            for k in 0..200 {
+            let (mut last, mut n) = (BTreeMap::new(), 0);
+            for k in 0..400 {
                 let path = format!("/many/{w}/{}.png", k % 50);
-                last.insert(path.clone(), invalidate(&mut c, "kb", &[path]).await.unwrap());
+                match invalidate(&mut c, "kb", std::slice::from_ref(&path)).await {
+                    Ok(id) => {
+                        last.insert(path, id);
+                        n += 1;
+                    }
+                    // B's publishers stop when B is killed.
+                    Err(_) if w % 2 == 1 => break,
+                    Err(e) => panic!("{e:?}"),
+                }
             }
-            last
+            (last, n)
         }));
     }
-    let mut want = BTreeMap::new();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b.kill9();
+    let (mut want, mut written) = (BTreeMap::new(), 0);
     for t in tasks {
-        want.extend(t.await.unwrap());
+        let (last, n) = t.await.unwrap();
+        want.extend(last);
+        written += n;
     }
     let floor_id = invalidate(&mut pa, "kb", &[]).await.unwrap();
     let after = invalidate(&mut pa, "kb", &["/after.css".into()]).await.unwrap();
@@ -324,9 +358,10 @@ async fn a_node_killed_and_restarted_catches_up_and_a_new_node_starts_from_the_s
     };
     let logs = kv.range(count("/blotcdn/log/")).await.unwrap().into_inner().count;
     let snaps = kv.range(count("/blotcdn/snap/")).await.unwrap().into_inner().count;
-    println!("after 12,800 writes: {logs} log groups and {snaps} snapshot chunks left in etcd");
+    println!("after {written} writes: {logs} log groups and {snaps} snapshot chunks left in etcd");
+    assert!(written > 12_800, "{written}");
     assert!(snaps >= 1, "no snapshot was written");
-    assert!(logs < 12_800 / 2, "the log was not cut at the snapshot: {logs} groups");
+    assert!(logs < written as i64 / 2, "the log was not cut at the snapshot: {logs} groups");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,4 +432,93 @@ async fn a_permanent_url_uploaded_on_one_node_is_served_by_another_and_a_lying_p
     drop(a);
     let r = get(b.http, &path, &[]);
     assert_eq!((r.status, r.body), (200, bytes));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_opened_again_after_etcd_restarts_applies_nothing_twice() {
+    let mut etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let bytes = b"one blob, referenced by three blogs".to_vec();
+    let (hash, _) = put(&a, "ra", &bytes).await;
+    let (_, keep) = put(&a, "rb", &bytes).await;
+    let mut pa = publisher(&a).await;
+    pa.delete_asset(pb::DeleteAssetRequest { blog_id: "ra".into(), hash: hash.clone() }).await.unwrap();
+    // The node's watch breaks and is opened again.
+    etcd.kill_all();
+    etcd.restart_all();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(a.http, "/healthz", &[]).status != 200 {
+        assert!(Instant::now() < deadline, "the node did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Had the watch applied ra's deletion again, this one would take the
+    // blob's last count and the collector would remove rb's blob.
+    let mut pa = publisher(&a).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match put_retry(&a, "rc", &bytes).await {
+            Some(_) => break,
+            None => assert!(Instant::now() < deadline, "uploads still refused"),
+        }
+    }
+    pa.delete_asset(pb::DeleteAssetRequest { blog_id: "rc".into(), hash: hash.clone() }).await.unwrap();
+    let r = get(a.http, &keep, &[]);
+    assert_eq!((r.status, &r.body), (200, &bytes), "rb's permanent URL lost its bytes");
+    assert!(blob_file(&work.path().join("a"), &hash).exists());
+}
+
+/// An upload that may be refused while etcd settles: `None` then.
+async fn put_retry(n: &ChildServer, blog: &str, bytes: &[u8]) -> Option<String> {
+    let chunks = vec![
+        pb::PutAssetChunk {
+            chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                blog_id: blog.into(),
+                filename: "f.bin".into(),
+                content_type: "application/octet-stream".into(),
+                path: String::new(),
+            })),
+        },
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes.to_vec().into())) },
+    ];
+    match publisher(n).await.put_asset(tokio_stream::iter(chunks)).await {
+        Ok(r) => Some(r.into_inner().hash),
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_collected_on_one_node_leaves_the_others_at_their_next_start() {
+    let etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let b = node(&etcd, &work.path().join("b"), &[a.http]);
+    let bytes = b"a blob both nodes end up holding".to_vec();
+    let (hash, path) = put(&a, "gone", &bytes).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(b.http, &path, &[]);
+        if r.status == 200 {
+            assert_eq!(r.body, bytes);
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never served the blob");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(blob_file(&work.path().join("b"), &hash).exists());
+    // Deleted through A: A collects its copy; B's stays until B starts again.
+    publisher(&a).await.delete_blog(pb::DeleteBlogRequest { blog_id: "gone".into() }).await.unwrap();
+    assert!(!blob_file(&work.path().join("a"), &hash).exists());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(b.http, &path, &[]).status != 404 {
+        assert!(Instant::now() < deadline, "B still serves a deleted blog's asset");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(b);
+    let _b = node(&etcd, &work.path().join("b"), &[a.http]);
+    assert!(!blob_file(&work.path().join("b"), &hash).exists(), "B kept an unreferenced blob past its start");
 }

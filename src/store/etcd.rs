@@ -3,11 +3,16 @@
 //!
 //! etcd holds a log of write groups under the prefix `P` (`etcd_prefix`):
 //! - `P head`: the sequence number of the last record written (u64 BE);
-//! - `P log/{seq:016x}`: one group of records, encoded and checked as the
-//!   write-ahead log encodes them ([`wal::encode_group`]), `seq` its first;
-//! - `P snap`: the last snapshot's record number (u64 BE) and chunk count
-//!   (u32 BE); `P snap/{seq:016x}/{i:04x}`: its chunks, the index in the
-//!   format of [`snapshot`] (what a clean stop of the sled store writes).
+//! - `P log/{seq:016x}`: one group of records, `seq` its first: the writer's
+//!   nonce and a count of its tries (u64 BE each, so no two tries' values
+//!   are equal, even of the same records), then the records encoded and
+//!   checked as the write-ahead log encodes them ([`wal::encode_group`]);
+//! - `P snap`: the last snapshot's record number (u64 BE), chunk count
+//!   (u32 BE) and writer's nonce (u64 BE); `P snap/{seq:016x}-{nonce:016x}/
+//!   {i:04x}`: its chunks, the index in the format of [`snapshot`] (what a
+//!   clean stop of the sled store writes). Each node writes its chunks under
+//!   its own nonce, so two nodes snapshotting at once never mix or delete
+//!   each other's.
 //!
 //! The log does not grow with history: a writer that finds [`SNAPSHOT_EVERY`]
 //! records (or [`SNAPSHOT_BYTES`] of its own groups) past the last snapshot
@@ -102,7 +107,6 @@ struct Follower {
     /// `P snap` (the pointer) and `P snap/` (the chunks).
     snap: Vec<u8>,
     snaps: Vec<u8>,
-    prefix: Vec<u8>,
     /// False while the watch is down (then writes would not be seen).
     watching: std::sync::atomic::AtomicBool,
 }
@@ -126,8 +130,15 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
 impl Follower {
     /// Applies one group (a `log/` value) to the index and the ids.
     fn apply_group(&self, index: &mut Index, a: &mut Applied, value: &[u8], rev: i64) -> Result<(), String> {
-        let recs = wal::decode_group(value).ok_or_else(|| format!("a damaged log group at etcd revision {rev}"))?;
+        let recs = value
+            .get(16..)
+            .and_then(wal::decode_group)
+            .ok_or_else(|| format!("a damaged log group at etcd revision {rev}"))?;
         for (seq, rec) in &recs {
+            // Never twice: a record is applied once, in log order.
+            if *seq <= a.seq {
+                continue;
+            }
             index.apply(rec);
             Ids::follow(&mut a.ids, &mut a.deleted_last, rec);
             a.seq = a.seq.max(*seq);
@@ -147,13 +158,14 @@ impl Follower {
         let mut key = self.log.clone();
         if let Some(p) = resp.kvs.first() {
             let v = &p.value;
-            let (Some(seq), Some(n)) = (v.get(..8), v.get(8..12)) else {
+            let (Some(seq), Some(n), Some(nonce)) = (v.get(..8), v.get(8..12), v.get(12..20)) else {
                 return Err("a damaged snapshot pointer".into());
             };
             let seq = u64::from_be_bytes(seq.try_into().expect("8"));
             let n = u32::from_be_bytes(n.try_into().expect("4")) as usize;
+            let nonce = u64::from_be_bytes(nonce.try_into().expect("8"));
             let mut bytes = Vec::new();
-            let mut ckey = [self.snaps.as_slice(), format!("{seq:016x}/").as_bytes()].concat();
+            let mut ckey = [self.snaps.as_slice(), format!("{seq:016x}-{nonce:016x}/").as_bytes()].concat();
             let cend = prefix_end(&ckey);
             let mut got = 0;
             loop {
@@ -220,98 +232,118 @@ impl Follower {
         Ok((index, a, rev))
     }
 
-    /// Follows the log from `from` until the stream ends or fails.
-    async fn watch_once(&self, wc: &mut WatchClient<Channel>, from: i64) -> Result<i64, WatchEnd> {
+    /// Follows the log from `from` until the stream ends or fails; `seen`
+    /// (everything up to it applied) moves as groups arrive.
+    async fn watch_once(&self, wc: &mut WatchClient<Channel>, from: i64) -> WatchEnd {
+        // `head`, the log and the snapshot pointer (the keys sort in that
+        // order), not the snapshot's chunks: nothing needs them as they come.
         let create = WatchCreateRequest {
-            key: self.prefix.clone(),
-            range_end: prefix_end(&self.prefix),
+            key: self.head.clone(),
+            range_end: self.snaps.clone(),
             start_revision: from,
             progress_notify: true,
             prev_kv: false,
+            // Large catch-ups come in pieces of about etcd's request limit.
+            fragment: true,
         };
         let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
         // The request stream stays open as long as the watch does.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(req).await.expect("receiver held below");
-        let mut stream = wc
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| WatchEnd::Down(s.message().to_owned()))?
-            .into_inner();
-        let mut seen = from - 1;
+        let mut stream = match wc.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return WatchEnd::Down(s.message().to_owned()),
+        };
+        let mut events = Vec::new();
         loop {
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
-                Ok(None) => return Ok(seen),
-                Err(s) => return Err(WatchEnd::Down(s.message().to_owned())),
+                Ok(None) => return WatchEnd::Down("the watch stream ended".into()),
+                Err(s) => return WatchEnd::Down(s.message().to_owned()),
             };
             if msg.compact_revision > 0 {
-                return Err(WatchEnd::Compacted);
+                return WatchEnd::Compacted;
             }
             if msg.canceled {
-                return Err(WatchEnd::Down(format!("watch cancelled: {}", msg.cancel_reason)));
+                return WatchEnd::Down(format!("watch cancelled: {}", msg.cancel_reason));
             }
             self.watching.store(true, Ordering::Relaxed);
             self.shared.degraded.lock().take();
-            let mut last = 0;
-            if !msg.events.is_empty() {
-                let mut index = self.shared.index.write();
-                let mut a = self.applied.lock();
-                for ev in &msg.events {
-                    let Some(kv) = &ev.kv else { continue };
-                    last = last.max(kv.mod_revision);
-                    // Puts of log groups (the head moves with them) and of
-                    // the snapshot pointer; deletions are only cleanup.
-                    if ev.r#type != 0 {
-                        continue;
-                    }
-                    if kv.key.starts_with(&self.log) {
-                        if let Err(e) = self.apply_group(&mut index, &mut a, &kv.value, kv.mod_revision) {
-                            // The index would part from etcd's: no write
-                            // may be built on it until a restart reloads.
-                            tracing::error!(error = %e, "etcd log group unreadable; refusing writes");
-                            *self.shared.failed.lock() = Some(format!("{e}; restart the server to reload from etcd"));
-                        }
-                    } else if kv.key == self.snap {
-                        if let Some(seq) = kv.value.get(..8) {
-                            a.snap_seq = u64::from_be_bytes(seq.try_into().expect("8"));
-                            a.snap_rev = kv.mod_revision;
-                        }
-                    }
-                }
+            // The creation's header revision is etcd's current one, not a
+            // promise that the events up to it were sent: it says nothing.
+            if msg.created {
+                continue;
             }
-            // Without events (a progress notice), everything up to the
-            // header's revision has been sent.
-            let rev = if last > 0 { last } else { msg.header.as_ref().map_or(0, |h| h.revision) };
-            if rev > seen {
-                seen = rev;
-                self.seen.send_replace(rev);
+            events.extend(msg.events);
+            if msg.fragment {
+                continue;
+            }
+            let rev = match events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
+                Some(last) => {
+                    self.apply_events(&std::mem::take(&mut events));
+                    last
+                }
+                // A progress notice: everything up to its revision was sent.
+                None => msg.header.as_ref().map_or(0, |h| h.revision),
+            };
+            self.seen.send_if_modified(|seen| {
+                let newer = rev > *seen;
+                if newer {
+                    *seen = rev;
+                }
+                newer
+            });
+        }
+    }
+
+    fn apply_events(&self, events: &[crate::etcdpb::Event]) {
+        let mut index = self.shared.index.write();
+        let mut a = self.applied.lock();
+        for ev in events {
+            let Some(kv) = &ev.kv else { continue };
+            // Puts of log groups (the head moves with them) and of the
+            // snapshot pointer; deletions are only cleanup.
+            if ev.r#type != 0 {
+                continue;
+            }
+            if kv.key.starts_with(&self.log) {
+                if let Err(e) = self.apply_group(&mut index, &mut a, &kv.value, kv.mod_revision) {
+                    // The index would part from etcd's: no write may be
+                    // built on it until a restart reloads.
+                    tracing::error!(error = %e, "etcd log group unreadable; refusing writes");
+                    *self.shared.failed.lock() = Some(format!("{e}; restart the server to reload from etcd"));
+                }
+            } else if kv.key == self.snap {
+                if let Some(seq) = kv.value.get(..8) {
+                    a.snap_seq = u64::from_be_bytes(seq.try_into().expect("8"));
+                    a.snap_rev = kv.mod_revision;
+                }
             }
         }
     }
 
-    /// Keeps the index current for as long as the store lives.
-    async fn follow(self: Arc<Self>, mut kv: KvClient<Channel>, mut wc: WatchClient<Channel>, mut from: i64) {
+    /// Keeps the index current for as long as the store lives: a watch from
+    /// the revision after the last one applied, opened again when it ends.
+    async fn follow(self: Arc<Self>, mut kv: KvClient<Channel>, mut wc: WatchClient<Channel>) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            let from = *self.seen.borrow() + 1;
             match self.watch_once(&mut wc, from).await {
-                Ok(seen) => from = from.max(seen + 1),
-                Err(WatchEnd::Compacted) => {
+                WatchEnd::Compacted => {
                     tracing::warn!(from, "the etcd revisions to follow were compacted; reloading the log");
                     match self.load(&mut kv).await {
                         Ok((index, a, rev)) => {
                             let mut i = self.shared.index.write();
                             *i = index;
                             *self.applied.lock() = a;
-                            from = rev + 1;
                             self.seen.send_replace(rev);
                         }
                         Err(e) => self.down(&e),
                     }
                 }
-                Err(WatchEnd::Down(e)) => self.down(&e),
+                WatchEnd::Down(e) => self.down(&e),
             }
-            if *self.seen.borrow() >= from - 1 {
+            if *self.seen.borrow() >= from {
                 backoff = Duration::from_millis(100);
             }
             tokio::time::sleep(backoff).await;
@@ -381,24 +413,26 @@ fn answer(op: Op, out: Out, shared: &Shared) {
     }
 }
 
+/// The next ids of `blog`, after those earlier ops of the group took.
+fn assign<'o>(over: &mut FastMap<&'o str, Ids>, a: &Applied, blog: &'o str, raise: bool) -> Ids {
+    let prev = over.get(blog).copied().or_else(|| a.ids.get(blog).copied());
+    let ids = Ids::next(prev, a.deleted_last.get(blog).copied(), raise);
+    over.insert(blog, ids);
+    ids
+}
+
 /// Each op's record (if it writes one) and its answer, built on the state
 /// this node has applied. Ops that read the index come alone (see
 /// [`Op::reads_index`]), so the index is current for them.
 fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(Option<Rec>, Out)> {
     // Ids taken by earlier ops of the same group.
     let mut over: FastMap<&'o str, Ids> = FastMap::default();
-    let mut assign = |blog: &'o str, raise: bool| -> Ids {
-        let prev = over.get(blog).copied().or_else(|| a.ids.get(blog).copied());
-        let ids = Ids::next(prev, a.deleted_last.get(blog).copied(), raise);
-        over.insert(blog, ids);
-        ids
-    };
-    let known = |over_has: bool, blog: &str| over_has || a.ids.contains_key(blog);
+
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         out.push(match op {
             Op::Invalidate { blog, paths, .. } => {
-                let ids = assign(blog.as_str(), paths.is_empty());
+                let ids = assign(&mut over, a, blog.as_str(), paths.is_empty());
                 let paths = paths.iter().map(|p| p.as_str().to_owned()).collect();
                 (
                     Some(Rec::Invalidate { blog: blog.to_string(), id: ids.last, floor: ids.floor, paths }),
@@ -406,7 +440,7 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
                 )
             }
             Op::Bind { blog, path, binding, .. } => {
-                let ids = assign(blog.as_str(), false);
+                let ids = assign(&mut over, a, blog.as_str(), false);
                 let rec = Rec::Bind {
                     blog: blog.to_string(),
                     id: ids.last,
@@ -420,9 +454,11 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
                 (Some(rec), Out::Unit)
             }
             Op::SetDomain { domain, blog, .. } => {
-                let create = match known(false, blog.as_str()) {
+                // Known if it exists, or an earlier write of this group creates it.
+                let known = over.contains_key(blog.as_str()) || a.ids.contains_key(blog.as_str());
+                let create = match known {
                     true => None,
-                    false => Some(assign(blog.as_str(), true).last),
+                    false => Some(assign(&mut over, a, blog.as_str(), true).last),
                 };
                 (Some(Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create }), Out::Unit)
             }
@@ -459,7 +495,7 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
                 match paths {
                     None => (None, Out::Bool(false)),
                     Some(paths) => {
-                        let ids = assign(blog.as_str(), false);
+                        let ids = assign(&mut over, a, blog.as_str(), false);
                         (
                             Some(Rec::Unref {
                                 blog: blog.to_string(),
@@ -494,6 +530,11 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
 struct Writer {
     /// Bytes of groups this node wrote since its last snapshot.
     written: usize,
+    /// Names this node's snapshot chunks and log groups apart from another
+    /// node's.
+    nonce: u64,
+    /// Groups this node tried to commit.
+    tries: u64,
     f: Arc<Follower>,
     kv: KvClient<Channel>,
     rt: tokio::runtime::Handle,
@@ -541,6 +582,9 @@ impl Writer {
             }
         };
         for _attempt in 0..100 {
+            if let Some(e) = shared.failed.lock().clone() {
+                return refuse_all(ops, &StoreError::Failed(e));
+            }
             let (planned, head_rev, first_seq) = {
                 let index = shared.index.read();
                 let a = self.f.applied.lock();
@@ -560,7 +604,11 @@ impl Writer {
                 }
                 return;
             }
-            let value = wal::encode_group(numbered.iter().map(|(s, r)| (*s, *r)));
+            // Whose try this is: after a lost reply, the value under our key
+            // is ours only if it carries this exact tag.
+            self.tries += 1;
+            let mut value = [self.nonce.to_be_bytes(), self.tries.to_be_bytes()].concat();
+            value.extend_from_slice(&wal::encode_group(numbered.iter().map(|(s, r)| (*s, *r))));
             let value_len = value.len();
             if value.len() > MAX_GROUP_BYTES {
                 if ops.len() > 1 {
@@ -589,13 +637,17 @@ impl Writer {
                     key: self.f.head.clone(),
                     target_union: Some(compare::TargetUnion::ModRevision(head_rev)),
                 }],
-                success: vec![put(self.f.head.clone(), last_seq.to_be_bytes().to_vec()), put(log_key, value)],
-                failure: vec![RequestOp {
-                    request: Some(request_op::Request::RequestRange(RangeRequest {
-                        key: self.f.head.clone(),
-                        ..Default::default()
-                    })),
-                }],
+                success: vec![
+                    put(self.f.head.clone(), last_seq.to_be_bytes().to_vec()),
+                    put(log_key.clone(), value.clone()),
+                ],
+                // The head that moved, and what sits under our group's key:
+                // after a reply lost on the way, a retry finds its own group.
+                failure: [self.f.head.clone(), log_key]
+                    .map(|key| RequestOp {
+                        request: Some(request_op::Request::RequestRange(RangeRequest { key, ..Default::default() })),
+                    })
+                    .into(),
             };
             let mut kv = self.kv.clone();
             let t0 = Instant::now();
@@ -628,20 +680,21 @@ impl Writer {
                     return refuse_all(ops, &e);
                 }
             };
-            let rev = resp.header.as_ref().map_or(0, |h| h.revision);
-            if !resp.succeeded {
+            let mut rev = resp.header.as_ref().map_or(0, |h| h.revision);
+            let found = |i: usize| {
+                resp.responses.get(i).and_then(|r| match &r.response {
+                    Some(crate::etcdpb::response_op::Response::ResponseRange(rr)) => rr.kvs.first(),
+                    _ => None,
+                })
+            };
+            let ours = found(1).filter(|kv| kv.value == value).map(|kv| kv.mod_revision);
+            if let Some(at) = ours.filter(|_| !resp.succeeded) {
+                // A try whose reply was lost committed our group already.
+                rev = at;
+            } else if !resp.succeeded {
                 // Another node's group came first: wait until the watch has
                 // applied it, then build ours again on top of it.
-                let theirs = resp
-                    .responses
-                    .first()
-                    .and_then(|r| match &r.response {
-                        Some(crate::etcdpb::response_op::Response::ResponseRange(rr)) => {
-                            rr.kvs.first().map(|k| k.mod_revision)
-                        }
-                        _ => None,
-                    })
-                    .unwrap_or(rev);
+                let theirs = found(0).map(|k| k.mod_revision).unwrap_or(rev);
                 if !self.wait_seen(theirs) {
                     let e = unavailable("following the log", "this node's watch is behind");
                     return refuse_all(ops, &e);
@@ -686,7 +739,7 @@ impl Writer {
             let a = self.f.applied.lock();
             (snapshot::encode(a.seq, &index, &a.ids, &a.deleted_last), a.seq, a.snap_rev)
         };
-        let dir = [self.f.snaps.as_slice(), format!("{seq:016x}/").as_bytes()].concat();
+        let dir = [self.f.snaps.as_slice(), format!("{seq:016x}-{:016x}/", self.nonce).as_bytes()].concat();
         let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
             request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })),
         };
@@ -704,10 +757,11 @@ impl Writer {
         };
         let mut pointer = seq.to_be_bytes().to_vec();
         pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+        pointer.extend_from_slice(&self.nonce.to_be_bytes());
         let log_end = [self.f.log.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
         // Only over the snapshot this node knows: two nodes snapshotting at
         // once must not point back to an older one after the log it needs
-        // was cut. The loser's chunks go.
+        // was cut. The loser removes its own chunks, and only those.
         let txn = TxnRequest {
             compare: vec![Compare {
                 result: compare::CompareResult::Equal as i32,
@@ -718,7 +772,7 @@ impl Writer {
             success: vec![
                 put(self.f.snap.clone(), pointer),
                 del(self.f.log.clone(), log_end),
-                // Older snapshots sort before this one.
+                // Older snapshots (and any a crash left) sort before this one.
                 del(self.f.snaps.clone(), dir.clone()),
             ],
             failure: vec![del(dir.clone(), prefix_end(&dir))],
@@ -796,7 +850,6 @@ impl IndexedStore {
             log: with(b"log/"),
             snap: with(b"snap"),
             snaps: with(b"snap/"),
-            prefix: prefix.clone(),
             watching: true.into(),
         });
         // Snapshot chunks are up to 1 MiB, two to a page.
@@ -833,11 +886,16 @@ impl IndexedStore {
         *f.shared.index.write() = index;
         *f.applied.lock() = applied;
         f.seen.send_replace(rev);
-        rt.spawn(f.clone().follow(kv.clone(), WatchClient::new(channel), rev + 1));
+        let wc = WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE);
+        rt.spawn(f.clone().follow(kv.clone(), wc));
         rt.spawn(f.clone().probe(kv.clone()));
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = f.shared.clone();
-        let writer = Writer { written: 0, f, kv, rt: rt.handle().clone() };
+        let nonce = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
+        };
+        let writer = Writer { written: 0, nonce, tries: 0, f, kv, rt: rt.handle().clone() };
         let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || {
             writer.run(rx);
             // The watch and the connections end with the writer.
