@@ -237,12 +237,24 @@ impl App {
             tracing::info!(removed, "removed unreferenced blobs left by an interrupted deletion");
         }
         if config.etcd.is_some() {
-            let c = catalog.clone();
-            let swept =
-                tokio::task::spawn_blocking(move || c.sweep_unreferenced()).await.expect("the sweep does not panic")?;
-            if swept > 0 {
-                tracing::info!(swept, "removed blobs no blog references any more (collected on another node)");
-            }
+            // Deletions taken by other nodes arrive through the watch: this
+            // node's copies of what they left unreferenced are collected
+            // here, every few seconds, for as long as the catalog lives.
+            let weak = Arc::downgrade(&catalog);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    let Some(c) = weak.upgrade() else { break };
+                    if c.store().gc_candidates().is_empty() {
+                        continue;
+                    }
+                    match tokio::task::spawn_blocking(move || c.collect_garbage()).await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed; trying again"),
+                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "removed blobs no blog references any more"),
+                        _ => {}
+                    }
+                }
+            });
         }
         Ok(App {
             grpc_listener,

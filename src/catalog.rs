@@ -456,22 +456,6 @@ impl Catalog {
         Ok(true)
     }
 
-    /// Removes every blob of this node's CAS that no blog references, at
-    /// start in cluster mode (before anything is served or uploaded): a
-    /// garbage candidate is dropped cluster-wide by the node that collected
-    /// it, so another node's copy is found this way instead.
-    pub fn sweep_unreferenced(&self) -> Result<usize, CatalogError> {
-        let mut removed = 0;
-        for (hash, _) in self.cas.list()? {
-            let _g = self.blob_lock.lock();
-            if !self.store.is_referenced(&hash) {
-                self.cas.remove(&hash)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
     /// Removes blobs no blog references any more. Safe to run at any time,
     /// and at start to finish what a crash interrupted.
     pub fn collect_garbage(&self) -> Result<usize, CatalogError> {

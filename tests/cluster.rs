@@ -15,14 +15,13 @@ use tonic::transport::Channel;
 
 /// A blotcdn node on the cluster, a child process with its own data dir.
 fn node(etcd: &EtcdCluster, dir: &Path, peers: &[SocketAddr]) -> ChildServer {
-    let peers: Vec<String> = peers.iter().map(|p| format!("http://{p}")).collect();
-    let peers = peers.join(",");
-    let endpoints = etcd.endpoints();
-    let mut env = vec![("BLOTCDN_STORE", "etcd"), ("BLOTCDN_ETCD_ENDPOINTS", endpoints.as_str())];
-    if !peers.is_empty() {
-        env.push(("BLOTCDN_PEERS", peers.as_str()));
-    }
-    ChildServer::spawn_with(dir, &[], &env)
+    node_on(&etcd.endpoints(), dir, peers)
+}
+
+/// A node that knows only `endpoints` of the cluster.
+fn node_on(endpoints: &str, dir: &Path, peers: &[SocketAddr]) -> ChildServer {
+    let env = node_env(endpoints, peers);
+    ChildServer::spawn_with(dir, &[], &env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>())
 }
 
 async fn publisher(n: &ChildServer) -> pb::publisher_client::PublisherClient<Channel> {
@@ -76,6 +75,21 @@ async fn put(n: &ChildServer, blog: &str, bytes: &[u8]) -> (String, String) {
 
 fn blob_file(data_dir: &Path, hash: &str) -> std::path::PathBuf {
     data_dir.join("cas").join(&hash[0..2]).join(&hash[2..4]).join(hash)
+}
+
+/// An invalidation tried again while it is refused as UNAVAILABLE (a
+/// leader election), for up to 10 s.
+async fn patiently(c: &mut pb::publisher_client::PublisherClient<Channel>, blog: &str, paths: &[String]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match invalidate(c, blog, paths).await {
+            Ok(id) => return id,
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -492,7 +506,7 @@ async fn put_retry(n: &ChildServer, blog: &str, bytes: &[u8]) -> Option<String> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blob_collected_on_one_node_leaves_the_others_at_their_next_start() {
+async fn a_blob_collected_on_one_node_is_collected_on_the_others_and_an_empty_view_removes_nothing() {
     let etcd = EtcdCluster::start(3);
     let work = tempfile::tempdir().unwrap();
     let a = node(&etcd, &work.path().join("a"), &[]);
@@ -510,7 +524,8 @@ async fn a_blob_collected_on_one_node_leaves_the_others_at_their_next_start() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(blob_file(&work.path().join("b"), &hash).exists());
-    // Deleted through A: A collects its copy; B's stays until B starts again.
+    // Deleted through A: A collects its copy at once, B its own copy once
+    // the deletion reached it.
     publisher(&a).await.delete_blog(pb::DeleteBlogRequest { blog_id: "gone".into() }).await.unwrap();
     assert!(!blob_file(&work.path().join("a"), &hash).exists());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -518,7 +533,96 @@ async fn a_blob_collected_on_one_node_leaves_the_others_at_their_next_start() {
         assert!(Instant::now() < deadline, "B still serves a deleted blog's asset");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while blob_file(&work.path().join("b"), &hash).exists() {
+        assert!(Instant::now() < deadline, "B kept the copy of a blob no blog references");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A node started on etcd holding nothing of this cluster (a wrong prefix)
+    // removes nothing: only deletions it saw make its blobs garbage.
+    let (keep_hash, _) = put(&a, "kept", b"a blob that stays").await;
     drop(b);
-    let _b = node(&etcd, &work.path().join("b"), &[a.http]);
-    assert!(!blob_file(&work.path().join("b"), &hash).exists(), "B kept an unreferenced blob past its start");
+    let c_dir = work.path().join("c");
+    let mut env_prefix = node_env(&etcd.endpoints(), &[]);
+    env_prefix.push(("BLOTCDN_ETCD_PREFIX".into(), "/elsewhere/".into()));
+    std::fs::create_dir_all(c_dir.join("cas")).unwrap();
+    copy_dir(&work.path().join("a").join("cas"), &c_dir.join("cas"));
+    let _c = ChildServer::spawn_with(
+        &c_dir,
+        &[],
+        &env_prefix.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(blob_file(&c_dir, &keep_hash).exists(), "a node with an empty view of etcd removed a blob");
+}
+
+fn node_env(endpoints: &str, peers: &[SocketAddr]) -> Vec<(String, String)> {
+    let mut env = vec![("BLOTCDN_STORE".to_string(), "etcd".to_string()), ("BLOTCDN_ETCD_ENDPOINTS".into(), endpoints.into())];
+    if !peers.is_empty() {
+        let p: Vec<String> = peers.iter().map(|p| format!("http://{p}")).collect();
+        env.push(("BLOTCDN_PEERS".into(), p.join(",")));
+    }
+    env
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_revisions_were_compacted_while_it_was_cut_off_reloads() {
+    let mut etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    // B knows only member 2: with it down, B is cut off while A writes on.
+    let b = node_on(&etcd.endpoint(2), &work.path().join("b"), &[]);
+    let (mut pa, mut rb) = (publisher(&a).await, resolver(&b).await);
+    let paths: Vec<String> = (0..50).map(|i| format!("/c/{i}.css")).collect();
+    let before = invalidate(&mut pa, "compacted", &paths).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache_ids(&mut rb, "compacted", &paths[..1]).await != vec![before] {
+        assert!(Instant::now() < deadline, "B never saw the first write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    etcd.kill(2);
+    // Writes go on (tried again while the members elect a new leader, if
+    // member 2 led).
+    patiently(&mut pa, "compacted", &[]).await;
+    let mut last = BTreeMap::new();
+    for p in &paths {
+        last.insert(p.clone(), patiently(&mut pa, "compacted", std::slice::from_ref(p)).await);
+    }
+    // Every revision B has not seen is compacted away.
+    let mut kv = blotcdn::etcdpb::kv_client::KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let rev = kv
+        .range(blotcdn::etcdpb::RangeRequest { key: b"/blotcdn/head".to_vec(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(blotcdn::etcdpb::CompactionRequest { revision: rev, physical: true }).await.unwrap();
+    etcd.restart(2);
+    // B's watch is refused as compacted; B reloads and shows every write.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids = cache_ids(&mut rb, "compacted", &paths).await;
+        let want: Vec<u64> = paths.iter().map(|p| last[p]).collect();
+        if ids == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B did not reload after compaction: {ids:?} != {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(b.http, "/healthz", &[]).status, 200);
 }

@@ -141,6 +141,15 @@ impl Follower {
             }
             index.apply(rec);
             Ids::follow(&mut a.ids, &mut a.deleted_last, rec);
+            // This node's copy of a blob a deletion left unreferenced is
+            // its own to collect (`Shared::local_gc`).
+            match rec {
+                Rec::Delete { hashes, .. } => self.shared.local_gc.lock().extend(hashes.iter().map(|h| ContentHash(*h))),
+                Rec::Unref { hash, .. } => {
+                    self.shared.local_gc.lock().insert(ContentHash(*hash));
+                }
+                _ => {}
+            }
             a.seq = a.seq.max(*seq);
         }
         a.head_rev = a.head_rev.max(rev);
@@ -254,7 +263,9 @@ impl Follower {
             Ok(s) => s.into_inner(),
             Err(s) => return WatchEnd::Down(s.message().to_owned()),
         };
-        let mut events = Vec::new();
+        // The highest revision among the events of the answer being read
+        // (an answer may come in fragments; each event is whole).
+        let mut last = 0;
         loop {
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
@@ -274,18 +285,20 @@ impl Follower {
             if msg.created {
                 continue;
             }
-            events.extend(msg.events);
+            if let Some(top) = msg.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
+                // Applied as they come, so memory holds one fragment.
+                self.apply_events(&msg.events);
+                last = last.max(top);
+            }
             if msg.fragment {
                 continue;
             }
-            let rev = match events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
-                Some(last) => {
-                    self.apply_events(&std::mem::take(&mut events));
-                    last
-                }
-                // A progress notice: everything up to its revision was sent.
-                None => msg.header.as_ref().map_or(0, |h| h.revision),
+            let rev = match std::mem::take(&mut last) {
+                0 => msg.header.as_ref().map_or(0, |h| h.revision),
+                top => top,
             };
+            // Whole now: everything up to `rev` is applied (a progress
+            // notice, without events, says so of its header's revision).
             self.seen.send_if_modified(|seen| {
                 let newer = rev > *seen;
                 if newer {
@@ -513,9 +526,15 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
                 let referenced = shared.pending_refs.lock().contains_key(hash) || index.blob_refs.contains_key(hash);
                 // As in the sled writer: a candidate no blog references any
                 // more, that the collector left, stays for the next round.
-                match !removed && !referenced {
-                    true => (None, Out::Unit),
-                    false => (Some(Rec::GcDone { hash: hash.0 }), Out::Unit),
+                let settled = *removed || referenced;
+                if settled {
+                    // This node's copy is dealt with.
+                    shared.local_gc.lock().remove(hash);
+                }
+                match settled && index.gc.contains(hash) {
+                    true => (Some(Rec::GcDone { hash: hash.0 }), Out::Unit),
+                    // Kept, or a candidate of this node only.
+                    false => (None, Out::Unit),
                 }
             }
             // No purge targets in cluster mode (refused at start); a flush
@@ -785,10 +804,23 @@ impl Writer {
         Ok(())
     }
 
-    /// One transaction; whether its comparisons held.
+    /// One transaction (tried again on a member that is down); whether its
+    /// comparisons held.
     fn txn(&self, req: TxnRequest) -> Result<bool, String> {
         let mut kv = self.kv.clone();
-        match self.rt.block_on(async move { tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req)).await }) {
+        let sent = self.rt.block_on(async move {
+            let mut tries = 0;
+            loop {
+                match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await {
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable && tries < 3 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+                    }
+                    other => return other,
+                }
+            }
+        });
+        match sent {
             Ok(Ok(r)) => Ok(r.into_inner().succeeded),
             Ok(Err(s)) => Err(s.message().to_owned()),
             Err(_) => Err("etcd did not answer in time".into()),
@@ -843,6 +875,7 @@ impl IndexedStore {
                 index: parking_lot::RwLock::new(Index::default()),
                 pending_refs: Mutex::default(),
                 queued: Default::default(),
+                local_gc: Mutex::default(),
             }),
             applied: Mutex::default(),
             seen,

@@ -53,6 +53,11 @@ pub struct Shared {
     pub pending_refs: Mutex<FastMap<ContentHash, u32>>,
     /// The weight of the writes in the queue (see [`Op::weight`]).
     pub queued: AtomicUsize,
+    /// Cluster mode: blobs whose references this node saw go (a deletion
+    /// applied from etcd), so its own copy may be garbage, even once the
+    /// node that collected first dropped the cluster-wide candidate. Empty
+    /// with sled.
+    pub local_gc: Mutex<super::index::FastSet<ContentHash>>,
 }
 
 impl Shared {
@@ -239,6 +244,7 @@ impl IndexedStore {
             index: RwLock::new(index),
             pending_refs: Mutex::default(),
             queued: AtomicUsize::new(0),
+            local_gc: Mutex::default(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
@@ -687,7 +693,9 @@ impl Store for IndexedStore {
     }
 
     fn gc_candidates(&self) -> Vec<ContentHash> {
-        self.shared.index.read().gc.iter().copied().collect()
+        let mut all: super::index::FastSet<ContentHash> = self.shared.index.read().gc.iter().copied().collect();
+        all.extend(self.shared.local_gc.lock().iter().copied());
+        all.into_iter().collect()
     }
 
     fn gc_done(&self, hash: ContentHash, removed: bool) -> Pending<()> {

@@ -87,6 +87,11 @@ impl EtcdCluster {
         self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",")
     }
 
+    /// The client URL of member `i` alone.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client)
+    }
+
     /// The member that is the leader now (from each member's `/metrics`).
     pub fn leader(&self) -> Option<usize> {
         self.members.iter().position(|m| {
