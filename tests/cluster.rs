@@ -557,7 +557,8 @@ async fn a_blob_collected_on_one_node_is_collected_on_the_others_and_an_empty_vi
 }
 
 fn node_env(endpoints: &str, peers: &[SocketAddr]) -> Vec<(String, String)> {
-    let mut env = vec![("BLOTCDN_STORE".to_string(), "etcd".to_string()), ("BLOTCDN_ETCD_ENDPOINTS".into(), endpoints.into())];
+    let mut env =
+        vec![("BLOTCDN_STORE".to_string(), "etcd".to_string()), ("BLOTCDN_ETCD_ENDPOINTS".into(), endpoints.into())];
     if !peers.is_empty() {
         let p: Vec<String> = peers.iter().map(|p| format!("http://{p}")).collect();
         env.push(("BLOTCDN_PEERS".into(), p.join(",")));

@@ -59,7 +59,7 @@ use super::StoreError;
 use crate::domain::{CacheId, ContentHash};
 use crate::etcdpb::{
     compare, kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, Compare, DeleteRangeRequest,
-    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 
 /// One etcd request at most this long; past it the write is refused.
@@ -72,6 +72,8 @@ const MAX_GROUP_PATHS: usize = 8192;
 const PAGE: i64 = 64;
 /// A response at most (a page of the log, two snapshot chunks).
 const MAX_RESPONSE: usize = 80 << 20;
+/// How often a quiet watch asks etcd how far it has got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// A snapshot once this many records follow the last one,
 const SNAPSHOT_EVERY: u64 = 10_000;
 /// or once this node wrote this many bytes of groups since it last saw one.
@@ -144,7 +146,9 @@ impl Follower {
             // This node's copy of a blob a deletion left unreferenced is
             // its own to collect (`Shared::local_gc`).
             match rec {
-                Rec::Delete { hashes, .. } => self.shared.local_gc.lock().extend(hashes.iter().map(|h| ContentHash(*h))),
+                Rec::Delete { hashes, .. } => {
+                    self.shared.local_gc.lock().extend(hashes.iter().map(|h| ContentHash(*h)))
+                }
                 Rec::Unref { hash, .. } => {
                     self.shared.local_gc.lock().insert(ContentHash(*hash));
                 }
@@ -266,8 +270,23 @@ impl Follower {
         // The highest revision among the events of the answer being read
         // (an answer may come in fragments; each event is whole).
         let mut last = 0;
+        // While the log is quiet, a progress notice now and then keeps
+        // `seen` near etcd's revision: a watch opened again later then
+        // starts above what compaction removed, instead of reloading.
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.reset();
         loop {
-            let msg = match stream.message().await {
+            let next = tokio::select! {
+                m = stream.message() => m,
+                _ = progress.tick() => {
+                    let ask = WatchRequest {
+                        request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                    };
+                    let _ = tx.try_send(ask);
+                    continue;
+                }
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => return WatchEnd::Down("the watch stream ended".into()),
                 Err(s) => return WatchEnd::Down(s.message().to_owned()),
