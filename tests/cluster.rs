@@ -56,20 +56,23 @@ async fn floor(c: &mut pb::resolver_client::ResolverClient<Channel>, blog: &str)
     }
 }
 
+/// A `PutAsset` stream of `bytes` for `blog`, named f.bin.
+fn upload(blog: &str, bytes: &[u8]) -> impl tokio_stream::Stream<Item = pb::PutAssetChunk> {
+    let header = pb::PutAssetHeader {
+        blog_id: blog.into(),
+        filename: "f.bin".into(),
+        content_type: "application/octet-stream".into(),
+        path: String::new(),
+    };
+    tokio_stream::iter([
+        pb::PutAssetChunk { chunk: Some(Chunk::Header(header)) },
+        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes.to_vec().into())) },
+    ])
+}
+
 /// Uploads `bytes` as a permanent asset of `blog`; its hash and URL path.
 async fn put(n: &ChildServer, blog: &str, bytes: &[u8]) -> (String, String) {
-    let chunks = vec![
-        pb::PutAssetChunk {
-            chunk: Some(Chunk::Header(pb::PutAssetHeader {
-                blog_id: blog.into(),
-                filename: "f.bin".into(),
-                content_type: "application/octet-stream".into(),
-                path: String::new(),
-            })),
-        },
-        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes.to_vec().into())) },
-    ];
-    let asset = publisher(n).await.put_asset(tokio_stream::iter(chunks)).await.unwrap().into_inner();
+    let asset = publisher(n).await.put_asset(upload(blog, bytes)).await.unwrap().into_inner();
     (asset.hash.clone(), common::path_of(&asset.url))
 }
 
@@ -484,18 +487,7 @@ async fn a_watch_opened_again_after_etcd_restarts_applies_nothing_twice() {
 
 /// An upload that may be refused while etcd settles: `None` then.
 async fn put_retry(n: &ChildServer, blog: &str, bytes: &[u8]) -> Option<String> {
-    let chunks = vec![
-        pb::PutAssetChunk {
-            chunk: Some(Chunk::Header(pb::PutAssetHeader {
-                blog_id: blog.into(),
-                filename: "f.bin".into(),
-                content_type: "application/octet-stream".into(),
-                path: String::new(),
-            })),
-        },
-        pb::PutAssetChunk { chunk: Some(Chunk::Data(bytes.to_vec().into())) },
-    ];
-    match publisher(n).await.put_asset(tokio_stream::iter(chunks)).await {
+    match publisher(n).await.put_asset(upload(blog, bytes)).await {
         Ok(r) => Some(r.into_inner().hash),
         Err(e) => {
             assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");

@@ -59,7 +59,8 @@ use super::StoreError;
 use crate::domain::{CacheId, ContentHash};
 use crate::etcdpb::{
     compare, kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, Compare, DeleteRangeRequest,
-    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest,
 };
 
 /// One etcd request at most this long; past it the write is refused.
@@ -687,24 +688,11 @@ impl Writer {
                     })
                     .into(),
             };
-            let mut kv = self.kv.clone();
             let t0 = Instant::now();
-            let sent = self.rt.block_on(async move {
-                // A member that is down answers at once: try the others.
-                let mut tries = 0;
-                loop {
-                    match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn.clone())).await {
-                        Ok(Err(s)) if s.code() == tonic::Code::Unavailable && tries < 3 => {
-                            tries += 1;
-                            tokio::time::sleep(Duration::from_millis(50 * tries)).await;
-                        }
-                        other => return other,
-                    }
-                }
-            });
+            let sent = self.send(txn);
             metrics::histogram!(crate::metrics::ETCD_TXN).record(t0.elapsed().as_secs_f64());
             let resp = match sent {
-                Ok(Ok(r)) => r.into_inner(),
+                Ok(Ok(r)) => r,
                 Ok(Err(s)) => {
                     let e = unavailable("a transaction failed", s.message());
                     *shared.degraded.lock() = Some(e.to_string());
@@ -823,11 +811,12 @@ impl Writer {
         Ok(())
     }
 
-    /// One transaction (tried again on a member that is down); whether its
-    /// comparisons held.
-    fn txn(&self, req: TxnRequest) -> Result<bool, String> {
+    /// Sends one transaction, each try bounded by `REQUEST_TIMEOUT`; a
+    /// member that is down answers at once, so up to three more tries go to
+    /// the others.
+    fn send(&self, req: TxnRequest) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
         let mut kv = self.kv.clone();
-        let sent = self.rt.block_on(async move {
+        self.rt.block_on(async move {
             let mut tries = 0;
             loop {
                 match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await {
@@ -835,12 +824,16 @@ impl Writer {
                         tries += 1;
                         tokio::time::sleep(Duration::from_millis(50 * tries)).await;
                     }
-                    other => return other,
+                    other => return other.map(|r| r.map(tonic::Response::into_inner)),
                 }
             }
-        });
-        match sent {
-            Ok(Ok(r)) => Ok(r.into_inner().succeeded),
+        })
+    }
+
+    /// One transaction; whether its comparisons held.
+    fn txn(&self, req: TxnRequest) -> Result<bool, String> {
+        match self.send(req) {
+            Ok(Ok(r)) => Ok(r.succeeded),
             Ok(Err(s)) => Err(s.message().to_owned()),
             Err(_) => Err("etcd did not answer in time".into()),
         }

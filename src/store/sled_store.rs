@@ -91,12 +91,19 @@ impl Trees {
         // Reads are served by the index, so sled's own cache only has to hold
         // what checkpoints touch. No background flushes: durability comes
         // from the log, and sled is flushed at checkpoints.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| StoreError::Open { path: dir.display().to_string(), source: e })?;
+        let config = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).flush_every_ms(None);
+        // A store closed a moment ago in this process may still hold its
+        // file lock in one of sled's I/O threads: wait for it, briefly.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(e) if tries < 30 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                r => break r.map_err(|e| StoreError::Open { path: dir.display().to_string(), source: e })?,
+            }
+        };
         Ok(Trees {
             blogs: db.open_tree("blogs")?,
             paths: db.open_tree("paths")?,
