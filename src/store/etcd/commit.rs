@@ -1,0 +1,436 @@
+//! Writing to etcd: each group of writes planned on the state this node has
+//! applied (the cache-id rule), committed as one transaction on `head`, and
+//! answered once the watch shows it; snapshots that cut the log.
+
+use super::*;
+
+/// What a write answers once its group is committed.
+enum Out {
+    Id(CacheId),
+    Unit,
+    Bool(bool),
+    Hashes(Option<Vec<ContentHash>>),
+}
+
+fn answer(op: Op, out: Out, shared: &Shared) {
+    match (op, out) {
+        (Op::Invalidate { tx, .. }, Out::Id(id)) => drop(tx.send(Ok(id))),
+        (Op::Bind { tx, binding, .. }, _) => {
+            shared.unpin(&binding.hash);
+            drop(tx.send(Ok(())))
+        }
+        (Op::RemoveDomain { tx, .. } | Op::DeleteAsset { tx, .. }, Out::Bool(b)) => drop(tx.send(Ok(b))),
+        (Op::DeleteBlog { tx, .. }, Out::Hashes(h)) => drop(tx.send(Ok(h))),
+        (
+            Op::SetDomain { tx, .. }
+            | Op::GcDone { tx, .. }
+            | Op::Flush { tx }
+            | Op::Purge { tx, .. }
+            | Op::PurgeSent { tx, .. },
+            _,
+        ) => drop(tx.send(Ok(()))),
+        (op, _) => op.refuse(StoreError::Unavailable("internal: mismatched answer".into()), shared),
+    }
+}
+
+/// The next ids of `blog`, after those earlier ops of the group took.
+fn assign<'o>(over: &mut FastMap<&'o str, Ids>, a: &Applied, blog: &'o str, raise: bool) -> Ids {
+    let prev = over.get(blog).copied().or_else(|| a.ids.get(blog).copied());
+    let ids = Ids::next(prev, a.deleted_last.get(blog).copied(), raise);
+    over.insert(blog, ids);
+    ids
+}
+
+/// Each op's record (if it writes one) and its answer, built on the state
+/// this node has applied. Ops that read the index come alone (see
+/// [`Op::reads_index`]), so the index is current for them.
+fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(Option<Rec>, Out)> {
+    // Ids taken by earlier ops of the same group.
+    let mut over: FastMap<&'o str, Ids> = FastMap::default();
+
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        out.push(match op {
+            Op::Invalidate { blog, paths, .. } => {
+                let ids = assign(&mut over, a, blog.as_str(), paths.is_empty());
+                let paths = paths.iter().map(|p| p.as_str().to_owned()).collect();
+                (
+                    Some(Rec::Invalidate { blog: blog.to_string(), id: ids.last, floor: ids.floor, paths }),
+                    Out::Id(ids.last),
+                )
+            }
+            Op::Bind { blog, path, binding, .. } => {
+                let ids = assign(&mut over, a, blog.as_str(), false);
+                let rec = Rec::Bind {
+                    blog: blog.to_string(),
+                    id: ids.last,
+                    floor: ids.floor,
+                    path: path.as_ref().map(|p| p.as_str().to_owned()),
+                    hash: binding.hash.0,
+                    size: binding.size,
+                    content_type: binding.content_type.to_string(),
+                    filename: binding.filename.to_string(),
+                };
+                (Some(rec), Out::Unit)
+            }
+            Op::SetDomain { domain, blog, .. } => {
+                // Known if it exists, or an earlier write of this group creates it.
+                let known = over.contains_key(blog.as_str()) || a.ids.contains_key(blog.as_str());
+                let create = match known {
+                    true => None,
+                    false => Some(assign(&mut over, a, blog.as_str(), true).last),
+                };
+                (Some(Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create }), Out::Unit)
+            }
+            Op::RemoveDomain { domain, .. } => {
+                let existed = index.domains.contains_key(domain.as_str());
+                (Some(Rec::RemoveDomain { domain: domain.to_string() }), Out::Bool(existed))
+            }
+            Op::DeleteBlog { blog, .. } => match a.ids.get(blog.as_str()) {
+                None => (None, Out::Hashes(None)),
+                Some(ids) => {
+                    let (hashes, domains) = match index.blogs.get(blog.as_str()) {
+                        Some(s) => (
+                            s.refs.keys().map(|h| h.0).collect::<Vec<_>>(),
+                            s.domains.iter().map(|d| d.to_string()).collect(),
+                        ),
+                        None => (Vec::new(), Vec::new()),
+                    };
+                    let found = hashes.iter().map(|h| ContentHash(*h)).collect();
+                    (
+                        Some(Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains }),
+                        Out::Hashes(Some(found)),
+                    )
+                }
+            },
+            Op::DeleteAsset { blog, hash, .. } => {
+                let paths: Option<Vec<String>> =
+                    index.blogs.get(blog.as_str()).filter(|s| s.refs.contains_key(hash)).map(|s| {
+                        s.paths
+                            .iter()
+                            .filter(|(_, e)| e.binding.as_ref().is_some_and(|b| b.0 == *hash))
+                            .map(|(p, _)| p.to_string())
+                            .collect()
+                    });
+                match paths {
+                    None => (None, Out::Bool(false)),
+                    Some(paths) => {
+                        let ids = assign(&mut over, a, blog.as_str(), false);
+                        (
+                            Some(Rec::Unref {
+                                blog: blog.to_string(),
+                                id: ids.last,
+                                floor: ids.floor,
+                                hash: hash.0,
+                                paths,
+                            }),
+                            Out::Bool(true),
+                        )
+                    }
+                }
+            }
+            Op::GcDone { hash, removed, .. } => {
+                let referenced = shared.pending_refs.lock().contains_key(hash) || index.blob_refs.contains_key(hash);
+                // As in the sled writer: a candidate no blog references any
+                // more, that the collector left, stays for the next round.
+                let settled = *removed || referenced;
+                if settled {
+                    // This node's copy is dealt with.
+                    shared.local_gc.lock().remove(hash);
+                }
+                match settled && index.gc.contains(hash) {
+                    true => (Some(Rec::GcDone { hash: hash.0 }), Out::Unit),
+                    // Kept, or a candidate of this node only.
+                    false => (None, Out::Unit),
+                }
+            }
+            // No purge targets in cluster mode (refused at start); a flush
+            // has nothing to wait for: every answered write is committed.
+            Op::Purge { .. } | Op::PurgeSent { .. } | Op::Flush { .. } => (None, Out::Unit),
+        });
+    }
+    out
+}
+
+/// The writer thread: takes the writes waiting, commits them as one group.
+pub(super) struct Writer {
+    /// Bytes of groups this node wrote since its last snapshot.
+    pub(super) written: usize,
+    /// Names this node's snapshot chunks and log groups apart from another
+    /// node's.
+    pub(super) nonce: u64,
+    /// Groups this node tried to commit.
+    pub(super) tries: u64,
+    pub(super) f: Arc<Follower>,
+    pub(super) kv: KvClient<Channel>,
+    pub(super) rt: tokio::runtime::Handle,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, rx: std::sync::mpsc::Receiver<Op>) {
+        let shared = self.f.shared.clone();
+        let mut carry: Option<Op> = None;
+        loop {
+            let first = match carry.take() {
+                Some(op) => op,
+                None => match rx.recv() {
+                    Ok(op) => {
+                        shared.queued.fetch_sub(op.weight(), Ordering::Relaxed);
+                        op
+                    }
+                    Err(_) => break,
+                },
+            };
+            let mut weight = first.weight();
+            let alone = first.reads_index();
+            let mut ops = vec![first];
+            while !alone && weight < MAX_GROUP_PATHS {
+                let Ok(op) = rx.try_recv() else { break };
+                shared.queued.fetch_sub(op.weight(), Ordering::Relaxed);
+                if op.reads_index() {
+                    carry = Some(op);
+                    break;
+                }
+                weight += op.weight();
+                ops.push(op);
+            }
+            self.commit(ops);
+        }
+    }
+
+    /// Commits `ops` as one group (or as halves, if too large for one
+    /// request), retrying when another node's group came first.
+    fn commit(&mut self, mut ops: Vec<Op>) {
+        let shared = self.f.shared.clone();
+        let refuse_all = |ops: Vec<Op>, e: &StoreError| {
+            for op in ops {
+                op.refuse(e.clone_for_reply(), &shared);
+            }
+        };
+        for _attempt in 0..100 {
+            if let Some(e) = shared.failed.lock().clone() {
+                return refuse_all(ops, &StoreError::Failed(e));
+            }
+            let (planned, head_rev, first_seq) = {
+                let index = shared.index.read();
+                let a = self.f.applied.lock();
+                (plan(&ops, &index, &a, &shared), a.head_rev, a.seq + 1)
+            };
+            let mut seq = first_seq;
+            let mut numbered = Vec::new();
+            for (rec, _) in &planned {
+                if let Some(rec) = rec {
+                    numbered.push((seq, rec));
+                    seq += 1;
+                }
+            }
+            if numbered.is_empty() {
+                for (op, (_, out)) in ops.into_iter().zip(planned) {
+                    answer(op, out, &shared);
+                }
+                return;
+            }
+            // Whose try this is: after a lost reply, the value under our key
+            // is ours only if it carries this exact tag.
+            self.tries += 1;
+            let mut value = [self.nonce.to_be_bytes(), self.tries.to_be_bytes()].concat();
+            value.extend_from_slice(&wal::encode_group(numbered.iter().map(|(s, r)| (*s, *r))));
+            let value_len = value.len();
+            if value.len() > MAX_GROUP_BYTES {
+                if ops.len() > 1 {
+                    let rest = ops.split_off(ops.len() / 2);
+                    self.commit(ops);
+                    self.commit(rest);
+                } else {
+                    let e = StoreError::Full(format!(
+                        "the write is too large for one etcd request ({} bytes, at most {MAX_GROUP_BYTES}); send fewer paths per call",
+                        value.len()
+                    ));
+                    refuse_all(ops, &e);
+                }
+                return;
+            }
+            let last_seq = seq - 1;
+            let mut log_key = self.f.log.clone();
+            log_key.extend_from_slice(format!("{first_seq:016x}").as_bytes());
+            let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })),
+            };
+            let txn = TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Mod as i32,
+                    key: self.f.head.clone(),
+                    target_union: Some(compare::TargetUnion::ModRevision(head_rev)),
+                }],
+                success: vec![
+                    put(self.f.head.clone(), last_seq.to_be_bytes().to_vec()),
+                    put(log_key.clone(), value.clone()),
+                ],
+                // The head that moved, and what sits under our group's key:
+                // after a reply lost on the way, a retry finds its own group.
+                failure: [self.f.head.clone(), log_key]
+                    .map(|key| RequestOp {
+                        request: Some(request_op::Request::RequestRange(RangeRequest { key, ..Default::default() })),
+                    })
+                    .into(),
+            };
+            let t0 = Instant::now();
+            let sent = self.send(txn);
+            metrics::histogram!(crate::metrics::ETCD_TXN).record(t0.elapsed().as_secs_f64());
+            let resp = match sent {
+                Ok(Ok(r)) => r,
+                Ok(Err(s)) => {
+                    let e = unavailable("a transaction failed", s.message());
+                    *shared.degraded.lock() = Some(e.to_string());
+                    return refuse_all(ops, &e);
+                }
+                Err(_) => {
+                    let e = StoreError::Unavailable(format!(
+                        "etcd did not answer within {} s; the write may or may not have been applied, retry it",
+                        REQUEST_TIMEOUT.as_secs()
+                    ));
+                    return refuse_all(ops, &e);
+                }
+            };
+            let mut rev = resp.header.as_ref().map_or(0, |h| h.revision);
+            let found = |i: usize| {
+                resp.responses.get(i).and_then(|r| match &r.response {
+                    Some(crate::etcdpb::response_op::Response::ResponseRange(rr)) => rr.kvs.first(),
+                    _ => None,
+                })
+            };
+            let ours = found(1).filter(|kv| kv.value == value).map(|kv| kv.mod_revision);
+            if let Some(at) = ours.filter(|_| !resp.succeeded) {
+                // A try whose reply was lost committed our group already.
+                rev = at;
+            } else if !resp.succeeded {
+                // Another node's group came first: wait until the watch has
+                // applied it, then build ours again on top of it.
+                let theirs = found(0).map(|k| k.mod_revision).unwrap_or(rev);
+                if !self.wait_seen(theirs) {
+                    let e = unavailable("following the log", "this node's watch is behind");
+                    return refuse_all(ops, &e);
+                }
+                continue;
+            }
+            // Committed: answer once this node sees it.
+            if !self.wait_seen(rev) {
+                let e = StoreError::Unavailable(
+                    "the write is committed in etcd but this node's watch has not shown it yet; it will appear shortly"
+                        .into(),
+                );
+                return refuse_all(ops, &e);
+            }
+            for (op, (_, out)) in ops.into_iter().zip(planned) {
+                answer(op, out, &shared);
+            }
+            self.written += value_len;
+            let behind = {
+                let a = self.f.applied.lock();
+                a.seq - a.snap_seq
+            };
+            if behind >= SNAPSHOT_EVERY || self.written >= SNAPSHOT_BYTES {
+                self.written = 0;
+                if let Err(e) = self.snapshot() {
+                    tracing::warn!(error = %e, "etcd snapshot not written; the log keeps growing until the next");
+                }
+            }
+            return;
+        }
+        let e = unavailable("committing", "too many concurrent writers; retry");
+        refuse_all(ops, &e);
+    }
+
+    /// Writes a snapshot of the index as this node has applied it, then
+    /// points `P snap` at it and deletes the log it covers and the snapshot
+    /// before, in one transaction.
+    fn snapshot(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let (bytes, seq, known) = {
+            let index = self.f.shared.index.read();
+            let a = self.f.applied.lock();
+            (snapshot::encode(a.seq, &index, &a.ids, &a.deleted_last), a.seq, a.snap_rev)
+        };
+        let dir = [self.f.snaps.as_slice(), format!("{seq:016x}-{:016x}/", self.nonce).as_bytes()].concat();
+        let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })),
+        };
+        let chunks: Vec<&[u8]> = bytes.chunks(MAX_GROUP_BYTES).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let key = [dir.as_slice(), format!("{i:04x}").as_bytes()].concat();
+            self.txn(TxnRequest { success: vec![put(key, c.to_vec())], ..Default::default() })?;
+        }
+        let del = |key: Vec<u8>, range_end: Vec<u8>| RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                key,
+                range_end,
+                prev_kv: false,
+            })),
+        };
+        let mut pointer = seq.to_be_bytes().to_vec();
+        pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+        pointer.extend_from_slice(&self.nonce.to_be_bytes());
+        let log_end = [self.f.log.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
+        // Only over the snapshot this node knows: two nodes snapshotting at
+        // once must not point back to an older one after the log it needs
+        // was cut. The loser removes its own chunks, and only those.
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: self.f.snap.clone(),
+                target_union: Some(compare::TargetUnion::ModRevision(known)),
+            }],
+            success: vec![
+                put(self.f.snap.clone(), pointer),
+                del(self.f.log.clone(), log_end),
+                // Older snapshots (and any a crash left) sort before this one.
+                del(self.f.snaps.clone(), dir.clone()),
+            ],
+            failure: vec![del(dir.clone(), prefix_end(&dir))],
+        };
+        if !self.txn(txn)? {
+            tracing::info!(seq, "another node wrote a snapshot first; this one is dropped");
+            return Ok(());
+        }
+        tracing::info!(seq, bytes = bytes.len(), ms = started.elapsed().as_millis() as u64, "etcd snapshot written");
+        Ok(())
+    }
+
+    /// Sends one transaction, each try bounded by `REQUEST_TIMEOUT`; a
+    /// member that is down answers at once, so up to three more tries go to
+    /// the others.
+    fn send(&self, req: TxnRequest) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
+        let mut kv = self.kv.clone();
+        self.rt.block_on(async move {
+            let mut tries = 0;
+            loop {
+                match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await {
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable && tries < 3 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+                    }
+                    other => return other.map(|r| r.map(tonic::Response::into_inner)),
+                }
+            }
+        })
+    }
+
+    /// One transaction; whether its comparisons held.
+    fn txn(&self, req: TxnRequest) -> Result<bool, String> {
+        match self.send(req) {
+            Ok(Ok(r)) => Ok(r.succeeded),
+            Ok(Err(s)) => Err(s.message().to_owned()),
+            Err(_) => Err("etcd did not answer in time".into()),
+        }
+    }
+
+    /// Waits (bounded) until this node's watch has applied revision `rev`.
+    fn wait_seen(&self, rev: i64) -> bool {
+        let mut seen = self.f.seen.subscribe();
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|r| *r >= rev)).await.is_ok_and(|r| r.is_ok())
+        })
+    }
+}

@@ -1,0 +1,292 @@
+//! Following etcd: the load at start (the snapshot, then the log after it,
+//! at one revision), the watch that applies every node's groups, and the
+//! probe that clears the health report once etcd answers again.
+
+use super::*;
+
+impl Follower {
+    /// Applies one group (a `log/` value) to the index and the ids.
+    fn apply_group(&self, index: &mut Index, a: &mut Applied, value: &[u8], rev: i64) -> Result<(), String> {
+        let recs = value
+            .get(16..)
+            .and_then(wal::decode_group)
+            .ok_or_else(|| format!("a damaged log group at etcd revision {rev}"))?;
+        for (seq, rec) in &recs {
+            // Never twice: a record is applied once, in log order.
+            if *seq <= a.seq {
+                continue;
+            }
+            index.apply(rec);
+            Ids::follow(&mut a.ids, &mut a.deleted_last, rec);
+            // This node's copy of a blob a deletion left unreferenced is
+            // its own to collect (`Shared::local_gc`).
+            match rec {
+                Rec::Delete { hashes, .. } => {
+                    self.shared.local_gc.lock().extend(hashes.iter().map(|h| ContentHash(*h)))
+                }
+                Rec::Unref { hash, .. } => {
+                    self.shared.local_gc.lock().insert(ContentHash(*hash));
+                }
+                _ => {}
+            }
+            a.seq = a.seq.max(*seq);
+        }
+        a.head_rev = a.head_rev.max(rev);
+        Ok(())
+    }
+
+    /// Reads the whole log at one revision, a page at a time, into a fresh
+    /// index. Returns the revision it was read at.
+    pub(super) async fn load(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), String> {
+        let (mut index, mut a) = (Index::default(), Applied::default());
+        // The snapshot pointer fixes the revision every later read is at.
+        let req = RangeRequest { key: self.snap.clone(), ..Default::default() };
+        let resp = kv.range(req).await.map_err(|s| format!("loading: {}", s.message()))?.into_inner();
+        let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+        let mut key = self.log.clone();
+        if let Some(p) = resp.kvs.first() {
+            let v = &p.value;
+            let (Some(seq), Some(n), Some(nonce)) = (v.get(..8), v.get(8..12), v.get(12..20)) else {
+                return Err("a damaged snapshot pointer".into());
+            };
+            let seq = u64::from_be_bytes(seq.try_into().expect("8"));
+            let n = u32::from_be_bytes(n.try_into().expect("4")) as usize;
+            let nonce = u64::from_be_bytes(nonce.try_into().expect("8"));
+            let mut bytes = Vec::new();
+            let mut ckey = [self.snaps.as_slice(), format!("{seq:016x}-{nonce:016x}/").as_bytes()].concat();
+            let cend = prefix_end(&ckey);
+            let mut got = 0;
+            loop {
+                let req = RangeRequest {
+                    key: ckey.clone(),
+                    range_end: cend.clone(),
+                    limit: 2,
+                    revision: rev,
+                    ..Default::default()
+                };
+                let resp =
+                    kv.range(req).await.map_err(|s| format!("loading the snapshot: {}", s.message()))?.into_inner();
+                for c in &resp.kvs {
+                    bytes.extend_from_slice(&c.value);
+                    got += 1;
+                }
+                match resp.kvs.last() {
+                    Some(last) if resp.more => {
+                        ckey = last.key.clone();
+                        ckey.push(0);
+                    }
+                    _ => break,
+                }
+            }
+            if got != n {
+                return Err(format!("snapshot {seq} has {got} of its {n} chunks"));
+            }
+            let (at, (i, ids, deleted_last)) =
+                snapshot::decode(&bytes).map_err(|why| format!("snapshot {seq} is {why}"))?;
+            if at != seq {
+                return Err(format!("snapshot {seq} holds record {at}"));
+            }
+            index = i;
+            a = Applied { ids, deleted_last, head_rev: 0, seq, snap_seq: seq, snap_rev: p.mod_revision };
+            key.extend_from_slice(format!("{:016x}", seq + 1).as_bytes());
+        }
+        let end = prefix_end(&self.log);
+        loop {
+            let req = RangeRequest {
+                key: key.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                revision: rev,
+                ..Default::default()
+            };
+            let resp = kv.range(req).await.map_err(|s| format!("loading the log: {}", s.message()))?.into_inner();
+            for kv in &resp.kvs {
+                self.apply_group(&mut index, &mut a, &kv.value, kv.mod_revision)?;
+            }
+            match resp.kvs.last() {
+                Some(last) if resp.more => {
+                    key = last.key.clone();
+                    key.push(0);
+                }
+                _ => break,
+            }
+        }
+        // The head's own revision, at the same revision as the log read.
+        let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
+        let resp = kv.range(req).await.map_err(|s| format!("loading the head: {}", s.message()))?.into_inner();
+        if let Some(h) = resp.kvs.first() {
+            a.head_rev = h.mod_revision;
+        }
+        Ok((index, a, rev))
+    }
+
+    /// Follows the log from `from` until the stream ends or fails; `seen`
+    /// (everything up to it applied) moves as groups arrive.
+    async fn watch_once(&self, wc: &mut WatchClient<Channel>, from: i64) -> WatchEnd {
+        // `head`, the log and the snapshot pointer (the keys sort in that
+        // order), not the snapshot's chunks: nothing needs them as they come.
+        let create = WatchCreateRequest {
+            key: self.head.clone(),
+            range_end: self.snaps.clone(),
+            start_revision: from,
+            progress_notify: true,
+            prev_kv: false,
+            // Large catch-ups come in pieces of about etcd's request limit.
+            fragment: true,
+        };
+        let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
+        // The request stream stays open as long as the watch does.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(req).await.expect("receiver held below");
+        let mut stream = match wc.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return WatchEnd::Down(s.message().to_owned()),
+        };
+        // The highest revision among the events of the answer being read
+        // (an answer may come in fragments; each event is whole).
+        let mut last = 0;
+        // While the log is quiet, a progress notice now and then keeps
+        // `seen` near etcd's revision: a watch opened again later then
+        // starts above what compaction removed, instead of reloading.
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.reset();
+        loop {
+            let next = tokio::select! {
+                m = stream.message() => m,
+                _ = progress.tick() => {
+                    let ask = WatchRequest {
+                        request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                    };
+                    let _ = tx.try_send(ask);
+                    continue;
+                }
+            };
+            let msg = match next {
+                Ok(Some(m)) => m,
+                Ok(None) => return WatchEnd::Down("the watch stream ended".into()),
+                Err(s) => return WatchEnd::Down(s.message().to_owned()),
+            };
+            if msg.compact_revision > 0 {
+                return WatchEnd::Compacted;
+            }
+            if msg.canceled {
+                return WatchEnd::Down(format!("watch cancelled: {}", msg.cancel_reason));
+            }
+            self.watching.store(true, Ordering::Relaxed);
+            self.shared.degraded.lock().take();
+            // The creation's header revision is etcd's current one, not a
+            // promise that the events up to it were sent: it says nothing.
+            if msg.created {
+                continue;
+            }
+            if let Some(top) = msg.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
+                // Applied as they come, so memory holds one fragment.
+                self.apply_events(&msg.events);
+                last = last.max(top);
+            }
+            if msg.fragment {
+                continue;
+            }
+            let rev = match std::mem::take(&mut last) {
+                0 => msg.header.as_ref().map_or(0, |h| h.revision),
+                top => top,
+            };
+            // Whole now: everything up to `rev` is applied (a progress
+            // notice, without events, says so of its header's revision).
+            self.seen.send_if_modified(|seen| {
+                let newer = rev > *seen;
+                if newer {
+                    *seen = rev;
+                }
+                newer
+            });
+        }
+    }
+
+    fn apply_events(&self, events: &[crate::etcdpb::Event]) {
+        let mut index = self.shared.index.write();
+        let mut a = self.applied.lock();
+        for ev in events {
+            let Some(kv) = &ev.kv else { continue };
+            // Puts of log groups (the head moves with them) and of the
+            // snapshot pointer; deletions are only cleanup.
+            if ev.r#type != 0 {
+                continue;
+            }
+            if kv.key.starts_with(&self.log) {
+                if let Err(e) = self.apply_group(&mut index, &mut a, &kv.value, kv.mod_revision) {
+                    // The index would part from etcd's: no write may be
+                    // built on it until a restart reloads.
+                    tracing::error!(error = %e, "etcd log group unreadable; refusing writes");
+                    *self.shared.failed.lock() = Some(format!("{e}; restart the server to reload from etcd"));
+                }
+            } else if kv.key == self.snap {
+                if let Some(seq) = kv.value.get(..8) {
+                    a.snap_seq = u64::from_be_bytes(seq.try_into().expect("8"));
+                    a.snap_rev = kv.mod_revision;
+                }
+            }
+        }
+    }
+
+    /// Keeps the index current for as long as the store lives: a watch from
+    /// the revision after the last one applied, opened again when it ends.
+    pub(super) async fn follow(self: Arc<Self>, mut kv: KvClient<Channel>, mut wc: WatchClient<Channel>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let from = *self.seen.borrow() + 1;
+            match self.watch_once(&mut wc, from).await {
+                WatchEnd::Compacted => {
+                    tracing::warn!(from, "the etcd revisions to follow were compacted; reloading the log");
+                    match self.load(&mut kv).await {
+                        Ok((index, a, rev)) => {
+                            let mut i = self.shared.index.write();
+                            *i = index;
+                            *self.applied.lock() = a;
+                            self.seen.send_replace(rev);
+                        }
+                        Err(e) => self.down(&e),
+                    }
+                }
+                WatchEnd::Down(e) => self.down(&e),
+            }
+            if *self.seen.borrow() >= from {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// While a failure is reported but the watch is up: asks etcd every
+    /// second, and clears the report once it answers.
+    pub(super) async fn probe(self: Arc<Self>, mut kv: KvClient<Channel>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.shared.degraded.lock().is_none() || !self.watching.load(Ordering::Relaxed) {
+                continue;
+            }
+            let req = RangeRequest { key: self.head.clone(), ..Default::default() };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), kv.range(req)).await {
+                if self.watching.load(Ordering::Relaxed) {
+                    self.shared.degraded.lock().take();
+                }
+            }
+        }
+    }
+
+    fn down(&self, e: &str) {
+        self.watching.store(false, Ordering::Relaxed);
+        let msg = format!("etcd is unreachable ({e}); reads answer from memory, writes are refused");
+        let mut d = self.shared.degraded.lock();
+        if d.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(error = %e, "etcd unreachable");
+        }
+        *d = Some(msg);
+    }
+}
+
+pub(super) enum WatchEnd {
+    Compacted,
+    Down(String),
+}

@@ -1,0 +1,238 @@
+//! Cluster mode: the metadata lives in etcd, and every node keeps the same
+//! in-memory index, so reads stay memory-only (DESIGN.md, "Cluster mode").
+//!
+//! etcd holds a log of write groups under the prefix `P` (`etcd_prefix`):
+//! - `P head`: the sequence number of the last record written (u64 BE);
+//! - `P log/{seq:016x}`: one group of records, `seq` its first: the writer's
+//!   nonce and a count of its tries (u64 BE each, so no two tries' values
+//!   are equal, even of the same records), then the records encoded and
+//!   checked as the write-ahead log encodes them ([`wal::encode_group`]);
+//! - `P snap`: the last snapshot's record number (u64 BE), chunk count
+//!   (u32 BE) and writer's nonce (u64 BE); `P snap/{seq:016x}-{nonce:016x}/
+//!   {i:04x}`: its chunks, the index in the format of [`snapshot`] (what a
+//!   clean stop of the sled store writes). Each node writes its chunks under
+//!   its own nonce, so two nodes snapshotting at once never mix or delete
+//!   each other's.
+//!
+//! The log does not grow with history: a writer that finds [`SNAPSHOT_EVERY`]
+//! records (or [`SNAPSHOT_BYTES`] of its own groups) past the last snapshot
+//! writes a snapshot of its index, then in one transaction (if `P snap` is
+//! still the one it knows) points `P snap` at it and deletes the log up to
+//! it and the snapshot before. A node starts from the snapshot and the log
+//! after it, all read at one revision.
+//!
+//! A write is one etcd transaction: "if `head` has not changed since the
+//! last group this node applied, put the group and the new head". So groups
+//! form one sequence across every node, and each is built on the state all
+//! groups before it left: the cache-id rule (`max(now, last + 1)` per blog)
+//! holds across nodes with no lock. A node that loses the race learns the
+//! winner's group from its watch and builds its own again.
+//!
+//! Every node loads the log at start (paginated ranges at one revision) and
+//! follows it with a watch from that revision; each group's records reach
+//! the index through [`Index::apply`], as in the sled store, and the ids
+//! through [`Ids::follow`]. A write is acknowledged once committed and
+//! applied on the node that took it. A watch cancelled by compaction, or
+//! broken, is opened again; a revision compacted away means a full reload.
+//!
+//! etcd unreachable: reads go on from memory, writes fail with UNAVAILABLE
+//! naming etcd, and `/healthz` says so until the watch is back.
+//!
+//! The client is generated from `proto/etcd/kv.proto` (etcd's own services
+//! and field numbers) by the build's protox: the `etcd-client` crate's build
+//! needs a system `protoc`, which `cargo build` here must not.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::domain::{CacheId, ContentHash};
+use crate::etcdpb::{
+    compare, kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, Compare, DeleteRangeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest,
+};
+use crate::store::index::{FastMap, Index};
+use crate::store::sled_store::{IndexedStore, Shared};
+use crate::store::snapshot;
+use crate::store::wal::{self, Rec};
+use crate::store::writer::{Ids, Op};
+use crate::store::StoreError;
+
+mod commit;
+mod follow;
+
+use commit::Writer;
+
+/// One etcd request at most this long; past it the write is refused.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// A group's value at most (etcd refuses requests past 1.5 MiB by default).
+const MAX_GROUP_BYTES: usize = 1 << 20;
+/// Paths taken into one group at most, so groups stay under that size.
+const MAX_GROUP_PATHS: usize = 8192;
+/// Groups per page when loading the log (at most 1 MiB each).
+const PAGE: i64 = 64;
+/// A response at most (a page of the log, two snapshot chunks).
+const MAX_RESPONSE: usize = 80 << 20;
+/// How often a quiet watch asks etcd how far it has got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+/// A snapshot once this many records follow the last one,
+const SNAPSHOT_EVERY: u64 = 10_000;
+/// or once this node wrote this many bytes of groups since it last saw one.
+const SNAPSHOT_BYTES: usize = 64 << 20;
+
+pub struct EtcdOptions {
+    /// Client URLs, `http://host:port`.
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+}
+
+/// What this node has applied of the log.
+#[derive(Default)]
+struct Applied {
+    ids: FastMap<Box<str>, Ids>,
+    deleted_last: FastMap<Box<str>, CacheId>,
+    /// The etcd revision of the last group applied (that of `head` then).
+    head_rev: i64,
+    /// The last record's sequence number.
+    seq: u64,
+    /// The last snapshot: its record and the revision of `P snap` (0: none).
+    snap_seq: u64,
+    snap_rev: i64,
+}
+
+struct Follower {
+    shared: Arc<Shared>,
+    applied: Mutex<Applied>,
+    /// The etcd revision this node has seen everything up to.
+    seen: watch::Sender<i64>,
+    head: Vec<u8>,
+    log: Vec<u8>,
+    /// `P snap` (the pointer) and `P snap/` (the chunks).
+    snap: Vec<u8>,
+    snaps: Vec<u8>,
+    /// False while the watch is down (then writes would not be seen).
+    watching: std::sync::atomic::AtomicBool,
+}
+
+/// The key just past every key that starts with `p`.
+fn prefix_end(p: &[u8]) -> Vec<u8> {
+    let mut end = p.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("etcd is unavailable ({what}: {e}); nothing was written, retry shortly"))
+}
+
+impl IndexedStore {
+    /// Connects to etcd, loads the log into the index, starts the watch and
+    /// the writer. Fails (naming the endpoints) if etcd cannot be read.
+    pub fn open_etcd(opts: EtcdOptions) -> Result<Self, StoreError> {
+        let started = Instant::now();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("blotcdn-etcd")
+            .enable_all()
+            .build()?;
+        let endpoints = opts
+            .endpoints
+            .iter()
+            .map(|u| {
+                Endpoint::from_shared(u.clone())
+                    .map(|e| {
+                        e.connect_timeout(Duration::from_secs(2))
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(5))
+                            .keep_alive_timeout(Duration::from_secs(3))
+                            .keep_alive_while_idle(true)
+                    })
+                    .map_err(|e| StoreError::Unavailable(format!("etcd endpoint {u}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = {
+            let _guard = rt.enter();
+            Channel::balance_list(endpoints.into_iter())
+        };
+        let prefix = opts.prefix.into_bytes();
+        let with = |s: &[u8]| [prefix.as_slice(), s].concat();
+        let (seen, _) = watch::channel(0);
+        let f = Arc::new(Follower {
+            shared: Arc::new(Shared {
+                failed: Mutex::default(),
+                degraded: Mutex::default(),
+                index: parking_lot::RwLock::new(Index::default()),
+                pending_refs: Mutex::default(),
+                queued: Default::default(),
+                local_gc: Mutex::default(),
+            }),
+            applied: Mutex::default(),
+            seen,
+            head: with(b"head"),
+            log: with(b"log/"),
+            snap: with(b"snap"),
+            snaps: with(b"snap/"),
+            watching: true.into(),
+        });
+        // Snapshot chunks are up to 1 MiB, two to a page.
+        let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE);
+        // A member just started, or a leader election, fails a request or
+        // two: tried again for up to 10 s before the start gives up.
+        let loaded = rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let e = match tokio::time::timeout_at(deadline, f.load(&mut kv)).await {
+                    Ok(Ok(l)) => return Ok(l),
+                    Ok(Err(e)) => e,
+                    Err(_) => "no answer within 10 s".to_owned(),
+                };
+                if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "loading from etcd failed; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let (index, applied, rev) = loaded.map_err(|e| {
+            StoreError::Unavailable(format!("cannot load from etcd at {}: {e}", opts.endpoints.join(",")))
+        })?;
+        let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
+        tracing::info!(
+            blogs = index.blogs.len(),
+            paths,
+            records = applied.seq,
+            revision = rev,
+            total_ms = started.elapsed().as_millis() as u64,
+            "store open (etcd)"
+        );
+        *f.shared.index.write() = index;
+        *f.applied.lock() = applied;
+        f.seen.send_replace(rev);
+        let wc = WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE);
+        rt.spawn(f.clone().follow(kv.clone(), wc));
+        rt.spawn(f.clone().probe(kv.clone()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = f.shared.clone();
+        let nonce = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
+        };
+        let writer = Writer { written: 0, nonce, tries: 0, f, kv, rt: rt.handle().clone() };
+        let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || {
+            writer.run(rx);
+            // The watch and the connections end with the writer.
+            rt.shutdown_background();
+        })?;
+        Ok(IndexedStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
+    }
+}
