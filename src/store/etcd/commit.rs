@@ -152,6 +152,31 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
     out
 }
 
+fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })) }
+}
+
+fn get(key: Vec<u8>) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key, ..Default::default() })) }
+}
+
+/// Deletes the keys in `[key, range_end)`.
+fn del(key: Vec<u8>, range_end: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key, range_end, prev_kv: false })),
+    }
+}
+
+/// Holds while `key` was last changed at revision `rev` (0: it is absent).
+fn unchanged_since(key: Vec<u8>, rev: i64) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key,
+        target_union: Some(compare::TargetUnion::ModRevision(rev)),
+    }
+}
+
 /// The writer thread: takes the writes waiting, commits them as one group.
 pub(super) struct Writer {
     /// Bytes of groups this node wrote since its last snapshot.
@@ -253,27 +278,15 @@ impl Writer {
             let last_seq = seq - 1;
             let mut log_key = self.f.log.clone();
             log_key.extend_from_slice(format!("{first_seq:016x}").as_bytes());
-            let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })),
-            };
             let txn = TxnRequest {
-                compare: vec![Compare {
-                    result: compare::CompareResult::Equal as i32,
-                    target: compare::CompareTarget::Mod as i32,
-                    key: self.f.head.clone(),
-                    target_union: Some(compare::TargetUnion::ModRevision(head_rev)),
-                }],
+                compare: vec![unchanged_since(self.f.head.clone(), head_rev)],
                 success: vec![
                     put(self.f.head.clone(), last_seq.to_be_bytes().to_vec()),
                     put(log_key.clone(), value.clone()),
                 ],
                 // The head that moved, and what sits under our group's key:
                 // after a reply lost on the way, a retry finds its own group.
-                failure: [self.f.head.clone(), log_key]
-                    .map(|key| RequestOp {
-                        request: Some(request_op::Request::RequestRange(RangeRequest { key, ..Default::default() })),
-                    })
-                    .into(),
+                failure: vec![get(self.f.head.clone()), get(log_key)],
             };
             let t0 = Instant::now();
             let sent = self.send(txn);
@@ -353,21 +366,11 @@ impl Writer {
             (snapshot::encode(a.seq, &index, &a.ids, &a.deleted_last), a.seq, a.snap_rev)
         };
         let dir = [self.f.snaps.as_slice(), format!("{seq:016x}-{:016x}/", self.nonce).as_bytes()].concat();
-        let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
-            request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })),
-        };
         let chunks: Vec<&[u8]> = bytes.chunks(MAX_GROUP_BYTES).collect();
         for (i, c) in chunks.iter().enumerate() {
             let key = [dir.as_slice(), format!("{i:04x}").as_bytes()].concat();
             self.txn(TxnRequest { success: vec![put(key, c.to_vec())], ..Default::default() })?;
         }
-        let del = |key: Vec<u8>, range_end: Vec<u8>| RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                key,
-                range_end,
-                prev_kv: false,
-            })),
-        };
         let mut pointer = seq.to_be_bytes().to_vec();
         pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
         pointer.extend_from_slice(&self.nonce.to_be_bytes());
@@ -376,12 +379,7 @@ impl Writer {
         // once must not point back to an older one after the log it needs
         // was cut. The loser removes its own chunks, and only those.
         let txn = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Mod as i32,
-                key: self.f.snap.clone(),
-                target_union: Some(compare::TargetUnion::ModRevision(known)),
-            }],
+            compare: vec![unchanged_since(self.f.snap.clone(), known)],
             success: vec![
                 put(self.f.snap.clone(), pointer),
                 del(self.f.log.clone(), log_end),

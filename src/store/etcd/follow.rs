@@ -4,6 +4,33 @@
 
 use super::*;
 
+/// Reads the keys in `[key, end)` as of revision `rev`, `limit` to a
+/// request, handing each to `each` in key order.
+async fn pages(
+    kv: &mut KvClient<Channel>,
+    mut key: Vec<u8>,
+    end: Vec<u8>,
+    limit: i64,
+    rev: i64,
+    what: &str,
+    mut each: impl FnMut(&crate::etcdpb::KeyValue) -> Result<(), String>,
+) -> Result<(), String> {
+    loop {
+        let req = RangeRequest { key, range_end: end.clone(), limit, revision: rev, ..Default::default() };
+        let resp = kv.range(req).await.map_err(|s| format!("{what}: {}", s.message()))?.into_inner();
+        for kv in &resp.kvs {
+            each(kv)?;
+        }
+        match resp.kvs.last() {
+            Some(last) if resp.more => {
+                key = last.key.clone();
+                key.push(0);
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
 impl Follower {
     /// Applies one group (a `log/` value) to the index and the ids.
     fn apply_group(&self, index: &mut Index, a: &mut Applied, value: &[u8], rev: i64) -> Result<(), String> {
@@ -52,32 +79,16 @@ impl Follower {
             let seq = u64::from_be_bytes(seq.try_into().expect("8"));
             let n = u32::from_be_bytes(n.try_into().expect("4")) as usize;
             let nonce = u64::from_be_bytes(nonce.try_into().expect("8"));
-            let mut bytes = Vec::new();
-            let mut ckey = [self.snaps.as_slice(), format!("{seq:016x}-{nonce:016x}/").as_bytes()].concat();
-            let cend = prefix_end(&ckey);
-            let mut got = 0;
-            loop {
-                let req = RangeRequest {
-                    key: ckey.clone(),
-                    range_end: cend.clone(),
-                    limit: 2,
-                    revision: rev,
-                    ..Default::default()
-                };
-                let resp =
-                    kv.range(req).await.map_err(|s| format!("loading the snapshot: {}", s.message()))?.into_inner();
-                for c in &resp.kvs {
-                    bytes.extend_from_slice(&c.value);
-                    got += 1;
-                }
-                match resp.kvs.last() {
-                    Some(last) if resp.more => {
-                        ckey = last.key.clone();
-                        ckey.push(0);
-                    }
-                    _ => break,
-                }
-            }
+            let (mut bytes, mut got) = (Vec::new(), 0);
+            let dir = [self.snaps.as_slice(), format!("{seq:016x}-{nonce:016x}/").as_bytes()].concat();
+            let end = prefix_end(&dir);
+            // Chunks are up to 1 MiB: two to a page.
+            pages(kv, dir, end, 2, rev, "loading the snapshot", |c| {
+                bytes.extend_from_slice(&c.value);
+                got += 1;
+                Ok(())
+            })
+            .await?;
             if got != n {
                 return Err(format!("snapshot {seq} has {got} of its {n} chunks"));
             }
@@ -90,27 +101,10 @@ impl Follower {
             a = Applied { ids, deleted_last, head_rev: 0, seq, snap_seq: seq, snap_rev: p.mod_revision };
             key.extend_from_slice(format!("{:016x}", seq + 1).as_bytes());
         }
-        let end = prefix_end(&self.log);
-        loop {
-            let req = RangeRequest {
-                key: key.clone(),
-                range_end: end.clone(),
-                limit: PAGE,
-                revision: rev,
-                ..Default::default()
-            };
-            let resp = kv.range(req).await.map_err(|s| format!("loading the log: {}", s.message()))?.into_inner();
-            for kv in &resp.kvs {
-                self.apply_group(&mut index, &mut a, &kv.value, kv.mod_revision)?;
-            }
-            match resp.kvs.last() {
-                Some(last) if resp.more => {
-                    key = last.key.clone();
-                    key.push(0);
-                }
-                _ => break,
-            }
-        }
+        pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
+            self.apply_group(&mut index, &mut a, &g.value, g.mod_revision)
+        })
+        .await?;
         // The head's own revision, at the same revision as the log read.
         let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
         let resp = kv.range(req).await.map_err(|s| format!("loading the head: {}", s.message()))?.into_inner();
