@@ -4,7 +4,7 @@
 //! in time. Run with `./scripts/bench.sh` (or `cargo bench --bench bench`).
 //!
 //! Arguments: names of benchmarks to run (default: all of resolve, origin,
-//! publish, ingest, scale, edge, purge, migrate, soak); `--quick` shortens every phase.
+//! publish, ingest, scale, memory, edge, purge, migrate, cluster, soak); `--quick` shortens every phase.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -27,6 +27,8 @@ use tonic::transport::Channel;
 mod cluster;
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bench/memory.rs"]
+mod memory;
 #[path = "bench/migrate.rs"]
 mod migrate;
 #[path = "bench/purge.rs"]
@@ -109,7 +111,7 @@ impl BlotServer {
         panic!("blotcdn did not stop within a minute of SIGTERM");
     }
 
-    /// SIGKILL: what a crash leaves (no snapshot, sled is read).
+    /// SIGKILL: what a crash leaves (no last snapshot, the log not emptied).
     fn kill(mut self) {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
@@ -814,18 +816,19 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
                 t.await.unwrap();
             }
             println!("  populated {n} paths and {a} assets in {:.1} s", t.elapsed().as_secs_f64());
-            s.stop_cleanly();
+            // A crash right after the writes: the start reads the last
+            // snapshot a checkpoint wrote, its tail and the log.
+            s.kill();
         }
-        // Restart on the same data after a clean stop: the index comes
-        // from the snapshot the stop wrote.
+        let s = BlotServer::start(dir.path()).await;
+        let crashed = s.startup;
+        // Then a restart after a clean stop: the stop wrote a snapshot of
+        // everything, and nothing is replayed.
+        s.stop_cleanly();
         let s = BlotServer::start(dir.path()).await;
         let startup = s.startup;
         let rate = resolve_rate(&s, "scale0", 100_000.min(n), o.secs(3)).await;
         let rss = s.rss_mib();
-        // Then as after a crash: no snapshot, the index is read from sled.
-        s.kill();
-        let s = BlotServer::start(dir.path()).await;
-        let crashed = s.startup;
         drop(s);
         println!(
             "  {n:>8} paths: start-up {} (after a crash: {}) RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)",
@@ -1009,7 +1012,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
     let o = Opts { quick: args.iter().any(|a| a == "--quick") };
     let names: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(|s| s.as_str()).collect();
-    let all = ["resolve", "origin", "publish", "ingest", "scale", "edge", "purge", "migrate", "cluster", "soak"];
+    let all =
+        ["resolve", "origin", "publish", "ingest", "scale", "memory", "edge", "purge", "migrate", "cluster", "soak"];
     let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
@@ -1021,6 +1025,7 @@ fn main() {
                 "publish" => bench_publish(&o, &mut rows).await,
                 "ingest" => bench_ingest(&o, &mut rows).await,
                 "scale" => bench_scale(&o, &mut rows).await,
+                "memory" => memory::bench_memory(&o, &mut rows).await,
                 "edge" => bench_edge(&o, &mut rows).await,
                 "purge" => purge::bench_purge(&o, &mut rows).await,
                 "migrate" => migrate::bench_migrate(&o, &mut rows).await,

@@ -4,7 +4,7 @@
 # disk, BLAKE3, Varnish with the legacy scheme). Prints a table.
 #   ./scripts/bench.sh                 # everything, full length (about 10 minutes)
 #   ./scripts/bench.sh --quick         # every phase four times shorter
-#   ./scripts/bench.sh resolve origin  # some of: resolve origin publish ingest scale edge purge migrate cluster soak
+#   ./scripts/bench.sh resolve origin  # some of: resolve origin publish ingest scale memory edge purge migrate cluster soak
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh

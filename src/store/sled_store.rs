@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use super::index::{BlogState, FastMap, Index, PathEntry};
 use super::wal::{Rec, Wal};
-use super::writer::{Ids, Op, Writer};
+use super::writer::{Ids, Op, Tuning, Writer};
 use super::{AssetRef, Binding, BlogInfo, Pending, Resolution, Store, StoreError};
 use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
@@ -191,6 +191,11 @@ impl IndexedStore {
     /// Opens (or creates) the store in `dir`, loads the index and the purge
     /// outbox, starts the writer.
     pub fn open_with(dir: &Path, purge: PurgeOptions) -> Result<Self, StoreError> {
+        IndexedStore::open_tuned(dir, purge, Tuning::default())
+    }
+
+    /// As `open_with`, with checkpoints and snapshots brought by `tuning`.
+    pub(crate) fn open_tuned(dir: &Path, purge: PurgeOptions, tuning: Tuning) -> Result<Self, StoreError> {
         let started = Instant::now();
         let trees = Trees::open(dir)?;
         let sled_ms = started.elapsed().as_millis() as u64;
@@ -220,19 +225,29 @@ impl IndexedStore {
             }
             last = last.max(*seq);
         }
-        drop(records);
-        checkpoint(&trees, &mut wal, dir, last)?;
         if replayed > 0 {
             tracing::info!(replayed, "replayed writes from the write-ahead log");
         }
         let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
-        // A clean stop left a snapshot of exactly this checkpoint: read it
+        // The snapshot and the records since it, when they reach `last`,
         // instead of sled's trees (sled stays the truth; see `snapshot`).
-        let snap = super::snapshot::read(dir, last);
+        let mut snap = super::snapshot::load(dir, &records, last);
+        drop(records);
+        if let Some((_, base)) = &mut snap {
+            // The log is emptied just below: its records go to the tail.
+            match wal.append_to(&super::snapshot::tail_path(dir)) {
+                Ok(n) => base.tail_len += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the snapshot's tail could not be written; a new snapshot comes next");
+                    snap = None;
+                }
+            }
+        }
+        checkpoint(&trees, &mut wal, dir, last)?;
         let from = if snap.is_some() { "snapshot" } else { "sled" };
-        let (index, ids, deleted_last) = match snap {
-            Some(loaded) => loaded,
-            None => load(&trees)?,
+        let (base, (index, ids, deleted_last)) = match snap {
+            Some((loaded, base)) => (Some(base), loaded),
+            None => (None, load(&trees)?),
         };
         let purge_sent = load_purges(&trees, &purge.outbox, last)?;
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
@@ -268,6 +283,9 @@ impl IndexedStore {
             outbox: purge.outbox,
             purge_on_publish: purge.on_publish,
             purge_sent,
+            snapshot_due: base.is_none(),
+            snap: base,
+            tuning,
         };
         let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
         Ok(IndexedStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })

@@ -330,22 +330,41 @@ pub enum WalError {
     Sync(io::Error),
 }
 
-/// The whole records at the start of `data`, and where they end. A torn or
-/// corrupt record, or the zeros after the last one, ends the log.
+/// The whole record at `at` in `data`, and where it ends. `None` for a torn
+/// or corrupt record, or the zeros after the last one: the end of the log.
+fn record_at(data: &[u8], at: usize) -> Option<((u64, Rec), usize)> {
+    let head = data.get(at..at + 8)?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
+    let body = data.get(at + 8..at + 8 + len)?;
+    if len == 0 || blake3::hash(body).as_bytes()[..4] != head[4..] {
+        return None;
+    }
+    Some((Rec::decode(body)?, at + 8 + len))
+}
+
+/// The whole records at the start of `data`, and where they end.
 fn parse(data: &[u8]) -> (Vec<(u64, Rec)>, usize) {
     let mut recs = Vec::new();
     let mut at = 0usize;
-    while data.len() - at >= 8 {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4")) as usize;
-        let Some(body) = data.get(at + 8..at + 8 + len) else { break };
-        if len == 0 || blake3::hash(body).as_bytes()[..4] != data[at + 4..at + 8] {
-            break;
-        }
-        let Some(r) = Rec::decode(body) else { break };
+    while let Some((r, end)) = record_at(data, at) {
         recs.push(r);
-        at += 8 + len;
+        at = end;
     }
     (recs, at)
+}
+
+/// Calls `f` with each whole record at the start of `data` (bytes in the
+/// log's format: the snapshot's tail file), until one is not whole or `f`
+/// says stop; returns where the last one taken ends.
+pub fn each_record(data: &[u8], mut f: impl FnMut(u64, Rec) -> bool) -> usize {
+    let mut at = 0usize;
+    while let Some(((seq, rec), end)) = record_at(data, at) {
+        if !f(seq, rec) {
+            break;
+        }
+        at = end;
+    }
+    at
 }
 
 /// The log file is kept at least this long, filled with zeros ahead of the
@@ -457,6 +476,21 @@ impl Wal {
         let r = self.file.sync_data().map_err(WalError::Sync);
         metrics::histogram!(crate::metrics::WAL_FSYNC).record(started.elapsed().as_secs_f64());
         r
+    }
+
+    /// Appends the records written since the last reset, as they are in the
+    /// file, to `out`; the bytes appended. (The snapshot's tail; no sync.)
+    pub fn append_to(&self, out: &Path) -> io::Result<u64> {
+        let mut f = OpenOptions::new().append(true).create(true).open(out)?;
+        let mut buf = vec![0u8; (1 << 20).min(self.pos as usize)];
+        let mut at = 0u64;
+        while at < self.pos {
+            let n = buf.len().min((self.pos - at) as usize);
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            std::io::Write::write_all(&mut f, &buf[..n])?;
+            at += n as u64;
+        }
+        Ok(self.pos)
     }
 
     /// Bytes of records since the last reset.

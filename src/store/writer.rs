@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use super::index::FastMap;
 use super::sled_store::{apply, checkpoint, read_marker, sled_seq, Shared, Trees};
+use super::snapshot::{self, Base};
 use super::wal::{Rec, Wal, WalError};
 use super::{Binding, StoreError};
 use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
@@ -33,8 +34,28 @@ use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domai
 /// Most writes taken into one group.
 const MAX_GROUP: usize = 4096;
 /// Checkpoint past this much log, or this long after the last checkpoint.
-const CHECKPOINT_BYTES: u64 = 64 << 20;
+pub const CHECKPOINT_BYTES: u64 = 64 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// A checkpoint writes a new index snapshot (instead of appending the log to
+/// the last one's tail) once the tail and the log hold half the snapshot's
+/// size, within these bounds: the writes of snapshots stay within about
+/// twice those of the log, and a start after a crash replays at most this
+/// much besides the log.
+pub const SNAPSHOT_MIN: u64 = 4 << 20;
+const SNAPSHOT_MAX: u64 = 32 << 20;
+
+/// The sizes that bring checkpoints and snapshots, smaller in tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub checkpoint_bytes: u64,
+    pub snapshot_min: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { checkpoint_bytes: CHECKPOINT_BYTES, snapshot_min: SNAPSHOT_MIN }
+    }
+}
 /// A checkpoint that failed is tried again after this long.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(2);
 /// While checkpoints fail, the log grows; past this, writes are refused
@@ -270,6 +291,13 @@ pub struct Writer {
     /// Each target's delivered mark, as logged: purge records below the
     /// lowest are forgotten at checkpoints.
     pub purge_sent: FastMap<String, u64>,
+    /// The snapshot a start can read, while its tail holds every record
+    /// since it that the log no longer does (see `store::snapshot`).
+    pub snap: Option<Base>,
+    /// No snapshot can be used now: write one at the next checkpoint (or
+    /// when idle).
+    pub snapshot_due: bool,
+    pub tuning: Tuning,
 }
 
 fn now_ms() -> u64 {
@@ -302,24 +330,67 @@ impl Writer {
             self.commit(group);
             self.maybe_checkpoint(false);
         }
-        self.maybe_checkpoint(true);
-        self.write_snapshot();
+        self.stop();
     }
 
-    /// At a clean stop, once sled holds everything: the index as a snapshot
-    /// for the next start. Best effort; without it the next start reads sled.
-    fn write_snapshot(&self) {
-        if self.wal.bytes() > 0 || self.shared.failed.lock().is_some() {
+    /// A clean stop: a last checkpoint, with a snapshot of everything, so
+    /// that the next start reads one file and replays nothing.
+    fn stop(&mut self) {
+        if self.shared.failed.lock().is_some() {
             return;
         }
-        let Some(seq) = self.trees.as_ref().and_then(|t| sled_seq(t).ok()) else {
+        let current = self.snap.is_some_and(|b| b.tail_len == 0 && b.seq == self.seq - 1);
+        if self.wal.bytes() == 0 && current {
             return;
-        };
+        }
+        if let Err(e) = self.checkpoint(true) {
+            tracing::error!(error = %e, "the last checkpoint failed; the next start replays the log");
+        }
+    }
+
+    /// Before a checkpoint empties the log, keeps its records for the next
+    /// start: appended to the snapshot's tail, or in a new snapshot once the
+    /// tail is half the snapshot's size (or none can be used, or `force`).
+    /// Best effort: without them a start reads sled.
+    fn keep_log(&mut self, force: bool) {
+        let kept = self.snap.map_or(0, |b| b.tail_len) + self.wal.bytes();
+        let after = self.snap.map_or(0, |b| b.snap_len / 2).clamp(self.tuning.snapshot_min, SNAPSHOT_MAX);
+        if force || self.snapshot_due || self.snap.is_none() || kept >= after {
+            return self.write_snapshot(self.seq - 1);
+        }
+        match self.wal.append_to(&snapshot::tail_path(&self.db_path)) {
+            Ok(n) => {
+                if let Some(b) = &mut self.snap {
+                    b.tail_len += n;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the snapshot's tail could not be written; a new snapshot comes next");
+                self.snap = None;
+                self.snapshot_due = true;
+            }
+        }
+    }
+
+    /// The index after record `seq` (every write so far) as a snapshot.
+    fn write_snapshot(&mut self, seq: u64) {
+        if self.shared.failed.lock().is_some() {
+            return;
+        }
         let started = Instant::now();
-        let index = self.shared.index.read();
-        match super::snapshot::write(&self.db_path, seq, &index, &self.ids, &self.deleted_last) {
-            Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "index snapshot written"),
-            Err(e) => tracing::warn!(error = %e, "index snapshot not written; the next start reads sled"),
+        let shared = self.shared.clone();
+        let written = snapshot::write(&self.db_path, seq, &shared.index.read(), &self.ids, &self.deleted_last);
+        match written {
+            Ok(len) => {
+                tracing::info!(ms = started.elapsed().as_millis() as u64, bytes = len, "index snapshot written");
+                self.snap = Some(Base { seq, snap_len: len, tail_len: 0 });
+                self.snapshot_due = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "index snapshot not written; until one is, a start reads sled");
+                self.snap = None;
+                self.snapshot_due = true;
+            }
         }
     }
 
@@ -379,13 +450,14 @@ impl Writer {
     /// holds, and empties the log.
     fn maybe_checkpoint(&mut self, idle: bool) {
         let bytes = self.wal.bytes();
-        let due =
-            bytes > CHECKPOINT_BYTES || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY));
+        let due = bytes > self.tuning.checkpoint_bytes
+            || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY))
+            || (idle && self.snapshot_due);
         let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
         if !due || backing_off || self.shared.failed.lock().is_some() {
             return;
         }
-        match self.checkpoint() {
+        match self.checkpoint(false) {
             Ok(()) => {
                 self.last_checkpoint = Instant::now();
                 if self.checkpoint_failed.take().is_some() {
@@ -401,7 +473,8 @@ impl Writer {
         }
     }
 
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
+    /// `snapshot`: write a new one, whatever the tail holds.
+    fn checkpoint(&mut self, snapshot: bool) -> Result<(), StoreError> {
         if self.trees.is_none() {
             let trees = Trees::open(&self.db_path)?;
             // sled reopened after a failure may read damage as a torn tail
@@ -418,6 +491,8 @@ impl Writer {
         }
         let trees = self.trees.as_ref().expect("just opened");
         self.wal.for_each_record(|seq, rec| apply(trees, seq, &rec).map_err(StoreError::from))?;
+        self.keep_log(snapshot);
+        let trees = self.trees.as_ref().expect("just opened");
         checkpoint(trees, &mut self.wal, &self.db_path, self.seq - 1)
     }
 
