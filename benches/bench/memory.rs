@@ -47,6 +47,7 @@ pub async fn bench_memory(o: &Opts, rows: &mut Vec<Row>) {
         }
         ids.push(id);
     }
+    println!("  RSS right after the writes: {:.0} MiB", s.rss_mib());
     // The idle checkpoint (sled's cache, the snapshot) comes 10 s after the last write.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let live = s.rss_mib();

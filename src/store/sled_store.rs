@@ -35,7 +35,7 @@ use super::{AssetRef, Binding, BlogInfo, Pending, Resolution, Store, StoreError}
 use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 /// sled's page cache.
-const SLED_CACHE_BYTES: u64 = 64 << 20;
+const SLED_CACHE_BYTES: u64 = 8 << 20;
 
 /// Paths (and writes) waiting in the writer's queue at most; past it a write
 /// is refused with RESOURCE_EXHAUSTED instead of queueing without bound.
@@ -250,6 +250,8 @@ impl IndexedStore {
             None => (None, load(&trees)?),
         };
         let purge_sent = load_purges(&trees, &purge.outbox, last)?;
+        drop(trees);
+        super::give_back_memory();
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
         tracing::info!(
             blogs = index.blogs.len(),
@@ -270,7 +272,8 @@ impl IndexedStore {
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
-            trees: Some(trees),
+            // Opened again at the next checkpoint (see `Writer::checkpoint`).
+            trees: None,
             db_path: PathBuf::from(dir),
             shared: shared.clone(),
             ids,

@@ -25,6 +25,7 @@
 //! Section three: `domains u32 × (domain, blog), deleted u32 × (blog, last
 //! u64), gc u32 × hash16`.
 
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -92,17 +93,18 @@ pub fn write(
     index: &Index,
     ids: &FastMap<Box<str>, Ids>,
     deleted_last: &FastMap<Box<str>, CacheId>,
-) -> std::io::Result<u64> {
-    let bytes = encode(seq, index, ids, deleted_last);
+) -> io::Result<u64> {
     let tmp = db.with_extension("snapshot.tmp");
-    std::fs::write(&tmp, &bytes)?;
+    let mut out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    let len = encode_to(seq, index, ids, deleted_last, &mut out)?;
+    out.into_inner().map_err(|e| e.into_error())?;
     std::fs::rename(&tmp, path(db))?;
     match std::fs::OpenOptions::new().write(true).open(tail_path(db)) {
         Ok(f) => f.set_len(0)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    Ok(bytes.len() as u64)
+    Ok(len)
 }
 
 /// The snapshot's bytes: the index after record `seq`.
@@ -112,54 +114,87 @@ pub fn encode(
     ids: &FastMap<Box<str>, Ids>,
     deleted_last: &FastMap<Box<str>, CacheId>,
 ) -> Vec<u8> {
-    // Halves by path count, so both parsing threads get about as much.
-    let total: usize = index.blogs.values().map(|b| b.paths.len() + 1).sum();
-    // Each half starts with its blog count, filled in at the end.
-    let (mut one, mut two, mut three) = (vec![0u8; 4], vec![0u8; 4], Vec::new());
-    let mut done = 0;
-    let (mut n1, mut n2) = (0usize, 0usize);
-    for (name, i) in ids {
-        let state = index.blogs.get(name);
-        let out = if done * 2 < total {
-            n1 += 1;
-            &mut one
-        } else {
-            n2 += 1;
-            &mut two
-        };
-        put_blog(out, name, i, state);
-        done += state.map_or(0, |s| s.paths.len()) + 1;
+    let mut out = io::Cursor::new(Vec::new());
+    encode_to(seq, index, ids, deleted_last, &mut out).expect("writing to memory");
+    out.into_inner()
+}
+
+/// Writes the snapshot to `out` as it is made, a blog at a time (a 45 MB
+/// snapshot of a million paths is never whole in memory), then fills in the
+/// header. Returns the bytes written.
+fn encode_to<W: Write + Seek>(
+    seq: u64,
+    index: &Index,
+    ids: &FastMap<Box<str>, Ids>,
+    deleted_last: &FastMap<Box<str>, CacheId>,
+    out: &mut W,
+) -> io::Result<u64> {
+    let paths = |name: &str| index.blogs.get(name).map_or(0, |s| s.paths.len()) + 1;
+    // Halves by path count, so both parsing threads get about as much: the
+    // first blogs (in `ids`' order) up to half the paths, then the rest.
+    let total: usize = ids.keys().map(|b| paths(b)).sum();
+    let (mut n1, mut done) = (0usize, 0usize);
+    for name in ids.keys() {
+        if done * 2 >= total {
+            break;
+        }
+        n1 += 1;
+        done += paths(name);
     }
-    one[..4].copy_from_slice(&(n1 as u32).to_le_bytes());
-    two[..4].copy_from_slice(&(n2 as u32).to_le_bytes());
-    put_u32(&mut three, index.domains.len());
+    out.write_all(&[0u8; HEADER])?;
+    let mut lens = [0u64; 3];
+    let mut hashes = [[0u8; 32]; 3];
+    let mut buf = Vec::with_capacity(128 << 10);
+    let mut emit = |s: usize, buf: &mut Vec<u8>, h: &mut blake3::Hasher, out: &mut W| -> io::Result<()> {
+        h.update(buf);
+        out.write_all(buf)?;
+        lens[s] += buf.len() as u64;
+        buf.clear();
+        Ok(())
+    };
+    let mut blogs = ids.iter();
+    for (s, count) in [(0, n1), (1, ids.len() - n1)] {
+        let mut h = blake3::Hasher::new();
+        put_u32(&mut buf, count);
+        for (name, i) in blogs.by_ref().take(count) {
+            put_blog(&mut buf, name, i, index.blogs.get(name));
+            if buf.len() >= 64 << 10 {
+                emit(s, &mut buf, &mut h, out)?;
+            }
+        }
+        emit(s, &mut buf, &mut h, out)?;
+        hashes[s] = *h.finalize().as_bytes();
+    }
+    let mut h = blake3::Hasher::new();
+    put_u32(&mut buf, index.domains.len());
     for (d, b) in &index.domains {
-        put_str(&mut three, d);
-        put_str(&mut three, b.as_str());
+        put_str(&mut buf, d);
+        put_str(&mut buf, b.as_str());
     }
     let deleted: Vec<_> = deleted_last.iter().filter(|(b, _)| !ids.contains_key(*b)).collect();
-    put_u32(&mut three, deleted.len());
+    put_u32(&mut buf, deleted.len());
     for (b, last) in deleted {
-        put_str(&mut three, b);
-        three.extend_from_slice(&last.to_le_bytes());
+        put_str(&mut buf, b);
+        buf.extend_from_slice(&last.to_le_bytes());
     }
-    put_u32(&mut three, index.gc.len());
-    for h in &index.gc {
-        three.extend_from_slice(&h.0);
+    put_u32(&mut buf, index.gc.len());
+    for g in &index.gc {
+        buf.extend_from_slice(&g.0);
     }
-    let mut f = Vec::with_capacity(HEADER + one.len() + two.len() + three.len() + 96);
-    f.extend_from_slice(MAGIC);
-    f.extend_from_slice(&seq.to_le_bytes());
-    for s in [&one, &two, &three] {
-        f.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    emit(2, &mut buf, &mut h, out)?;
+    hashes[2] = *h.finalize().as_bytes();
+    for x in &hashes {
+        out.write_all(x)?;
     }
-    for s in [&one, &two, &three] {
-        f.extend_from_slice(s);
+    let mut head = Vec::with_capacity(HEADER);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&seq.to_le_bytes());
+    for l in lens {
+        head.extend_from_slice(&l.to_le_bytes());
     }
-    for s in [&one, &two, &three] {
-        f.extend_from_slice(blake3::hash(s).as_bytes());
-    }
-    f
+    out.seek(io::SeekFrom::Start(0))?;
+    out.write_all(&head)?;
+    out.seek(io::SeekFrom::End(0))
 }
 
 /// The file that holds the log's records since the snapshot.

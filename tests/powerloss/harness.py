@@ -246,7 +246,11 @@ class Client:
         self.pb2 = pb2
         self.timeout = timeout
         self.http_addr = server.http_addr
-        self.channel = grpc.insecure_channel(server.grpc_addr)
+        # A channel of its own: gRPC shares connections between channels to
+        # the same address, and a restarted server may get the port of the
+        # one killed before it, whose failed connection is then still
+        # backing off (an RPC fails at once with "connection refused").
+        self.channel = grpc.insecure_channel(server.grpc_addr, options=[("grpc.use_local_subchannel_pool", 1)])
         self.pub = pb2_grpc.PublisherStub(self.channel)
         self.res = pb2_grpc.ResolverStub(self.channel)
 
