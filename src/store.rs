@@ -19,6 +19,7 @@ use crate::domain::{BlogId, BlogPath, CacheId, ContentHash, Domain};
 
 pub mod etcd;
 pub mod index;
+pub mod paths;
 pub mod sled_store;
 pub mod snapshot;
 pub mod wal;
@@ -31,6 +32,12 @@ pub use sled_store::{IndexedStore, PurgeOptions, SledStore};
 /// threads that do these jobs then sit idle: without this, the RSS keeps
 /// the job's peak for good.
 pub(crate) fn give_back_memory() {
+    // sled defers its frees to crossbeam's epochs, which move on only as
+    // threads pin them: with sled closed, nothing would, and what it freed
+    // would stay allocated until the next checkpoint.
+    for _ in 0..16 {
+        crossbeam_epoch::pin().flush();
+    }
     // SAFETY: mi_collect only walks and releases the allocator's own free
     // pages; with another global allocator its heaps are empty.
     unsafe { libmimalloc_sys::mi_collect(true) }

@@ -47,9 +47,17 @@ pub async fn bench_memory(o: &Opts, rows: &mut Vec<Row>) {
         }
         ids.push(id);
     }
-    println!("  RSS right after the writes: {:.0} MiB", s.rss_mib());
-    // The idle checkpoint (sled's cache, the snapshot) comes 10 s after the last write.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // The idle checkpoint comes 10 s after the last write, and takes a few
+    // seconds (a million sled inserts): measured once it is done.
+    let written = std::time::SystemTime::now();
+    let marker = dir.path().join("db.checkpoint");
+    let checkpointed = || std::fs::metadata(&marker).and_then(|m| m.modified()).is_ok_and(|t| t > written);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !checkpointed() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 90 s of the last write");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let live = s.rss_mib();
     s.stop_cleanly();
     let s = BlotServer::start(dir.path()).await;

@@ -16,17 +16,12 @@ use crate::domain::{BlogId, CacheId, ContentHash};
 pub type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 pub type FastSet<K> = HashSet<K, ahash::RandomState>;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct PathEntry {
-    pub version: CacheId,
-    /// Boxed: most paths have none, and a million entries stay 16 bytes each.
-    pub binding: Option<Box<(ContentHash, Arc<str>)>>,
-}
+pub use super::paths::{Found, PathEntry, Paths};
 
 #[derive(Debug, Default, PartialEq)]
 pub struct BlogState {
     pub floor: CacheId,
-    pub paths: FastMap<Box<str>, PathEntry>,
+    pub paths: Paths,
     pub refs: FastMap<ContentHash, AssetRef>,
     pub domains: BTreeSet<Box<str>>,
 }
@@ -69,18 +64,9 @@ impl Index {
                     // binding now says nothing the floor does not. The index
                     // keeps what is live.
                     state.paths.retain(|_, e| e.binding.is_some());
-                    if state.paths.capacity() > 4 * state.paths.len() + 64 {
-                        state.paths.shrink_to_fit();
-                    }
                 }
                 for p in paths {
-                    let entry = PathEntry { version: *id, binding: None };
-                    match state.paths.get_mut(p.as_str()) {
-                        Some(e) => *e = entry,
-                        None => {
-                            state.paths.insert(p.as_str().into(), entry);
-                        }
-                    }
+                    state.paths.insert(p, PathEntry { version: *id, binding: None });
                 }
             }
             Rec::Bind { blog, id, floor, path, hash, size, content_type, filename } => {
@@ -91,7 +77,7 @@ impl Index {
                 if let Some(p) = path {
                     let entry =
                         PathEntry { version: *id, binding: Some(Box::new((hash, Arc::from(filename.as_str())))) };
-                    state.paths.insert(p.as_str().into(), entry);
+                    state.paths.insert(p, entry);
                 }
                 if new_ref {
                     *self.blob_refs.entry(hash).or_default() += 1;
@@ -115,7 +101,7 @@ impl Index {
                 let state = self.blog_mut(blog, *floor);
                 state.refs.remove(&hash);
                 for p in paths {
-                    state.paths.insert(p.as_str().into(), PathEntry { version: *id, binding: None });
+                    state.paths.insert(p, PathEntry { version: *id, binding: None });
                 }
                 if let Some(n) = self.blob_refs.get_mut(&hash) {
                     *n -= 1;
@@ -167,8 +153,8 @@ impl Index {
         let state = self.blogs.get(blog.as_str())?;
         let out = paths
             .iter()
-            .map(|p| match state.paths.get(*p) {
-                Some(PathEntry { binding: Some(b), .. }) => Resolution::Permanent { hash: b.0, filename: b.1.clone() },
+            .map(|p| match state.paths.get(p) {
+                Some(Found { binding: Some(b), .. }) => Resolution::Permanent { hash: b.0, filename: b.1.clone() },
                 Some(e) => Resolution::Versioned(e.version.max(state.floor)),
                 None => Resolution::Versioned(state.floor),
             })

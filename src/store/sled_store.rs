@@ -28,7 +28,7 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
-use super::index::{BlogState, FastMap, Index, PathEntry};
+use super::index::{BlogState, FastMap, Index, PathEntry, Paths};
 use super::wal::{Rec, Wal};
 use super::writer::{Ids, Op, Tuning, Writer};
 use super::{AssetRef, Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -322,7 +322,7 @@ impl IndexedStore {
     }
 }
 
-type PathsByBlog = Vec<(Box<str>, FastMap<Box<str>, PathEntry>)>;
+type PathsByBlog = Vec<(Box<str>, Paths)>;
 
 /// Reads the paths in `[from, to)`, grouped by blog (keys sort by blog).
 /// Each blog's entries are gathered first so its map is built at its final
@@ -334,8 +334,10 @@ fn read_paths(tree: &sled::Tree, from: Option<Vec<u8>>, to: Option<Vec<u8>>) -> 
     let hi = to.map_or(Bound::Unbounded, Bound::Excluded);
     let mut out: PathsByBlog = Vec::new();
     let finish = |out: &mut PathsByBlog, (blog, entries): Entries| {
-        let mut map = FastMap::with_capacity_and_hasher(entries.len(), Default::default());
-        map.extend(entries);
+        let mut map = Paths::with_capacity(entries.len());
+        for (p, e) in entries {
+            map.insert(&p, e);
+        }
         out.push((blog, map));
     };
     let mut current: Option<Entries> = None;
@@ -424,7 +426,9 @@ pub(super) fn load(t: &Trees) -> Result<Loaded, StoreError> {
             if state.paths.is_empty() {
                 state.paths = paths;
             } else {
-                state.paths.extend(paths);
+                for (p, e) in paths.iter() {
+                    state.paths.insert(p, PathEntry { version: e.version, binding: e.binding.cloned().map(Box::new) });
+                }
             }
         }
     }

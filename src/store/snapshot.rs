@@ -29,7 +29,7 @@ use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::index::{BlogState, FastMap, Index, PathEntry};
+use super::index::{BlogState, FastMap, Index, PathEntry, Paths};
 use super::wal::Rec;
 use super::writer::Ids;
 use super::AssetRef;
@@ -64,7 +64,7 @@ fn put_blog(out: &mut Vec<u8>, name: &str, ids: &Ids, state: Option<&BlogState>)
         return;
     };
     put_u32(out, state.paths.len());
-    for (p, e) in &state.paths {
+    for (p, e) in state.paths.iter() {
         put_str(out, p);
         out.extend_from_slice(&e.version.to_le_bytes());
         match &e.binding {
@@ -323,9 +323,9 @@ fn parse_blogs(section: &[u8]) -> Option<Blogs> {
         let ids = Ids { floor: r.u64()?, last: r.u64()? };
         let np = r.u32()?;
         // A count cannot promise more entries than bytes left.
-        let mut paths = FastMap::with_capacity_and_hasher(np.min(r.b.len() / 13), Default::default());
+        let mut paths = Paths::with_capacity(np.min(r.b.len() / 13));
         for _ in 0..np {
-            let path: Box<str> = r.str()?.into();
+            let path = r.str()?;
             let version = r.u64()?;
             let binding = match r.u8()? {
                 0 => None,

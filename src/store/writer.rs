@@ -609,7 +609,7 @@ impl Writer {
                         s.paths
                             .iter()
                             .filter(|(_, e)| e.binding.as_ref().is_some_and(|b| b.0 == hash))
-                            .map(|(p, _)| p.clone())
+                            .map(|(p, _)| Box::from(p))
                             .collect()
                     })
                 };
