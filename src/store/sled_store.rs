@@ -243,7 +243,8 @@ impl IndexedStore {
                 }
             }
         }
-        checkpoint(&trees, &mut wal, dir, last)?;
+        checkpoint(&trees, dir, last)?;
+        wal.reset()?;
         let from = if snap.is_some() { "snapshot" } else { "sled" };
         let (base, (index, ids, deleted_last)) = match snap {
             Some((loaded, base)) => (Some(base), loaded),
@@ -287,6 +288,8 @@ impl IndexedStore {
             purge_on_publish: purge.on_publish,
             purge_sent,
             snapshot_due: base.is_none(),
+            snapshot_failed: None,
+            durable_seq: last + 1,
             snap: base,
             tuning,
         };
@@ -586,10 +589,10 @@ pub(super) fn sled_seq(t: &Trees) -> Result<u64, StoreError> {
     Ok(t.meta.get(CHECKPOINT_KEY)?.map(|v| u64_at("meta", &v, 0)).transpose()?.unwrap_or(0))
 }
 
-/// sled holds every record up to `seq` once this returns; the log is empty.
-/// The marker beside the database records `seq` (durably) before the log
-/// is emptied, so a sled that later opens older than that is caught.
-pub(super) fn checkpoint(t: &Trees, wal: &mut Wal, dir: &Path, seq: u64) -> Result<(), StoreError> {
+/// sled holds every record up to `seq` once this returns, and the caller
+/// may empty the log. The marker beside the database records `seq`
+/// (durably) first, so a sled that later opens older than that is caught.
+pub(super) fn checkpoint(t: &Trees, dir: &Path, seq: u64) -> Result<(), StoreError> {
     t.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes())?;
     t.db.flush()?;
     // sled's flush ends in `sync_file_range`, which neither reaches the
@@ -597,7 +600,6 @@ pub(super) fn checkpoint(t: &Trees, wal: &mut Wal, dir: &Path, seq: u64) -> Resu
     // and folder before the log that still holds these writes is emptied.
     crate::durable::sync_tree(dir)?;
     write_marker(dir, seq)?;
-    wal.reset()?;
     Ok(())
 }
 

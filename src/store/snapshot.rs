@@ -95,10 +95,21 @@ pub fn write(
     deleted_last: &FastMap<Box<str>, CacheId>,
 ) -> io::Result<u64> {
     let tmp = db.with_extension("snapshot.tmp");
-    let mut out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    let len = encode_to(seq, index, ids, deleted_last, &mut out)?;
-    out.into_inner().map_err(|e| e.into_error())?;
-    std::fs::rename(&tmp, path(db))?;
+    let written = (|| {
+        let mut out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        let len = encode_to(seq, index, ids, deleted_last, &mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?;
+        std::fs::rename(&tmp, path(db))?;
+        Ok(len)
+    })();
+    let len = match written {
+        Ok(len) => len,
+        Err(e) => {
+            // A full disk: the half-written file must not keep the space.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     match std::fs::OpenOptions::new().write(true).open(tail_path(db)) {
         Ok(f) => f.set_len(0)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -243,7 +254,11 @@ pub fn load(db: &Path, log: &[(u64, Rec)], last: u64) -> Option<(Loaded, Base)> 
     let snap_len = bytes.len() as u64;
     drop(bytes);
     if seq > last {
+        // Not of this store's history: removed, so that no later start
+        // can take records written after this one as following it.
         not_used("it is newer than the store");
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(tail_path(db));
         return None;
     }
     let tail = read(&tail_path(db))?;
@@ -630,5 +645,40 @@ mod tests {
         }
         // Each stage was reached: the snapshot alone, with a tail, with the log.
         assert!(from_snapshot >= 20 && with_tail >= 5 && with_log >= 5, "{from_snapshot} {with_tail} {with_log}");
+    }
+
+    /// A group refused by a full disk gives its record numbers back: the
+    /// next writes take them, so the log runs without a gap, and a snapshot
+    /// taken after the refusal names a record that exists. (Numbers skipped
+    /// there once let a later start take new records for ones the snapshot
+    /// already held, and lose them.)
+    #[test]
+    fn a_refused_group_leaves_no_gap_and_the_next_crash_start_has_every_write() {
+        use crate::store::wal::REFUSE_APPENDS;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        workload(&dir, 11);
+        let s = SledStore::open(&dir).unwrap();
+        let b = BlogId::parse("late").unwrap();
+        let p = |n: u32| BlogPath::parse(&format!("/x/{n}.css")).unwrap();
+        s.invalidate(b.clone(), vec![p(1)]).blocking().unwrap();
+        *REFUSE_APPENDS.lock().unwrap() = Some(dir.with_extension("wal"));
+        let refused = s.invalidate(b.clone(), vec![p(2), p(3)]).blocking();
+        *REFUSE_APPENDS.lock().unwrap() = None;
+        assert!(matches!(refused, Err(crate::store::StoreError::Full(_))), "{refused:?}");
+        let id = s.invalidate(b.clone(), vec![p(4)]).blocking().unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        crash_copy(&s, &dir, crashed.path());
+        s.close();
+        let cdir = crashed.path().join("db");
+        let (want, records, last) = after_crash(&cdir);
+        let seqs: Vec<u64> = records.iter().map(|(q, _)| *q).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "the log skips record numbers: {seqs:?}");
+        let (mut got, _) = load(&cdir, &records, last).expect("the snapshot and the log follow one another");
+        got.2.retain(|b, _| !got.1.contains_key(b));
+        assert_eq!(got, want);
+        let late = &got.0.blogs["late"].paths;
+        assert_eq!(late.get("/x/4.css").map(|f| f.version), Some(id));
+        assert!(late.get("/x/2.css").is_none(), "a refused write is not in the index");
     }
 }

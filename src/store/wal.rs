@@ -379,7 +379,13 @@ pub struct Wal {
     /// Bytes allocated (zeros past `pos`, or old records).
     cap: u64,
     buf: Vec<u8>,
+    #[cfg(test)]
+    path: std::path::PathBuf,
 }
+
+/// Tests: the log at this path refuses its appends, as a full disk would.
+#[cfg(test)]
+pub static REFUSE_APPENDS: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 
 impl Wal {
     /// Opens the log and reads every whole record in it, in order. Records
@@ -390,7 +396,14 @@ impl Wal {
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let (recs, at) = parse(&data);
-        let mut wal = Wal { file, pos: at as u64, cap: data.len() as u64, buf: Vec::with_capacity(64 * 1024) };
+        let mut wal = Wal {
+            file,
+            pos: at as u64,
+            cap: data.len() as u64,
+            buf: Vec::with_capacity(64 * 1024),
+            #[cfg(test)]
+            path: path.to_owned(),
+        };
         wal.ensure(PREALLOCATE)?;
         Ok((wal, recs))
     }
@@ -452,6 +465,10 @@ impl Wal {
             // The record after the last one must read as the end of the log.
             let end = self.pos + self.buf.len() as u64 + 8;
             let appended = self.ensure(end).and_then(|_| {
+                #[cfg(test)]
+                if REFUSE_APPENDS.lock().expect("lock").as_deref() == Some(self.path.as_path()) {
+                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                }
                 self.buf.extend_from_slice(&[0u8; 8]);
                 self.file.write_all_at(&self.buf, self.pos)
             });

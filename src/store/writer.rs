@@ -56,6 +56,8 @@ impl Default for Tuning {
         Tuning { checkpoint_bytes: CHECKPOINT_BYTES, snapshot_min: SNAPSHOT_MIN }
     }
 }
+/// A snapshot write that failed (a full disk) is tried again after this long.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
 /// A checkpoint that failed is tried again after this long.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(2);
 /// While checkpoints fail, the log grows; past this, writes are refused
@@ -297,6 +299,10 @@ pub struct Writer {
     /// No snapshot can be used now: write one at the next checkpoint (or
     /// when idle).
     pub snapshot_due: bool,
+    /// When the last snapshot write failed: tried again after `SNAPSHOT_RETRY`.
+    pub snapshot_failed: Option<Instant>,
+    /// The record number after the last durable group.
+    pub durable_seq: u64,
     pub tuning: Tuning,
 }
 
@@ -356,6 +362,9 @@ impl Writer {
         let kept = self.snap.map_or(0, |b| b.tail_len) + self.wal.bytes();
         let after = self.snap.map_or(0, |b| b.snap_len / 2).clamp(self.tuning.snapshot_min, SNAPSHOT_MAX);
         if force || self.snapshot_due || self.snap.is_none() || kept >= after {
+            if !force && self.snapshot_failed.is_some_and(|t| t.elapsed() < SNAPSHOT_RETRY) {
+                return;
+            }
             return self.write_snapshot(self.seq - 1);
         }
         match self.wal.append_to(&snapshot::tail_path(&self.db_path)) {
@@ -385,12 +394,14 @@ impl Writer {
                 tracing::info!(ms = started.elapsed().as_millis() as u64, bytes = len, "index snapshot written");
                 self.snap = Some(Base { seq, snap_len: len, tail_len: 0 });
                 self.snapshot_due = false;
+                self.snapshot_failed = None;
                 super::give_back_memory();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "index snapshot not written; until one is, a start reads sled");
                 self.snap = None;
                 self.snapshot_due = true;
+                self.snapshot_failed = Some(Instant::now());
             }
         }
     }
@@ -408,12 +419,16 @@ impl Writer {
         span.record("fsync_us", started.elapsed().as_micros() as u64);
         match synced {
             Ok(()) => {
+                self.durable_seq = self.seq;
                 self.undo.clear();
                 self.shared.degraded.lock().take();
                 self.publish(group);
             }
             Err(WalError::Append(e)) => {
-                // Nothing of the group is durable: give back the ids it took.
+                // Nothing of the group is durable: give back the ids and the
+                // record numbers it took (a number names one record, for
+                // good: the snapshot's chain relies on it).
+                self.seq = self.durable_seq;
                 for (blog, ids, deleted) in self.undo.drain(..).rev() {
                     match ids {
                         Some(ids) => self.ids.insert(blog.clone(), ids),
@@ -453,7 +468,7 @@ impl Writer {
         let bytes = self.wal.bytes();
         let due = bytes > self.tuning.checkpoint_bytes
             || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY))
-            || (idle && self.snapshot_due);
+            || (idle && self.snapshot_due && self.snapshot_failed.is_none_or(|t| t.elapsed() > SNAPSHOT_RETRY));
         let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
         if !due || backing_off || self.shared.failed.lock().is_some() {
             return;
@@ -491,16 +506,22 @@ impl Writer {
             self.trees = Some(trees);
         }
         let trees = self.trees.as_ref().expect("just opened");
-        self.wal.for_each_record(|seq, rec| apply(trees, seq, &rec).map_err(StoreError::from))?;
-        self.keep_log(snapshot);
-        let trees = self.trees.as_ref().expect("just opened");
-        let done = checkpoint(trees, &mut self.wal, &self.db_path, self.seq - 1);
+        let applied = self
+            .wal
+            .for_each_record(|seq, rec| apply(trees, seq, &rec).map_err(StoreError::from))
+            .and_then(|()| checkpoint(trees, &self.db_path, self.seq - 1));
         // sled is closed until the next checkpoint: open, it holds about
         // 40 bytes per path however small its cache, for nothing, since
         // every read is served by the index.
         self.trees = None;
+        applied?;
+        // sled holds every record: keep them for the next start (after sled,
+        // so that a snapshot filling the disk cannot stop sled's flush), then
+        // empty the log.
+        self.keep_log(snapshot);
+        self.wal.reset()?;
         super::give_back_memory();
-        done
+        Ok(())
     }
 
     /// Assigns the next cache id of a blog: (id, floor). A new blog's floor
