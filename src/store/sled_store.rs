@@ -287,7 +287,6 @@ impl IndexedStore {
             outbox: purge.outbox,
             purge_on_publish: purge.on_publish,
             purge_sent,
-            snapshot_due: base.is_none(),
             snapshot_failed: None,
             durable_seq: last + 1,
             snap: base,

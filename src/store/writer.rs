@@ -34,14 +34,14 @@ use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domai
 /// Most writes taken into one group.
 const MAX_GROUP: usize = 4096;
 /// Checkpoint past this much log, or this long after the last checkpoint.
-pub const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_BYTES: u64 = 64 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// A checkpoint writes a new index snapshot (instead of appending the log to
 /// the last one's tail) once the tail and the log hold half the snapshot's
 /// size, within these bounds: the writes of snapshots stay within about
 /// twice those of the log, and a start after a crash replays at most this
 /// much besides the log.
-pub const SNAPSHOT_MIN: u64 = 4 << 20;
+const SNAPSHOT_MIN: u64 = 4 << 20;
 const SNAPSHOT_MAX: u64 = 32 << 20;
 
 /// The sizes that bring checkpoints and snapshots, smaller in tests.
@@ -294,11 +294,10 @@ pub struct Writer {
     /// lowest are forgotten at checkpoints.
     pub purge_sent: FastMap<String, u64>,
     /// The snapshot a start can read, while its tail holds every record
-    /// since it that the log no longer does (see `store::snapshot`).
+    /// since it that the log no longer does (see `store::snapshot`). `None`:
+    /// none can be used now, so the next checkpoint (or an idle moment)
+    /// writes one.
     pub snap: Option<Base>,
-    /// No snapshot can be used now: write one at the next checkpoint (or
-    /// when idle).
-    pub snapshot_due: bool,
     /// When the last snapshot write failed: tried again after `SNAPSHOT_RETRY`.
     pub snapshot_failed: Option<Instant>,
     /// The record number after the last durable group.
@@ -361,8 +360,8 @@ impl Writer {
     fn keep_log(&mut self, force: bool) {
         let kept = self.snap.map_or(0, |b| b.tail_len) + self.wal.bytes();
         let after = self.snap.map_or(0, |b| b.snap_len / 2).clamp(self.tuning.snapshot_min, SNAPSHOT_MAX);
-        if force || self.snapshot_due || self.snap.is_none() || kept >= after {
-            if !force && self.snapshot_failed.is_some_and(|t| t.elapsed() < SNAPSHOT_RETRY) {
+        if force || self.snap.is_none() || kept >= after {
+            if !force && self.snapshot_backing_off() {
                 return;
             }
             return self.write_snapshot(self.seq - 1);
@@ -376,16 +375,18 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, "the snapshot's tail could not be written; a new snapshot comes next");
                 self.snap = None;
-                self.snapshot_due = true;
             }
         }
     }
 
-    /// The index after record `seq` (every write so far) as a snapshot.
+    /// A snapshot write failed less than `SNAPSHOT_RETRY` ago.
+    fn snapshot_backing_off(&self) -> bool {
+        self.snapshot_failed.is_some_and(|t| t.elapsed() < SNAPSHOT_RETRY)
+    }
+
+    /// The index after record `seq` (every write so far) as a snapshot. Only
+    /// in a checkpoint, which never runs once the store has failed.
     fn write_snapshot(&mut self, seq: u64) {
-        if self.shared.failed.lock().is_some() {
-            return;
-        }
         let started = Instant::now();
         let shared = self.shared.clone();
         let written = snapshot::write(&self.db_path, seq, &shared.index.read(), &self.ids, &self.deleted_last);
@@ -393,14 +394,11 @@ impl Writer {
             Ok(len) => {
                 tracing::info!(ms = started.elapsed().as_millis() as u64, bytes = len, "index snapshot written");
                 self.snap = Some(Base { seq, snap_len: len, tail_len: 0 });
-                self.snapshot_due = false;
                 self.snapshot_failed = None;
-                super::give_back_memory();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "index snapshot not written; until one is, a start reads sled");
                 self.snap = None;
-                self.snapshot_due = true;
                 self.snapshot_failed = Some(Instant::now());
             }
         }
@@ -468,7 +466,7 @@ impl Writer {
         let bytes = self.wal.bytes();
         let due = bytes > self.tuning.checkpoint_bytes
             || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY))
-            || (idle && self.snapshot_due && self.snapshot_failed.is_none_or(|t| t.elapsed() > SNAPSHOT_RETRY));
+            || (idle && self.snap.is_none() && !self.snapshot_backing_off());
         let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
         if !due || backing_off || self.shared.failed.lock().is_some() {
             return;
