@@ -455,7 +455,54 @@ async fn bench_resolve(o: &Opts, rows: &mut Vec<Row>) {
 }
 
 /// wrk's requests/s, latency p50/p99 and transfer rate.
-fn wrk(url: &str, dur: Duration) -> (f64, String, String, f64) {
+/// One wrk run, or the combination of several: latencies in milliseconds.
+#[derive(Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    mbps: f64,
+}
+
+impl Wrk {
+    /// Mean rates; the latencies of the median run (by its p99).
+    fn combine(runs: &[Wrk]) -> Wrk {
+        let n = runs.len() as f64;
+        let mut by_p99 = runs.to_vec();
+        by_p99.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+        let mid = by_p99[by_p99.len() / 2];
+        Wrk {
+            rps: runs.iter().map(|r| r.rps).sum::<f64>() / n,
+            mbps: runs.iter().map(|r| r.mbps).sum::<f64>() / n,
+            ..mid
+        }
+    }
+}
+
+impl std::fmt::Display for Wrk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:>9.0} req/s p50 {} p99 {} {:>7.0} MB/s", self.rps, ms_f(self.p50), ms_f(self.p99), self.mbps)
+    }
+}
+
+fn ms_f(v: f64) -> String {
+    format!("{v:.3} ms")
+}
+
+/// wrk's latency, as it prints it ("448.00us", "3.79ms", "1.02s"), in ms.
+fn parse_latency(s: &str) -> f64 {
+    let at = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let n: f64 = s[..at].parse().unwrap_or(f64::NAN);
+    n * match &s[at..] {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        "m" => 60e3,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(url: &str, dur: Duration) -> Wrk {
     let out = Command::new("wrk")
         .args(["-t2", "-c64", &format!("-d{}s", dur.as_secs().max(1)), "--latency", url])
         .output()
@@ -474,7 +521,7 @@ fn wrk(url: &str, dur: Duration) -> (f64, String, String, f64) {
     if text.contains("Non-2xx") {
         eprintln!("wrk saw errors for {url}:\n{text}");
     }
-    (rps, find("50%"), find("99%"), mbps)
+    Wrk { rps, p50: parse_latency(&find("50%")), p99: parse_latency(&find("99%")), mbps }
 }
 
 fn parse_size(s: &str) -> f64 {
@@ -544,23 +591,32 @@ async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
     let _ng2 = nginx(w2.path(), &dir.path().join("blogs"), n2, 2);
     for ((name, _), u) in sizes.iter().zip(&urls) {
         let path = &u.url[u.url.find("/ob/").unwrap()..];
-        let ours = wrk(&format!("http://{}{path}", s.http), o.secs(10));
-        let one = wrk(&format!("http://127.0.0.1:{n1}{path}"), o.secs(10));
-        let two = wrk(&format!("http://127.0.0.1:{n2}{path}"), o.secs(10));
-        let (workers, peer) = if one.0 >= two.0 { (1, one.clone()) } else { (2, two.clone()) };
-        println!(
-            "{name:>6}: blotcdn {:>9.0} req/s p50 {} p99 {} {:>7.0} MB/s | nginx ×1 {:>9.0} req/s p50 {} p99 {} | nginx ×2 {:>9.0} req/s p50 {} p99 {}",
-            ours.0, ours.1, ours.2, ours.3, one.0, one.1, one.2, two.0, two.1, two.2
-        );
+        // The three servers take turns, three rounds each, so that a change
+        // in the machine's speed during the run (often ±15% here) weighs on
+        // all of them alike: rates are means over the rounds, latencies the
+        // median round's.
+        let targets = [s.http.port(), n1, n2].map(|port| format!("http://127.0.0.1:{port}{path}"));
+        let mut runs: [Vec<Wrk>; 3] = Default::default();
+        for _ in 0..3 {
+            for (t, out) in targets.iter().zip(runs.iter_mut()) {
+                out.push(wrk(t, o.secs(9) / 3));
+            }
+        }
+        let [ours, one, two] = runs.map(|r| Wrk::combine(&r));
+        let (workers, peer) = if one.rps >= two.rps { (1, one) } else { (2, two) };
+        println!("{name:>6}: blotcdn {} | nginx ×1 {one} | nginx ×2 {two}", ours);
         rows.push(Row {
             bench: "Origin",
             what: format!("{name}: req/s (p50 / p99), MB/s"),
-            ours: format!("{:.0} ({} / {}), {:.0}", ours.0, ours.1, ours.2, ours.3),
+            ours: format!("{:.0} ({} / {}), {:.0}", ours.rps, ms_f(ours.p50), ms_f(ours.p99), ours.mbps),
             peer: format!(
                 "nginx, best of 1 and 2 workers (×{workers}): {:.0} ({} / {}), {:.0}",
-                peer.0, peer.1, peer.2, peer.3
+                peer.rps,
+                ms_f(peer.p50),
+                ms_f(peer.p99),
+                peer.mbps
             ),
-            ratio: ratio(ours.0, peer.0),
+            ratio: ratio(ours.rps, peer.rps),
             target: if *name == "1MiB" { "≥ 0.9× nginx".into() } else { "≥ 1× nginx".into() },
         });
     }
@@ -768,7 +824,7 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
     let big = if o.quick { 200_000 } else { 1_000_000 };
     let assets = if o.quick { 20_000 } else { 100_000 };
     println!("== Scale: 10k vs {big} path versions (+{assets} permanent assets)");
-    let mut results = Vec::new();
+    let mut servers = Vec::new();
     for (n, a) in [(10_000usize, 0usize), (big, assets)] {
         let dir = tempfile::tempdir_in(".").unwrap();
         {
@@ -826,16 +882,26 @@ async fn bench_scale(o: &Opts, rows: &mut Vec<Row>) {
         // everything, and nothing is replayed.
         s.stop_cleanly();
         let s = BlotServer::start(dir.path()).await;
-        let startup = s.startup;
-        let rate = resolve_rate(&s, "scale0", 100_000.min(n), o.secs(3)).await;
+        println!("  {n:>8} paths: start-up {} (after a crash: {})", ms(s.startup), ms(crashed));
+        servers.push((n, a, crashed, s, dir));
+    }
+    // Both servers stay up and are measured in turns, so that a change in
+    // the machine's speed during the run (often ±15% here) weighs on both
+    // sides alike: the rate is the mean over the rounds.
+    const ROUNDS: u32 = 3;
+    let mut rates = vec![0.0; servers.len()];
+    for _ in 0..ROUNDS {
+        for ((n, _, _, s, _), rate) in servers.iter().zip(rates.iter_mut()) {
+            *rate += resolve_rate(s, "scale0", 100_000.min(*n), o.secs(6) / ROUNDS).await / f64::from(ROUNDS);
+        }
+    }
+    let mut results = Vec::new();
+    for ((n, a, crashed, s, dir), rate) in servers.into_iter().zip(rates) {
         let rss = s.rss_mib();
+        println!("  {n:>8} paths: RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)");
+        results.push((n, a, s.startup, crashed, rss, rate));
         drop(s);
-        println!(
-            "  {n:>8} paths: start-up {} (after a crash: {}) RSS {rss:.0} MiB, resolve {rate:.0} URLs/s (batch 64)",
-            ms(startup),
-            ms(crashed)
-        );
-        results.push((n, a, startup, crashed, rss, rate));
+        drop(dir);
     }
     let (small, large) = (&results[0], &results[1]);
     for (n, a, startup, crashed, rss, rate) in [small, large] {
