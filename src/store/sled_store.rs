@@ -216,24 +216,34 @@ impl IndexedStore {
         if done < recorded {
             return Err(StoreError::Behind { path: dir.display().to_string(), holds: done, recorded });
         }
-        let mut last = done;
-        let mut replayed = 0;
-        for (seq, rec) in &records {
-            if *seq > done {
-                apply(&trees, *seq, rec)?;
-                replayed += 1;
-            }
-            last = last.max(*seq);
-        }
-        if replayed > 0 {
-            tracing::info!(replayed, "replayed writes from the write-ahead log");
-        }
-        let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
+        let last = records.iter().map(|(seq, _)| *seq).fold(done, u64::max);
         // The snapshot and the records since it, when they reach `last`,
         // instead of sled's trees (sled stays the truth; see `snapshot`).
         let mut snap = super::snapshot::load(dir, &records, last);
-        drop(records);
-        if let Some((_, base)) = &mut snap {
+        // With the index from the snapshot, the log's records need not go
+        // into sled now: they stay in the log, the writer's next checkpoint
+        // applies them with the writes that follow, and a start after a
+        // crash costs no more than reading them. This holds when every
+        // record in the log is past sled's checkpoint (the log was emptied
+        // after the last one), as it is unless a crash came between a
+        // checkpoint and the emptying of the log.
+        let deferred = snap.is_some() && records.first().is_some_and(|(seq, _)| *seq > done);
+        let mut replayed = 0;
+        if !deferred {
+            for (seq, rec) in &records {
+                if *seq > done {
+                    apply(&trees, *seq, rec)?;
+                    replayed += 1;
+                }
+            }
+            if replayed > 0 {
+                tracing::info!(replayed, "replayed writes from the write-ahead log");
+            }
+        }
+        let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
+        // What sled does not hold yet, for the purge outbox.
+        let pending: &[(u64, Rec)] = if deferred { &records } else { &[] };
+        if let (Some((_, base)), false) = (&mut snap, deferred) {
             // The log is emptied just below: its records go to the tail.
             match wal.append_to(&super::snapshot::tail_path(dir)) {
                 Ok(n) => base.tail_len += n,
@@ -243,14 +253,21 @@ impl IndexedStore {
                 }
             }
         }
-        checkpoint(&trees, dir, last)?;
-        wal.reset()?;
-        let from = if snap.is_some() { "snapshot" } else { "sled" };
+        if !deferred {
+            checkpoint(&trees, dir, last)?;
+            wal.reset()?;
+        }
+        let from = match (&snap, deferred) {
+            (Some(_), true) => "snapshot and log",
+            (Some(_), false) => "snapshot",
+            (None, _) => "sled",
+        };
         let (base, (index, ids, deleted_last)) = match snap {
             Some((loaded, base)) => (Some(base), loaded),
             None => (None, load(&trees)?),
         };
-        let purge_sent = load_purges(&trees, &purge.outbox, last)?;
+        let purge_sent = load_purges(&trees, &purge.outbox, last, pending)?;
+        drop(records);
         drop(trees);
         super::give_back_memory();
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
@@ -441,7 +458,15 @@ pub(super) fn load(t: &Trees) -> Result<Loaded, StoreError> {
 /// records past its delivered mark. Records every configured target has
 /// sent are dropped first; with no target (fsck, a server started without
 /// its targets) nothing is dropped.
-fn load_purges(t: &Trees, outbox: &crate::purge::Outbox, last_seq: u64) -> Result<FastMap<String, u64>, StoreError> {
+///
+/// `pending`: log records sled does not hold yet (a start that left them
+/// in the log), taken as if applied after sled's.
+fn load_purges(
+    t: &Trees,
+    outbox: &crate::purge::Outbox,
+    last_seq: u64,
+    pending: &[(u64, Rec)],
+) -> Result<FastMap<String, u64>, StoreError> {
     let mut sent = FastMap::default();
     for kv in t.purge_sent.iter() {
         let (k, v) = kv?;
@@ -458,6 +483,17 @@ fn load_purges(t: &Trees, outbox: &crate::purge::Outbox, last_seq: u64) -> Resul
             continue;
         }
         records.push((seq, u64_at("purges", &v, 0)?, decode_keys(&v[8..])?));
+    }
+    // As `apply` would leave sled.
+    for (seq, rec) in pending {
+        match rec {
+            Rec::Purge { at_ms, keys } => records.push((*seq, *at_ms, keys.clone())),
+            Rec::PurgeSent { target, upto, prune } => {
+                sent.insert(target.clone(), *upto);
+                records.retain(|(s, ..)| s > prune);
+            }
+            _ => {}
+        }
     }
     outbox.restore(&sent, records.iter().map(|(s, a, k)| (*s, *a, &k[..])), last_seq);
     if !records.is_empty() {

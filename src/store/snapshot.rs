@@ -647,6 +647,64 @@ mod tests {
         assert!(from_snapshot >= 20 && with_tail >= 5 && with_log >= 5, "{from_snapshot} {with_tail} {with_log}");
     }
 
+    /// A start after a crash with a usable snapshot leaves the log's records
+    /// in the log (sled gets them at the next checkpoint): the index has
+    /// them at once, the purge outbox too, and sled has them after the
+    /// next checkpoint, from which a start without the snapshot reads them.
+    #[test]
+    fn a_crash_start_leaves_the_log_to_the_next_checkpoint() {
+        use crate::purge::Outbox;
+        use crate::store::sled_store::{read_marker, PurgeOptions};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        workload(&dir, 3);
+        let opts = || PurgeOptions { outbox: Arc::new(Outbox::new(["edge".to_owned()], 1000)), on_publish: false };
+        let s = SledStore::open_with(&dir, opts()).unwrap();
+        let mut x = 99;
+        mixed(&s, &mut x, 60);
+        s.purge(vec!["k1".into(), "k2".into()]).blocking().unwrap();
+        s.purge(vec!["k3".into()]).blocking().unwrap();
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        crash_copy(&s, &dir, one.path());
+        crash_copy(&s, &dir, two.path());
+        s.close();
+        let (cdir, wdir) = (one.path().join("db"), two.path().join("db"));
+        let (want, _, last) = after_crash(&wdir);
+        let marker = read_marker(&cdir).unwrap();
+        assert!(marker < last, "the crash left records in the log only ({marker} < {last})");
+
+        let opened = opts();
+        let outbox = opened.outbox.clone();
+        let s = SledStore::open_with(&cdir, opened).unwrap();
+        assert_eq!(*s.shared.index.read(), want.0);
+        assert_eq!(read_marker(&cdir).unwrap(), marker, "the start did not checkpoint");
+        let waiting = outbox.queues()[0].take(100, 10_000).expect("the log's purges wait");
+        assert!(waiting.ends_with(&["k1".into(), "k2".into(), "k3".into()]), "{waiting:?}");
+        // The same as a start from sled with the log replayed into it.
+        let replayed = opts();
+        let (outbox, _s) = (replayed.outbox.clone(), SledStore::open_with(&wdir, replayed).unwrap());
+        assert_eq!(outbox.queues()[0].take(100, 10_000), Some(waiting));
+        // More writes, then a crash again: the log holds both starts' records.
+        let b = BlogId::parse("late").unwrap();
+        let id = s.invalidate(b.clone(), vec![]).blocking().unwrap();
+        let three = tempfile::tempdir().unwrap();
+        crash_copy(&s, &cdir, three.path());
+        let again = SledStore::open(&three.path().join("db")).unwrap();
+        assert_eq!(*again.shared.index.read(), *s.shared.index.read());
+        again.close();
+        // A clean stop checkpoints; without the snapshot, sled has it all.
+        let four = tempfile::tempdir().unwrap();
+        crash_copy(&s, &cdir, four.path());
+        let (want, _, _) = after_crash(&four.path().join("db"));
+        s.close();
+        drop(s);
+        std::fs::remove_file(path(&cdir)).unwrap();
+        let (got, seq) = from_sled(&cdir);
+        assert!(seq > last);
+        assert_eq!(got, want);
+        assert_eq!(got.0.blogs["late"].floor, id);
+    }
+
     /// A group refused by a full disk gives its record numbers back: the
     /// next writes take them, so the log runs without a gap, and a snapshot
     /// taken after the refusal names a record that exists. (Numbers skipped
