@@ -593,13 +593,15 @@ async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
         let path = &u.url[u.url.find("/ob/").unwrap()..];
         // The three servers take turns, three rounds each, so that a change
         // in the machine's speed during the run (often ±15% here) weighs on
-        // all of them alike: rates are means over the rounds, latencies the
-        // median round's.
+        // all of them alike (each taking each place in the order once):
+        // rates are means over the rounds, latencies the median round's.
         let targets = [s.http.port(), n1, n2].map(|port| format!("http://127.0.0.1:{port}{path}"));
         let mut runs: [Vec<Wrk>; 3] = Default::default();
-        for _ in 0..3 {
-            for (t, out) in targets.iter().zip(runs.iter_mut()) {
-                out.push(wrk(t, o.secs(9) / 3));
+        for round in 0..3 {
+            // Each goes first once: whoever follows another run shares the
+            // machine with that run's connections closing.
+            for i in (0..3).map(|i| (i + round) % 3) {
+                runs[i].push(wrk(&targets[i], o.secs(9) / 3));
             }
         }
         let [ours, one, two] = runs.map(|r| Wrk::combine(&r));
