@@ -61,6 +61,17 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub fn new(index: Index) -> Shared {
+        Shared {
+            failed: Mutex::default(),
+            degraded: Mutex::default(),
+            index: RwLock::new(index),
+            pending_refs: Mutex::default(),
+            queued: AtomicUsize::new(0),
+            local_gc: Mutex::default(),
+        }
+    }
+
     pub fn unpin(&self, hash: &ContentHash) {
         let mut p = self.pending_refs.lock();
         if let Some(n) = p.get_mut(hash) {
@@ -241,8 +252,17 @@ impl IndexedStore {
             }
         }
         let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
-        // What sled does not hold yet, for the purge outbox.
-        let pending: &[(u64, Rec)] = if deferred { &records } else { &[] };
+        // What sled does not hold yet, for the purge outbox (the rest of
+        // the log's records are not needed any more).
+        let pending: Vec<(u64, Rec)> = match deferred {
+            true => {
+                records.into_iter().filter(|(_, r)| matches!(r, Rec::Purge { .. } | Rec::PurgeSent { .. })).collect()
+            }
+            false => {
+                drop(records);
+                Vec::new()
+            }
+        };
         if let (Some((_, base)), false) = (&mut snap, deferred) {
             // The log is emptied just below: its records go to the tail.
             match wal.append_to(&super::snapshot::tail_path(dir)) {
@@ -266,8 +286,8 @@ impl IndexedStore {
             Some((loaded, base)) => (Some(base), loaded),
             None => (None, load(&trees)?),
         };
-        let purge_sent = load_purges(&trees, &purge.outbox, last, pending)?;
-        drop(records);
+        let purge_sent = load_purges(&trees, &purge.outbox, last, &pending)?;
+        drop(pending);
         drop(trees);
         super::give_back_memory();
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
@@ -280,15 +300,7 @@ impl IndexedStore {
             total_ms = started.elapsed().as_millis() as u64,
             "store open"
         );
-        let shared = Arc::new(Shared {
-            failed: Mutex::default(),
-            degraded: Mutex::default(),
-            index: RwLock::new(index),
-            pending_refs: Mutex::default(),
-            queued: AtomicUsize::new(0),
-            local_gc: Mutex::default(),
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared::new(index));
         let mut writer = Writer {
             // Opened again at the next checkpoint (see `Writer::checkpoint`).
             trees: None,
@@ -309,7 +321,16 @@ impl IndexedStore {
             snap: base,
             tuning,
         };
-        let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || writer.run(rx))?;
+        Ok(IndexedStore::start(shared, move |rx| writer.run(rx))?)
+    }
+
+    /// The store over `shared`, its writes going to `run` on the writer thread.
+    pub(super) fn start(
+        shared: Arc<Shared>,
+        run: impl FnOnce(std::sync::mpsc::Receiver<Op>) + Send + 'static,
+    ) -> std::io::Result<IndexedStore> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || run(rx))?;
         Ok(IndexedStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
     }
 

@@ -272,6 +272,63 @@ impl Ids {
     }
 }
 
+/// The records a write becomes, the same for the sled writer and the etcd
+/// one (each assigns ids and reads its index its own way).
+pub mod build {
+    use super::*;
+    use crate::store::index::Index;
+
+    /// A publish: `paths` take the blog's new id (none: its floor rose).
+    pub fn invalidate(blog: &BlogId, ids: Ids, paths: &[BlogPath]) -> Rec {
+        let paths = paths.iter().map(|p| p.as_str().to_owned()).collect();
+        Rec::Invalidate { blog: blog.to_string(), id: ids.last, floor: ids.floor, paths }
+    }
+
+    pub fn bind(blog: &BlogId, ids: Ids, path: Option<&BlogPath>, binding: &Binding) -> Rec {
+        Rec::Bind {
+            blog: blog.to_string(),
+            id: ids.last,
+            floor: ids.floor,
+            path: path.map(|p| p.as_str().to_owned()),
+            hash: binding.hash.0,
+            size: binding.size,
+            content_type: binding.content_type.to_string(),
+            filename: binding.filename.to_string(),
+        }
+    }
+
+    /// A blog's deletion, naming the blobs and domains it drops (from the
+    /// index, current for this write), and those blobs' hashes.
+    pub fn delete(index: &Index, blog: &BlogId, last: CacheId) -> (Rec, Vec<ContentHash>) {
+        let (hashes, domains) = match index.blogs.get(blog.as_str()) {
+            Some(s) => {
+                (s.refs.keys().map(|h| h.0).collect::<Vec<_>>(), s.domains.iter().map(|d| d.to_string()).collect())
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let found = hashes.iter().map(|h| ContentHash(*h)).collect();
+        (Rec::Delete { blog: blog.to_string(), last, hashes, domains }, found)
+    }
+
+    /// The paths of `blog` bound to `hash`; `None` when the blog does not
+    /// reference it (nothing to take down).
+    pub fn bound_paths(index: &Index, blog: &BlogId, hash: &ContentHash) -> Option<Vec<String>> {
+        let s = index.blogs.get(blog.as_str()).filter(|s| s.refs.contains_key(hash))?;
+        let bound = s.paths.iter().filter(|(_, e)| e.binding.as_ref().is_some_and(|b| b.0 == *hash));
+        Some(bound.map(|(p, _)| p.to_owned()).collect())
+    }
+
+    pub fn unref(blog: &BlogId, ids: Ids, hash: &ContentHash, paths: Vec<String>) -> Rec {
+        Rec::Unref { blog: blog.to_string(), id: ids.last, floor: ids.floor, hash: hash.0, paths }
+    }
+
+    /// Whether a blob is referenced, or about to be by a write in flight:
+    /// the garbage collector's candidate is then kept.
+    pub fn referenced(shared: &Shared, index: &Index, hash: &ContentHash) -> bool {
+        shared.pending_refs.lock().contains_key(hash) || index.blob_refs.contains_key(hash)
+    }
+}
+
 pub struct Writer {
     /// sled, open only during a checkpoint (reopened by the next one).
     pub trees: Option<Trees>,
@@ -524,13 +581,13 @@ impl Writer {
 
     /// Assigns the next cache id of a blog: (id, floor). A new blog's floor
     /// is its first id; a blog deleted before starts above its old ids.
-    fn assign(&mut self, blog: &BlogId, raise_floor: bool) -> (CacheId, CacheId) {
+    fn assign(&mut self, blog: &BlogId, raise_floor: bool) -> Ids {
         let prev = self.ids.get(blog.as_str()).copied();
         let deleted = self.deleted_last.get(blog.as_str()).copied();
         self.undo.push((blog.as_str().into(), prev, deleted));
         let next = Ids::next(prev, deleted, raise_floor);
         self.ids.insert(blog.as_str().into(), next);
-        (next.last, next.floor)
+        next
     }
 
     /// Resolves one write into log records (the write, and the purge it
@@ -561,33 +618,17 @@ impl Writer {
         }
         let (rec, effect) = match op {
             Op::Invalidate { blog, paths, tx } => {
-                let (id, floor) = self.assign(&blog, paths.is_empty());
-                let rec = Rec::Invalidate {
-                    blog: blog.to_string(),
-                    id,
-                    floor,
-                    paths: paths.iter().map(|p| p.as_str().to_owned()).collect(),
-                };
-                (rec, Effect::Invalidated { id, tx })
+                let ids = self.assign(&blog, paths.is_empty());
+                (build::invalidate(&blog, ids, &paths), Effect::Invalidated { id: ids.last, tx })
             }
             Op::Bind { blog, path, binding, tx } => {
-                let (id, floor) = self.assign(&blog, false);
-                let rec = Rec::Bind {
-                    blog: blog.to_string(),
-                    id,
-                    floor,
-                    path: path.as_ref().map(|p| p.as_str().to_owned()),
-                    hash: binding.hash.0,
-                    size: binding.size,
-                    content_type: binding.content_type.to_string(),
-                    filename: binding.filename.to_string(),
-                };
-                (rec, Effect::Bound { hash: binding.hash, tx })
+                let ids = self.assign(&blog, false);
+                (build::bind(&blog, ids, path.as_ref(), &binding), Effect::Bound { hash: binding.hash, tx })
             }
             Op::SetDomain { domain, blog, tx } => {
                 let create = match self.ids.contains_key(blog.as_str()) {
                     true => None,
-                    false => Some(self.assign(&blog, true).0),
+                    false => Some(self.assign(&blog, true).last),
                 };
                 let rec = Rec::SetDomain { domain: domain.to_string(), blog: blog.to_string(), create };
                 (rec, Effect::Done { tx })
@@ -603,48 +644,21 @@ impl Writer {
                     return;
                 };
                 // From the index (current, see above): no scan of sled.
-                let (hashes, domains) = {
-                    let index = self.shared.index.read();
-                    match index.blogs.get(blog.as_str()) {
-                        Some(s) => (
-                            s.refs.keys().map(|h| h.0).collect::<Vec<_>>(),
-                            s.domains.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-                        ),
-                        None => (Vec::new(), Vec::new()),
-                    }
-                };
+                let (rec, found) = build::delete(&self.shared.index.read(), &blog, ids.last);
                 self.undo.push((blog.as_str().into(), Some(ids), self.deleted_last.get(blog.as_str()).copied()));
                 self.ids.remove(blog.as_str());
                 self.deleted_last.insert(blog.as_str().into(), ids.last);
-                let found = hashes.iter().map(|h| ContentHash(*h)).collect();
-                let rec = Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains };
                 (rec, Effect::Deleted { hashes: Some(found), tx })
             }
             Op::DeleteAsset { blog, hash, tx } => {
                 // The group before this one is committed: the index is current.
-                let paths: Option<Vec<Box<str>>> = {
-                    let index = self.shared.index.read();
-                    index.blogs.get(blog.as_str()).filter(|s| s.refs.contains_key(&hash)).map(|s| {
-                        s.paths
-                            .iter()
-                            .filter(|(_, e)| e.binding.as_ref().is_some_and(|b| b.0 == hash))
-                            .map(|(p, _)| Box::from(p))
-                            .collect()
-                    })
-                };
+                let paths = build::bound_paths(&self.shared.index.read(), &blog, &hash);
                 let Some(paths) = paths else {
                     let _ = tx.send(Ok(false));
                     return;
                 };
-                let (id, floor) = self.assign(&blog, false);
-                let rec = Rec::Unref {
-                    blog: blog.to_string(),
-                    id,
-                    floor,
-                    hash: hash.0,
-                    paths: paths.iter().map(|p| p.to_string()).collect(),
-                };
-                (rec, Effect::Unref { tx })
+                let ids = self.assign(&blog, false);
+                (build::unref(&blog, ids, &hash, paths), Effect::Unref { tx })
             }
             Op::Purge { tx, .. } => {
                 if let Some(keys) = purge {
@@ -668,8 +682,7 @@ impl Writer {
                 // Kept as a candidate when the collector left the blob because
                 // a blog referenced it, but none does any more (that blog was
                 // deleted meanwhile): dropping it now would leak the blob.
-                let referenced = self.shared.pending_refs.lock().contains_key(&hash)
-                    || self.shared.index.read().blob_refs.contains_key(&hash);
+                let referenced = build::referenced(&self.shared, &self.shared.index.read(), &hash);
                 if !removed && !referenced {
                     let _ = tx.send(Ok(()));
                     return;

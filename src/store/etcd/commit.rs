@@ -53,25 +53,11 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
         out.push(match op {
             Op::Invalidate { blog, paths, .. } => {
                 let ids = assign(&mut over, a, blog.as_str(), paths.is_empty());
-                let paths = paths.iter().map(|p| p.as_str().to_owned()).collect();
-                (
-                    Some(Rec::Invalidate { blog: blog.to_string(), id: ids.last, floor: ids.floor, paths }),
-                    Out::Id(ids.last),
-                )
+                (Some(build::invalidate(blog, ids, paths)), Out::Id(ids.last))
             }
             Op::Bind { blog, path, binding, .. } => {
                 let ids = assign(&mut over, a, blog.as_str(), false);
-                let rec = Rec::Bind {
-                    blog: blog.to_string(),
-                    id: ids.last,
-                    floor: ids.floor,
-                    path: path.as_ref().map(|p| p.as_str().to_owned()),
-                    hash: binding.hash.0,
-                    size: binding.size,
-                    content_type: binding.content_type.to_string(),
-                    filename: binding.filename.to_string(),
-                };
-                (Some(rec), Out::Unit)
+                (Some(build::bind(blog, ids, path.as_ref(), binding)), Out::Unit)
             }
             Op::SetDomain { domain, blog, .. } => {
                 // Known if it exists, or an earlier write of this group creates it.
@@ -89,48 +75,19 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
             Op::DeleteBlog { blog, .. } => match a.ids.get(blog.as_str()) {
                 None => (None, Out::Hashes(None)),
                 Some(ids) => {
-                    let (hashes, domains) = match index.blogs.get(blog.as_str()) {
-                        Some(s) => (
-                            s.refs.keys().map(|h| h.0).collect::<Vec<_>>(),
-                            s.domains.iter().map(|d| d.to_string()).collect(),
-                        ),
-                        None => (Vec::new(), Vec::new()),
-                    };
-                    let found = hashes.iter().map(|h| ContentHash(*h)).collect();
-                    (
-                        Some(Rec::Delete { blog: blog.to_string(), last: ids.last, hashes, domains }),
-                        Out::Hashes(Some(found)),
-                    )
+                    let (rec, found) = build::delete(index, blog, ids.last);
+                    (Some(rec), Out::Hashes(Some(found)))
                 }
             },
-            Op::DeleteAsset { blog, hash, .. } => {
-                let paths: Option<Vec<String>> =
-                    index.blogs.get(blog.as_str()).filter(|s| s.refs.contains_key(hash)).map(|s| {
-                        s.paths
-                            .iter()
-                            .filter(|(_, e)| e.binding.as_ref().is_some_and(|b| b.0 == *hash))
-                            .map(|(p, _)| p.to_string())
-                            .collect()
-                    });
-                match paths {
-                    None => (None, Out::Bool(false)),
-                    Some(paths) => {
-                        let ids = assign(&mut over, a, blog.as_str(), false);
-                        (
-                            Some(Rec::Unref {
-                                blog: blog.to_string(),
-                                id: ids.last,
-                                floor: ids.floor,
-                                hash: hash.0,
-                                paths,
-                            }),
-                            Out::Bool(true),
-                        )
-                    }
+            Op::DeleteAsset { blog, hash, .. } => match build::bound_paths(index, blog, hash) {
+                None => (None, Out::Bool(false)),
+                Some(paths) => {
+                    let ids = assign(&mut over, a, blog.as_str(), false);
+                    (Some(build::unref(blog, ids, hash, paths)), Out::Bool(true))
                 }
-            }
+            },
             Op::GcDone { hash, removed, .. } => {
-                let referenced = shared.pending_refs.lock().contains_key(hash) || index.blob_refs.contains_key(hash);
+                let referenced = build::referenced(shared, index, hash);
                 // As in the sled writer: a candidate no blog references any
                 // more, that the collector left, stays for the next round.
                 let settled = *removed || referenced;

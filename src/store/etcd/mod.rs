@@ -60,7 +60,7 @@ use crate::store::index::{FastMap, Index};
 use crate::store::sled_store::{IndexedStore, Shared};
 use crate::store::snapshot;
 use crate::store::wal::{self, Rec};
-use crate::store::writer::{Ids, Op};
+use crate::store::writer::{build, Ids, Op};
 use crate::store::StoreError;
 
 mod commit;
@@ -168,14 +168,7 @@ impl IndexedStore {
         let with = |s: &[u8]| [prefix.as_slice(), s].concat();
         let (seen, _) = watch::channel(0);
         let f = Arc::new(Follower {
-            shared: Arc::new(Shared {
-                failed: Mutex::default(),
-                degraded: Mutex::default(),
-                index: parking_lot::RwLock::new(Index::default()),
-                pending_refs: Mutex::default(),
-                queued: Default::default(),
-                local_gc: Mutex::default(),
-            }),
+            shared: Arc::new(Shared::new(Index::default())),
             applied: Mutex::default(),
             seen,
             head: with(b"head"),
@@ -221,18 +214,16 @@ impl IndexedStore {
         let wc = WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE);
         rt.spawn(f.clone().follow(kv.clone(), wc));
         rt.spawn(f.clone().probe(kv.clone()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let shared = f.shared.clone();
         let nonce = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
         };
         let writer = Writer { written: 0, nonce, tries: 0, f, kv, rt: rt.handle().clone() };
-        let handle = std::thread::Builder::new().name("blotcdn-writer".into()).spawn(move || {
+        Ok(IndexedStore::start(shared, move |rx| {
             writer.run(rx);
             // The watch and the connections end with the writer.
             rt.shutdown_background();
-        })?;
-        Ok(IndexedStore { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) })
+        })?)
     }
 }
