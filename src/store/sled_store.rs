@@ -233,12 +233,25 @@ impl IndexedStore {
         let mut snap = super::snapshot::load(dir, &records, last);
         // With the index from the snapshot, the log's records need not go
         // into sled now: they stay in the log, the writer's next checkpoint
-        // applies them with the writes that follow, and a start after a
-        // crash costs no more than reading them. This holds when every
-        // record in the log is past sled's checkpoint (the log was emptied
-        // after the last one), as it is unless a crash came between a
-        // checkpoint and the emptying of the log.
-        let deferred = snap.is_some() && records.first().is_some_and(|(seq, _)| *seq > done);
+        // applies every record the log holds with the writes that follow,
+        // and a start after a crash costs no more than reading them. This
+        // holds only when the log is exactly the records after sled's
+        // checkpoint, one by one: not after a crash between a checkpoint and
+        // the emptying of the log, nor when a torn write left records from
+        // before the last reset readable after the live ones (applied at the
+        // checkpoint, those would undo newer writes in sled). And not past a
+        // checkpoint's worth of log, which the writer would refuse writes
+        // over until its first checkpoint.
+        let follows = records.iter().zip(done + 1..).all(|((seq, _), want)| *seq == want);
+        let deferred = snap.is_some() && !records.is_empty() && follows && wal.bytes() <= tuning.checkpoint_bytes;
+        if deferred {
+            // Records a crashed process wrote but did not sync may sit in
+            // the page cache only: the index must not show them before
+            // they are on disk.
+            if let Err(super::wal::WalError::Append(e) | super::wal::WalError::Sync(e)) = wal.sync() {
+                return Err(StoreError::Open { path: wal_path.display().to_string(), source: e.into() });
+            }
+        }
         let mut replayed = 0;
         if !deferred {
             for (seq, rec) in &records {

@@ -705,6 +705,46 @@ mod tests {
         assert_eq!(got.0.blogs["late"].floor, id);
     }
 
+    /// A torn write can leave records from before the log's last reset
+    /// readable after the live ones. A start must not leave those for the
+    /// next checkpoint, which applies every record the log holds: an old
+    /// deletion would undo newer writes in sled.
+    #[test]
+    fn old_records_after_the_live_ones_are_not_left_for_a_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        workload(&dir, 5);
+        let s = SledStore::open(&dir).unwrap();
+        let mut x = 17;
+        mixed(&s, &mut x, 40);
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        crash_copy(&s, &dir, one.path());
+        crash_copy(&s, &dir, two.path());
+        s.close();
+        let (cdir, wdir) = (one.path().join("db"), two.path().join("db"));
+        let (want, _, _) = after_crash(&wdir);
+        // An old deletion of a blog that exists, where the live records end.
+        let victim = want.0.blogs.keys().next().expect("a blog").to_string();
+        let wal_path = cdir.with_extension("wal");
+        let mut log = std::fs::read(&wal_path).unwrap();
+        let end = crate::store::wal::each_record(&log, |_, _| true);
+        assert!(end > 0, "the crash left records in the log");
+        let stale = Rec::Delete { blog: victim.clone(), last: 1, hashes: vec![], domains: vec![] };
+        let bytes = crate::store::wal::encode_record(1, &stale);
+        log.splice(end..end + bytes.len() + 8, bytes.iter().copied().chain([0u8; 8]));
+        std::fs::write(&wal_path, &log).unwrap();
+        // Started, and stopped (its checkpoint): sled has what a replay
+        // of the live records gives, the blog included.
+        let s = SledStore::open(&cdir).unwrap();
+        assert_eq!(*s.shared.index.read(), want.0);
+        s.close();
+        drop(s);
+        std::fs::remove_file(path(&cdir)).unwrap();
+        let (got, _) = from_sled(&cdir);
+        assert!(got.0.blogs.contains_key(victim.as_str()), "an old record undid {victim} in sled");
+        assert_eq!(got.0, want.0);
+    }
+
     /// A group refused by a full disk gives its record numbers back: the
     /// next writes take them, so the log runs without a gap, and a snapshot
     /// taken after the refusal names a record that exists. (Numbers skipped

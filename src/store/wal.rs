@@ -383,6 +383,14 @@ pub struct Wal {
     path: std::path::PathBuf,
 }
 
+/// Tests: `rec` as the log holds it.
+#[cfg(test)]
+pub fn encode_record(seq: u64, rec: &Rec) -> Vec<u8> {
+    let mut out = Vec::new();
+    rec.encode(seq, &mut out);
+    out
+}
+
 /// Tests: the log at this path refuses its appends, as a full disk would.
 #[cfg(test)]
 pub static REFUSE_APPENDS: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
