@@ -210,8 +210,6 @@ impl IndexedStore {
         let started = Instant::now();
         let trees = Trees::open(dir)?;
         let sled_ms = started.elapsed().as_millis() as u64;
-        // Replay what the log holds past sled's last checkpoint, then
-        // checkpoint, so the log starts empty.
         let wal_path = dir.with_extension("wal");
         let (mut wal, records) = Wal::open(&wal_path)
             .map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
@@ -244,16 +242,20 @@ impl IndexedStore {
         // over until its first checkpoint.
         let follows = records.iter().zip(done + 1..).all(|((seq, _), want)| *seq == want);
         let deferred = snap.is_some() && !records.is_empty() && follows && wal.bytes() <= tuning.checkpoint_bytes;
-        if deferred {
+        // What sled does not hold yet, for the purge outbox: none once the
+        // log is replayed into it.
+        let (pending, replay_ms): (Vec<(u64, Rec)>, u64) = if deferred {
             // Records a crashed process wrote but did not sync may sit in
             // the page cache only: the index must not show them before
             // they are on disk.
             if let Err(super::wal::WalError::Append(e) | super::wal::WalError::Sync(e)) = wal.sync() {
                 return Err(StoreError::Open { path: wal_path.display().to_string(), source: e.into() });
             }
-        }
-        let mut replayed = 0;
-        if !deferred {
+            let purges = records.into_iter().filter(|(_, r)| matches!(r, Rec::Purge { .. } | Rec::PurgeSent { .. }));
+            (purges.collect(), 0)
+        } else {
+            let replaying = Instant::now();
+            let mut replayed = 0;
             for (seq, rec) in &records {
                 if *seq > done {
                     apply(&trees, *seq, rec)?;
@@ -263,33 +265,22 @@ impl IndexedStore {
             if replayed > 0 {
                 tracing::info!(replayed, "replayed writes from the write-ahead log");
             }
-        }
-        let replay_ms = started.elapsed().as_millis() as u64 - sled_ms;
-        // What sled does not hold yet, for the purge outbox (the rest of
-        // the log's records are not needed any more).
-        let pending: Vec<(u64, Rec)> = match deferred {
-            true => {
-                records.into_iter().filter(|(_, r)| matches!(r, Rec::Purge { .. } | Rec::PurgeSent { .. })).collect()
-            }
-            false => {
-                drop(records);
-                Vec::new()
-            }
-        };
-        if let (Some((_, base)), false) = (&mut snap, deferred) {
-            // The log is emptied just below: its records go to the tail.
-            match wal.append_to(&super::snapshot::tail_path(dir)) {
-                Ok(n) => base.tail_len += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the snapshot's tail could not be written; a new snapshot comes next");
-                    snap = None;
+            let replay_ms = replaying.elapsed().as_millis() as u64;
+            drop(records);
+            if let Some((_, base)) = &mut snap {
+                // The log is emptied just below: its records go to the tail.
+                match wal.append_to(&super::snapshot::tail_path(dir)) {
+                    Ok(n) => base.tail_len += n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the snapshot's tail could not be written; a new snapshot comes next");
+                        snap = None;
+                    }
                 }
             }
-        }
-        if !deferred {
             checkpoint(&trees, dir, last)?;
             wal.reset()?;
-        }
+            (Vec::new(), replay_ms)
+        };
         let from = match (&snap, deferred) {
             (Some(_), true) => "snapshot and log",
             (Some(_), false) => "snapshot",
