@@ -595,6 +595,15 @@ mod tests {
         (load_sled(&t).unwrap(), records, last)
     }
 
+    /// A crash copy of the store now, replayed as a start that reads sled
+    /// would (see `after_crash`): the copy, what it loads, the log's last record.
+    fn replayed_copy(s: &SledStore, dir: &Path) -> (tempfile::TempDir, Loaded, u64) {
+        let copy = tempfile::tempdir().unwrap();
+        crash_copy(s, dir, copy.path());
+        let (loaded, _, last) = after_crash(&copy.path().join("db"));
+        (copy, loaded, last)
+    }
+
     #[test]
     fn after_a_crash_the_snapshot_its_tail_and_the_log_load_what_sled_would() {
         use crate::store::writer::Tuning;
@@ -664,12 +673,11 @@ mod tests {
         mixed(&s, &mut x, 60);
         s.purge(vec!["k1".into(), "k2".into()]).blocking().unwrap();
         s.purge(vec!["k3".into()]).blocking().unwrap();
-        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = tempfile::tempdir().unwrap();
         crash_copy(&s, &dir, one.path());
-        crash_copy(&s, &dir, two.path());
+        let (two, want, last) = replayed_copy(&s, &dir);
         s.close();
         let (cdir, wdir) = (one.path().join("db"), two.path().join("db"));
-        let (want, _, last) = after_crash(&wdir);
         let marker = read_marker(&cdir).unwrap();
         assert!(marker < last, "the crash left records in the log only ({marker} < {last})");
 
@@ -693,9 +701,7 @@ mod tests {
         assert_eq!(*again.shared.index.read(), *s.shared.index.read());
         again.close();
         // A clean stop checkpoints; without the snapshot, sled has it all.
-        let four = tempfile::tempdir().unwrap();
-        crash_copy(&s, &cdir, four.path());
-        let (want, _, _) = after_crash(&four.path().join("db"));
+        let (_four, want, _) = replayed_copy(&s, &cdir);
         s.close();
         drop(s);
         std::fs::remove_file(path(&cdir)).unwrap();
@@ -717,12 +723,11 @@ mod tests {
         let s = SledStore::open(&dir).unwrap();
         let mut x = 17;
         mixed(&s, &mut x, 40);
-        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = tempfile::tempdir().unwrap();
         crash_copy(&s, &dir, one.path());
-        crash_copy(&s, &dir, two.path());
+        let (_two, want, _) = replayed_copy(&s, &dir);
         s.close();
-        let (cdir, wdir) = (one.path().join("db"), two.path().join("db"));
-        let (want, _, _) = after_crash(&wdir);
+        let cdir = one.path().join("db");
         // An old deletion of a blog that exists, where the live records end.
         let victim = want.0.blogs.keys().next().expect("a blog").to_string();
         let wal_path = cdir.with_extension("wal");
