@@ -533,9 +533,15 @@ class Storm:
         n = 0
         led, c = self.ledger, self.client
         transient = 0
+        # After a transient failure the same kind of write is tried again: a
+        # new random one would be a delete one time in eleven, and a thread
+        # retrying a dead server for a while would mark its blog as maybe
+        # deleted (so never checked) for a delete it never sent.
+        retry = None
         while not self.stop_flag.is_set():
             n += 1
-            kind = rnd.choice(kinds)
+            kind = retry or rnd.choice(kinds)
+            retry = None
             try:
                 if kind == "floor":
                     i = c.invalidate(blog)
@@ -583,6 +589,7 @@ class Storm:
                     transient += 1
                     if transient > 400:
                         return
+                    retry = kind
                     time.sleep(0.05)
                     continue
                 self.errors.append(f"{kind} on {blog}: {e.code()} {e.details()}")
