@@ -83,6 +83,8 @@ impl Shared {
     }
 }
 
+/// sled's trees (handles: a clone shares them).
+#[derive(Clone)]
 pub struct Trees {
     pub db: sled::Db,
     blogs: sled::Tree,
@@ -308,6 +310,7 @@ impl IndexedStore {
         let mut writer = Writer {
             // Opened again at the next checkpoint (see `Writer::checkpoint`).
             trees: None,
+            applying: None,
             db_path: PathBuf::from(dir),
             shared: shared.clone(),
             ids,

@@ -711,6 +711,71 @@ mod tests {
         assert_eq!(got.0.blogs["late"].floor, id);
     }
 
+    /// A checkpoint applies the log to sled on a thread of its own: writes
+    /// are answered meanwhile, those that outpace it wait for it, and sled
+    /// ends up with the records written during it as well.
+    #[test]
+    fn writes_go_on_while_a_checkpoint_applies_the_log() {
+        use crate::store::sled_store::read_marker;
+        use crate::store::writer::{Tuning, HOLD_ROUNDS, ROUNDS_HELD};
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::time::{Duration, Instant};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let tuning = Tuning { checkpoint_bytes: 256 << 10, snapshot_min: 4 << 20 };
+        let s = Arc::new(SledStore::open_tuned(&dir, Default::default(), tuning).unwrap());
+        let marker = read_marker(&dir).unwrap();
+        *HOLD_ROUNDS.lock().unwrap() = Some(dir.clone());
+        let big = BlogId::parse("big").unwrap();
+        let paths =
+            |i: usize| (0..1000).map(move |k| BlogPath::parse(&format!("/round-{i}/posts/page-{k}.html")).unwrap());
+        // Over a checkpoint's worth of log: a checkpoint begins, its round held.
+        let mut n = 0;
+        while ROUNDS_HELD.load(SeqCst) == 0 {
+            assert!(n < 64, "no checkpoint round after {n} writes of 1,000 paths");
+            s.invalidate(big.clone(), paths(n).collect()).blocking().unwrap();
+            s.flush().blocking().unwrap();
+            n += 1;
+        }
+        // Small writes are answered while it runs.
+        let small = BlogId::parse("small").unwrap();
+        for i in 0..3 {
+            s.invalidate(small.clone(), vec![BlogPath::parse(&format!("/s{i}.css")).unwrap()]).blocking().unwrap();
+        }
+        assert_eq!(read_marker(&dir).unwrap(), marker, "the checkpoint is under way");
+        // Writes of more than half the round's length wait for it.
+        let answered = Arc::new(AtomicUsize::new(0));
+        let more = {
+            let (s, answered, big) = (s.clone(), answered.clone(), big.clone());
+            std::thread::spawn(move || {
+                for i in n..n + 16 {
+                    s.invalidate(big.clone(), paths(i).collect()).blocking().unwrap();
+                    answered.fetch_add(1, SeqCst);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let before = answered.load(SeqCst);
+        assert!(before < 16, "16 writes of 1,000 paths answered while the checkpoint's round was held");
+        *HOLD_ROUNDS.lock().unwrap() = None;
+        more.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while read_marker(&dir).unwrap() == marker {
+            assert!(Instant::now() < deadline, "the checkpoint did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // sled alone (a crash copy, its log left out) holds what was written
+        // while the round was held.
+        let copy = tempfile::tempdir().unwrap();
+        crash_copy(&s, &dir, copy.path());
+        let (got, _) = from_sled(&copy.path().join("db"));
+        let index = s.shared.index.read();
+        let got_small = &got.0.blogs["small"];
+        assert_eq!(got_small.paths.len(), 3);
+        assert_eq!(got_small.floor, index.blogs["small"].floor);
+        assert!(got.0.blogs["big"].paths.len() >= (n + before) * 1000, "{}", got.0.blogs["big"].paths.len());
+    }
+
     /// A torn write can leave records from before the log's last reset
     /// readable after the live ones. A start must not leave those for the
     /// next checkpoint, which applies every record the log holds: an old

@@ -372,6 +372,40 @@ pub fn each_record(data: &[u8], mut f: impl FnMut(u64, Rec) -> bool) -> usize {
 /// update (and journal commit) that growing a file costs on every sync.
 const PREALLOCATE: u64 = 16 << 20;
 
+/// The log's records between two bytes, read back from the file (the page
+/// cache, as a rule) one at a time: what a checkpoint applies, in memory
+/// bounded by the largest record. A writer only appends after `end` (and
+/// empties the log only once no checkpoint reads it), so another thread may
+/// read these while the log goes on.
+pub struct Records {
+    file: File,
+    /// Where the records written when this was taken end.
+    pub end: u64,
+}
+
+impl Records {
+    /// Calls `f` with each record from byte `from` (a record's start, 0 for
+    /// the first since the last reset) to `end`, in order.
+    pub fn apply<E: From<io::Error>>(&self, from: u64, mut f: impl FnMut(u64, Rec) -> Result<(), E>) -> Result<(), E> {
+        let mut at = from;
+        let mut head = [0u8; 8];
+        let mut body = Vec::new();
+        while at < self.end {
+            self.file.read_exact_at(&mut head, at)?;
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
+            body.resize(len, 0);
+            self.file.read_exact_at(&mut body, at + 8)?;
+            let (seq, rec) = (len > 0 && blake3::hash(&body).as_bytes()[..4] == head[4..])
+                .then(|| Rec::decode(&body))
+                .flatten()
+                .ok_or_else(|| io::Error::other(format!("the write-ahead log reads back corrupt at byte {at}")))?;
+            f(seq, rec)?;
+            at += 8 + len as u64;
+        }
+        Ok(())
+    }
+}
+
 pub struct Wal {
     file: File,
     /// Where the next record goes.
@@ -416,26 +450,9 @@ impl Wal {
         Ok((wal, recs))
     }
 
-    /// Calls `f` with each record written since the last reset, in order,
-    /// read back from the file (the page cache, as a rule) one at a time:
-    /// what a checkpoint applies, in memory bounded by the largest record.
-    pub fn for_each_record<E: From<io::Error>>(&self, mut f: impl FnMut(u64, Rec) -> Result<(), E>) -> Result<(), E> {
-        let mut at = 0u64;
-        let mut head = [0u8; 8];
-        let mut body = Vec::new();
-        while at < self.pos {
-            self.file.read_exact_at(&mut head, at)?;
-            let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
-            body.resize(len, 0);
-            self.file.read_exact_at(&mut body, at + 8)?;
-            let rec = (len > 0 && blake3::hash(&body).as_bytes()[..4] == head[4..])
-                .then(|| Rec::decode(&body))
-                .flatten()
-                .ok_or_else(|| io::Error::other(format!("the write-ahead log reads back corrupt at byte {at}")))?;
-            f(rec.0, rec.1)?;
-            at += 8 + len as u64;
-        }
-        Ok(())
+    /// The records written so far, for another thread (see [`Records`]).
+    pub fn records(&self) -> io::Result<Records> {
+        Ok(Records { file: self.file.try_clone()?, end: self.pos })
     }
 
     /// Grows the zero-filled allocation to at least `cap` bytes.

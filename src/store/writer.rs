@@ -7,7 +7,10 @@
 //! one are read back from the log, applied to sled, sled is flushed, and the
 //! log starts over. So nothing a failed append refused ever reaches sled or
 //! the index (the ordering rule in ARCHITECTURE.md), and a publish costs an
-//! append and one `fdatasync`, nothing more.
+//! append and one `fdatasync`, nothing more. A checkpoint applies the log on
+//! a thread of its own while the writer goes on (see [`INLINE_BYTES`]); only
+//! its end (the last records, sled's flush, the snapshot, emptying the log)
+//! makes writes wait.
 //!
 //! Failures, and what each leaves possible:
 //! - an append that fails (disk full): the group is refused, the ids it
@@ -17,6 +20,7 @@
 //! - a failed checkpoint: the log keeps everything, sled is reopened from
 //!   disk at the next try; past [`MAX_LOG_BYTES`] of log, writes are refused.
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,6 +47,35 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// much besides the log.
 const SNAPSHOT_MIN: u64 = 4 << 20;
 const SNAPSHOT_MAX: u64 = 32 << 20;
+
+/// A checkpoint applies the log to sled in rounds on a thread of its own,
+/// each round the records written before it began, while the writer goes on.
+/// Once what is left is under this, the writer applies the rest itself, then
+/// ends the checkpoint; it does so as well once a round is not shorter than
+/// half the one before (a group's records can be longer than this). Writes
+/// that outpace sled are held back: once the log has grown by half a
+/// round's length since the round began, the writer waits for it to end
+/// before it takes more, so a checkpoint ends however fast writes come.
+const INLINE_BYTES: u64 = 64 << 10;
+/// While a round runs, the writer looks at it this often when idle.
+const ROUND_POLL: Duration = Duration::from_millis(1);
+
+/// Tests: the checkpoint rounds of the store at this path wait until it is
+/// taken away; `ROUNDS_HELD` counts those that waited.
+#[cfg(test)]
+pub static HOLD_ROUNDS: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+#[cfg(test)]
+pub static ROUNDS_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A checkpoint under way: sled is open and holds the log's records before
+/// byte `done`.
+pub struct Applying {
+    done: u64,
+    /// The round running, and where its records end.
+    round: Option<(u64, std::thread::JoinHandle<Result<(), StoreError>>)>,
+    /// The length of the last round.
+    last: u64,
+}
 
 /// The sizes that bring checkpoints and snapshots, smaller in tests.
 #[derive(Debug, Clone, Copy)]
@@ -332,6 +365,8 @@ pub mod build {
 pub struct Writer {
     /// sled, open only during a checkpoint (reopened by the next one).
     pub trees: Option<Trees>,
+    /// A checkpoint under way.
+    pub applying: Option<Applying>,
     pub db_path: PathBuf,
     pub shared: Arc<Shared>,
     pub ids: FastMap<Box<str>, Ids>,
@@ -368,14 +403,16 @@ fn now_ms() -> u64 {
 
 impl Writer {
     pub fn run(&mut self, rx: std::sync::mpsc::Receiver<Op>) {
+        use std::sync::mpsc::RecvTimeoutError;
         loop {
-            let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
+            let idle = if self.applying.is_some() { ROUND_POLL } else { CHECKPOINT_EVERY };
+            let first = match rx.recv_timeout(idle) {
                 Ok(op) => op,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(RecvTimeoutError::Timeout) => {
                     self.maybe_checkpoint(true);
                     continue;
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut group = Vec::new();
             let mut next = Some(first);
@@ -517,19 +554,28 @@ impl Writer {
         msg
     }
 
-    /// Applies the log to sled, flushes it, records the last log record it
-    /// holds, and empties the log.
+    /// Starts a checkpoint when one is due, or takes the one under way
+    /// further (to its end once it has caught up with the log).
     fn maybe_checkpoint(&mut self, idle: bool) {
         let bytes = self.wal.bytes();
-        let due = bytes > self.tuning.checkpoint_bytes
-            || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY))
-            || (idle && self.snap.is_none() && !self.snapshot_backing_off());
-        let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
-        if !due || backing_off || self.shared.failed.lock().is_some() {
+        if self.shared.failed.lock().is_some() {
+            // Nothing more reaches sled: a restart replays the log.
+            self.applying = None;
+            self.trees = None;
             return;
         }
-        match self.checkpoint(false) {
-            Ok(()) => {
+        if self.applying.is_none() {
+            let due = bytes > self.tuning.checkpoint_bytes
+                || (bytes > 0 && (idle || self.last_checkpoint.elapsed() > CHECKPOINT_EVERY))
+                || (idle && self.snap.is_none() && !self.snapshot_backing_off());
+            let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
+            if !due || backing_off {
+                return;
+            }
+        }
+        match self.advance(None, false) {
+            Ok(false) => {}
+            Ok(true) => {
                 self.last_checkpoint = Instant::now();
                 if self.checkpoint_failed.take().is_some() {
                     tracing::info!("checkpoint succeeded again");
@@ -537,15 +583,89 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, log_bytes = bytes, "checkpoint failed; the log keeps every write, retrying");
-                // sled keeps an I/O error for good: reopen it from disk next time.
-                self.trees = None;
                 self.checkpoint_failed = Some(Instant::now());
             }
         }
     }
 
+    /// A whole checkpoint (or the rest of the one under way), now.
     /// `snapshot`: write a new one, whatever the tail holds.
     fn checkpoint(&mut self, snapshot: bool) -> Result<(), StoreError> {
+        self.advance(Some(snapshot), true).map(|_| ())
+    }
+
+    /// Takes the checkpoint under way further (starting one if none is):
+    /// once the round running has ended (`wait`, or writes outpacing it:
+    /// waits for it), starts the next, or the writer applies the rest itself
+    /// (`now`: at once, with `Some(snapshot)`); once sled holds every
+    /// record, flushes it, records the last log record it holds, and empties
+    /// the log. True once the checkpoint is done. On failure sled is closed
+    /// (it keeps an I/O error for good: the next try reopens it from disk
+    /// and starts over).
+    fn advance(&mut self, now: Option<bool>, wait: bool) -> Result<bool, StoreError> {
+        let r = self.advance_inner(now, wait);
+        if !matches!(r, Ok(false)) {
+            // Done or failed: sled is closed until the next checkpoint. Open,
+            // it holds about 40 bytes per path however small its cache, for
+            // nothing, since every read is served by the index.
+            self.trees = None;
+            self.applying = None;
+        }
+        r
+    }
+
+    fn advance_inner(&mut self, now: Option<bool>, wait: bool) -> Result<bool, StoreError> {
+        if self.applying.is_none() {
+            self.open_for_checkpoint()?;
+            self.applying = Some(Applying { done: 0, round: None, last: u64::MAX });
+        }
+        let a = self.applying.as_mut().expect("under way");
+        if let Some((end, round)) = a.round.take() {
+            let outpaced = self.wal.bytes() - end > (end - a.done) / 2;
+            if !wait && !outpaced && !round.is_finished() {
+                a.round = Some((end, round));
+                return Ok(false);
+            }
+            round.join().map_err(|_| io::Error::other("the checkpoint's thread panicked"))??;
+            a.last = end - a.done;
+            a.done = end;
+        }
+        let trees = self.trees.as_ref().expect("open while a checkpoint is under way");
+        let records = self.wal.records()?;
+        let left = records.end - a.done;
+        if now.is_none() && left > INLINE_BYTES && left <= a.last / 2 {
+            let (trees, from) = (trees.clone(), a.done);
+            #[cfg(test)]
+            let db = self.db_path.clone();
+            a.round = Some((
+                records.end,
+                std::thread::Builder::new().name("blotcdn-checkpoint".into()).spawn(move || {
+                    #[cfg(test)]
+                    if HOLD_ROUNDS.lock().expect("lock").as_ref() == Some(&db) {
+                        ROUNDS_HELD.fetch_add(1, Ordering::SeqCst);
+                        while HOLD_ROUNDS.lock().expect("lock").as_ref() == Some(&db) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    records.apply(from, |seq, rec| Ok::<_, StoreError>(apply(&trees, seq, &rec)?))
+                })?,
+            ));
+            return Ok(false);
+        }
+        records.apply(a.done, |seq, rec| Ok::<_, StoreError>(apply(trees, seq, &rec)?))?;
+        checkpoint(trees, &self.db_path, self.seq - 1)?;
+        self.trees = None;
+        // sled holds every record: keep them for the next start (after sled,
+        // so that a snapshot filling the disk cannot stop sled's flush), then
+        // empty the log.
+        self.keep_log(now.unwrap_or(false));
+        self.wal.reset()?;
+        super::give_back_memory();
+        Ok(true)
+    }
+
+    /// Opens sled for a checkpoint, checked against its marker.
+    fn open_for_checkpoint(&mut self) -> Result<(), StoreError> {
         if self.trees.is_none() {
             let trees = Trees::open(&self.db_path)?;
             // sled reopened after a failure may read damage as a torn tail
@@ -560,22 +680,6 @@ impl Writer {
             }
             self.trees = Some(trees);
         }
-        let trees = self.trees.as_ref().expect("just opened");
-        let applied = self
-            .wal
-            .for_each_record(|seq, rec| apply(trees, seq, &rec).map_err(StoreError::from))
-            .and_then(|()| checkpoint(trees, &self.db_path, self.seq - 1));
-        // sled is closed until the next checkpoint: open, it holds about
-        // 40 bytes per path however small its cache, for nothing, since
-        // every read is served by the index.
-        self.trees = None;
-        applied?;
-        // sled holds every record: keep them for the next start (after sled,
-        // so that a snapshot filling the disk cannot stop sled's flush), then
-        // empty the log.
-        self.keep_log(snapshot);
-        self.wal.reset()?;
-        super::give_back_memory();
         Ok(())
     }
 
