@@ -385,12 +385,18 @@ pub struct Records {
 
 impl Records {
     /// Calls `f` with each record from byte `from` (a record's start, 0 for
-    /// the first since the last reset) to `end`, in order.
-    pub fn apply<E: From<io::Error>>(&self, from: u64, mut f: impl FnMut(u64, Rec) -> Result<(), E>) -> Result<(), E> {
+    /// the first since the last reset) on, in order, up to `end` or to the
+    /// first record that starts at or past `until`; returns where it stopped.
+    pub fn apply<E: From<io::Error>>(
+        &self,
+        from: u64,
+        until: u64,
+        mut f: impl FnMut(u64, Rec) -> Result<(), E>,
+    ) -> Result<u64, E> {
         let mut at = from;
         let mut head = [0u8; 8];
         let mut body = Vec::new();
-        while at < self.end {
+        while at < self.end.min(until) {
             self.file.read_exact_at(&mut head, at)?;
             let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
             body.resize(len, 0);
@@ -402,7 +408,7 @@ impl Records {
             f(seq, rec)?;
             at += 8 + len as u64;
         }
-        Ok(())
+        Ok(at)
     }
 }
 

@@ -48,15 +48,21 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 const SNAPSHOT_MIN: u64 = 4 << 20;
 const SNAPSHOT_MAX: u64 = 32 << 20;
 
-/// A checkpoint applies the log to sled in rounds on a thread of its own,
-/// each round the records written before it began, while the writer goes on.
-/// Once what is left is under this, the writer applies the rest itself, then
-/// ends the checkpoint; it does so as well once a round is not shorter than
-/// half the one before (a group's records can be longer than this). Writes
-/// that outpace sled are held back: once the log has grown by half a
+/// A checkpoint applies the log to sled in rounds on a thread of its own
+/// while the writer goes on, each round up to [`ROUND_BYTES`] (or four of
+/// the longest groups seen, if more) of the records synced before it began.
+/// Writes that outpace sled are held back: once the log has grown by half a
 /// round's length since the round began, the writer waits for it to end
-/// before it takes more, so a checkpoint ends however fast writes come.
+/// before it takes more (a wait of at most one round). A round's writes are
+/// then at most half its length and one group, three quarters of it, so
+/// what is left shrinks each round and a checkpoint ends however fast writes
+/// come. Once what is left is under this, the writer applies it itself and
+/// ends the checkpoint; it does so as well once what is left is one round's
+/// worth and not shorter than half the round before (the records of one
+/// group can be longer than this).
 const INLINE_BYTES: u64 = 64 << 10;
+/// A round's length, at least: about a third of a second of sled's inserts.
+const ROUND_BYTES: u64 = 4 << 20;
 /// While a round runs, the writer looks at it this often when idle.
 const ROUND_POLL: Duration = Duration::from_millis(1);
 
@@ -67,14 +73,22 @@ pub static HOLD_ROUNDS: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::ne
 #[cfg(test)]
 pub static ROUNDS_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// A round's thread: it answers where it stopped.
+type Round = std::thread::JoinHandle<Result<u64, StoreError>>;
+
 /// A checkpoint under way: sled is open and holds the log's records before
 /// byte `done`.
 pub struct Applying {
     done: u64,
-    /// The round running, and where its records end.
-    round: Option<(u64, std::thread::JoinHandle<Result<(), StoreError>>)>,
+    /// The round running (it answers where it stopped), where the log ended
+    /// when it began, and the length it was given.
+    round: Option<(u64, u64, Round)>,
     /// The length of the last round.
     last: u64,
+    /// The log's length at the last step, and the most it grew between two
+    /// (one group's records, as a step follows each group).
+    seen: u64,
+    group: u64,
 }
 
 /// The sizes that bring checkpoints and snapshots, smaller in tests.
@@ -559,8 +573,11 @@ impl Writer {
     fn maybe_checkpoint(&mut self, idle: bool) {
         let bytes = self.wal.bytes();
         if self.shared.failed.lock().is_some() {
-            // Nothing more reaches sled: a restart replays the log.
-            self.applying = None;
+            // Nothing more reaches sled: a restart replays the log. A round
+            // under way ends first (it holds sled's lock).
+            if let Some((_, _, round)) = self.applying.take().and_then(|a| a.round) {
+                let _ = round.join();
+            }
             self.trees = None;
             return;
         }
@@ -617,42 +634,50 @@ impl Writer {
     fn advance_inner(&mut self, now: Option<bool>, wait: bool) -> Result<bool, StoreError> {
         if self.applying.is_none() {
             self.open_for_checkpoint()?;
-            self.applying = Some(Applying { done: 0, round: None, last: u64::MAX });
+            let seen = self.wal.bytes();
+            self.applying = Some(Applying { done: 0, round: None, last: u64::MAX, seen, group: 0 });
         }
         let a = self.applying.as_mut().expect("under way");
-        if let Some((end, round)) = a.round.take() {
-            let outpaced = self.wal.bytes() - end > (end - a.done) / 2;
+        let bytes = self.wal.bytes();
+        a.group = a.group.max(bytes - a.seen);
+        a.seen = bytes;
+        if let Some((end, len, round)) = a.round.take() {
+            let outpaced = bytes - end > len / 2;
             if !wait && !outpaced && !round.is_finished() {
-                a.round = Some((end, round));
+                a.round = Some((end, len, round));
                 return Ok(false);
             }
-            round.join().map_err(|_| io::Error::other("the checkpoint's thread panicked"))??;
-            a.last = end - a.done;
-            a.done = end;
+            let to = round.join().map_err(|_| io::Error::other("the checkpoint's thread panicked"))??;
+            a.last = to - a.done;
+            a.done = to;
         }
         let trees = self.trees.as_ref().expect("open while a checkpoint is under way");
         let records = self.wal.records()?;
         let left = records.end - a.done;
-        if now.is_none() && left > INLINE_BYTES && left <= a.last / 2 {
+        let len = ROUND_BYTES.max(4 * a.group);
+        if now.is_none() && left > INLINE_BYTES && (left > len || left <= a.last / 2) {
             let (trees, from) = (trees.clone(), a.done);
             #[cfg(test)]
-            let db = self.db_path.clone();
+            let held = {
+                let held = HOLD_ROUNDS.lock().expect("lock").as_ref() == Some(&self.db_path);
+                // Counted before any later write is answered.
+                ROUNDS_HELD.fetch_add(held as usize, Ordering::SeqCst);
+                held.then(|| self.db_path.clone())
+            };
             a.round = Some((
                 records.end,
+                len.min(left),
                 std::thread::Builder::new().name("blotcdn-checkpoint".into()).spawn(move || {
                     #[cfg(test)]
-                    if HOLD_ROUNDS.lock().expect("lock").as_ref() == Some(&db) {
-                        ROUNDS_HELD.fetch_add(1, Ordering::SeqCst);
-                        while HOLD_ROUNDS.lock().expect("lock").as_ref() == Some(&db) {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
+                    while held.is_some() && *HOLD_ROUNDS.lock().expect("lock") == held {
+                        std::thread::sleep(Duration::from_millis(1));
                     }
-                    records.apply(from, |seq, rec| Ok::<_, StoreError>(apply(&trees, seq, &rec)?))
+                    records.apply(from, from + len, |seq, rec| Ok::<_, StoreError>(apply(&trees, seq, &rec)?))
                 })?,
             ));
             return Ok(false);
         }
-        records.apply(a.done, |seq, rec| Ok::<_, StoreError>(apply(trees, seq, &rec)?))?;
+        records.apply(a.done, u64::MAX, |seq, rec| Ok::<_, StoreError>(apply(trees, seq, &rec)?))?;
         checkpoint(trees, &self.db_path, self.seq - 1)?;
         self.trees = None;
         // sled holds every record: keep them for the next start (after sled,
