@@ -590,7 +590,7 @@ impl Writer {
                 return;
             }
         }
-        match self.advance(None, false) {
+        match self.advance(None) {
             Ok(false) => {}
             Ok(true) => {
                 self.last_checkpoint = Instant::now();
@@ -608,19 +608,19 @@ impl Writer {
     /// A whole checkpoint (or the rest of the one under way), now.
     /// `snapshot`: write a new one, whatever the tail holds.
     fn checkpoint(&mut self, snapshot: bool) -> Result<(), StoreError> {
-        self.advance(Some(snapshot), true).map(|_| ())
+        self.advance(Some(snapshot)).map(|_| ())
     }
 
     /// Takes the checkpoint under way further (starting one if none is):
-    /// once the round running has ended (`wait`, or writes outpacing it:
-    /// waits for it), starts the next, or the writer applies the rest itself
-    /// (`now`: at once, with `Some(snapshot)`); once sled holds every
-    /// record, flushes it, records the last log record it holds, and empties
-    /// the log. True once the checkpoint is done. On failure sled is closed
-    /// (it keeps an I/O error for good: the next try reopens it from disk
-    /// and starts over).
-    fn advance(&mut self, now: Option<bool>, wait: bool) -> Result<bool, StoreError> {
-        let r = self.advance_inner(now, wait);
+    /// once the round running has ended (writes outpacing it: waits for
+    /// it), starts the next, or the writer applies the rest itself (`now`,
+    /// `Some(snapshot)`: waits for the round, then the rest); once sled
+    /// holds every record, flushes it, records the last log record it
+    /// holds, and empties the log. True once the checkpoint is done. On
+    /// failure sled is closed (it keeps an I/O error for good: the next try
+    /// reopens it from disk and starts over).
+    fn advance(&mut self, now: Option<bool>) -> Result<bool, StoreError> {
+        let r = self.advance_inner(now);
         if !matches!(r, Ok(false)) {
             // Done or failed: sled is closed until the next checkpoint. Open,
             // it holds about 40 bytes per path however small its cache, for
@@ -631,7 +631,7 @@ impl Writer {
         r
     }
 
-    fn advance_inner(&mut self, now: Option<bool>, wait: bool) -> Result<bool, StoreError> {
+    fn advance_inner(&mut self, now: Option<bool>) -> Result<bool, StoreError> {
         if self.applying.is_none() {
             self.open_for_checkpoint()?;
             let seen = self.wal.bytes();
@@ -643,7 +643,7 @@ impl Writer {
         a.seen = bytes;
         if let Some((end, len, round)) = a.round.take() {
             let outpaced = bytes - end > len / 2;
-            if !wait && !outpaced && !round.is_finished() {
+            if now.is_none() && !outpaced && !round.is_finished() {
                 a.round = Some((end, len, round));
                 return Ok(false);
             }
