@@ -118,9 +118,10 @@ fn open_store_quietly(
 }
 
 /// Descriptors kept back from connections: the store, the log, files being
-/// served, blobs being written, fallback fetches and their backfills.
-fn fd_reserve(config: &Config) -> u64 {
-    256 + 2 * config.max_uploads as u64 + 3 * config.max_fallback_fetches as u64
+/// served, blobs being written, fallback fetches and their backfills, and
+/// the hot files sealed for `sendfile` (`sealed`).
+fn fd_reserve(config: &Config, sealed: usize) -> u64 {
+    256 + 2 * config.max_uploads as u64 + 3 * config.max_fallback_fetches as u64 + sealed as u64
 }
 
 pub struct App {
@@ -375,7 +376,9 @@ impl App {
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 grpc_stop,
             );
-        let max_connections = (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config))).max(16);
+        let sealed = crate::origin::sealed_files(config.hot_cache_bytes, nofile);
+        let max_connections =
+            (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config, sealed))).max(16);
         if max_connections < config.max_connections as u64 {
             tracing::warn!(
                 nofile,
@@ -384,7 +387,7 @@ impl App {
                 "the descriptor limit caps HTTP connections below max_connections; raise `ulimit -n`"
             );
         }
-        let origin = Origin::new(catalog.clone(), &config, max_connections as usize);
+        let origin = Origin::new(catalog.clone(), &config, max_connections as usize, sealed);
         let metrics = crate::metrics::serve(metrics_listener, catalog.clone(), stop_rx.clone());
         let http = origin.serve(http_listener, stop_rx);
         tracing::info!(%grpc_addr, %http_addr, %metrics_addr, base_url = catalog.base_url(), "blotcdn serving");

@@ -39,6 +39,9 @@ use crate::store::Resolution;
 mod fallback;
 mod hot;
 pub mod peers;
+mod splice;
+
+pub use splice::sealed_files;
 
 use fallback::Fallback;
 use hot::{HotCache, HotFile};
@@ -72,6 +75,8 @@ fn plain(status: StatusCode, cache: &'static str, text: impl Into<Bytes>) -> Res
 pub struct Origin {
     catalog: Arc<Catalog>,
     hot: HotCache,
+    /// Hot files that may be sealed at once (`origin/splice.rs`).
+    sealed_files: usize,
     fallback: Fallback,
     peers: peers::Peers,
     /// One permit per open connection.
@@ -115,8 +120,10 @@ enum Root {
 }
 
 impl Origin {
-    pub fn new(catalog: Arc<Catalog>, config: &Config, max_connections: usize) -> Arc<Origin> {
+    /// `sealed_files`: how many hot files may hold a descriptor (see [`sealed_files`]).
+    pub fn new(catalog: Arc<Catalog>, config: &Config, max_connections: usize, sealed_files: usize) -> Arc<Origin> {
         Arc::new(Origin {
+            sealed_files,
             hot: HotCache::new(config.hot_cache_bytes),
             fallback: Fallback::new(config),
             peers: peers::Peers::new(config),
@@ -249,7 +256,8 @@ impl Origin {
                         let this = this.clone();
                         async move { Ok::<_, Infallible>(this.handle(req).await) }
                     });
-                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                    let conn =
+                        graceful.watch(builder.serve_connection(TokioIo::new(splice::SpliceStream(stream)), svc));
                     tokio::spawn(async move {
                         let _ = conn.await;
                         drop(permit);
@@ -447,6 +455,9 @@ impl Origin {
             }
         }
         tracing::Span::current().record("source", if root == Root::Blogs { "disk" } else { "static" });
+        // Only a file the hot cache keeps is worth sealing.
+        let seal_up_to = if root == Root::Blogs { self.hot.largest(path.as_str().len()) } else { 0 };
+        let sealed = self.sealed_files;
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
         type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
         let opened = tokio::task::spawn_blocking(move || -> Result<Opened, OpenError> {
@@ -460,7 +471,10 @@ impl Origin {
                 let mut buf = Vec::with_capacity(meta.len() as usize);
                 (&mut f).take(SMALL_FILE + 1).read_to_end(&mut buf)?;
                 if buf.len() as u64 <= SMALL_FILE {
-                    small = Some(Bytes::from(buf));
+                    // Blog files may be kept hot: sealed, they are sent
+                    // from the kernel's pages (see `origin/splice.rs`).
+                    let sealed = (buf.len() as u64 <= seal_up_to).then(|| splice::seal(&buf, sealed)).flatten();
+                    small = Some(sealed.unwrap_or_else(|| Bytes::from(buf)));
                 } else {
                     // Grew past the limit since `stat`: streamed from its
                     // start (the read moved the offset) with its length and

@@ -15,6 +15,9 @@ use parking_lot::RwLock;
 use super::{http_date, FileAnswer, Source};
 use crate::domain::CacheId;
 
+/// What an entry costs besides its bytes and path, counted against the cap.
+const ENTRY_OVERHEAD: u64 = 256;
+
 pub struct HotFile {
     content_type: HeaderValue,
     etag: HeaderValue,
@@ -98,6 +101,12 @@ impl HotCache {
         h.finish()
     }
 
+    /// The largest file kept under a path this long (an entry takes one
+    /// eighth of the cache at most).
+    pub fn largest(&self, path_len: usize) -> u64 {
+        (self.cap / 8).saturating_sub(path_len as u64 + ENTRY_OVERHEAD)
+    }
+
     pub fn get(&self, blog: &str, path: &str, version: CacheId) -> Option<Arc<HotFile>> {
         if self.cap == 0 {
             return None;
@@ -118,7 +127,7 @@ impl HotCache {
     }
 
     pub fn insert(&self, blog: &str, path: &str, version: CacheId, file: Arc<HotFile>) {
-        let size = file.bytes.len() as u64 + path.len() as u64 + 256;
+        let size = file.bytes.len() as u64 + path.len() as u64 + ENTRY_OVERHEAD;
         if size > self.cap / 8 {
             return;
         }
@@ -128,7 +137,7 @@ impl HotCache {
         let seq = inner.seq;
         let old = inner.map.insert(k, Entry { blog: blog.into(), path: path.into(), version, seq, file });
         if let Some(old) = old {
-            inner.bytes -= old.file.bytes.len() as u64 + old.path.len() as u64 + 256;
+            inner.bytes -= old.file.bytes.len() as u64 + old.path.len() as u64 + ENTRY_OVERHEAD;
         }
         inner.bytes += size;
         inner.order.push_back((k, seq));
@@ -145,7 +154,7 @@ impl HotCache {
             };
             if inner.map.get(&k).is_some_and(|e| e.seq == seq) {
                 let e = inner.map.remove(&k).expect("present");
-                inner.bytes -= e.file.bytes.len() as u64 + e.path.len() as u64 + 256;
+                inner.bytes -= e.file.bytes.len() as u64 + e.path.len() as u64 + ENTRY_OVERHEAD;
             }
         }
     }
