@@ -542,14 +542,46 @@ impl Origin {
         let Some(aref) = self.catalog.store().asset_ref(blog.as_str(), &hash) else {
             return not_found();
         };
+        let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
+        // The blob's own bytes, whichever blog's reference let the request
+        // through (the check above comes first on every request, so a blob no
+        // longer referenced is never answered from memory): kept hot by hash,
+        // under a blog id no blog can have.
+        let key = hash.to_hex();
+        let asset_answer = |mut a: FileAnswer| {
+            a.content_type = HeaderValue::from_str(&aref.content_type)
+                .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+            a.asset_key = Some(format!("{blog}/{hash}"));
+            // From the stored content type only: the URL's file name is the
+            // caller's to spell, and must not change what the answer allows.
+            a.cors = cors_for_type(&aref.content_type);
+            a
+        };
+        if let Some(hot) = self.hot.get("", &key, 0) {
+            tracing::Span::current().record("source", "hot");
+            return respond(req, asset_answer(hot.answer(cache, blog_hv)));
+        }
         tracing::Span::current().record("source", "cas");
         let path = self.catalog.cas().blob_path(&hash);
+        let keep_up_to = self.hot.largest(key.len());
+        let sealed = self.sealed_files;
         let open = move || {
             let path = path.clone();
             tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path)?;
                 let m = f.metadata()?;
-                Ok::<_, std::io::Error>((f, m))
+                // Blobs never change: one the hot cache keeps is read whole.
+                let bytes = if m.len() <= keep_up_to {
+                    let mut buf = Vec::with_capacity(m.len() as usize);
+                    (&f).take(m.len()).read_to_end(&mut buf)?;
+                    if buf.len() as u64 != m.len() {
+                        return Err(std::io::Error::other("blob shorter than its size"));
+                    }
+                    Some(splice::seal(&buf, sealed).unwrap_or_else(|| Bytes::from(buf)))
+                } else {
+                    None
+                };
+                Ok::<_, std::io::Error>((f, m, bytes))
             })
         };
         let mut opened = open().await;
@@ -562,26 +594,26 @@ impl Origin {
                 opened = open().await;
             }
         }
-        let Ok(Ok((file, meta))) = opened else {
+        let Ok(Ok((file, meta, bytes))) = opened else {
             tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
             return not_found();
         };
-        let answer = FileAnswer {
-            content_type: HeaderValue::from_str(&aref.content_type)
-                .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-            etag: HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex is header-safe"),
-            last_modified: http_date(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
-            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            len: meta.len(),
-            cache,
-            blog: HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe"),
-            asset_key: Some(format!("{blog}/{hash}")),
-            // From the stored content type only: the URL's file name is the
-            // caller's to spell, and must not change what the answer allows.
-            cors: cors_for_type(&aref.content_type),
-            source: Source::File(file),
+        let etag = HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex is header-safe");
+        let hot = HotFile::new(
+            HeaderValue::from_static("application/octet-stream"),
+            etag,
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            false,
+        );
+        let answer = match bytes {
+            Some(bytes) => {
+                let hot = Arc::new(hot.with_bytes(bytes));
+                self.hot.insert("", &key, 0, hot.clone());
+                hot.answer(cache, blog_hv)
+            }
+            None => hot.streaming(file, meta.len(), cache, blog_hv),
         };
-        respond(req, answer)
+        respond(req, asset_answer(answer))
     }
 
     async fn fallback(&self, req: &Request<Incoming>, blog_file: Option<(&BlogId, &BlogPath)>) -> Response<Body> {

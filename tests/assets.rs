@@ -66,7 +66,7 @@ async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
     let bytes: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let a1 = put(s.grpc, "blogA", "thumb.png", "/thumbs/1.png", &bytes).await.unwrap();
     let a2 = put(s.grpc, "blogA", "thumb.png", "", &bytes).await.unwrap();
-    let b1 = put(s.grpc, "blogB", "other.png", "", &bytes).await.unwrap();
+    let b1 = put(s.grpc, "blogB", "other.txt", "", &bytes).await.unwrap();
     let expected = blake3::hash(&bytes).to_hex()[..32].to_string();
     assert_eq!(
         (a1.hash.as_str(), a2.hash.as_str(), b1.hash.as_str()),
@@ -103,8 +103,22 @@ async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
     assert_eq!(resp.header("etag"), Some(format!("\"{expected}\"").as_str()));
     let resp = get(s.http, &path_of(&a1.url), &[("Range", "bytes=10-19")]);
     assert_eq!((resp.status, resp.body.as_slice()), (206, &bytes[10..20]));
-    assert_eq!(get(s.http, &format!("/blogB/_assets/{expected}/thumb.png"), &[]).status, 200);
+    // The same bytes, now answered from memory, with blogB's own reference:
+    // its content type (from its file name) and its purge keys.
+    let resp = get(s.http, &format!("/blogB/_assets/{expected}/thumb.png"), &[]);
+    assert_eq!((resp.status, resp.body.as_slice()), (200, bytes.as_slice()));
+    assert_eq!(resp.header("content-type"), Some("text/plain"));
+    assert_eq!(resp.header("surrogate-key"), Some(format!("blogB blogB/{expected}").as_str()));
+    let resp = get(s.http, &path_of(&a1.url), &[("Range", "bytes=7-")]);
+    assert_eq!((resp.status, resp.body.as_slice()), (206, &bytes[7..]));
+    assert_eq!(resp.header("content-type"), Some("image/png"));
     assert_eq!(get(s.http, &format!("/blogC/_assets/{expected}/thumb.png"), &[]).status, 404);
+    // A reference taken down is 404 at once, though its bytes stay in memory
+    // for the other blog.
+    let mut p = s.publisher().await;
+    p.delete_asset(pb::DeleteAssetRequest { blog_id: "blogB".into(), hash: expected.clone() }).await.unwrap();
+    assert_eq!(get(s.http, &format!("/blogB/_assets/{expected}/other.txt"), &[]).status, 404);
+    assert_eq!(get(s.http, &path_of(&a1.url), &[]).body, bytes);
 
     // Bad headers are refused by name.
     let e = put(s.grpc, "blogA", "../x.png", "", b"x").await.unwrap_err();
