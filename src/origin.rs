@@ -563,7 +563,8 @@ impl Origin {
         }
         tracing::Span::current().record("source", "cas");
         let path = self.catalog.cas().blob_path(&hash);
-        let keep_up_to = self.hot.largest(key.len());
+        // As blog files: larger ones stream, and are never read whole.
+        let keep_up_to = self.hot.largest(key.len()).min(SMALL_FILE);
         let sealed = self.sealed_files;
         let open = move || {
             let path = path.clone();

@@ -20,7 +20,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::task::{ready, Context, Poll};
 
@@ -45,6 +45,9 @@ pub fn sealed_files(hot_cache_bytes: u64, nofile: u64) -> usize {
 /// Start address of each mapping → its length and sealed file.
 static SEALED: RwLock<BTreeMap<usize, (usize, RawFd)>> = RwLock::new(BTreeMap::new());
 static COUNT: AtomicUsize = AtomicUsize::new(0);
+/// Set once the kernel showed it has no sealed memory files: no more tries
+/// (each costs a copy of the file).
+static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 /// Tests: `sendfile` calls made.
 #[cfg(test)]
 static SENDFILES: AtomicUsize = AtomicUsize::new(0);
@@ -53,6 +56,7 @@ struct Sealed {
     ptr: *const u8,
     len: usize,
     _fd: OwnedFd,
+    count: &'static AtomicUsize,
 }
 
 // The mapping is read-only and its file sealed: the bytes never change.
@@ -71,7 +75,7 @@ impl Drop for Sealed {
         SEALED.write().expect("lock").remove(&(self.ptr as usize));
         // SAFETY: our own mapping; no `Bytes` points into it any more.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-        COUNT.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -87,24 +91,35 @@ fn os<T: PartialOrd + Default>(r: T) -> io::Result<T> {
 /// `sendfile`; `None` when it is too small, `max` are sealed already, or
 /// the kernel refused (the caller keeps plain bytes).
 pub fn seal(data: &[u8], max: usize) -> Option<Bytes> {
-    if data.len() < SEAL_MIN {
+    seal_counted(data, max, &COUNT)
+}
+
+/// [`seal`], counting the sealed files in `count`.
+fn seal_counted(data: &[u8], max: usize, count: &'static AtomicUsize) -> Option<Bytes> {
+    if data.len() < SEAL_MIN || UNAVAILABLE.load(Ordering::Relaxed) {
         return None;
     }
-    if COUNT.fetch_add(1, Ordering::Relaxed) >= max {
-        COUNT.fetch_sub(1, Ordering::Relaxed);
+    if count.fetch_add(1, Ordering::Relaxed) >= max {
+        count.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    match sealed(data) {
+    match sealed(data, count) {
         Ok(b) => Some(b),
         Err(e) => {
-            COUNT.fetch_sub(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "hot file not sealed; copied instead");
+            count.fetch_sub(1, Ordering::Relaxed);
+            // The kernel lacks memfd or seals (not a passing lack of memory
+            // or descriptors): stop trying.
+            let unsupported =
+                matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP));
+            if unsupported && !UNAVAILABLE.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "hot files cannot be sealed here; they are copied into sockets instead");
+            }
             None
         }
     }
 }
 
-fn sealed(data: &[u8]) -> io::Result<Bytes> {
+fn sealed(data: &[u8], count: &'static AtomicUsize) -> io::Result<Bytes> {
     // SAFETY: plain syscalls on a descriptor we own.
     let fd = unsafe {
         OwnedFd::from_raw_fd(os(libc::memfd_create(
@@ -117,14 +132,18 @@ fn sealed(data: &[u8]) -> io::Result<Bytes> {
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
     // SAFETY: as above.
     os(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
-    let ptr =
-        unsafe { libc::mmap(std::ptr::null_mut(), data.len(), libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    // Private and read-only: the same pages (nothing is ever written, so
+    // nothing is copied), and allowed on a write-sealed file by kernels
+    // before 6.7, which refuse any shared mapping of one.
+    let ptr = unsafe {
+        libc::mmap(std::ptr::null_mut(), data.len(), libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+    };
     if ptr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
     let fd = OwnedFd::from(file);
     SEALED.write().expect("lock").insert(ptr as usize, (data.len(), fd.as_raw_fd()));
-    Ok(Bytes::from_owner(Sealed { ptr: ptr as *const u8, len: data.len(), _fd: fd }))
+    Ok(Bytes::from_owner(Sealed { ptr: ptr as *const u8, len: data.len(), _fd: fd, count }))
 }
 
 /// The sealed file and offset `buf` lies in, if it does.
@@ -251,16 +270,22 @@ mod tests {
         assert!(refused, "a sealed file took a write");
         assert_eq!(&b[..], &data[..]);
         assert!(seal(&data[..SEAL_MIN - 1], 10).is_none(), "small files stay plain");
+        let at = b.as_ptr() as usize;
         drop(b);
-        assert!(sealed_at(&data).is_none());
+        let map = SEALED.read().expect("lock");
+        let left = map.range(..=at).next_back().filter(|(start, (len, _))| at < **start + *len);
+        assert!(left.is_none(), "a dropped mapping is still registered");
     }
 
     #[test]
     fn the_cap_on_sealed_files_holds() {
+        static MINE: AtomicUsize = AtomicUsize::new(0);
         let data = pattern(SEAL_MIN);
-        let before = COUNT.load(Ordering::Relaxed);
-        let kept: Vec<Bytes> = (0..3).filter_map(|_| seal(&data, before + 2)).collect();
-        assert!(kept.len() <= 2, "{} sealed past a cap of 2 more", kept.len());
+        let kept: Vec<Bytes> = (0..3).filter_map(|_| seal_counted(&data, 2, &MINE)).collect();
+        assert_eq!(kept.len(), 2, "two sealed under a cap of 2, not three");
+        drop(kept);
+        assert_eq!(MINE.load(Ordering::Relaxed), 0, "dropped files give their places back");
+        assert!(seal_counted(&data, 2, &MINE).is_some());
         assert_eq!(sealed_files(64 << 20, 1 << 20), 4096);
         assert_eq!(sealed_files(64 << 20, 1024), 128, "an eighth of the descriptors at most");
         assert_eq!(sealed_files(0, 1 << 20), 0, "no hot cache, nothing sealed");
