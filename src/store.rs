@@ -22,6 +22,7 @@ pub mod index;
 pub mod paths;
 pub mod sled_store;
 pub mod snapshot;
+mod trees;
 pub mod wal;
 pub mod writer;
 pub use sled_store::{IndexedStore, PurgeOptions, SledStore};

@@ -432,7 +432,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Loaded), &'static str> {
 mod tests {
     use super::*;
     use crate::domain::{BlogPath, Domain};
-    use crate::store::sled_store::{load as load_sled, sled_seq, Trees};
+    use crate::store::trees::{load as load_sled, sled_seq, Trees};
     use crate::store::{Binding, SledStore, Store};
 
     /// A store after a mixed workload, stopped cleanly.
@@ -588,7 +588,7 @@ mod tests {
         let mut last = done;
         for (seq, rec) in &records {
             if *seq > done {
-                crate::store::sled_store::apply(&t, *seq, rec).unwrap();
+                crate::store::trees::apply(&t, *seq, rec).unwrap();
             }
             last = last.max(*seq);
         }
@@ -663,7 +663,8 @@ mod tests {
     #[test]
     fn a_crash_start_leaves_the_log_to_the_next_checkpoint() {
         use crate::purge::Outbox;
-        use crate::store::sled_store::{read_marker, PurgeOptions};
+        use crate::store::sled_store::PurgeOptions;
+        use crate::store::trees::read_marker;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("db");
         workload(&dir, 3);
@@ -716,7 +717,7 @@ mod tests {
     /// ends up with the records written during it as well.
     #[test]
     fn writes_go_on_while_a_checkpoint_applies_the_log() {
-        use crate::store::sled_store::read_marker;
+        use crate::store::trees::read_marker;
         use crate::store::writer::{Tuning, HOLD_ROUNDS, ROUNDS_HELD};
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         use std::time::{Duration, Instant};

@@ -29,8 +29,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use super::index::FastMap;
-use super::sled_store::{apply, checkpoint, read_marker, sled_seq, Shared, Trees};
+use super::sled_store::Shared;
 use super::snapshot::{self, Base};
+use super::trees::{apply, checkpoint, read_marker, sled_seq, Trees};
 use super::wal::{Rec, Wal, WalError};
 use super::{Binding, StoreError};
 use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
