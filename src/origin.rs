@@ -22,11 +22,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
@@ -257,7 +256,7 @@ impl Origin {
                         async move { Ok::<_, Infallible>(this.handle(req).await) }
                     });
                     let conn =
-                        graceful.watch(builder.serve_connection(TokioIo::new(splice::SpliceStream(stream)), svc));
+                        graceful.watch(builder.serve_connection(TokioIo::new(splice::SpliceStream::new(stream)), svc));
                     tokio::spawn(async move {
                         let _ = conn.await;
                         drop(permit);
@@ -760,14 +759,15 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     *r.body_mut() = match a.source {
         Source::Bytes(b) => full(b.slice(start as usize..(start + len) as usize)),
-        Source::File(mut f) => {
-            if start > 0 && f.seek(SeekFrom::Start(start)).is_err() {
+        // Sent from the file with `sendfile` (`origin/splice.rs`), never
+        // read through memory.
+        Source::File(f) => match splice::window(f, start, len as usize) {
+            Ok(w) => full(w),
+            Err(e) => {
+                tracing::error!(error = %e, "no window onto a file to send");
                 return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n");
             }
-            let reader = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(f), len);
-            let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
-            StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
-        }
+        },
     };
     r
 }

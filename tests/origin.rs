@@ -66,8 +66,11 @@ async fn conditional_range_and_head() {
     let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     s.write("b", "/big.bin", &body);
     s.write("b", "/small.txt", b"0123456789");
+    // Past what is read into memory: sent from the file itself.
+    let huge: Vec<u8> = (0..2_600_000u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    s.write("b", "/huge.bin", &huge);
     invalidate(&s, "b", &[]).await;
-    for (path, bytes) in [("/big.bin", body.as_slice()), ("/small.txt", &b"0123456789"[..])] {
+    for (path, bytes) in [("/big.bin", body.as_slice()), ("/small.txt", &b"0123456789"[..]), ("/huge.bin", &huge[..])] {
         let url = url_of(&s, "b", path).await;
         let full = curl(&[&url]);
         assert_eq!(full.status, 200);

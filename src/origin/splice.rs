@@ -42,40 +42,43 @@ pub fn sealed_files(hot_cache_bytes: u64, nofile: u64) -> usize {
     MAX_SEALED.min(hot_cache_bytes / SEAL_MIN as u64).min(nofile / 8) as usize
 }
 
-/// Start address of each mapping → its length and sealed file.
-static SEALED: RwLock<BTreeMap<usize, (usize, RawFd)>> = RwLock::new(BTreeMap::new());
+/// Start address of each mapping → its length, the file its bytes are sent
+/// from, and where in that file the mapping starts.
+static SEALED: RwLock<BTreeMap<usize, (usize, RawFd, i64)>> = RwLock::new(BTreeMap::new());
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Set once the kernel showed it has no sealed memory files: no more tries
 /// (each costs a copy of the file).
 static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
-/// Tests: `sendfile` calls made.
-#[cfg(test)]
-static SENDFILES: AtomicUsize = AtomicUsize::new(0);
 
-struct Sealed {
+/// A registered mapping (a sealed file's, or a window's zeros) and the file
+/// its bytes are sent from, alive as long as a `Bytes` points into it.
+struct Mapping {
     ptr: *const u8,
     len: usize,
     _fd: OwnedFd,
-    count: &'static AtomicUsize,
+    /// The sealed files' count, which this one is part of.
+    count: Option<&'static AtomicUsize>,
 }
 
-// The mapping is read-only and its file sealed: the bytes never change.
-unsafe impl Send for Sealed {}
-unsafe impl Sync for Sealed {}
+// The mapping is read-only and never written: its bytes never change.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
 
-impl AsRef<[u8]> for Sealed {
+impl AsRef<[u8]> for Mapping {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: a live PROT_READ mapping of exactly `len` bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 
-impl Drop for Sealed {
+impl Drop for Mapping {
     fn drop(&mut self) {
         SEALED.write().expect("lock").remove(&(self.ptr as usize));
         // SAFETY: our own mapping; no `Bytes` points into it any more.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = self.count {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -142,28 +145,80 @@ fn sealed(data: &[u8], count: &'static AtomicUsize) -> io::Result<Bytes> {
         return Err(io::Error::last_os_error());
     }
     let fd = OwnedFd::from(file);
-    SEALED.write().expect("lock").insert(ptr as usize, (data.len(), fd.as_raw_fd()));
-    Ok(Bytes::from_owner(Sealed { ptr: ptr as *const u8, len: data.len(), _fd: fd, count }))
+    SEALED.write().expect("lock").insert(ptr as usize, (data.len(), fd.as_raw_fd(), 0));
+    Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len: data.len(), _fd: fd, count: Some(count) }))
 }
 
-/// The sealed file and offset `buf` lies in, if it does.
+/// The file and offset `buf`'s bytes are sent from, if it lies in a sealed
+/// file's mapping or a window.
 fn sealed_at(buf: &[u8]) -> Option<(RawFd, i64)> {
     let at = buf.as_ptr() as usize;
     let map = SEALED.read().expect("lock");
-    let (&start, &(len, fd)) = map.range(..=at).next_back()?;
-    (at + buf.len() <= start + len).then_some((fd, (at - start) as i64))
+    let (&start, &(len, fd, base)) = map.range(..=at).next_back()?;
+    (at < start + len).then_some((fd, base + (at - start) as i64))
+}
+
+/// A window onto a file too large to keep in memory: `len` bytes of it from
+/// `offset`, as bytes that [`SpliceStream`] sends with `sendfile` from the
+/// file itself, as nginx does, instead of reading them through our memory.
+///
+/// The bytes in memory are NOT the file's: they are zeros (a private,
+/// read-only anonymous mapping, which costs no memory). Only a
+/// [`SpliceStream`] may write them, and it sends every buffer that lies in a
+/// window from its file, whatever its length; nothing else may read them.
+/// If the file is cut short while it is sent, the connection fails (as a
+/// read that met the end early would fail it); if its bytes change, the new
+/// ones go out, as with reads.
+pub fn window(file: std::fs::File, offset: u64, len: usize) -> io::Result<Bytes> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: a new anonymous mapping; checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = OwnedFd::from(file);
+    // Start reading it from disk now, so that `sendfile` on the connection's
+    // thread finds it in the page cache rather than waits for the disk.
+    // SAFETY: advice on our own descriptor.
+    unsafe { libc::posix_fadvise(fd.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
+    SEALED.write().expect("lock").insert(ptr as usize, (len, fd.as_raw_fd(), offset as i64));
+    Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len, _fd: fd, count: None }))
 }
 
 /// The origin's connection: a TCP stream whose writes send sealed hot files
 /// with `sendfile` (see the module's comment).
-pub struct SpliceStream(pub TcpStream);
+pub struct SpliceStream {
+    stream: TcpStream,
+    /// Tests: `sendfile` calls made.
+    #[cfg(test)]
+    sendfiles: std::cell::Cell<usize>,
+}
 
 impl SpliceStream {
+    pub fn new(stream: TcpStream) -> SpliceStream {
+        SpliceStream {
+            stream,
+            #[cfg(test)]
+            sendfiles: Default::default(),
+        }
+    }
+
     /// Runs `f` once the socket is writable, until it does not block.
     fn poll_io(&self, cx: &mut Context<'_>, mut f: impl FnMut() -> io::Result<usize>) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_io(Interest::WRITABLE, &mut f) {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_io(Interest::WRITABLE, &mut f) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
@@ -173,7 +228,7 @@ impl SpliceStream {
 
 impl AsyncRead for SpliceStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -187,15 +242,13 @@ impl AsyncWrite for SpliceStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let found = bufs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= SEAL_MIN / 2)
-            .find_map(|(i, b)| sealed_at(b).map(|(fd, off)| (i, fd, off)));
+        // Every buffer is looked up, however short: a window's must go out
+        // from its file (its memory holds zeros).
+        let found = bufs.iter().enumerate().find_map(|(i, b)| sealed_at(b).map(|(fd, off)| (i, fd, off)));
         let Some((i, file, off)) = found else {
-            return Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
+            return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         };
-        let sock = self.0.as_raw_fd();
+        let sock = self.stream.as_raw_fd();
         let head = &bufs[..i];
         let head_len: usize = head.iter().map(|b| b.len()).sum();
         let mut sent = 0;
@@ -217,15 +270,19 @@ impl AsyncWrite for SpliceStream {
         let sendfile = || {
             let mut at = off;
             #[cfg(test)]
-            SENDFILES.fetch_add(1, Ordering::Relaxed);
+            self.sendfiles.set(self.sendfiles.get() + 1);
             // SAFETY: `file` is alive while `bufs[i]` (a slice of its mapping) is.
-            os(unsafe { libc::sendfile(sock, file, &mut at, len) }).map(|n| n as usize)
+            match os(unsafe { libc::sendfile(sock, file, &mut at, len) })? {
+                // A window's file was cut short: the answer cannot be whole.
+                0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was sent")),
+                n => Ok(n as usize),
+            }
         };
         if sent == 0 {
             return self.poll_io(cx, sendfile);
         }
         // The head went: report it now if the body must wait.
-        match self.0.try_io(Interest::WRITABLE, sendfile) {
+        match self.stream.try_io(Interest::WRITABLE, sendfile) {
             Ok(n) => Poll::Ready(Ok(sent + n)),
             Err(_) => Poll::Ready(Ok(sent)),
         }
@@ -236,11 +293,11 @@ impl AsyncWrite for SpliceStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -273,7 +330,7 @@ mod tests {
         let at = b.as_ptr() as usize;
         drop(b);
         let map = SEALED.read().expect("lock");
-        let left = map.range(..=at).next_back().filter(|(start, (len, _))| at < **start + *len);
+        let left = map.range(..=at).next_back().filter(|(start, (len, _, _))| at < **start + *len);
         assert!(left.is_none(), "a dropped mapping is still registered");
     }
 
@@ -291,13 +348,11 @@ mod tests {
         assert_eq!(sealed_files(0, 1 << 20), 0, "no hot cache, nothing sealed");
     }
 
-    /// A head, a sealed body (whole, then a slice of it) and a tail through
-    /// a socket with a small send buffer and a slow reader: the writes come
-    /// back short and must resume where they stopped.
-    #[tokio::test]
-    async fn a_sealed_body_goes_out_exactly_through_short_writes() {
-        let data = pattern(1 << 20);
-        let body = seal(&data, 10).expect("sealed");
+    /// Sends each group of buffers as hyper would (resuming after short
+    /// writes) through a socket with a small send buffer to a slow reader;
+    /// returns what the reader got, what was meant, the first error and the
+    /// `sendfile` calls made.
+    async fn send(groups: Vec<Vec<Bytes>>) -> (Vec<u8>, Vec<u8>, io::Result<()>, usize) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let reader = tokio::spawn(async move {
@@ -305,7 +360,7 @@ mod tests {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 7_000];
             loop {
-                let n = c.read(&mut buf).await.unwrap();
+                let n = c.read(&mut buf).await.unwrap_or(0);
                 if n == 0 {
                     break got;
                 }
@@ -326,20 +381,23 @@ mod tests {
             )
         };
         assert_eq!(r, 0);
-        let mut s = SpliceStream(s);
-        let slice = body.slice(12_345..900_000);
+        let mut s = SpliceStream::new(s);
         let mut want = Vec::new();
-        let before = SENDFILES.load(Ordering::Relaxed);
-        for part in [&body, &slice] {
-            let (head, tail) = (b"HTTP/1.1 200 OK\r\n\r\n".to_vec(), b"-tail-".to_vec());
-            let parts = [Bytes::from(head), part.clone(), Bytes::from(tail)];
+        let mut result = Ok(());
+        'groups: for parts in groups {
             for p in &parts {
                 want.extend_from_slice(p);
             }
-            let mut bufs: Vec<Bytes> = parts.to_vec();
+            let mut bufs = parts;
             while !bufs.is_empty() {
                 let slices: Vec<IoSlice> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-                let mut n = s.write_vectored(&slices).await.unwrap();
+                let mut n = match s.write_vectored(&slices).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'groups;
+                    }
+                };
                 assert!(n > 0);
                 while n > 0 {
                     let take = n.min(bufs[0].len());
@@ -351,12 +409,70 @@ mod tests {
                 }
             }
         }
-        let sendfiles = SENDFILES.load(Ordering::Relaxed) - before;
-        s.shutdown().await.unwrap();
+        let sendfiles = s.sendfiles.get();
+        let _ = s.shutdown().await;
         drop(s);
-        let got = reader.await.unwrap();
+        (reader.await.unwrap(), want, result, sendfiles)
+    }
+
+    fn framed(body: Bytes) -> Vec<Bytes> {
+        vec![Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"), body, Bytes::from_static(b"-tail-")]
+    }
+
+    /// A head, a sealed body (whole, then a slice of it) and a tail: the
+    /// writes come back short and must resume where they stopped.
+    #[tokio::test]
+    async fn a_sealed_body_goes_out_exactly_through_short_writes() {
+        let data = pattern(1 << 20);
+        let body = seal(&data, 10).expect("sealed");
+        let slice = body.slice(12_345..900_000);
+        let (got, want, r, sendfiles) = send(vec![framed(body), framed(slice)]).await;
+        r.unwrap();
         assert_eq!(got.len(), want.len());
         assert!(got == want, "the bytes differ");
         assert!(sendfiles > 2, "the body went with sendfile, in several short sends ({sendfiles})");
+    }
+
+    /// A window's memory is zeros: whatever its length, its part goes out
+    /// from the file.
+    #[tokio::test]
+    async fn a_window_sends_its_files_bytes_whatever_their_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let data = pattern(3 << 20);
+        std::fs::write(&path, &data).unwrap();
+        let open = || std::fs::File::open(&path).unwrap();
+        let whole = window(open(), 0, data.len()).unwrap();
+        assert!(whole.iter().all(|&b| b == 0), "a window holds no bytes of its own");
+        let from = window(open(), 1_000_001, data.len() - 1_000_001).unwrap();
+        let tiny = window(open(), 7, 5).unwrap();
+        let (got, want, r, _) = send(vec![framed(whole), framed(from.slice(10..)), framed(tiny)]).await;
+        r.unwrap();
+        let mut expected = Vec::new();
+        for part in [&data[..], &data[1_000_011..], &data[7..12]] {
+            expected.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+            expected.extend_from_slice(part);
+            expected.extend_from_slice(b"-tail-");
+        }
+        assert_eq!((got.len(), want.len()), (expected.len(), expected.len()));
+        assert!(got == expected, "the bytes differ from the file's");
+    }
+
+    /// A file cut short after its window was taken: the connection fails
+    /// with what was sent a true prefix, never padded with zeros.
+    #[tokio::test]
+    async fn a_file_cut_short_fails_the_answer_and_sends_no_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shrinks");
+        let data = pattern(2 << 20);
+        std::fs::write(&path, &data).unwrap();
+        let w = window(std::fs::File::open(&path).unwrap(), 0, data.len()).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100_000).unwrap();
+        let (got, _, r, _) = send(vec![framed(w)]).await;
+        let e = r.expect_err("a short file must fail the answer");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let head = b"HTTP/1.1 200 OK\r\n\r\n".len();
+        assert_eq!(got.len(), head + 100_000, "exactly what the file still held");
+        assert!(got[head..] == data[..100_000]);
     }
 }
