@@ -483,6 +483,9 @@ impl Origin {
                     grew = true;
                 }
             }
+            if small.is_none() {
+                splice::read_ahead(&f, meta.len());
+            }
             Ok((f, meta, small, grew))
         })
         .await
@@ -579,6 +582,7 @@ impl Origin {
                     }
                     Some(splice::seal(&buf, sealed).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
+                    splice::read_ahead(&f, m.len());
                     None
                 };
                 Ok::<_, std::io::Error>((f, m, bytes))
@@ -759,9 +763,11 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     *r.body_mut() = match a.source {
         Source::Bytes(b) => full(b.slice(start as usize..(start + len) as usize)),
+        // HEAD: no body (the caller drops it anyway), so no window either.
+        Source::File(_) if req.method() == Method::HEAD => empty(),
         // Sent from the file with `sendfile` (`origin/splice.rs`), never
         // read through memory.
-        Source::File(f) => match splice::window(f, start, len as usize) {
+        Source::File(f) => match splice::window(f, start, len) {
             Ok(w) => full(w),
             Err(e) => {
                 tracing::error!(error = %e, "no window onto a file to send");

@@ -392,3 +392,34 @@ async fn cli_put_import_dir_and_delete() {
     assert!(err.contains("NotFound") && err.contains("unknown blog cli"), "{err}");
     s.stop().await;
 }
+
+/// Descriptors this process holds (nextest runs each test in a process of
+/// its own, the server included).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_asset_is_sent_from_its_blob_whole_in_parts_and_leaves_no_descriptor() {
+    let s = Server::start().await;
+    // Past what is kept in memory (1 MiB): sent from the blob file.
+    let bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let a = put(s.grpc, "big", "photo.jpg", "", &bytes).await.unwrap();
+    let path = path_of(&a.url);
+    let resp = get(s.http, &path, &[]);
+    assert_eq!(resp.status, 200);
+    assert!(resp.body == bytes, "the bytes differ from the upload's");
+    assert_eq!(resp.header("content-type"), Some("image/jpeg"));
+    let resp = get(s.http, &path, &[("Range", "bytes=1000000-1000009")]);
+    assert_eq!((resp.status, resp.body.as_slice()), (206, &bytes[1_000_000..1_000_010]));
+    let resp = common::request(s.http, "HEAD", &path, &[]);
+    assert_eq!((resp.status, resp.body.len()), (200, 0));
+    assert_eq!(resp.header("content-length"), Some("1500000"));
+    let before = open_fds();
+    for _ in 0..20 {
+        assert_eq!(get(s.http, &path, &[]).body.len(), bytes.len());
+    }
+    let after = open_fds();
+    assert!(after <= before + 2, "descriptors held after the answers: {before} → {after}");
+    s.stop().await;
+}

@@ -42,9 +42,21 @@ pub fn sealed_files(hot_cache_bytes: u64, nofile: u64) -> usize {
     MAX_SEALED.min(hot_cache_bytes / SEAL_MIN as u64).min(nofile / 8) as usize
 }
 
-/// Start address of each mapping → its length, the file its bytes are sent
-/// from, and where in that file the mapping starts.
-static SEALED: RwLock<BTreeMap<usize, (usize, RawFd, i64)>> = RwLock::new(BTreeMap::new());
+/// Start address of each mapping → what it stands for.
+static SEALED: RwLock<BTreeMap<usize, Entry>> = RwLock::new(BTreeMap::new());
+
+#[derive(Clone, Copy)]
+struct Entry {
+    len: usize,
+    /// The file its bytes are sent from.
+    fd: RawFd,
+    /// Where in that file the mapping starts.
+    base: libc::off_t,
+    /// A window: its memory holds zeros, not the file's bytes.
+    window: bool,
+}
+/// Windows alive: while there are none, short buffers are not looked up.
+static WINDOWS: AtomicUsize = AtomicUsize::new(0);
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Set once the kernel showed it has no sealed memory files: no more tries
 /// (each costs a copy of the file).
@@ -56,7 +68,7 @@ struct Mapping {
     ptr: *const u8,
     len: usize,
     _fd: OwnedFd,
-    /// The sealed files' count, which this one is part of.
+    /// The count this one is part of (sealed files, or windows).
     count: Option<&'static AtomicUsize>,
 }
 
@@ -145,17 +157,33 @@ fn sealed(data: &[u8], count: &'static AtomicUsize) -> io::Result<Bytes> {
         return Err(io::Error::last_os_error());
     }
     let fd = OwnedFd::from(file);
-    SEALED.write().expect("lock").insert(ptr as usize, (data.len(), fd.as_raw_fd(), 0));
+    SEALED
+        .write()
+        .expect("lock")
+        .insert(ptr as usize, Entry { len: data.len(), fd: fd.as_raw_fd(), base: 0, window: false });
     Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len: data.len(), _fd: fd, count: Some(count) }))
 }
 
-/// The file and offset `buf`'s bytes are sent from, if it lies in a sealed
-/// file's mapping or a window.
-fn sealed_at(buf: &[u8]) -> Option<(RawFd, i64)> {
+/// Where `buf`'s bytes are sent from, if it starts in a sealed file's
+/// mapping or a window: the file, the offset, how many of its bytes the
+/// mapping holds from there on, and whether it is a window.
+fn sealed_at(buf: &[u8]) -> Option<(RawFd, libc::off_t, usize, bool)> {
     let at = buf.as_ptr() as usize;
     let map = SEALED.read().expect("lock");
-    let (&start, &(len, fd, base)) = map.range(..=at).next_back()?;
-    (at < start + len).then_some((fd, base + (at - start) as i64))
+    let (&start, e) = map.range(..=at).next_back()?;
+    (at < start + e.len).then_some((e.fd, e.base + (at - start) as libc::off_t, start + e.len - at, e.window))
+}
+
+/// Asks the kernel to start reading a file that is about to be sent from a
+/// window, from the blocking pool where it is opened: `sendfile` runs on the
+/// connection's thread and waits there for any page not yet read (as
+/// nginx's does without `aio threads`). The kernel reads ahead a bounded
+/// amount (its readahead window) at once; `sendfile`'s own readahead
+/// follows the rest.
+pub fn read_ahead(file: &std::fs::File, len: u64) {
+    let len = libc::off_t::try_from(len).unwrap_or(libc::off_t::MAX);
+    // SAFETY: advice on a descriptor we hold; its result does not matter.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED) };
 }
 
 /// A window onto a file too large to keep in memory: `len` bytes of it from
@@ -169,10 +197,13 @@ fn sealed_at(buf: &[u8]) -> Option<(RawFd, i64)> {
 /// If the file is cut short while it is sent, the connection fails (as a
 /// read that met the end early would fail it); if its bytes change, the new
 /// ones go out, as with reads.
-pub fn window(file: std::fs::File, offset: u64, len: usize) -> io::Result<Bytes> {
+pub fn window(file: std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
+    let too_far = || io::Error::other("a window past what this platform can address");
+    let (offset, len) =
+        (libc::off_t::try_from(offset).map_err(|_| too_far())?, usize::try_from(len).map_err(|_| too_far())?);
     // SAFETY: a new anonymous mapping; checked below.
     let ptr = unsafe {
         libc::mmap(
@@ -188,12 +219,9 @@ pub fn window(file: std::fs::File, offset: u64, len: usize) -> io::Result<Bytes>
         return Err(io::Error::last_os_error());
     }
     let fd = OwnedFd::from(file);
-    // Start reading it from disk now, so that `sendfile` on the connection's
-    // thread finds it in the page cache rather than waits for the disk.
-    // SAFETY: advice on our own descriptor.
-    unsafe { libc::posix_fadvise(fd.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
-    SEALED.write().expect("lock").insert(ptr as usize, (len, fd.as_raw_fd(), offset as i64));
-    Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len, _fd: fd, count: None }))
+    WINDOWS.fetch_add(1, Ordering::Relaxed);
+    SEALED.write().expect("lock").insert(ptr as usize, Entry { len, fd: fd.as_raw_fd(), base: offset, window: true });
+    Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len, _fd: fd, count: Some(&WINDOWS) }))
 }
 
 /// The origin's connection: a TCP stream whose writes send sealed hot files
@@ -242,10 +270,18 @@ impl AsyncWrite for SpliceStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        // Every buffer is looked up, however short: a window's must go out
-        // from its file (its memory holds zeros).
-        let found = bufs.iter().enumerate().find_map(|(i, b)| sealed_at(b).map(|(fd, off)| (i, fd, off)));
-        let Some((i, file, off)) = found else {
+        // A short buffer is copied, unless it is a window's (its memory
+        // holds zeros): while windows are alive, every buffer is looked up.
+        let windows = WINDOWS.load(Ordering::Relaxed) > 0;
+        let found = bufs.iter().enumerate().find_map(|(i, b)| {
+            let long = b.len() >= SEAL_MIN / 2;
+            if !long && !windows {
+                return None;
+            }
+            let (fd, off, left, window) = sealed_at(b)?;
+            (long || window).then_some((i, fd, off, left))
+        });
+        let Some((i, file, off, left)) = found else {
             return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         };
         let sock = self.stream.as_raw_fd();
@@ -266,7 +302,7 @@ impl AsyncWrite for SpliceStream {
                 return Poll::Ready(Ok(sent));
             }
         }
-        let len = bufs[i].len();
+        let len = bufs[i].len().min(left);
         let sendfile = || {
             let mut at = off;
             #[cfg(test)]
@@ -315,8 +351,8 @@ mod tests {
         let data = pattern(40_000);
         let b = seal(&data, 10).expect("sealed");
         assert_eq!(&b[..], &data[..]);
-        let (fd, off) = sealed_at(&b[100..200]).expect("registered");
-        assert_eq!(off, 100);
+        let (fd, off, left, window) = sealed_at(&b[100..200]).expect("registered");
+        assert_eq!((off, left, window), (100, 40_000 - 100, false));
         // The file as another process would reach it.
         let path = format!("/proc/self/fd/{fd}");
         let f = std::fs::OpenOptions::new().write(true).open(&path);
@@ -329,8 +365,10 @@ mod tests {
         assert!(seal(&data[..SEAL_MIN - 1], 10).is_none(), "small files stay plain");
         let at = b.as_ptr() as usize;
         drop(b);
+        // (Other tests may map something at the same place since: only a
+        // sealed file of this test's size would be this one.)
         let map = SEALED.read().expect("lock");
-        let left = map.range(..=at).next_back().filter(|(start, (len, _, _))| at < **start + *len);
+        let left = map.get(&at).filter(|e| e.len == 40_000 && !e.window);
         assert!(left.is_none(), "a dropped mapping is still registered");
     }
 
@@ -442,9 +480,9 @@ mod tests {
         let data = pattern(3 << 20);
         std::fs::write(&path, &data).unwrap();
         let open = || std::fs::File::open(&path).unwrap();
-        let whole = window(open(), 0, data.len()).unwrap();
+        let whole = window(open(), 0, data.len() as u64).unwrap();
         assert!(whole.iter().all(|&b| b == 0), "a window holds no bytes of its own");
-        let from = window(open(), 1_000_001, data.len() - 1_000_001).unwrap();
+        let from = window(open(), 1_000_001, data.len() as u64 - 1_000_001).unwrap();
         let tiny = window(open(), 7, 5).unwrap();
         let (got, want, r, _) = send(vec![framed(whole), framed(from.slice(10..)), framed(tiny)]).await;
         r.unwrap();
@@ -466,7 +504,7 @@ mod tests {
         let path = dir.path().join("shrinks");
         let data = pattern(2 << 20);
         std::fs::write(&path, &data).unwrap();
-        let w = window(std::fs::File::open(&path).unwrap(), 0, data.len()).unwrap();
+        let w = window(std::fs::File::open(&path).unwrap(), 0, data.len() as u64).unwrap();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100_000).unwrap();
         let (got, _, r, _) = send(vec![framed(w)]).await;
         let e = r.expect_err("a short file must fail the answer");
