@@ -42,8 +42,9 @@ pub fn sealed_files(hot_cache_bytes: u64, nofile: u64) -> usize {
     MAX_SEALED.min(hot_cache_bytes / SEAL_MIN as u64).min(nofile / 8) as usize
 }
 
-/// Start address of each mapping → what it stands for.
-static SEALED: RwLock<BTreeMap<usize, Entry>> = RwLock::new(BTreeMap::new());
+/// Start address of each mapping (a sealed file's, or a window's) → what
+/// it stands for.
+static MAPPINGS: RwLock<BTreeMap<usize, Entry>> = RwLock::new(BTreeMap::new());
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -55,8 +56,10 @@ struct Entry {
     /// A window: its memory holds zeros, not the file's bytes.
     window: bool,
 }
+
 /// Windows alive: while there are none, short buffers are not looked up.
 static WINDOWS: AtomicUsize = AtomicUsize::new(0);
+/// Sealed files alive (capped by [`seal`]'s `max`).
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Set once the kernel showed it has no sealed memory files: no more tries
 /// (each costs a copy of the file).
@@ -69,7 +72,7 @@ struct Mapping {
     len: usize,
     _fd: OwnedFd,
     /// The count this one is part of (sealed files, or windows).
-    count: Option<&'static AtomicUsize>,
+    count: &'static AtomicUsize,
 }
 
 // The mapping is read-only and never written: its bytes never change.
@@ -85,13 +88,18 @@ impl AsRef<[u8]> for Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        SEALED.write().expect("lock").remove(&(self.ptr as usize));
+        MAPPINGS.write().expect("lock").remove(&(self.ptr as usize));
         // SAFETY: our own mapping; no `Bytes` points into it any more.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-        if let Some(count) = self.count {
-            count.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Registers a new read-only mapping at `ptr` (counted in `count` already)
+/// and returns its bytes, which unmap and unregister it when the last one goes.
+fn register(ptr: *mut libc::c_void, e: Entry, fd: OwnedFd, count: &'static AtomicUsize) -> Bytes {
+    MAPPINGS.write().expect("lock").insert(ptr as usize, e);
+    Bytes::from_owner(Mapping { ptr: ptr as *const u8, len: e.len, _fd: fd, count })
 }
 
 fn os<T: PartialOrd + Default>(r: T) -> io::Result<T> {
@@ -157,19 +165,15 @@ fn sealed(data: &[u8], count: &'static AtomicUsize) -> io::Result<Bytes> {
         return Err(io::Error::last_os_error());
     }
     let fd = OwnedFd::from(file);
-    SEALED
-        .write()
-        .expect("lock")
-        .insert(ptr as usize, Entry { len: data.len(), fd: fd.as_raw_fd(), base: 0, window: false });
-    Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len: data.len(), _fd: fd, count: Some(count) }))
+    Ok(register(ptr, Entry { len: data.len(), fd: fd.as_raw_fd(), base: 0, window: false }, fd, count))
 }
 
 /// Where `buf`'s bytes are sent from, if it starts in a sealed file's
 /// mapping or a window: the file, the offset, how many of its bytes the
 /// mapping holds from there on, and whether it is a window.
-fn sealed_at(buf: &[u8]) -> Option<(RawFd, libc::off_t, usize, bool)> {
+fn mapping_at(buf: &[u8]) -> Option<(RawFd, libc::off_t, usize, bool)> {
     let at = buf.as_ptr() as usize;
-    let map = SEALED.read().expect("lock");
+    let map = MAPPINGS.read().expect("lock");
     let (&start, e) = map.range(..=at).next_back()?;
     (at < start + e.len).then_some((e.fd, e.base + (at - start) as libc::off_t, start + e.len - at, e.window))
 }
@@ -220,8 +224,7 @@ pub fn window(file: std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> {
     }
     let fd = OwnedFd::from(file);
     WINDOWS.fetch_add(1, Ordering::Relaxed);
-    SEALED.write().expect("lock").insert(ptr as usize, Entry { len, fd: fd.as_raw_fd(), base: offset, window: true });
-    Ok(Bytes::from_owner(Mapping { ptr: ptr as *const u8, len, _fd: fd, count: Some(&WINDOWS) }))
+    Ok(register(ptr, Entry { len, fd: fd.as_raw_fd(), base: offset, window: true }, fd, &WINDOWS))
 }
 
 /// The origin's connection: a TCP stream whose writes send sealed hot files
@@ -278,7 +281,7 @@ impl AsyncWrite for SpliceStream {
             if !long && !windows {
                 return None;
             }
-            let (fd, off, left, window) = sealed_at(b)?;
+            let (fd, off, left, window) = mapping_at(b)?;
             (long || window).then_some((i, fd, off, left))
         });
         let Some((i, file, off, left)) = found else {
@@ -351,7 +354,7 @@ mod tests {
         let data = pattern(40_000);
         let b = seal(&data, 10).expect("sealed");
         assert_eq!(&b[..], &data[..]);
-        let (fd, off, left, window) = sealed_at(&b[100..200]).expect("registered");
+        let (fd, off, left, window) = mapping_at(&b[100..200]).expect("registered");
         assert_eq!((off, left, window), (100, 40_000 - 100, false));
         // The file as another process would reach it.
         let path = format!("/proc/self/fd/{fd}");
@@ -367,7 +370,7 @@ mod tests {
         drop(b);
         // (Other tests may map something at the same place since: only a
         // sealed file of this test's size would be this one.)
-        let map = SEALED.read().expect("lock");
+        let map = MAPPINGS.read().expect("lock");
         let left = map.get(&at).filter(|e| e.len == 40_000 && !e.window);
         assert!(left.is_none(), "a dropped mapping is still registered");
     }
@@ -453,8 +456,20 @@ mod tests {
         (reader.await.unwrap(), want, result, sendfiles)
     }
 
+    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+    const TAIL: &[u8] = b"-tail-";
+
     fn framed(body: Bytes) -> Vec<Bytes> {
-        vec![Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"), body, Bytes::from_static(b"-tail-")]
+        vec![Bytes::from_static(HEAD), body, Bytes::from_static(TAIL)]
+    }
+
+    /// A file of `n` bytes of [`pattern`] in a new temporary folder.
+    fn file_of(n: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = pattern(n);
+        std::fs::write(&path, &data).unwrap();
+        (dir, path, data)
     }
 
     /// A head, a sealed body (whole, then a slice of it) and a tail: the
@@ -475,10 +490,7 @@ mod tests {
     /// from the file.
     #[tokio::test]
     async fn a_window_sends_its_files_bytes_whatever_their_length() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("big");
-        let data = pattern(3 << 20);
-        std::fs::write(&path, &data).unwrap();
+        let (_dir, path, data) = file_of(3 << 20);
         let open = || std::fs::File::open(&path).unwrap();
         let whole = window(open(), 0, data.len() as u64).unwrap();
         assert!(whole.iter().all(|&b| b == 0), "a window holds no bytes of its own");
@@ -488,9 +500,9 @@ mod tests {
         r.unwrap();
         let mut expected = Vec::new();
         for part in [&data[..], &data[1_000_011..], &data[7..12]] {
-            expected.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+            expected.extend_from_slice(HEAD);
             expected.extend_from_slice(part);
-            expected.extend_from_slice(b"-tail-");
+            expected.extend_from_slice(TAIL);
         }
         assert_eq!((got.len(), want.len()), (expected.len(), expected.len()));
         assert!(got == expected, "the bytes differ from the file's");
@@ -500,16 +512,13 @@ mod tests {
     /// with what was sent a true prefix, never padded with zeros.
     #[tokio::test]
     async fn a_file_cut_short_fails_the_answer_and_sends_no_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("shrinks");
-        let data = pattern(2 << 20);
-        std::fs::write(&path, &data).unwrap();
+        let (_dir, path, data) = file_of(2 << 20);
         let w = window(std::fs::File::open(&path).unwrap(), 0, data.len() as u64).unwrap();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100_000).unwrap();
         let (got, _, r, _) = send(vec![framed(w)]).await;
         let e = r.expect_err("a short file must fail the answer");
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
-        let head = b"HTTP/1.1 200 OK\r\n\r\n".len();
+        let head = HEAD.len();
         assert_eq!(got.len(), head + 100_000, "exactly what the file still held");
         assert!(got[head..] == data[..100_000]);
     }
