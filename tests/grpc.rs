@@ -223,8 +223,7 @@ async fn overload_is_refused_not_queued() {
     let s = Server::start_with(|p| p.max_in_flight = Some(2)).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
     // Two uploads that never finish hold both slots of this connection.
-    let mut held = Vec::new();
-    for i in 0..2 {
+    let upload = |i: usize| {
         let mut c = pb::publisher_client::PublisherClient::new(ch.clone());
         let header = pb::PutAssetChunk {
             chunk: Some(Chunk::Header(pb::PutAssetHeader {
@@ -234,11 +233,21 @@ async fn overload_is_refused_not_queued() {
             })),
         };
         let stream = tokio_stream::StreamExt::chain(tokio_stream::iter(vec![header]), futures_util::stream::pending());
-        held.push(tokio::spawn(async move { c.put_asset(stream).await }));
-    }
+        tokio::spawn(async move { c.put_asset(stream).await })
+    };
+    let mut held: Vec<_> = (0..2).map(upload).collect();
     // Once both uploads hold their slots (no sleep long enough to assume it):
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
+        // A probe sent before an upload reached the server can take its
+        // slot, and the upload is refused: send it again.
+        for (i, h) in held.iter_mut().enumerate() {
+            if h.is_finished() {
+                let e = (&mut *h).await.unwrap().expect_err("an upload that never ends cannot succeed");
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                *h = upload(i);
+            }
+        }
         let mut r = pb::resolver_client::ResolverClient::new(ch.clone());
         let e = r.get_blog(pb::GetBlogRequest { blog_id: "busy".into() }).await.unwrap_err();
         if e.code() == Code::ResourceExhausted {
