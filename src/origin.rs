@@ -455,8 +455,8 @@ impl Origin {
         }
         tracing::Span::current().record("source", if root == Root::Blogs { "disk" } else { "static" });
         // Only a file the hot cache keeps is worth sealing.
-        let seal_up_to = if root == Root::Blogs { self.hot.largest(path.as_str().len()) } else { 0 };
-        let sealed = self.sealed_files;
+        let seal_up_to = if root == Root::Blogs { self.hot.largest(path.as_str()) } else { 0 };
+        let seal_max = self.sealed_files;
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
         type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
         let opened = tokio::task::spawn_blocking(move || -> Result<Opened, OpenError> {
@@ -472,7 +472,7 @@ impl Origin {
                 if buf.len() as u64 <= SMALL_FILE {
                     // Blog files may be kept hot: sealed, they are sent
                     // from the kernel's pages (see `origin/splice.rs`).
-                    let sealed = (buf.len() as u64 <= seal_up_to).then(|| splice::seal(&buf, sealed)).flatten();
+                    let sealed = (buf.len() as u64 <= seal_up_to).then(|| splice::seal(&buf, seal_max)).flatten();
                     small = Some(sealed.unwrap_or_else(|| Bytes::from(buf)));
                 } else {
                     // Grew past the limit since `stat`: streamed from its
@@ -553,7 +553,7 @@ impl Origin {
         let asset_answer = |mut a: FileAnswer| {
             a.content_type = HeaderValue::from_str(&aref.content_type)
                 .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-            a.asset_key = Some(format!("{blog}/{hash}"));
+            a.asset_key = Some(format!("{blog}/{key}"));
             // From the stored content type only: the URL's file name is the
             // caller's to spell, and must not change what the answer allows.
             a.cors = cors_for_type(&aref.content_type);
@@ -566,8 +566,8 @@ impl Origin {
         tracing::Span::current().record("source", "cas");
         let path = self.catalog.cas().blob_path(&hash);
         // As blog files: larger ones stream, and are never read whole.
-        let keep_up_to = self.hot.largest(key.len()).min(SMALL_FILE);
-        let sealed = self.sealed_files;
+        let keep_up_to = self.hot.largest(&key).min(SMALL_FILE);
+        let seal_max = self.sealed_files;
         let open = move || {
             let path = path.clone();
             tokio::task::spawn_blocking(move || {
@@ -580,7 +580,7 @@ impl Origin {
                     if buf.len() as u64 != m.len() {
                         return Err(std::io::Error::other("blob shorter than its size"));
                     }
-                    Some(splice::seal(&buf, sealed).unwrap_or_else(|| Bytes::from(buf)))
+                    Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
                     splice::read_ahead(&f, m.len());
                     None
@@ -602,7 +602,7 @@ impl Origin {
             tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
             return not_found();
         };
-        let etag = HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex is header-safe");
+        let etag = HeaderValue::from_str(&format!("\"{key}\"")).expect("hex is header-safe");
         let hot = HotFile::new(
             HeaderValue::from_static("application/octet-stream"),
             etag,

@@ -18,6 +18,11 @@ use crate::domain::CacheId;
 /// What an entry costs besides its bytes and path, counted against the cap.
 const ENTRY_OVERHEAD: u64 = 256;
 
+/// What an entry counts against the cap.
+fn cost(bytes: usize, path: &str) -> u64 {
+    bytes as u64 + path.len() as u64 + ENTRY_OVERHEAD
+}
+
 pub struct HotFile {
     content_type: HeaderValue,
     etag: HeaderValue,
@@ -101,10 +106,10 @@ impl HotCache {
         h.finish()
     }
 
-    /// The largest file kept under a path this long (an entry takes one
-    /// eighth of the cache at most).
-    pub fn largest(&self, path_len: usize) -> u64 {
-        (self.cap / 8).saturating_sub(path_len as u64 + ENTRY_OVERHEAD)
+    /// The largest file kept under this path (an entry takes one eighth of
+    /// the cache at most).
+    pub fn largest(&self, path: &str) -> u64 {
+        (self.cap / 8).saturating_sub(cost(0, path))
     }
 
     pub fn get(&self, blog: &str, path: &str, version: CacheId) -> Option<Arc<HotFile>> {
@@ -127,7 +132,7 @@ impl HotCache {
     }
 
     pub fn insert(&self, blog: &str, path: &str, version: CacheId, file: Arc<HotFile>) {
-        let size = file.bytes.len() as u64 + path.len() as u64 + ENTRY_OVERHEAD;
+        let size = cost(file.bytes.len(), path);
         if size > self.cap / 8 {
             return;
         }
@@ -137,7 +142,7 @@ impl HotCache {
         let seq = inner.seq;
         let old = inner.map.insert(k, Entry { blog: blog.into(), path: path.into(), version, seq, file });
         if let Some(old) = old {
-            inner.bytes -= old.file.bytes.len() as u64 + old.path.len() as u64 + ENTRY_OVERHEAD;
+            inner.bytes -= cost(old.file.bytes.len(), &old.path);
         }
         inner.bytes += size;
         inner.order.push_back((k, seq));
@@ -154,7 +159,7 @@ impl HotCache {
             };
             if inner.map.get(&k).is_some_and(|e| e.seq == seq) {
                 let e = inner.map.remove(&k).expect("present");
-                inner.bytes -= e.file.bytes.len() as u64 + e.path.len() as u64 + ENTRY_OVERHEAD;
+                inner.bytes -= cost(e.file.bytes.len(), &e.path);
             }
         }
     }
