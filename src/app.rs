@@ -117,9 +117,10 @@ fn open_store_quietly(
     })
 }
 
-/// Descriptors kept back from connections: the store, the log, files being
-/// served, blobs being written, fallback fetches and their backfills, and
-/// the hot files sealed for `sendfile` (`sealed`).
+/// Descriptors kept back from connections (each of which takes two: see
+/// `max_connections`): the store, the log, blobs being written, fallback
+/// fetches and their backfills, and the hot files sealed for `sendfile`
+/// (`sealed`).
 fn fd_reserve(config: &Config, sealed: usize) -> u64 {
     256 + 2 * config.max_uploads as u64 + 3 * config.max_fallback_fetches as u64 + sealed as u64
 }
@@ -377,8 +378,10 @@ impl App {
                 grpc_stop,
             );
         let sealed = crate::origin::sealed_files(config.hot_cache_bytes, nofile);
+        // Two descriptors per connection: its socket, and the file it is
+        // sending (a large one is held open until the client has it all).
         let max_connections =
-            (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config, sealed))).max(16);
+            (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config, sealed)) / 2).max(16);
         if max_connections < config.max_connections as u64 {
             tracing::warn!(
                 nofile,

@@ -9,7 +9,7 @@
 
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,23 @@ pub enum OpenError {
     Refused(&'static str),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+}
+
+/// What any change to a file moves: its size and both its times. Equal
+/// stamps before and after reading an opened file mean nobody wrote, cut or
+/// replaced it meanwhile (the change time moves even when a sync tool puts
+/// the old modification time back, and when the file is unlinked).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FileStamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    pub fn of(m: &Metadata) -> FileStamp {
+        FileStamp { len: m.len(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+    }
 }
 
 /// The blogs directory, canonicalised once at start.

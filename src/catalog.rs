@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use crate::blogfs::{BlogsDir, OpenError};
+use crate::blogfs::{BlogsDir, FileStamp, OpenError};
 use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
 use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -28,6 +28,10 @@ pub enum CatalogError {
     TooLarge(String),
     #[error("{0}")]
     Timeout(String),
+    /// Something changed under the call (a file rewritten while it was
+    /// imported): nothing was kept; the same call later may succeed.
+    #[error("{0}")]
+    Changed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("I/O error: {0}")]
@@ -42,6 +46,7 @@ impl CatalogError {
             CatalogError::NotFound(_) => "not_found",
             CatalogError::TooLarge(_) => "too_large",
             CatalogError::Timeout(_) => "timeout",
+            CatalogError::Changed(_) => "changed",
             CatalogError::Store(_) => "store",
             CatalogError::Io(_) => "io",
         }
@@ -327,13 +332,21 @@ impl Catalog {
         // A copy from the descriptor checked above, never a link: the blob
         // must not change when the sync tool rewrites the file in place, and
         // a rename racing the import cannot swap another file in.
-        let pending = self.cas.copy_from(file, self.max_asset_bytes).map_err(|e| match e.kind() {
+        let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
                 "{path} grew past max_asset_bytes ({}) while it was imported",
                 self.max_asset_bytes
             )),
             _ => CatalogError::Io(e),
         })?;
+        // Written (or cut) while it was copied: the copy may be neither the
+        // old file nor the new one, and must not become a permanent asset.
+        let after = file.metadata()?;
+        if pending.size != meta.len() || FileStamp::of(&after) != FileStamp::of(&meta) {
+            return Err(CatalogError::Changed(format!(
+                "{path} in blog {blog} changed while it was imported; nothing was kept: import it again once it is written"
+            )));
+        }
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;
         self.commit_blob(blog, Some(path), pending, filename, content_type)

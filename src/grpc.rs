@@ -25,6 +25,7 @@ impl From<CatalogError> for Status {
             CatalogError::NotFound(_) => Status::not_found(msg),
             CatalogError::TooLarge(_) => Status::resource_exhausted(msg),
             CatalogError::Timeout(_) => Status::deadline_exceeded(msg),
+            CatalogError::Changed(_) => Status::aborted(msg),
             CatalogError::Store(StoreError::Full(_)) => Status::resource_exhausted(msg),
             CatalogError::Store(StoreError::Unavailable(_) | StoreError::Closed) => Status::unavailable(msg),
             CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(

@@ -37,6 +37,7 @@ use crate::store::Resolution;
 
 mod fallback;
 mod hot;
+mod large;
 pub mod peers;
 mod splice;
 
@@ -51,7 +52,8 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const SHORT: &str = "public, max-age=60";
 const NO_STORE: &str = "no-store";
 /// Files up to this size are read whole (and may be kept hot: a hot file
-/// costs no syscall); larger ones stream from disk in 256 KiB reads.
+/// costs no syscall); larger ones stream from disk in chunks
+/// (`origin/large.rs`).
 const SMALL_FILE: u64 = 1024 * 1024;
 
 fn empty() -> Body {
@@ -106,7 +108,8 @@ struct FileAnswer {
 
 enum Source {
     Bytes(Bytes),
-    File(std::fs::File),
+    /// A file too large to keep, and its metadata when it was opened.
+    File(std::fs::File, Metadata),
 }
 
 /// The two folders a blog path's bytes may be in.
@@ -255,8 +258,10 @@ impl Origin {
                         let this = this.clone();
                         async move { Ok::<_, Infallible>(this.handle(req).await) }
                     });
-                    let conn =
-                        graceful.watch(builder.serve_connection(TokioIo::new(splice::SpliceStream::new(stream)), svc));
+                    let conn = graceful.watch(
+                        builder
+                            .serve_connection(TokioIo::new(splice::SpliceStream::new(stream, self.idle_timeout)), svc),
+                    );
                     tokio::spawn(async move {
                         let _ = conn.await;
                         drop(permit);
@@ -389,7 +394,7 @@ impl Origin {
         let cache = if id == version { IMMUTABLE } else { SHORT };
         // The user's file; one the legacy bucket backfilled, else (short-lived
         // then: the static folder's files have no versions).
-        self.serve_blog_file(req, blog, path, version, cache, [Root::Blogs, Root::Static]).await
+        self.serve_blog_file(req, blog, path, Some(version), cache, [Root::Blogs, Root::Static]).await
     }
 
     async fn unversioned(&self, req: &Request<Incoming>, blog: &BlogId, path: &BlogPath) -> Response<Body> {
@@ -409,7 +414,9 @@ impl Origin {
                 return self.serve_asset(req, blog, &hash, SHORT).await;
             }
         }
-        let version = store.path_version(blog.as_str(), path.as_str()).unwrap_or(0);
+        // None: a blog the store does not know, whose files no publish ever
+        // announces; they are read from disk each time, never kept hot.
+        let version = store.path_version(blog.as_str(), path.as_str());
         // The platform's files first, then the user's, then the fallbacks.
         self.serve_blog_file(req, blog, path, version, SHORT, [Root::Static, Root::Blogs]).await
     }
@@ -421,7 +428,7 @@ impl Origin {
         req: &Request<Incoming>,
         blog: &BlogId,
         path: &BlogPath,
-        version: CacheId,
+        version: Option<CacheId>,
         cache: &'static str,
         order: [Root; 2],
     ) -> Response<Body> {
@@ -437,17 +444,20 @@ impl Origin {
     }
 
     /// A blog path's file in one folder, from the hot cache (blog folders
-    /// only) or the disk. `Ok(None)` when missing.
+    /// only, at a version the store knows) or the disk. `Ok(None)` when missing.
     async fn blog_file(
         &self,
         blog: &BlogId,
         path: &BlogPath,
-        version: CacheId,
+        version: Option<CacheId>,
         cache: &'static str,
         root: Root,
     ) -> Result<Option<FileAnswer>, Response<Body>> {
         let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
-        if root == Root::Blogs {
+        // Only files a version names are kept hot: the version moves when
+        // the file changes, and with it the hot cache's key.
+        let keep = if root == Root::Blogs { version } else { None };
+        if let Some(version) = keep {
             if let Some(hot) = self.hot.get(blog.as_str(), path.as_str(), version) {
                 tracing::Span::current().record("source", "hot");
                 return Ok(Some(hot.answer(cache, blog_hv)));
@@ -455,7 +465,7 @@ impl Origin {
         }
         tracing::Span::current().record("source", if root == Root::Blogs { "disk" } else { "static" });
         // Only a file the hot cache keeps is worth sealing.
-        let seal_up_to = if root == Root::Blogs { self.hot.largest(path.as_str()) } else { 0 };
+        let seal_up_to = if keep.is_some() { self.hot.largest(path.as_str()) } else { 0 };
         let seal_max = self.sealed_files;
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
         type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
@@ -483,9 +493,6 @@ impl Origin {
                     grew = true;
                 }
             }
-            if small.is_none() {
-                splice::read_ahead(&f, meta.len());
-            }
             Ok((f, meta, small, grew))
         })
         .await
@@ -511,12 +518,12 @@ impl Origin {
                 let hot = Arc::new(hot.with_bytes(bytes));
                 // Keyed by the path's version, which says nothing of the
                 // static folder's files: only blog files are kept.
-                if root == Root::Blogs {
+                if let Some(version) = keep {
                     self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
                 }
                 Ok(Some(hot.answer(cache, blog_hv)))
             }
-            None => Ok(Some(hot.streaming(file, meta.len(), if grew { SHORT } else { cache }, blog_hv))),
+            None => Ok(Some(hot.streaming(file, meta, if grew { SHORT } else { cache }, blog_hv))),
         }
     }
 
@@ -582,7 +589,6 @@ impl Origin {
                     }
                     Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
-                    splice::read_ahead(&f, m.len());
                     None
                 };
                 Ok::<_, std::io::Error>((f, m, bytes))
@@ -615,7 +621,7 @@ impl Origin {
                 self.hot.insert("", &key, 0, hot.clone());
                 hot.answer(cache, blog_hv)
             }
-            None => hot.streaming(file, meta.len(), cache, blog_hv),
+            None => hot.streaming(file, meta, cache, blog_hv),
         };
         respond(req, asset_answer(answer))
     }
@@ -763,17 +769,9 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     *r.body_mut() = match a.source {
         Source::Bytes(b) => full(b.slice(start as usize..(start + len) as usize)),
-        // HEAD: no body (the caller drops it anyway), so no window either.
-        Source::File(_) if req.method() == Method::HEAD => empty(),
-        // Sent from the file with `sendfile` (`origin/splice.rs`), never
-        // read through memory.
-        Source::File(f) => match splice::window(f, start, len) {
-            Ok(w) => full(w),
-            Err(e) => {
-                tracing::error!(error = %e, "no window onto a file to send");
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n");
-            }
-        },
+        // HEAD: no body (the caller drops it anyway), so nothing is read.
+        Source::File(..) if req.method() == Method::HEAD => empty(),
+        Source::File(f, opened) => large::body(f, &opened, start, len),
     };
     r
 }

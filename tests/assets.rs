@@ -237,6 +237,66 @@ async fn import_binds_paths_and_changes_url_with_content() {
     s.stop().await;
 }
 
+/// A file cut while `ImportFile` copies it: the copy (neither the old file
+/// nor the new one) never becomes a permanent asset. The call is ABORTED,
+/// the path stays unbound and no blob is left; once the file is still, the
+/// same call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cut_while_it_is_imported_is_refused_and_keeps_nothing() {
+    let s = Server::start_with(|p| p.max_asset_bytes = Some(1 << 30)).await;
+    let mut p = s.publisher().await;
+    let req = || pb::ImportFileRequest { blog_id: "torn".into(), path: "/big.bin".into() };
+    let big: Vec<u8> = (0..96u32 << 20).map(|i| (i % 253) as u8).collect();
+    let mut aborted = 0;
+    for attempt in 0..5 {
+        let file = s.write("torn", "/big.bin", &big);
+        let mut p2 = p.clone();
+        let call = tokio::spawn(async move { p2.import_file(req()).await });
+        tokio::time::sleep(Duration::from_millis(30 + 20 * attempt)).await;
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(1_000_000).unwrap();
+        match call.await.unwrap() {
+            Err(e) => {
+                assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+                assert!(e.message().contains("/big.bin") && e.message().contains("changed"), "{}", e.message());
+                aborted += 1;
+            }
+            // Done before the cut, or started after it: one whole version.
+            Ok(a) => assert!([big.len() as u64, 1_000_000].contains(&a.into_inner().size), "a torn copy was kept"),
+        }
+    }
+    assert!(aborted > 0, "no import was caught by the cut in five tries");
+    let mut r = s.resolver().await;
+    let res = r
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "torn".into(), paths: vec!["/big.bin".into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    if aborted == 5 {
+        assert!(res.assets[0].content_hash.is_empty(), "the path was bound to a refused copy");
+        let blobs = walk_files(&s.dir.path().join("cas"));
+        assert!(blobs.iter().all(|f| f.metadata().unwrap().len() < 1000), "a blob was left: {blobs:?}");
+    }
+    // Still now: the same call succeeds, with the file as it is.
+    let a = p.import_file(req()).await.unwrap().into_inner();
+    assert_eq!(a.size, 1_000_000);
+    assert_eq!(get(s.http, &path_of(&a.url), &[]).body, &big[..1_000_000]);
+    s.stop().await;
+}
+
+/// Every file under `dir`, at any depth.
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_one_blog_keeps_shared_bytes_for_the_other() {
     let s = Server::start().await;

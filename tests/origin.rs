@@ -387,6 +387,17 @@ async fn hot_files_follow_publishes() {
     assert_eq!(curl(&[&u2]).body, b"v2", "a new version is read from disk, never the stale entry");
     assert_eq!(curl(&[&u1]).body, b"v2", "an old URL gets the current file");
     assert_eq!(get(s.http, &path_of(&u2), &[]).body, b"v2");
+    // A blog the store has never heard of: no publish will ever announce a
+    // change to its files, so they are never kept hot; its unversioned URL
+    // answers what the disk holds now (small, and large enough to seal).
+    for (i, n) in [10usize, 20_000].into_iter().enumerate() {
+        let p = format!("/f{i}.css");
+        s.write("unknown", &p, &vec![b'A'; n]);
+        assert_eq!(curl(&[&s.url(&format!("/unknown{p}"))]).body, vec![b'A'; n]);
+        s.write("unknown", &p, &vec![b'B'; n + 1]);
+        let r = curl(&[&s.url(&format!("/unknown{p}"))]);
+        assert_eq!((r.status, r.body), (200, vec![b'B'; n + 1]), "{p}: stale bytes from memory");
+    }
     s.stop().await;
 }
 
@@ -524,5 +535,100 @@ async fn legacy_urls_come_from_the_static_folder_first_confined_like_blog_folder
     assert_eq!((r.status, r.body.as_slice()), (200, &b"the asset's bytes"[..]));
     // Not immutable: the path may be bound to other bytes later.
     assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    s.stop().await;
+}
+
+/// A socket to the origin with a receive buffer of `rcvbuf` bytes (a slow
+/// or far-away client), with `target` asked for.
+fn slow_client(s: &Server, target: &str, rcvbuf: libc::c_int) -> std::net::TcpStream {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let c = std::net::TcpStream::connect(s.http).unwrap();
+    // SAFETY: setsockopt with a valid int.
+    let r = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &rcvbuf as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(r, 0);
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    (&c).write_all(format!("GET {target} HTTP/1.1\r\nHost: cdn.test\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    c
+}
+
+/// A file too large to keep in memory, cut short or rewritten in place
+/// while a slow client downloads it: the client never gets a whole answer,
+/// and every byte it got is the file's as it was (never zeros it never had,
+/// never the new bytes under the old validators). Before, such files went
+/// out with `sendfile` from the file's own pages, which a cut zeroes and a
+/// rewrite changes while the socket still holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_that_changes_mid_answer_is_never_sent_whole() {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let s = Server::start().await;
+    // No zero byte anywhere: any zero received is one the file never had.
+    let bytes: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    type Change = fn(&std::path::Path, usize);
+    let changes: [(&str, Change); 2] = [
+        ("cut", |p, _| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(1_000_123).unwrap()),
+        ("rewritten in place", |p, n| {
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            f.write_all_at(&vec![b'x'; n], 0).unwrap();
+        }),
+    ];
+    for (i, (what, change)) in changes.into_iter().enumerate() {
+        let path = format!("/big{i}.bin");
+        let file = s.write("b", &path, &bytes);
+        invalidate(&s, "b", &[&path]).await;
+        let target = path_of(&url_of(&s, "b", &path).await);
+        let mut c = slow_client(&s, &target, 64 << 10);
+        // The server fills what the socket holds; then the file changes.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        change(&file, bytes.len());
+        let got = tokio::task::spawn_blocking(move || {
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            got
+        })
+        .await
+        .unwrap();
+        let r = common::parse_response(&got);
+        assert_eq!(r.status, 200, "{what}");
+        assert_eq!(r.header("content-length"), Some(bytes.len().to_string().as_str()), "{what}");
+        assert!(r.body.len() < bytes.len(), "{what}: the whole answer went out ({} bytes)", r.body.len());
+        let bad = r.body.iter().zip(&bytes).position(|(a, b)| a != b);
+        assert_eq!(bad, None, "{what}: byte {bad:?} of {} is not the file's as it was", r.body.len());
+    }
+    s.stop().await;
+}
+
+/// Clients that ask for a large file and never read hold their connections
+/// only until the idle timeout: then the slots are free for others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_give_their_slots_back() {
+    let s = Server::start_with(|p| {
+        p.max_connections = Some(16);
+        p.http_idle_timeout_secs = Some(1);
+        p.http_threads = Some(1);
+    })
+    .await;
+    let bytes: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    s.write("b", "/big.bin", &bytes);
+    s.write("b", "/small.txt", b"small");
+    invalidate(&s, "b", &[]).await;
+    let big = path_of(&url_of(&s, "b", "/big.bin").await);
+    let small = path_of(&url_of(&s, "b", "/small.txt").await);
+    let stuck: Vec<_> = (0..16).map(|_| slow_client(&s, &big, 4096)).collect();
+    // Every slot is held; past the idle timeout they are given back.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let addr = s.http;
+    let r = tokio::task::spawn_blocking(move || get(addr, &small, &[])).await.unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"small"[..]));
+    drop(stuck);
     s.stop().await;
 }

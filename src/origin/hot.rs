@@ -4,6 +4,7 @@
 //! first out, which keeps reads lock-shared (no recency to update).
 
 use std::collections::VecDeque;
+use std::fs::Metadata;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -56,18 +57,24 @@ impl HotFile {
         }
     }
 
-    pub(super) fn streaming(self, file: std::fs::File, len: u64, cache: &'static str, blog: HeaderValue) -> FileAnswer {
+    pub(super) fn streaming(
+        self,
+        file: std::fs::File,
+        meta: Metadata,
+        cache: &'static str,
+        blog: HeaderValue,
+    ) -> FileAnswer {
         FileAnswer {
             content_type: self.content_type,
             etag: self.etag,
             last_modified: self.last_modified,
             modified: self.modified,
-            len,
+            len: meta.len(),
             cache,
             blog,
             asset_key: None,
             cors: self.cors,
-            source: Source::File(file),
+            source: Source::File(file, meta),
         }
     }
 }
