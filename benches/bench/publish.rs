@@ -1,5 +1,6 @@
 //! Invalidate of one path, with 1 and with 64 callers, against a 4 KiB
-//! write and fsync of the same disk and an RPC that does no I/O.
+//! write and fsync of the same disk, an RPC that does no I/O and a bare
+//! loopback TCP round trip.
 
 use super::*;
 
@@ -30,6 +31,35 @@ fn fsync_peer(dir: &Path, dur: Duration, gap: Duration) -> (f64, Lat) {
     (rate, lat)
 }
 
+/// One 64-byte message to another thread and back over loopback TCP, again
+/// and again: what any request and its answer pay here before a server
+/// does anything (each side waits in the kernel until the other wakes it).
+fn loopback_round_trip(dur: Duration) -> Lat {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 64];
+        while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+    });
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut buf = [7u8; 64];
+    let mut lat = Lat::default();
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        c.write_all(&buf).unwrap();
+        c.read_exact(&mut buf).unwrap();
+        lat.0.push(t.elapsed());
+    }
+    drop(c);
+    echo.join().unwrap();
+    lat
+}
+
 pub async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
     println!("== Publish (Invalidate) vs a raw 4 KiB write + fsync");
     let dir = tempfile::tempdir_in(".").unwrap();
@@ -48,7 +78,13 @@ pub async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
     })
     .await;
     let rpc50 = rpc.pct(0.5);
-    println!("RPC floor (GetBlog, 1 caller): p50 {}", ms(rpc50));
+    let tcp50 =
+        tokio::task::spawn_blocking(move || loopback_round_trip(Duration::from_secs(1))).await.unwrap().pct(0.5);
+    println!(
+        "RPC floor (GetBlog, 1 caller): p50 {}; a loopback TCP round trip between two threads: p50 {}",
+        ms(rpc50),
+        ms(tcp50)
+    );
     // The same disk at one publisher's pace: a sync every round trip.
     let (_, mut spaced) = fsync_peer(dir.path(), o.secs(2), rpc50);
     let spaced50 = spaced.pct(0.5);
@@ -83,12 +119,14 @@ pub async fn bench_publish(o: &Opts, rows: &mut Vec<Row>) {
             peer: format!("4 KiB write+fsync {frate:.0}/s ({} / {})", ms(f50), ms(flat.pct(0.99))),
             ratio: if conc == 1 {
                 format!(
-                    "p50 {:.1}× fsync ({:.1}× one every round trip, p50 {}); above the RPC floor ({}): {:.1}× fsync",
+                    "p50 {:.1}× fsync ({:.1}× one every round trip, p50 {}); above the RPC floor ({}; a bare loopback round trip {}): {:.1}× fsync; floor + one fsync alone: {:.1}× fsync",
                     p50.as_secs_f64() / f50.as_secs_f64(),
                     p50.as_secs_f64() / spaced50.as_secs_f64(),
                     ms(spaced50),
                     ms(rpc50),
-                    p50.saturating_sub(rpc50).as_secs_f64() / f50.as_secs_f64()
+                    ms(tcp50),
+                    p50.saturating_sub(rpc50).as_secs_f64() / f50.as_secs_f64(),
+                    (rpc50 + f50).as_secs_f64() / f50.as_secs_f64()
                 )
             } else {
                 format!("p50 {:.1}× fsync", p50.as_secs_f64() / f50.as_secs_f64())
