@@ -42,6 +42,32 @@ impl FileStamp {
     }
 }
 
+/// A file changed this recently may be in the middle of a write: `write(2)`
+/// moves the times before it copies the bytes, so a write already running
+/// when the file was opened changes bytes without moving its stamp again.
+/// Longer than the coarse clock's tick, which timestamps may follow.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Waits (blocking) until the opened file's last change is [`SETTLE`] old,
+/// and returns its metadata then; `None` if it kept changing for ten times
+/// that. With [`FileStamp`] compared after the read, a read of a file that
+/// settled is of one version, unless one write takes longer than `SETTLE`.
+pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Option<Metadata>> {
+    for _ in 0..10 {
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+        match std::time::SystemTime::now().duration_since(changed) {
+            Ok(age) if age >= SETTLE => return Ok(Some(meta)),
+            Ok(age) => std::thread::sleep(SETTLE - age),
+            // A change time ahead of our clock (it was stepped back): no
+            // telling how old the change is; not worth refusing the file.
+            Err(_) => return Ok(Some(meta)),
+        }
+        meta = f.metadata()?;
+    }
+    Ok(None)
+}
+
 /// The blogs directory, canonicalised once at start.
 #[derive(Debug, Clone)]
 pub struct BlogsDir {

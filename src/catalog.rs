@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use crate::blogfs::{BlogsDir, FileStamp, OpenError};
+use crate::blogfs::{settled, BlogsDir, FileStamp, OpenError};
 use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
 use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -332,6 +332,13 @@ impl Catalog {
         // A copy from the descriptor checked above, never a link: the blob
         // must not change when the sync tool rewrites the file in place, and
         // a rename racing the import cannot swap another file in.
+        // Not in the middle of a write (see `blogfs::settled`).
+        let changed = || {
+            CatalogError::Changed(format!(
+                "{path} in blog {blog} changed while it was imported; nothing was kept: import it again once it is written"
+            ))
+        };
+        let meta = settled(&file, meta)?.ok_or_else(changed)?;
         let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
                 "{path} grew past max_asset_bytes ({}) while it was imported",
@@ -343,9 +350,7 @@ impl Catalog {
         // old file nor the new one, and must not become a permanent asset.
         let after = file.metadata()?;
         if pending.size != meta.len() || FileStamp::of(&after) != FileStamp::of(&meta) {
-            return Err(CatalogError::Changed(format!(
-                "{path} in blog {blog} changed while it was imported; nothing was kept: import it again once it is written"
-            )));
+            return Err(changed());
         }
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;

@@ -16,7 +16,7 @@
 
 use std::convert::Infallible;
 use std::fs::Metadata;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::blogfs::OpenError;
+use crate::blogfs::{settled, FileStamp, OpenError};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{parse_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
@@ -222,6 +222,10 @@ impl Origin {
         // hyper waits for the next request's head) may not hold a connection
         // slot forever.
         builder.header_read_timeout(self.idle_timeout);
+        // Hyper takes a body's next chunk while less than this is queued:
+        // one large file's chunk at a time per connection (its default,
+        // 400 KiB, is three), which also bounds a request's head.
+        builder.max_buf_size(large::CHUNK);
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -474,24 +478,38 @@ impl Origin {
                 Root::Blogs => cat.blogs_dir(),
                 Root::Static => cat.static_dir(),
             };
-            let (mut f, mut meta) = dir.open(&b, &p)?;
+            let (f, meta) = dir.open(&b, &p)?;
+            let busy =
+                || OpenError::Io(std::io::Error::new(std::io::ErrorKind::ResourceBusy, "the file keeps changing"));
+            // Not in the middle of a write (see `blogfs::settled`).
+            let mut meta = settled(&f, meta)?.ok_or_else(busy)?;
             let (mut small, mut grew) = (None, false);
-            if meta.len() <= SMALL_FILE {
-                let mut buf = Vec::with_capacity(meta.len() as usize);
-                (&mut f).take(SMALL_FILE + 1).read_to_end(&mut buf)?;
-                if buf.len() as u64 <= SMALL_FILE {
+            let mut tries = 0;
+            while small.is_none() && !grew && meta.len() <= SMALL_FILE {
+                let buf = read_up_to(&f, meta.len(), SMALL_FILE + 1)?;
+                let now = f.metadata()?;
+                if buf.len() as u64 > SMALL_FILE {
+                    // Grew past the limit since `stat`: streamed (with its
+                    // length and validators as they are now, each chunk
+                    // checked against them), and never kept hot.
+                    grew = true;
+                } else if buf.len() as u64 == now.len() && FileStamp::of(&now) == FileStamp::of(&meta) {
                     // Blog files may be kept hot: sealed, they are sent
                     // from the kernel's pages (see `origin/splice.rs`).
                     let sealed = (buf.len() as u64 <= seal_up_to).then(|| splice::seal(&buf, seal_max)).flatten();
                     small = Some(sealed.unwrap_or_else(|| Bytes::from(buf)));
                 } else {
-                    // Grew past the limit since `stat`: streamed from its
-                    // start (the read moved the offset) with its length and
-                    // validators as they are now, and never kept hot.
-                    f.seek(SeekFrom::Start(0))?;
-                    meta = f.metadata()?;
-                    grew = true;
+                    // Written while it was read: what was read may be
+                    // neither version, and must not be answered (nor kept
+                    // hot under a version). Read again, a few times.
+                    tries += 1;
+                    if tries == 3 {
+                        return Err(busy());
+                    }
+                    meta = settled(&f, now)?.ok_or_else(busy)?;
+                    continue;
                 }
+                meta = now;
             }
             Ok((f, meta, small, grew))
         })
@@ -503,6 +521,12 @@ impl Origin {
             Err(OpenError::Refused(why)) => {
                 tracing::warn!(blog = %blog, path = %path, why, "refused to serve");
                 return Err(plain(StatusCode::NOT_FOUND, SHORT, "not found\n"));
+            }
+            Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                tracing::info!(blog = %blog, path = %path, "a file being written was asked for");
+                let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "the file is being written; try again\n");
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Err(r);
             }
             Err(OpenError::Io(e)) => {
                 tracing::error!(blog = %blog, path = %path, error = %e, "read failed");
@@ -707,6 +731,31 @@ fn http_date(t: SystemTime) -> HeaderValue {
 }
 
 /// Conditional requests, ranges and headers: the one place a file answer is made.
+/// The file's first bytes, up to `limit` (all of it, if it is shorter), read
+/// from its start whatever its offset; `hint`: its size when last seen.
+fn read_up_to(f: &std::fs::File, hint: u64, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    // One more byte than the size seen, to find out it grew.
+    let mut buf = vec![0u8; hint.saturating_add(1).clamp(1, limit) as usize];
+    let mut n = 0;
+    loop {
+        if n == buf.len() {
+            if n as u64 >= limit {
+                return Ok(buf);
+            }
+            buf.resize((n * 2).min(limit as usize), 0);
+        }
+        match f.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
 fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
     let h = req.headers();
     let mut r = Response::new(empty());

@@ -271,6 +271,8 @@ async fn a_file_cut_while_it_is_imported_is_refused_and_keeps_nothing() {
         .await
         .unwrap()
         .into_inner();
+    let tmp = walk_files(&s.dir.path().join("cas/tmp"));
+    assert!(tmp.is_empty(), "refused copies were left: {tmp:?}");
     if aborted == 5 {
         assert!(res.assets[0].content_hash.is_empty(), "the path was bound to a refused copy");
         let blobs = walk_files(&s.dir.path().join("cas"));

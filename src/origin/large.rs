@@ -51,18 +51,18 @@ pub fn body(file: File, opened: &Metadata, start: u64, len: u64) -> Body {
                 return Ok(None);
             }
             let want = (end - at).min(CHUNK as u64) as usize;
-            let chunk = match read_cached(&file, at, want) {
-                Some(r) => r?,
+            // The chunk, and the file's metadata just after it was read.
+            let (chunk, now) = match read_cached(&file, at, want) {
+                Some(r) => (r?, file.metadata()?),
                 None => {
                     let f = file.clone();
-                    tokio::task::spawn_blocking(move || read(&f, at, want)).await.map_err(io::Error::other)??
+                    tokio::task::spawn_blocking(move || Ok::<_, io::Error>((read(&f, at, want)?, f.metadata()?)))
+                        .await
+                        .map_err(io::Error::other)??
                 }
             };
             // A read that meets the end early: the file was cut.
-            if chunk.is_empty() {
-                return Err(changed());
-            }
-            if FileStamp::of(&file.metadata()?) != stamp {
+            if chunk.is_empty() || FileStamp::of(&now) != stamp {
                 return Err(changed());
             }
             let next = at + chunk.len() as u64;
