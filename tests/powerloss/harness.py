@@ -133,6 +133,11 @@ class LossyMount:
     def stats(self):
         return self.command("stats", timeout=10)["stats"]
 
+    def thaw(self):
+        """Fsyncs take effect again (see lossyfs's docstring)."""
+        r = self.command("thaw", timeout=10)
+        assert r.get("ok"), r
+
     def freeze_after_fsync(self, regex, n=1, arm=None):
         """Sets the trigger: the durable state freezes when the n-th fsync
         of a path matching `regex` completes (counted once an fsync matching

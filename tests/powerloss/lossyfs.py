@@ -47,6 +47,11 @@ one line in, one JSON line out:
   ``stats`` reports it under ``trigger`` (``fired``: the fsync it froze
   after; ``after``: the first fsyncs acknowledged without effect), and
   ``freezes`` counts the triggers that fired.
+* ``thaw``: the trigger goes, and fsyncs take effect again, without a power
+  cut: what was written while frozen is still there, not durable until the
+  next fsync of its file. With a kill before it, this is a program that
+  died after writing but before its syncs reached the disk, on a machine
+  that kept running (its page cache holds the writes).
 * ``frozen``: whether the durable state is frozen now (cheap: a test asks
   it after each acknowledgement, to know whether the acknowledged write was
   made durable before the freeze).
@@ -816,6 +821,10 @@ class Server:
             return {"ok": True}
         if cmd == "frozen":
             return {"ok": True, "frozen": self.fs.frozen()}
+        if cmd == "thaw":
+            with self.fs.mu:
+                self.fs.trigger = None
+            return {"ok": True}
         if cmd.startswith("freeze-after-fsync"):
             parts = cmd.split()
             if len(parts) not in (3, 4) or not parts[2].isdigit() or int(parts[2]) < 1:

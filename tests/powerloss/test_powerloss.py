@@ -295,6 +295,52 @@ def test_two_power_cuts_in_a_row(make_env, model):
     check(env, env.client(srv), led, lost, f"{model}: second cut, right after the restart")
 
 
+@pytest.mark.parametrize("model", ["posix", "wal"])
+def test_writes_shown_after_a_kill_survive_a_power_cut(make_env, model):
+    """A process killed between writing groups to its log and syncing them
+    leaves them in the page cache only (here: the log's syncs stop taking
+    effect, the process is killed, and they take effect again, with no power
+    cut). A start that reads the index from the snapshot and leaves the
+    log's records in the log (the start after a crash, "from snapshot and
+    log") shows those groups: it must make them durable before it answers.
+    What a client saw after that restart must still be there after a power
+    cut that follows, with no write between."""
+    env = model_env(make_env, model)
+    srv = settled_env(env)
+    led = Ledger()
+    # The first checkpoint writes the snapshot such starts read.
+    s = Storm(env.client(srv), led, threads=2, seed=11, prefix="seedx", mix={"floor": 1}).start()
+    time.sleep(0.5)
+    wait_for_checkpoint(env, 25, "the first checkpoint (it writes the snapshot)")
+    s.stop()
+    assert not s.errors, s.errors
+    deferred = 0
+    for round_ in range(3):
+        blogs = [f"k{round_}x{t}g0" for t in range(4)]
+        env.fs.freeze_after_fsync(r"^/data/db\.wal$", 1)
+        s = Storm(env.client(srv), led, threads=4, seed=40 + round_, prefix=f"k{round_}x", mix={"floor": 1}).start()
+        time.sleep(1.0)
+        srv.kill()
+        s.stop()
+        assert env.fs.stats()["frozen_fsync"] > 0, "no sync of the log was left without effect"
+        env.fs.thaw()
+        srv.start()
+        with open(srv.log_path, "rb") as f:
+            deferred += b'from="snapshot and log"' in f.read()
+        c = env.client(srv)
+        seen = {b: getattr(c.get_blog(b), "cache_id", 0) for b in blogs}
+        srv.kill()
+        lost = env.fs.crash()
+        srv.start()
+        c = env.client(srv)
+        after = {b: getattr(c.get_blog(b), "cache_id", 0) for b in blogs}
+        gone = {b: (seen[b], after[b]) for b in blogs if after[b] != seen[b]}
+        assert not gone, (f"{model}, round {round_}: what the restart showed (cache id seen, then after the power"
+                          f" cut) did not survive: {gone}\n" + report([], lost, led, env))
+        check(env, c, led, lost, f"{model}: power cut after a restart that followed a kill, round {round_}")
+    assert deferred, "no restart read its index from the snapshot and left the log's records in the log"
+
+
 # ---- c. uploads in flight -------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["posix", "wal"])
