@@ -48,24 +48,33 @@ impl FileStamp {
 /// Longer than the coarse clock's tick, which timestamps may follow.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Waits (blocking) until the opened file's last change is [`SETTLE`] old,
-/// and returns its metadata then; `None` if it kept changing for ten times
-/// that. With [`FileStamp`] compared after the read, a read of a file that
-/// settled is of one version, unless one write takes longer than `SETTLE`.
-pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Option<Metadata>> {
-    for _ in 0..10 {
-        let changed = std::time::UNIX_EPOCH
-            + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
-        match std::time::SystemTime::now().duration_since(changed) {
-            Ok(age) if age >= SETTLE => return Ok(Some(meta)),
-            Ok(age) => std::thread::sleep(SETTLE - age),
-            // A change time ahead of our clock (it was stepped back): no
-            // telling how old the change is; not worth refusing the file.
-            Err(_) => return Ok(Some(meta)),
+/// How long ago the file last changed (its change time); zero for a change
+/// time ahead of our clock.
+pub fn changed_ago(meta: &Metadata) -> std::time::Duration {
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+    std::time::SystemTime::now().duration_since(changed).unwrap_or_default()
+}
+
+/// Waits (blocking, at most three times [`SETTLE`]) until the opened file's
+/// last change is `SETTLE` old, and returns its metadata then, settled or
+/// not (a file that keeps changing, or a filesystem whose change times are
+/// always now, is then recent: the origin serves it short-lived and never
+/// keeps it, see `recent_change_ms`). With
+/// [`FileStamp`] compared after the read, a read of a file that settled is of
+/// one version, unless one write takes longer than `SETTLE`.
+pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Metadata> {
+    for _ in 0..3 {
+        let ago = changed_ago(&meta);
+        // A change time ahead of our clock (it was stepped back) reads as
+        // zero: no telling how old the change is; not worth a wait.
+        if ago >= SETTLE || ago.is_zero() {
+            break;
         }
+        std::thread::sleep(SETTLE - ago);
         meta = f.metadata()?;
     }
-    Ok(None)
+    Ok(meta)
 }
 
 /// The blogs directory, canonicalised once at start.

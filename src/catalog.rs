@@ -338,7 +338,7 @@ impl Catalog {
                 "{path} in blog {blog} changed while it was imported; nothing was kept: import it again once it is written"
             ))
         };
-        let meta = settled(&file, meta)?.ok_or_else(changed)?;
+        let meta = settled(&file, meta)?;
         let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
                 "{path} grew past max_asset_bytes ({}) while it was imported",

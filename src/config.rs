@@ -65,6 +65,11 @@ pub struct Partial {
     /// (`SO_REUSEPORT`); default: one per core. 0: on the runtime shared
     /// with gRPC.
     pub http_threads: Option<usize>,
+    /// A blog file changed less than this many milliseconds ago is answered
+    /// short-lived and not kept hot: its bytes may not be whole yet though
+    /// no timestamp moved (one slow write, writes through a mapping,
+    /// coarse timestamps). 0: no such window.
+    pub recent_change_ms: Option<u64>,
     /// Fallback fetches in flight at once; past it the origin answers 503.
     pub max_fallback_fetches: Option<usize>,
     /// The whole of one fallback fetch (headers and body), in seconds.
@@ -174,6 +179,7 @@ impl Partial {
             max_connections,
             http_idle_timeout_secs,
             http_threads,
+            recent_change_ms,
             max_fallback_fetches,
             fallback_timeout_secs,
             purge,
@@ -224,6 +230,7 @@ impl Partial {
             max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             http_threads: num("BLOTCDN_HTTP_THREADS", get("BLOTCDN_HTTP_THREADS"))?,
+            recent_change_ms: num("BLOTCDN_RECENT_CHANGE_MS", get("BLOTCDN_RECENT_CHANGE_MS"))?,
             max_fallback_fetches: num("BLOTCDN_MAX_FALLBACK_FETCHES", get("BLOTCDN_MAX_FALLBACK_FETCHES"))?,
             fallback_timeout_secs: num("BLOTCDN_FALLBACK_TIMEOUT_SECS", get("BLOTCDN_FALLBACK_TIMEOUT_SECS"))?,
             purge: list(get("BLOTCDN_PURGE_URLS"))
@@ -294,6 +301,7 @@ pub struct Config {
     pub max_connections: usize,
     pub http_idle_timeout: std::time::Duration,
     pub http_threads: usize,
+    pub recent_change: std::time::Duration,
     pub max_fallback_fetches: usize,
     pub fallback_timeout: std::time::Duration,
     pub purge: Vec<PurgeTarget>,
@@ -526,6 +534,7 @@ impl Config {
             max_connections,
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
             http_threads: p.http_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            recent_change: std::time::Duration::from_millis(p.recent_change_ms.unwrap_or(2000)),
             max_fallback_fetches,
             fallback_timeout: std::time::Duration::from_secs(fallback_timeout),
             purge: {

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::blogfs::{settled, FileStamp, OpenError};
+use crate::blogfs::{changed_ago, settled, FileStamp, OpenError};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{parse_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
@@ -83,6 +83,8 @@ pub struct Origin {
     /// One permit per open connection.
     connections: Arc<tokio::sync::Semaphore>,
     idle_timeout: std::time::Duration,
+    /// `recent_change_ms`.
+    recent_change: std::time::Duration,
     /// With host-style URLs: `.{cdn host}` (lower case); a request to
     /// `{blog}.{cdn host}` names its blog by its `Host`.
     host_suffix: Option<String>,
@@ -132,6 +134,7 @@ impl Origin {
             catalog,
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             idle_timeout: config.http_idle_timeout,
+            recent_change: config.recent_change,
             host_suffix: match (config.url_style, config.cdn_base_url.as_deref()) {
                 (crate::domain::UrlStyle::Host, Some(base)) => {
                     base.split_once("://").map(|(_, host)| format!(".{}", host.to_ascii_lowercase()))
@@ -470,6 +473,8 @@ impl Origin {
         tracing::Span::current().record("source", if root == Root::Blogs { "disk" } else { "static" });
         // Only a file the hot cache keeps is worth sealing.
         let seal_up_to = if keep.is_some() { self.hot.largest(path.as_str()) } else { 0 };
+        // (A file changed within `recent_change` is not kept: a seal of it
+        // is wasted, and rare.)
         let seal_max = self.sealed_files;
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
         type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
@@ -482,7 +487,7 @@ impl Origin {
             let busy =
                 || OpenError::Io(std::io::Error::new(std::io::ErrorKind::ResourceBusy, "the file keeps changing"));
             // Not in the middle of a write (see `blogfs::settled`).
-            let mut meta = settled(&f, meta)?.ok_or_else(busy)?;
+            let mut meta = settled(&f, meta)?;
             let (mut small, mut grew) = (None, false);
             let mut tries = 0;
             while small.is_none() && !grew && meta.len() <= SMALL_FILE {
@@ -506,7 +511,7 @@ impl Origin {
                     if tries == 3 {
                         return Err(busy());
                     }
-                    meta = settled(&f, now)?.ok_or_else(busy)?;
+                    meta = settled(&f, now)?;
                     continue;
                 }
                 meta = now;
@@ -533,6 +538,13 @@ impl Origin {
                 return Err(plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"));
             }
         };
+        // Changed just now: its bytes may not be whole yet though no stamp
+        // moved (one slow write, stores through a shared mapping, which move
+        // the times only at a page's first store, coarse timestamps).
+        // Answered short-lived, so no cache holds a torn read for long, and
+        // never kept hot.
+        let recent = changed_ago(&meta) < self.recent_change;
+        let (cache, keep) = if recent { (SHORT, None) } else { (cache, keep) };
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let content_type = content_type(path.file_name());
         let etag = file_etag(&meta);

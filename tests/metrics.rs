@@ -29,7 +29,12 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     let server = ChildServer::spawn_with(
         dir.path(),
         &[],
-        &[("BLOTCDN_PURGE_URLS", "http=http://127.0.0.1:9/"), ("BLOTCDN_PURGE_ON_PUBLISH", "true")],
+        // The file was written just now: no window in which it is not kept.
+        &[
+            ("BLOTCDN_PURGE_URLS", "http=http://127.0.0.1:9/"),
+            ("BLOTCDN_PURGE_ON_PUBLISH", "true"),
+            ("BLOTCDN_RECENT_CHANGE_MS", "0"),
+        ],
     );
     let grpc = format!("http://{}", server.grpc);
     let mut p = pb::publisher_client::PublisherClient::connect(grpc.clone()).await.unwrap();

@@ -695,3 +695,30 @@ async fn a_file_rewritten_while_read_is_answered_whole_or_503() {
     assert!(whole > 0, "no answer got through");
     s.stop().await;
 }
+
+/// A file changed less than `recent_change_ms` ago may not be whole yet
+/// with no timestamp to show it (a slow write, stores through a mapping,
+/// coarse timestamps): it is answered short-lived and not kept in memory.
+/// Once older, the same URL is immutable and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_just_now_is_short_lived_and_not_kept() {
+    let s = Server::start_with(|p| p.recent_change_ms = Some(1500)).await;
+    let file = s.write("r", "/img.png", &vec![7u8; 30_000]);
+    invalidate(&s, "r", &[]).await;
+    let url = url_of(&s, "r", "/img.png").await;
+    let r = curl(&[&url]);
+    assert_eq!((r.status, r.body.len()), (200, 30_000));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"), "a file changed just now");
+    // Not kept: with the file gone, the next answer is not from memory.
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(curl(&[&url]).status, 404, "a just-changed file was kept in memory");
+    // The same bytes again; once older than the window, immutable and kept.
+    s.write("r", "/img.png", &vec![7u8; 30_000]);
+    tokio::time::sleep(std::time::Duration::from_millis(1700)).await;
+    let r = curl(&[&url]);
+    assert_eq!((r.status, r.header("cache-control")), (200, Some("public, max-age=31536000, immutable")));
+    std::fs::remove_file(&file).unwrap();
+    let r = curl(&[&url]);
+    assert_eq!((r.status, r.body.len()), (200, 30_000), "a settled file is answered from memory");
+    s.stop().await;
+}

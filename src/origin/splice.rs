@@ -173,6 +173,17 @@ fn mapping_at(buf: &[u8]) -> Option<(RawFd, libc::off_t, usize)> {
     (at < start + e.len).then_some((e.fd, (at - start) as libc::off_t, start + e.len - at))
 }
 
+/// Bytes in a socket's send queue, not yet acknowledged by the client
+/// (`SIOCOUTQ`); `usize::MAX` if the kernel does not say.
+fn queued(sock: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int.
+    match unsafe { libc::ioctl(sock, libc::TIOCOUTQ, &mut n) } {
+        0 => n.max(0) as usize,
+        _ => usize::MAX,
+    }
+}
+
 /// The origin's connection: a TCP stream whose writes send sealed hot files
 /// with `sendfile` (see the module's comment), and fail once the client has
 /// taken nothing for `stall_limit`: a client that asks and never reads may
@@ -182,7 +193,9 @@ pub struct SpliceStream {
     stall_limit: Duration,
     /// Armed when a write must wait, until one goes through.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    stalled: bool,
+    /// While a write waits: the send queue's length when it began to wait
+    /// (or when the client last took something).
+    stalled: Option<usize>,
     /// Tests: `sendfile` calls made.
     #[cfg(test)]
     sendfiles: std::cell::Cell<usize>,
@@ -194,30 +207,43 @@ impl SpliceStream {
             stream,
             stall_limit,
             stall: None,
-            stalled: false,
+            stalled: None,
             #[cfg(test)]
             sendfiles: Default::default(),
         }
     }
 
     /// A write that must wait starts the stall timer (if it is not running);
-    /// one that goes through (or fails) stops it.
+    /// one that goes through (or fails) stops it. When the timer fires, the
+    /// client still took something if the socket's queue shrank since it was
+    /// armed: the kernel calls a socket writable only once a third of its
+    /// buffer (up to megabytes) has drained, which a slow reader may take
+    /// longer than the limit to do. Then the timer runs again.
     fn watch_stall(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if r.is_ready() {
-            self.stalled = false;
+            self.stalled = None;
             return r;
         }
         let deadline = tokio::time::Instant::now() + self.stall_limit;
+        let sock = self.stream.as_raw_fd();
         let timer = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.stalled {
+        if self.stalled.is_none() {
             timer.as_mut().reset(deadline);
-            self.stalled = true;
+            self.stalled = Some(queued(sock));
         }
-        ready!(timer.as_mut().poll(cx));
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the client took nothing for {:.1} s", self.stall_limit.as_secs_f64()),
-        )))
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let queued = queued(sock);
+            if self.stalled.is_some_and(|before| queued < before) {
+                self.stalled = Some(queued);
+                timer.as_mut().reset(tokio::time::Instant::now() + self.stall_limit);
+                continue;
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing for {:.1} s", self.stall_limit.as_secs_f64()),
+            )));
+        }
     }
 
     /// Runs `f` once the socket is writable, until it does not block.
@@ -426,7 +452,12 @@ mod tests {
 
     /// Sets a socket's send or receive buffer to 8 KiB.
     fn small_buffer(fd: RawFd, which: libc::c_int) {
-        let small: libc::c_int = 8192;
+        buffer(fd, which, 8192)
+    }
+
+    /// Sets a socket's send or receive buffer (the kernel doubles it, and
+    /// caps it at its `wmem_max` / `rmem_max`).
+    fn buffer(fd: RawFd, which: libc::c_int, small: libc::c_int) {
         // SAFETY: setsockopt with a valid int.
         let r = unsafe {
             libc::setsockopt(
@@ -440,12 +471,14 @@ mod tests {
         assert_eq!(r, 0);
     }
 
-    /// Writes `n` bytes (a sealed file when `sealed`) to a client that reads
-    /// at most 4 KiB every `pause` (never, without one), through small
-    /// buffers, with a stall limit of `limit`. Returns the bytes taken and
-    /// the outcome.
+    /// Writes `n` bytes (a sealed file when `sealed`) through a send buffer
+    /// of `sndbuf` (the kernel's own sizing without one) to a client that
+    /// reads at most 4 KiB every `pause` (never, without one), its receive
+    /// buffer small too if `sndbuf` is given, with a stall limit of `limit`.
+    /// Returns the bytes taken and the outcome.
     async fn write_to_reader(
         n: usize,
+        sndbuf: Option<libc::c_int>,
         pause: Option<Duration>,
         limit: Duration,
         sealed: bool,
@@ -453,7 +486,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let c = std::net::TcpStream::connect(addr).unwrap();
-        small_buffer(c.as_raw_fd(), libc::SO_RCVBUF);
+        if sndbuf.is_some() {
+            small_buffer(c.as_raw_fd(), libc::SO_RCVBUF);
+        }
         let (done, writer_done) = std::sync::mpsc::channel::<()>();
         let reader = std::thread::spawn(move || {
             use std::io::Read;
@@ -471,7 +506,9 @@ mod tests {
             got
         });
         let (s, _) = listener.accept().await.unwrap();
-        small_buffer(s.as_raw_fd(), libc::SO_SNDBUF);
+        if let Some(n) = sndbuf {
+            buffer(s.as_raw_fd(), libc::SO_SNDBUF, n);
+        }
         let mut s = SpliceStream::new(s, limit);
         let data = pattern(n);
         let body = if sealed { seal(&data, 10).expect("sealed") } else { Bytes::from(data) };
@@ -498,7 +535,7 @@ mod tests {
     async fn a_client_that_takes_nothing_is_dropped_after_the_stall_limit() {
         for sealed in [false, true] {
             let started = std::time::Instant::now();
-            let stalled = write_to_reader(2 << 20, None, Duration::from_millis(300), sealed);
+            let stalled = write_to_reader(2 << 20, Some(8192), None, Duration::from_millis(300), sealed);
             let (taken, r) =
                 tokio::time::timeout(Duration::from_secs(20), stalled).await.expect("the write never gave up");
             let e = r.expect_err("the write must give up");
@@ -515,10 +552,22 @@ mod tests {
     async fn a_slow_but_steady_client_is_not_dropped() {
         let started = std::time::Instant::now();
         let limit = Duration::from_secs(2);
-        let (taken, r) = write_to_reader(1 << 20, Some(Duration::from_millis(10)), limit, true).await;
+        let (taken, r) = write_to_reader(1 << 20, Some(8192), Some(Duration::from_millis(5)), limit, true).await;
         r.expect("a steady reader gets the whole answer");
         assert_eq!(taken, 1 << 20);
         assert!(started.elapsed() > limit, "the answer took longer than the limit");
+    }
+
+    /// A send buffer the kernel grew (to megabytes on loopback) turns
+    /// writable again only once a third of it has drained, which a steady
+    /// reader of 4 KiB a millisecond takes longer than the limit to do: it
+    /// took something all along, and is not dropped.
+    #[tokio::test]
+    async fn a_slow_reader_behind_a_large_send_buffer_is_not_dropped() {
+        let limit = Duration::from_millis(200);
+        let (taken, r) = write_to_reader(8 << 20, None, Some(Duration::from_millis(1)), limit, false).await;
+        r.expect("a steady reader gets the whole answer");
+        assert_eq!(taken, 8 << 20);
     }
 
     const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";

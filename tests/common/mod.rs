@@ -43,6 +43,10 @@ impl Server {
             grpc_addr: Some("127.0.0.1:0".into()),
             http_addr: Some("127.0.0.1:0".into()),
             metrics_addr: Some("127.0.0.1:0".into()),
+            // Tests write a file and ask for it at once: no window in which
+            // a just-changed file is answered short-lived and not kept (the
+            // window has its own test, which sets it).
+            recent_change_ms: Some(0),
             ..Default::default()
         };
         tweak(&mut p);
