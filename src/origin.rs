@@ -105,6 +105,11 @@ struct FileAnswer {
     /// A permanent asset's own purge key, `{blog}/{hash}`, carried next to the blog's.
     asset_key: Option<String>,
     cors: bool,
+    /// A file changed just now (`recent_change_ms`): its validators must
+    /// never match the file's later answers (a cache revalidating a torn
+    /// read after the window would otherwise get a 304 that makes it
+    /// immutable), so its ETag is its own and it has no Last-Modified.
+    recent: bool,
     source: Source,
 }
 
@@ -547,9 +552,9 @@ impl Origin {
         let (cache, keep) = if recent { (SHORT, None) } else { (cache, keep) };
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let content_type = content_type(path.file_name());
-        let etag = file_etag(&meta);
+        let etag = if recent { recent_etag(&meta) } else { file_etag(&meta) };
         let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()));
-        match small {
+        let mut answer = match small {
             Some(bytes) => {
                 let hot = Arc::new(hot.with_bytes(bytes));
                 // Keyed by the path's version, which says nothing of the
@@ -557,10 +562,12 @@ impl Origin {
                 if let Some(version) = keep {
                     self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
                 }
-                Ok(Some(hot.answer(cache, blog_hv)))
+                hot.answer(cache, blog_hv)
             }
-            None => Ok(Some(hot.streaming(file, meta, if grew { SHORT } else { cache }, blog_hv))),
-        }
+            None => hot.streaming(file, meta, if grew { SHORT } else { cache }, blog_hv),
+        };
+        answer.recent = recent;
+        Ok(Some(answer))
     }
 
     async fn asset(&self, req: &Request<Incoming>, blog: &BlogId, hash: &str, rest: &[&str]) -> Response<Body> {
@@ -738,6 +745,14 @@ fn file_etag(meta: &Metadata) -> HeaderValue {
     HeaderValue::from_str(&s).expect("hex is header-safe")
 }
 
+/// The ETag of an answer inside the `recent_change_ms` window: never equal
+/// to [`file_etag`] of any later answer.
+fn recent_etag(meta: &Metadata) -> HeaderValue {
+    use std::os::unix::fs::MetadataExt;
+    let s = format!("\"{:x}-{:x}-{:x}-recent\"", meta.len(), meta.mtime(), meta.mtime_nsec());
+    HeaderValue::from_str(&s).expect("hex is header-safe")
+}
+
 fn http_date(t: SystemTime) -> HeaderValue {
     HeaderValue::from_str(&httpdate::fmt_http_date(t)).expect("dates are header-safe")
 }
@@ -775,7 +790,9 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
         let out = r.headers_mut();
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static(a.cache));
         out.insert(header::ETAG, a.etag.clone());
-        out.insert(header::LAST_MODIFIED, a.last_modified.clone());
+        if !a.recent {
+            out.insert(header::LAST_MODIFIED, a.last_modified.clone());
+        }
         // The purge keys, in each edge's header: Varnish and Fastly read
         // `Surrogate-Key` (space-separated), Cloudflare `Cache-Tag` and Bunny
         // `CDN-Tag` (comma-separated).
@@ -843,6 +860,10 @@ fn not_modified(h: &HeaderMap, a: &FileAnswer) -> bool {
         let ours = a.etag.to_str().unwrap_or("");
         return s.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == ours);
     }
+    // No Last-Modified was sent inside the window: a date is no validator.
+    if a.recent {
+        return false;
+    }
     if let Some(ims) = h.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
         if let Ok(since) = httpdate::parse_http_date(ims) {
             let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -856,7 +877,7 @@ fn not_modified(h: &HeaderMap, a: &FileAnswer) -> bool {
 fn if_range_ok(h: &HeaderMap, a: &FileAnswer) -> bool {
     match h.get(header::IF_RANGE) {
         None => true,
-        Some(v) => v == a.etag || v == a.last_modified,
+        Some(v) => v == a.etag || (!a.recent && v == a.last_modified),
     }
 }
 

@@ -703,21 +703,33 @@ async fn a_file_rewritten_while_read_is_answered_whole_or_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_just_now_is_short_lived_and_not_kept() {
     let s = Server::start_with(|p| p.recent_change_ms = Some(1500)).await;
-    let file = s.write("r", "/img.png", &vec![7u8; 30_000]);
+    s.write("r", "/img.png", &vec![7u8; 30_000]);
+    let gone = s.write("r", "/gone.png", &vec![8u8; 30_000]);
     invalidate(&s, "r", &[]).await;
     let url = url_of(&s, "r", "/img.png").await;
     let r = curl(&[&url]);
     assert_eq!((r.status, r.body.len()), (200, 30_000));
     assert_eq!(r.header("cache-control"), Some("public, max-age=60"), "a file changed just now");
+    // Validators of its own: a cache that revalidates this answer after the
+    // window must get the whole file again, never a 304 making it immutable.
+    assert_eq!(r.header("last-modified"), None);
+    let early_tag = r.header("etag").expect("an etag").to_owned();
     // Not kept: with the file gone, the next answer is not from memory.
-    std::fs::remove_file(&file).unwrap();
-    assert_eq!(curl(&[&url]).status, 404, "a just-changed file was kept in memory");
-    // The same bytes again; once older than the window, immutable and kept.
-    s.write("r", "/img.png", &vec![7u8; 30_000]);
+    let gone_url = url_of(&s, "r", "/gone.png").await;
+    assert_eq!(curl(&[&gone_url]).status, 200);
+    std::fs::remove_file(&gone).unwrap();
+    assert_eq!(curl(&[&gone_url]).status, 404, "a just-changed file was kept in memory");
+    // The same file, untouched, once older than the window.
     tokio::time::sleep(std::time::Duration::from_millis(1700)).await;
-    let r = curl(&[&url]);
+    let r = curl(&["-H", &format!("If-None-Match: {early_tag}"), &url]);
     assert_eq!((r.status, r.header("cache-control")), (200, Some("public, max-age=31536000, immutable")));
-    std::fs::remove_file(&file).unwrap();
+    assert_eq!(r.body.len(), 30_000, "revalidating the early answer gets the file again");
+    let settled_tag = r.header("etag").expect("an etag").to_owned();
+    assert_ne!(settled_tag, early_tag);
+    assert!(r.header("last-modified").is_some());
+    assert_eq!(curl(&["-H", &format!("If-None-Match: {settled_tag}"), &url]).status, 304);
+    // Kept now: answered from memory with the file gone.
+    std::fs::remove_file(s.blogs_dir().join("r/img.png")).unwrap();
     let r = curl(&[&url]);
     assert_eq!((r.status, r.body.len()), (200, 30_000), "a settled file is answered from memory");
     s.stop().await;

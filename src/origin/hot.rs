@@ -53,6 +53,7 @@ impl HotFile {
             blog,
             asset_key: None,
             cors: self.cors,
+            recent: false,
             source: Source::Bytes(self.bytes.clone()),
         }
     }
@@ -74,6 +75,7 @@ impl HotFile {
             blog,
             asset_key: None,
             cors: self.cors,
+            recent: false,
             source: Source::File(file, meta),
         }
     }
