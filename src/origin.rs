@@ -552,7 +552,7 @@ impl Origin {
         let (cache, keep) = if recent { (SHORT, None) } else { (cache, keep) };
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let content_type = content_type(path.file_name());
-        let etag = if recent { recent_etag(&meta) } else { file_etag(&meta) };
+        let etag = file_etag(&meta, recent);
         let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()));
         let mut answer = match small {
             Some(bytes) => {
@@ -739,17 +739,12 @@ fn cors_for_type(content_type: &str) -> bool {
         || matches!(content_type, "application/font-woff" | "application/vnd.ms-fontobject" | "application/x-font-ttf")
 }
 
-fn file_etag(meta: &Metadata) -> HeaderValue {
+/// The file's ETag; `recent`: inside the `recent_change_ms` window, where it
+/// must never equal the ETag of any later answer.
+fn file_etag(meta: &Metadata, recent: bool) -> HeaderValue {
     use std::os::unix::fs::MetadataExt;
-    let s = format!("\"{:x}-{:x}-{:x}\"", meta.len(), meta.mtime(), meta.mtime_nsec());
-    HeaderValue::from_str(&s).expect("hex is header-safe")
-}
-
-/// The ETag of an answer inside the `recent_change_ms` window: never equal
-/// to [`file_etag`] of any later answer.
-fn recent_etag(meta: &Metadata) -> HeaderValue {
-    use std::os::unix::fs::MetadataExt;
-    let s = format!("\"{:x}-{:x}-{:x}-recent\"", meta.len(), meta.mtime(), meta.mtime_nsec());
+    let suffix = if recent { "-recent" } else { "" };
+    let s = format!("\"{:x}-{:x}-{:x}{suffix}\"", meta.len(), meta.mtime(), meta.mtime_nsec());
     HeaderValue::from_str(&s).expect("hex is header-safe")
 }
 
