@@ -117,8 +117,32 @@ fn open_store_quietly(
     })
 }
 
-/// Descriptors kept back from connections (each of which takes two: see
-/// `max_connections`): the store, the log, blobs being written, fallback
+/// How many connections each listener may hold open, within the
+/// descriptor limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConnectionCaps {
+    http: u64,
+    grpc: u64,
+    metrics: u64,
+}
+
+/// A scrape is one connection: room for a few Prometheus servers and
+/// people with curl.
+const METRICS_CONNECTIONS: u64 = 64;
+
+/// Splits what the descriptor limit leaves after the reserve: gRPC gets at
+/// most a quarter (one descriptor each), metrics a few, the HTTP origin the
+/// rest at two each (its socket and the file it sends). The floors keep a
+/// tiny limit usable; below about 600 descriptors they eat into the reserve.
+fn connection_caps(config: &Config, nofile: u64, sealed: usize) -> ConnectionCaps {
+    let budget = nofile.saturating_sub(fd_reserve(config, sealed));
+    let grpc = (config.grpc_max_connections as u64).min(budget / 4).max(8);
+    let metrics = METRICS_CONNECTIONS;
+    let http = (config.max_connections as u64).min(budget.saturating_sub(grpc + metrics) / 2).max(16);
+    ConnectionCaps { http, grpc, metrics }
+}
+
+/// Descriptors kept back from connections (see `connection_caps`): the store, the log, blobs being written, fallback
 /// fetches and their backfills, and the hot files sealed for `sendfile`
 /// (`sealed`).
 fn fd_reserve(config: &Config, sealed: usize) -> u64 {
@@ -197,7 +221,7 @@ impl App {
                     .map_err(|source| AppError::Store { path: at, source })?
             }
         };
-        let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|source| AppError::Bind {
+        let grpc_listener = crate::listen::bind(config.grpc_addr).map_err(|source| AppError::Bind {
             key: "grpc_addr",
             addr: config.grpc_addr,
             source,
@@ -208,7 +232,7 @@ impl App {
             addr: config.http_addr,
             source,
         })?;
-        let metrics_listener = TcpListener::bind(config.metrics_addr).await.map_err(|source| AppError::Bind {
+        let metrics_listener = crate::listen::bind(config.metrics_addr).map_err(|source| AppError::Bind {
             key: "metrics_addr",
             addr: config.metrics_addr,
             source,
@@ -352,11 +376,28 @@ impl App {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
+        let sealed = crate::origin::sealed_files(config.hot_cache_bytes, nofile);
+        let caps = connection_caps(&config, nofile, sealed);
+        if caps.http < config.max_connections as u64 || caps.grpc < config.grpc_max_connections as u64 {
+            tracing::warn!(
+                nofile,
+                max_connections = caps.http,
+                grpc_max_connections = caps.grpc,
+                configured_http = config.max_connections,
+                configured_grpc = config.grpc_max_connections,
+                "the descriptor limit caps connections below what is configured; raise `ulimit -n`"
+            );
+        }
         let grpc = tonic::transport::Server::builder()
             // Past this many calls in flight on one connection, refuse at once
             // (RESOURCE_EXHAUSTED) rather than queue without bound.
             .concurrency_limit_per_connection(config.max_in_flight)
             .load_shed(true)
+            // A peer that stops answering pings (gone without a FIN) is
+            // dropped; a silent one before its first bytes is dropped by
+            // `listen::incoming`.
+            .http2_keepalive_interval(Some(config.http_idle_timeout))
+            .http2_keepalive_timeout(Some(config.http_idle_timeout))
             // Outermost: every call is traced, refused ones included.
             .layer(TraceLayer)
             // A call without the right token is refused before any service
@@ -373,25 +414,16 @@ impl App {
             .add_service(resolver)
             .add_service(publisher)
             .serve_with_incoming_shutdown(
-                // Small answers must not wait for a delayed ACK (Nagle): 40 ms otherwise.
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                crate::listen::incoming(grpc_listener, caps.grpc as usize, config.http_idle_timeout, "grpc"),
                 grpc_stop,
             );
-        let sealed = crate::origin::sealed_files(config.hot_cache_bytes, nofile);
-        // Two descriptors per connection: its socket, and the file it is
-        // sending (a large one is held open until the client has it all).
-        let max_connections =
-            (config.max_connections as u64).min(nofile.saturating_sub(fd_reserve(&config, sealed)) / 2).max(16);
-        if max_connections < config.max_connections as u64 {
-            tracing::warn!(
-                nofile,
-                max_connections,
-                configured = config.max_connections,
-                "the descriptor limit caps HTTP connections below max_connections; raise `ulimit -n`"
-            );
-        }
-        let origin = Origin::new(catalog.clone(), &config, max_connections as usize, sealed);
-        let metrics = crate::metrics::serve(metrics_listener, catalog.clone(), stop_rx.clone());
+        let origin = Origin::new(catalog.clone(), &config, caps.http as usize, sealed);
+        let metrics = crate::metrics::serve(
+            crate::listen::incoming(metrics_listener, caps.metrics as usize, config.http_idle_timeout, "metrics"),
+            config.http_idle_timeout,
+            catalog.clone(),
+            stop_rx.clone(),
+        );
         let http = origin.serve(http_listener, stop_rx);
         tracing::info!(%grpc_addr, %http_addr, %metrics_addr, base_url = catalog.base_url(), "blotcdn serving");
         let (g, (), ()) = tokio::join!(grpc, http, metrics);
@@ -429,4 +461,25 @@ pub async fn shutdown_signal() {
         }
     };
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configured caps where descriptors are plenty; where they are
+    /// not, the three listeners and the reserve fit inside the limit.
+    #[test]
+    fn connection_caps_fit_the_descriptor_limit() {
+        let config = Config::from_partial(crate::config::Partial::default()).unwrap();
+        let caps =
+            |nofile| connection_caps(&config, nofile, crate::origin::sealed_files(config.hot_cache_bytes, nofile));
+        assert_eq!(caps(1 << 20), ConnectionCaps { http: 10_000, grpc: 1024, metrics: 64 });
+        for nofile in [2048, 4096, 8192, 20_000] {
+            let c = caps(nofile);
+            let reserve = fd_reserve(&config, crate::origin::sealed_files(config.hot_cache_bytes, nofile));
+            assert!(reserve + c.grpc + c.metrics + 2 * c.http <= nofile, "{nofile}: {c:?}");
+            assert!(c.grpc <= 1024 && c.http <= 10_000, "{nofile}: {c:?}");
+        }
+    }
 }

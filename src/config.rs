@@ -58,6 +58,9 @@ pub struct Partial {
     /// HTTP origin connections open at once; past it, new ones wait in the
     /// listen backlog. Also bounded by the descriptor limit, less a reserve.
     pub max_connections: Option<usize>,
+    /// gRPC connections open at once; past it, new ones wait in the listen
+    /// backlog. Also bounded by the descriptor limit, less a reserve.
+    pub grpc_max_connections: Option<usize>,
     /// An HTTP connection waiting this long for a request's headers (idle
     /// keep-alive included) is closed.
     pub http_idle_timeout_secs: Option<u64>,
@@ -177,6 +180,7 @@ impl Partial {
             max_uploads,
             upload_idle_timeout_secs,
             max_connections,
+            grpc_max_connections,
             http_idle_timeout_secs,
             http_threads,
             recent_change_ms,
@@ -228,6 +232,7 @@ impl Partial {
             max_uploads: num("BLOTCDN_MAX_UPLOADS", get("BLOTCDN_MAX_UPLOADS"))?,
             upload_idle_timeout_secs: num("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS", get("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS"))?,
             max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
+            grpc_max_connections: num("BLOTCDN_GRPC_MAX_CONNECTIONS", get("BLOTCDN_GRPC_MAX_CONNECTIONS"))?,
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             http_threads: num("BLOTCDN_HTTP_THREADS", get("BLOTCDN_HTTP_THREADS"))?,
             recent_change_ms: num("BLOTCDN_RECENT_CHANGE_MS", get("BLOTCDN_RECENT_CHANGE_MS"))?,
@@ -299,6 +304,7 @@ pub struct Config {
     pub max_uploads: usize,
     pub upload_idle_timeout: std::time::Duration,
     pub max_connections: usize,
+    pub grpc_max_connections: usize,
     pub http_idle_timeout: std::time::Duration,
     pub http_threads: usize,
     pub recent_change: std::time::Duration,
@@ -439,6 +445,8 @@ impl Config {
         let max_uploads = at_least_1("max_uploads", p.max_uploads.map(|n| n as u64), 64)? as usize;
         let upload_idle = at_least_1("upload_idle_timeout_secs", p.upload_idle_timeout_secs, 30)?;
         let max_connections = at_least_1("max_connections", p.max_connections.map(|n| n as u64), 10_000)? as usize;
+        let grpc_max_connections =
+            at_least_1("grpc_max_connections", p.grpc_max_connections.map(|n| n as u64), 1024)? as usize;
         let http_idle = at_least_1("http_idle_timeout_secs", p.http_idle_timeout_secs, 30)?;
         let max_fallback_fetches =
             at_least_1("max_fallback_fetches", p.max_fallback_fetches.map(|n| n as u64), 64)? as usize;
@@ -532,6 +540,7 @@ impl Config {
             max_uploads,
             upload_idle_timeout: std::time::Duration::from_secs(upload_idle),
             max_connections,
+            grpc_max_connections,
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
             http_threads: p.http_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             recent_change: std::time::Duration::from_millis(p.recent_change_ms.unwrap_or(2000)),

@@ -31,6 +31,12 @@ impl From<CatalogError> for Status {
             CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(
                 "the server's disk is full: the upload could not be stored ({io}); nothing was changed"
             )),
+            CatalogError::Io(ref io) if is_out_of_descriptors(io) => {
+                tracing::warn!(error = %io, "out of file descriptors: a call was refused; raise `ulimit -n`");
+                Status::resource_exhausted(format!(
+                    "the server has no file descriptor free ({io}); nothing was changed; retry in a moment"
+                ))
+            }
             CatalogError::Store(_) | CatalogError::Io(_) => {
                 tracing::error!(code = e.code(), error = %msg, "internal error");
                 Status::internal(msg)
@@ -41,6 +47,12 @@ impl From<CatalogError> for Status {
 
 fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// The process's (EMFILE) or the system's (ENFILE) descriptors are all in
+/// use: a passing shortage, not the server's fault to report as INTERNAL.
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// One span per call, open from the call's start to its end (so an exporter
@@ -646,5 +658,26 @@ where
         let span = tracing::debug_span!("grpc", rpc.path = req.uri().path(), otel.kind = "server");
         crate::telemetry::remote_parent(&span, req.headers());
         self.inner.call(req).instrument(span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Errors the caller can do something about are named as such, never
+    /// INTERNAL: a full disk, and no descriptor left (seen at a low
+    /// `ulimit -n` under a flood of connections).
+    #[test]
+    fn passing_shortages_are_resource_exhausted_not_internal() {
+        for (errno, words) in
+            [(libc::EMFILE, "file descriptor"), (libc::ENFILE, "file descriptor"), (libc::ENOSPC, "disk is full")]
+        {
+            let s = Status::from(CatalogError::Io(std::io::Error::from_raw_os_error(errno)));
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "errno {errno}: {}", s.message());
+            assert!(s.message().contains(words) && s.message().contains("nothing was changed"), "{}", s.message());
+        }
+        let other = Status::from(CatalogError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(other.code(), tonic::Code::Internal);
     }
 }

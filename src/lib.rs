@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod durable;
 pub mod grpc;
+pub mod listen;
 pub mod metrics;
 pub mod migrate;
 pub mod origin;

@@ -13,12 +13,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 
 use crate::catalog::Catalog;
 
@@ -165,7 +165,14 @@ fn status_index(s: StatusCode) -> usize {
 
 /// Serves `/metrics` until `stop` turns true. Each scrape first refreshes
 /// the process metrics and the index size.
-pub async fn serve(listener: TcpListener, catalog: Arc<Catalog>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// `conns`: the listener's connections (`listen::incoming`); `idle`: how
+/// long one may wait for a request's head.
+pub async fn serve(
+    conns: impl futures_util::Stream<Item = std::io::Result<crate::listen::Guarded>>,
+    idle: Duration,
+    catalog: Arc<Catalog>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let process = Arc::new(metrics_process::Collector::default());
     process.describe();
     // CAS sizes: walked in the background, never at scrape time.
@@ -182,20 +189,22 @@ pub async fn serve(listener: TcpListener, catalog: Arc<Catalog>, mut stop: tokio
             }
         })
     };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    builder.header_read_timeout(idle);
+    let mut conns = std::pin::pin!(conns);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
+            accepted = conns.next() => {
+                let Some(Ok(stream)) = accepted else { break };
                 let (process, catalog) = (process.clone(), catalog.clone());
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (process, catalog) = (process.clone(), catalog.clone());
                     async move { Ok::<_, Infallible>(answer(&req, &process, &catalog)) }
                 });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = conn.await;
                 });
             }
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,

@@ -691,14 +691,13 @@ impl Origin {
     }
 }
 
-/// The route a request takes, by the shape of its path (a label value).
 /// A listener on `addr` that other listeners may share (`SO_REUSEPORT`).
 pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    socket.listen(crate::listen::BACKLOG)
 }
 
 /// An index into [`crate::metrics::ROUTES`].

@@ -146,6 +146,67 @@ async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() 
     drop(hogs);
 }
 
+/// Silent connections to the gRPC and metrics ports (which used to be
+/// neither capped nor closed: a thousand of them took every descriptor)
+/// are held only up to a cap each and closed at the idle timeout; a real
+/// call and a scrape queued behind them get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_to_grpc_and_metrics_are_capped_and_closed() {
+    raise_own_nofile();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("blogs/conn")).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 1000 && exec \"$0\" \"$@\""])
+        .arg(binary())
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", "2");
+    let server = ChildServer::spawn_cmd(cmd, dir.path());
+    let metrics = server.metrics.expect("a metrics address");
+    // 1,200 connections in all that never send a byte: more than the
+    // process has descriptors.
+    let mut hogs = Vec::new();
+    for (addr, n) in [(server.grpc, 700), (metrics, 500)] {
+        for _ in 0..n {
+            hogs.push(TcpStream::connect(addr).expect("connect"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = server.open_fds();
+    assert!(held < 700, "the server holds {held} descriptors for silent connections (limit 1000)");
+    eprintln!("{held} descriptors open with {} silent connections", hogs.len());
+    // A real upload and a scrape wait their turn behind the silent ones
+    // and succeed.
+    let started = Instant::now();
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let a = p.put_asset(tokio_stream::iter(vec![header("conn", "u.bin"), data(&[5u8; 1000])])).await;
+    assert_eq!(a.expect("an upload behind 700 silent connections").into_inner().size, 1000);
+    let r = curl(&["--max-time", "60", &format!("http://{metrics}/metrics")]);
+    assert_eq!(r.status, 200);
+    eprintln!("a call and a scrape got through in {:?}", started.elapsed());
+    // Every silent connection has been closed by the server by now (the
+    // last ones taken were accepted before the call and the scrape).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut open = 0;
+    for h in &mut hogs {
+        h.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        // (The gRPC side sends its HTTP/2 settings first.)
+        let mut b = [0u8; 256];
+        loop {
+            match h.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(_) => {
+                    open += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(open, 0, "{open} of {} silent connections are still open", hogs.len());
+}
+
 /// A fallback origin that sends its headers at once, then one byte every
 /// `gap` (a trickle), with a Content-Length it never reaches in time.
 fn trickle_origin(

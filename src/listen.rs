@@ -1,0 +1,161 @@
+//! Accepting connections for the gRPC and metrics listeners (the HTTP
+//! origin has its own loop, `Origin::serve_on`): at most so many open at
+//! once, and a connection that sends nothing at all within a deadline is
+//! closed, so silent clients cannot take every descriptor.
+//!
+//! tonic's own `TcpIncoming` has neither, and on an accept error such as
+//! EMFILE it polls `accept` again at once, spinning a core for as long as
+//! the descriptors are gone.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Like nginx's (511) and unlike std's (128): past the cap, this many
+/// connections wait in the kernel for a slot before new ones are refused.
+pub const BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with a backlog of [`BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// The connections of one listener: each holds a slot until it closes.
+/// With every slot taken, nothing is accepted: new connections wait in the
+/// kernel's listen backlog.
+pub fn incoming(
+    listener: TcpListener,
+    max: usize,
+    first_bytes: Duration,
+    what: &'static str,
+) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(max));
+    futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let stream = loop {
+            match listener.accept().await {
+                Ok((s, _)) => break s,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, don't spin.
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        // Small answers must not wait for a delayed ACK (Nagle): 40 ms otherwise.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let guarded = Guarded { stream, _slot: permit, first_bytes: Some(Box::pin(tokio::time::sleep(first_bytes))) };
+        Some((Ok(guarded), (listener, slots)))
+    })
+}
+
+/// An accepted connection holding its slot. Reading fails with `TimedOut`
+/// if the peer has sent nothing by the deadline; after its first bytes the
+/// protocol's own timers take over (HTTP/2 keep-alive pings on gRPC,
+/// the header read timeout on metrics).
+pub struct Guarded {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        match r {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.first_bytes = None;
+                r
+            }
+            Poll::Pending => match self.first_bytes.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client sent nothing before the deadline",
+                ))),
+                _ => Poll::Pending,
+            },
+            r => r,
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A silent client is closed at the deadline and its slot freed for
+    /// the next; one that talks is not.
+    #[tokio::test]
+    async fn silent_connections_are_closed_and_free_their_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), "test"));
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let mut first = conns.next().await.unwrap().unwrap();
+        // The only slot is taken: the next connection is not accepted yet.
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(100), conns.next()).await.is_err(), "accepted past the cap");
+        let mut buf = [0u8; 8];
+        let err = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(first);
+        // Its slot went to the waiting connection, which talks and is kept
+        // past the deadline.
+        let mut second = tokio::time::timeout(Duration::from_secs(5), conns.next()).await.unwrap().unwrap().unwrap();
+        talker.write_all(b"hi").await.unwrap();
+        assert_eq!(second.read(&mut buf).await.unwrap(), 2);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        talker.write_all(b"again").await.unwrap();
+        assert_eq!(second.read(&mut buf).await.unwrap(), 5);
+    }
+}
