@@ -77,6 +77,36 @@ pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Metadata> {
     Ok(meta)
 }
 
+/// Whether any process has this file open for writing, or mapped shared
+/// and writable (a writer whose bytes may land without moving any
+/// timestamp), asked of the kernel: a read lease (`F_SETLEASE`, `F_RDLCK`)
+/// is refused with EAGAIN exactly then. The lease is let go at once; a
+/// writer opening the file in between waits those microseconds, and the
+/// lease-break signal is SIGWINCH, which is ignored unless handled (SIGIO,
+/// the default, would end the process). `None`: no answer (the file is
+/// another user's and the process lacks CAP_LEASE, leases are turned off,
+/// or the filesystem has none). `file` must be open read-only. Three
+/// syscalls.
+pub fn open_for_writing(file: &File) -> Option<bool> {
+    // <fcntl.h>'s F_SETSIG (Linux), which the libc crate does not export.
+    const F_SETSIG: libc::c_int = 10;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns, with integer arguments.
+    unsafe {
+        if libc::fcntl(fd, F_SETSIG, libc::SIGWINCH) != 0 {
+            return None;
+        }
+        if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+            return Some(false);
+        }
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
 /// The blogs directory, canonicalised once at start.
 #[derive(Debug, Clone)]
 pub struct BlogsDir {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use crate::blogfs::{settled, BlogsDir, FileStamp, OpenError};
+use crate::blogfs::{open_for_writing, settled, BlogsDir, FileStamp, OpenError};
 use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
 use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -338,6 +338,19 @@ impl Catalog {
                 "{path} in blog {blog} changed while it was imported; nothing was kept: import it again once it is written"
             ))
         };
+        // A writer still holding the file (a sync in progress, a program
+        // writing through a mapping): its bytes may land during the copy
+        // without moving any timestamp, so the stamp check below cannot be
+        // relied on. Asked again after the copy, for one that opened it
+        // meanwhile.
+        let writing = || {
+            CatalogError::Changed(format!(
+                "{path} in blog {blog} is open for writing by another process; nothing was kept: import it once it is written and closed"
+            ))
+        };
+        if open_for_writing(&file) == Some(true) {
+            return Err(writing());
+        }
         let meta = settled(&file, meta)?;
         let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
@@ -351,6 +364,9 @@ impl Catalog {
         let after = file.metadata()?;
         if pending.size != meta.len() || FileStamp::of(&after) != FileStamp::of(&meta) {
             return Err(changed());
+        }
+        if open_for_writing(&file) == Some(true) {
+            return Err(writing());
         }
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;

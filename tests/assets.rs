@@ -279,6 +279,45 @@ async fn a_file_cut_while_it_is_imported_is_refused_and_keeps_nothing() {
     s.stop().await;
 }
 
+/// A file some process still holds for writing (an open descriptor, or a
+/// shared writable mapping whose stores move no timestamp) is not imported:
+/// ABORTED, naming why, nothing kept. Once let go, the same call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_still_held_for_writing_is_not_imported() {
+    let s = Server::start().await;
+    let mut p = s.publisher().await;
+    let file = s.write("held", "/logo.svg", b"<svg>whole</svg>");
+    let req = || pb::ImportFileRequest { blog_id: "held".into(), path: "/logo.svg".into() };
+    let refused = |r: Result<tonic::Response<pb::Asset>, tonic::Status>, how: &str| {
+        let e = r.expect_err(how);
+        assert_eq!(e.code(), Code::Aborted, "{how}: {}", e.message());
+        assert!(e.message().contains("/logo.svg") && e.message().contains("open for writing"), "{}", e.message());
+    };
+    // A descriptor open for writing.
+    let w = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    refused(p.import_file(req()).await, "held by a descriptor");
+    drop(w);
+    // A shared writable mapping, its descriptor closed.
+    let mapped = {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+        // SAFETY: a fresh mapping of a file of this length, unmapped below.
+        let m = unsafe {
+            libc::mmap(std::ptr::null_mut(), 16, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0)
+        };
+        assert_ne!(m, libc::MAP_FAILED);
+        m
+    };
+    refused(p.import_file(req()).await, "held by a mapping");
+    // SAFETY: the mapping made above, of that length.
+    unsafe { libc::munmap(mapped, 16) };
+    assert!(blobs(s.dir.path()).is_empty(), "a refused import left a blob");
+    assert!(resolve(&s, "held", &["/logo.svg"]).await[0].content_hash.is_empty(), "the path was bound");
+    let a = p.import_file(req()).await.expect("let go: imported").into_inner();
+    assert_eq!(get(s.http, &path_of(&a.url), &[]).body, b"<svg>whole</svg>");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_one_blog_keeps_shared_bytes_for_the_other() {
     let s = Server::start().await;
