@@ -378,6 +378,15 @@ impl App {
         };
         let sealed = crate::origin::sealed_files(config.hot_cache_bytes, nofile);
         let caps = connection_caps(&config, nofile, sealed);
+        let needed = fd_reserve(&config, sealed) + caps.grpc + caps.metrics + 2 * caps.http;
+        if needed > nofile {
+            tracing::warn!(
+                nofile,
+                needed,
+                "the descriptor limit is below what the reserve and the smallest connection caps need: \
+                 under load, calls may fail with RESOURCE_EXHAUSTED and connections wait; raise `ulimit -n`"
+            );
+        }
         if caps.http < config.max_connections as u64 || caps.grpc < config.grpc_max_connections as u64 {
             tracing::warn!(
                 nofile,
