@@ -131,6 +131,7 @@ enum Root {
 impl Origin {
     /// `sealed_files`: how many hot files may hold a descriptor (see [`sealed_files`]).
     pub fn new(catalog: Arc<Catalog>, config: &Config, max_connections: usize, sealed_files: usize) -> Arc<Origin> {
+        splice::copy_hot_files_in(&config.data_dir);
         Arc::new(Origin {
             sealed_files,
             hot: HotCache::new(config.hot_cache_bytes),
