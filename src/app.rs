@@ -131,13 +131,14 @@ struct ConnectionCaps {
 const METRICS_CONNECTIONS: u64 = 64;
 
 /// Splits what the descriptor limit leaves after the reserve: gRPC gets at
-/// most a quarter (one descriptor each), metrics a few, the HTTP origin the
-/// rest at two each (its socket and the file it sends). The floors keep a
-/// tiny limit usable; below about 600 descriptors they eat into the reserve.
+/// most an eighth (one descriptor each: its clients are a few renderers and
+/// publishers), metrics a sixteenth up to 64, the HTTP origin the rest at
+/// two each (its socket and the file it sends). The floors keep a tiny
+/// limit usable; below about 800 descriptors they eat into the reserve.
 fn connection_caps(config: &Config, nofile: u64, sealed: usize) -> ConnectionCaps {
     let budget = nofile.saturating_sub(fd_reserve(config, sealed));
-    let grpc = (config.grpc_max_connections as u64).min(budget / 4).max(8);
-    let metrics = METRICS_CONNECTIONS;
+    let grpc = (config.grpc_max_connections as u64).min(budget / 8).max(8);
+    let metrics = METRICS_CONNECTIONS.min(budget / 16).max(4);
     let http = (config.max_connections as u64).min(budget.saturating_sub(grpc + metrics) / 2).max(16);
     ConnectionCaps { http, grpc, metrics }
 }
@@ -146,7 +147,9 @@ fn connection_caps(config: &Config, nofile: u64, sealed: usize) -> ConnectionCap
 /// fetches and their backfills, and the hot files sealed for `sendfile`
 /// (`sealed`).
 fn fd_reserve(config: &Config, sealed: usize) -> u64 {
-    256 + 2 * config.max_uploads as u64 + 3 * config.max_fallback_fetches as u64 + sealed as u64
+    256 + 2 * (config.max_uploads + crate::grpc::IMPORTS_AT_ONCE) as u64
+        + 3 * config.max_fallback_fetches as u64
+        + sealed as u64
 }
 
 pub struct App {
@@ -348,6 +351,7 @@ impl App {
         let publisher = proto::publisher_server::PublisherServer::new(PublisherService {
             catalog: catalog.clone(),
             uploads: Arc::new(tokio::sync::Semaphore::new(config.max_uploads)),
+            imports: Arc::new(tokio::sync::Semaphore::new(crate::grpc::IMPORTS_AT_ONCE)),
             upload_idle: config.upload_idle_timeout,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -423,12 +427,18 @@ impl App {
             .add_service(resolver)
             .add_service(publisher)
             .serve_with_incoming_shutdown(
-                crate::listen::incoming(grpc_listener, caps.grpc as usize, config.http_idle_timeout, "grpc"),
+                crate::listen::incoming(
+                    grpc_listener,
+                    caps.grpc as usize,
+                    config.http_idle_timeout,
+                    crate::listen::H2_PREFACE,
+                    "grpc",
+                ),
                 grpc_stop,
             );
         let origin = Origin::new(catalog.clone(), &config, caps.http as usize, sealed);
         let metrics = crate::metrics::serve(
-            crate::listen::incoming(metrics_listener, caps.metrics as usize, config.http_idle_timeout, "metrics"),
+            crate::listen::incoming(metrics_listener, caps.metrics as usize, config.http_idle_timeout, 1, "metrics"),
             config.http_idle_timeout,
             catalog.clone(),
             stop_rx.clone(),

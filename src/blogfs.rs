@@ -155,6 +155,14 @@ impl BlogsDir {
                 return Err(OpenError::NotFound)
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(OpenError::Refused("symbolic link loop")),
+            // Another program holds a write lease on it (Samba's oplocks
+            // do): a passing state, like a file being written.
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                return Err(OpenError::Io(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "another program holds a lease on the file",
+                )))
+            }
             // Whatever a sync tool can put in a folder is the reader's 404,
             // not the server's 500: no permission, a socket (ENXIO), a device
             // without a driver (ENODEV), a name too long for the filesystem.

@@ -320,6 +320,9 @@ impl Catalog {
         let (file, meta) = self.blogs.open(&blog, &path).map_err(|e| match e {
             OpenError::NotFound => CatalogError::NotFound(format!("no file {path} in blog {blog}")),
             OpenError::Refused(why) => CatalogError::BadRequest(format!("{path} in blog {blog}: {why}")),
+            OpenError::Io(e) if e.kind() == std::io::ErrorKind::ResourceBusy => CatalogError::Changed(format!(
+                "{path} in blog {blog} cannot be read now ({e}); nothing was kept: import it again in a moment"
+            )),
             OpenError::Io(e) => CatalogError::Io(e),
         })?;
         if meta.len() > self.max_asset_bytes {
@@ -348,8 +351,21 @@ impl Catalog {
                 "{path} in blog {blog} is open for writing by another process; nothing was kept: import it once it is written and closed"
             ))
         };
-        if open_for_writing(&file) == Some(true) {
-            return Err(writing());
+        match open_for_writing(&file) {
+            Some(true) => return Err(writing()),
+            Some(false) => {}
+            None => {
+                static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        blog = %blog,
+                        path = %path,
+                        "ImportFile cannot ask whether a file is being written (no read lease: the file is another \
+                         user's and the server lacks CAP_LEASE, or leases are off): a file written through a mapping \
+                         during an import may be kept torn; only its timestamps are checked (said once)"
+                    );
+                }
+            }
         }
         let meta = settled(&file, meta)?;
         let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {

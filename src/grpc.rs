@@ -32,7 +32,10 @@ impl From<CatalogError> for Status {
                 "the server's disk is full: the upload could not be stored ({io}); nothing was changed"
             )),
             CatalogError::Io(ref io) if is_out_of_descriptors(io) => {
-                tracing::warn!(error = %io, "out of file descriptors: a call was refused; raise `ulimit -n`");
+                static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if crate::telemetry::once_a_second(&WARNED) {
+                    tracing::warn!(error = %io, "out of file descriptors: calls are refused; raise `ulimit -n`");
+                }
                 Status::resource_exhausted(format!(
                     "the server has no file descriptor free ({io}); nothing was changed; retry in a moment"
                 ))
@@ -203,11 +206,19 @@ impl pb::resolver_server::Resolver for ResolverService {
     }
 }
 
+/// `ImportFile` copies at once, server-wide; more wait their turn, holding
+/// no descriptor (each copy holds two, the blog's file and the blob being
+/// written, and a thread of the blocking pool). A hostile test's 1,000
+/// imports at once took 540 descriptors and every blocking thread.
+pub const IMPORTS_AT_ONCE: usize = 16;
+
 pub struct PublisherService {
     pub catalog: Arc<Catalog>,
     /// One permit per `PutAsset` stream open: each holds a descriptor and a
     /// temporary file, so their number is bounded server-wide.
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// [`IMPORTS_AT_ONCE`] permits: an `ImportFile` copies only with one.
+    pub imports: Arc<tokio::sync::Semaphore>,
     /// An upload silent for this long is dropped.
     pub upload_idle: std::time::Duration,
 }
@@ -288,6 +299,7 @@ impl pb::publisher_server::Publisher for PublisherService {
     async fn import_file(&self, req: Request<pb::ImportFileRequest>) -> Result<Response<pb::Asset>, Status> {
         let req = req.into_inner();
         let log = CallLog::new("ImportFile", &req.blog_id, 1);
+        let _turn = self.imports.acquire().await.expect("never closed");
         let r = self
             .catalog
             .import_file(&req.blog_id, &req.path)

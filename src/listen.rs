@@ -38,6 +38,7 @@ pub fn incoming(
     listener: TcpListener,
     max: usize,
     first_bytes: Duration,
+    needed: usize,
     what: &'static str,
 ) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(max));
@@ -48,7 +49,10 @@ pub fn incoming(
                 Ok((s, _)) => break s,
                 Err(e) => {
                     // Out of descriptors and the like: wait, don't spin.
-                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                    if crate::telemetry::once_a_second(&WARNED) {
+                        tracing::warn!(error = %e, listener = what, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -57,20 +61,28 @@ pub fn incoming(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-        let guarded = Guarded { stream, _slot: permit, first_bytes: Some(Box::pin(tokio::time::sleep(first_bytes))) };
+        let deadline = Some(Box::pin(tokio::time::sleep(first_bytes)));
+        let guarded = Guarded { stream, _slot: permit, first_bytes: deadline, needed };
         Some((Ok(guarded), (listener, slots)))
     })
 }
 
 /// An accepted connection holding its slot. Reading fails with `TimedOut`
-/// if the peer has sent nothing by the deadline; after its first bytes the
-/// protocol's own timers take over (HTTP/2 keep-alive pings on gRPC,
-/// the header read timeout on metrics).
+/// if the peer has not sent `needed` bytes by the deadline; after them the
+/// protocol's own timers take over (on gRPC, hyper's HTTP/2 handshake and
+/// then its keep-alive pings, which start only once the 24-byte preface is
+/// in, so a part of one would otherwise hold the slot forever; on metrics,
+/// the header read timeout, from the first byte).
 pub struct Guarded {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
     first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes still to come before the deadline no longer applies.
+    needed: usize,
 }
+
+/// The client's connection preface of HTTP/2, which gRPC speaks.
+pub const H2_PREFACE: usize = 24;
 
 impl AsyncRead for Guarded {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -78,7 +90,10 @@ impl AsyncRead for Guarded {
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         match r {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                self.first_bytes = None;
+                self.needed = self.needed.saturating_sub(buf.filled().len() - before);
+                if self.needed == 0 {
+                    self.first_bytes = None;
+                }
                 r
             }
             Poll::Pending => match self.first_bytes.as_mut().map(|d| d.as_mut().poll(cx)) {
@@ -133,19 +148,21 @@ mod tests {
     use futures_util::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A silent client is closed at the deadline and its slot freed for
-    /// the next; one that talks is not.
+    /// A silent client, or one that sent less than it must, is closed at
+    /// the deadline and its slot freed for the next; one that talks is not.
     #[tokio::test]
     async fn silent_connections_are_closed_and_free_their_slot() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), "test"));
-        let _silent = TcpStream::connect(addr).await.unwrap();
+        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), 2, "test"));
+        let mut short = TcpStream::connect(addr).await.unwrap();
+        short.write_all(b"P").await.unwrap();
         let mut first = conns.next().await.unwrap().unwrap();
         // The only slot is taken: the next connection is not accepted yet.
         let mut talker = TcpStream::connect(addr).await.unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(100), conns.next()).await.is_err(), "accepted past the cap");
         let mut buf = [0u8; 8];
+        assert_eq!(first.read(&mut buf).await.unwrap(), 1);
         let err = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         drop(first);

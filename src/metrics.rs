@@ -192,6 +192,10 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new());
     builder.header_read_timeout(idle);
+    // One scrape per connection, and the whole of it within `idle`: a
+    // client that pipelines requests and reads none of the answers must
+    // not hold its slot (the header timeout does not cover writes).
+    builder.keep_alive(false);
     let mut conns = std::pin::pin!(conns);
     loop {
         tokio::select! {
@@ -204,7 +208,7 @@ pub async fn serve(
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let _ = tokio::time::timeout(idle, conn).await;
                 });
             }
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,

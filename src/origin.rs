@@ -241,7 +241,10 @@ impl Origin {
                     Ok((s, _)) => s,
                     Err(e) => {
                         // Out of descriptors and the like: wait, don't spin.
-                        tracing::warn!(error = %e, "accept failed");
+                        static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                        if crate::telemetry::once_a_second(&WARNED) {
+                            tracing::warn!(error = %e, "accept failed");
+                        }
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }

@@ -153,3 +153,12 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     let cx = span.context();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeadersMut(headers)));
 }
+
+/// True at most once a second per `slot` (a static): for warnings a flood
+/// would otherwise repeat thousands of times (accept failures while
+/// descriptors are gone, calls refused for want of one).
+pub fn once_a_second(slot: &std::sync::atomic::AtomicU64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    slot.load(Ordering::Relaxed) != now && slot.swap(now, Ordering::Relaxed) != now
+}

@@ -311,6 +311,26 @@ async fn a_file_still_held_for_writing_is_not_imported() {
     refused(p.import_file(req()).await, "held by a mapping");
     // SAFETY: the mapping made above, of that length.
     unsafe { libc::munmap(mapped, 16) };
+    // Another program's write lease (as Samba's oplocks): the file cannot
+    // be opened without waiting for it, so the import is ABORTED and the
+    // origin answers 503, neither INTERNAL nor 500.
+    {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+        // SAFETY: fcntl on our descriptor; the break signal is one ignored
+        // by default (SIGIO would end the test).
+        unsafe {
+            assert_eq!(libc::fcntl(f.as_raw_fd(), 10 /* F_SETSIG */, libc::SIGWINCH), 0);
+            assert_eq!(libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK), 0, "a write lease");
+        }
+        let e = p.import_file(req()).await.expect_err("imported past a lease");
+        assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+        assert!(e.message().contains("lease"), "{}", e.message());
+        let r = get(s.http, "/held/logo.svg", &[]);
+        assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
+        // SAFETY: as above.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
     assert!(blobs(s.dir.path()).is_empty(), "a refused import left a blob");
     assert!(resolve(&s, "held", &["/logo.svg"]).await[0].content_hash.is_empty(), "the path was bound");
     let a = p.import_file(req()).await.expect("let go: imported").into_inner();

@@ -160,8 +160,10 @@ fn sealed(data: &[u8], count: &'static AtomicUsize) -> io::Result<Bytes> {
         Some(dir) => match unnamed_copy(dir, data) {
             Ok(f) => f,
             Err(e) => {
-                if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT))
-                    && !NO_UNNAMED.swap(true, Ordering::Relaxed)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EISDIR | libc::EINVAL | libc::ENOENT)
+                ) && !NO_UNNAMED.swap(true, Ordering::Relaxed)
                 {
                     tracing::warn!(error = %e, dir = %dir.display(), "no unnamed files on the data dir's filesystem; hot files go in sealed memory files");
                 }
