@@ -140,3 +140,34 @@ fn percent(q: &str) -> String {
         })
         .collect()
 }
+
+/// A client that pipelines scrapes and reads none of the answers holds its
+/// metrics slot for one scrape at most: it gets one answer, then the server
+/// closes the connection (the hostile test's slowloris held every slot).
+#[test]
+fn a_client_pipelining_scrapes_gets_one_answer_and_is_closed() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", "2")]);
+    let mut c = std::net::TcpStream::connect(metrics_addr(&server)).unwrap();
+    let one = b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n";
+    c.write_all(&one.repeat(2000)).unwrap();
+    // Nothing read for longer than the limit.
+    std::thread::sleep(Duration::from_secs(3));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let started = Instant::now();
+    let ended = loop {
+        let mut b = [0u8; 65536];
+        match c.read(&mut b) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "still answering after 30 s");
+    };
+    let answers = got.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    assert!(ended, "the connection is still open after {answers} answers");
+    assert!(answers <= 1, "{answers} answers to one connection");
+}
