@@ -147,7 +147,7 @@ fn connection_caps(config: &Config, nofile: u64, sealed: usize) -> ConnectionCap
 /// fetches and their backfills, and the hot files sealed for `sendfile`
 /// (`sealed`).
 fn fd_reserve(config: &Config, sealed: usize) -> u64 {
-    256 + 2 * (config.max_uploads + crate::grpc::IMPORTS_AT_ONCE) as u64
+    256 + 2 * (config.max_uploads + crate::catalog::IMPORTS_AT_ONCE) as u64
         + 3 * config.max_fallback_fetches as u64
         + sealed as u64
 }
@@ -351,7 +351,6 @@ impl App {
         let publisher = proto::publisher_server::PublisherServer::new(PublisherService {
             catalog: catalog.clone(),
             uploads: Arc::new(tokio::sync::Semaphore::new(config.max_uploads)),
-            imports: Arc::new(tokio::sync::Semaphore::new(crate::grpc::IMPORTS_AT_ONCE)),
             upload_idle: config.upload_idle_timeout,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);

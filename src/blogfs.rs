@@ -85,19 +85,33 @@ pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Metadata> {
 /// lease-break signal is SIGWINCH, which is ignored unless handled (SIGIO,
 /// the default, would end the process). `None`: no answer (the file is
 /// another user's and the process lacks CAP_LEASE, leases are turned off,
-/// or the filesystem has none). `file` must be open read-only. Three
-/// syscalls.
+/// or the filesystem is not a local one: NFS and SMB refuse a lease with
+/// EAGAIN whenever the server gave no delegation or oplock, which would
+/// read as "being written" every time). `file` must be open read-only.
+/// Four syscalls.
 pub fn open_for_writing(file: &File) -> Option<bool> {
     // <fcntl.h>'s F_SETSIG (Linux), which the libc crate does not export.
     const F_SETSIG: libc::c_int = 10;
+    // statfs(2)'s magic numbers of local filesystems whose leases answer
+    // for the inode: ext2/3/4, XFS, Btrfs, tmpfs, F2FS, bcachefs.
+    const LOCAL: [i64; 6] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010, 0xCA45_1A4E];
     let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor `file` owns, with integer arguments.
+    // SAFETY: fstatfs fills the struct; fcntl on a descriptor `file` owns,
+    // with integer arguments.
     unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd, &mut fs) != 0 || !LOCAL.contains(&(fs.f_type as i64)) {
+            return None;
+        }
         if libc::fcntl(fd, F_SETSIG, libc::SIGWINCH) != 0 {
             return None;
         }
         if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
-            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+            if libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) != 0 {
+                // Held on: writers would wait for it (up to the kernel's
+                // lease-break time) until the descriptor closes.
+                tracing::warn!(error = %io::Error::last_os_error(), "a read lease could not be let go");
+            }
             return Some(false);
         }
     }

@@ -206,19 +206,11 @@ impl pb::resolver_server::Resolver for ResolverService {
     }
 }
 
-/// `ImportFile` copies at once, server-wide; more wait their turn, holding
-/// no descriptor (each copy holds two, the blog's file and the blob being
-/// written, and a thread of the blocking pool). A hostile test's 1,000
-/// imports at once took 540 descriptors and every blocking thread.
-pub const IMPORTS_AT_ONCE: usize = 16;
-
 pub struct PublisherService {
     pub catalog: Arc<Catalog>,
     /// One permit per `PutAsset` stream open: each holds a descriptor and a
     /// temporary file, so their number is bounded server-wide.
     pub uploads: Arc<tokio::sync::Semaphore>,
-    /// [`IMPORTS_AT_ONCE`] permits: an `ImportFile` copies only with one.
-    pub imports: Arc<tokio::sync::Semaphore>,
     /// An upload silent for this long is dropped.
     pub upload_idle: std::time::Duration,
 }
@@ -299,7 +291,6 @@ impl pb::publisher_server::Publisher for PublisherService {
     async fn import_file(&self, req: Request<pb::ImportFileRequest>) -> Result<Response<pb::Asset>, Status> {
         let req = req.into_inner();
         let log = CallLog::new("ImportFile", &req.blog_id, 1);
-        let _turn = self.imports.acquire().await.expect("never closed");
         let r = self
             .catalog
             .import_file(&req.blog_id, &req.path)

@@ -47,14 +47,7 @@ pub fn incoming(
         let stream = loop {
             match listener.accept().await {
                 Ok((s, _)) => break s,
-                Err(e) => {
-                    // Out of descriptors and the like: wait, don't spin.
-                    static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                    if crate::telemetry::once_a_second(&WARNED) {
-                        tracing::warn!(error = %e, listener = what, "accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => accept_failed(e, what).await,
             }
         };
         // Small answers must not wait for a delayed ACK (Nagle): 40 ms otherwise.
@@ -65,6 +58,20 @@ pub fn incoming(
         let guarded = Guarded { stream, _slot: permit, first_bytes: deadline, needed };
         Some((Ok(guarded), (listener, slots)))
     })
+}
+
+/// After a failed `accept`: out of descriptors or memory, waits 50 ms
+/// (the error would come back at once: a spin); anything else is one
+/// connection's trouble (reset before it was taken), and the next is taken
+/// at once. Warns at most once a second.
+pub async fn accept_failed(e: io::Error, listener: &'static str) {
+    static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::telemetry::once_a_second(&WARNED) {
+        tracing::warn!(error = %e, listener, "accept failed");
+    }
+    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An accepted connection holding its slot. Reading fails with `TimedOut`

@@ -240,12 +240,7 @@ impl Origin {
                 accepted = listener.accept() => match accepted {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        // Out of descriptors and the like: wait, don't spin.
-                        static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                        if crate::telemetry::once_a_second(&WARNED) {
-                            tracing::warn!(error = %e, "accept failed");
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        crate::listen::accept_failed(e, "http").await;
                         continue;
                     }
                 },
@@ -539,6 +534,15 @@ impl Origin {
             Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::ResourceBusy => {
                 tracing::info!(blog = %blog, path = %path, "a file being written was asked for");
                 let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "the file is being written; try again\n");
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Err(r);
+            }
+            Err(OpenError::Io(e)) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if crate::telemetry::once_a_second(&WARNED) {
+                    tracing::warn!(error = %e, "out of file descriptors: answering 503; raise `ulimit -n`");
+                }
+                let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "busy; try again\n");
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return Err(r);
             }

@@ -184,8 +184,10 @@ async fn silent_connections_to_grpc_and_metrics_are_capped_and_closed() {
     // A real upload and a scrape wait their turn behind the silent ones
     // and succeed.
     let started = Instant::now();
-    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
-    let a = p.put_asset(tokio_stream::iter(vec![header("conn", "u.bin"), data(&[5u8; 1000])])).await;
+    let connect = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc));
+    let mut p = tokio::time::timeout(Duration::from_secs(120), connect).await.expect("connected in 120 s").unwrap();
+    let a = p.put_asset(tokio_stream::iter(vec![header("conn", "u.bin"), data(&[5u8; 1000])]));
+    let a = tokio::time::timeout(Duration::from_secs(120), a).await.expect("the upload waited 120 s");
     assert_eq!(a.expect("an upload behind 600 silent connections").into_inner().size, 1000);
     let r = curl(&["--max-time", "60", &format!("http://{metrics}/metrics")]);
     assert_eq!(r.status, 200);
@@ -237,6 +239,29 @@ async fn imports_at_once_hold_a_bounded_number_of_descriptors() {
         })
     };
     let p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    // Callers that give up after 5 ms, ten every 5 ms: their copies (each
+    // waits about 60 ms for the file to settle) run on in the blocking
+    // pool, and must hold their turns until they end, not until the
+    // caller goes.
+    let mut gone = Vec::new();
+    let mut most = 0;
+    for i in 0..400 {
+        let mut p = p.clone();
+        gone.push(tokio::spawn(async move {
+            let mut r = tonic::Request::new(pb::ImportFileRequest { blog_id: "imp".into(), path: "/busy.css".into() });
+            r.set_timeout(Duration::from_millis(5));
+            p.import_file(r).await
+        }));
+        if i % 10 == 9 {
+            most = most.max(server.open_fds());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for g in gone {
+        let _ = g.await.unwrap();
+    }
+    assert!(most < base + 2 * 16 + 40, "imports given up early held {} descriptors", most - base);
+    let mut most = 0;
     let calls: Vec<_> = (0..300)
         .map(|_| {
             let mut p = p.clone();
@@ -245,7 +270,6 @@ async fn imports_at_once_hold_a_bounded_number_of_descriptors() {
             })
         })
         .collect();
-    let mut most = 0;
     while calls.iter().any(|c| !c.is_finished()) {
         most = most.max(server.open_fds());
         tokio::time::sleep(Duration::from_millis(20)).await;
