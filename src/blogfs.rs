@@ -170,12 +170,21 @@ impl BlogsDir {
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(OpenError::Refused("symbolic link loop")),
             // Another program holds a write lease on it (Samba's oplocks
-            // do): a passing state, like a file being written.
+            // do): a passing state, like a file being written. Said only of
+            // a file the checks below let through, looked at without
+            // opening it for reading (`O_PATH` breaks no lease): a link out
+            // of the blog must not tell whether a file elsewhere is leased.
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                let at = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+                    .open(&full)
+                    .map_err(|_| OpenError::NotFound)?;
+                self.check(blog, &at)?;
                 return Err(OpenError::Io(io::Error::new(
                     io::ErrorKind::ResourceBusy,
                     "another program holds a lease on the file",
-                )))
+                )));
             }
             // Whatever a sync tool can put in a folder is the reader's 404,
             // not the server's 500: no permission, a socket (ENXIO), a device
@@ -188,6 +197,13 @@ impl BlogsDir {
             }
             Err(e) => return Err(e.into()),
         };
+        let meta = self.check(blog, &file)?;
+        Ok((file, meta))
+    }
+
+    /// The opened file's metadata if it may be served: a regular file, of
+    /// one name, inside the blog's folder.
+    fn check(&self, blog: &str, file: &File) -> Result<Metadata, OpenError> {
         let meta = file.metadata()?;
         if !meta.is_file() {
             // Directories are never listed; devices and FIFOs never read.
@@ -200,10 +216,10 @@ impl BlogsDir {
         if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
             return Err(OpenError::Refused("a hard link (more than one name for the file)"));
         }
-        if !self.is_inside(blog, &file)? {
+        if !self.is_inside(blog, file)? {
             return Err(OpenError::Refused("resolves outside the blog's folder"));
         }
-        Ok((file, meta))
+        Ok(meta)
     }
 
     fn is_inside(&self, blog: &str, file: &File) -> io::Result<bool> {

@@ -331,6 +331,27 @@ async fn a_file_still_held_for_writing_is_not_imported() {
         // SAFETY: as above.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
     }
+    // A link out of the blog to a leased file (in this test's own folder)
+    // is refused as any link out, never 503: no telling a lease exists.
+    {
+        use std::os::unix::io::AsRawFd;
+        let outside = s.dir.path().join("outside.txt");
+        std::fs::write(&outside, b"not the blog's").unwrap();
+        std::os::unix::fs::symlink(&outside, file.with_file_name("out.txt")).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&outside).unwrap();
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(libc::fcntl(f.as_raw_fd(), 10 /* F_SETSIG */, libc::SIGWINCH), 0);
+            assert_eq!(libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK), 0, "a write lease");
+        }
+        assert_eq!(get(s.http, "/held/out.txt", &[]).status, 404);
+        let r = p.import_file(pb::ImportFileRequest { blog_id: "held".into(), path: "/out.txt".into() }).await;
+        let e = r.expect_err("imported through a link out");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("outside"), "{}", e.message());
+        // SAFETY: as above.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
     assert!(blobs(s.dir.path()).is_empty(), "a refused import left a blob");
     assert!(resolve(&s, "held", &["/logo.svg"]).await[0].content_hash.is_empty(), "the path was bound");
     let a = p.import_file(req()).await.expect("let go: imported").into_inner();
