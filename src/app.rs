@@ -224,18 +224,18 @@ impl App {
                     .map_err(|source| AppError::Store { path: at, source })?
             }
         };
-        let grpc_listener = crate::listen::bind(config.grpc_addr).map_err(|source| AppError::Bind {
+        let grpc_listener = crate::listen::bind(config.grpc_addr, false).map_err(|source| AppError::Bind {
             key: "grpc_addr",
             addr: config.grpc_addr,
             source,
         })?;
         // SO_REUSEPORT: the origin's threads each bind this address again.
-        let http_listener = crate::origin::bind_shared(config.http_addr).map_err(|source| AppError::Bind {
+        let http_listener = crate::listen::bind(config.http_addr, true).map_err(|source| AppError::Bind {
             key: "http_addr",
             addr: config.http_addr,
             source,
         })?;
-        let metrics_listener = crate::listen::bind(config.metrics_addr).map_err(|source| AppError::Bind {
+        let metrics_listener = crate::listen::bind(config.metrics_addr, false).map_err(|source| AppError::Bind {
             key: "metrics_addr",
             addr: config.metrics_addr,
             source,

@@ -23,10 +23,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// connections wait in the kernel for a slot before new ones are refused.
 pub const BACKLOG: u32 = 1024;
 
-/// A listener on `addr` with a backlog of [`BACKLOG`].
-pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+/// A listener on `addr` with a backlog of [`BACKLOG`]; `shared`: other
+/// listeners may bind the same address (`SO_REUSEPORT`, the origin's
+/// threads).
+pub fn bind(addr: std::net::SocketAddr, shared: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }

@@ -184,7 +184,7 @@ impl Origin {
         let addr = listener.local_addr().expect("bound");
         let mut listeners = vec![listener.into_std().expect("a tokio listener")];
         for _ in 1..threads {
-            match bind_shared(addr).and_then(|l| l.into_std()) {
+            match crate::listen::bind(addr, true).and_then(|l| l.into_std()) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot add an origin thread's listener; fewer threads");
@@ -697,15 +697,6 @@ impl Origin {
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
         }
     }
-}
-
-/// A listener on `addr` that other listeners may share (`SO_REUSEPORT`).
-pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(crate::listen::BACKLOG)
 }
 
 /// An index into [`crate::metrics::ROUTES`].

@@ -107,6 +107,18 @@ fn raise_own_nofile() {
     }
 }
 
+/// The server under the descriptor limits `ulimits` sets (shell
+/// `ulimit` commands), with `http_idle_timeout_secs` of `idle`.
+fn serve_limited(dir: &std::path::Path, ulimits: &str, idle: u32) -> ChildServer {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &format!("{ulimits} && exec \"$0\" \"$@\"")])
+        .arg(binary())
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .env("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", idle.to_string());
+    ChildServer::spawn_cmd(cmd, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() {
     raise_own_nofile();
@@ -114,13 +126,7 @@ async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() 
     std::fs::create_dir_all(dir.path().join("blogs/conn")).unwrap();
     std::fs::write(dir.path().join("blogs/conn/page.css"), b"still served").unwrap();
     // The usual soft limit (1,024 here: 300), under a hard limit of 1,000.
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "ulimit -Sn 300 && ulimit -Hn 1000 && exec \"$0\" \"$@\""])
-        .arg(binary())
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .env("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", "2");
-    let server = ChildServer::spawn_cmd(cmd, dir.path());
+    let server = serve_limited(dir.path(), "ulimit -Sn 300 && ulimit -Hn 1000", 2);
     assert_eq!(soft_nofile(server.child.id()), 1000, "the server raises its soft limit to the hard one");
 
     // 1,100 connections that never send a request.
@@ -155,13 +161,7 @@ async fn silent_connections_to_grpc_and_metrics_are_capped_and_closed() {
     raise_own_nofile();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("blogs/conn")).unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "ulimit -n 1000 && exec \"$0\" \"$@\""])
-        .arg(binary())
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .env("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", "1");
-    let server = ChildServer::spawn_cmd(cmd, dir.path());
+    let server = serve_limited(dir.path(), "ulimit -n 1000", 1);
     let metrics = server.metrics.expect("a metrics address");
     // 900 connections in all that send nothing (or part of a preface):
     // more than the descriptors left after the reserve.
