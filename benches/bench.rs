@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 // The test suite's helpers: ports, daemons stopped gracefully, Varnish.
 #[path = "bench/cluster.rs"]
 mod cluster;
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 #[path = "bench/edge.rs"]
 mod edge;

@@ -6,7 +6,7 @@ set -euo pipefail
 # chromium and a font: the examples/blog browser test. libfuse2 (for fusepy) and
 # fuse3 (fusermount3, /dev/fuse setup): the power-loss tests' FUSE filesystem.
 # prometheus (and its promtool): the metrics test. etcd-server: the cluster-mode tests
-# (tests/cluster.rs start their own three members).
+# (tests/it/cluster.rs start their own three members).
 debs=(curl varnish caddy nginx-light redis-server wrk chromium fonts-dejavu-core libfuse2 fuse3 prometheus etcd-server)
 missing=()
 for p in "${debs[@]}"; do
@@ -36,8 +36,8 @@ fi
 command -v grpcurl >/dev/null || { echo "grpcurl not on PATH after install" >&2; exit 1; }
 
 # The power-loss tests (tests/powerloss): a FUSE filesystem in Python, a gRPC client, BLAKE3.
-# botocore: tests/purge.rs checks CloudFront's SigV4 signature with it.
-# moto's standalone server (and boto3): the S3 API server of tests/migrate.rs and the migrate benchmark.
+# botocore: tests/it/purge.rs checks CloudFront's SigV4 signature with it.
+# moto's standalone server (and boto3): the S3 API server of tests/it/migrate.rs and the migrate benchmark.
 pymissing=()
 for m in fuse:fusepy grpc:grpcio grpc_tools:grpcio-tools pytest:pytest pytest_timeout:pytest-timeout blake3:blake3 \
          botocore:botocore boto3:boto3 moto.server:moto[server] flask_cors:moto[server]; do

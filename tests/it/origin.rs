@@ -2,7 +2,7 @@
 //! table, conditional and range requests, the fallback chain (nginx standing
 //! in for the legacy bucket and the app), and a catalogue of hostile requests.
 
-mod common;
+use crate::common;
 
 use blotcdn::proto as pb;
 use common::{curl, get, invalidate, nginx, path_of, request, resolve, url_of, Server};

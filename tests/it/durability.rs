@@ -2,7 +2,7 @@
 //! process, concurrent publishers, a kill in the middle of their traffic, a
 //! restart on the same data dir.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Permanent assets: PutAsset, ImportFile, deduplication, deletion (also
 //! under kill -9), fsck, and the CLI commands for them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

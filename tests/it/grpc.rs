@@ -1,6 +1,6 @@
 //! The gRPC API through the generated client against the real server.
 
-mod common;
+use crate::common;
 
 use blotcdn::proto::{self as pb, ResolveStatus};
 use common::{invalidate, resolve, Server};

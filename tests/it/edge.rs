@@ -2,7 +2,7 @@
 //! origin, and Debian's caddy as the on-demand TLS edge for custom domains.
 //! Both run the configuration files in `edge/`, ports rewritten.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

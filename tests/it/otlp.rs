@@ -4,7 +4,7 @@
 //! fallback fetch; a caller's `traceparent` is continued, and passed on to
 //! the fallback origin; spans still waiting at SIGTERM are flushed.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

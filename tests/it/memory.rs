@@ -3,7 +3,7 @@
 //! Before the fix, sled's batch apply kept what each batch replaced and the
 //! server grew by about 14 MB a batch, past a gigabyte in this test.
 
-mod common;
+use crate::common;
 
 use blotcdn::proto as pb;
 use common::ChildServer;

@@ -1,7 +1,7 @@
 //! Cluster mode (`store = "etcd"`): real blotcdn processes on a real
 //! three-member etcd cluster (Debian's `etcd-server`), all on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! counters moved after real calls; `promtool check metrics` finds nothing
 //! to complain about.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! nothing; and the origin's fallback chain against the same bucket (then an
 //! app) backfills into the static folder.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;

@@ -2,7 +2,7 @@
 //! more connections than descriptors, fallback origins that trickle or send
 //! huge bodies, and requests too large or malformed for the API.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -5,7 +5,7 @@
 //! taken down, and the exact requests of Bunny, Cloudflare and CloudFront
 //! (the SigV4 signature checked by botocore, an implementation of its own).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;

@@ -3,7 +3,7 @@
 //! blogs coming back with old ids, special files and links in blog folders,
 //! a full disk, and the smaller edges of the HTTP and gRPC contracts.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! assets.rs), configuration errors that name their key, and fallback
 //! origins that refuse, fail or are not allowed to backfill.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

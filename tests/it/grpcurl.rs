@@ -1,7 +1,7 @@
 //! The real grpcurl binary against the real server, as a person debugging
 //! would use it: no proto files at hand, reflection only.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
