@@ -31,14 +31,13 @@ impl From<CatalogError> for Status {
             CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(
                 "the server's disk is full: the upload could not be stored ({io}); nothing was changed"
             )),
-            CatalogError::Io(ref io) if is_out_of_descriptors(io) => {
-                static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                if crate::telemetry::once_a_second(&WARNED) {
-                    tracing::warn!(error = %io, "out of file descriptors: calls are refused; raise `ulimit -n`");
-                }
-                Status::resource_exhausted(format!(
-                    "the server has no file descriptor free ({io}); nothing was changed; retry in a moment"
-                ))
+            CatalogError::Io(ref io) if is_out_of_descriptors(io) => out_of_descriptors(io, "nothing was changed; "),
+            // The same shortage met inside the store: whether the call took
+            // effect is the store's to say, so no more is claimed here.
+            CatalogError::Store(StoreError::Io(ref io) | StoreError::Sled(sled::Error::Io(ref io)))
+                if is_out_of_descriptors(io) =>
+            {
+                out_of_descriptors(io, "")
             }
             CatalogError::Store(_) | CatalogError::Io(_) => {
                 tracing::error!(code = e.code(), error = %msg, "internal error");
@@ -46,6 +45,14 @@ impl From<CatalogError> for Status {
             }
         }
     }
+}
+
+fn out_of_descriptors(io: &std::io::Error, outcome: &str) -> Status {
+    static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::telemetry::once_a_second(&WARNED) {
+        tracing::warn!(error = %io, "out of file descriptors: calls are refused; raise `ulimit -n`");
+    }
+    Status::resource_exhausted(format!("the server has no file descriptor free ({io}); {outcome}retry in a moment"))
 }
 
 fn is_disk_full(e: &std::io::Error) -> bool {
@@ -682,5 +689,14 @@ mod tests {
         }
         let other = Status::from(CatalogError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
         assert_eq!(other.code(), tonic::Code::Internal);
+        // Met inside the store (sled's own I/O, or ours under it).
+        let emfile = || std::io::Error::from_raw_os_error(libc::EMFILE);
+        for e in [StoreError::Io(emfile()), StoreError::Sled(sled::Error::Io(emfile()))] {
+            let s = Status::from(CatalogError::Store(e));
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{}", s.message());
+            assert!(s.message().contains("file descriptor"), "{}", s.message());
+        }
+        let eio = Status::from(CatalogError::Store(StoreError::Io(std::io::Error::from_raw_os_error(libc::EIO))));
+        assert_eq!(eio.code(), tonic::Code::Internal);
     }
 }

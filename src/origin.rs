@@ -51,6 +51,8 @@ pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const SHORT: &str = "public, max-age=60";
 const NO_STORE: &str = "no-store";
+/// A stored blob whose bytes no longer hash to its name.
+const DAMAGED: &str = "the stored copy of this asset is damaged (its bytes do not match its hash)";
 /// Files up to this size are read whole (and may be kept hot: a hot file
 /// costs no syscall); larger ones stream from disk in chunks
 /// (`origin/large.rs`).
@@ -631,12 +633,18 @@ impl Origin {
             tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path)?;
                 let m = f.metadata()?;
-                // Blobs never change: one the hot cache keeps is read whole.
+                // Blobs never change: one the hot cache keeps is read whole,
+                // and checked against its name before it is answered even
+                // once: the edges keep these bytes for a year, so a blob that
+                // went bad on disk is refused rather than published.
                 let bytes = if m.len() <= keep_up_to {
                     let mut buf = Vec::with_capacity(m.len() as usize);
                     (&f).take(m.len()).read_to_end(&mut buf)?;
                     if buf.len() as u64 != m.len() {
                         return Err(std::io::Error::other("blob shorter than its size"));
+                    }
+                    if ContentHash::of(&blake3::hash(&buf)) != hash {
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
                     }
                     Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
@@ -655,9 +663,19 @@ impl Origin {
                 opened = open().await;
             }
         }
-        let Ok(Ok((file, meta, bytes))) = opened else {
-            tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
-            return not_found();
+        let (file, meta, bytes) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if crate::telemetry::once_a_second(&LOGGED) {
+                    tracing::error!(blog = %blog, hash = %hash, "{DAMAGED}: not served; `blotcdn fsck` quarantines it");
+                }
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, format!("{DAMAGED}\n"));
+            }
+            _ => {
+                tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
+                return not_found();
+            }
         };
         let etag = HeaderValue::from_str(&format!("\"{key}\"")).expect("hex is header-safe");
         let hot = HotFile::new(
