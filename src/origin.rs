@@ -93,7 +93,14 @@ pub struct Origin {
     counters: crate::metrics::HttpCounters,
     /// Threads serving connections (`http_threads`).
     threads: usize,
+    /// Blobs too large for the hot cache that were hashed and found whole,
+    /// with their file's stamp then: hashed again only after their file
+    /// changed (or after the set was emptied at its bound).
+    verified: Arc<parking_lot::Mutex<std::collections::HashMap<ContentHash, FileStamp>>>,
 }
+
+/// Entries in `Origin::verified` (about 64 bytes each) before it is emptied.
+const VERIFIED_MAX: usize = 65_536;
 
 /// What a file answer is made of, from a blog's folder, the CAS or the hot cache.
 struct FileAnswer {
@@ -150,6 +157,7 @@ impl Origin {
                 _ => None,
             },
             counters: crate::metrics::HttpCounters::default(),
+            verified: Default::default(),
             threads: config.http_threads,
         })
     }
@@ -628,8 +636,10 @@ impl Origin {
         // As blog files: larger ones stream, and are never read whole.
         let keep_up_to = self.hot.largest(&key).min(SMALL_FILE);
         let seal_max = self.sealed_files;
+        let verified = self.verified.clone();
         let open = move || {
             let path = path.clone();
+            let verified = verified.clone();
             tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path)?;
                 let m = f.metadata()?;
@@ -648,6 +658,21 @@ impl Origin {
                     }
                     Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
+                    // Too large to hash on every answer: hashed before the
+                    // first, then again only once the file changed.
+                    let stamp = FileStamp::of(&m);
+                    if verified.lock().get(&hash) != Some(&stamp) {
+                        let mut hasher = blake3::Hasher::new();
+                        hasher.update_reader(&f)?;
+                        if ContentHash::of(&hasher.finalize()) != hash {
+                            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
+                        }
+                        let mut set = verified.lock();
+                        if set.len() >= VERIFIED_MAX {
+                            set.clear();
+                        }
+                        set.insert(hash, stamp);
+                    }
                     None
                 };
                 Ok::<_, std::io::Error>((f, m, bytes))
