@@ -40,19 +40,19 @@ mod hot;
 mod large;
 pub mod peers;
 mod splice;
+mod verify;
 
 pub use splice::sealed_files;
 
 use fallback::Fallback;
 use hot::{HotCache, HotFile};
+use verify::DAMAGED;
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const SHORT: &str = "public, max-age=60";
 const NO_STORE: &str = "no-store";
-/// A stored blob whose bytes no longer hash to its name.
-const DAMAGED: &str = "the stored copy of this asset is damaged (its bytes do not match its hash)";
 /// Files up to this size are read whole (and may be kept hot: a hot file
 /// costs no syscall); larger ones stream from disk in chunks
 /// (`origin/large.rs`).
@@ -93,14 +93,9 @@ pub struct Origin {
     counters: crate::metrics::HttpCounters,
     /// Threads serving connections (`http_threads`).
     threads: usize,
-    /// Blobs too large for the hot cache that were hashed and found whole,
-    /// with their file's stamp then: hashed again only after their file
-    /// changed (or after the set was emptied at its bound).
-    verified: Arc<parking_lot::Mutex<std::collections::HashMap<ContentHash, FileStamp>>>,
+    /// Blobs too large for the hot cache, checked against their hash.
+    verified: Arc<verify::Verified>,
 }
-
-/// Entries in `Origin::verified` (about 64 bytes each) before it is emptied.
-const VERIFIED_MAX: usize = 65_536;
 
 /// What a file answer is made of, from a blog's folder, the CAS or the hot cache.
 struct FileAnswer {
@@ -660,19 +655,7 @@ impl Origin {
                 } else {
                     // Too large to hash on every answer: hashed before the
                     // first, then again only once the file changed.
-                    let stamp = FileStamp::of(&m);
-                    if verified.lock().get(&hash) != Some(&stamp) {
-                        let mut hasher = blake3::Hasher::new();
-                        hasher.update_reader(&f)?;
-                        if ContentHash::of(&hasher.finalize()) != hash {
-                            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
-                        }
-                        let mut set = verified.lock();
-                        if set.len() >= VERIFIED_MAX {
-                            set.clear();
-                        }
-                        set.insert(hash, stamp);
-                    }
+                    verified.check(hash, &f, FileStamp::of(&m))?;
                     None
                 };
                 Ok::<_, std::io::Error>((f, m, bytes))
