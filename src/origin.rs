@@ -631,10 +631,8 @@ impl Origin {
         // As blog files: larger ones stream, and are never read whole.
         let keep_up_to = self.hot.largest(&key).min(SMALL_FILE);
         let seal_max = self.sealed_files;
-        let verified = self.verified.clone();
         let open = move || {
             let path = path.clone();
-            let verified = verified.clone();
             tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path)?;
                 let m = f.metadata()?;
@@ -653,9 +651,6 @@ impl Origin {
                     }
                     Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
-                    // Too large to hash on every answer: hashed before the
-                    // first, then again only once the file changed.
-                    verified.check(hash, &f, FileStamp::of(&m))?;
                     None
                 };
                 Ok::<_, std::io::Error>((f, m, bytes))
@@ -671,18 +666,46 @@ impl Origin {
                 opened = open().await;
             }
         }
+        let mut opened = opened.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        // Too large to hash on every answer: hashed before the first answer
+        // that sends bytes, then again only once the file changed.
+        if let Ok((file, meta, None)) = opened {
+            let sends_nothing = req.method() == Method::HEAD
+                || req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| {
+                    v.to_str()
+                        .is_ok_and(|v| v.split(',').any(|t| t.trim().trim_start_matches("W/") == format!("\"{key}\"")))
+                });
+            opened = match sends_nothing {
+                true => Ok((file, meta, None)),
+                false => match self.verified.check(hash, file, &meta).await {
+                    (file, Ok(())) => Ok((file, meta, None)),
+                    (_, Err(e)) => Err(e),
+                },
+            };
+        }
         let (file, meta, bytes) = match opened {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                if crate::telemetry::once_a_second(&LOGGED) {
-                    tracing::error!(blog = %blog, hash = %hash, "{DAMAGED}: not served; `blotcdn fsck` quarantines it");
-                }
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, format!("{DAMAGED}\n"));
-            }
-            _ => {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
                 return not_found();
+            }
+            Err(e) => {
+                static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let damaged = e.kind() == std::io::ErrorKind::InvalidData;
+                if crate::telemetry::once_a_second(&LOGGED) {
+                    match damaged {
+                        true => {
+                            tracing::error!(blog = %blog, hash = %hash, "{DAMAGED}: not served; `blotcdn fsck` quarantines it")
+                        }
+                        false => tracing::error!(blog = %blog, hash = %hash, error = %e, "cannot read a stored blob"),
+                    }
+                }
+                let text = match damaged {
+                    true => format!("{DAMAGED}\n"),
+                    false => "cannot read the stored copy of this asset\n".to_owned(),
+                };
+                // Never kept by an edge: the next request may succeed.
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, text);
             }
         };
         let etag = HeaderValue::from_str(&format!("\"{key}\"")).expect("hex is header-safe");

@@ -1,23 +1,25 @@
 //! Permanent assets too large for the hot cache are sent from disk; each is
-//! hashed before its first answer, and again once its file changed, so a
-//! blob that went bad on disk is refused rather than kept by the edges for a
-//! year under its immutable URL. (Blobs the hot cache keeps are hashed as
-//! they are read whole, in `origin.rs`.)
+//! hashed before its first answer with bytes, and again once its file
+//! changed, so a blob that went bad on disk is refused rather than kept by the
+//! edges for a year under its immutable URL. (Blobs the hot cache keeps are
+//! hashed as they are read whole, in `origin.rs`.)
 //!
 //! Requests for the same blob arriving together wait for one hash instead of
-//! each reading the whole file: after a restart, a hundred range requests for
-//! a large video would otherwise hash it a hundred times at once.
+//! each reading the whole file (after a restart, a hundred range requests for
+//! a large video would otherwise hash it a hundred times at once), and they
+//! wait as tasks: only the request that hashes holds a blocking thread. A
+//! damaged blob is remembered as damaged for its stamp, so retries are refused
+//! without reading it again.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
+use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-use crate::blogfs::FileStamp;
+use crate::blogfs::{changed_ago, FileStamp, SETTLE};
 use crate::domain::ContentHash;
 
-/// Blobs remembered as checked (about 64 bytes each) before the set is emptied.
+/// Blobs remembered (about 64 bytes each) before the set is emptied.
 const REMEMBERED: usize = 65_536;
 /// Hashes of different blobs that may run at once.
 const TURNS: usize = 64;
@@ -25,11 +27,15 @@ const TURNS: usize = 64;
 /// The stored copy's bytes do not hash to its name.
 pub const DAMAGED: &str = "the stored copy of this asset is damaged (its bytes do not match its hash)";
 
+fn damaged() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, DAMAGED)
+}
+
 pub struct Verified {
-    /// Each checked blob with its file's stamp when it was checked.
-    checked: Mutex<HashMap<ContentHash, FileStamp>>,
-    /// One turn per group of hashes: a blob is hashed by one request at a time.
-    turns: [Mutex<()>; TURNS],
+    /// Each blob hashed, with its file's stamp then and whether it was whole.
+    known: parking_lot::Mutex<HashMap<ContentHash, (FileStamp, bool)>>,
+    /// One turn per group of blobs: a blob is hashed by one request at a time.
+    turns: [tokio::sync::Mutex<()>; TURNS],
     /// Tests: whole-file hashes made.
     #[cfg(test)]
     hashed: std::sync::atomic::AtomicUsize,
@@ -38,8 +44,8 @@ pub struct Verified {
 impl Default for Verified {
     fn default() -> Verified {
         Verified {
-            checked: Mutex::default(),
-            turns: std::array::from_fn(|_| Mutex::new(())),
+            known: Default::default(),
+            turns: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             #[cfg(test)]
             hashed: Default::default(),
         }
@@ -47,31 +53,52 @@ impl Default for Verified {
 }
 
 impl Verified {
-    /// Ok once `file` (the blob named `hash`, whose stamp is `stamp`) is known
-    /// to hold its bytes; `InvalidData` if it does not. Blocking: reads the
-    /// whole file the first time.
-    pub fn check(&self, hash: ContentHash, file: &File, stamp: FileStamp) -> io::Result<()> {
-        if self.checked.lock().get(&hash) == Some(&stamp) {
-            return Ok(());
+    fn known(&self, hash: &ContentHash, stamp: FileStamp) -> Option<io::Result<()>> {
+        match self.known.lock().get(hash) {
+            Some(&(s, whole)) if s == stamp => Some(if whole { Ok(()) } else { Err(damaged()) }),
+            _ => None,
         }
-        let _turn = self.turns[hash.0[0] as usize % TURNS].lock();
+    }
+
+    /// Ok once `file` (the blob named `hash`, with metadata `meta`) is known
+    /// to hold its bytes; `InvalidData` if it does not, another error if it
+    /// could not be read. The file comes back either way.
+    pub async fn check(self: &Arc<Self>, hash: ContentHash, file: File, meta: &Metadata) -> (File, io::Result<()>) {
+        let stamp = FileStamp::of(meta);
+        if let Some(known) = self.known(&hash, stamp) {
+            return (file, known);
+        }
+        let _turn = self.turns[hash.0[0] as usize % TURNS].lock().await;
         // Another request for it may have finished while this one waited.
-        if self.checked.lock().get(&hash) == Some(&stamp) {
-            return Ok(());
+        if let Some(known) = self.known(&hash, stamp) {
+            return (file, known);
         }
+        // A file that changed a moment ago may be in the middle of a write
+        // whose bytes its stamp does not show yet: checked, not remembered.
+        let remember = changed_ago(meta) >= SETTLE;
         #[cfg(test)]
-        self.hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(file)?;
-        if ContentHash::of(&hasher.finalize()) != hash {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, DAMAGED));
+        let this = self.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            this.hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut hasher = blake3::Hasher::new();
+            let read = hasher.update_reader(&file).map(|h| ContentHash::of(&h.finalize()) == hash);
+            (file, read)
+        })
+        .await;
+        let (file, whole) = match hashed {
+            Ok((file, Ok(whole))) => (file, whole),
+            Ok((file, Err(e))) => return (file, Err(e)),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        if remember {
+            let mut known = self.known.lock();
+            if known.len() >= REMEMBERED {
+                known.clear();
+            }
+            known.insert(hash, (stamp, whole));
         }
-        let mut checked = self.checked.lock();
-        if checked.len() >= REMEMBERED {
-            checked.clear();
-        }
-        checked.insert(hash, stamp);
-        Ok(())
+        (file, if whole { Ok(()) } else { Err(damaged()) })
     }
 }
 
@@ -79,52 +106,49 @@ impl Verified {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
-    use std::sync::Arc;
 
-    fn blob(dir: &std::path::Path, data: &[u8]) -> (ContentHash, std::path::PathBuf) {
-        let path = dir.join("blob");
-        std::fs::write(&path, data).unwrap();
-        (ContentHash::of(&blake3::hash(data)), path)
-    }
-
-    fn stamp(f: &File) -> FileStamp {
-        FileStamp::of(&f.metadata().unwrap())
+    async fn check(v: &Arc<Verified>, hash: ContentHash, path: &std::path::Path) -> io::Result<()> {
+        let f = File::open(path).unwrap();
+        let m = f.metadata().unwrap();
+        v.check(hash, f, &m).await.1
     }
 
     /// Sixteen requests for one blob at once hash it once; a later one not
-    /// at all; a change to the file has it hashed again, and found damaged.
-    #[test]
-    fn requests_together_hash_a_blob_once_and_again_after_a_change() {
+    /// at all; a change to the file has it hashed again and found damaged,
+    /// and retries are refused without hashing it again. (Each write is
+    /// followed by a pause past `SETTLE`: a file changed a moment ago is
+    /// hashed on every check, by design.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_together_hash_a_blob_once_and_again_after_a_change() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
         let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
-        let (hash, path) = blob(dir.path(), &data);
+        let hash = ContentHash::of(&blake3::hash(&data));
+        std::fs::write(&path, &data).unwrap();
+        let hashed = |v: &Verified| v.hashed.load(Ordering::Relaxed);
         let v = Arc::new(Verified::default());
-        let threads: Vec<_> = (0..16)
+        std::thread::sleep(SETTLE * 2);
+
+        let together: Vec<_> = (0..16)
             .map(|_| {
                 let (v, path) = (v.clone(), path.clone());
-                std::thread::spawn(move || {
-                    let f = File::open(&path).unwrap();
-                    v.check(hash, &f, stamp(&f))
-                })
+                tokio::spawn(async move { check(&v, hash, &path).await })
             })
             .collect();
-        for t in threads {
-            t.join().unwrap().unwrap();
+        for t in together {
+            t.await.unwrap().unwrap();
         }
-        assert_eq!(v.hashed.load(Ordering::Relaxed), 1);
-        let f = File::open(&path).unwrap();
-        v.check(hash, &f, stamp(&f)).unwrap();
-        assert_eq!(v.hashed.load(Ordering::Relaxed), 1);
+        assert_eq!(hashed(&v), 1);
+        check(&v, hash, &path).await.unwrap();
+        assert_eq!(hashed(&v), 1);
 
         let mut bad = data.clone();
         bad[5] ^= 1;
         std::fs::write(&path, &bad).unwrap();
-        let f = File::open(&path).unwrap();
-        let e = v.check(hash, &f, stamp(&f)).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert_eq!(v.hashed.load(Ordering::Relaxed), 2);
-        // Still damaged: not remembered as checked, so hashed (and refused) again.
-        assert!(v.check(hash, &f, stamp(&f)).is_err());
-        assert_eq!(v.hashed.load(Ordering::Relaxed), 3);
+        std::thread::sleep(SETTLE * 2);
+        for _ in 0..3 {
+            assert_eq!(check(&v, hash, &path).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
+        assert_eq!(hashed(&v), 2, "a damaged blob is remembered as damaged");
     }
 }

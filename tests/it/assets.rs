@@ -524,6 +524,17 @@ async fn a_blob_damaged_on_disk_is_refused_not_served() {
     std::fs::write(&blob, &damaged).unwrap();
     let r = get(s.http, &path_of(&large.url), &[]);
     assert_eq!((r.status, r.header("cache-control")), (500, Some("no-store")));
+
+    // A blob that cannot be read (here a folder where the file was, EISDIR)
+    // is the server's failure, not a missing file: 500 no-store, never a 404
+    // the edges would keep.
+    let unreadable = put(s.grpc, "f", "icon.png", "", b"icon bytes").await.unwrap();
+    let blob =
+        s.dir.path().join("cas").join(&unreadable.hash[0..2]).join(&unreadable.hash[2..4]).join(&unreadable.hash);
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::create_dir(&blob).unwrap();
+    let r = get(s.http, &path_of(&unreadable.url), &[]);
+    assert_eq!((r.status, r.header("cache-control")), (500, Some("no-store")), "{}", String::from_utf8_lossy(&r.body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

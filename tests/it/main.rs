@@ -1,7 +1,10 @@
 //! The integration tests, one module per area, linked into one test binary:
 //! seventeen binaries each linking the whole dependency tree took seventeen
-//! links and most of a small CI disk. nextest still runs every test in its
-//! own process, so no test shares state with another through this crate.
+//! links and most of a small CI disk. nextest (the README's test command)
+//! runs every test in its own process, so no test shares state with another
+//! through this crate. Under plain `cargo test` they share one process:
+//! environment variables set by one (`purge`) and resource limits (`limits`)
+//! reach the others.
 
 mod common;
 
