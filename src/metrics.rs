@@ -37,6 +37,7 @@ pub const PURGE_SECONDS: &str = "blotcdn_purge_delivery_seconds";
 pub const INDEX_PATHS: &str = "blotcdn_index_paths";
 pub const CAS_BLOBS: &str = "blotcdn_cas_blobs";
 pub const CAS_BYTES: &str = "blotcdn_cas_bytes";
+pub const CAS_CHECKS: &str = "blotcdn_cas_blob_checks_total";
 pub const STORE_UP: &str = "blotcdn_store_up";
 pub const ETCD_TXN: &str = "blotcdn_etcd_txn_seconds";
 
@@ -79,6 +80,10 @@ fn describe() {
     describe_gauge!(INDEX_PATHS, "path versions held in the in-memory index");
     describe_gauge!(CAS_BLOBS, "blobs in the content-addressed store");
     describe_gauge!(CAS_BYTES, Unit::Bytes, "bytes in the content-addressed store");
+    describe_counter!(
+        CAS_CHECKS,
+        "blobs hashed by the origin before answering with them, by outcome (whole, damaged: refused with a 500)"
+    );
     describe_gauge!(STORE_UP, "1 while the store takes writes, 0 while it refuses them (see /healthz)");
     describe_histogram!(ETCD_TXN, Unit::Seconds, "one etcd transaction of a write group (cluster mode)");
 }

@@ -631,8 +631,10 @@ impl Origin {
         // As blog files: larger ones stream, and are never read whole.
         let keep_up_to = self.hot.largest(&key).min(SMALL_FILE);
         let seal_max = self.sealed_files;
+        let verified = self.verified.clone();
         let open = move || {
             let path = path.clone();
+            let verified = verified.clone();
             tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path)?;
                 let m = f.metadata()?;
@@ -641,12 +643,17 @@ impl Origin {
                 // once: the edges keep these bytes for a year, so a blob that
                 // went bad on disk is refused rather than published.
                 let bytes = if m.len() <= keep_up_to {
+                    if verified.known_damaged(&hash, &m) {
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
+                    }
                     let mut buf = Vec::with_capacity(m.len() as usize);
                     (&f).take(m.len()).read_to_end(&mut buf)?;
                     if buf.len() as u64 != m.len() {
                         return Err(std::io::Error::other("blob shorter than its size"));
                     }
-                    if ContentHash::of(&blake3::hash(&buf)) != hash {
+                    // Kept hot if whole, so only a damaged one is remembered.
+                    if !verify::counted(ContentHash::of(&blake3::hash(&buf)) == hash) {
+                        verified.remember(hash, &m, false);
                         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
                     }
                     Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))

@@ -27,6 +27,12 @@ const TURNS: usize = 64;
 /// The stored copy's bytes do not hash to its name.
 pub const DAMAGED: &str = "the stored copy of this asset is damaged (its bytes do not match its hash)";
 
+/// Counts one blob hashed by the origin (`blotcdn_cas_blob_checks_total`).
+pub fn counted(whole: bool) -> bool {
+    metrics::counter!(crate::metrics::CAS_CHECKS, "outcome" => if whole { "whole" } else { "damaged" }).increment(1);
+    whole
+}
+
 fn damaged() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, DAMAGED)
 }
@@ -73,16 +79,13 @@ impl Verified {
         if let Some(known) = self.known(&hash, stamp) {
             return (file, known);
         }
-        // A file that changed a moment ago may be in the middle of a write
-        // whose bytes its stamp does not show yet: checked, not remembered.
-        let remember = changed_ago(meta) >= SETTLE;
         #[cfg(test)]
         let this = self.clone();
         let hashed = tokio::task::spawn_blocking(move || {
             #[cfg(test)]
             this.hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut hasher = blake3::Hasher::new();
-            let read = hasher.update_reader(&file).map(|h| ContentHash::of(&h.finalize()) == hash);
+            let read = hasher.update_reader(&file).map(|h| counted(ContentHash::of(&h.finalize()) == hash));
             (file, read)
         })
         .await;
@@ -91,14 +94,27 @@ impl Verified {
             Ok((file, Err(e))) => return (file, Err(e)),
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
-        if remember {
-            let mut known = self.known.lock();
-            if known.len() >= REMEMBERED {
-                known.clear();
-            }
-            known.insert(hash, (stamp, whole));
-        }
+        self.remember(hash, meta, whole);
         (file, if whole { Ok(()) } else { Err(damaged()) })
+    }
+
+    /// Whether this blob, at this stamp, was found damaged already.
+    pub fn known_damaged(&self, hash: &ContentHash, meta: &Metadata) -> bool {
+        matches!(self.known(hash, FileStamp::of(meta)), Some(Err(_)))
+    }
+
+    /// Remembers what a hash of the blob found, unless its file changed a
+    /// moment ago: it may be in the middle of a write whose bytes its stamp
+    /// does not show yet.
+    pub fn remember(&self, hash: ContentHash, meta: &Metadata, whole: bool) {
+        if changed_ago(meta) < SETTLE {
+            return;
+        }
+        let mut known = self.known.lock();
+        if known.len() >= REMEMBERED {
+            known.clear();
+        }
+        known.insert(hash, (FileStamp::of(meta), whole));
     }
 }
 

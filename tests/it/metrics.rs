@@ -132,6 +132,48 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     }
 }
 
+/// A blob hashed before it is first answered counts as `whole`; one that
+/// went bad on disk as `damaged` (and is refused), which an operator can
+/// alert on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_checks_are_counted_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn_with(dir.path(), &[], &[]);
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    async fn put(
+        p: &mut pb::publisher_client::PublisherClient<tonic::transport::Channel>,
+        name: &str,
+        data: &[u8],
+    ) -> pb::Asset {
+        let header = pb::PutAssetHeader { blog_id: "mblog".into(), filename: name.into(), ..Default::default() };
+        let chunks = vec![
+            pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Header(header)) },
+            pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(data.to_vec().into())) },
+        ];
+        p.put_asset(tokio_stream::iter(chunks)).await.unwrap().into_inner()
+    }
+    let good = put(&mut p, "a.png", b"whole bytes").await;
+    let bad = put(&mut p, "b.png", b"other bytes").await;
+    let blob = |h: &str| dir.path().join("cas").join(&h[0..2]).join(&h[2..4]).join(h);
+    let mut perms = std::fs::metadata(blob(&bad.hash)).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(blob(&bad.hash), perms).unwrap();
+    std::fs::write(blob(&bad.hash), b"otheR bytes").unwrap();
+    // Past the moment in which a change may still be in progress (20 ms),
+    // so that the outcome is remembered.
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..2 {
+        assert_eq!(curl(&[&format!("http://{}{}", server.http, common::path_of(&good.url))]).status, 200);
+        assert_eq!(curl(&[&format!("http://{}{}", server.http, common::path_of(&bad.url))]).status, 500);
+    }
+    let text = String::from_utf8(curl(&[&format!("http://{}/metrics", metrics_addr(&server))]).body).unwrap();
+    // Each once: the good one is then answered from memory, the damaged
+    // one refused as remembered, without reading it again.
+    assert_eq!(sample(&text, "blotcdn_cas_blob_checks_total{outcome=\"whole\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "blotcdn_cas_blob_checks_total{outcome=\"damaged\"}"), Some(1.0), "{text}");
+}
+
 fn percent(q: &str) -> String {
     q.bytes()
         .map(|b| match b {
