@@ -16,7 +16,6 @@
 
 use std::convert::Infallible;
 use std::fs::Metadata;
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -643,19 +642,7 @@ impl Origin {
                 // once: the edges keep these bytes for a year, so a blob that
                 // went bad on disk is refused rather than published.
                 let bytes = if m.len() <= keep_up_to {
-                    if verified.known_damaged(&hash, &m) {
-                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
-                    }
-                    let mut buf = Vec::with_capacity(m.len() as usize);
-                    (&f).take(m.len()).read_to_end(&mut buf)?;
-                    if buf.len() as u64 != m.len() {
-                        return Err(std::io::Error::other("blob shorter than its size"));
-                    }
-                    // Kept hot if whole, so only a damaged one is remembered.
-                    if !verify::counted(ContentHash::of(&blake3::hash(&buf)) == hash) {
-                        verified.remember(hash, &m, false);
-                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, DAMAGED));
-                    }
+                    let buf = verified.read_whole(hash, &f, &m)?;
                     Some(splice::seal(&buf, seal_max).unwrap_or_else(|| Bytes::from(buf)))
                 } else {
                     None
@@ -674,14 +661,12 @@ impl Origin {
             }
         }
         let mut opened = opened.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let etag = format!("\"{key}\"");
         // Too large to hash on every answer: hashed before the first answer
         // that sends bytes, then again only once the file changed.
         if let Ok((file, meta, None)) = opened {
             let sends_nothing = req.method() == Method::HEAD
-                || req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| {
-                    v.to_str()
-                        .is_ok_and(|v| v.split(',').any(|t| t.trim().trim_start_matches("W/") == format!("\"{key}\"")))
-                });
+                || req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| none_match(v, &etag));
             opened = match sends_nothing {
                 true => Ok((file, meta, None)),
                 false => match self.verified.check(hash, file, &meta).await {
@@ -699,26 +684,22 @@ impl Origin {
             Err(e) => {
                 static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let damaged = e.kind() == std::io::ErrorKind::InvalidData;
+                let text =
+                    if damaged { format!("{DAMAGED}\n") } else { "cannot read the stored copy of this asset\n".into() };
                 if crate::telemetry::once_a_second(&LOGGED) {
-                    match damaged {
-                        true => {
-                            tracing::error!(blog = %blog, hash = %hash, "{DAMAGED}: not served; `blotcdn fsck` quarantines it")
-                        }
-                        false => tracing::error!(blog = %blog, hash = %hash, error = %e, "cannot read a stored blob"),
+                    if damaged {
+                        tracing::error!(blog = %blog, hash = %hash, "{DAMAGED}: not served; `blotcdn fsck` quarantines it");
+                    } else {
+                        tracing::error!(blog = %blog, hash = %hash, error = %e, "cannot read a stored blob");
                     }
                 }
-                let text = match damaged {
-                    true => format!("{DAMAGED}\n"),
-                    false => "cannot read the stored copy of this asset\n".to_owned(),
-                };
                 // Never kept by an edge: the next request may succeed.
                 return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, text);
             }
         };
-        let etag = HeaderValue::from_str(&format!("\"{key}\"")).expect("hex is header-safe");
         let hot = HotFile::new(
             HeaderValue::from_static("application/octet-stream"),
-            etag,
+            HeaderValue::from_str(&etag).expect("hex is header-safe"),
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             false,
         );
@@ -903,11 +884,16 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
     r
 }
 
+/// Whether an `If-None-Match` value names `etag` (weak or strong) or is `*`:
+/// the answer is a 304, with no body.
+fn none_match(inm: &HeaderValue, etag: &str) -> bool {
+    let Ok(s) = inm.to_str() else { return false };
+    s.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+}
+
 fn not_modified(h: &HeaderMap, a: &FileAnswer) -> bool {
     if let Some(inm) = h.get(header::IF_NONE_MATCH) {
-        let Ok(s) = inm.to_str() else { return false };
-        let ours = a.etag.to_str().unwrap_or("");
-        return s.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == ours);
+        return none_match(inm, a.etag.to_str().unwrap_or(""));
     }
     // No Last-Modified was sent inside the window: a date is no validator.
     if a.recent {

@@ -1,8 +1,9 @@
-//! Permanent assets too large for the hot cache are sent from disk; each is
-//! hashed before its first answer with bytes, and again once its file
-//! changed, so a blob that went bad on disk is refused rather than kept by the
-//! edges for a year under its immutable URL. (Blobs the hot cache keeps are
-//! hashed as they are read whole, in `origin.rs`.)
+//! A permanent asset's blob is checked against its hash before the origin
+//! answers with its bytes, so a blob that went bad on disk is refused rather
+//! than kept by the edges for a year under its immutable URL. One the hot
+//! cache keeps is hashed as it is read whole ([`Verified::read_whole`]);
+//! a larger one, sent from disk, before its first answer with bytes and again
+//! once its file changed ([`Verified::check`]).
 //!
 //! Requests for the same blob arriving together wait for one hash instead of
 //! each reading the whole file (after a restart, a hundred range requests for
@@ -13,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
-use std::io;
+use std::io::{self, Read};
 use std::sync::Arc;
 
 use crate::blogfs::{changed_ago, FileStamp, SETTLE};
@@ -28,7 +29,7 @@ const TURNS: usize = 64;
 pub const DAMAGED: &str = "the stored copy of this asset is damaged (its bytes do not match its hash)";
 
 /// Counts one blob hashed by the origin (`blotcdn_cas_blob_checks_total`).
-pub fn counted(whole: bool) -> bool {
+fn counted(whole: bool) -> bool {
     metrics::counter!(crate::metrics::CAS_CHECKS, "outcome" => if whole { "whole" } else { "damaged" }).increment(1);
     whole
 }
@@ -98,15 +99,31 @@ impl Verified {
         (file, if whole { Ok(()) } else { Err(damaged()) })
     }
 
-    /// Whether this blob, at this stamp, was found damaged already.
-    pub fn known_damaged(&self, hash: &ContentHash, meta: &Metadata) -> bool {
-        matches!(self.known(hash, FileStamp::of(meta)), Some(Err(_)))
+    /// The whole of `file` (the blob named `hash`, with metadata `meta`),
+    /// read and hashed; `InvalidData` if it does not hold its bytes, or was
+    /// found not to at this stamp already (then it is not read again). Only a
+    /// damaged blob is remembered: a whole one is kept hot by the caller.
+    /// Blocking.
+    pub fn read_whole(&self, hash: ContentHash, file: &File, meta: &Metadata) -> io::Result<Vec<u8>> {
+        if let Some(Err(e)) = self.known(&hash, FileStamp::of(meta)) {
+            return Err(e);
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        file.take(meta.len()).read_to_end(&mut buf)?;
+        if buf.len() as u64 != meta.len() {
+            return Err(io::Error::other("blob shorter than its size"));
+        }
+        if !counted(ContentHash::of(&blake3::hash(&buf)) == hash) {
+            self.remember(hash, meta, false);
+            return Err(damaged());
+        }
+        Ok(buf)
     }
 
     /// Remembers what a hash of the blob found, unless its file changed a
     /// moment ago: it may be in the middle of a write whose bytes its stamp
     /// does not show yet.
-    pub fn remember(&self, hash: ContentHash, meta: &Metadata, whole: bool) {
+    fn remember(&self, hash: ContentHash, meta: &Metadata, whole: bool) {
         if changed_ago(meta) < SETTLE {
             return;
         }
