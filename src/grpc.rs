@@ -31,11 +31,13 @@ impl From<CatalogError> for Status {
             CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(
                 "the server's disk is full: the upload could not be stored ({io}); nothing was changed"
             )),
-            CatalogError::Io(ref io) if is_out_of_descriptors(io) => out_of_descriptors(io, "nothing was changed; "),
+            CatalogError::Io(ref io) if crate::listen::out_of_descriptors(io) => {
+                out_of_descriptors(io, "nothing was changed; ")
+            }
             // The same shortage met inside the store: whether the call took
             // effect is the store's to say, so no more is claimed here.
             CatalogError::Store(StoreError::Io(ref io) | StoreError::Sled(sled::Error::Io(ref io)))
-                if is_out_of_descriptors(io) =>
+                if crate::listen::out_of_descriptors(io) =>
             {
                 out_of_descriptors(io, "")
             }
@@ -57,12 +59,6 @@ fn out_of_descriptors(io: &std::io::Error, outcome: &str) -> Status {
 
 fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-}
-
-/// The process's (EMFILE) or the system's (ENFILE) descriptors are all in
-/// use: a passing shortage, not the server's fault to report as INTERNAL.
-fn is_out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// One span per call, open from the call's start to its end (so an exporter

@@ -65,6 +65,13 @@ pub fn incoming(
     })
 }
 
+/// The process's (EMFILE) or the system's (ENFILE) descriptors are all in
+/// use: a passing shortage, to be answered as such (RESOURCE_EXHAUSTED, 503),
+/// never as the server's fault.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// After a failed `accept`: out of descriptors or memory, waits 50 ms
 /// (the error would come back at once: a spin); anything else is one
 /// connection's trouble (reset before it was taken), and the next is taken
@@ -74,7 +81,7 @@ pub async fn accept_failed(e: io::Error, listener: &'static str) {
     if crate::telemetry::once_a_second(&WARNED) {
         tracing::warn!(error = %e, listener, "accept failed");
     }
-    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+    if out_of_descriptors(&e) || matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

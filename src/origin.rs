@@ -65,6 +65,13 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed_unsync()
 }
 
+/// A passing state (503, not kept, `Retry-After: 1`).
+fn retry_soon(text: &'static str) -> Response<Body> {
+    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, text);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 fn plain(status: StatusCode, cache: &'static str, text: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(full(text));
     *r.status_mut() = status;
@@ -537,18 +544,14 @@ impl Origin {
             }
             Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::ResourceBusy => {
                 tracing::info!(blog = %blog, path = %path, "a file being written was asked for");
-                let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "the file is being written; try again\n");
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Err(r);
+                return Err(retry_soon("the file is being written; try again\n"));
             }
-            Err(OpenError::Io(e)) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            Err(OpenError::Io(e)) if crate::listen::out_of_descriptors(&e) => {
                 static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 if crate::telemetry::once_a_second(&WARNED) {
                     tracing::warn!(error = %e, "out of file descriptors: answering 503; raise `ulimit -n`");
                 }
-                let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "busy; try again\n");
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Err(r);
+                return Err(retry_soon("busy; try again\n"));
             }
             Err(OpenError::Io(e)) => {
                 tracing::error!(blog = %blog, path = %path, error = %e, "read failed");

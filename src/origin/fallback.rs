@@ -19,7 +19,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{plain, Body, NO_STORE, SHORT};
+use super::{retry_soon, Body, SHORT};
 use crate::blogfs::NewFile;
 use crate::config::Config;
 
@@ -85,9 +85,7 @@ impl Fallback {
                 metrics::counter!(crate::metrics::FALLBACK_REQUESTS, "origin" => "any", "outcome" => "busy")
                     .increment(1);
                 tracing::warn!(target, "every fallback fetch slot is busy (max_fallback_fetches)");
-                let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, NO_STORE, "busy, retry\n");
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Some(r);
+                return Some(retry_soon("busy, retry\n"));
             }
         };
         let deadline = tokio::time::Instant::now() + self.timeout;
