@@ -455,7 +455,7 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     let bad = put(s.grpc, "f", "bad.txt", "", b"bad bytes").await.unwrap();
     let gone = put(s.grpc, "f", "gone.txt", "", b"gone bytes").await.unwrap();
     let dir = s.stop().await;
-    let blob = |h: &str| dir.path().join("cas").join(&h[0..2]).join(&h[2..4]).join(h);
+    let blob = |h: &str| common::blob_file(dir.path(), h);
     std::fs::write(blob(&bad.hash), b"flipped bits").unwrap();
     std::fs::remove_file(blob(&gone.hash)).unwrap();
 
@@ -486,14 +486,10 @@ async fn a_blob_damaged_on_disk_is_refused_not_served() {
     let bytes: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
     let bad = put(s.grpc, "f", "photo.jpg", "", &bytes).await.unwrap();
     let good = put(s.grpc, "f", "logo.png", "", b"fine bytes").await.unwrap();
-    let blob = s.dir.path().join("cas").join(&bad.hash[0..2]).join(&bad.hash[2..4]).join(&bad.hash);
+    let blob = common::blob_file(s.dir.path(), &bad.hash);
     let mut damaged = std::fs::read(&blob).unwrap();
     damaged[20_000] ^= 1;
-    let mut perms = std::fs::metadata(&blob).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&blob, perms).unwrap();
-    std::fs::write(&blob, &damaged).unwrap();
+    common::overwrite_blob(&blob, &damaged);
 
     for _ in 0..2 {
         let r = get(s.http, &path_of(&bad.url), &[]);
@@ -514,14 +510,10 @@ async fn a_blob_damaged_on_disk_is_refused_not_served() {
     let large = put(s.grpc, "f", "video.mp4", "", &big).await.unwrap();
     let r = get(s.http, &path_of(&large.url), &[]);
     assert_eq!((r.status, r.body.len(), r.body == big), (200, big.len(), true));
-    let blob = s.dir.path().join("cas").join(&large.hash[0..2]).join(&large.hash[2..4]).join(&large.hash);
-    let mut perms = std::fs::metadata(&blob).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&blob, perms).unwrap();
+    let blob = common::blob_file(s.dir.path(), &large.hash);
     let mut damaged = big.clone();
     damaged[big.len() - 1] ^= 0x80;
-    std::fs::write(&blob, &damaged).unwrap();
+    common::overwrite_blob(&blob, &damaged);
     let r = get(s.http, &path_of(&large.url), &[]);
     assert_eq!((r.status, r.header("cache-control")), (500, Some("no-store")));
 
@@ -529,8 +521,7 @@ async fn a_blob_damaged_on_disk_is_refused_not_served() {
     // is the server's failure, not a missing file: 500 no-store, never a 404
     // the edges would keep.
     let unreadable = put(s.grpc, "f", "icon.png", "", b"icon bytes").await.unwrap();
-    let blob =
-        s.dir.path().join("cas").join(&unreadable.hash[0..2]).join(&unreadable.hash[2..4]).join(&unreadable.hash);
+    let blob = common::blob_file(s.dir.path(), &unreadable.hash);
     std::fs::remove_file(&blob).unwrap();
     std::fs::create_dir(&blob).unwrap();
     let r = get(s.http, &path_of(&unreadable.url), &[]);

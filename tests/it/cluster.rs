@@ -76,10 +76,6 @@ async fn put(n: &ChildServer, blog: &str, bytes: &[u8]) -> (String, String) {
     (asset.hash.clone(), common::path_of(&asset.url))
 }
 
-fn blob_file(data_dir: &Path, hash: &str) -> std::path::PathBuf {
-    data_dir.join("cas").join(&hash[0..2]).join(&hash[2..4]).join(hash)
-}
-
 /// An invalidation tried again while it is refused as UNAVAILABLE (a
 /// leader election), for up to 10 s.
 async fn patiently(c: &mut pb::publisher_client::PublisherClient<Channel>, blog: &str, paths: &[String]) -> u64 {
@@ -433,10 +429,7 @@ async fn a_permanent_url_uploaded_on_one_node_is_served_by_another_and_a_lying_p
     // Only the liar as a peer: its bytes are refused, nothing is kept: 404.
     let r = get(lied_to.http, &path, &[]);
     assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
-    let blob = |dir: &Path| {
-        let h = &asset.hash;
-        dir.join("cas").join(&h[0..2]).join(&h[2..4]).join(h)
-    };
+    let blob = |dir: &Path| common::blob_file(dir, &asset.hash);
     assert!(!blob(&work.path().join("c")).exists(), "a wrong blob was stored");
 
     // B asks the liar first, refuses its bytes, then gets them from A.
@@ -482,7 +475,7 @@ async fn a_watch_opened_again_after_etcd_restarts_applies_nothing_twice() {
     pa.delete_asset(pb::DeleteAssetRequest { blog_id: "rc".into(), hash: hash.clone() }).await.unwrap();
     let r = get(a.http, &keep, &[]);
     assert_eq!((r.status, &r.body), (200, &bytes), "rb's permanent URL lost its bytes");
-    assert!(blob_file(&work.path().join("a"), &hash).exists());
+    assert!(common::blob_file(&work.path().join("a"), &hash).exists());
 }
 
 /// An upload that may be refused while etcd settles: `None` then.
@@ -515,18 +508,18 @@ async fn a_blob_collected_on_one_node_is_collected_on_the_others_and_an_empty_vi
         assert!(Instant::now() < deadline, "B never served the blob");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(blob_file(&work.path().join("b"), &hash).exists());
+    assert!(common::blob_file(&work.path().join("b"), &hash).exists());
     // Deleted through A: A collects its copy at once, B its own copy once
     // the deletion reached it.
     publisher(&a).await.delete_blog(pb::DeleteBlogRequest { blog_id: "gone".into() }).await.unwrap();
-    assert!(!blob_file(&work.path().join("a"), &hash).exists());
+    assert!(!common::blob_file(&work.path().join("a"), &hash).exists());
     let deadline = Instant::now() + Duration::from_secs(5);
     while get(b.http, &path, &[]).status != 404 {
         assert!(Instant::now() < deadline, "B still serves a deleted blog's asset");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    while blob_file(&work.path().join("b"), &hash).exists() {
+    while common::blob_file(&work.path().join("b"), &hash).exists() {
         assert!(Instant::now() < deadline, "B kept the copy of a blob no blog references");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -545,7 +538,7 @@ async fn a_blob_collected_on_one_node_is_collected_on_the_others_and_an_empty_vi
         &env_prefix.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>(),
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(blob_file(&c_dir, &keep_hash).exists(), "a node with an empty view of etcd removed a blob");
+    assert!(common::blob_file(&c_dir, &keep_hash).exists(), "a node with an empty view of etcd removed a blob");
 }
 
 fn node_env(endpoints: &str, peers: &[SocketAddr]) -> Vec<(String, String)> {

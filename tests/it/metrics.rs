@@ -154,12 +154,7 @@ async fn blob_checks_are_counted_by_outcome() {
     }
     let good = put(&mut p, "a.png", b"whole bytes").await;
     let bad = put(&mut p, "b.png", b"other bytes").await;
-    let blob = |h: &str| dir.path().join("cas").join(&h[0..2]).join(&h[2..4]).join(h);
-    let mut perms = std::fs::metadata(blob(&bad.hash)).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(blob(&bad.hash), perms).unwrap();
-    std::fs::write(blob(&bad.hash), b"otheR bytes").unwrap();
+    common::overwrite_blob(&common::blob_file(dir.path(), &bad.hash), b"otheR bytes");
     // Past the moment in which a change may still be in progress (20 ms),
     // so that the outcome is remembered.
     std::thread::sleep(Duration::from_millis(100));

@@ -433,8 +433,7 @@ async fn delete_asset_takes_one_asset_down_at_the_origin_and_both_edges() {
 
     // Bob deletes his too: the blob goes from the CAS.
     p.delete_asset(pb::DeleteAssetRequest { blog_id: "bob".into(), hash: other.hash.clone() }).await.unwrap();
-    let h = &other.hash;
-    let blob = s.dir.path().join("cas").join(&h[..2]).join(&h[2..4]).join(h);
+    let blob = common::blob_file(s.dir.path(), &other.hash);
     assert!(!blob.exists(), "{} still there", blob.display());
     s.stop().await;
 }

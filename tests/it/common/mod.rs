@@ -529,3 +529,18 @@ pub async fn resolve(s: &Server, blog: &str, paths: &[&str]) -> Vec<blotcdn::pro
 pub async fn url_of(s: &Server, blog: &str, path: &str) -> String {
     resolve(s, blog, &[path]).await.remove(0).url
 }
+
+/// A blob's file in a data dir's CAS (`cas/ab/cd/abcd…`).
+pub fn blob_file(data_dir: &Path, hash: &str) -> PathBuf {
+    data_dir.join("cas").join(&hash[0..2]).join(&hash[2..4]).join(hash)
+}
+
+/// Writes `bytes` over a stored blob (which the server keeps read-only), as
+/// damage on disk would.
+pub fn overwrite_blob(blob: &Path, bytes: &[u8]) {
+    let mut perms = std::fs::metadata(blob).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(blob, perms).unwrap();
+    std::fs::write(blob, bytes).unwrap();
+}
