@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -110,6 +110,8 @@ struct FileAnswer {
     last_modified: HeaderValue,
     modified: SystemTime,
     len: u64,
+    /// `len` as a header value, when made beforehand.
+    length: Option<HeaderValue>,
     cache: &'static str,
     blog: HeaderValue,
     /// A permanent asset's own purge key, `{blog}/{hash}`, carried next to the blog's.
@@ -121,6 +123,15 @@ struct FileAnswer {
     /// immutable), so its ETag is its own and it has no Last-Modified.
     recent: bool,
     source: Source,
+}
+
+/// A blog file found: kept in memory (answered with `respond_kept`, which
+/// may copy its usual headers), or its answer's parts. (Not boxed: it is
+/// moved twice, and a box would be an allocation per answer from disk.)
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    Kept(Arc<HotFile>, &'static str),
+    Parts(FileAnswer),
 }
 
 enum Source {
@@ -349,37 +360,37 @@ impl Origin {
             _ => {}
         }
         let path = in_host.unwrap_or(path);
-        let mut segs = path.strip_prefix('/').unwrap_or(path).split('/');
-        let (Some(first), second, third) = (segs.next(), segs.next(), segs.clone().next()) else {
-            return self.fallback(req, None).await;
-        };
+        let path = path.strip_prefix('/').unwrap_or(path);
+        let (first, second, rest) = cut_twice(path);
         let Ok(blog) = BlogId::parse(first) else {
             return self.fallback(req, None).await;
         };
-        match (second, third) {
-            (Some("_assets"), Some(hash)) => {
-                segs.next();
-                let rest: Vec<&str> = segs.collect();
-                self.asset(req, &blog, hash, &rest).await
+        // What follows the blog, and what follows the segment after it, each
+        // from its slash on.
+        let after_blog = &path[first.len()..];
+        let after_second = &after_blog[second.map_or(0, |s| 1 + s.len())..];
+        match (second, rest) {
+            (Some("_assets"), Some(rest)) => {
+                let mut segs = rest.split('/');
+                let hash = segs.next().unwrap_or("");
+                let names: Vec<&str> = segs.collect();
+                self.asset(req, &blog, hash, &names).await
             }
             (Some(id), Some(_)) if id.bytes().all(|b| b.is_ascii_digit()) => {
                 let Ok(cache_id) = parse_cache_id(id) else {
                     return plain(StatusCode::NOT_FOUND, NO_STORE, "no such version\n");
                 };
-                match BlogPath::from_url_segments(segs) {
+                match BlogPath::from_url_path(after_second) {
                     Ok(p) => self.versioned(req, &blog, cache_id, &p).await,
                     Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
                 }
             }
-            (Some(_), _) => {
-                // `/{blog}/{path}`: an unversioned (legacy) URL. Local disk,
-                // then the fallback origins.
-                let all = path.strip_prefix('/').unwrap_or(path).split('/').skip(1);
-                match BlogPath::from_url_segments(all) {
-                    Ok(p) => self.unversioned(req, &blog, &p).await,
-                    Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
-                }
-            }
+            // `/{blog}/{path}`: an unversioned (legacy) URL. Local disk, then
+            // the fallback origins.
+            (Some(_), _) => match BlogPath::from_url_path(after_blog) {
+                Ok(p) => self.unversioned(req, &blog, &p).await,
+                Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
+            },
             (None, _) => self.fallback(req, None).await,
         }
     }
@@ -457,7 +468,8 @@ impl Origin {
         for root in order {
             let cache = if root == Root::Static { SHORT } else { cache };
             match self.blog_file(blog, path, version, cache, root).await {
-                Ok(Some(answer)) => return respond(req, answer),
+                Ok(Some(Found::Parts(answer))) => return respond(req.method(), req.headers(), answer),
+                Ok(Some(Found::Kept(file, cache))) => return respond_kept(req.method(), req.headers(), file, cache),
                 Ok(None) => {}
                 Err(resp) => return resp,
             }
@@ -474,17 +486,17 @@ impl Origin {
         version: Option<CacheId>,
         cache: &'static str,
         root: Root,
-    ) -> Result<Option<FileAnswer>, Response<Body>> {
-        let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
+    ) -> Result<Option<Found>, Response<Body>> {
         // Only files a version names are kept hot: the version moves when
         // the file changes, and with it the hot cache's key.
         let keep = if root == Root::Blogs { version } else { None };
         if let Some(version) = keep {
             if let Some(hot) = self.hot.get(blog.as_str(), path.as_str(), version) {
                 tracing::Span::current().record("source", "hot");
-                return Ok(Some(hot.answer(cache, blog_hv)));
+                return Ok(Some(Found::Kept(hot, cache)));
             }
         }
+        let blog_hv = HeaderValue::from_str(blog.as_str()).expect("blog ids are header-safe");
         tracing::Span::current().record("source", if root == Root::Blogs { "disk" } else { "static" });
         // Only a file the hot cache keeps is worth sealing.
         let seal_up_to = if keep.is_some() { self.hot.largest(path.as_str()) } else { 0 };
@@ -546,13 +558,7 @@ impl Origin {
                 tracing::info!(blog = %blog, path = %path, "a file being written was asked for");
                 return Err(retry_soon("the file is being written; try again\n"));
             }
-            Err(OpenError::Io(e)) if crate::listen::out_of_descriptors(&e) => {
-                static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                if crate::telemetry::once_a_second(&WARNED) {
-                    tracing::warn!(error = %e, "out of file descriptors: answering 503; raise `ulimit -n`");
-                }
-                return Err(retry_soon("busy; try again\n"));
-            }
+            Err(OpenError::Io(e)) if crate::listen::out_of_descriptors(&e) => return Err(self.out_of_descriptors(&e)),
             Err(OpenError::Io(e)) => {
                 tracing::error!(blog = %blog, path = %path, error = %e, "read failed");
                 return Err(plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"));
@@ -568,21 +574,33 @@ impl Origin {
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let content_type = content_type(path.file_name());
         let etag = file_etag(&meta, recent);
-        let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()));
+        let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()), blog_hv.clone());
         let mut answer = match small {
             Some(bytes) => {
-                let hot = Arc::new(hot.with_bytes(bytes));
+                let hot = hot.with_bytes(bytes);
                 // Keyed by the path's version, which says nothing of the
                 // static folder's files: only blog files are kept.
                 if let Some(version) = keep {
+                    let hot = Arc::new(hot.with_head());
                     self.hot.insert(blog.as_str(), path.as_str(), version, hot.clone());
+                    return Ok(Some(Found::Kept(hot, cache)));
                 }
                 hot.answer(cache, blog_hv)
             }
             None => hot.streaming(file, meta, if grew { SHORT } else { cache }, blog_hv),
         };
         answer.recent = recent;
-        Ok(Some(answer))
+        Ok(Some(Found::Parts(answer)))
+    }
+
+    /// 503 with `Retry-After`: no descriptor is free for the file now; the
+    /// next try may find one. Logged at most once a second.
+    fn out_of_descriptors(&self, e: &std::io::Error) -> Response<Body> {
+        static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if crate::telemetry::once_a_second(&WARNED) {
+            tracing::warn!(error = %e, "out of file descriptors: answering 503; raise `ulimit -n`");
+        }
+        retry_soon("busy; try again\n")
     }
 
     async fn asset(&self, req: &Request<Incoming>, blog: &BlogId, hash: &str, rest: &[&str]) -> Response<Body> {
@@ -626,7 +644,7 @@ impl Origin {
         };
         if let Some(hot) = self.hot.get("", &key, 0) {
             tracing::Span::current().record("source", "hot");
-            return respond(req, asset_answer(hot.answer(cache, blog_hv)));
+            return respond(req.method(), req.headers(), asset_answer(hot.answer(cache, blog_hv)));
         }
         tracing::Span::current().record("source", "cas");
         let path = self.catalog.cas().blob_path(&hash);
@@ -684,6 +702,8 @@ impl Origin {
                 tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
                 return not_found();
             }
+            // As for blog files: a shortage that passes, not a bad blob.
+            Err(e) if crate::listen::out_of_descriptors(&e) => return self.out_of_descriptors(&e),
             Err(e) => {
                 static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let damaged = e.kind() == std::io::ErrorKind::InvalidData;
@@ -705,6 +725,7 @@ impl Origin {
             HeaderValue::from_str(&etag).expect("hex is header-safe"),
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             false,
+            HeaderValue::from_static(""),
         );
         let answer = match bytes {
             Some(bytes) => {
@@ -714,7 +735,7 @@ impl Origin {
             }
             None => hot.streaming(file, meta, cache, blog_hv),
         };
-        respond(req, asset_answer(answer))
+        respond(req.method(), req.headers(), asset_answer(answer))
     }
 
     async fn fallback(&self, req: &Request<Incoming>, blog_file: Option<(&BlogId, &BlogPath)>) -> Response<Body> {
@@ -746,12 +767,23 @@ fn route_label(path: &str) -> usize {
         "/_ask" => return 1,
         _ => {}
     }
-    let mut segs = path.trim_start_matches('/').splitn(3, '/');
-    match (segs.next(), segs.next(), segs.next()) {
-        (Some(_), Some("_assets"), Some(_)) => 2,
-        (Some(_), Some(id), Some(_)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => 3,
-        (Some(_), Some(p), _) if !p.is_empty() => 4,
+    match cut_twice(path.trim_start_matches('/')) {
+        (_, Some("_assets"), Some(_)) => 2,
+        (_, Some(id), Some(_)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => 3,
+        (_, Some(p), _) if !p.is_empty() => 4,
         _ => 5,
+    }
+}
+
+/// `s` cut at its first two slashes: the part before the first, the part
+/// between them, and the rest. A byte loop: these are short, and
+/// `str::split` costs more than the scan (measured per request).
+fn cut_twice(s: &str) -> (&str, Option<&str>, Option<&str>) {
+    let slash = |from: usize| s.as_bytes()[from..].iter().position(|&b| b == b'/').map(|i| from + i);
+    let Some(a) = slash(0) else { return (s, None, None) };
+    match slash(a + 1) {
+        Some(b) => (&s[..a], Some(&s[a + 1..b]), Some(&s[b + 1..])),
+        None => (&s[..a], Some(&s[a + 1..]), None),
     }
 }
 
@@ -816,9 +848,32 @@ fn read_up_to(f: &std::fs::File, hint: u64, limit: u64) -> std::io::Result<Vec<u
     Ok(buf)
 }
 
-fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
-    let h = req.headers();
+/// Purge-key headers, named once (a name from a string is looked up among
+/// the standard ones on every use otherwise).
+const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+const CDN_TAG: HeaderName = HeaderName::from_static("cdn-tag");
+
+/// The answer to a GET or HEAD of a kept blog file. Its usual answer (whole,
+/// no validator asked about) copies the headers `respond` made when it was
+/// kept; any other is made by `respond`.
+fn respond_kept(method: &Method, h: &HeaderMap, file: Arc<HotFile>, cache: &'static str) -> Response<Body> {
+    let usual = !h.contains_key(header::RANGE)
+        && !h.contains_key(header::IF_NONE_MATCH)
+        && !h.contains_key(header::IF_MODIFIED_SINCE);
+    if let (true, Some(head)) = (usual, file.head(cache)) {
+        let mut r = Response::new(full(file.bytes()));
+        *r.headers_mut() = head;
+        return r;
+    }
+    respond(method, h, file.answer(cache, file.tag.clone()))
+}
+
+/// The answer to a GET or HEAD of a file, whose request headers are `h`.
+fn respond(method: &Method, h: &HeaderMap, mut a: FileAnswer) -> Response<Body> {
     let mut r = Response::new(empty());
+    // Room for every header below at once, instead of growing twice.
+    *r.headers_mut() = HeaderMap::with_capacity(12);
     {
         let out = r.headers_mut();
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static(a.cache));
@@ -831,18 +886,18 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
         // `CDN-Tag` (comma-separated).
         match &a.asset_key {
             None => {
-                out.insert("surrogate-key", a.blog.clone());
-                out.insert("cache-tag", a.blog.clone());
-                out.insert("cdn-tag", a.blog.clone());
+                out.insert(SURROGATE_KEY, a.blog.clone());
+                out.insert(CACHE_TAG, a.blog.clone());
+                out.insert(CDN_TAG, a.blog.clone());
             }
             Some(key) => {
                 let blog = a.blog.to_str().unwrap_or_default();
                 let both =
                     |sep| HeaderValue::from_str(&format!("{blog}{sep}{key}")).expect("ids and hex are header-safe");
-                out.insert("surrogate-key", both(" "));
+                out.insert(SURROGATE_KEY, both(" "));
                 let tags = both(",");
-                out.insert("cache-tag", tags.clone());
-                out.insert("cdn-tag", tags);
+                out.insert(CACHE_TAG, tags.clone());
+                out.insert(CDN_TAG, tags);
             }
         }
         if a.cors {
@@ -877,11 +932,15 @@ fn respond(req: &Request<Incoming>, a: FileAnswer) -> Response<Body> {
             return r;
         }
     };
-    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let length = match (range, a.length.take()) {
+        (RangeAnswer::Whole, Some(whole)) => whole,
+        _ => HeaderValue::from(len),
+    };
+    r.headers_mut().insert(header::CONTENT_LENGTH, length);
     *r.body_mut() = match a.source {
         Source::Bytes(b) => full(b.slice(start as usize..(start + len) as usize)),
         // HEAD: no body (the caller drops it anyway), so nothing is read.
-        Source::File(..) if req.method() == Method::HEAD => empty(),
+        Source::File(..) if method == Method::HEAD => empty(),
         Source::File(f, opened) => large::body(f, &opened, start, len),
     };
     r
@@ -977,6 +1036,40 @@ fn parse_range(v: &[u8], len: u64) -> RangeAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kept blog file's usual answer copies headers made when it was kept:
+    /// they must be those `respond` makes from scratch, for either
+    /// Cache-Control, and any request the copy does not fit (a validator, a
+    /// range) must still be answered from scratch.
+    #[test]
+    fn a_kept_files_usual_answer_has_the_headers_made_from_scratch() {
+        let hv = HeaderValue::from_static;
+        let modified = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let file = HotFile::new(hv("text/css"), hv("\"e1\""), modified, true, hv("blog1"));
+        let kept = Arc::new(file.with_bytes(Bytes::from_static(b"body{color:red}")).with_head());
+        let get = HeaderMap::new();
+        for cache in [IMMUTABLE, SHORT] {
+            let made = respond(&Method::GET, &get, kept.answer(cache, kept.tag.clone()));
+            let copied = respond_kept(&Method::GET, &get, kept.clone(), cache);
+            assert_eq!(copied.headers(), made.headers(), "{cache}");
+            assert_eq!(copied.headers()[header::CACHE_CONTROL], cache);
+            assert_eq!(copied.headers()[header::CONTENT_LENGTH], "15");
+            assert_eq!(copied.headers()["surrogate-key"], "blog1");
+        }
+        let asking = |name: HeaderName, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, hv(value));
+            respond_kept(&Method::GET, &h, kept.clone(), IMMUTABLE)
+        };
+        let r = asking(header::IF_NONE_MATCH, "\"e1\"");
+        assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+        assert!(r.headers().get(header::CONTENT_LENGTH).is_none());
+        let r = asking(header::IF_MODIFIED_SINCE, "Wed, 15 Nov 2023 00:00:00 GMT");
+        assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+        let r = asking(header::RANGE, "bytes=0-3");
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "4");
+    }
 
     #[test]
     fn ranges() {

@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{header, HeaderMap, HeaderValue, Method};
 use parking_lot::RwLock;
 
-use super::{http_date, FileAnswer, Source};
+use super::{http_date, respond, FileAnswer, Source, IMMUTABLE};
 use crate::domain::CacheId;
 
-/// What an entry costs besides its bytes and path, counted against the cap.
-const ENTRY_OVERHEAD: u64 = 256;
+/// What an entry costs besides its bytes and path, counted against the cap:
+/// its answer's headers made beforehand (ten header entries of about a
+/// hundred bytes each, their table, the values they share) and the rest.
+const ENTRY_OVERHEAD: u64 = 1536;
 
 /// What an entry counts against the cap.
 fn cost(bytes: usize, path: &str) -> u64 {
@@ -30,16 +32,57 @@ pub struct HotFile {
     last_modified: HeaderValue,
     modified: SystemTime,
     cors: bool,
+    /// The whole body's `Content-Length`, made once (a header value from a
+    /// number is an allocation, on every answer otherwise).
+    length: HeaderValue,
+    /// A blog file's purge tag, its blog id, made once for the same reason.
+    /// Empty for a blob: its answers name the blog asking.
+    pub(super) tag: HeaderValue,
     bytes: Bytes,
+    /// The headers of its usual answer (GET, whole, no validator asked
+    /// about, `IMMUTABLE`), made by `respond` when kept: copying them costs
+    /// a third of adding them one by one, the largest part of a hot answer
+    /// outside hyper.
+    head: Option<HeaderMap>,
 }
 
 impl HotFile {
-    pub fn new(content_type: HeaderValue, etag: HeaderValue, modified: SystemTime, cors: bool) -> HotFile {
-        HotFile { content_type, etag, last_modified: http_date(modified), modified, cors, bytes: Bytes::new() }
+    pub fn new(
+        content_type: HeaderValue,
+        etag: HeaderValue,
+        modified: SystemTime,
+        cors: bool,
+        tag: HeaderValue,
+    ) -> HotFile {
+        let last_modified = http_date(modified);
+        let length = HeaderValue::from_static("0");
+        HotFile { content_type, etag, last_modified, modified, cors, length, tag, bytes: Bytes::new(), head: None }
     }
 
     pub fn with_bytes(self, bytes: Bytes) -> HotFile {
-        HotFile { bytes, ..self }
+        HotFile { length: HeaderValue::from(bytes.len()), bytes, ..self }
+    }
+
+    /// With the headers of its usual answer made now (a blog file about to
+    /// be kept: a blob's answers name the blog asking, so have no one head).
+    pub(super) fn with_head(mut self) -> HotFile {
+        let usual = respond(&Method::GET, &HeaderMap::new(), self.answer(IMMUTABLE, self.tag.clone()));
+        self.head = Some(usual.into_parts().0.headers);
+        self
+    }
+
+    /// The usual answer's headers, with `cache` for its Cache-Control
+    /// (changed in place: no entry is added, so nothing grows).
+    pub(super) fn head(&self, cache: &'static str) -> Option<HeaderMap> {
+        let mut h = self.head.clone()?;
+        if cache != IMMUTABLE {
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+        }
+        Some(h)
+    }
+
+    pub(super) fn bytes(&self) -> Bytes {
+        self.bytes.clone()
     }
 
     pub(super) fn answer(&self, cache: &'static str, blog: HeaderValue) -> FileAnswer {
@@ -49,6 +92,7 @@ impl HotFile {
             last_modified: self.last_modified.clone(),
             modified: self.modified,
             len: self.bytes.len() as u64,
+            length: Some(self.length.clone()),
             cache,
             blog,
             asset_key: None,
@@ -71,6 +115,7 @@ impl HotFile {
             last_modified: self.last_modified,
             modified: self.modified,
             len: meta.len(),
+            length: None,
             cache,
             blog,
             asset_key: None,
@@ -199,7 +244,10 @@ mod tests {
 
     fn file(n: usize) -> Arc<HotFile> {
         let hv = HeaderValue::from_static("x");
-        Arc::new(HotFile::new(hv.clone(), hv, SystemTime::UNIX_EPOCH, false).with_bytes(Bytes::from(vec![0u8; n])))
+        Arc::new(
+            HotFile::new(hv.clone(), hv.clone(), SystemTime::UNIX_EPOCH, false, hv)
+                .with_bytes(Bytes::from(vec![0u8; n])),
+        )
     }
 
     #[test]
@@ -215,7 +263,7 @@ mod tests {
 
     #[test]
     fn eviction_keeps_the_newest_within_the_byte_cap() {
-        let c = HotCache::new(100 * (1000 + 256 + 3));
+        let c = HotCache::new(100 * (1000 + ENTRY_OVERHEAD + 3));
         for i in 0..1000u64 {
             c.insert("b", &format!("/{i}"), 1, file(1000));
         }

@@ -152,6 +152,84 @@ async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() 
     drop(hogs);
 }
 
+/// One answer read off a kept-alive HTTP/1.1 connection: status, headers
+/// (names lower-cased) and body.
+fn exchange(c: &mut TcpStream, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = c.read(&mut b).unwrap();
+        assert!(n > 0, "the connection closed before an answer");
+        buf.extend_from_slice(&b[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
+    while buf.len() < head_end + len {
+        let n = c.read(&mut b).unwrap();
+        assert!(n > 0, "the connection closed inside a body");
+        buf.extend_from_slice(&b[..n]);
+    }
+    (status, headers, buf[head_end..head_end + len].to_vec())
+}
+
+/// With no descriptor free to open the file, a blog file and a permanent
+/// asset are both a passing shortage: 503 with `Retry-After`, kept by no
+/// edge, never a 404 an edge would keep nor a 500 that reads as damage. The
+/// server stays up and answers them once descriptors are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_descriptor_free_is_503_for_blog_files_and_assets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("blogs/fds")).unwrap();
+    std::fs::write(dir.path().join("blogs/fds/page.css"), b"body{}").unwrap();
+    let server = ChildServer::spawn(dir.path());
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let asset = p.put_asset(tokio_stream::iter(vec![header("fds", "pic.png"), data(&[7u8; 3000])])).await;
+    let asset = format!("/fds/_assets/{}/pic.png", asset.unwrap().into_inner().hash);
+    // Connected first: the requests below need no descriptor for the
+    // connection, only for the file (neither was read yet, so neither is
+    // kept in memory).
+    let mut c = TcpStream::connect(server.http).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Answered, so accepted: a connection still in the listen backlog
+    // would need a descriptor of its own.
+    assert_eq!(exchange(&mut c, "/healthz").0, 200);
+    let set_soft = |soft: u64| {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit on our own child, with valid pointers.
+        unsafe {
+            assert_eq!(libc::prlimit(server.child.id() as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim), 0);
+            let old = lim.rlim_cur;
+            lim.rlim_cur = soft;
+            assert_eq!(libc::prlimit(server.child.id() as i32, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()), 0);
+            old
+        }
+    };
+    let before = set_soft(0);
+    let answers: Vec<_> =
+        ["/fds/page.css", &asset].iter().map(|path| (path.to_string(), exchange(&mut c, path))).collect();
+    set_soft(before);
+    for (path, (status, headers, body)) in answers {
+        let h = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(status, 503, "{path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!((h("retry-after"), h("cache-control")), (Some("1"), Some("no-store")), "{path}");
+    }
+    // Descriptors free again: both are served, on the same connection.
+    assert_eq!(exchange(&mut c, "/fds/page.css").2, b"body{}");
+    let (status, _, body) = exchange(&mut c, &asset);
+    assert_eq!((status, body), (200, vec![7u8; 3000]));
+}
+
 /// Silent connections to the gRPC and metrics ports (which used to be
 /// neither capped nor closed: a thousand of them took every descriptor)
 /// are held only up to a cap each and closed at the idle timeout; a real
