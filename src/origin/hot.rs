@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};
 use parking_lot::RwLock;
 
-use super::{http_date, respond, FileAnswer, Source, IMMUTABLE};
+use super::answer::{http_date, respond, FileAnswer, Source};
+use super::IMMUTABLE;
 use crate::domain::CacheId;
 
 /// What an entry costs besides its bytes and path, counted against the cap:
