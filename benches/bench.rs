@@ -81,9 +81,15 @@ impl BlotServer {
 
     /// With the HTTP origin on `h` and extra `serve` flags.
     async fn start_with(data: &Path, h: u16, extra: &[&str]) -> BlotServer {
+        BlotServer::start_cmd(Command::new(env!("CARGO_BIN_EXE_blotcdn")), data, h, extra).await
+    }
+
+    /// `cmd` runs the server binary, perhaps through a wrapper (`taskset`)
+    /// or with settings of its own in its environment.
+    async fn start_cmd(mut cmd: Command, data: &Path, h: u16, extra: &[&str]) -> BlotServer {
         let g = free_port();
         let start = Instant::now();
-        let child = Command::new(env!("CARGO_BIN_EXE_blotcdn"))
+        let child = cmd
             .args(["serve", "--data-dir"])
             .arg(data)
             .args(extra)

@@ -1,5 +1,6 @@
 //! The origin against nginx (with 1 and with 2 workers) under wrk, on files
-//! of 1 KiB, 50 KiB, 1 MiB and 4 MiB and a 50 KiB permanent asset, in alternating rounds.
+//! of 1 KiB, 50 KiB, 1 MiB and 4 MiB and a 50 KiB permanent asset, in alternating rounds;
+//! then 1 KiB and 50 KiB again with each server pinned to one core and wrk to the other.
 
 use super::*;
 
@@ -52,8 +53,13 @@ fn parse_latency(s: &str) -> f64 {
 }
 
 fn wrk(url: &str, dur: Duration) -> Wrk {
-    let out = Command::new("wrk")
-        .args(["-t2", "-c64", &format!("-d{}s", dur.as_secs().max(1)), "--latency", url])
+    wrk_cmd(Command::new("wrk").arg("-t2"), url, dur)
+}
+
+/// `cmd`: wrk with its threads (`-t…`), perhaps pinned to a core.
+fn wrk_cmd(cmd: &mut Command, url: &str, dur: Duration) -> Wrk {
+    let out = cmd
+        .args(["-c64", &format!("-d{}s", dur.as_secs().max(1)), "--latency", url])
         .output()
         .expect("wrk (run ./scripts/install-test-deps.sh)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -85,6 +91,11 @@ fn parse_size(s: &str) -> f64 {
 }
 
 fn nginx(work: &Path, root: &Path, port: u16, workers: usize) -> Daemon {
+    nginx_cmd(Command::new("nginx"), work, root, port, workers)
+}
+
+/// `cmd`: nginx, perhaps through `taskset`.
+fn nginx_cmd(mut cmd: Command, work: &Path, root: &Path, port: u16, workers: usize) -> Daemon {
     std::fs::create_dir_all(work.join("tmp")).unwrap();
     let conf = work.join("nginx.conf");
     std::fs::write(
@@ -106,7 +117,7 @@ fn nginx(work: &Path, root: &Path, port: u16, workers: usize) -> Daemon {
         ),
     )
     .unwrap();
-    let child = Command::new("nginx")
+    let child = cmd
         .arg("-p")
         .arg(work)
         .arg("-c")
@@ -190,4 +201,51 @@ pub async fn bench_origin(o: &Opts, rows: &mut Vec<Row>) {
             },
         });
     }
+    drop((_ng1, _ng2));
+    // The data dir is the next server's.
+    s.stop_cleanly();
+    pinned(o, rows, dir.path(), &urls[..2]).await;
+}
+
+/// The same files with each server on a core of its own and wrk on the
+/// other: one origin thread against one nginx worker on core 0, `wrk -t1`
+/// on core 1. Above, wrk and the server share both cores, and wrk's own
+/// waits to run (it is the busier side when the server is the faster)
+/// reach its latencies; here they cannot, so the p99 is the server's.
+async fn pinned(o: &Opts, rows: &mut Vec<Row>, data: &Path, urls: &[pb::ResolvedAsset]) {
+    println!("== Origin vs nginx, each pinned to core 0, wrk -t1 -c64 on core 1");
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0", env!("CARGO_BIN_EXE_blotcdn")]).env("BLOTCDN_HTTP_THREADS", "1");
+    let s = BlotServer::start_cmd(cmd, data, free_port(), &[]).await;
+    let port = free_port();
+    let work = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0", "nginx"]);
+    let _ng = nginx_cmd(cmd, work.path(), data, port, 1);
+    for (name, u) in ["1KiB", "50KiB"].into_iter().zip(urls) {
+        let path = &u.url[u.url.find("/ob/").unwrap()..];
+        let targets = [s.http.port(), port].map(|port| format!("http://127.0.0.1:{port}{path}"));
+        let mut runs: [Vec<Wrk>; 2] = Default::default();
+        // The first round is a warm-up (the server's first answers read
+        // the file, and its start-up checkpoint shares core 0); not counted.
+        for round in 0..4 {
+            for i in (0..2).map(|i| (i + round) % 2) {
+                let w = wrk_cmd(Command::new("taskset").args(["-c", "1", "wrk", "-t1"]), &targets[i], o.secs(9) / 3);
+                if round > 0 {
+                    runs[i].push(w);
+                }
+            }
+        }
+        let [ours, peer] = runs.map(|r| Wrk::combine(&r));
+        println!("{name:>6}: blotcdn {ours} | nginx ×1 {peer}");
+        rows.push(Row {
+            bench: "Origin",
+            what: format!("{name}, each server on core 0 (one thread, one worker), wrk on core 1: req/s (p50 / p99)"),
+            ours: format!("{:.0} ({} / {})", ours.rps, ms_f(ours.p50), ms_f(ours.p99)),
+            peer: format!("nginx, 1 worker: {:.0} ({} / {})", peer.rps, ms_f(peer.p50), ms_f(peer.p99)),
+            ratio: ratio(ours.rps, peer.rps),
+            target: "p99 ≤ nginx".into(),
+        });
+    }
+    s.kill();
 }
