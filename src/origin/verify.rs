@@ -20,7 +20,8 @@ use std::sync::Arc;
 use crate::blogfs::{changed_ago, FileStamp, SETTLE};
 use crate::domain::ContentHash;
 
-/// Blobs remembered (about 64 bytes each) before the set is emptied.
+/// Blobs remembered (about 64 bytes each) at most: two generations of half
+/// as many (see [`Known`]).
 const REMEMBERED: usize = 65_536;
 /// Hashes of different blobs that may run at once.
 const TURNS: usize = 64;
@@ -38,9 +39,44 @@ fn damaged() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, DAMAGED)
 }
 
+/// Each blob hashed, with its file's stamp then and whether it was whole, in
+/// two generations: new outcomes go into `recent`; once it holds half of
+/// [`REMEMBERED`], it becomes `older` and the old `older` is dropped. An
+/// outcome found in `older` moves back into `recent`, so a blob asked for at
+/// least once a generation is never hashed again, and a full set drops only
+/// what was not asked for lately (emptying it whole made every large blob in
+/// use be read and hashed again at once).
+#[derive(Default)]
+struct Known {
+    recent: HashMap<ContentHash, (FileStamp, bool)>,
+    older: HashMap<ContentHash, (FileStamp, bool)>,
+}
+
+impl Known {
+    fn get(&mut self, hash: &ContentHash) -> Option<(FileStamp, bool)> {
+        if let Some(&k) = self.recent.get(hash) {
+            return Some(k);
+        }
+        let k = self.older.remove(hash)?;
+        self.insert(*hash, k);
+        Some(k)
+    }
+
+    fn insert(&mut self, hash: ContentHash, k: (FileStamp, bool)) {
+        if self.recent.len() >= REMEMBERED / 2 && !self.recent.contains_key(&hash) {
+            self.older = std::mem::take(&mut self.recent);
+        }
+        self.recent.insert(hash, k);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.recent.len() + self.older.len()
+    }
+}
+
 pub struct Verified {
-    /// Each blob hashed, with its file's stamp then and whether it was whole.
-    known: parking_lot::Mutex<HashMap<ContentHash, (FileStamp, bool)>>,
+    known: parking_lot::Mutex<Known>,
     /// One turn per group of blobs: a blob is hashed by one request at a time.
     turns: [tokio::sync::Mutex<()>; TURNS],
     /// Tests: whole-file hashes made.
@@ -62,7 +98,7 @@ impl Default for Verified {
 impl Verified {
     fn known(&self, hash: &ContentHash, stamp: FileStamp) -> Option<io::Result<()>> {
         match self.known.lock().get(hash) {
-            Some(&(s, whole)) if s == stamp => Some(if whole { Ok(()) } else { Err(damaged()) }),
+            Some((s, whole)) if s == stamp => Some(if whole { Ok(()) } else { Err(damaged()) }),
             _ => None,
         }
     }
@@ -127,11 +163,7 @@ impl Verified {
         if changed_ago(meta) < SETTLE {
             return;
         }
-        let mut known = self.known.lock();
-        if known.len() >= REMEMBERED {
-            known.clear();
-        }
-        known.insert(hash, (FileStamp::of(meta), whole));
+        self.known.lock().insert(hash, (FileStamp::of(meta), whole));
     }
 }
 
@@ -183,5 +215,36 @@ mod tests {
             assert_eq!(check(&v, hash, &path).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
         }
         assert_eq!(hashed(&v), 2, "a damaged blob is remembered as damaged");
+    }
+
+    /// Past the limit, what was asked for lately is still known and what was
+    /// not is forgotten; the set never holds more than the limit.
+    #[test]
+    fn a_full_set_forgets_only_what_was_not_asked_for_lately() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, b"x").unwrap();
+        std::thread::sleep(SETTLE * 2);
+        let meta = std::fs::metadata(&path).unwrap();
+        let stamp = FileStamp::of(&meta);
+        let hash = |i: u32| {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&i.to_le_bytes());
+            ContentHash(h)
+        };
+        let v = Verified::default();
+        let (hot, cold) = (hash(u32::MAX), hash(u32::MAX - 1));
+        v.remember(hot, &meta, true);
+        v.remember(cold, &meta, false);
+        for i in 0..(3 * REMEMBERED as u32) {
+            v.remember(hash(i), &meta, true);
+            if i % 1000 == 0 {
+                assert!(v.known(&hot, stamp).is_some_and(|k| k.is_ok()), "forgot a blob asked for lately ({i})");
+            }
+            assert!(v.known.lock().len() <= REMEMBERED);
+        }
+        assert!(v.known(&cold, stamp).is_none(), "kept a blob no one asked for");
+        assert!(v.known(&hash(3 * REMEMBERED as u32 - 1), stamp).is_some(), "forgot the newest");
+        assert!(v.known(&hash(0), stamp).is_none(), "kept the oldest");
     }
 }
