@@ -2,7 +2,7 @@
 # Builds in release mode and runs every benchmark against the real server on
 # 127.0.0.1, each next to a peer measured in the same run (Redis, nginx, the
 # disk, BLAKE3, Varnish with the legacy scheme). Prints a table.
-#   ./scripts/bench.sh                 # everything, full length (about 10 minutes)
+#   ./scripts/bench.sh                 # everything, full length (about 12 minutes, after a release build with LTO of about 9)
 #   ./scripts/bench.sh --quick         # every phase four times shorter
 #   ./scripts/bench.sh resolve origin  # some of: resolve origin publish ingest scale memory edge purge migrate cluster soak
 set -euo pipefail
