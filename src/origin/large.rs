@@ -90,9 +90,13 @@ fn read(file: &File, at: u64, want: usize) -> io::Result<Bytes> {
 /// tell without waiting.
 fn read_cached(file: &File, at: u64, want: usize) -> Option<io::Result<Bytes>> {
     let off = libc::off_t::try_from(at).ok()?;
-    let mut buf = BytesMut::zeroed(want);
-    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: want };
-    // SAFETY: one iovec over `buf`, which outlives the call.
+    // Not zeroed first: the kernel writes what it reads, and a read the
+    // page cache cannot serve (EAGAIN) writes nothing, so zeroing a chunk
+    // was a wasted pass over it either way.
+    let mut buf = BytesMut::with_capacity(want);
+    let iov = libc::iovec { iov_base: buf.spare_capacity_mut().as_mut_ptr().cast(), iov_len: want };
+    // SAFETY: one iovec over `buf`'s spare capacity (at least `want` bytes),
+    // which outlives the call; the kernel only writes into it.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
     if n < 0 {
         let e = io::Error::last_os_error();
@@ -103,7 +107,8 @@ fn read_cached(file: &File, at: u64, want: usize) -> Option<io::Result<Bytes>> {
             _ => Some(Err(e)),
         };
     }
-    buf.truncate(n as usize);
+    // SAFETY: the kernel wrote the first `n` bytes (`n` ≤ `want` ≤ capacity).
+    unsafe { buf.set_len(n as usize) };
     Some(Ok(buf.freeze()))
 }
 
