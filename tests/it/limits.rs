@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
 use bytes::Bytes;
-use common::{binary, curl, nginx, ChildServer, Server};
+use common::{binary, curl, nginx, parse_response, ChildServer, RawResponse, Server};
 use tonic::Code;
 
 fn header(blog: &str, filename: &str) -> pb::PutAssetChunk {
@@ -152,35 +152,28 @@ async fn a_thousand_idle_connections_starve_neither_uploads_nor_later_readers() 
     drop(hogs);
 }
 
-/// One answer read off a kept-alive HTTP/1.1 connection: status, headers
-/// (names lower-cased) and body.
-fn exchange(c: &mut TcpStream, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+/// One answer read off a kept-alive HTTP/1.1 connection: read up to the end
+/// of its body (by its Content-Length), then parsed as any raw answer.
+fn exchange(c: &mut TcpStream, path: &str) -> RawResponse {
     write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut buf = Vec::new();
     let mut b = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
+    let mut read = |buf: &mut Vec<u8>| {
         let n = c.read(&mut b).unwrap();
-        assert!(n > 0, "the connection closed before an answer");
+        assert!(n > 0, "the connection closed before the whole answer");
         buf.extend_from_slice(&b[..n]);
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let len: usize = headers.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
-    while buf.len() < head_end + len {
-        let n = c.read(&mut b).unwrap();
-        assert!(n > 0, "the connection closed inside a body");
-        buf.extend_from_slice(&b[..n]);
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        read(&mut buf);
     }
-    (status, headers, buf[head_end..head_end + len].to_vec())
+    loop {
+        let r = parse_response(&buf);
+        let len: usize = r.header("content-length").map_or(0, |v| v.parse().unwrap());
+        if r.body.len() >= len {
+            return r;
+        }
+        read(&mut buf);
+    }
 }
 
 /// With no descriptor free to open the file, a blog file and a permanent
@@ -203,7 +196,7 @@ async fn no_descriptor_free_is_503_for_blog_files_and_assets() {
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     // Answered, so accepted: a connection still in the listen backlog
     // would need a descriptor of its own.
-    assert_eq!(exchange(&mut c, "/healthz").0, 200);
+    assert_eq!(exchange(&mut c, "/healthz").status, 200);
     let set_soft = |soft: u64| {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: prlimit on our own child, with valid pointers.
@@ -219,15 +212,14 @@ async fn no_descriptor_free_is_503_for_blog_files_and_assets() {
     let answers: Vec<_> =
         ["/fds/page.css", &asset].iter().map(|path| (path.to_string(), exchange(&mut c, path))).collect();
     set_soft(before);
-    for (path, (status, headers, body)) in answers {
-        let h = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        assert_eq!(status, 503, "{path}: {}", String::from_utf8_lossy(&body));
-        assert_eq!((h("retry-after"), h("cache-control")), (Some("1"), Some("no-store")), "{path}");
+    for (path, r) in answers {
+        assert_eq!(r.status, 503, "{path}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!((r.header("retry-after"), r.header("cache-control")), (Some("1"), Some("no-store")), "{path}");
     }
     // Descriptors free again: both are served, on the same connection.
-    assert_eq!(exchange(&mut c, "/fds/page.css").2, b"body{}");
-    let (status, _, body) = exchange(&mut c, &asset);
-    assert_eq!((status, body), (200, vec![7u8; 3000]));
+    assert_eq!(exchange(&mut c, "/fds/page.css").body, b"body{}");
+    let r = exchange(&mut c, &asset);
+    assert_eq!((r.status, r.body), (200, vec![7u8; 3000]));
 }
 
 /// Silent connections to the gRPC and metrics ports (which used to be
