@@ -68,6 +68,11 @@ pub struct Partial {
     /// (`SO_REUSEPORT`); default: one per core. 0: on the runtime shared
     /// with gRPC.
     pub http_threads: Option<usize>,
+    /// The scheduler time slice the origin threads ask for, in microseconds
+    /// (Linux 6.12 and later; 100 to 100000). Default 100: a process that
+    /// shares the cores, a load generator or an edge on the same host, runs
+    /// sooner after it wakes. 0: the kernel's default.
+    pub http_slice_us: Option<u64>,
     /// A blog file changed less than this many milliseconds ago is answered
     /// short-lived and not kept hot: its bytes may not be whole yet though
     /// no timestamp moved (one slow write, writes through a mapping,
@@ -183,6 +188,7 @@ impl Partial {
             grpc_max_connections,
             http_idle_timeout_secs,
             http_threads,
+            http_slice_us,
             recent_change_ms,
             max_fallback_fetches,
             fallback_timeout_secs,
@@ -235,6 +241,7 @@ impl Partial {
             grpc_max_connections: num("BLOTCDN_GRPC_MAX_CONNECTIONS", get("BLOTCDN_GRPC_MAX_CONNECTIONS"))?,
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             http_threads: num("BLOTCDN_HTTP_THREADS", get("BLOTCDN_HTTP_THREADS"))?,
+            http_slice_us: num("BLOTCDN_HTTP_SLICE_US", get("BLOTCDN_HTTP_SLICE_US"))?,
             recent_change_ms: num("BLOTCDN_RECENT_CHANGE_MS", get("BLOTCDN_RECENT_CHANGE_MS"))?,
             max_fallback_fetches: num("BLOTCDN_MAX_FALLBACK_FETCHES", get("BLOTCDN_MAX_FALLBACK_FETCHES"))?,
             fallback_timeout_secs: num("BLOTCDN_FALLBACK_TIMEOUT_SECS", get("BLOTCDN_FALLBACK_TIMEOUT_SECS"))?,
@@ -307,6 +314,8 @@ pub struct Config {
     pub grpc_max_connections: usize,
     pub http_idle_timeout: std::time::Duration,
     pub http_threads: usize,
+    /// `http_slice_us`; `None`: the kernel's default.
+    pub http_slice: Option<std::time::Duration>,
     pub recent_change: std::time::Duration,
     pub max_fallback_fetches: usize,
     pub fallback_timeout: std::time::Duration,
@@ -451,6 +460,16 @@ impl Config {
         let max_fallback_fetches =
             at_least_1("max_fallback_fetches", p.max_fallback_fetches.map(|n| n as u64), 64)? as usize;
         let fallback_timeout = at_least_1("fallback_timeout_secs", p.fallback_timeout_secs, 30)?;
+        let http_slice = match p.http_slice_us.unwrap_or(100) {
+            0 => None,
+            us @ 100..=100_000 => Some(std::time::Duration::from_micros(us)),
+            us => {
+                return Err(invalid(
+                    "http_slice_us",
+                    format!("{us}: must be 0 (the kernel's default) or from 100 to 100000 microseconds"),
+                ))
+            }
+        };
         let fallback_origins: Vec<String> =
             p.fallback_origins.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         for o in &fallback_origins {
@@ -542,6 +561,7 @@ impl Config {
             max_connections,
             grpc_max_connections,
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
+            http_slice,
             http_threads: p.http_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             recent_change: std::time::Duration::from_millis(p.recent_change_ms.unwrap_or(2000)),
             max_fallback_fetches,

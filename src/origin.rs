@@ -40,6 +40,7 @@ mod hot;
 mod large;
 pub mod peers;
 mod splice;
+mod slice;
 mod verify;
 
 pub use splice::sealed_files;
@@ -101,6 +102,8 @@ pub struct Origin {
     counters: crate::metrics::HttpCounters,
     /// Threads serving connections (`http_threads`).
     threads: usize,
+    /// The scheduler slice those threads ask for (`http_slice_us`).
+    slice: Option<std::time::Duration>,
     /// Blobs too large for the hot cache, checked against their hash.
     verified: Arc<verify::Verified>,
 }
@@ -136,6 +139,7 @@ impl Origin {
             counters: crate::metrics::HttpCounters::default(),
             verified: Default::default(),
             threads: config.http_threads,
+            slice: config.http_slice,
         })
     }
 
@@ -184,7 +188,17 @@ impl Origin {
             let (this, stop) = (self.clone(), stop.clone());
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let blocking = (512 / threads).max(16);
+            let slice = self.slice;
             let spawned = std::thread::Builder::new().name(format!("blotcdn-http-{i}")).spawn(move || {
+                if let Some(slice) = slice {
+                    match self::slice::ask(slice) {
+                        Ok(self::slice::Slice::Taken) => tracing::debug!(?slice, "origin thread's scheduler slice"),
+                        Ok(self::slice::Slice::NotTaken) => {
+                            tracing::debug!("the kernel keeps its own slice for the origin threads (before Linux 6.12)")
+                        }
+                        Err(e) => tracing::info!(error = %e, "cannot set the origin threads' scheduler slice"),
+                    }
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .max_blocking_threads(blocking)

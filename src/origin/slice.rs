@@ -1,0 +1,116 @@
+//! The origin threads' scheduler slice (`http_slice_us`).
+//!
+//! Since Linux 6.12 the fair scheduler (EEVDF) lets a thread ask for a time
+//! slice of its own, from 0.1 to 100 ms, through `sched_setattr`'s
+//! `sched_runtime` (the default is about 0.75 ms times a factor for the
+//! number of cores: 1.4 ms on two). A thread that runs in short bursts and
+//! blocks asks for a short one: a task that wakes on the same core, such as
+//! a client or an edge cache waiting for the answer just written, then gets
+//! the core after at most that long instead of after the origin thread's
+//! whole slice. Measured on this machine with wrk sharing both cores (see
+//! BENCHMARKS.md), 100 µs took the 1 KiB p99 from about 3.1 ms to 2.0 ms
+//! at the same rate. nginx's workers get the same effect by blocking in
+//! `epoll_wait` more often.
+//!
+//! Older kernels ignore the field for fair threads; `ask` reads the slice
+//! back to say whether it was taken. No crate exposes this field (libc has
+//! the syscall numbers but not `struct sched_attr`), hence the few lines
+//! here.
+
+use std::time::Duration;
+
+/// `struct sched_attr` as of Linux 4.13 (`SCHED_ATTR_SIZE_VER1`).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
+/// What the kernel made of the request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Slice {
+    /// The calling thread now runs with this slice.
+    Taken,
+    /// The kernel kept its own (before 6.12, or the thread is not on the
+    /// fair scheduler, which `ask` leaves alone).
+    NotTaken,
+}
+
+fn get() -> std::io::Result<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    let size = std::mem::size_of::<SchedAttr>() as libc::c_uint;
+    // SAFETY: `attr` is a writable `struct sched_attr` of `size` bytes; pid 0
+    // is the calling thread.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut SchedAttr, size, 0) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr)
+}
+
+/// Asks for `slice` for the calling thread, keeping its policy and nice
+/// value (`sched_setattr` sets them all at once, so they are read first).
+pub fn ask(slice: Duration) -> std::io::Result<Slice> {
+    let mut attr = get()?;
+    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+        return Ok(Slice::NotTaken);
+    }
+    let want = slice.as_nanos() as u64;
+    attr.size = std::mem::size_of::<SchedAttr>() as u32;
+    attr.flags = 0;
+    attr.runtime = want;
+    // SAFETY: `attr` is a `struct sched_attr` with its size filled in.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(if get()?.runtime == want { Slice::Taken } else { Slice::NotTaken })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_keeps_its_nice_value_and_gets_the_slice_where_the_kernel_has_them() {
+        std::thread::spawn(|| {
+            // SAFETY: raises the calling thread's nice value (allowed without
+            // privileges); `setpriority` on a thread id names that thread.
+            let tid = unsafe { libc::gettid() };
+            assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 5) }, 0);
+            let before = get().expect("sched_getattr");
+            let taken = ask(Duration::from_micros(300)).expect("sched_setattr");
+            let after = get().expect("sched_getattr");
+            assert_eq!(after.nice, 5, "the nice value is kept");
+            assert_eq!(after.policy, before.policy, "the policy is kept");
+            match taken {
+                Slice::Taken => assert_eq!(after.runtime, 300_000),
+                // Kernels before 6.12 have no slice of their own to set.
+                Slice::NotTaken => assert_ne!(after.runtime, 300_000),
+            }
+            let (major, minor) = kernel();
+            if (major, minor) >= (6, 12) {
+                assert_eq!(taken, Slice::Taken, "Linux {major}.{minor} takes a slice");
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn kernel() -> (u32, u32) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+        let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor)
+    }
+}
