@@ -628,6 +628,8 @@ mod tests {
             (d.grpc_addr, d.http_addr, d.max_batch, d.max_asset_bytes)
         );
         assert_eq!((c.hot_cache_bytes, c.max_in_flight, c.data_dir), (d.hot_cache_bytes, d.max_in_flight, d.data_dir));
+        assert_eq!(c.http_slice, d.http_slice);
+        assert_eq!(d.http_slice, Some(std::time::Duration::from_micros(100)));
     }
 
     #[test]
@@ -636,6 +638,13 @@ mod tests {
         assert!(e.to_string().contains("BLOTCDN_MAX_BATCH"), "{e}");
         let e = Config::from_partial(Partial { http_addr: Some("nowhere".into()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("http_addr"), "{e}");
+        for (us, ok) in [(0, true), (99, false), (100, true), (100_000, true), (100_001, false)] {
+            let c = Config::from_partial(Partial { http_slice_us: Some(us), ..Default::default() });
+            match c {
+                Ok(c) => assert!(ok, "{us} µs taken as {:?}", c.http_slice),
+                Err(e) => assert!(!ok && e.to_string().contains("http_slice_us"), "{us}: {e}"),
+            }
+        }
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "max_bach = 5\n").unwrap();

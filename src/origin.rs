@@ -39,8 +39,8 @@ mod fallback;
 mod hot;
 mod large;
 pub mod peers;
+pub mod slice;
 mod splice;
-mod slice;
 mod verify;
 
 pub use splice::sealed_files;

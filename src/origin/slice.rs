@@ -46,15 +46,25 @@ pub enum Slice {
 }
 
 fn get() -> std::io::Result<SchedAttr> {
+    get_of(0)
+}
+
+/// `tid`'s attributes; 0 is the calling thread.
+fn get_of(tid: libc::pid_t) -> std::io::Result<SchedAttr> {
     let mut attr = SchedAttr::default();
     let size = std::mem::size_of::<SchedAttr>() as libc::c_uint;
-    // SAFETY: `attr` is a writable `struct sched_attr` of `size` bytes; pid 0
-    // is the calling thread.
-    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut SchedAttr, size, 0) };
+    // SAFETY: `attr` is a writable `struct sched_attr` of `size` bytes.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, &mut attr as *mut SchedAttr, size, 0) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(attr)
+}
+
+/// The slice thread `tid` runs with, as the kernel reports it (zero
+/// before Linux 6.12, where fair threads have no slice of their own).
+pub fn of(tid: libc::pid_t) -> std::io::Result<Duration> {
+    Ok(Duration::from_nanos(get_of(tid)?.runtime))
 }
 
 /// Asks for `slice` for the calling thread, keeping its policy and nice

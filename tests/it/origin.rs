@@ -734,3 +734,52 @@ async fn a_file_changed_just_now_is_short_lived_and_not_kept() {
     assert_eq!((r.status, r.body.len()), (200, 30_000), "a settled file is answered from memory");
     s.stop().await;
 }
+
+/// The origin threads ask the kernel for the configured scheduler slice
+/// (`http_slice_us`), and keep the kernel's own with 0. Kernels before 6.12
+/// have no per-thread slice: there the configured one must not show either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_threads_run_with_the_configured_scheduler_slice() {
+    use blotcdn::origin::slice;
+    use std::time::Duration;
+    fn origin_threads() -> Vec<(String, libc::pid_t)> {
+        let mut found = Vec::new();
+        for t in std::fs::read_dir("/proc/self/task").unwrap() {
+            let t = t.unwrap();
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if name.starts_with("blotcdn-http-") {
+                found.push((name.trim().to_owned(), t.file_name().to_str().unwrap().parse().unwrap()));
+            }
+        }
+        found
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+    let has_slices = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 12);
+    for (us, want) in [(250u64, Some(Duration::from_micros(250))), (0, None)] {
+        let s = Server::start_with(|p| {
+            p.http_threads = Some(2);
+            p.http_slice_us = Some(us);
+        })
+        .await;
+        // The threads are running once they answer.
+        let r = tokio::task::spawn_blocking({
+            let addr = s.http;
+            move || get(addr, "/healthz", &[])
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let threads = origin_threads();
+        assert_eq!(threads.len(), 2, "{threads:?}");
+        for (name, tid) in threads {
+            let got = slice::of(tid).unwrap();
+            match want {
+                Some(w) if has_slices => assert_eq!(got, w, "{name} with http_slice_us = {us}"),
+                // The kernel's default (or none) is never the 250 µs asked for above.
+                _ => assert_ne!(got, Duration::from_micros(250), "{name} with http_slice_us = {us}"),
+            }
+        }
+        s.stop().await;
+    }
+}
