@@ -400,7 +400,7 @@ impl App {
                 "the descriptor limit caps connections below what is configured; raise `ulimit -n`"
             );
         }
-        let grpc = tonic::transport::Server::builder()
+        let mut grpc_server = tonic::transport::Server::builder()
             // Past this many calls in flight on one connection, refuse at once
             // (RESOURCE_EXHAUSTED) rather than queue without bound.
             .concurrency_limit_per_connection(config.max_in_flight)
@@ -409,7 +409,21 @@ impl App {
             // dropped; a silent one before its first bytes is dropped by
             // `listen::incoming`.
             .http2_keepalive_interval(Some(config.http_idle_timeout))
-            .http2_keepalive_timeout(Some(config.http_idle_timeout))
+            .http2_keepalive_timeout(Some(config.http_idle_timeout));
+        // Live connections are not held forever: past this age the
+        // connection is sent GOAWAY (calls in flight finish; a client
+        // reconnects for its next call), so a client holding every slot
+        // with connections that answer pings and send nothing lets the
+        // ones waiting in the backlog in. Without a grace period on
+        // purpose: tonic's `max_connection_age_grace` replaces the GOAWAY
+        // with a plain close at age + grace (tonic 0.14.9), which would
+        // cut calls in flight; a peer that stops answering pings is
+        // dropped by the keepalive above, and the one stream a client
+        // can keep open for long (`PutAsset`) is capped by `max_uploads`.
+        if let Some(age) = config.grpc_max_connection_age {
+            grpc_server = grpc_server.max_connection_age(age);
+        }
+        let grpc = grpc_server
             // Outermost: every call is traced, refused ones included.
             .layer(TraceLayer)
             // A call without the right token is refused before any service

@@ -61,6 +61,10 @@ pub struct Partial {
     /// gRPC connections open at once; past it, new ones wait in the listen
     /// backlog. Also bounded by the descriptor limit, less a reserve.
     pub grpc_max_connections: Option<usize>,
+    /// A gRPC connection older than this many seconds is told to go away
+    /// (HTTP/2 GOAWAY: calls in flight finish, clients reconnect for the
+    /// next), so live but idle connections cannot hold every slot. 0: never.
+    pub grpc_max_connection_age_secs: Option<u64>,
     /// An HTTP connection waiting this long for a request's headers (idle
     /// keep-alive included) is closed.
     pub http_idle_timeout_secs: Option<u64>,
@@ -186,6 +190,7 @@ impl Partial {
             upload_idle_timeout_secs,
             max_connections,
             grpc_max_connections,
+            grpc_max_connection_age_secs,
             http_idle_timeout_secs,
             http_threads,
             http_slice_us,
@@ -239,6 +244,10 @@ impl Partial {
             upload_idle_timeout_secs: num("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS", get("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS"))?,
             max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
             grpc_max_connections: num("BLOTCDN_GRPC_MAX_CONNECTIONS", get("BLOTCDN_GRPC_MAX_CONNECTIONS"))?,
+            grpc_max_connection_age_secs: num(
+                "BLOTCDN_GRPC_MAX_CONNECTION_AGE_SECS",
+                get("BLOTCDN_GRPC_MAX_CONNECTION_AGE_SECS"),
+            )?,
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             http_threads: num("BLOTCDN_HTTP_THREADS", get("BLOTCDN_HTTP_THREADS"))?,
             http_slice_us: num("BLOTCDN_HTTP_SLICE_US", get("BLOTCDN_HTTP_SLICE_US"))?,
@@ -312,6 +321,8 @@ pub struct Config {
     pub upload_idle_timeout: std::time::Duration,
     pub max_connections: usize,
     pub grpc_max_connections: usize,
+    /// `grpc_max_connection_age_secs`; `None`: never.
+    pub grpc_max_connection_age: Option<std::time::Duration>,
     pub http_idle_timeout: std::time::Duration,
     pub http_threads: usize,
     /// `http_slice_us`; `None`: the kernel's default.
@@ -560,6 +571,10 @@ impl Config {
             upload_idle_timeout: std::time::Duration::from_secs(upload_idle),
             max_connections,
             grpc_max_connections,
+            grpc_max_connection_age: match p.grpc_max_connection_age_secs.unwrap_or(300) {
+                0 => None,
+                secs => Some(std::time::Duration::from_secs(secs)),
+            },
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
             http_slice,
             http_threads: p.http_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -629,6 +644,8 @@ mod tests {
         );
         assert_eq!((c.hot_cache_bytes, c.max_in_flight, c.data_dir), (d.hot_cache_bytes, d.max_in_flight, d.data_dir));
         assert_eq!(c.http_slice, d.http_slice);
+        assert_eq!(c.grpc_max_connection_age, d.grpc_max_connection_age);
+        assert_eq!(d.grpc_max_connection_age, Some(std::time::Duration::from_secs(300)));
         assert_eq!(d.http_slice, Some(std::time::Duration::from_micros(100)));
     }
 

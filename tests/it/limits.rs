@@ -557,3 +557,125 @@ async fn sizes_and_decoding_follow_the_contract() {
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     s.stop().await;
 }
+
+/// A client holding every gRPC slot with live connections (they answer
+/// pings, so neither the keepalive nor the idle timeout drops them) holds
+/// them only until `grpc_max_connection_age_secs`: then each is sent
+/// GOAWAY, and a renderer waiting behind them in the backlog gets in. A call
+/// in flight on an aged connection (an upload) still finishes, and the
+/// holders' next calls reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_idle_grpc_connections_age_out_and_let_a_waiting_caller_in() {
+    use tonic::transport::Channel;
+    let s = Server::start_with(|p| {
+        // The least the cap can be (`app::connection_caps`).
+        p.grpc_max_connections = Some(8);
+        p.grpc_max_connection_age_secs = Some(3);
+    })
+    .await;
+    std::fs::create_dir_all(s.blogs_dir().join("age")).unwrap();
+    let channel = || {
+        let endpoint = Channel::from_shared(format!("http://{}", s.grpc)).unwrap();
+        async move { endpoint.connect().await }
+    };
+    // An upload left open on the first connection.
+    let first = channel().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(header("age", "late.bin")).await.unwrap();
+    let mut p = pb::publisher_client::PublisherClient::new(first.clone());
+    let upload = tokio::spawn(async move { p.put_asset(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    // Seven more, each used once and then left idle: every slot is held.
+    let mut holders = vec![first];
+    for _ in 0..7 {
+        let ch = channel().await.unwrap();
+        let mut r = pb::resolver_client::ResolverClient::new(ch.clone());
+        let e = r.get_blog(pb::GetBlogRequest { blog_id: "age".into() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        holders.push(ch);
+    }
+    // A renderer's call waits in the backlog behind them...
+    let late = tokio::spawn({
+        let addr = s.grpc;
+        async move {
+            let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await?;
+            let mut r = pb::resolver_client::ResolverClient::new(ch);
+            let e = r.get_blog(pb::GetBlogRequest { blog_id: "age".into() }).await.unwrap_err();
+            Ok::<_, tonic::transport::Error>(e.code())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!late.is_finished(), "the slots were not all held: the test shows nothing");
+    // ...and gets in once the holders' connections have aged.
+    let code = tokio::time::timeout(Duration::from_secs(30), late).await.expect("a caller still waits 30 s").unwrap();
+    assert_eq!(code.unwrap(), Code::NotFound);
+    // The upload begun before its connection aged finishes whole.
+    tx.send(data(&[7u8; 5000])).await.unwrap();
+    drop(tx);
+    let asset = upload.await.unwrap().expect("an upload in flight when its connection aged").into_inner();
+    assert_eq!(asset.size, 5000);
+    // An aged holder's next call reconnects (and sees the upload's asset).
+    let mut r = pb::resolver_client::ResolverClient::new(holders.pop().unwrap());
+    let blog =
+        r.get_blog(pb::GetBlogRequest { blog_id: "age".into() }).await.expect("a holder's next call").into_inner();
+    assert_eq!(blog.asset_count, 1);
+    s.stop().await;
+}
+
+/// Calls made all the while connections age (GOAWAY each second) all
+/// succeed: tonic's channel finishes what it sent and reconnects for the
+/// rest, as grpc-js does (the Node client's `age.test.js`, which sees no
+/// failure at all). One race is tonic's own (hyper's client, hyperium/hyper
+/// issue 2500): a call handed to the connection just as the GOAWAY arrives
+/// fails without having been sent, with INTERNAL "GoAway NO_ERROR" or
+/// CANCELLED "connection closed" (about once in three ages with four
+/// callers here); retried, it succeeds. Any other failure fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_across_connection_ages_all_succeed() {
+    let s = Server::start_with(|p| p.grpc_max_connection_age_secs = Some(1)).await;
+    std::fs::create_dir_all(s.blogs_dir().join("aging")).unwrap();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
+    let until = Instant::now() + Duration::from_millis(3500);
+    let callers = (0..4).map(|_| {
+        let mut r = pb::resolver_client::ResolverClient::new(ch.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut raced, mut failed) = (0, 0, Vec::new());
+            // The two ways hyper's client reports a call it never sent
+            // because the connection was going away.
+            let is_race = |e: &tonic::Status| {
+                let text = format!("{e:?}");
+                (e.code() == Code::Internal && text.contains("GoAway(b\"\", NO_ERROR, Remote)"))
+                    || (e.code() == Code::Cancelled && text.contains("Canceled, \"connection closed\""))
+            };
+            while Instant::now() < until {
+                let mut answer = r.get_blog(pb::GetBlogRequest { blog_id: "aging".into() }).await;
+                if matches!(&answer, Err(e) if is_race(e)) {
+                    raced += 1;
+                    answer = r.get_blog(pb::GetBlogRequest { blog_id: "aging".into() }).await;
+                }
+                match answer {
+                    Err(e) if e.code() == Code::NotFound => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (ok, raced, failed)
+        })
+    });
+    let (mut ok, mut raced, mut failed) = (0, 0, Vec::new());
+    for c in callers.collect::<Vec<_>>() {
+        let (o, r, f) = c.await.unwrap();
+        ok += o;
+        raced += r;
+        failed.extend(f);
+    }
+    eprintln!("{ok} calls answered, {raced} of them retried after racing a GOAWAY");
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 100, "only {ok} calls");
+    s.stop().await;
+}
