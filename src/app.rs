@@ -414,12 +414,12 @@ impl App {
         // connection is sent GOAWAY (calls in flight finish; a client
         // reconnects for its next call), so a client holding every slot
         // with connections that answer pings and send nothing lets the
-        // ones waiting in the backlog in. Without a grace period on
-        // purpose: tonic's `max_connection_age_grace` replaces the GOAWAY
-        // with a plain close at age + grace (tonic 0.14.9), which would
-        // cut calls in flight; a peer that stops answering pings is
-        // dropped by the keepalive above, and the one stream a client
-        // can keep open for long (`PutAsset`) is capped by `max_uploads`.
+        // ones waiting in the backlog in. A connection still open a grace
+        // period later (a stream kept open, such as a health Watch, or a
+        // peer that never answers the GOAWAY's ping) is cut by
+        // `listen::incoming`. Not tonic's `max_connection_age_grace`: with
+        // it set, tonic 0.14.9 sends no GOAWAY at all and only closes the
+        // connection at age + grace.
         if let Some(age) = config.grpc_max_connection_age {
             grpc_server = grpc_server.max_connection_age(age);
         }
@@ -445,13 +445,21 @@ impl App {
                     caps.grpc as usize,
                     config.http_idle_timeout,
                     crate::listen::H2_PREFACE,
+                    config.grpc_max_connection_age.map(|age| age + config.grpc_max_connection_age_grace),
                     "grpc",
                 ),
                 grpc_stop,
             );
         let origin = Origin::new(catalog.clone(), &config, caps.http as usize, sealed);
         let metrics = crate::metrics::serve(
-            crate::listen::incoming(metrics_listener, caps.metrics as usize, config.http_idle_timeout, 1, "metrics"),
+            crate::listen::incoming(
+                metrics_listener,
+                caps.metrics as usize,
+                config.http_idle_timeout,
+                1,
+                None,
+                "metrics",
+            ),
             config.http_idle_timeout,
             catalog.clone(),
             stop_rx.clone(),

@@ -262,6 +262,14 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
+/// A call that failed in the connection rather than in the server: among
+/// them, one the channel never sent because the server was sending the
+/// connection away (`grpc_max_connection_age_secs`; hyper issue 2500). An
+/// idempotent call (`ImportFile`) is worth one more try.
+fn failed_in_transport(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { args, addr_file } => {
@@ -383,11 +391,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let total = paths.len();
             let show = total > 1;
             for (i, p) in paths.into_iter().enumerate() {
-                let a = c
-                    .import_file(pb::ImportFileRequest { blog_id: blog.clone(), path: p.clone() })
-                    .await
-                    .map_err(|s| anyhow::anyhow!("{p}: {}", status_err(s)))?
-                    .into_inner();
+                // A long import outlives a connection's age: a file whose call
+                // the closing connection never carried is asked again, once.
+                let req = || pb::ImportFileRequest { blog_id: blog.clone(), path: p.clone() };
+                let a = match c.import_file(req()).await {
+                    Err(s) if failed_in_transport(&s) => c.import_file(req()).await,
+                    other => other,
+                }
+                .map_err(|s| anyhow::anyhow!("{p}: {}", status_err(s)))?
+                .into_inner();
                 if show {
                     progress(i + 1, total, &p);
                 } else {
@@ -542,4 +554,24 @@ fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_failures_of_the_connection_are_tried_again() {
+        // Nothing listens on a port just freed: the call fails in the channel.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ch = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+        let e = pb::resolver_client::ResolverClient::new(ch)
+            .get_blog(pb::GetBlogRequest { blog_id: "b".into() })
+            .await
+            .unwrap_err();
+        assert!(failed_in_transport(&e), "{e:?}");
+        // An answer of the server's is final.
+        assert!(!failed_in_transport(&tonic::Status::not_found("blog b")));
+        assert!(!failed_in_transport(&tonic::Status::aborted("the file changed during its copy")));
+    }
 }

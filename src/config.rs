@@ -65,6 +65,9 @@ pub struct Partial {
     /// (HTTP/2 GOAWAY: calls in flight finish, clients reconnect for the
     /// next), so live but idle connections cannot hold every slot. 0: never.
     pub grpc_max_connection_age_secs: Option<u64>,
+    /// How long calls in flight on a connection sent away have to finish;
+    /// then the connection is cut.
+    pub grpc_max_connection_age_grace_secs: Option<u64>,
     /// An HTTP connection waiting this long for a request's headers (idle
     /// keep-alive included) is closed.
     pub http_idle_timeout_secs: Option<u64>,
@@ -191,6 +194,7 @@ impl Partial {
             max_connections,
             grpc_max_connections,
             grpc_max_connection_age_secs,
+            grpc_max_connection_age_grace_secs,
             http_idle_timeout_secs,
             http_threads,
             http_slice_us,
@@ -247,6 +251,10 @@ impl Partial {
             grpc_max_connection_age_secs: num(
                 "BLOTCDN_GRPC_MAX_CONNECTION_AGE_SECS",
                 get("BLOTCDN_GRPC_MAX_CONNECTION_AGE_SECS"),
+            )?,
+            grpc_max_connection_age_grace_secs: num(
+                "BLOTCDN_GRPC_MAX_CONNECTION_AGE_GRACE_SECS",
+                get("BLOTCDN_GRPC_MAX_CONNECTION_AGE_GRACE_SECS"),
             )?,
             http_idle_timeout_secs: num("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS", get("BLOTCDN_HTTP_IDLE_TIMEOUT_SECS"))?,
             http_threads: num("BLOTCDN_HTTP_THREADS", get("BLOTCDN_HTTP_THREADS"))?,
@@ -323,6 +331,8 @@ pub struct Config {
     pub grpc_max_connections: usize,
     /// `grpc_max_connection_age_secs`; `None`: never.
     pub grpc_max_connection_age: Option<std::time::Duration>,
+    /// `grpc_max_connection_age_grace_secs`.
+    pub grpc_max_connection_age_grace: std::time::Duration,
     pub http_idle_timeout: std::time::Duration,
     pub http_threads: usize,
     /// `http_slice_us`; `None`: the kernel's default.
@@ -575,6 +585,9 @@ impl Config {
                 0 => None,
                 secs => Some(std::time::Duration::from_secs(secs)),
             },
+            grpc_max_connection_age_grace: std::time::Duration::from_secs(
+                p.grpc_max_connection_age_grace_secs.unwrap_or(300),
+            ),
             http_idle_timeout: std::time::Duration::from_secs(http_idle),
             http_slice,
             http_threads: p.http_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -646,6 +659,7 @@ mod tests {
         assert_eq!(c.http_slice, d.http_slice);
         assert_eq!(c.grpc_max_connection_age, d.grpc_max_connection_age);
         assert_eq!(d.grpc_max_connection_age, Some(std::time::Duration::from_secs(300)));
+        assert_eq!(c.grpc_max_connection_age_grace, d.grpc_max_connection_age_grace);
         assert_eq!(d.http_slice, Some(std::time::Duration::from_micros(100)));
     }
 

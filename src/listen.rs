@@ -38,12 +38,15 @@ pub fn bind(addr: std::net::SocketAddr, shared: bool) -> io::Result<TcpListener>
 
 /// The connections of one listener: each holds a slot until it closes.
 /// With every slot taken, nothing is accepted: new connections wait in the
-/// kernel's listen backlog.
+/// kernel's listen backlog. `lifetime`: past it, a connection's reads and
+/// writes fail, whatever it is doing (on gRPC: the age at which it was sent
+/// GOAWAY plus the grace its calls had to finish).
 pub fn incoming(
     listener: TcpListener,
     max: usize,
     first_bytes: Duration,
     needed: usize,
+    lifetime: Option<Duration>,
     what: &'static str,
 ) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(max));
@@ -60,7 +63,8 @@ pub fn incoming(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
         let deadline = Some(Box::pin(tokio::time::sleep(first_bytes)));
-        let guarded = Guarded { stream, _slot: permit, first_bytes: deadline, needed };
+        let end = lifetime.map(|l| Box::pin(tokio::time::sleep(l)));
+        let guarded = Guarded { stream, _slot: permit, first_bytes: deadline, needed, end };
         Some((Ok(guarded), (listener, slots)))
     })
 }
@@ -98,6 +102,25 @@ pub struct Guarded {
     first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes still to come before the deadline no longer applies.
     needed: usize,
+    /// When the connection is cut, busy or not.
+    end: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Guarded {
+    /// Past its lifetime: polled while waiting to read, so the timer wakes
+    /// an idle connection; elsewhere the deadline is compared with the
+    /// clock (a busy connection may never wait).
+    fn over(&mut self, cx: Option<&mut Context<'_>>) -> bool {
+        match (self.end.as_mut(), cx) {
+            (None, _) => false,
+            (Some(end), Some(cx)) => end.as_mut().poll(cx).is_ready(),
+            (Some(end), None) => end.deadline() <= tokio::time::Instant::now(),
+        }
+    }
+}
+
+fn outlived() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the connection outlived its age and grace")
 }
 
 /// The client's connection preface of HTTP/2, which gRPC speaks.
@@ -105,9 +128,13 @@ pub const H2_PREFACE: usize = 24;
 
 impl AsyncRead for Guarded {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.over(None) {
+            return Poll::Ready(Err(outlived()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         match r {
+            Poll::Pending if self.over(Some(cx)) => Poll::Ready(Err(outlived())),
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 self.needed = self.needed.saturating_sub(buf.filled().len() - before);
                 if self.needed == 0 {
@@ -129,6 +156,9 @@ impl AsyncRead for Guarded {
 
 impl AsyncWrite for Guarded {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.over(None) {
+            return Poll::Ready(Err(outlived()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -137,6 +167,9 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.over(None) {
+            return Poll::Ready(Err(outlived()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -173,7 +206,7 @@ mod tests {
     async fn silent_connections_are_closed_and_free_their_slot() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), 2, "test"));
+        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), 2, None, "test"));
         let mut short = TcpStream::connect(addr).await.unwrap();
         short.write_all(b"P").await.unwrap();
         let mut first = conns.next().await.unwrap().unwrap();
@@ -193,5 +226,41 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         talker.write_all(b"again").await.unwrap();
         assert_eq!(second.read(&mut buf).await.unwrap(), 5);
+    }
+
+    /// Past its lifetime a connection fails whether it waits to read or
+    /// keeps talking, and its slot goes to the next.
+    #[tokio::test]
+    async fn a_connection_is_cut_at_the_end_of_its_lifetime_busy_or_idle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let life = Duration::from_millis(400);
+        let mut conns = Box::pin(incoming(listener, 1, Duration::from_secs(5), 1, Some(life), "test"));
+        // Idle: waiting to read, woken by the deadline.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"x").await.unwrap();
+        let mut first = conns.next().await.unwrap().unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(first.read(&mut buf).await.unwrap(), 1);
+        let err = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(first);
+        // Busy: the peer never stops sending, so reads never wait; writes fail too.
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        let mut second = tokio::time::timeout(Duration::from_secs(5), conns.next()).await.unwrap().unwrap().unwrap();
+        let talk = tokio::spawn(async move { while busy.write_all(&[7u8; 4096]).await.is_ok() {} });
+        let started = tokio::time::Instant::now();
+        let err = loop {
+            match second.read(&mut buf).await {
+                Ok(0) => panic!("the peer closed first"),
+                Ok(_) => assert!(started.elapsed() < Duration::from_secs(10), "still reading after 10 s"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(second.write(b"late").await.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        drop(second);
+        talk.abort();
+        drop(idle);
     }
 }

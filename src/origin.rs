@@ -193,14 +193,21 @@ impl Origin {
                 if let Some(slice) = slice {
                     match self::slice::ask(slice) {
                         Ok(self::slice::Slice::Taken) => tracing::debug!(?slice, "origin thread's scheduler slice"),
-                        Ok(self::slice::Slice::NotTaken) => {
-                            tracing::debug!("the kernel keeps its own slice for the origin threads (before Linux 6.12)")
-                        }
+                        Ok(self::slice::Slice::NotTaken) => tracing::debug!(
+                            "the kernel keeps its own slice for the origin threads (before Linux 6.12, or not on the fair scheduler)"
+                        ),
                         Err(e) => tracing::info!(error = %e, "cannot set the origin threads' scheduler slice"),
                     }
                 }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    // The blocking pool (file reads, hashing) runs longer at
+                    // a time: the kernel's slice, not this thread's.
+                    .on_thread_start(move || {
+                        if slice.is_some() {
+                            let _ = self::slice::reset();
+                        }
+                    })
                     .max_blocking_threads(blocking)
                     .build()
                     .expect("a runtime");
