@@ -97,6 +97,10 @@ impl BlotServer {
             .args(["--metrics-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "error")
             .env("BLOTCDN_MAX_ASSET_BYTES", (4u64 << 30).to_string())
+            // The benches' tonic channels live for whole phases, some with
+            // many calls at once: a call racing a connection's GOAWAY at
+            // its age (hyper issue 2500) would fail the phase.
+            .env("BLOTCDN_GRPC_MAX_CONNECTION_AGE_SECS", "0")
             .stdout(Stdio::null())
             .spawn()
             .expect("server binary");
