@@ -544,7 +544,7 @@ impl Origin {
                 tracing::info!(blog = %blog, path = %path, "a file being written was asked for");
                 return Err(retry_soon("the file is being written; try again\n"));
             }
-            Err(OpenError::Io(e)) if crate::listen::out_of_descriptors(&e) => return Err(self.out_of_descriptors(&e)),
+            Err(OpenError::Io(e)) if crate::listen::out_of_descriptors(&e) => return Err(Self::out_of_descriptors(&e)),
             Err(OpenError::Io(e)) => {
                 tracing::error!(blog = %blog, path = %path, error = %e, "read failed");
                 return Err(plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"));
@@ -581,7 +581,7 @@ impl Origin {
 
     /// 503 with `Retry-After`: no descriptor is free for the file now; the
     /// next try may find one. Logged at most once a second.
-    fn out_of_descriptors(&self, e: &std::io::Error) -> Response<Body> {
+    fn out_of_descriptors(e: &std::io::Error) -> Response<Body> {
         static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         if crate::telemetry::once_a_second(&WARNED) {
             tracing::warn!(error = %e, "out of file descriptors: answering 503; raise `ulimit -n`");
@@ -689,7 +689,7 @@ impl Origin {
                 return not_found();
             }
             // As for blog files: a shortage that passes, not a bad blob.
-            Err(e) if crate::listen::out_of_descriptors(&e) => return self.out_of_descriptors(&e),
+            Err(e) if crate::listen::out_of_descriptors(&e) => return Self::out_of_descriptors(&e),
             Err(e) => {
                 static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let damaged = e.kind() == std::io::ErrorKind::InvalidData;
