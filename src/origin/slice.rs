@@ -9,8 +9,9 @@
 //! the core after at most that long instead of after the origin thread's
 //! whole slice. Measured by hand on this machine with wrk sharing both
 //! cores, 100 µs took the 1 KiB p99 from about 3.1 ms to 2.0 ms at the same
-//! rate (less in `bench.sh origin`'s shorter rounds; see BENCHMARKS.md). nginx's workers get the same effect by blocking in
-//! `epoll_wait` more often.
+//! rate (less in `bench.sh origin`'s shorter rounds; see BENCHMARKS.md).
+//! nginx's workers get the same effect by blocking in `epoll_wait` more
+//! often.
 //!
 //! Older kernels ignore the field for fair threads; `ask` reads the slice
 //! back to say whether it was taken. No crate exposes this field (libc has
@@ -71,7 +72,7 @@ pub fn of(tid: libc::pid_t) -> std::io::Result<Duration> {
 /// value (`sched_setattr` sets them all at once, so they are read first).
 pub fn ask(slice: Duration) -> std::io::Result<Slice> {
     let attr = get()?;
-    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+    if !fair(&attr) {
         return Ok(Slice::NotTaken);
     }
     let want = slice.as_nanos() as u64;
@@ -84,10 +85,17 @@ pub fn ask(slice: Duration) -> std::io::Result<Slice> {
 /// blocking pool, which hashes and reads files in longer runs.
 pub fn reset() -> std::io::Result<()> {
     let attr = get()?;
-    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+    if !fair(&attr) {
         return Ok(());
     }
     set(attr, 0)
+}
+
+/// A normal or batch thread, the ones asked about here: a thread the
+/// operator put under `SCHED_IDLE`, a real-time or a deadline policy is
+/// left alone.
+fn fair(attr: &SchedAttr) -> bool {
+    attr.policy == libc::SCHED_OTHER as u32 || attr.policy == libc::SCHED_BATCH as u32
 }
 
 /// `sched_setattr` with `runtime` (0: the default slice), keeping what

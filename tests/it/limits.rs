@@ -518,8 +518,7 @@ async fn raw_unary(addr: SocketAddr, path: &'static str, body: Vec<u8>) -> tonic
             Ok(Some(v))
         }
     }
-    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut g = tonic::client::Grpc::new(ch).max_encoding_message_size(64 << 20);
+    let mut g = tonic::client::Grpc::new(grpc_channel(addr).await.unwrap()).max_encoding_message_size(64 << 20);
     g.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static(path);
     g.unary(tonic::Request::new(body), path, Raw).await.unwrap_err()
@@ -566,7 +565,6 @@ async fn sizes_and_decoding_follow_the_contract() {
 /// holders' next calls reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_idle_grpc_connections_age_out_and_let_a_waiting_caller_in() {
-    use tonic::transport::Channel;
     let s = Server::start_with(|p| {
         // The least the cap can be (`app::connection_caps`).
         p.grpc_max_connections = Some(8);
@@ -574,12 +572,8 @@ async fn live_idle_grpc_connections_age_out_and_let_a_waiting_caller_in() {
     })
     .await;
     std::fs::create_dir_all(s.blogs_dir().join("age")).unwrap();
-    let channel = || {
-        let endpoint = Channel::from_shared(format!("http://{}", s.grpc)).unwrap();
-        async move { endpoint.connect().await }
-    };
     // An upload left open on the first connection.
-    let first = channel().await.unwrap();
+    let first = grpc_channel(s.grpc).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(header("age", "late.bin")).await.unwrap();
     let mut p = pb::publisher_client::PublisherClient::new(first.clone());
@@ -587,22 +581,14 @@ async fn live_idle_grpc_connections_age_out_and_let_a_waiting_caller_in() {
     // Seven more, each used once and then left idle: every slot is held.
     let mut holders = vec![first];
     for _ in 0..7 {
-        let ch = channel().await.unwrap();
+        let ch = grpc_channel(s.grpc).await.unwrap();
         let mut r = pb::resolver_client::ResolverClient::new(ch.clone());
         let e = r.get_blog(pb::GetBlogRequest { blog_id: "age".into() }).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         holders.push(ch);
     }
     // A renderer's call waits in the backlog behind them...
-    let late = tokio::spawn({
-        let addr = s.grpc;
-        async move {
-            let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await?;
-            let mut r = pb::resolver_client::ResolverClient::new(ch);
-            let e = r.get_blog(pb::GetBlogRequest { blog_id: "age".into() }).await.unwrap_err();
-            Ok::<_, tonic::transport::Error>(e.code())
-        }
-    });
+    let late = get_blog_once_let_in(s.grpc, "age");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!late.is_finished(), "the slots were not all held: the test shows nothing");
     // ...and gets in once the holders' connections have aged.
@@ -633,7 +619,7 @@ async fn live_idle_grpc_connections_age_out_and_let_a_waiting_caller_in() {
 async fn calls_across_connection_ages_all_succeed() {
     let s = Server::start_with(|p| p.grpc_max_connection_age_secs = Some(1)).await;
     std::fs::create_dir_all(s.blogs_dir().join("aging")).unwrap();
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
+    let ch = grpc_channel(s.grpc).await.unwrap();
     let until = Instant::now() + Duration::from_millis(3500);
     // Which connections the channel used, looked at every 100 ms.
     let watch = tokio::spawn({
@@ -699,6 +685,25 @@ async fn calls_across_connection_ages_all_succeed() {
     s.stop().await;
 }
 
+/// A channel to the gRPC address, connected.
+async fn grpc_channel(addr: SocketAddr) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await
+}
+
+/// A caller's `GetBlog` of a blog it does not have, on a connection of its
+/// own, started now: it finishes (with the answer's code) once the server
+/// takes the connection from the backlog.
+fn get_blog_once_let_in(
+    addr: SocketAddr,
+    blog: &'static str,
+) -> tokio::task::JoinHandle<Result<Code, tonic::transport::Error>> {
+    tokio::spawn(async move {
+        let mut r = pb::resolver_client::ResolverClient::new(grpc_channel(addr).await?);
+        let e = r.get_blog(pb::GetBlogRequest { blog_id: blog.into() }).await.unwrap_err();
+        Ok(e.code())
+    })
+}
+
 /// The client ports of established connections to `server_port` on
 /// 127.0.0.1, from /proc/net/tcp (state 01; ports in hex).
 fn client_ports(server_port: u16) -> Vec<u16> {
@@ -719,7 +724,6 @@ fn client_ports(server_port: u16) -> Vec<u16> {
 /// connections' age they are cut, and a caller waiting behind them gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_kept_busy_past_their_age_and_grace_are_cut() {
-    use tonic::transport::Channel;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let s = Server::start_with(|p| {
         p.grpc_max_connections = Some(8);
@@ -729,21 +733,12 @@ async fn connections_kept_busy_past_their_age_and_grace_are_cut() {
     .await;
     let mut watches = Vec::new();
     for _ in 0..8 {
-        let ch = Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await.unwrap();
-        let mut h = HealthClient::new(ch);
+        let mut h = HealthClient::new(grpc_channel(s.grpc).await.unwrap());
         let mut w = h.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
         w.message().await.unwrap().expect("the first health status");
         watches.push(w);
     }
-    let late = tokio::spawn({
-        let addr = s.grpc;
-        async move {
-            let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await?;
-            let mut r = pb::resolver_client::ResolverClient::new(ch);
-            let e = r.get_blog(pb::GetBlogRequest { blog_id: "busy".into() }).await.unwrap_err();
-            Ok::<_, tonic::transport::Error>(e.code())
-        }
-    });
+    let late = get_blog_once_let_in(s.grpc, "busy");
     // Past the age (1 s), GOAWAY has been sent, but the watches hold on.
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert!(!late.is_finished(), "a slot came free before the grace ended");
