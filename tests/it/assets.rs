@@ -410,7 +410,11 @@ async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
         }
         let grpc = server.grpc;
         let del = tokio::spawn(async move {
-            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
+            // The kill may come before the connection is made (delay 0): a
+            // deletion never sent is not acknowledged either.
+            let mut c = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("not connected before the kill: {e}")))?;
             c.delete_blog(pb::DeleteBlogRequest { blog_id: "doomed".into() }).await
         });
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
