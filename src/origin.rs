@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::blogfs::{changed_ago, settled, FileStamp, OpenError};
+use crate::blogfs::{changed_ago, open_for_writing, settled, FileStamp, OpenError};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{parse_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
@@ -45,7 +45,10 @@ mod verify;
 
 pub use splice::sealed_files;
 
-use answer::{content_type, cors_for, cors_for_type, file_etag, none_match, respond, respond_kept, FileAnswer, Found};
+use answer::{
+    content_type, cors_for, cors_for_type, file_etag, last_modified, none_match, respond, respond_kept, FileAnswer,
+    Found,
+};
 use fallback::Fallback;
 use hot::{HotCache, HotFile};
 use verify::DAMAGED;
@@ -490,13 +493,23 @@ impl Origin {
         // is wasted, and rare.)
         let seal_max = self.sealed_files;
         let (b, p, cat) = (blog.clone(), path.clone(), self.catalog.clone());
-        type Opened = (std::fs::File, Metadata, Option<Bytes>, bool);
+        // The file, its metadata, its bytes when small, whether it grew past
+        // small while read, and whether another process held it open for
+        // writing while it was read.
+        type Opened = (std::fs::File, Metadata, Option<Bytes>, bool, bool);
         let opened = tokio::task::spawn_blocking(move || -> Result<Opened, OpenError> {
             let dir = match root {
                 Root::Blogs => cat.blogs_dir(),
                 Root::Static => cat.static_dir(),
             };
             let (f, meta) = dir.open(&b, &p)?;
+            // A writer holding the file (a sync in progress, a program
+            // writing through a shared mapping) may store into pages already
+            // dirty without moving any timestamp: what is read may be torn
+            // while every stamp check passes. Asked at the open and, for a
+            // file read whole, again after the read (a writer that opened it
+            // meanwhile and is gone by then moved its times).
+            let mut writing = writer_holds(&f);
             let busy =
                 || OpenError::Io(std::io::Error::new(std::io::ErrorKind::ResourceBusy, "the file keeps changing"));
             // Not in the middle of a write (see `blogfs::settled`).
@@ -512,9 +525,11 @@ impl Origin {
                     // checked against them), and never kept hot.
                     grew = true;
                 } else if buf.len() as u64 == now.len() && FileStamp::of(&now) == FileStamp::of(&meta) {
+                    writing = writing || writer_holds(&f);
                     // Blog files may be kept hot: sealed, they are sent
                     // from the kernel's pages (see `origin/splice.rs`).
-                    let sealed = (buf.len() as u64 <= seal_up_to).then(|| splice::seal(&buf, seal_max)).flatten();
+                    let seal = buf.len() as u64 <= seal_up_to && !writing;
+                    let sealed = seal.then(|| splice::seal(&buf, seal_max)).flatten();
                     small = Some(sealed.unwrap_or_else(|| Bytes::from(buf)));
                 } else {
                     // Written while it was read: what was read may be
@@ -529,11 +544,11 @@ impl Origin {
                 }
                 meta = now;
             }
-            Ok((f, meta, small, grew))
+            Ok((f, meta, small, grew, writing))
         })
         .await
         .map_err(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"))?;
-        let (file, meta, small, grew) = match opened {
+        let (file, meta, small, grew, writing) = match opened {
             Ok(x) => x,
             Err(OpenError::NotFound) => return Ok(None),
             Err(OpenError::Refused(why)) => {
@@ -554,10 +569,11 @@ impl Origin {
         // moved (one slow write, stores through a shared mapping, which move
         // the times only at a page's first store, coarse timestamps).
         // Answered short-lived, so no cache holds a torn read for long, and
-        // never kept hot.
-        let recent = changed_ago(&meta) < self.recent_change;
+        // never kept hot. So is a file another process holds open for
+        // writing, whatever its times say.
+        let recent = writing || changed_ago(&meta) < self.recent_change;
         let (cache, keep) = if recent { (SHORT, None) } else { (cache, keep) };
-        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let modified = last_modified(&meta);
         let content_type = content_type(path.file_name());
         let etag = file_etag(&meta, recent);
         let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()), blog_hv.clone());
@@ -770,6 +786,27 @@ fn cut_twice(s: &str) -> (&str, Option<&str>, Option<&str>) {
     match slash(a + 1) {
         Some(b) => (&s[..a], Some(&s[a + 1..b]), Some(&s[b + 1..])),
         None => (&s[..a], Some(&s[a + 1..]), None),
+    }
+}
+
+/// Whether another process holds the file open for writing (see
+/// `blogfs::open_for_writing`). Where the kernel gives no answer, no: the
+/// times alone are checked then, which a writer through a shared mapping
+/// can get past (said once in the log).
+fn writer_holds(f: &std::fs::File) -> bool {
+    match open_for_writing(f) {
+        Some(writing) => writing,
+        None => {
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "the origin cannot ask whether a blog file is being written (no read lease: the file is another \
+                     user's and the server lacks CAP_LEASE, leases are off, or the filesystem is not local): a file \
+                     written through a shared mapping may be answered torn and kept; only its times are checked (said once)"
+                );
+            }
+            false
+        }
     }
 }
 

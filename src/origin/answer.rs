@@ -72,13 +72,28 @@ pub(super) fn cors_for_type(content_type: &str) -> bool {
         || matches!(content_type, "application/font-woff" | "application/vnd.ms-fontobject" | "application/x-font-ttf")
 }
 
-/// The file's ETag; `recent`: inside the `recent_change_ms` window, where it
-/// must never equal the ETag of any later answer.
+/// The file's ETag: its length and change time. Not its modification time,
+/// which a sync tool sets back (`rsync -t`, `cp -p`, an older version
+/// restored): a file of the same length written that way would revalidate
+/// with a 304 and keep the old bytes in every cache. The change time moves
+/// with every write and rename, and nothing sets it. `recent`: inside the
+/// `recent_change_ms` window, where it must never equal the ETag of any
+/// later answer.
 pub(super) fn file_etag(meta: &Metadata, recent: bool) -> HeaderValue {
     use std::os::unix::fs::MetadataExt;
     let suffix = if recent { "-recent" } else { "" };
-    let s = format!("\"{:x}-{:x}-{:x}{suffix}\"", meta.len(), meta.mtime(), meta.mtime_nsec());
+    let s = format!("\"{:x}-{:x}-{:x}{suffix}\"", meta.len(), meta.ctime(), meta.ctime_nsec());
     HeaderValue::from_str(&s).expect("hex is header-safe")
+}
+
+/// The file's Last-Modified: the later of its modification and change
+/// times, so that a file written with an older modification time kept
+/// (see [`file_etag`]) still reads as newer to `If-Modified-Since`.
+pub(super) fn last_modified(meta: &Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    let changed = SystemTime::UNIX_EPOCH
+        + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+    meta.modified().map_or(changed, |m| m.max(changed))
 }
 
 pub(super) fn http_date(t: SystemTime) -> HeaderValue {

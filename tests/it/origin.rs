@@ -735,6 +735,83 @@ async fn a_file_changed_just_now_is_short_lived_and_not_kept() {
     s.stop().await;
 }
 
+/// A program writing a blog file through a shared mapping stores into
+/// pages already dirty without moving any of the file's times, so no stamp
+/// check can see the bytes change under a read. While another process holds
+/// the file open for writing, its answer is short-lived and not kept: once
+/// the writer lets go, the same URL answers what the file holds then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_held_open_by_a_writer_is_short_lived_and_not_kept() {
+    use std::os::fd::AsRawFd;
+    let s = Server::start().await;
+    let n = 256 * 1024;
+    let path = s.write("mm", "/f.bin", &vec![b'A'; n]);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    // SAFETY: a shared mapping of the whole file, unmapped below before the
+    // file is closed; the slice is used only while it is mapped.
+    let at = unsafe {
+        libc::mmap(std::ptr::null_mut(), n, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0)
+    };
+    assert_ne!(at, libc::MAP_FAILED);
+    let pages = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, n) };
+    // Every page dirty: the times move here, at each page's first store.
+    pages.fill(b'B');
+    invalidate(&s, "mm", &[]).await;
+    let url = url_of(&s, "mm", "/f.bin").await;
+    let stamp = |m: std::fs::Metadata| (m.modified().unwrap(), std::os::unix::fs::MetadataExt::ctime_nsec(&m));
+    let before = stamp(std::fs::metadata(&path).unwrap());
+    // Stores into dirty pages: no time moves.
+    pages[..4096].fill(b'C');
+    assert_eq!(stamp(std::fs::metadata(&path).unwrap()), before, "the premise: these stores move no time");
+    let r = curl(&[&url]);
+    assert_eq!((r.status, r.body.len()), (200, n));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"), "a file held open for writing");
+    // The writer finishes and lets go.
+    pages.fill(b'D');
+    // SAFETY: mapped above, not used after this.
+    assert_eq!(unsafe { libc::munmap(at, n) }, 0);
+    drop(file);
+    let r = curl(&[&url]);
+    assert!(
+        r.body == vec![b'D'; n],
+        "after the writer let go: the file as it is, not a copy kept while it was written"
+    );
+    assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
+    s.stop().await;
+}
+
+/// A sync tool that keeps modification times (`rsync -t`, `cp -p`, an older
+/// version restored) can replace a file with other bytes of the same length
+/// and the same modification time: its validators change all the same, so
+/// a cache revalidating its copy gets the new bytes, not a 304.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_with_its_old_modification_time_does_not_revalidate() {
+    let s = Server::start().await;
+    let old_time = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_577_836_800);
+    let set_time =
+        |p: &std::path::Path| std::fs::File::options().write(true).open(p).unwrap().set_modified(old_time).unwrap();
+    let path = s.write("et", "/et.txt", b"OLDOLDOLD1");
+    set_time(&path);
+    let first = get(s.http, "/et/et.txt", &[]);
+    assert_eq!(first.body, b"OLDOLDOLD1");
+    let (etag, lm) = (first.header("etag").unwrap().to_owned(), first.header("last-modified").unwrap().to_owned());
+    assert_eq!(get(s.http, "/et/et.txt", &[("If-None-Match", &etag)]).status, 304);
+    // A second later (HTTP dates count whole seconds), written elsewhere,
+    // its time set back, renamed over the old one.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let tmp = s.blogs_dir().join("et/.et.txt.tmp");
+    std::fs::write(&tmp, b"NEWNEWNEW2").unwrap();
+    set_time(&tmp);
+    std::fs::rename(&tmp, &path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), old_time);
+    for (name, value) in [("If-None-Match", etag.as_str()), ("If-Modified-Since", lm.as_str())] {
+        let r = get(s.http, "/et/et.txt", &[(name, value)]);
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"NEWNEWNEW2"[..]), "{name}: {value}");
+        assert_ne!(r.header("etag"), Some(etag.as_str()));
+    }
+    s.stop().await;
+}
+
 /// The origin threads ask the kernel for the configured scheduler slice
 /// (`http_slice_us`), and keep the kernel's own with 0. Kernels before 6.12
 /// have no per-thread slice: there the configured one must not show either.
