@@ -178,6 +178,9 @@ impl App {
         crate::durable::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
         let statics = BlogsDir::new(&config.static_dir).map_err(dir_err("static_dir", &config.static_dir))?;
+        // A blog folder that is a link may lead anywhere but into these.
+        let own = [config.data_dir.as_path(), blogs.root(), statics.root()];
+        let (blogs, statics) = (blogs.clone().keep_out_of(own), statics.clone().keep_out_of(own));
         check_serving_dirs(&config)?;
         // Backfills a crash cut off.
         crate::blogfs::NewFile::sweep(statics.root()).map_err(dir_err("static_dir", &config.static_dir))?;

@@ -125,12 +125,31 @@ pub fn open_for_writing(file: &File) -> Option<bool> {
 #[derive(Debug, Clone)]
 pub struct BlogsDir {
     root: PathBuf,
+    /// Folders (canonical) that a blog folder which is a symbolic link may
+    /// neither lead into nor hold: this root (another blog's folder, or
+    /// all of them) and whatever [`BlogsDir::keep_out_of`] adds.
+    keep_out: Vec<PathBuf>,
 }
 
 impl BlogsDir {
     pub fn new(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(BlogsDir { root: dir.canonicalize()? })
+        let root = dir.canonicalize()?;
+        Ok(BlogsDir { keep_out: vec![root.clone()], root })
+    }
+
+    /// Adds the server's own folders (the data dir with its database and
+    /// CAS, the other root of blog files) to those a linked blog folder may
+    /// not lead into or hold. Folders that do not exist are skipped.
+    pub fn keep_out_of<'a>(mut self, dirs: impl IntoIterator<Item = &'a Path>) -> Self {
+        for d in dirs {
+            if let Ok(d) = d.canonicalize() {
+                if !self.keep_out.contains(&d) {
+                    self.keep_out.push(d);
+                }
+            }
+        }
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -216,24 +235,33 @@ impl BlogsDir {
         if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
             return Err(OpenError::Refused("a hard link (more than one name for the file)"));
         }
-        if !self.is_inside(blog, file)? {
-            return Err(OpenError::Refused("resolves outside the blog's folder"));
-        }
+        self.placed(blog, file)?.map_err(OpenError::Refused)?;
         Ok(meta)
     }
 
-    fn is_inside(&self, blog: &str, file: &File) -> io::Result<bool> {
+    /// `Ok(())` if the opened file lies inside the blog's folder; else why not.
+    fn placed(&self, blog: &str, file: &File) -> io::Result<Result<(), &'static str>> {
         let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
         let dir = self.blog_dir(blog);
         if real.starts_with(&dir) && real != dir {
-            return Ok(true);
+            return Ok(Ok(()));
         }
+        let outside = Err("resolves outside the blog's folder");
         // The blog's folder may itself be a link (to another disk, say): compare
         // against where it really is. Rare, so paid only here.
-        match dir.canonicalize() {
-            Ok(real_dir) => Ok(real.starts_with(&real_dir) && real != real_dir),
-            Err(_) => Ok(false),
+        let Ok(real_dir) = dir.canonicalize() else {
+            return Ok(outside);
+        };
+        if !real.starts_with(&real_dir) || real == real_dir {
+            return Ok(outside);
         }
+        // Never into the server's own folders (the database, the write-ahead
+        // log, the CAS), another blog's folder, or a folder holding any of
+        // them (`/`, say): such a link would serve them all as this blog's.
+        if self.keep_out.iter().any(|k| real_dir.starts_with(k) || k.starts_with(&real_dir)) {
+            return Ok(Err("the blog's folder is a link into the server's own folders or another blog's"));
+        }
+        Ok(Ok(()))
     }
 }
 

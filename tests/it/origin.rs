@@ -735,6 +735,49 @@ async fn a_file_changed_just_now_is_short_lived_and_not_kept() {
     s.stop().await;
 }
 
+/// A blog's folder may be a symbolic link to a folder elsewhere (another
+/// disk), and is served from there. Not to the server's own folders, another
+/// blog's folder, or a folder holding them: such a link would serve the
+/// database, the write-ahead log and the CAS (and make any of them a
+/// permanent asset) as the blog's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blog_folder_linked_into_the_servers_own_folders_is_refused() {
+    use std::os::unix::fs::symlink;
+    let s = Server::start().await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("page.css"), b"from another disk").unwrap();
+    let blogs = s.blogs_dir();
+    symlink(elsewhere.path(), blogs.join("moved")).unwrap();
+    s.write("other", "/secret.txt", b"another blog's file");
+    symlink(s.dir.path(), blogs.join("data")).unwrap();
+    symlink(s.dir.path().join("cas"), blogs.join("cas")).unwrap();
+    symlink(blogs.join("other"), blogs.join("alias")).unwrap();
+    symlink("/", blogs.join("root")).unwrap();
+    for blog in ["moved", "data", "cas", "alias", "root"] {
+        invalidate(&s, blog, &[]).await;
+    }
+    let r = get(s.http, "/moved/page.css", &[]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"from another disk"[..]), "a linked folder elsewhere is served");
+    let wal = s.dir.path().join("db.wal");
+    assert!(wal.exists(), "the premise: the data dir holds the log");
+    let secret = format!("{}", blogs.strip_prefix(s.dir.path()).unwrap().join("other/secret.txt").display());
+    for target in
+        ["/data/db.wal".to_owned(), format!("/data/{secret}"), "/alias/secret.txt".into(), "/root/etc/passwd".into()]
+    {
+        let r = get(s.http, &target, &[]);
+        assert_eq!(r.status, 404, "{target}");
+    }
+    let mut p = s.publisher().await;
+    for (blog, path) in [("data", "/db.wal"), ("alias", "/secret.txt")] {
+        let e = p
+            .import_file(pb::ImportFileRequest { blog_id: blog.into(), path: path.into() })
+            .await
+            .expect_err("imported a file of the server's own folders");
+        assert!(e.message().contains("server's own folders"), "{blog}{path}: {e:?}");
+    }
+    s.stop().await;
+}
+
 /// A program writing a blog file through a shared mapping stores into
 /// pages already dirty without moving any of the file's times, so no stamp
 /// check can see the bytes change under a read. While another process holds
