@@ -135,12 +135,19 @@ const METRICS_CONNECTIONS: u64 = 64;
 /// publishers), metrics a sixteenth up to 64, the HTTP origin the rest at
 /// two each (its socket and the file it sends). The floors keep a tiny
 /// limit usable; below about 800 descriptors they eat into the reserve.
+/// They never raise a configured cap: that is taken as it is.
 fn connection_caps(config: &Config, nofile: u64, sealed: usize) -> ConnectionCaps {
     let budget = nofile.saturating_sub(fd_reserve(config, sealed));
-    let grpc = (config.grpc_max_connections as u64).min(budget / 8).max(8);
+    let grpc = (config.grpc_max_connections as u64).min((budget / 8).max(8));
     let metrics = METRICS_CONNECTIONS.min(budget / 16).max(4);
-    let http = (config.max_connections as u64).min(budget.saturating_sub(grpc + metrics) / 2).max(16);
+    let http = (config.max_connections as u64).min((budget.saturating_sub(grpc + metrics) / 2).max(16));
     ConnectionCaps { http, grpc, metrics }
+}
+
+/// How long a gRPC connection may live, its age and grace together; `None`:
+/// for good. Any number of seconds is taken (a huge one is "never").
+fn grpc_connection_lifetime(config: &Config) -> Option<std::time::Duration> {
+    config.grpc_max_connection_age.map(|age| age.saturating_add(config.grpc_max_connection_age_grace))
 }
 
 /// Descriptors kept back from connections (see `connection_caps`): the store, the log, blobs being written, fallback
@@ -448,7 +455,7 @@ impl App {
                     caps.grpc as usize,
                     config.http_idle_timeout,
                     crate::listen::H2_PREFACE,
-                    config.grpc_max_connection_age.map(|age| age + config.grpc_max_connection_age_grace),
+                    grpc_connection_lifetime(&config),
                     "grpc",
                 ),
                 grpc_stop,
@@ -523,6 +530,36 @@ mod tests {
             let reserve = fd_reserve(&config, crate::origin::sealed_files(config.hot_cache_bytes, nofile));
             assert!(reserve + c.grpc + c.metrics + 2 * c.http <= nofile, "{nofile}: {c:?}");
             assert!(c.grpc <= 1024 && c.http <= 10_000, "{nofile}: {c:?}");
+        }
+        // Small caps as configured, at any limit.
+        let small = Config::from_partial(crate::config::Partial {
+            grpc_max_connections: Some(2),
+            max_connections: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        for nofile in [256, 1 << 20] {
+            let c = connection_caps(&small, nofile, 0);
+            assert_eq!((c.grpc, c.http), (2, 3), "{nofile}");
+        }
+    }
+
+    /// Age and grace of any size, however large, give a lifetime ("never",
+    /// in effect), not a panic at start.
+    #[test]
+    fn any_connection_age_and_grace_give_a_lifetime() {
+        let config = |age: u64, grace: u64| {
+            Config::from_partial(crate::config::Partial {
+                grpc_max_connection_age_secs: Some(age),
+                grpc_max_connection_age_grace_secs: Some(grace),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(grpc_connection_lifetime(&config(300, 300)), Some(std::time::Duration::from_secs(600)));
+        assert_eq!(grpc_connection_lifetime(&config(0, 300)), None);
+        for (age, grace) in [(u64::MAX, u64::MAX), (1, u64::MAX), (u64::MAX, 1)] {
+            assert!(grpc_connection_lifetime(&config(age, grace)).unwrap() >= std::time::Duration::from_secs(1 << 62));
         }
     }
 }
