@@ -32,6 +32,10 @@ pub enum CatalogError {
     /// imported): nothing was kept; the same call later may succeed.
     #[error("{0}")]
     Changed(String),
+    /// The caller went away mid-call (an upload's stream broke off): not a
+    /// bad request, and nothing was kept.
+    #[error("{0}")]
+    Cancelled(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("I/O error: {0}")]
@@ -47,6 +51,7 @@ impl CatalogError {
             CatalogError::TooLarge(_) => "too_large",
             CatalogError::Timeout(_) => "timeout",
             CatalogError::Changed(_) => "changed",
+            CatalogError::Cancelled(_) => "cancelled",
             CatalogError::Store(_) => "store",
             CatalogError::Io(_) => "io",
         }

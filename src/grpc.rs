@@ -26,6 +26,7 @@ impl From<CatalogError> for Status {
             CatalogError::TooLarge(_) => Status::resource_exhausted(msg),
             CatalogError::Timeout(_) => Status::deadline_exceeded(msg),
             CatalogError::Changed(_) => Status::aborted(msg),
+            CatalogError::Cancelled(_) => Status::cancelled(msg),
             CatalogError::Store(StoreError::Full(_)) => Status::resource_exhausted(msg),
             CatalogError::Store(StoreError::Unavailable(_) | StoreError::Closed) => Status::unavailable(msg),
             CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(
@@ -271,10 +272,19 @@ impl pb::publisher_server::Publisher for PublisherService {
                 Err(_) => Some(Err(idle_error())),
                 Ok(None) => None,
                 Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Data(d)) }))) => Some(Ok(d)),
-                Ok(Some(Ok(_))) => {
+                Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Header(_)) }))) => {
                     Some(Err(CatalogError::BadRequest("only the first PutAssetChunk may be a header".into())))
                 }
-                Ok(Some(Err(s))) => Some(Err(CatalogError::BadRequest(format!("upload broke off: {}", s.message())))),
+                Ok(Some(Ok(pb::PutAssetChunk { chunk: None }))) => Some(Err(CatalogError::BadRequest(
+                    "a PutAssetChunk with neither header nor data: after the header, each chunk carries data".into(),
+                ))),
+                // The client went away or the connection was cut (the
+                // message already says "upload broke off").
+                Ok(Some(Err(s))) if broke_off(&s) => Some(Err(CatalogError::Cancelled(s.message().to_owned()))),
+                // A chunk that does not decode, or one too large.
+                Ok(Some(Err(s))) => {
+                    Some(Err(CatalogError::BadRequest(format!("a bad PutAssetChunk: {}", s.message()))))
+                }
             };
             // After an error the stream ends.
             let still_open = matches!(item, Some(Ok(_)));
@@ -517,6 +527,20 @@ where
         }
         self.inner.call(req)
     }
+}
+
+/// Whether an upload's stream failed because it broke off (the client went
+/// away, the connection was cut), not because of what it sent.
+fn broke_off(s: &Status) -> bool {
+    // tonic wraps the body's error in a status or two on its way here.
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if e.is::<UploadBroken>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    s.code() == tonic::Code::Cancelled
 }
 
 /// The upload's body broke off. Deliberately without a `source()`, so that

@@ -131,6 +131,12 @@ async fn put_dedups_within_and_across_blogs_and_serves_immutably() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("header"), "{}", e.message());
+    // A chunk with neither a header nor data, after the header.
+    let mut v = chunks("blogA", "x.png", "", b"x");
+    v.push(pb::PutAssetChunk { chunk: None });
+    let e = c.put_asset(tokio_stream::iter(v)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("neither header nor data"), "{}", e.message());
     s.stop().await;
 }
 

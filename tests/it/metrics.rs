@@ -208,3 +208,45 @@ fn a_client_pipelining_scrapes_gets_one_answer_and_is_closed() {
     assert!(ended, "the connection is still open after {answers} answers");
     assert!(answers <= 1, "{answers} answers to one connection");
 }
+
+/// An upload the client gives up half way is counted as CANCELLED, not as a
+/// bad request: alerts on INVALID_ARGUMENT are about what callers send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_by_its_client_is_counted_as_cancelled() {
+    use blotcdn::proto::put_asset_chunk::Chunk;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn(dir.path());
+    let grpc = format!("http://{}", server.grpc);
+    let task = tokio::spawn(async move {
+        let mut c = pb::publisher_client::PublisherClient::connect(grpc).await.unwrap();
+        let header = pb::PutAssetChunk {
+            chunk: Some(Chunk::Header(pb::PutAssetHeader {
+                blog_id: "cut".into(),
+                filename: "cut.bin".into(),
+                content_type: String::new(),
+                path: String::new(),
+            })),
+        };
+        let data = pb::PutAssetChunk { chunk: Some(Chunk::Data(vec![7u8; 5000].into())) };
+        let first = tokio_stream::iter(vec![header, data]);
+        let _ = c.put_asset(tokio_stream::StreamExt::chain(first, futures_util::stream::pending())).await;
+    });
+    let series = |code: &str| format!("blotcdn_rpc_requests_total{{method=\"PutAsset\",code=\"{code}\"}}");
+    let scrape = || String::from_utf8(curl(&[&format!("http://{}/metrics", metrics_addr(&server))]).body).unwrap();
+    // Cut once the server has started writing it.
+    let started = Instant::now();
+    while std::fs::read_dir(dir.path().join("cas/tmp")).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the upload never reached the server");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let text = loop {
+        let text = scrape();
+        if sample(&text, &series("CANCELLED")).is_some() || started.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&text, &series("CANCELLED")), Some(1.0), "{text}");
+    assert_eq!(sample(&text, &series("INVALID_ARGUMENT")), None, "{text}");
+}
