@@ -266,6 +266,15 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 /// them, one the channel never sent because the server was sending the
 /// connection away (`grpc_max_connection_age_secs`; hyper issue 2500). An
 /// idempotent call (`ImportFile`) is worth one more try.
+/// A refusal every call to this server would get (no token or the wrong
+/// one, the server gone): a folder's import stops at it instead of trying
+/// each file in turn.
+fn fails_every_call(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied | Code::Unavailable | Code::Unimplemented)
+        || failed_in_transport(s)
+}
+
 fn failed_in_transport(s: &tonic::Status) -> bool {
     std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
@@ -389,26 +398,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => bail!("give a PATH or --dir"),
             };
             let total = paths.len();
-            let show = total > 1;
+            // One file: its answer on stdout. A folder: a bar on a terminal,
+            // and every file tried, whatever happens to the one before it
+            // (a hard link refused, a file being synced): those are listed
+            // as they fail and counted at the end.
+            let many = total > 1;
+            let bar = (many && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+                let bar = indicatif::ProgressBar::new(total as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} {wide_msg}")
+                        .expect("a valid template"),
+                );
+                bar
+            });
+            let mut failed = 0;
             for (i, p) in paths.into_iter().enumerate() {
+                if let Some(b) = &bar {
+                    b.set_message(p.clone());
+                }
                 // A long import outlives a connection's age: a file whose call
                 // the closing connection never carried is asked again, once.
                 let req = || pb::ImportFileRequest { blog_id: blog.clone(), path: p.clone() };
-                let a = match c.import_file(req()).await {
+                let r = match c.import_file(req()).await {
                     Err(s) if failed_in_transport(&s) => c.import_file(req()).await,
                     other => other,
+                };
+                match r {
+                    Ok(a) if !many => {
+                        let a = a.into_inner();
+                        println!("{}\t{}\t{} bytes", a.hash, a.url, a.size);
+                    }
+                    Ok(_) => {}
+                    Err(s) if !many => return Err(anyhow::anyhow!("{p}: {}", status_err(s))),
+                    // Every file after it would fail the same way.
+                    Err(s) if fails_every_call(&s) => {
+                        if let Some(b) = &bar {
+                            b.abandon();
+                        }
+                        bail!(
+                            "stopped after {} of {total} files ({failed} refused): {p}: {}",
+                            i - failed,
+                            status_err(s)
+                        );
+                    }
+                    Err(s) => {
+                        failed += 1;
+                        let line = format!("not imported: {p}: {}", status_err(s));
+                        match &bar {
+                            Some(b) => b.println(line),
+                            None => eprintln!("{line}"),
+                        }
+                    }
                 }
-                .map_err(|s| anyhow::anyhow!("{p}: {}", status_err(s)))?
-                .into_inner();
-                if show {
-                    progress(i + 1, total, &p);
-                } else {
-                    println!("{}\t{}\t{} bytes", a.hash, a.url, a.size);
+                if let Some(b) = &bar {
+                    b.inc(1);
                 }
             }
-            if show {
-                eprintln!();
-                println!("imported {total} files");
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            if many {
+                println!("imported {} files", total - failed);
+                if failed > 0 {
+                    bail!("{failed} of {total} files were not imported (listed above); import them again once fixed");
+                }
             }
         }
         Command::DeleteBlog { conn, blog } => {
@@ -514,17 +567,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn progress(done: usize, total: usize, current: &str) {
-    let width = 30;
-    let filled = done * width / total.max(1);
-    eprint!(
-        "\r[{}{}] {done}/{total} {}\x1b[K",
-        "#".repeat(filled),
-        "-".repeat(width - filled),
-        current.chars().take(60).collect::<String>()
-    );
 }
 
 /// Every regular file under a folder of the blog, as blog paths, hidden

@@ -558,17 +558,27 @@ async fn cli_put_import_dir_and_delete() {
     for (p, b) in [("/templates/t/style.css", "a"), ("/templates/t/js/app.js", "b"), ("/templates/t/.hidden", "c")] {
         s.write("cli", p, b.as_bytes());
     }
+    // A file refused in the middle of the folder (a second name for it
+    // elsewhere): the files after it are imported all the same, and the
+    // import says which one was not, and fails.
+    let linked = s.write("cli", "/templates/t/linked.css", b"d");
+    std::fs::hard_link(&linked, s.dir.path().join("elsewhere.css")).unwrap();
+    let (code, out, err) = cli(&["import", "--blog", "cli", "--dir", "/templates/t"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("imported 2 files"), "{out}");
+    assert!(err.contains("not imported: /templates/t/linked.css") && err.contains("hard link"), "{err}");
+    assert!(err.contains("1 of 3 files were not imported"), "{err}");
+    std::fs::remove_file(s.dir.path().join("elsewhere.css")).unwrap();
     let (code, out, err) = cli(&["import", "--blog", "cli", "--dir", "/templates/t"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("imported 2 files"), "{out}");
-    assert!(err.contains("2/2"), "progress bar: {err}");
+    assert!(out.contains("imported 3 files"), "{out}");
     let (code, out, _) = cli(&["resolve", "--blog", "cli", "/templates/t/style.css", "/templates/t/js/app.js"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("/_assets/").count(), 2, "{out}");
 
     let (code, out, _) = cli(&["blog", "get", "cli"]);
     assert_eq!(code, 0);
-    assert!(out.contains("asset_count 3"), "{out}");
+    assert!(out.contains("asset_count 4"), "{out}");
     let (code, out, err) = cli(&["delete-blog", "cli"]);
     assert_eq!((code, out.trim()), (0, "deleted cli"), "{err}");
     let (code, _, err) = cli(&["blog", "get", "cli"]);
