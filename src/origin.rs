@@ -134,9 +134,10 @@ impl Origin {
             idle_timeout: config.http_idle_timeout,
             recent_change: config.recent_change,
             host_suffix: match (config.url_style, config.cdn_base_url.as_deref()) {
-                (crate::domain::UrlStyle::Host, Some(base)) => {
-                    base.split_once("://").map(|(_, host)| format!(".{}", host.to_ascii_lowercase()))
-                }
+                (crate::domain::UrlStyle::Host, Some(base)) => base.parse::<http::Uri>().ok().and_then(|u| {
+                    let host = u.host()?.to_ascii_lowercase();
+                    Some(format!(".{}", host.strip_suffix('.').unwrap_or(&host)))
+                }),
                 _ => None,
             },
             counters: crate::metrics::HttpCounters::default(),
@@ -146,11 +147,24 @@ impl Origin {
         })
     }
 
-    /// The blog a host-style request names by its `Host`, if it does (host
-    /// names are case-insensitive; host-style blog ids are lower case).
+    /// The blog a host-style request names by its host, if it does (host
+    /// names are case-insensitive; host-style blog ids are lower case): the
+    /// authority of an absolute-form target (`GET http://b.cdn/…`, where
+    /// RFC 9112 has the Host header ignored), else the `Host` header; any
+    /// port, and the dot of a fully qualified name, left out.
     fn blog_from_host<'a>(&self, req: &'a Request<Incoming>) -> Option<std::borrow::Cow<'a, str>> {
         let suffix = self.host_suffix.as_deref()?;
-        let host = req.headers().get(header::HOST)?.to_str().ok()?;
+        let host = match req.uri().authority() {
+            Some(a) => a.host(),
+            None => {
+                let h = req.headers().get(header::HOST)?.to_str().ok()?;
+                match h.rsplit_once(':') {
+                    Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                    _ => h,
+                }
+            }
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
         let cut = host.len().checked_sub(suffix.len())?;
         let (label, rest) = (host.get(..cut)?, host.get(cut..)?);
         if !rest.eq_ignore_ascii_case(suffix) {
@@ -334,6 +348,12 @@ impl Origin {
 
     /// `in_host`: the path with the blog the `Host` names, for host-style URLs.
     async fn route(&self, req: &Request<Incoming>, in_host: Option<&str>) -> Response<Body> {
+        // Two could name two blogs (RFC 9112: answer 400); an edge keying
+        // its cache on the other one would keep one blog's bytes under the
+        // other's name.
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return plain(StatusCode::BAD_REQUEST, NO_STORE, "more than one Host header\n");
+        }
         let path = req.uri().path();
         match path {
             "/healthz" => {

@@ -473,6 +473,29 @@ async fn host_style_urls_name_the_blog_in_the_host() {
     assert_eq!(by_host("127.0.0.1", &format!("/b1/{id}/style.css")).status, 200);
     assert_eq!(by_host("nosuch.cdn.test", &format!("/{id}/style.css")).status, 404);
     assert_eq!(by_host("b1.cdn.test", "/healthz").status, 200);
+    // A port (an edge that forwards it) and a fully qualified name.
+    for host in ["b1.cdn.test:80", "b1.cdn.test.", "b1.cdn.test.:8080"] {
+        let r = by_host(host, &format!("/{id}/style.css"));
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"host style"[..]), "{host}");
+    }
+    // An absolute-form target names the host; the Host header is ignored.
+    let target = format!("http://nosuch.cdn.test/{id}/style.css");
+    let r = common::raw_request(
+        s.http,
+        format!("GET {target} HTTP/1.1\r\nHost: b1.cdn.test\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 404, "the target's host, not the Host header's");
+    let target = format!("http://b1.cdn.test/{id}/style.css");
+    let r = common::raw_request(
+        s.http,
+        format!("GET {target} HTTP/1.1\r\nHost: nosuch.cdn.test\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"host style"[..]));
+    // Two Host headers could name two blogs: refused.
+    let two = format!(
+        "GET /{id}/style.css HTTP/1.1\r\nHost: b1.cdn.test\r\nHost: nosuch.cdn.test\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(common::raw_request(s.http, two.as_bytes()).status, 400);
     s.stop().await;
 
     // Host style needs a host name to put blogs under.
