@@ -491,6 +491,15 @@ impl Config {
                 ))
             }
         };
+        // Asked for, with no origin threads to take it: said, not ignored.
+        if p.http_threads == Some(0) && p.http_slice_us.is_some_and(|us| us != 0) {
+            return Err(invalid(
+                "http_slice_us",
+                "applies to the origin threads, and http_threads = 0 has none (the origin runs on the gRPC runtime): \
+                 leave http_slice_us unset, or set http_threads"
+                    .to_owned(),
+            ));
+        }
         let fallback_origins: Vec<String> =
             p.fallback_origins.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         for o in &fallback_origins {
@@ -676,6 +685,11 @@ mod tests {
                 Err(e) => assert!(!ok && e.to_string().contains("http_slice_us"), "{us}: {e}"),
             }
         }
+        let slice_without_threads = |us| Partial { http_threads: Some(0), http_slice_us: us, ..Default::default() };
+        let e = Config::from_partial(slice_without_threads(Some(200))).unwrap_err();
+        assert!(e.to_string().contains("http_slice_us") && e.to_string().contains("http_threads"), "{e}");
+        assert!(Config::from_partial(slice_without_threads(None)).is_ok());
+        assert!(Config::from_partial(slice_without_threads(Some(0))).is_ok());
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "max_bach = 5\n").unwrap();
