@@ -23,6 +23,8 @@ export interface ClientOptions {
   publishDeadlineMs?: number;
   /** Passed to the @grpc/grpc-js client constructors (channel options, interceptors). */
   grpcOptions?: GrpcClientOptions;
+  /** Parsed templates (and partials) kept, least recently used out first; 0 keeps none. Default 1000. */
+  templateCacheSize?: number;
 }
 
 export interface Resolved {
@@ -88,7 +90,7 @@ export class Client {
 
   /** One ResolveBatch; a Map from each path as given to its answer. */
   resolve(blogId: string, paths: string[], options?: { deadlineMs?: number }): Promise<Map<string, Resolved>>;
-  /** The page, with one ResolveBatch for all its targets; never fails because of the server. */
+  /** The page, with one ResolveBatch for all its targets (several at once past the server's max_batch); never fails because of the server. */
   render(blogId: string, template: string, view?: unknown, partials?: Record<string, string> | ((name: string) => string | undefined)): Promise<string>;
   getInfo(options?: { deadlineMs?: number }): Promise<Info>;
   getBlog(blogId: string): Promise<Blog>;

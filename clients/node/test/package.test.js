@@ -48,9 +48,13 @@ test('options: a misspelt option or a bad deadline is refused at construction', 
   assert.throws(() => new api.Client({ adress: '127.0.0.1:1' }), /unknown option adress/);
   assert.throws(() => new api.Client({ deadlineMs: 0 }), /deadlineMs must be a positive/);
   assert.throws(() => new api.Client({ tags: 'cdn' }), /tags must be an array/);
+  for (const bad of [-1, 1.5, '10', Infinity, null]) {
+    assert.throws(() => new api.Client({ templateCacheSize: bad }), (e) => e instanceof TypeError && /templateCacheSize/.test(e.message));
+  }
   const c = new api.Client({ address: '127.0.0.1:1', token: undefined });
   assert.equal(c.options.deadlineMs, 250);
   assert.deepEqual(c.options.tags, ['cdn', 'asset']);
+  assert.equal(c.options.templateCacheSize, 1000);
   assert.equal(c.options.address, '127.0.0.1:1');
   c.close();
 });

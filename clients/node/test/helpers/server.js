@@ -84,24 +84,42 @@ async function startServer({ env = {} } = {}) {
   };
 }
 
-/** A client interceptor that records each call's method and request, to count calls. */
+/**
+ * A client interceptor that records each call's method and request, to count calls,
+ * and in `events` when each call was sent and answered, to tell calls made at once
+ * from calls made one after another.
+ */
 function callRecorder() {
   const calls = [];
+  const events = [];
   const interceptor = (options, nextCall) => {
     const method = options.method_definition.path.split('/').pop();
     const { InterceptingCall } = require('@grpc/grpc-js');
     return new InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        next(metadata, {
+          onReceiveStatus(status, nextStatus) {
+            events.push({ method, event: 'answered' });
+            nextStatus(status);
+          },
+        });
+      },
       sendMessage(message, next) {
         calls.push({ method, request: message });
+        events.push({ method, event: 'sent' });
         next(message);
       },
     });
   };
   return {
     calls,
+    events,
     interceptor,
     count: (method) => calls.filter((c) => c.method === method).length,
-    reset: () => calls.splice(0),
+    reset: () => {
+      calls.splice(0);
+      events.splice(0);
+    },
   };
 }
 

@@ -3,7 +3,7 @@ import { Client, Resolved, Asset, BlotcdnError, PurgeQueue } from '../..';
 import { Readable } from 'node:stream';
 
 async function use(): Promise<void> {
-  const client = new Client({ address: '127.0.0.1:50051', token: 't', deadlineMs: 250, tags: ['cdn'], cdnBaseUrl: 'https://blotcdn.com' });
+  const client = new Client({ address: '127.0.0.1:50051', token: 't', deadlineMs: 250, tags: ['cdn'], cdnBaseUrl: 'https://blotcdn.com', templateCacheSize: 500 });
   const html: string = await client.render('blog', '{{#cdn}}/a.css{{/cdn}}', { x: 1 }, { p: '' });
   const answers: Map<string, Resolved> = await client.resolve('blog', ['/a.css']);
   const cacheId: number = await client.invalidate('blog', ['/a.css']);

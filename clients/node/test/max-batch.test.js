@@ -1,0 +1,78 @@
+'use strict';
+// A page with more distinct targets than the server's max_batch: the server refuses
+// such a batch whole, so the page is sent as several batches at once and every
+// target resolves; a page within max_batch is still one ResolveBatch.
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const { Client } = require('..');
+const { startServer, callRecorder } = require('./helpers/server');
+
+const MAX_BATCH = 4;
+const BLOG = 'batchblog';
+let server;
+let client;
+let rec;
+let floor;
+
+before(async () => {
+  server = await startServer({ env: { BLOTCDN_MAX_BATCH: String(MAX_BATCH) } });
+  rec = callRecorder();
+  client = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  floor = await client.invalidate(BLOG);
+});
+
+after(async () => {
+  client?.close();
+  await server?.stop();
+});
+
+const v = (p) => `${server.base}/${BLOG}/${floor}/${p}`;
+const TPL = '{{#items}}<img src="{{#cdn}}/img/{{.}}.png{{/cdn}}">{{/items}}<link href="{{#asset}}/style.css{{/asset}}">';
+const items = (n) => Array.from({ length: n }, (_, i) => `n${i}`);
+const page = (list) => `${list.map((i) => `<img src="${v(`img/${i}.png`)}">`).join('')}<link href="${v('style.css')}">`;
+
+test('the server refuses a batch over its max_batch whole', async () => {
+  const paths = items(MAX_BATCH + 1).map((i) => `/img/${i}.png`);
+  await assert.rejects(client.resolve(BLOG, paths), (e) => e.code === 'INVALID_ARGUMENT' && /max_batch/.test(e.message));
+});
+
+test('a page with more targets than max_batch resolves every one, in batches sent at once', async () => {
+  const list = items(10); // 11 distinct targets with /style.css: batches of 4, 4 and 3
+  rec.reset();
+  const html = await client.render(BLOG, TPL, { items: [...list, ...list] });
+  assert.equal(html, page([...list, ...list]));
+  const batches = rec.calls.filter((c) => c.method === 'ResolveBatch').map((c) => c.request.paths);
+  assert.equal(batches.length, 3);
+  assert.ok(batches.every((b) => b.length <= MAX_BATCH), `batch sizes ${batches.map((b) => b.length)}`);
+  const sent = batches.flat();
+  assert.equal(sent.length, 11, 'each distinct target once, in one batch');
+  assert.deepEqual(new Set(sent), new Set([...list.map((i) => `/img/${i}.png`), '/style.css']));
+  // At once: every batch was sent before the first was answered.
+  const order = rec.events.filter((e) => e.method === 'ResolveBatch').map((e) => e.event);
+  assert.deepEqual(order.slice(0, 3), ['sent', 'sent', 'sent']);
+});
+
+test('a page within max_batch is one ResolveBatch, and GetInfo is asked once per Client', async () => {
+  for (const n of [MAX_BATCH - 1, 1, 0]) {
+    rec.reset();
+    const list = items(n);
+    assert.equal(await client.render(BLOG, TPL, { items: list }), page(list));
+    const batches = rec.calls.filter((c) => c.method === 'ResolveBatch');
+    assert.equal(batches.length, 1, `${n + 1} targets`);
+    assert.equal(batches[0].request.paths.length, n + 1);
+    assert.equal(rec.count('GetInfo'), 0, 'max_batch is already known');
+  }
+
+  const fresh = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  try {
+    rec.reset();
+    const pages = await Promise.all([items(3), items(20), items(2)].map((list) => fresh.render(BLOG, TPL, { items: list })));
+    assert.deepEqual(pages, [page(items(3)), page(items(20)), page(items(2))]);
+    assert.equal(rec.count('GetInfo'), 1, 'pages rendered together share one GetInfo');
+    assert.equal(await fresh.render(BLOG, TPL, { items: items(MAX_BATCH - 1) }), page(items(MAX_BATCH - 1)));
+    assert.equal(rec.count('GetInfo'), 1);
+    assert.equal(rec.count('ResolveBatch'), 1 + 6 + 1 + 1);
+  } finally {
+    fresh.close();
+  }
+});
