@@ -61,6 +61,13 @@ pub enum StoreError {
          {holds}, the checkpoint recorded {recorded}); refusing to start on it: restore {path} from a backup"
     )]
     Behind { path: String, holds: u64, recorded: u64 },
+    /// Another process holds the store (a running server; `fsck` or a
+    /// second server would lose what it acknowledges).
+    #[error(
+        "the data dir is in use: {holder} holds {path}; stop it first (a server, fsck and any other blotcdn \
+         process cannot share a data dir: acknowledged writes would be lost)"
+    )]
+    Locked { path: String, holder: String },
     #[error("unknown blog {0}")]
     UnknownBlog(String),
     #[error("the store is closed")]

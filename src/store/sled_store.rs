@@ -106,6 +106,8 @@ impl IndexedStore {
     /// As `open_with`, with checkpoints and snapshots brought by `tuning`.
     pub(crate) fn open_tuned(dir: &Path, purge: PurgeOptions, tuning: Tuning) -> Result<Self, StoreError> {
         let started = Instant::now();
+        // Held by the writer thread, which owns the log, until it ends.
+        let lock = lock_store(dir)?;
         let trees = Trees::open(dir)?;
         let sled_ms = started.elapsed().as_millis() as u64;
         let wal_path = dir.with_extension("wal");
@@ -224,7 +226,10 @@ impl IndexedStore {
             snap: base,
             tuning,
         };
-        Ok(IndexedStore::start(shared, move |rx| writer.run(rx))?)
+        Ok(IndexedStore::start(shared, move |rx| {
+            let _lock = lock;
+            writer.run(rx)
+        })?)
     }
 
     /// The store over `shared`, its writes going to `run` on the writer thread.
@@ -372,6 +377,38 @@ impl Store for IndexedStore {
             _ => Err("the store's writer has stopped".into()),
         }
     }
+}
+
+/// Takes the store's lock, `{dir}.lock` (`flock`, exclusive): one process
+/// at a time may hold the log and sled. The server keeps sled closed
+/// between checkpoints, so sled's own lock does not say it is running; a
+/// second server or `fsck` on a live data dir would replay and reset the log
+/// under it, and the writes it acknowledges after would be lost. The lock
+/// goes with the process, however it ends. The file holds the holder's pid,
+/// for the message.
+fn lock_store(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.with_extension("lock");
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+    // SAFETY: flock on a descriptor `f` owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e.into());
+        }
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let holder = match pid.trim() {
+            "" => "another process".to_owned(),
+            pid => format!("another blotcdn process (pid {pid})"),
+        };
+        return Err(StoreError::Locked { path: dir.display().to_string(), holder });
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 impl Drop for IndexedStore {

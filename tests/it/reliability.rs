@@ -6,6 +6,7 @@
 use crate::common;
 
 use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blotcdn::proto::{self as pb, put_asset_chunk::Chunk};
@@ -206,12 +207,12 @@ fn a_blogs_dir_that_holds_the_data_dir_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     for blogs in [dir.path().to_owned(), dir.path().parent().unwrap().to_owned()] {
         let (code, out, err) = run(
-            std::process::Command::new(binary())
-                .args(["serve", "--data-dir"])
-                .arg(dir.path())
-                .arg("--blogs-dir")
-                .arg(&blogs)
-                .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]),
+            Command::new(binary()).args(["serve", "--data-dir"]).arg(dir.path()).arg("--blogs-dir").arg(&blogs).args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ]),
             30,
         );
         assert_ne!(code, 0, "started with blogs_dir {}: {out}", blogs.display());
@@ -227,7 +228,7 @@ struct SmallDisk {
 impl SmallDisk {
     fn mount(mib: u32) -> Option<SmallDisk> {
         let dir = tempfile::tempdir().unwrap();
-        let st = std::process::Command::new("mount")
+        let st = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
             .arg(dir.path())
             .status()
@@ -238,7 +239,7 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
 
@@ -397,4 +398,51 @@ async fn a_blog_file_that_grew_past_1_mib_streams_whole_from_its_start() {
     assert_eq!(r.header("content-length"), Some("3000000"));
     assert!(r.body == big, "streamed bytes differ (offset or length)");
     s.stop().await;
+}
+
+/// One process at a time holds a data dir. The server keeps sled closed
+/// between checkpoints, so a hostile test ran `fsck` on a live server and a
+/// second server beside the first: each replayed and reset the log under
+/// the other, and half the writes acknowledged after were gone on restart.
+/// Both are now refused, naming the holder, and a write acknowledged while
+/// they were refused survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_and_a_second_server_are_refused_while_a_server_holds_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("blogs/lk")).unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let invalidate = |path: &str| pb::InvalidateRequest { blog_id: "lk".into(), paths: vec![path.into()] };
+    p.invalidate(invalidate("/before.txt")).await.unwrap();
+    let in_use = |err: &str| err.contains("data dir is in use") && err.contains(&format!("pid {}", server.child.id()));
+    let (code, _, err) = run(Command::new(binary()).args(["fsck", "--data-dir"]).arg(dir.path()), 60);
+    assert!(code != 0 && in_use(&err), "fsck on a live data dir: {code} {err}");
+    let (code, _, err) = run(
+        Command::new(binary()).args(["serve", "--data-dir"]).arg(dir.path()).args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]),
+        60,
+    );
+    assert!(code != 0 && in_use(&err), "a second server on the same data dir: {code} {err}");
+    let after = p.invalidate(invalidate("/after.txt")).await.unwrap().into_inner().cache_id;
+    drop(p);
+    server.kill9();
+    // Free once the holder is gone, however it ended.
+    let (code, out, err) = run(Command::new(binary()).args(["fsck", "--data-dir"]).arg(dir.path()), 60);
+    assert_eq!(code, 0, "fsck once the server is gone: {out} {err}");
+    let server = ChildServer::spawn(dir.path());
+    let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let blog = r.get_blog(pb::GetBlogRequest { blog_id: "lk".into() }).await.unwrap().into_inner();
+    assert_eq!(blog.path_count, 2, "{blog:?}");
+    let got = r
+        .resolve_batch(pb::ResolveBatchRequest { blog_id: "lk".into(), paths: vec!["/after.txt".into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.assets[0].url.contains(&format!("/{after}/")), "{:?}", got.assets[0]);
 }
