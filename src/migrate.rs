@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use md5::Digest;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
@@ -142,12 +142,20 @@ async fn get(client: &HttpClient, url: &url::Url) -> anyhow::Result<hyper::Respo
         .map_err(|e| anyhow!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()))?;
     if !resp.status().is_success() {
         let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).trim().to_owned();
+        // Its first bytes say what went wrong; an error page that never
+        // ends is not waited for, nor kept.
+        let read = crate::outbound::body_prefix(resp.into_body(), 300);
+        let body =
+            tokio::time::timeout(Duration::from_secs(10), read).await.ok().and_then(Result::ok).unwrap_or_default();
+        let text = String::from_utf8_lossy(&body).trim().to_owned();
         bail!("{status} {text}");
     }
     Ok(resp)
 }
+
+/// The most a listing page may hold: 1,000 keys of up to 1,024 bytes with
+/// their metadata come to about 2 MB.
+const LISTING_MAX: usize = 16 << 20;
 
 /// One page of the listing, tried three times.
 async fn list_page(
@@ -173,10 +181,18 @@ async fn list_page(
         }
         let url = a.sign(Duration::from_secs(3600));
         let body = match get(&ctx.client, &url).await {
-            Ok(r) => match tokio::time::timeout(Duration::from_secs(120), r.into_body().collect()).await {
-                Ok(b) => b.map(|b| b.to_bytes()).map_err(anyhow::Error::from),
-                Err(_) => Err(anyhow!("the listing did not arrive within 120 s")),
-            },
+            // A page of 1,000 keys is a few MB at most: a longer one is not
+            // a listing, and is not read into memory.
+            Ok(r) => {
+                match tokio::time::timeout(Duration::from_secs(120), Limited::new(r.into_body(), LISTING_MAX).collect())
+                    .await
+                {
+                    Ok(b) => b.map(|b| b.to_bytes()).map_err(|e| {
+                        anyhow!("the listing page could not be read whole (at most {LISTING_MAX} bytes): {e}")
+                    }),
+                    Err(_) => Err(anyhow!("the listing did not arrive within 120 s")),
+                }
+            }
             Err(e) => Err(e),
         };
         match body.and_then(|b| {

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 
 use crate::config::{PurgeKind, PurgeTarget};
@@ -203,6 +203,9 @@ pub fn client() -> HttpClient {
     crate::outbound::client(Duration::from_secs(5), 8)
 }
 
+/// How much of a target's answer is read.
+const ANSWER_READ: usize = 64 * 1024;
+
 /// Sends one request and reads what its answer means. Cloudflare and Bunny
 /// answer errors with a 4xx or 5xx; Cloudflare's `"success": false` in a
 /// 200 is an error too.
@@ -220,7 +223,10 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
         })?;
         let status = resp.status();
         let retry_after = resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        // What an answer says fits in its first 64 KiB (Cloudflare's JSON,
+        // an error page); a target that sends more, or never stops, must
+        // not fill the server's memory.
+        let body = crate::outbound::body_prefix(resp.into_body(), ANSWER_READ).await?;
         Ok::<_, String>((status, retry_after, body))
     };
     let (status, after, body) = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {

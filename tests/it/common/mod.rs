@@ -231,14 +231,7 @@ impl ChildServer {
 
     /// The child's resident memory, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/PID/status");
-        kb * 1024
+        rss_of(self.child.id())
     }
 
     /// Open file descriptors of the child.
@@ -543,4 +536,16 @@ pub fn overwrite_blob(blob: &Path, bytes: &[u8]) {
     perms.set_readonly(false);
     std::fs::set_permissions(blob, perms).unwrap();
     std::fs::write(blob, bytes).unwrap();
+}
+
+/// A process's resident memory, from /proc.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
 }
