@@ -116,14 +116,26 @@ impl Fallback {
                     continue;
                 }
             };
-            if !resp.status().is_success() {
+            // Only a whole file: nothing here asks for a part, so a 206 (or
+            // any other success) is not the file this URL names.
+            if resp.status() != StatusCode::OK {
                 count(if resp.status().is_server_error() { "error" } else { "miss" });
                 continue;
             }
             count("hit");
             let (parts, body) = resp.into_parts();
             let len = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            let keep = i < self.backfill && method == Method::GET;
+            // Bytes in an encoding (an S3 object stored gzipped) are not the
+            // file: passed on with their Content-Encoding, never written to
+            // the static folder, whose files are answered as they are. An
+            // answer its origin keeps out of shared caches is passed on as
+            // it says, and not kept either.
+            let encoded = parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            let private = parts.headers.get(header::CACHE_CONTROL).filter(|v| not_shared(v));
+            let keep = i < self.backfill && method == Method::GET && !encoded && private.is_none();
             let sink = match (keep, backfill_to.as_ref()) {
                 (true, Some((root, blog, dest))) => {
                     let (root, blog, dest) = (root.clone(), blog.clone(), dest.clone());
@@ -155,8 +167,16 @@ impl Fallback {
                     h.insert(name, v.clone());
                 }
             }
-            // An unversioned URL may change behind the edge: keep it short.
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static(SHORT));
+            if encoded {
+                for name in [header::CONTENT_ENCODING, header::VARY] {
+                    if let Some(v) = parts.headers.get(&name) {
+                        h.insert(name, v.clone());
+                    }
+                }
+            }
+            // An unversioned URL may change behind the edge: keep it short,
+            // unless its origin says shared caches may not keep it at all.
+            h.insert(header::CACHE_CONTROL, private.cloned().unwrap_or(HeaderValue::from_static(SHORT)));
             // The edge's own lifetime for what the app marks so (pages it
             // tags for purging on publish; see edge/varnish.vcl).
             if let Some(v) = parts.headers.get("surrogate-control") {
@@ -182,6 +202,13 @@ impl Fallback {
         }
         None
     }
+}
+
+/// Whether a `Cache-Control` keeps an answer out of shared caches
+/// (`private`, `no-store`, `no-cache`).
+fn not_shared(v: &HeaderValue) -> bool {
+    let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+    v.split(',').any(|d| matches!(d.split('=').next().map(str::trim), Some("private" | "no-store" | "no-cache")))
 }
 
 /// A fallback body on its way to the edge. A task of its own copies the

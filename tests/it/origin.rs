@@ -197,6 +197,45 @@ async fn fallback_origins_in_order_and_backfill() {
     s.stop().await;
 }
 
+/// Only a plain, whole file from the legacy bucket is kept: bytes in an
+/// encoding (an object stored gzipped) are passed on with their
+/// Content-Encoding and not written to the static folder, whose files are
+/// answered as they are; a 206 is not the file; an answer its origin keeps
+/// out of shared caches is passed on as it says, and not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_plain_whole_answers_are_backfilled() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("legacy");
+    std::fs::create_dir_all(root.join("fb")).unwrap();
+    std::fs::write(root.join("fb/plain.css"), b"plain").unwrap();
+    let locations = r#"
+        location = /fb/gz.css { add_header Content-Encoding gzip; add_header Vary Accept-Encoding; return 200 "GZBYTES"; }
+        location = /fb/part.css { return 206 "part"; }
+        location = /fb/private.css { add_header Cache-Control "private, no-store"; return 200 "mine"; }
+    "#;
+    let (_legacy, port) = nginx(&work.path().join("n"), &root, locations);
+    let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{port}")])).await;
+    let kept = |name: &str| s.config.static_dir.join("fb").join(name);
+    let r = curl(&[&s.url("/fb/plain.css")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"plain"[..]));
+    assert_eq!(eventually_read(&kept("plain.css")), b"plain", "the premise: a plain answer is kept");
+
+    let r = curl(&[&s.url("/fb/gz.css")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"GZBYTES"[..]));
+    assert_eq!((r.header("content-encoding"), r.header("vary")), (Some("gzip"), Some("Accept-Encoding")));
+    let r = curl(&[&s.url("/fb/part.css")]);
+    assert_eq!(r.status, 404, "a 206 is not the file");
+    let r = curl(&[&s.url("/fb/private.css")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"mine"[..]));
+    assert_eq!(r.header("cache-control"), Some("private, no-store"));
+    // Given the time a backfill takes (the plain one above was there by now).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for name in ["gz.css", "part.css", "private.css"] {
+        assert!(!kept(name).exists(), "{name} was written to the static folder");
+    }
+    s.stop().await;
+}
+
 /// A backfilled file is named once the answer has streamed through (its
 /// fsync runs off the request path): wait for it, boundedly.
 fn eventually_read(p: &std::path::Path) -> Vec<u8> {
