@@ -65,10 +65,14 @@ fn is_disk_full(e: &std::io::Error) -> bool {
 /// One span per call, open from the call's start to its end (so an exporter
 /// sees its real duration): method, blog, item count, then outcome and
 /// latency, recorded and logged when the call ends.
+/// One call's log line and metrics. A call whose future is dropped before
+/// it answers (the client went away, or its deadline passed) is counted
+/// and logged as CANCELLED when the log goes.
 struct CallLog {
     span: tracing::Span,
     start: Instant,
     method: &'static str,
+    answered: bool,
 }
 
 impl CallLog {
@@ -76,51 +80,85 @@ impl CallLog {
         let span = tracing::info_span!(
             "rpc",
             method,
-            blog_id = blog,
+            blog_id = tracing::field::Empty,
             items,
             outcome = tracing::field::Empty,
             latency_us = tracing::field::Empty
         );
-        CallLog { span, start: Instant::now(), method }
+        if !blog.is_empty() {
+            span.record("blog_id", blog);
+        }
+        CallLog { span, start: Instant::now(), method, answered: false }
     }
 
-    fn done<T>(self, r: Result<T, Status>) -> Result<T, Status> {
-        let elapsed = self.start.elapsed();
+    /// The blog, once known (an upload names it in its first chunk).
+    fn blog(&self, blog: &str) {
+        self.span.record("blog_id", blog);
+    }
+
+    fn done<T>(mut self, r: Result<T, Status>) -> Result<T, Status> {
+        self.answered = true;
         let code = match &r {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
+        self.record(code, r.as_ref().err().map(|s| s.message()));
+        r
+    }
+
+    fn record(&self, code: tonic::Code, message: Option<&str>) {
+        let elapsed = self.start.elapsed();
         let method = self.method;
         metrics::counter!(crate::metrics::RPC_REQUESTS, "method" => method, "code" => crate::metrics::code_label(code))
             .increment(1);
         metrics::histogram!(crate::metrics::RPC_DURATION, "method" => method).record(elapsed.as_secs_f64());
         let latency_us = elapsed.as_micros() as u64;
-        let outcome = match &r {
-            Ok(_) => "ok",
-            Err(s) => code_name(s.code()),
-        };
+        let outcome = code_name(code);
         self.span.record("outcome", outcome);
         self.span.record("latency_us", latency_us);
         let _e = self.span.enter();
-        match &r {
-            Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown) => {
-                tracing::error!(outcome, latency_us, message = s.message(), "call failed")
+        match message {
+            Some(message) if matches!(code, tonic::Code::Internal | tonic::Code::Unknown) => {
+                tracing::error!(outcome, latency_us, message, "call failed")
             }
-            Err(s) => tracing::info!(outcome, latency_us, message = s.message(), "call refused"),
-            Ok(_) => tracing::debug!(outcome, latency_us, "call done"),
+            Some(message) => tracing::info!(outcome, latency_us, message, "call refused"),
+            None => tracing::debug!(outcome, latency_us, "call done"),
         }
-        r
     }
 }
 
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record(
+                tonic::Code::Cancelled,
+                Some("dropped before it answered: the client went away or its deadline passed"),
+            );
+        }
+    }
+}
+
+/// The outcome a log line names: gRPC's code, in snake case.
 fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code;
     match c {
-        tonic::Code::InvalidArgument => "invalid_argument",
-        tonic::Code::NotFound => "not_found",
-        tonic::Code::ResourceExhausted => "resource_exhausted",
-        tonic::Code::Unauthenticated => "unauthenticated",
-        tonic::Code::Cancelled => "cancelled",
-        _ => "internal",
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
     }
 }
 
@@ -238,10 +276,13 @@ impl pb::publisher_server::Publisher for PublisherService {
 
     async fn put_asset(&self, req: Request<Streaming<pb::PutAssetChunk>>) -> Result<Response<pb::Asset>, Status> {
         use pb::put_asset_chunk::Chunk;
+        // Counted from the start: a refusal before the header, or a stream
+        // that breaks off before it, is a call too.
+        let log = CallLog::new("PutAsset", "", 1);
         let Ok(permit) = self.uploads.clone().try_acquire_owned() else {
-            return Err(Status::resource_exhausted(
+            return log.done(Err(Status::resource_exhausted(
                 "too many uploads in flight (max_uploads); retry when one has finished",
-            ));
+            )));
         };
         let idle = self.upload_idle;
         // One sentence for the header and the chunks (DEADLINE_EXCEEDED).
@@ -253,13 +294,18 @@ impl pb::publisher_server::Publisher for PublisherService {
         };
         let mut stream = req.into_inner();
         let header = match tokio::time::timeout(idle, stream.next()).await {
-            Err(_) => return Err(idle_error().into()),
+            Err(_) => return log.done(Err(idle_error().into())),
             Ok(Some(Ok(pb::PutAssetChunk { chunk: Some(Chunk::Header(h)) }))) => h,
-            Ok(Some(Ok(_))) => return Err(Status::invalid_argument("the first PutAssetChunk must be a header")),
-            Ok(Some(Err(s))) => return Err(s),
-            Ok(None) => return Err(Status::invalid_argument("empty PutAsset stream: expected a header")),
+            Ok(Some(Ok(_))) => {
+                return log.done(Err(Status::invalid_argument("the first PutAssetChunk must be a header")))
+            }
+            Ok(Some(Err(s))) if broke_off(&s) => {
+                return log.done(Err(CatalogError::Cancelled(s.message().to_owned()).into()))
+            }
+            Ok(Some(Err(s))) => return log.done(Err(s)),
+            Ok(None) => return log.done(Err(Status::invalid_argument("empty PutAsset stream: expected a header"))),
         };
-        let log = CallLog::new("PutAsset", &header.blog_id, 1);
+        log.blog(&header.blog_id);
         // Each chunk must come within the idle timeout. The permit is held
         // by this call until the asset is stored or refused (the temporary
         // file and its descriptor live that long).

@@ -209,14 +209,17 @@ fn a_client_pipelining_scrapes_gets_one_answer_and_is_closed() {
     assert!(answers <= 1, "{answers} answers to one connection");
 }
 
-/// An upload the client gives up half way is counted as CANCELLED, not as a
-/// bad request: alerts on INVALID_ARGUMENT are about what callers send.
+/// An upload the client gives up half way, or before its header, is
+/// counted as CANCELLED, not as a bad request (alerts on INVALID_ARGUMENT
+/// are about what callers send), and one refused for `max_uploads` is
+/// counted too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_cut_by_its_client_is_counted_as_cancelled() {
+async fn uploads_cut_by_their_client_or_refused_are_counted() {
     use blotcdn::proto::put_asset_chunk::Chunk;
     let dir = tempfile::tempdir().unwrap();
-    let server = ChildServer::spawn(dir.path());
+    let server = ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_MAX_UPLOADS", "1")]);
     let grpc = format!("http://{}", server.grpc);
+    let mut other = pb::publisher_client::PublisherClient::connect(grpc.clone()).await.unwrap();
     let task = tokio::spawn(async move {
         let mut c = pb::publisher_client::PublisherClient::connect(grpc).await.unwrap();
         let header = pb::PutAssetChunk {
@@ -239,14 +242,31 @@ async fn an_upload_cut_by_its_client_is_counted_as_cancelled() {
         assert!(started.elapsed() < Duration::from_secs(10), "the upload never reached the server");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The one upload slot is taken.
+    let e = other.put_asset(tokio_stream::iter(Vec::<pb::PutAssetChunk>::new())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     task.abort();
-    let text = loop {
-        let text = scrape();
-        if sample(&text, &series("CANCELLED")).is_some() || started.elapsed() > Duration::from_secs(20) {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let counted = |code: &str, n: f64| {
+        let text = loop {
+            let text = scrape();
+            if sample(&text, &series(code)) == Some(n) || started.elapsed() > Duration::from_secs(20) {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(sample(&text, &series(code)), Some(n), "{text}");
+        text
     };
-    assert_eq!(sample(&text, &series("CANCELLED")), Some(1.0), "{text}");
+    counted("CANCELLED", 1.0);
+    // One that goes away before it sends its header.
+    let grpc = format!("http://{}", server.grpc);
+    let task = tokio::spawn(async move {
+        let mut c = pb::publisher_client::PublisherClient::connect(grpc).await.unwrap();
+        let _ = c.put_asset(futures_util::stream::pending::<pb::PutAssetChunk>()).await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    let text = counted("CANCELLED", 2.0);
+    assert_eq!(sample(&text, &series("RESOURCE_EXHAUSTED")), Some(1.0), "{text}");
     assert_eq!(sample(&text, &series("INVALID_ARGUMENT")), None, "{text}");
 }
