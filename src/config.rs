@@ -17,6 +17,13 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+/// The longest timeout a `*_secs` key takes: a year.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+/// The most origin threads `http_threads` takes.
+pub const MAX_HTTP_THREADS: usize = 1024;
+/// The slowest a purge target may be sent requests: one a day.
+pub const MIN_PURGE_RATE: f64 = 1.0 / 86_400.0;
+
 /// One layer: every key optional. Used for the file, the environment and flags.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -395,8 +402,12 @@ fn purge_targets(list: Vec<PurgeTargetConfig>) -> Result<Vec<PurgeTarget>, Confi
             return Err(invalid(format!("two targets are named {name:?} (give each a name)")));
         }
         let rate_per_sec = t.rate_per_sec.unwrap_or(10.0);
-        if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
-            return Err(invalid(format!("rate_per_sec of {name} must be above 0")));
+        // Below one request a day the wait between two would not fit a
+        // timer, and the target would never be sent anything.
+        if !(rate_per_sec.is_finite() && rate_per_sec >= MIN_PURGE_RATE) {
+            return Err(invalid(format!(
+                "rate_per_sec of {name} must be at least {MIN_PURGE_RATE} (one request a day)"
+            )));
         }
         out.push(PurgeTarget { name, kind, url, rate_per_sec });
     }
@@ -472,15 +483,31 @@ impl Config {
                 n => Ok(n),
             }
         };
+        // Timeouts: from a second to a year. Longer ones would overflow the
+        // clock's arithmetic (a panic on the first connection), and mean
+        // "never" anyway.
+        let seconds = |key: &str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+            match at_least_1(key, v, default)? {
+                n if n > MAX_TIMEOUT_SECS => {
+                    Err(invalid(key, format!("{n}: must be at most {MAX_TIMEOUT_SECS} seconds (a year)")))
+                }
+                n => Ok(n),
+            }
+        };
         let max_uploads = at_least_1("max_uploads", p.max_uploads.map(|n| n as u64), 64)? as usize;
-        let upload_idle = at_least_1("upload_idle_timeout_secs", p.upload_idle_timeout_secs, 30)?;
+        let upload_idle = seconds("upload_idle_timeout_secs", p.upload_idle_timeout_secs, 30)?;
         let max_connections = at_least_1("max_connections", p.max_connections.map(|n| n as u64), 10_000)? as usize;
         let grpc_max_connections =
             at_least_1("grpc_max_connections", p.grpc_max_connections.map(|n| n as u64), 1024)? as usize;
-        let http_idle = at_least_1("http_idle_timeout_secs", p.http_idle_timeout_secs, 30)?;
+        let http_idle = seconds("http_idle_timeout_secs", p.http_idle_timeout_secs, 30)?;
         let max_fallback_fetches =
             at_least_1("max_fallback_fetches", p.max_fallback_fetches.map(|n| n as u64), 64)? as usize;
-        let fallback_timeout = at_least_1("fallback_timeout_secs", p.fallback_timeout_secs, 30)?;
+        let fallback_timeout = seconds("fallback_timeout_secs", p.fallback_timeout_secs, 30)?;
+        // A thread, a runtime and a listener each: more than a few per core
+        // only costs descriptors (past the limit, the origin would not start).
+        if let Some(n) = p.http_threads.filter(|&n| n > MAX_HTTP_THREADS) {
+            return Err(invalid("http_threads", format!("{n}: must be at most {MAX_HTTP_THREADS}")));
+        }
         let http_slice = match p.http_slice_us.unwrap_or(100) {
             0 => None,
             us @ 100..=100_000 => Some(std::time::Duration::from_micros(us)),
@@ -685,6 +712,35 @@ mod tests {
                 Err(e) => assert!(!ok && e.to_string().contains("http_slice_us"), "{us}: {e}"),
             }
         }
+        // Past a year, or past what a machine has threads for: refused at
+        // start, not a panic on the first connection.
+        let too_long = [
+            Partial { http_idle_timeout_secs: Some(u64::MAX), ..Default::default() },
+            Partial { fallback_timeout_secs: Some(MAX_TIMEOUT_SECS + 1), ..Default::default() },
+            Partial { upload_idle_timeout_secs: Some(u64::MAX), ..Default::default() },
+        ];
+        for (p, key) in
+            too_long.into_iter().zip(["http_idle_timeout_secs", "fallback_timeout_secs", "upload_idle_timeout_secs"])
+        {
+            let e = Config::from_partial(p).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let year = Partial { http_idle_timeout_secs: Some(MAX_TIMEOUT_SECS), ..Default::default() };
+        assert!(Config::from_partial(year).is_ok());
+        let rate = |r: f64| Partial {
+            purge: Some(vec![PurgeTargetConfig {
+                name: None,
+                kind: "http".into(),
+                url: "http://127.0.0.1:9/".into(),
+                rate_per_sec: Some(r),
+            }]),
+            ..Default::default()
+        };
+        let e = Config::from_partial(rate(1e-30)).unwrap_err();
+        assert!(e.to_string().contains("rate_per_sec"), "{e}");
+        assert!(Config::from_partial(rate(MIN_PURGE_RATE)).is_ok());
+        let e = Config::from_partial(Partial { http_threads: Some(100_000), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("http_threads"), "{e}");
         let slice_without_threads = |us| Partial { http_threads: Some(0), http_slice_us: us, ..Default::default() };
         let e = Config::from_partial(slice_without_threads(Some(200))).unwrap_err();
         assert!(e.to_string().contains("http_slice_us") && e.to_string().contains("http_threads"), "{e}");
