@@ -229,6 +229,10 @@ impl Catalog {
                 continue;
             };
             out.push(match resolutions.next().expect("one resolution per valid path") {
+                // The origin never serves a hidden file (a segment that
+                // starts with a dot): a URL for one would be dead, where the
+                // renderer keeps the path as written when told it is bad.
+                Resolution::Versioned(_) if path.contains("/.") => Resolved::failed(ResolveStatus::InvalidPath),
                 Resolution::Versioned(id) => Resolved {
                     url: domain::versioned_url(&self.base_url, self.url_style, blog.as_str(), id, path),
                     status: ResolveStatus::Ok,

@@ -63,13 +63,25 @@ async fn bad_items_do_not_fail_the_batch() {
     let s = Server::start().await;
     invalidate(&s, "b", &[]).await;
     let long = format!("/{}", "x".repeat(1024));
-    let items = ["/ok.css", "/../etc/passwd", "/a//b", "/a\\b", "/nul\0", long.as_str(), "/", "/also/ok.js"];
+    // Hidden files (a segment from a dot) are never served: no URL for them.
+    let items = [
+        "/ok.css",
+        "/../etc/passwd",
+        "/a//b",
+        "/a\\b",
+        "/nul\0",
+        long.as_str(),
+        "/",
+        "/also/ok.js",
+        "/..x.txt",
+        "/a/.env",
+    ];
     let a = resolve(&s, "b", &items).await;
     assert_eq!(a.len(), items.len());
     let statuses: Vec<i32> = a.iter().map(|x| x.status).collect();
     let ok = ResolveStatus::Ok as i32;
     let bad = ResolveStatus::InvalidPath as i32;
-    assert_eq!(statuses, vec![ok, bad, bad, bad, bad, bad, bad, ok]);
+    assert_eq!(statuses, vec![ok, bad, bad, bad, bad, bad, bad, ok, bad, bad]);
     assert!(a[1].url.is_empty());
     assert!(a[7].url.ends_with("/also/ok.js"));
 
