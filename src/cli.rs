@@ -393,7 +393,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(b) => b,
                         None => ServeArgs::default().load()?.blogs_dir,
                     };
-                    list_blog_dir(&root, &blog, &d)?
+                    let (paths, skipped) = list_blog_dir(&root, &blog, &d)?;
+                    for s in &skipped {
+                        eprintln!("skipped: {s}");
+                    }
+                    paths
                 }
                 (None, None) => bail!("give a PATH or --dir"),
             };
@@ -571,17 +575,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Every regular file under a folder of the blog, as blog paths, hidden
 /// files and links left out.
-fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::Result<Vec<String>> {
+/// Every regular file under a folder of the blog, as blog paths, and what
+/// was left out and why: hidden files (never served) silently; symbolic
+/// links, special files and names that are not UTF-8 (no blog path names
+/// them) said, so that nothing is left out without a word.
+fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let bp = crate::domain::BlogPath::parse(dir)?;
     let root = blogs_dir.join(blog);
     let start = bp.segments().fold(root.clone(), |p, s| p.join(s));
-    let mut out = Vec::new();
+    let (mut out, mut skipped) = (Vec::new(), Vec::new());
     let mut stack = vec![start.clone()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
             let e = e?;
             let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
+            let shown =
+                || e.path().strip_prefix(&root).map_or_else(|_| e.path(), |p| p.to_owned()).display().to_string();
+            let Some(name) = name.to_str() else {
+                skipped.push(format!("/{} (a name that is not UTF-8)", shown()));
+                continue;
+            };
             if name.starts_with('.') {
                 continue;
             }
@@ -591,11 +604,16 @@ fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::
             } else if t.is_file() {
                 let rel = e.path().strip_prefix(&root)?.to_string_lossy().into_owned();
                 out.push(format!("/{rel}"));
+            } else if t.is_symlink() {
+                skipped.push(format!("/{} (a symbolic link)", shown()));
+            } else {
+                skipped.push(format!("/{} (not a regular file)", shown()));
             }
         }
     }
     out.sort();
-    Ok(out)
+    skipped.sort();
+    Ok((out, skipped))
 }
 
 #[cfg(test)]

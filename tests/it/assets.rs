@@ -563,7 +563,14 @@ async fn cli_put_import_dir_and_delete() {
     // import says which one was not, and fails.
     let linked = s.write("cli", "/templates/t/linked.css", b"d");
     std::fs::hard_link(&linked, s.dir.path().join("elsewhere.css")).unwrap();
+    // Left out, and said: a symbolic link and a FIFO.
+    let folder = s.blogs_dir().join("cli/templates/t");
+    std::os::unix::fs::symlink("style.css", folder.join("alias.css")).unwrap();
+    let fifo = std::ffi::CString::new(folder.join("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     let (code, out, err) = cli(&["import", "--blog", "cli", "--dir", "/templates/t"]);
+    assert!(err.contains("skipped: /templates/t/alias.css (a symbolic link)"), "{err}");
+    assert!(err.contains("skipped: /templates/t/pipe (not a regular file)"), "{err}");
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("imported 2 files"), "{out}");
     assert!(err.contains("not imported: /templates/t/linked.css") && err.contains("hard link"), "{err}");
