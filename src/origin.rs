@@ -226,8 +226,16 @@ impl Origin {
                         }
                     })
                     .max_blocking_threads(blocking)
-                    .build()
-                    .expect("a runtime");
+                    .build();
+                let rt = match rt {
+                    Ok(rt) => rt,
+                    // Out of descriptors or threads: this thread serves
+                    // nothing, the others go on (said, not a panic).
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start an origin thread's runtime; fewer threads");
+                        return;
+                    }
+                };
                 rt.block_on(async move {
                     match TcpListener::from_std(l) {
                         Ok(l) => this.serve_on(l, stop).await,
