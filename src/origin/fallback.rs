@@ -134,8 +134,12 @@ impl Fallback {
                 .headers
                 .get(header::CONTENT_ENCODING)
                 .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-            let private = parts.headers.get(header::CACHE_CONTROL).filter(|v| not_shared(v));
-            let keep = i < self.backfill && method == Method::GET && !encoded && private.is_none();
+            let control = parts.headers.get(header::CACHE_CONTROL);
+            // Said by its origin: kept out of shared caches (passed on as
+            // it is), and out of the static folder when not to be stored.
+            let pass_on = control.filter(|v| has_directive(v, &["private", "no-store", "no-cache"]));
+            let storable = !control.is_some_and(|v| has_directive(v, &["private", "no-store"]));
+            let keep = i < self.backfill && method == Method::GET && !encoded && storable;
             let sink = match (keep, backfill_to.as_ref()) {
                 (true, Some((root, blog, dest))) => {
                     let (root, blog, dest) = (root.clone(), blog.clone(), dest.clone());
@@ -176,7 +180,7 @@ impl Fallback {
             }
             // An unversioned URL may change behind the edge: keep it short,
             // unless its origin says shared caches may not keep it at all.
-            h.insert(header::CACHE_CONTROL, private.cloned().unwrap_or(HeaderValue::from_static(SHORT)));
+            h.insert(header::CACHE_CONTROL, pass_on.cloned().unwrap_or(HeaderValue::from_static(SHORT)));
             // The edge's own lifetime for what the app marks so (pages it
             // tags for purging on publish; see edge/varnish.vcl).
             if let Some(v) = parts.headers.get("surrogate-control") {
@@ -204,11 +208,10 @@ impl Fallback {
     }
 }
 
-/// Whether a `Cache-Control` keeps an answer out of shared caches
-/// (`private`, `no-store`, `no-cache`).
-fn not_shared(v: &HeaderValue) -> bool {
+/// Whether a `Cache-Control` holds any of `directives` (lower case).
+fn has_directive(v: &HeaderValue, directives: &[&str]) -> bool {
     let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
-    v.split(',').any(|d| matches!(d.split('=').next().map(str::trim), Some("private" | "no-store" | "no-cache")))
+    v.split(',').any(|d| d.split('=').next().map(str::trim).is_some_and(|d| directives.contains(&d)))
 }
 
 /// A fallback body on its way to the edge. A task of its own copies the

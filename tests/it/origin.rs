@@ -212,6 +212,7 @@ async fn only_plain_whole_answers_are_backfilled() {
         location = /fb/gz.css { add_header Content-Encoding gzip; add_header Vary Accept-Encoding; return 200 "GZBYTES"; }
         location = /fb/part.css { return 206 "part"; }
         location = /fb/private.css { add_header Cache-Control "private, no-store"; return 200 "mine"; }
+        location = /fb/revalidate.css { add_header Cache-Control "no-cache"; return 200 "same for all"; }
     "#;
     let (_legacy, port) = nginx(&work.path().join("n"), &root, locations);
     let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{port}")])).await;
@@ -228,6 +229,11 @@ async fn only_plain_whole_answers_are_backfilled() {
     let r = curl(&[&s.url("/fb/private.css")]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"mine"[..]));
     assert_eq!(r.header("cache-control"), Some("private, no-store"));
+    // Shared caches must ask again each time, but the bytes are everyone's:
+    // passed on as it says, and kept.
+    let r = curl(&[&s.url("/fb/revalidate.css")]);
+    assert_eq!((r.status, r.header("cache-control")), (200, Some("no-cache")));
+    assert_eq!(eventually_read(&kept("revalidate.css")), b"same for all");
     // Given the time a backfill takes (the plain one above was there by now).
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     for name in ["gz.css", "part.css", "private.css"] {
