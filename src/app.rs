@@ -37,6 +37,8 @@ pub enum AppError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("config: invalid {key}: {reason}")]
     Config { key: &'static str, reason: String },
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// The origin serves whatever lies under `blogs_dir/{blog id}/` and
@@ -172,6 +174,8 @@ pub struct App {
     config: Config,
     /// Edge purge targets, their queues, and the store that logs deliveries.
     purge: (Vec<crate::purge::target::Target>, Arc<crate::purge::Outbox>, Arc<dyn Store>),
+    /// The data dir's lock (`dirlock`), held until the server has stopped.
+    lock: std::fs::File,
 }
 
 impl App {
@@ -183,6 +187,21 @@ impl App {
             move |source| AppError::Dir { what, path, source }
         };
         crate::durable::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
+        // Before anything in the data dir is touched (the sweeps below
+        // remove what a crash left half-written, which for a server still
+        // running would be its uploads in flight): one server at a time.
+        // The store takes a lock of its own on its folder, for `fsck` too.
+        let lock = match crate::dirlock::lock(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))? {
+            Ok(lock) => lock,
+            Err(pid) => {
+                return Err(AppError::InUse(format!(
+                    "the data dir {} is in use: {} holds it; stop it first (two servers on one data dir would \
+                     lose acknowledged writes)",
+                    config.data_dir.display(),
+                    crate::dirlock::holder_name(pid)
+                )))
+            }
+        };
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
         let statics = BlogsDir::new(&config.static_dir).map_err(dir_err("static_dir", &config.static_dir))?;
         // A blog folder that is a link may lead anywhere but into these.
@@ -306,6 +325,7 @@ impl App {
             catalog,
             config,
             purge: (targets, outbox, store),
+            lock,
         })
     }
 
@@ -335,7 +355,10 @@ impl App {
             metrics_addr,
             nofile,
             purge: (targets, outbox, store),
+            lock,
         } = self;
+        // Let go when this function returns, after the store is flushed.
+        let _lock = lock;
         let deliveries = crate::purge::spawn(targets, outbox, store);
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(

@@ -7,6 +7,7 @@ pub mod cas;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod dirlock;
 pub mod domain;
 pub mod durable;
 pub mod grpc;

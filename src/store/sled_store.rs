@@ -379,36 +379,22 @@ impl Store for IndexedStore {
     }
 }
 
-/// Takes the store's lock, `{dir}.lock` (`flock`, exclusive): one process
-/// at a time may hold the log and sled. The server keeps sled closed
-/// between checkpoints, so sled's own lock does not say it is running; a
-/// second server or `fsck` on a live data dir would replay and reset the log
-/// under it, and the writes it acknowledges after would be lost. The lock
-/// goes with the process, however it ends. The file holds the holder's pid,
-/// for the message.
+/// Takes the store's lock: a `flock` on sled's folder itself (see
+/// `dirlock`). One process at a time may hold the log and sled. The server
+/// keeps sled closed between checkpoints, so sled's own lock does not say
+/// it is running; a second server or `fsck` on a live data dir would replay
+/// and reset the log under it, and the writes it acknowledged after would
+/// be lost. On the folder, not a file beside it: a lock file can be deleted
+/// (taken for a stale pid file) and a second data dir whose `db` links here
+/// would have a lock file of its own.
 fn lock_store(dir: &Path) -> Result<std::fs::File, StoreError> {
-    use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
-    let path = dir.with_extension("lock");
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-    // SAFETY: flock on a descriptor `f` owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e.into());
+    std::fs::create_dir_all(dir)?;
+    match crate::dirlock::lock(dir)? {
+        Ok(f) => Ok(f),
+        Err(pid) => {
+            Err(StoreError::Locked { path: dir.display().to_string(), holder: crate::dirlock::holder_name(pid) })
         }
-        let mut pid = String::new();
-        let _ = f.read_to_string(&mut pid);
-        let holder = match pid.trim() {
-            "" => "another process".to_owned(),
-            pid => format!("another blotcdn process (pid {pid})"),
-        };
-        return Err(StoreError::Locked { path: dir.display().to_string(), holder });
     }
-    f.set_len(0)?;
-    f.rewind()?;
-    write!(f, "{}", std::process::id())?;
-    Ok(f)
 }
 
 impl Drop for IndexedStore {

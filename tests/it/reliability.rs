@@ -404,8 +404,12 @@ async fn a_blog_file_that_grew_past_1_mib_streams_whole_from_its_start() {
 /// between checkpoints, so a hostile test ran `fsck` on a live server and a
 /// second server beside the first: each replayed and reset the log under
 /// the other, and half the writes acknowledged after were gone on restart.
-/// Both are now refused, naming the holder, and a write acknowledged while
-/// they were refused survives a restart.
+/// Both are now refused, naming the holder, before they touch anything (a
+/// refused server used to sweep the live one's uploads in flight out of
+/// `cas/tmp`), and a write acknowledged while they were refused survives a
+/// restart. So is a server on a second data dir whose `db` links to this
+/// one's: the lock is on sled's folder itself, not a file beside it that
+/// could be deleted or that each data dir has its own of.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsck_and_a_second_server_are_refused_while_a_server_holds_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
@@ -414,7 +418,11 @@ async fn fsck_and_a_second_server_are_refused_while_a_server_holds_the_data_dir(
     let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
     let invalidate = |path: &str| pb::InvalidateRequest { blog_id: "lk".into(), paths: vec![path.into()] };
     p.invalidate(invalidate("/before.txt")).await.unwrap();
-    let in_use = |err: &str| err.contains("data dir is in use") && err.contains(&format!("pid {}", server.child.id()));
+    let in_use = |err: &str| err.contains("is in use") && err.contains(&format!("(pid {})", server.child.id()));
+    // An upload in flight, as the live server leaves it in the CAS's
+    // temporary folder.
+    let in_flight = dir.path().join("cas/tmp/in-flight-upload");
+    std::fs::write(&in_flight, b"half an upload").unwrap();
     let (code, _, err) = run(Command::new(binary()).args(["fsck", "--data-dir"]).arg(dir.path()), 60);
     assert!(code != 0 && in_use(&err), "fsck on a live data dir: {code} {err}");
     let (code, _, err) = run(
@@ -429,6 +437,21 @@ async fn fsck_and_a_second_server_are_refused_while_a_server_holds_the_data_dir(
         60,
     );
     assert!(code != 0 && in_use(&err), "a second server on the same data dir: {code} {err}");
+    assert!(in_flight.exists(), "the refused server swept the live one's upload in flight");
+    let other = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(dir.path().join("db"), other.path().join("db")).unwrap();
+    let (code, _, err) = run(
+        Command::new(binary()).args(["serve", "--data-dir"]).arg(other.path()).args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]),
+        60,
+    );
+    assert!(code != 0 && in_use(&err), "a second data dir sharing the database: {code} {err}");
     let after = p.invalidate(invalidate("/after.txt")).await.unwrap().into_inner().cache_id;
     drop(p);
     server.kill9();
