@@ -707,8 +707,10 @@ impl Origin {
         let missing = matches!(&opened, Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound);
         if missing && !self.peers.is_empty() && !req.headers().contains_key(peers::PEER_HEADER) {
             tracing::Span::current().record("source", "peer");
-            if self.peers.fetch(&self.catalog, blog, &hash, aref.size).await {
-                opened = open().await;
+            match self.peers.fetch(&self.catalog, blog, &hash, aref.size).await {
+                peers::Fetched::Yes => opened = open().await,
+                peers::Fetched::Busy => return retry_soon("busy, retry\n"),
+                peers::Fetched::No => {}
             }
         }
         let mut opened = opened.unwrap_or_else(|e| Err(std::io::Error::other(e)));

@@ -88,12 +88,15 @@ pub(super) fn file_etag(meta: &Metadata, recent: bool) -> HeaderValue {
 
 /// The file's Last-Modified: the later of its modification and change
 /// times, so that a file written with an older modification time kept
-/// (see [`file_etag`]) still reads as newer to `If-Modified-Since`.
+/// (see [`file_etag`]) still reads as newer to `If-Modified-Since`; and
+/// never later than now (RFC 9110 8.8.2.1): a modification time set in the
+/// future would otherwise stay the answer's date after the bytes change,
+/// and every `If-Modified-Since` of it would get a 304.
 pub(super) fn last_modified(meta: &Metadata) -> SystemTime {
     use std::os::unix::fs::MetadataExt;
     let changed = SystemTime::UNIX_EPOCH
         + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
-    meta.modified().map_or(changed, |m| m.max(changed))
+    meta.modified().map_or(changed, |m| m.max(changed)).min(SystemTime::now())
 }
 
 pub(super) fn http_date(t: SystemTime) -> HeaderValue {

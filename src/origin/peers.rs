@@ -4,10 +4,12 @@
 //! the CAS (temporary file, fsync, rename), and serves it. A peer that sends
 //! other bytes is refused and logged; nothing of its answer is kept.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use tokio::sync::Semaphore;
@@ -20,19 +22,39 @@ use crate::domain::{BlogId, ContentHash};
 /// passed on to its own peers (no loops, no fan-out).
 pub const PEER_HEADER: &str = "x-blotcdn-peer";
 
+/// How long a request waits for a fetch slot before it is answered 503.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// What a fetch from the peers came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// In the CAS now.
+    Yes,
+    /// No peer had it (or sent its right bytes) in time.
+    No,
+    /// Every fetch slot was busy: try again soon.
+    Busy,
+}
+
+type Flight = Shared<BoxFuture<'static, Fetched>>;
+
 pub struct Peers {
-    urls: Vec<String>,
+    urls: Arc<Vec<String>>,
     timeout: Duration,
     /// Fetches in flight at once.
     slots: Arc<Semaphore>,
+    /// One fetch per blob: the requests for a blob being fetched wait for
+    /// that fetch instead of each fetching it again.
+    flights: Arc<parking_lot::Mutex<HashMap<ContentHash, Flight>>>,
 }
 
 impl Peers {
     pub fn new(config: &Config) -> Peers {
         Peers {
-            urls: config.peers.clone(),
+            urls: Arc::new(config.peers.clone()),
             timeout: config.fallback_timeout,
             slots: Arc::new(Semaphore::new(config.max_fallback_fetches)),
+            flights: Default::default(),
         }
     }
 
@@ -41,25 +63,64 @@ impl Peers {
     }
 
     /// Fetches the blob of `hash` (of `size` bytes, which `blog` references)
-    /// from the first peer that has it; true once it is in the CAS.
-    pub async fn fetch(&self, catalog: &Arc<Catalog>, blog: &BlogId, hash: &ContentHash, size: u64) -> bool {
-        let Ok(_slot) = self.slots.acquire().await else { return false };
-        for peer in &self.urls {
-            let url = format!("{peer}/{blog}/_assets/{hash}/blob");
-            match tokio::time::timeout(self.timeout, fetch_one(catalog, &url, hash, size)).await {
-                Ok(Ok(())) => {
-                    tracing::info!(peer, hash = %hash, "blob fetched from a peer");
-                    return true;
+    /// from the first peer that has it, or waits for the fetch of it already
+    /// under way.
+    pub async fn fetch(&self, catalog: &Arc<Catalog>, blog: &BlogId, hash: &ContentHash, size: u64) -> Fetched {
+        let flight = {
+            let mut flights = self.flights.lock();
+            match flights.get(hash) {
+                Some(f) => f.clone(),
+                None => {
+                    let (urls, slots, flights_) = (self.urls.clone(), self.slots.clone(), self.flights.clone());
+                    let (catalog, blog, hash, timeout) = (catalog.clone(), blog.clone(), *hash, self.timeout);
+                    let f = async move {
+                        let r = fetch_from(&urls, &slots, timeout, &catalog, &blog, &hash, size).await;
+                        flights_.lock().remove(&hash);
+                        r
+                    }
+                    .boxed()
+                    .shared();
+                    flights.insert(hash, f.clone());
+                    f
                 }
-                Ok(Err(Refused::Miss(why))) => tracing::debug!(peer, hash = %hash, why, "peer does not have the blob"),
-                Ok(Err(Refused::Wrong(why))) => {
-                    tracing::error!(peer, hash = %hash, why, "peer sent a wrong blob; refused")
-                }
-                Err(_) => tracing::warn!(peer, hash = %hash, "peer fetch timed out"),
             }
-        }
-        false
+        };
+        flight.await
     }
+}
+
+/// One fetch: a slot (waited for at most `SLOT_WAIT`), then each peer in
+/// turn, each within `timeout`.
+async fn fetch_from(
+    urls: &[String],
+    slots: &Semaphore,
+    timeout: Duration,
+    catalog: &Arc<Catalog>,
+    blog: &BlogId,
+    hash: &ContentHash,
+    size: u64,
+) -> Fetched {
+    let _slot = match tokio::time::timeout(SLOT_WAIT, slots.acquire()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) => return Fetched::No,
+        Err(_) => {
+            tracing::warn!(hash = %hash, "every peer fetch slot is busy (max_fallback_fetches)");
+            return Fetched::Busy;
+        }
+    };
+    for peer in urls {
+        let url = format!("{peer}/{blog}/_assets/{hash}/blob");
+        match tokio::time::timeout(timeout, fetch_one(catalog, &url, hash, size)).await {
+            Ok(Ok(())) => {
+                tracing::info!(peer, hash = %hash, "blob fetched from a peer");
+                return Fetched::Yes;
+            }
+            Ok(Err(Refused::Miss(why))) => tracing::debug!(peer, hash = %hash, why, "peer does not have the blob"),
+            Ok(Err(Refused::Wrong(why))) => tracing::error!(peer, hash = %hash, why, "peer sent a wrong blob; refused"),
+            Err(_) => tracing::warn!(peer, hash = %hash, "peer fetch timed out"),
+        }
+    }
+    Fetched::No
 }
 
 enum Refused {

@@ -612,3 +612,58 @@ async fn a_node_whose_revisions_were_compacted_while_it_was_cut_off_reloads() {
     }
     assert_eq!(get(b.http, "/healthz", &[]).status, 200);
 }
+
+/// Many requests at once for a blob this node lacks make one fetch from the
+/// peers, not one each: with a first peer that never answers, they all wait
+/// out its timeout once, together, and get the bytes from the next peer;
+/// the silent peer is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_a_blob_being_fetched_wait_for_that_one_fetch() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    // A peer that takes requests and never answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().take(100) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            if std::io::Read::read(&mut s, &mut buf).unwrap_or(0) > 0 {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            held.push(s);
+        }
+    });
+    let mut env = node_env(&etcd.endpoints(), &[silent_addr, a.http]);
+    env.push(("BLOTCDN_FALLBACK_TIMEOUT_SECS".into(), "2".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = ChildServer::spawn_with(&work.path().join("b"), &[], &env);
+
+    let bytes = vec![7u8; 20_000];
+    let (_, path) = put(&a, "flight", &bytes).await;
+    let mut r = resolver(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.get_blog(pb::GetBlogRequest { blog_id: "flight".into() }).await.map_or(0, |b| b.into_inner().asset_count)
+        != 1
+    {
+        assert!(Instant::now() < deadline, "B does not know of the asset");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http = b.http;
+    let gets: Vec<_> = (0..16)
+        .map(|_| {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || get(http, &path, &[]))
+        })
+        .collect();
+    for g in gets {
+        let r = g.await.unwrap();
+        assert_eq!((r.status, r.body.len()), (200, bytes.len()), "{}", String::from_utf8_lossy(&r.body));
+    }
+    let asked = asked.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(asked, 1, "the silent peer was asked {asked} times for one blob");
+}

@@ -920,6 +920,13 @@ async fn a_file_replaced_with_its_old_modification_time_does_not_revalidate() {
         assert_eq!((r.status, r.body.as_slice()), (200, &b"NEWNEWNEW2"[..]), "{name}: {value}");
         assert_ne!(r.header("etag"), Some(etag.as_str()));
     }
+    // A modification time in the future is no date to answer with: it would
+    // stay the answer's date after the next change, and 304 every check.
+    let future = std::time::SystemTime::now() + std::time::Duration::from_secs(10 * 365 * 86_400);
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(future).unwrap();
+    let r = get(s.http, "/et/et.txt", &[]);
+    let date = httpdate::parse_http_date(r.header("last-modified").unwrap()).unwrap();
+    assert!(date <= std::time::SystemTime::now(), "Last-Modified {:?} is in the future", r.header("last-modified"));
     s.stop().await;
 }
 
