@@ -76,6 +76,41 @@ pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// The file in the data dir that says which store it belongs to.
+const STORE_KIND_FILE: &str = "store-kind";
+
+/// A data dir belongs to the store it was first served with: a cluster
+/// node's (`store = "etcd"`) started once without that setting would come
+/// up as an empty embedded store and acknowledge writes no other node ever
+/// sees, and an embedded store's started against etcd would not show its
+/// own data. Written (durably) at the first start, checked at every one.
+fn check_store_kind(config: &Config) -> Result<(), AppError> {
+    let kind = if config.etcd.is_some() { "etcd" } else { "sled" };
+    let path = config.data_dir.join(STORE_KIND_FILE);
+    let err = |source| AppError::Dir { what: "the data dir's store kind", path: path.display().to_string(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found.trim() == kind => Ok(()),
+        Ok(found) => Err(AppError::Config {
+            key: "store",
+            reason: format!(
+                "the data dir {} belongs to store = \"{}\" (it says so in {STORE_KIND_FILE}); this server is set to \
+                 \"{kind}\": set store (and etcd_endpoints) as it was, or use another data dir",
+                config.data_dir.display(),
+                found.trim()
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            std::io::Write::write_all(&mut f, format!("{kind}\n").as_bytes()).map_err(err)?;
+            f.sync_all().map_err(err)?;
+            std::fs::rename(&tmp, &path).map_err(err)?;
+            crate::durable::sync_dir(&config.data_dir).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
 /// Raises the soft limit on open descriptors to the hard limit (the usual
 /// soft limit, 1,024, is far below what a busy origin needs) and returns
 /// the limit in force. Two syscalls: `libc`, already a dependency, is enough.
@@ -233,6 +268,7 @@ impl App {
             .map_err(|reason| AppError::Config { key: "purge", reason })?;
         let outbox =
             Arc::new(crate::purge::Outbox::new(config.purge.iter().map(|t| t.name.clone()), config.purge_queue_max));
+        check_store_kind(&config)?;
         let db_dir = config.data_dir.join("db");
         let store = match &config.etcd {
             None => {

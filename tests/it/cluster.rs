@@ -667,3 +667,35 @@ async fn requests_for_a_blob_being_fetched_wait_for_that_one_fetch() {
     let asked = asked.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(asked, 1, "the silent peer was asked {asked} times for one blob");
 }
+
+/// A data dir belongs to the store it was first served with: a cluster
+/// node's started once without `store = "etcd"` (a hostile test's slip)
+/// came up as an empty embedded store that acknowledged writes no other
+/// node would see. Refused now, naming the key, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_is_served_only_with_the_store_it_belongs_to() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let (clustered, embedded) = (work.path().join("clustered"), work.path().join("embedded"));
+    drop(node(&etcd, &clustered, &[]));
+    drop(ChildServer::spawn(&embedded));
+    let serve = |dir: &Path, env: &[(String, String)]| {
+        let mut cmd = std::process::Command::new(common::binary());
+        cmd.args(["serve", "--data-dir"]).arg(dir).args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        common::run(&mut cmd, 60)
+    };
+    let (code, _, err) = serve(&clustered, &[]);
+    assert!(code != 0 && err.contains("store") && err.contains("\"etcd\""), "{code} {err}");
+    let (code, _, err) = serve(&embedded, &node_env(&etcd.endpoints(), &[]));
+    assert!(code != 0 && err.contains("store") && err.contains("\"sled\""), "{code} {err}");
+}
