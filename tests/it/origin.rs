@@ -974,15 +974,33 @@ async fn origin_threads_run_with_the_configured_scheduler_slice() {
         .await
         .unwrap();
         assert_eq!(r.status, 200);
-        let threads = origin_threads();
-        assert_eq!(threads.len(), 2, "{threads:?}");
-        for (name, tid) in threads {
-            let got = slice::of(tid).unwrap();
-            match want {
-                Some(w) if has_slices => assert_eq!(got, w, "{name} with http_slice_us = {us}"),
-                // 0, or a kernel without slices of their own: the default.
-                _ => assert_eq!(got, default, "{name} with http_slice_us = {us}"),
+        // One thread answering says nothing of the other's start (nor of
+        // the last server's threads being gone): both, within 5 s.
+        let mut threads = origin_threads();
+        for _ in 0..500 {
+            if threads.len() == 2 {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            threads = origin_threads();
+        }
+        assert_eq!(threads.len(), 2, "{threads:?}");
+        // 0, or a kernel without slices of their own: the default.
+        let expected = match want {
+            Some(w) if has_slices => w,
+            _ => default,
+        };
+        for (name, tid) in threads {
+            // A thread asks for its slice as it starts: given 5 s to.
+            let mut got = slice::of(tid).unwrap();
+            for _ in 0..500 {
+                if got == expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                got = slice::of(tid).unwrap();
+            }
+            assert_eq!(got, expected, "{name} with http_slice_us = {us}");
         }
         s.stop().await;
     }
