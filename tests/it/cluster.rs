@@ -680,15 +680,7 @@ async fn a_data_dir_is_served_only_with_the_store_it_belongs_to() {
     drop(node(&etcd, &clustered, &[]));
     drop(ChildServer::spawn(&embedded));
     let serve = |dir: &Path, env: &[(String, String)]| {
-        let mut cmd = std::process::Command::new(common::binary());
-        cmd.args(["serve", "--data-dir"]).arg(dir).args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]);
+        let mut cmd = common::serve_on_free_ports(dir);
         for (k, v) in env {
             cmd.env(k, v);
         }

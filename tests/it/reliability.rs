@@ -425,32 +425,12 @@ async fn fsck_and_a_second_server_are_refused_while_a_server_holds_the_data_dir(
     std::fs::write(&in_flight, b"half an upload").unwrap();
     let (code, _, err) = run(Command::new(binary()).args(["fsck", "--data-dir"]).arg(dir.path()), 60);
     assert!(code != 0 && in_use(&err), "fsck on a live data dir: {code} {err}");
-    let (code, _, err) = run(
-        Command::new(binary()).args(["serve", "--data-dir"]).arg(dir.path()).args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]),
-        60,
-    );
+    let (code, _, err) = run(&mut common::serve_on_free_ports(dir.path()), 60);
     assert!(code != 0 && in_use(&err), "a second server on the same data dir: {code} {err}");
     assert!(in_flight.exists(), "the refused server swept the live one's upload in flight");
     let other = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(dir.path().join("db"), other.path().join("db")).unwrap();
-    let (code, _, err) = run(
-        Command::new(binary()).args(["serve", "--data-dir"]).arg(other.path()).args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]),
-        60,
-    );
+    let (code, _, err) = run(&mut common::serve_on_free_ports(other.path()), 60);
     assert!(code != 0 && in_use(&err), "a second data dir sharing the database: {code} {err}");
     let after = p.invalidate(invalidate("/after.txt")).await.unwrap().into_inner().cache_id;
     drop(p);

@@ -549,3 +549,12 @@ pub fn rss_of(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status");
     kb * 1024
 }
+
+/// `blotcdn serve` on `data_dir` with every port 0: for a start that is to
+/// be refused (run it with [`run`], which returns its exit code and output).
+pub fn serve_on_free_ports(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args(["serve", "--data-dir"]).arg(data_dir);
+    cmd.args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
+    cmd
+}
