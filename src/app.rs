@@ -100,12 +100,7 @@ fn check_store_kind(config: &Config) -> Result<(), AppError> {
             ),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            std::io::Write::write_all(&mut f, format!("{kind}\n").as_bytes()).map_err(err)?;
-            f.sync_all().map_err(err)?;
-            std::fs::rename(&tmp, &path).map_err(err)?;
-            crate::durable::sync_dir(&config.data_dir).map_err(err)
+            crate::durable::write_file(&path, format!("{kind}\n").as_bytes()).map_err(err)
         }
         Err(e) => Err(err(e)),
     }

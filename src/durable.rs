@@ -13,6 +13,22 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Writes `bytes` to `path` whole or not at all, durably: into a
+/// temporary file beside it (`path` with the extension `tmp`), fsynced,
+/// renamed over `path`, and the folder fsynced so the new name holds.
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => sync_dir(dir),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
 /// `create_dir_all`, and each directory it created is named durably (its
 /// parent fsynced once it holds it).
 pub fn create_dir_all(dir: &Path) -> io::Result<()> {

@@ -314,16 +314,7 @@ fn checkpoint_path(state_dir: &Path, o: &Options) -> PathBuf {
 }
 
 fn write_checkpoint(path: &Path, key: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(key.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        crate::durable::sync_dir(dir)?;
-    }
-    Ok(())
+    crate::durable::write_file(path, key.as_bytes())
 }
 
 /// What the screen shows: a progress bar on a terminal, else a line every 5 s.
