@@ -48,12 +48,17 @@ impl FileStamp {
 /// Longer than the coarse clock's tick, which timestamps may follow.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// When the file last changed: its change time (which every write, rename
+/// and link moves, and nothing sets back).
+pub fn changed_at(meta: &Metadata) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH
+        + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32)
+}
+
 /// How long ago the file last changed (its change time); zero for a change
 /// time ahead of our clock.
 pub fn changed_ago(meta: &Metadata) -> std::time::Duration {
-    let changed = std::time::UNIX_EPOCH
-        + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
-    std::time::SystemTime::now().duration_since(changed).unwrap_or_default()
+    std::time::SystemTime::now().duration_since(changed_at(meta)).unwrap_or_default()
 }
 
 /// Waits (blocking, at most three times [`SETTLE`]) until the opened file's

@@ -93,9 +93,7 @@ pub(super) fn file_etag(meta: &Metadata, recent: bool) -> HeaderValue {
 /// future would otherwise stay the answer's date after the bytes change,
 /// and every `If-Modified-Since` of it would get a 304.
 pub(super) fn last_modified(meta: &Metadata) -> SystemTime {
-    use std::os::unix::fs::MetadataExt;
-    let changed = SystemTime::UNIX_EPOCH
-        + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+    let changed = crate::blogfs::changed_at(meta);
     meta.modified().map_or(changed, |m| m.max(changed)).min(SystemTime::now())
 }
 
