@@ -94,7 +94,7 @@ pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Metadata> {
 /// EAGAIN whenever the server gave no delegation or oplock, which would
 /// read as "being written" every time). `file` must be open read-only.
 /// Four syscalls.
-pub fn open_for_writing(file: &File) -> Option<bool> {
+fn open_for_writing(file: &File) -> Option<bool> {
     // <fcntl.h>'s F_SETSIG (Linux), which the libc crate does not export.
     const F_SETSIG: libc::c_int = 10;
     // statfs(2)'s magic numbers of local filesystems whose leases answer
@@ -123,6 +123,29 @@ pub fn open_for_writing(file: &File) -> Option<bool> {
     match io::Error::last_os_error().raw_os_error() {
         Some(libc::EAGAIN) => Some(true),
         _ => None,
+    }
+}
+
+/// Whether another process holds `file` open for writing, as
+/// [`open_for_writing`] asks the kernel. Where it gives no answer, no: only
+/// the file's times are checked then, which a writer through a shared
+/// mapping can get past (said once in the log). For the origin and
+/// `ImportFile` alike.
+pub fn writer_holds(file: &File) -> bool {
+    match open_for_writing(file) {
+        Some(writing) => writing,
+        None => {
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "cannot ask whether a blog file is being written (no read lease: the file is another user's and \
+                     the server lacks CAP_LEASE, leases are off, or the filesystem is not local): a file written \
+                     through a shared mapping may be answered torn and kept, or imported torn; only its times are \
+                     checked (said once)"
+                );
+            }
+            false
+        }
     }
 }
 

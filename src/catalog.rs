@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use crate::blogfs::{open_for_writing, settled, BlogsDir, FileStamp, OpenError};
+use crate::blogfs::{settled, writer_holds, BlogsDir, FileStamp, OpenError};
 use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
 use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -376,21 +376,8 @@ impl Catalog {
                 "{path} in blog {blog} is open for writing by another process; nothing was kept: import it once it is written and closed"
             ))
         };
-        match open_for_writing(&file) {
-            Some(true) => return Err(writing()),
-            Some(false) => {}
-            None => {
-                static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!(
-                        blog = %blog,
-                        path = %path,
-                        "ImportFile cannot ask whether a file is being written (no read lease: the file is another \
-                         user's and the server lacks CAP_LEASE, or leases are off): a file written through a mapping \
-                         during an import may be kept torn; only its timestamps are checked (said once)"
-                    );
-                }
-            }
+        if writer_holds(&file) {
+            return Err(writing());
         }
         let meta = settled(&file, meta)?;
         let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {
@@ -406,7 +393,7 @@ impl Catalog {
         if pending.size != meta.len() || FileStamp::of(&after) != FileStamp::of(&meta) {
             return Err(changed());
         }
-        if open_for_writing(&file) == Some(true) {
+        if writer_holds(&file) {
             return Err(writing());
         }
         let filename = path.file_name().to_owned();

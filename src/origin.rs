@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::blogfs::{changed_ago, open_for_writing, settled, FileStamp, OpenError};
+use crate::blogfs::{changed_ago, settled, writer_holds, FileStamp, OpenError};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{parse_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domain};
@@ -816,27 +816,6 @@ fn cut_twice(s: &str) -> (&str, Option<&str>, Option<&str>) {
     match slash(a + 1) {
         Some(b) => (&s[..a], Some(&s[a + 1..b]), Some(&s[b + 1..])),
         None => (&s[..a], Some(&s[a + 1..]), None),
-    }
-}
-
-/// Whether another process holds the file open for writing (see
-/// `blogfs::open_for_writing`). Where the kernel gives no answer, no: the
-/// times alone are checked then, which a writer through a shared mapping
-/// can get past (said once in the log).
-fn writer_holds(f: &std::fs::File) -> bool {
-    match open_for_writing(f) {
-        Some(writing) => writing,
-        None => {
-            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(
-                    "the origin cannot ask whether a blog file is being written (no read lease: the file is another \
-                     user's and the server lacks CAP_LEASE, leases are off, or the filesystem is not local): a file \
-                     written through a shared mapping may be answered torn and kept; only its times are checked (said once)"
-                );
-            }
-            false
-        }
     }
 }
 
