@@ -262,10 +262,6 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
-/// A call that failed in the connection rather than in the server: among
-/// them, one the channel never sent because the server was sending the
-/// connection away (`grpc_max_connection_age_secs`; hyper issue 2500). An
-/// idempotent call (`ImportFile`) is worth one more try.
 /// A refusal every call to this server would get (no token or the wrong
 /// one, the server gone): a folder's import stops at it instead of trying
 /// each file in turn.
@@ -275,6 +271,10 @@ fn fails_every_call(s: &tonic::Status) -> bool {
         || failed_in_transport(s)
 }
 
+/// A call that failed in the connection rather than in the server: among
+/// them, one the channel never sent because the server was sending the
+/// connection away (`grpc_max_connection_age_secs`; hyper issue 2500). An
+/// idempotent call (`ImportFile`) is worth one more try.
 fn failed_in_transport(s: &tonic::Status) -> bool {
     std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
@@ -573,8 +573,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every regular file under a folder of the blog, as blog paths, hidden
-/// files and links left out.
 /// Every regular file under a folder of the blog, as blog paths, and what
 /// was left out and why: hidden files (never served) silently; symbolic
 /// links, special files and names that are not UTF-8 (no blog path names

@@ -64,10 +64,9 @@ fn is_disk_full(e: &std::io::Error) -> bool {
 
 /// One span per call, open from the call's start to its end (so an exporter
 /// sees its real duration): method, blog, item count, then outcome and
-/// latency, recorded and logged when the call ends.
-/// One call's log line and metrics. A call whose future is dropped before
-/// it answers (the client went away, or its deadline passed) is counted
-/// and logged as CANCELLED when the log goes.
+/// latency, recorded, logged and counted when the call ends. A call whose
+/// future is dropped before it answers (the client went away, or its
+/// deadline passed) is counted and logged as CANCELLED when the log goes.
 struct CallLog {
     span: tracing::Span,
     start: Instant,

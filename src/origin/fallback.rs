@@ -127,16 +127,16 @@ impl Fallback {
             let len = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             // Bytes in an encoding (an S3 object stored gzipped) are not the
             // file: passed on with their Content-Encoding, never written to
-            // the static folder, whose files are answered as they are. An
-            // answer its origin keeps out of shared caches is passed on as
-            // it says, and not kept either.
+            // the static folder, whose files are answered as they are.
             let encoded = parts
                 .headers
                 .get(header::CONTENT_ENCODING)
                 .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
             let control = parts.headers.get(header::CACHE_CONTROL);
-            // Said by its origin: kept out of shared caches (passed on as
-            // it is), and out of the static folder when not to be stored.
+            // What its origin says of caching: `private`, `no-store` and
+            // `no-cache` are passed on as they are (not made public for a
+            // minute); `private` and `no-store` keep it out of the static
+            // folder too, `no-cache` does not (the bytes are everyone's).
             let pass_on = control.filter(|v| has_directive(v, &["private", "no-store", "no-cache"]));
             let storable = !control.is_some_and(|v| has_directive(v, &["private", "no-store"]));
             let keep = i < self.backfill && method == Method::GET && !encoded && storable;
@@ -179,7 +179,7 @@ impl Fallback {
                 }
             }
             // An unversioned URL may change behind the edge: keep it short,
-            // unless its origin says shared caches may not keep it at all.
+            // unless its origin said otherwise (above).
             h.insert(header::CACHE_CONTROL, pass_on.cloned().unwrap_or(HeaderValue::from_static(SHORT)));
             // The edge's own lifetime for what the app marks so (pages it
             // tags for purging on publish; see edge/varnish.vcl).
