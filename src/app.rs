@@ -493,7 +493,9 @@ impl App {
             // A call without the right token is refused before any service
             // sees it, and so changes nothing.
             .layer(AuthLayer { tokens })
-            // Inside auth: only calls allowed in get their upload bodies guarded.
+            // Inside auth: only calls allowed in take room in the server's
+            // request memory, or get their upload bodies guarded.
+            .layer(crate::grpc::BudgetLayer::new(config.grpc_memory_bytes))
             .layer(UploadGuardLayer)
             // Decoder and size-limit errors become the caller's INVALID_ARGUMENT
             // and RESOURCE_EXHAUSTED, with a sentence.

@@ -23,6 +23,10 @@ pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 pub const MAX_HTTP_THREADS: usize = 1024;
 /// The slowest a purge target may be sent requests: one a day.
 pub const MIN_PURGE_RATE: f64 = 1.0 / 86_400.0;
+/// `grpc_memory_bytes` by default: about six full batches at once.
+pub const DEFAULT_GRPC_MEMORY_BYTES: u64 = 256 << 20;
+/// The least `grpc_memory_bytes` takes: one request at the size limit.
+pub const MIN_GRPC_MEMORY_BYTES: u64 = crate::grpc::MAX_MESSAGE_BYTES as u64;
 
 /// One layer: every key optional. Used for the file, the environment and flags.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -60,6 +64,9 @@ pub struct Partial {
     pub max_in_flight: Option<usize>,
     /// `PutAsset` streams open at once, server-wide; past it RESOURCE_EXHAUSTED.
     pub max_uploads: Option<usize>,
+    /// Memory that unary gRPC calls may take at once, server-wide, while
+    /// they are decoded, handled and answered; past it calls wait their turn.
+    pub grpc_memory_bytes: Option<u64>,
     /// An upload that sends nothing for this long is dropped (DEADLINE_EXCEEDED).
     pub upload_idle_timeout_secs: Option<u64>,
     /// HTTP origin connections open at once; past it, new ones wait in the
@@ -197,6 +204,7 @@ impl Partial {
             hot_cache_bytes,
             max_in_flight,
             max_uploads,
+            grpc_memory_bytes,
             upload_idle_timeout_secs,
             max_connections,
             grpc_max_connections,
@@ -252,6 +260,7 @@ impl Partial {
             hot_cache_bytes: num("BLOTCDN_HOT_CACHE_BYTES", get("BLOTCDN_HOT_CACHE_BYTES"))?,
             max_in_flight: num("BLOTCDN_MAX_IN_FLIGHT", get("BLOTCDN_MAX_IN_FLIGHT"))?,
             max_uploads: num("BLOTCDN_MAX_UPLOADS", get("BLOTCDN_MAX_UPLOADS"))?,
+            grpc_memory_bytes: num("BLOTCDN_GRPC_MEMORY_BYTES", get("BLOTCDN_GRPC_MEMORY_BYTES"))?,
             upload_idle_timeout_secs: num("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS", get("BLOTCDN_UPLOAD_IDLE_TIMEOUT_SECS"))?,
             max_connections: num("BLOTCDN_MAX_CONNECTIONS", get("BLOTCDN_MAX_CONNECTIONS"))?,
             grpc_max_connections: num("BLOTCDN_GRPC_MAX_CONNECTIONS", get("BLOTCDN_GRPC_MAX_CONNECTIONS"))?,
@@ -333,6 +342,8 @@ pub struct Config {
     pub hot_cache_bytes: u64,
     pub max_in_flight: usize,
     pub max_uploads: usize,
+    /// `grpc_memory_bytes`.
+    pub grpc_memory_bytes: u64,
     pub upload_idle_timeout: std::time::Duration,
     pub max_connections: usize,
     pub grpc_max_connections: usize,
@@ -495,6 +506,16 @@ impl Config {
             }
         };
         let max_uploads = at_least_1("max_uploads", p.max_uploads.map(|n| n as u64), 64)? as usize;
+        // A budget under one request at the size limit would refuse it.
+        let grpc_memory_bytes = match p.grpc_memory_bytes.unwrap_or(DEFAULT_GRPC_MEMORY_BYTES) {
+            n if n < MIN_GRPC_MEMORY_BYTES => {
+                return Err(invalid(
+                    "grpc_memory_bytes",
+                    format!("{n}: must be at least {MIN_GRPC_MEMORY_BYTES} (16 MiB, one request at the size limit)"),
+                ))
+            }
+            n => n,
+        };
         let upload_idle = seconds("upload_idle_timeout_secs", p.upload_idle_timeout_secs, 30)?;
         let max_connections = at_least_1("max_connections", p.max_connections.map(|n| n as u64), 10_000)? as usize;
         let grpc_max_connections =
@@ -614,6 +635,7 @@ impl Config {
             hot_cache_bytes: p.hot_cache_bytes.unwrap_or(64 * 1024 * 1024),
             max_in_flight,
             max_uploads,
+            grpc_memory_bytes,
             upload_idle_timeout: std::time::Duration::from_secs(upload_idle),
             max_connections,
             grpc_max_connections,
@@ -741,6 +763,10 @@ mod tests {
         assert!(Config::from_partial(rate(MIN_PURGE_RATE)).is_ok());
         let e = Config::from_partial(Partial { http_threads: Some(100_000), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("http_threads"), "{e}");
+        let memory = |n| Config::from_partial(Partial { grpc_memory_bytes: Some(n), ..Default::default() });
+        let e = memory(MIN_GRPC_MEMORY_BYTES - 1).unwrap_err();
+        assert!(e.to_string().contains("grpc_memory_bytes"), "{e}");
+        assert_eq!(memory(MIN_GRPC_MEMORY_BYTES).unwrap().grpc_memory_bytes, MIN_GRPC_MEMORY_BYTES);
         let slice_without_threads = |us| Partial { http_threads: Some(0), http_slice_us: us, ..Default::default() };
         let e = Config::from_partial(slice_without_threads(Some(200))).unwrap_err();
         assert!(e.to_string().contains("http_slice_us") && e.to_string().contains("http_threads"), "{e}");

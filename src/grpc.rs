@@ -14,6 +14,9 @@ use crate::catalog::{AssetInfo, Catalog, CatalogError, PutHeader, ResolveStatus}
 use crate::proto as pb;
 use crate::store::StoreError;
 
+mod budget;
+pub use budget::BudgetLayer;
+
 /// Largest gRPC message accepted: a full batch of 10,000 long paths fits.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 

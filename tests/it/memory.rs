@@ -110,3 +110,108 @@ async fn a_floor_raise_drops_the_path_versions_it_made_meaningless() {
     assert_eq!((got[0].cache_id, common::path_of(&got[1].url)), (floor, common::path_of(&logo.url)));
     s.stop().await;
 }
+
+/// A renderer's calls are small; a batch of 10,000 long paths is 10 MB, and
+/// its answer more. Before the server-wide budget, each connection could
+/// have `max_in_flight` of them decoding and answering at once: 96 calls of
+/// 4 MB took the server from 72 MB to 423 MB. Now a large call past the
+/// budget is refused at once, naming it, the caller retries, and every call
+/// is answered in the end; a renderer's small calls meanwhile are never
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_batches_at_once_stay_within_the_servers_request_memory_budget() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 64u64 << 20;
+    let server =
+        ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", budget.to_string().as_str())]);
+    // 4,000 paths of 1,000 bytes: a 4 MB request, weighed at 16 MB.
+    let paths: Arc<Vec<String>> = Arc::new((0..4000).map(|i| format!("/{i:05}/{}", "x".repeat(993))).collect());
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let mut c = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc))
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        c.resolve_batch(pb::ResolveBatchRequest { blog_id: "big".into(), paths: vec!["/a.css".into()] }).await.unwrap();
+        clients.push(c);
+    }
+    let base = server.rss_bytes();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (done, pid) = (done.clone(), server.child.id());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(common::rss_of(pid));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    // A renderer on a connection of its own, resolving a page at a time.
+    let renderer = {
+        let (done, mut c) = (done.clone(), clients[0].clone());
+        tokio::spawn(async move {
+            let mut pages = 0;
+            while !done.load(Ordering::Relaxed) {
+                let page = pb::ResolveBatchRequest { blog_id: "big".into(), paths: vec!["/style.css".into(); 20] };
+                let got = c.resolve_batch(page).await.expect("a renderer's page is never refused");
+                assert_eq!(got.into_inner().assets.len(), 20);
+                pages += 1;
+            }
+            pages
+        })
+    };
+    let refused = Arc::new(AtomicUsize::new(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut calls = tokio::task::JoinSet::new();
+    for c in &clients[1..] {
+        for _ in 0..8 {
+            let (mut c, paths, refused) = (c.clone(), paths.clone(), refused.clone());
+            calls.spawn(async move {
+                loop {
+                    let req = pb::ResolveBatchRequest { blog_id: "big".into(), paths: paths.to_vec() };
+                    match c.resolve_batch(req).await {
+                        Ok(r) => return r.into_inner().assets.len(),
+                        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                            assert!(s.message().contains("grpc_memory_bytes"), "{s:?}");
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            assert!(std::time::Instant::now() < deadline, "a large call was refused for 2 minutes");
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        Err(s) => panic!("{s:?}"),
+                    }
+                }
+            });
+        }
+    }
+    let mut answered = 0;
+    while let Some(n) = calls.join_next().await {
+        assert_eq!(n.unwrap(), 4000);
+        answered += 1;
+    }
+    done.store(true, Ordering::Relaxed);
+    let pages = renderer.await.unwrap();
+    let peak = sampler.join().unwrap();
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    let refused = refused.load(Ordering::Relaxed);
+    eprintln!(
+        "{answered} calls of 4 MB ({refused} refusals retried), {pages} pages: RSS {:.0} MB before, peak {:.0} MB",
+        mb(base),
+        mb(peak)
+    );
+    assert_eq!(answered, 88);
+    assert!(refused > 0, "the budget never refused a call: the test did not fill it");
+    assert!(pages > 0);
+    // The budget, with room for the allocator and the connections' buffers.
+    assert!(
+        peak < base + budget + (96 << 20),
+        "88 large batches took the server from {:.0} MB to {:.0} MB, past its {:.0} MB budget",
+        mb(base),
+        mb(peak),
+        mb(budget)
+    );
+}
