@@ -227,3 +227,48 @@ s3.put_object(Bucket="legacy", Key="b5/avatars/later.png", Body=b"uploaded after
     assert_eq!(curl(&[&s.url("/b5/page.html")]).body, b"from the app");
     s.stop().await;
 }
+
+/// A bucket that misbehaves (an endless listing, an endless error page)
+/// makes `migrate` fail within a bound, saying what it got, and its memory
+/// stays bounded: before, an endless 500 hung it, and a listing was read
+/// into memory however long it was.
+#[test]
+fn an_endless_listing_or_error_page_fails_the_run_in_bounded_time_and_memory() {
+    let listing = common::EndlessServer::start(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nConnection: close\r\n\r\n<ListBucketResult>",
+        b"<Contents><Key>b1/a.png</Key><Size>1</Size></Contents>",
+    );
+    let error = common::EndlessServer::start(
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+        b"the bucket is on fire ",
+    );
+    for (server, says) in
+        [(&listing, "at most 16777216 bytes"), (&error, "500 Internal Server Error the bucket is on fire")]
+    {
+        let work = tempfile::tempdir().unwrap();
+        let data = work.path().join("data");
+        let url = format!("http://127.0.0.1:{}/{BUCKET}", server.port);
+        let started = Instant::now();
+        let mut child = migrate(&data, &url, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut peak = 0;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            peak = peak.max(common::rss_of(child.id()));
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("migrate against a misbehaving bucket still ran after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!status.success(), "migrate succeeded against an endless answer: {err}");
+        assert!(err.contains(says) && err.contains("ListObjectsV2 failed three times"), "{err}");
+        // Three tries of at most 16 MiB each (or 300 bytes of an error page).
+        assert!(peak < 120 << 20, "migrate took {} MiB against an endless answer", peak >> 20);
+        assert!(server.sent() < 1 << 30, "{} MiB were read from the bucket", server.sent() >> 20);
+        eprintln!("{says}: failed in {:?}, peak {} MiB", started.elapsed(), peak >> 20);
+    }
+}

@@ -694,27 +694,8 @@ async fn refusals_the_edge_can_fix_are_retried_never_dropped() {
 /// memory: a hostile test's endless 200 took the server past 3.7 GB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_answer_from_a_target_is_not_read_into_memory() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = sent.clone();
-    std::thread::spawn(move || {
-        let Ok((mut conn, _)) = listener.accept() else { return };
-        let mut r = BufReader::new(conn.try_clone().unwrap());
-        let mut line = String::new();
-        while r.read_line(&mut line).is_ok_and(|n| n > 2) {
-            line.clear();
-        }
-        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n");
-        let zeros = vec![0u8; 1 << 16];
-        // Until the server lets go, or 8 GiB.
-        for _ in 0..(1 << 17) {
-            if conn.write_all(&zeros).is_err() {
-                break;
-            }
-            counter.fetch_add(zeros.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-    });
+    let endless = common::EndlessServer::start("HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n", &[0]);
+    let port = endless.port;
     let url = format!("http://127.0.0.1:{port}/purge");
     let s = Server::start_with(|p| p.purge = Some(vec![target("hook", "http", url, None)])).await;
     let rss = || common::rss_of(std::process::id());
@@ -722,7 +703,7 @@ async fn an_endless_answer_from_a_target_is_not_read_into_memory() {
     s.publisher().await.purge(pb::PurgeRequest { blog_id: "b".into(), keys: vec!["b".into()] }).await.unwrap();
     wait_queues(s.grpc, 20, "the purge counted as sent", drained).await;
     let grown = rss().saturating_sub(before);
-    let read = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let read = endless.sent();
     assert!(grown < 64 << 20, "the server grew by {} MiB reading the answer", grown >> 20);
     assert!(read < 1 << 30, "{} MiB of the answer were taken from the socket", read >> 20);
     s.stop().await;

@@ -558,3 +558,63 @@ pub fn serve_on_free_ports(data_dir: &Path) -> Command {
     cmd.args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
     cmd
 }
+
+/// An HTTP server on 127.0.0.1 that answers every request with `head` and
+/// then `chunk` over and over, until the client lets go (or 8 GiB a
+/// connection): a faulty edge, bucket or app. Stopped when dropped.
+pub struct EndlessServer {
+    pub port: u16,
+    /// Bytes of body taken from the sockets, all connections together.
+    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EndlessServer {
+    pub fn start(head: &'static str, chunk: &'static [u8]) -> EndlessServer {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counter, stopped) = (sent.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Ten minutes at most, then nothing more is accepted.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !stopped.load(Relaxed) && Instant::now() < deadline {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let (counter, stopped) = (counter.clone(), stopped.clone());
+                std::thread::spawn(move || {
+                    conn.set_nonblocking(false).unwrap();
+                    let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    let _ = conn.write_all(head.as_bytes());
+                    let body = chunk.repeat((1 << 16) / chunk.len().max(1) + 1);
+                    for _ in 0..(8u64 << 30) / body.len() as u64 {
+                        if stopped.load(Relaxed) || conn.write_all(&body).is_err() {
+                            break;
+                        }
+                        counter.fetch_add(body.len() as u64, Relaxed);
+                    }
+                });
+            }
+        });
+        EndlessServer { port, sent, stop }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for EndlessServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
