@@ -218,19 +218,21 @@ impl Writer {
             let mut value = [self.nonce.to_be_bytes(), self.tries.to_be_bytes()].concat();
             value.extend_from_slice(&wal::encode_group(numbered.iter().map(|(s, r)| (*s, *r))));
             let value_len = value.len();
+            // Too large for one request: several writes are committed apart;
+            // one write alone is written in parts, then committed by name.
+            let mut parts = None;
             if value.len() > MAX_GROUP_BYTES {
                 if ops.len() > 1 {
                     let rest = ops.split_off(ops.len() / 2);
                     self.commit(ops);
                     self.commit(rest);
-                } else {
-                    let e = StoreError::Full(format!(
-                        "the write is too large for one etcd request ({} bytes, at most {MAX_GROUP_BYTES}); send fewer paths per call",
-                        value.len()
-                    ));
-                    refuse_all(ops, &e);
+                    return;
                 }
-                return;
+                let dir = parts_dir(&self.f.parts, format!("{first_seq:016x}").as_bytes(), self.nonce, self.tries);
+                match self.write_parts(&dir, &mut value) {
+                    Ok(()) => parts = Some(dir),
+                    Err(e) => return refuse_all(ops, &unavailable("writing a large write in parts", e)),
+                }
             }
             let last_seq = seq - 1;
             let mut log_key = self.f.log.clone();
@@ -278,6 +280,12 @@ impl Writer {
                 // Another node's group came first: wait until the watch has
                 // applied it, then build ours again on top of it.
                 let theirs = found(0).map(|k| k.mod_revision).unwrap_or(rev);
+                if let Some(dir) = parts {
+                    // This try's parts are named by no group; the next try
+                    // writes its own. (Left, a snapshot deletes them.)
+                    let _ = self
+                        .txn(TxnRequest { success: vec![del(dir.clone(), prefix_end(&dir))], ..Default::default() });
+                }
                 if !self.wait_seen(theirs) {
                     let e = unavailable("following the log", "this node's watch is behind");
                     return refuse_all(ops, &e);
@@ -312,6 +320,25 @@ impl Writer {
         refuse_all(ops, &e);
     }
 
+    /// Writes the records of `value` (after its nonce and try) as parts
+    /// under `dir`, and leaves in `value` what names them.
+    fn write_parts(&self, dir: &[u8], value: &mut Vec<u8>) -> Result<(), String> {
+        let records = &value[16..];
+        let mut n = 0u32;
+        for (i, part) in records.chunks(MAX_GROUP_BYTES).enumerate() {
+            let key = [dir, format!("{i:08x}").as_bytes()].concat();
+            self.txn(TxnRequest { success: vec![put(key, part.to_vec())], ..Default::default() })?;
+            n += 1;
+        }
+        let mut named = value[..16].to_vec();
+        named.extend_from_slice(&PART_MARK);
+        named.extend_from_slice(&n.to_be_bytes());
+        named.extend_from_slice(&(records.len() as u64).to_be_bytes());
+        named.extend_from_slice(blake3::hash(records).as_bytes());
+        *value = named;
+        Ok(())
+    }
+
     /// Writes a snapshot of the index as this node has applied it, then
     /// points `P snap` at it and deletes the log it covers and the snapshot
     /// before, in one transaction.
@@ -332,6 +359,7 @@ impl Writer {
         pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
         pointer.extend_from_slice(&self.nonce.to_be_bytes());
         let log_end = [self.f.log.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
+        let parts_end = [self.f.parts.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
         // Only over the snapshot this node knows: two nodes snapshotting at
         // once must not point back to an older one after the log it needs
         // was cut. The loser removes its own chunks, and only those.
@@ -340,6 +368,8 @@ impl Writer {
             success: vec![
                 put(self.f.snap.clone(), pointer),
                 del(self.f.log.clone(), log_end),
+                // The parts of groups up to it, and those no group named.
+                del(self.f.parts.clone(), parts_end),
                 // Older snapshots (and any a crash left) sort before this one.
                 del(self.f.snaps.clone(), dir.clone()),
             ],

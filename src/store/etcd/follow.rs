@@ -31,13 +31,55 @@ async fn pages(
     }
 }
 
+/// The records of the group under `key`: in its value, or gathered (and
+/// taken) from the `parts` it names, checked against its length and hash.
+fn records<'v>(
+    parts_prefix: &[u8],
+    log_prefix: &[u8],
+    key: &[u8],
+    value: &'v [u8],
+    parts: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Result<std::borrow::Cow<'v, [u8]>, String> {
+    let body = value.get(16..).ok_or("a log group without its writer's nonce")?;
+    if body.get(..4) != Some(&PART_MARK[..]) {
+        return Ok(body.into());
+    }
+    let (Some(n), Some(len), Some(hash)) = (body.get(4..8), body.get(8..16), body.get(16..48)) else {
+        return Err("a log group's list of parts is cut short".into());
+    };
+    let n = u32::from_be_bytes(n.try_into().expect("4"));
+    let len = u64::from_be_bytes(len.try_into().expect("8")) as usize;
+    let nonce = u64::from_be_bytes(value[..8].try_into().expect("8"));
+    let tries = u64::from_be_bytes(value[8..16].try_into().expect("8"));
+    let seq_hex = key.get(log_prefix.len()..).unwrap_or_default();
+    let dir = parts_dir(parts_prefix, seq_hex, nonce, tries);
+    let mut out = Vec::with_capacity(len.min(1 << 30));
+    for i in 0..n {
+        let part = parts
+            .remove(&[dir.as_slice(), format!("{i:08x}").as_bytes()].concat())
+            .ok_or_else(|| format!("part {i} of {n} of a log group is missing"))?;
+        out.extend_from_slice(&part);
+    }
+    if out.len() != len || blake3::hash(&out).as_bytes()[..] != hash[..] {
+        return Err(format!("the parts of a log group ({} bytes) are not the {len} bytes it names", out.len()));
+    }
+    Ok(out.into())
+}
+
 impl Follower {
-    /// Applies one group (a `log/` value) to the index and the ids.
-    fn apply_group(&self, index: &mut Index, a: &mut Applied, value: &[u8], rev: i64) -> Result<(), String> {
-        let recs = value
-            .get(16..)
-            .and_then(wal::decode_group)
-            .ok_or_else(|| format!("a damaged log group at etcd revision {rev}"))?;
+    /// Applies one group (a `log/` key and value) to the index and the ids.
+    fn apply_group(
+        &self,
+        index: &mut Index,
+        a: &mut Applied,
+        key: &[u8],
+        value: &[u8],
+        rev: i64,
+        parts: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Result<(), String> {
+        let recs = records(&self.parts, &self.log, key, value, parts)
+            .map_err(|why| format!("{why}, at etcd revision {rev}"))
+            .and_then(|b| wal::decode_group(&b).ok_or_else(|| format!("a damaged log group at etcd revision {rev}")))?;
         for (seq, rec) in &recs {
             // Never twice: a record is applied once, in log order.
             if *seq <= a.seq {
@@ -101,10 +143,21 @@ impl Follower {
             a = Applied { ids, deleted_last, head_rev: 0, seq, snap_seq: seq, snap_rev: p.mod_revision };
             key.extend_from_slice(format!("{:016x}", seq + 1).as_bytes());
         }
-        pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
-            self.apply_group(&mut index, &mut a, &g.value, g.mod_revision)
+        // The parts of large groups first (those of groups a snapshot
+        // covers are gone with it), at the same revision.
+        let mut parts = std::collections::BTreeMap::new();
+        pages(kv, self.parts.clone(), prefix_end(&self.parts), 2, rev, "loading the log's parts", |p| {
+            parts.insert(p.key.clone(), p.value.clone());
+            Ok(())
         })
         .await?;
+        pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
+            self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts)
+        })
+        .await?;
+        // Parts of a group committed after this revision: the watch brings
+        // the group, not them again.
+        *self.pending_parts.lock() = parts;
         // The head's own revision, at the same revision as the log read.
         let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
         let resp = kv.range(req).await.map_err(|s| format!("loading the head: {}", s.message()))?.into_inner();
@@ -200,15 +253,24 @@ impl Follower {
     fn apply_events(&self, events: &[crate::etcdpb::Event]) {
         let mut index = self.shared.index.write();
         let mut a = self.applied.lock();
+        let mut parts = self.pending_parts.lock();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
+            // Parts are kept until their group comes, or they are deleted.
+            if kv.key.starts_with(&self.parts) {
+                match ev.r#type {
+                    0 => parts.insert(kv.key.clone(), kv.value.clone()),
+                    _ => parts.remove(&kv.key),
+                };
+                continue;
+            }
             // Puts of log groups (the head moves with them) and of the
-            // snapshot pointer; deletions are only cleanup.
+            // snapshot pointer; other deletions are only cleanup.
             if ev.r#type != 0 {
                 continue;
             }
             if kv.key.starts_with(&self.log) {
-                if let Err(e) = self.apply_group(&mut index, &mut a, &kv.value, kv.mod_revision) {
+                if let Err(e) = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, &mut parts) {
                     // The index would part from etcd's: no write may be
                     // built on it until a restart reloads.
                     tracing::error!(error = %e, "etcd log group unreadable; refusing writes");

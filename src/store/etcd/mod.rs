@@ -7,6 +7,15 @@
 //!   nonce and a count of its tries (u64 BE each, so no two tries' values
 //!   are equal, even of the same records), then the records encoded and
 //!   checked as the write-ahead log encodes them ([`wal::encode_group`]);
+//!   or, for a group too large for one etcd request (a batch of long paths,
+//!   the deletion of a blog with tens of thousands of assets), [`PART_MARK`],
+//!   the part count (u32 BE), the length (u64 BE) and the BLAKE3 hash of
+//!   those records, which are in
+//! - `P part/{seq:016x}-{nonce:016x}-{tries:016x}/{i:08x}`: up to 1 MiB
+//!   each, written (each its own request) before the group that names them
+//!   is committed. Nothing reads them until it is; the parts of a try that
+//!   lost the race are deleted by their writer, and a snapshot deletes every
+//!   part up to its record (those a crash left too);
 //! - `P snap`: the last snapshot's record number (u64 BE), chunk count
 //!   (u32 BE) and writer's nonce (u64 BE); `P snap/{seq:016x}-{nonce:016x}/
 //!   {i:04x}`: its chunks, the index in the format of [`snapshot`] (what a
@@ -70,8 +79,12 @@ use commit::Writer;
 
 /// One etcd request at most this long; past it the write is refused.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// A group's value at most (etcd refuses requests past 1.5 MiB by default).
+/// A group's value at most (etcd refuses requests past 1.5 MiB by default);
+/// a larger one is written in parts of this size.
 const MAX_GROUP_BYTES: usize = 1 << 20;
+/// Where a group's records would start, a group written in parts has this:
+/// never the start of a record (whose first four bytes are its length).
+const PART_MARK: [u8; 4] = [0xff; 4];
 /// Paths taken into one group at most, so groups stay under that size.
 const MAX_GROUP_PATHS: usize = 8192;
 /// Groups per page when loading the log (at most 1 MiB each).
@@ -115,8 +128,18 @@ struct Follower {
     /// `P snap` (the pointer) and `P snap/` (the chunks).
     snap: Vec<u8>,
     snaps: Vec<u8>,
+    /// `P part/`, and the parts seen (at load, then by the watch) whose
+    /// group has not been applied yet.
+    parts: Vec<u8>,
+    pending_parts: Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
     /// False while the watch is down (then writes would not be seen).
     watching: std::sync::atomic::AtomicBool,
+}
+
+/// The folder of a group's parts: `parts` (`P part/`), the group's first
+/// record as its log key spells it, and the writer's nonce and try.
+fn parts_dir(parts: &[u8], seq_hex: &[u8], nonce: u64, tries: u64) -> Vec<u8> {
+    [parts, seq_hex, format!("-{nonce:016x}-{tries:016x}/").as_bytes()].concat()
 }
 
 /// The key just past every key that starts with `p`.
@@ -175,6 +198,8 @@ impl IndexedStore {
             log: with(b"log/"),
             snap: with(b"snap"),
             snaps: with(b"snap/"),
+            parts: with(b"part/"),
+            pending_parts: Mutex::default(),
             watching: true.into(),
         });
         // Snapshot chunks are up to 1 MiB, two to a page.
