@@ -540,14 +540,19 @@ pub fn overwrite_blob(blob: &Path, bytes: &[u8]) {
 
 /// A process's resident memory, from /proc.
 pub fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    try_rss_of(pid).expect("VmRSS in /proc/PID/status")
+}
+
+/// The resident memory of `pid`, or `None` once it has exited (a zombie
+/// has no VmRSS).
+pub fn try_rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
+        .and_then(|v| v.parse().ok())?;
+    Some(kb * 1024)
 }
 
 /// `blotcdn serve` on `data_dir` with every port 0: for a start that is to
