@@ -273,6 +273,16 @@ impl Catalog {
     pub async fn set_domain(self: &Arc<Self>, domain: &str, blog: &str) -> Result<Domain, CatalogError> {
         let d = Domain::parse(domain)?;
         let b = BlogId::parse(blog)?;
+        // The CDN's own names route by path or name their blog themselves;
+        // as a custom domain they would take over the CDN for one blog.
+        if let Some(cdn) = domain::base_host(&self.base_url) {
+            let s = d.as_str();
+            if s == cdn || s.strip_suffix(cdn.as_str()).is_some_and(|sub| sub.ends_with('.')) {
+                return Err(CatalogError::BadRequest(format!(
+                    "domain {d}: is the CDN's own host name (cdn_base_url) or a name under it, not a custom domain"
+                )));
+            }
+        }
         self.store.set_domain(d.clone(), b).done().await?;
         Ok(d)
     }

@@ -250,6 +250,13 @@ impl fmt::Display for ContentHash {
     }
 }
 
+/// The host of a base URL (`cdn_base_url`): lower case, without a final dot.
+pub fn base_host(base_url: &str) -> Option<String> {
+    let u = base_url.parse::<http::Uri>().ok()?;
+    let host = u.host()?.to_ascii_lowercase();
+    Some(host.strip_suffix('.').unwrap_or(&host).to_owned())
+}
+
 /// A custom domain: lower-cased, IDNA-normalised (punycode) host name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Domain(Box<str>);

@@ -102,6 +102,9 @@ pub struct Origin {
     /// With host-style URLs: `.{cdn host}` (lower case); a request to
     /// `{blog}.{cdn host}` names its blog by its `Host`.
     host_suffix: Option<String>,
+    /// The host of `cdn_base_url` (lower case): path style, never a custom
+    /// domain.
+    cdn_host: Option<String>,
     counters: crate::metrics::HttpCounters,
     /// Threads serving connections (`http_threads`).
     threads: usize,
@@ -133,13 +136,11 @@ impl Origin {
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             idle_timeout: config.http_idle_timeout,
             recent_change: config.recent_change,
-            host_suffix: match (config.url_style, config.cdn_base_url.as_deref()) {
-                (crate::domain::UrlStyle::Host, Some(base)) => base.parse::<http::Uri>().ok().and_then(|u| {
-                    let host = u.host()?.to_ascii_lowercase();
-                    Some(format!(".{}", host.strip_suffix('.').unwrap_or(&host)))
-                }),
+            host_suffix: match config.url_style {
+                crate::domain::UrlStyle::Host => cdn_host(config).map(|h| format!(".{h}")),
                 _ => None,
             },
+            cdn_host: cdn_host(config),
             counters: crate::metrics::HttpCounters::default(),
             verified: Default::default(),
             threads: config.http_threads,
@@ -147,13 +148,14 @@ impl Origin {
         })
     }
 
-    /// The blog a host-style request names by its host, if it does (host
-    /// names are case-insensitive; host-style blog ids are lower case): the
-    /// authority of an absolute-form target (`GET http://b.cdn/…`, where
-    /// RFC 9112 has the Host header ignored), else the `Host` header; any
-    /// port, and the dot of a fully qualified name, left out.
+    /// The blog a request names by its host, if it does: `{blog}.{cdn
+    /// host}` with host-style URLs (host-style blog ids are lower case), or
+    /// a custom domain mapped to a blog. A custom domain is its blog's own
+    /// site, so it never serves another blog's files. The host is the
+    /// authority of an absolute-form target (`GET http://b.cdn/…`, where RFC
+    /// 9112 has the Host header ignored), else the `Host` header; any port,
+    /// and the dot of a fully qualified name, left out; case-insensitive.
     fn blog_from_host<'a>(&self, req: &'a Request<Incoming>) -> Option<std::borrow::Cow<'a, str>> {
-        let suffix = self.host_suffix.as_deref()?;
         let host = match req.uri().authority() {
             Some(a) => a.host(),
             None => {
@@ -165,6 +167,28 @@ impl Origin {
             }
         };
         let host = host.strip_suffix('.').unwrap_or(host);
+        if let Some(blog) = self.blog_under_cdn_host(host) {
+            return Some(blog);
+        }
+        // The CDN's own name, and what cannot be a domain (an address, a
+        // single label): path style, with no look-up.
+        if self.cdn_host.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(host))
+            || !host.contains('.')
+            || host.ends_with(|c: char| c.is_ascii_digit())
+        {
+            return None;
+        }
+        let store = self.catalog.store();
+        let blog = match host.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => store.lookup_domain(&host.to_ascii_lowercase()),
+            false => store.lookup_domain(host),
+        }?;
+        Some(std::borrow::Cow::Owned(blog.to_string()))
+    }
+
+    /// `{blog}` of `{blog}.{cdn host}`, with host-style URLs.
+    fn blog_under_cdn_host<'a>(&self, host: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        let suffix = self.host_suffix.as_deref()?;
         let cut = host.len().checked_sub(suffix.len())?;
         let (label, rest) = (host.get(..cut)?, host.get(cut..)?);
         if !rest.eq_ignore_ascii_case(suffix) {
@@ -319,8 +343,8 @@ impl Origin {
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         use tracing::Instrument;
-        // `{blog}.{cdn host}/…` is `/{blog}/…`: found once, used for the
-        // label and the routing.
+        // `{blog}.{cdn host}/…` and `{custom domain}/…` are `/{blog}/…`:
+        // found once, used for the label and the routing.
         let in_host = self.blog_from_host(&req).map(|blog| format!("/{blog}{}", req.uri().path()));
         let route = route_label(in_host.as_deref().unwrap_or(req.uri().path()));
         let head = req.method() == Method::HEAD;
@@ -354,7 +378,8 @@ impl Origin {
         resp
     }
 
-    /// `in_host`: the path with the blog the `Host` names, for host-style URLs.
+    /// `in_host`: the path with the blog the `Host` names, for host-style
+    /// URLs and custom domains.
     async fn route(&self, req: &Request<Incoming>, in_host: Option<&str>) -> Response<Body> {
         // Two could name two blogs (RFC 9112: answer 400); an edge keying
         // its cache on the other one would keep one blog's bytes under the
@@ -790,6 +815,10 @@ impl Origin {
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
         }
     }
+}
+
+fn cdn_host(config: &Config) -> Option<String> {
+    crate::domain::base_host(config.cdn_base_url.as_deref()?)
 }
 
 /// An index into [`crate::metrics::ROUTES`].

@@ -89,11 +89,23 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     let (_caddy, sp) = caddy(work.path(), "Caddyfile", s.http.port());
 
     let resolve = |d: &str| format!("{d}:{sp}:127.0.0.1");
-    let target = |d: &str| format!("https://{d}:{sp}{}", path_of(&url));
+    // On its custom domain a blog's paths are the domain's own: no blog id.
+    let on_domain = path_of(&url).strip_prefix("/tlsblog").expect("a path-style URL").to_owned();
+    let target = |d: &str| format!("https://{d}:{sp}{on_domain}");
     // A mapped domain: the handshake completes (a certificate issued on
     // demand), the file comes through the edge.
     let r = curl(&["-k", "--resolve", &resolve("mapped.example"), &target("mapped.example")]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"over tls"[..]));
+    // Another blog's file is not served on this blog's domain.
+    s.write("otherblog", "/evil.html", b"<script>");
+    invalidate(&s, "otherblog", &[]).await;
+    let r = curl(&[
+        "-k",
+        "--resolve",
+        &resolve("mapped.example"),
+        &format!("https://mapped.example:{sp}/otherblog/evil.html"),
+    ]);
+    assert_eq!(r.status, 404);
     // The certificate is for that name, signed by the edge's CA.
     let ca = work.path().join("data/caddy/pki/authorities/local/root.crt");
     assert!(ca.exists(), "caddy's internal CA at {}", ca.display());

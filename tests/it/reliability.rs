@@ -449,3 +449,57 @@ async fn fsck_and_a_second_server_are_refused_while_a_server_holds_the_data_dir(
         .into_inner();
     assert!(got.assets[0].url.contains(&format!("/{after}/")), "{:?}", got.assets[0]);
 }
+
+/// A custom domain is its blog's own site: the edge (Caddy with on-demand
+/// TLS) sends every request for it to the origin. Before, the origin routed
+/// `/{any blog}/…` on it as on the CDN's host, so any user's HTML ran on any
+/// other user's domain. Now a mapped domain names its blog as a host-style
+/// name does, and the CDN's own names cannot be claimed as custom domains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_domain_serves_its_own_blog_only_and_the_cdns_names_cannot_be_claimed() {
+    let s = Server::start_with(|p| p.cdn_base_url = Some("http://cdn.test".into())).await;
+    s.write("victim", "/style.css", b"the victim's style");
+    s.write("attacker", "/evil.html", b"<script>alert(document.domain)</script>");
+    let id = invalidate(&s, "victim", &[]).await;
+    let evil_id = invalidate(&s, "attacker", &[]).await;
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest { domain: "Victim.Example".into(), blog_id: "victim".into() }).await.unwrap();
+    let evil = upload("attacker", "evil.svg", "", b"<svg onload=alert(1)/>");
+    let evil_asset = p.put_asset(tokio_stream::iter(evil)).await.unwrap().into_inner();
+    let asset = p.put_asset(tokio_stream::iter(upload("victim", "logo.svg", "", b"<svg/>"))).await;
+    let asset = asset.unwrap().into_inner();
+
+    let on = |host: &str, path: &str| curl(&["-H", &format!("Host: {host}"), &s.url(path)]);
+    // Another blog's files, versioned, unversioned or permanent: not on this domain.
+    for target in
+        ["/attacker/evil.html".to_string(), format!("/attacker/{evil_id}/evil.html"), path_of(&evil_asset.url)]
+    {
+        for host in ["victim.example", "VICTIM.example.", "victim.example:443"] {
+            let r = on(host, &target);
+            assert_ne!(r.status, 200, "{host}{target} served another blog's file");
+            assert!(!String::from_utf8_lossy(&r.body).contains("alert"), "{host}{target}");
+        }
+    }
+    // Its own blog's files, by their paths on the domain.
+    let r = on("victim.example", "/style.css");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"the victim's style"[..]));
+    let r = on("victim.example", &format!("/{id}/style.css"));
+    assert_eq!((r.status, r.header("cache-control")), (200, Some("public, max-age=31536000, immutable")));
+    let hash_path = path_of(&asset.url);
+    let in_blog = hash_path.strip_prefix("/victim").expect("path style");
+    assert_eq!(on("victim.example", in_blog).body, b"<svg/>");
+    // The CDN's own host, and other hosts, keep the path style.
+    for host in ["cdn.test", "127.0.0.1", "unmapped.example"] {
+        let r = on(host, "/attacker/evil.html");
+        assert_eq!(r.status, 200, "{host}");
+    }
+
+    // The CDN's names are not anyone's custom domain.
+    for domain in ["cdn.test", "CDN.test.", "victim.cdn.test"] {
+        let e = p.set_domain(pb::SetDomainRequest { domain: domain.into(), blog_id: "attacker".into() }).await;
+        let e = e.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{domain}: {e:?}");
+        assert!(e.message().contains("cdn_base_url"), "{e:?}");
+    }
+    s.stop().await;
+}
