@@ -495,7 +495,11 @@ impl App {
             .layer(AuthLayer { tokens })
             // Inside auth: only calls allowed in take room in the server's
             // request memory, or get their upload bodies guarded.
-            .layer(crate::grpc::BudgetLayer::new(config.grpc_memory_bytes))
+            .layer(crate::grpc::BudgetLayer::new(
+                config.grpc_memory_bytes,
+                // The longest blog id (64 bytes) under the base URL.
+                crate::grpc::answer_item_bytes(catalog.base_url().len() + 64),
+            ))
             .layer(UploadGuardLayer)
             // Decoder and size-limit errors become the caller's INVALID_ARGUMENT
             // and RESOURCE_EXHAUSTED, with a sentence.

@@ -15,7 +15,7 @@ use crate::proto as pb;
 use crate::store::StoreError;
 
 mod budget;
-pub use budget::BudgetLayer;
+pub use budget::{BudgetLayer, CallBudget};
 
 /// Largest gRPC message accepted: a full batch of 10,000 long paths fits.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -168,6 +168,21 @@ fn asset(a: AssetInfo) -> pb::Asset {
     pb::Asset { hash: a.hash.to_hex(), url: a.url, size: a.size, content_type: a.content_type, filename: a.filename }
 }
 
+/// What one item of a `ResolveBatch` answer takes at most, past its path:
+/// its URL's `prefix` (the base URL and the blog id), two slashes and a
+/// cache id, a content hash, the item's own fields, once as values and once
+/// encoded.
+pub fn answer_item_bytes(prefix: usize) -> u64 {
+    2 * (prefix as u64 + 2 + 20 + 64 + 16) + 64
+}
+
+/// At most what a `ResolveBatch` answer to `paths` takes while it is built
+/// and sent: each path percent-encoded in its URL, twice, and its item.
+fn answer_bytes(prefix: usize, paths: &[String]) -> u64 {
+    let encoded: u64 = paths.iter().map(|p| crate::domain::encoded_path_len(p) as u64).sum();
+    paths.len() as u64 * answer_item_bytes(prefix) + 2 * encoded
+}
+
 pub struct ResolverService {
     pub catalog: Arc<Catalog>,
 }
@@ -178,8 +193,18 @@ impl pb::resolver_server::Resolver for ResolverService {
         &self,
         req: Request<pb::ResolveBatchRequest>,
     ) -> Result<Response<pb::ResolveBatchResponse>, Status> {
+        let budget = req.extensions().get::<CallBudget>().cloned();
         let req = req.into_inner();
         let log = CallLog::new("ResolveBatch", &req.blog_id, req.paths.len());
+        // The answer can be many times the request (a URL for every path of
+        // a few bytes): its room is taken before it is built.
+        if let Some(b) = budget {
+            let answer = answer_bytes(self.catalog.base_url().len() + req.blog_id.len(), &req.paths);
+            let what = format!("the answer to {} paths", req.paths.len());
+            if let Err(e) = b.settle("ResolveBatch", &what, answer) {
+                return log.done(Err(e));
+            }
+        }
         let r = self.catalog.resolve_batch(&req.blog_id, &req.paths).map_err(Status::from).map(|items| {
             // Counted per batch: three adds, whatever the batch's size.
             let mut by_status = [0u64; 3];
