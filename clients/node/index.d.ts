@@ -88,7 +88,7 @@ export class Client {
   readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>>> &
     Pick<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>;
 
-  /** One ResolveBatch; a Map from each path as given to its answer. */
+  /** One ResolveBatch; a Map from each path as given to its answer (a path with a lone surrogate is not sent: RESOLVE_STATUS_INVALID_PATH). */
   resolve(blogId: string, paths: string[], options?: { deadlineMs?: number }): Promise<Map<string, Resolved>>;
   /** The page, with one ResolveBatch for all its targets (several at once past the server's max_batch); never fails because of the server. */
   render(blogId: string, template: string, view?: unknown, partials?: Record<string, string> | ((name: string) => string | undefined)): Promise<string>;

@@ -25,6 +25,13 @@ const DEFAULTS = Object.freeze({
 
 // The server's default max_batch: the batch size used while GetInfo has not said.
 const DEFAULT_MAX_BATCH = 10000;
+// How the server words a refusal of a batch over its max_batch ("batch of 12 paths is
+// over max_batch (10)", src/catalog.rs).
+const OVER_MAX_BATCH = /\bis over max_batch\b/;
+
+// A path gRPC cannot send as UTF-8: a string with a lone surrogate (an emoji cut in two).
+// Anything else (not a string) is left for the call to refuse, as before.
+const malformed = (p) => typeof p === 'string' && !p.isWellFormed();
 
 /**
  * One GetInfo at a time, shared by the pages waiting on it; learns the base URL
@@ -86,14 +93,25 @@ class Client {
     this.infoPending = null;
   }
 
-  /** Resolves paths in one ResolveBatch; a Map from each path as given to its answer. */
+  /**
+   * Resolves paths in one ResolveBatch; a Map from each path as given to its answer.
+   * A path that is not well-formed Unicode (a lone surrogate) is not sent: gRPC would
+   * encode it as invalid UTF-8 and the server refuse the whole batch. It gets the
+   * answer the server gives any invalid path, RESOLVE_STATUS_INVALID_PATH.
+   */
   async resolve(blogId, paths, { deadlineMs = this.options.deadlineMs } = {}) {
-    const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths }, { deadline: deadlineMs });
+    const sent = paths.filter((p) => !malformed(p));
+    const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths: sent }, { deadline: deadlineMs });
     const out = new Map();
-    paths.forEach((p, i) => {
-      const a = res.assets[i];
+    let i = 0;
+    for (const p of paths) {
+      if (malformed(p)) {
+        out.set(p, { url: '', status: 'RESOLVE_STATUS_INVALID_PATH', cacheId: 0, contentHash: '' });
+        continue;
+      }
+      const a = res.assets[i++];
       if (a) out.set(p, { url: a.url, status: a.status, cacheId: a.cacheId, contentHash: a.contentHash });
-    });
+    }
     return out;
   }
 
@@ -137,9 +155,10 @@ class Client {
               });
             } catch (err) {
               // Down, slow, refused or unauthorised: this batch's targets render as written.
-              // A refused batch of several paths may mean the server restarted with a
-              // lower max_batch: the next page asks GetInfo again.
-              if (err.code === 'INVALID_ARGUMENT' && batch.length > 1) this.maxBatch = undefined;
+              // A batch refused as over max_batch means the server restarted with a lower
+              // one: the next page asks GetInfo again. Not for any other refusal (a blog id
+              // the server refuses, say): that would cost every such page a GetInfo.
+              if (err.code === 'INVALID_ARGUMENT' && OVER_MAX_BATCH.test(err.message)) this.maxBatch = undefined;
             }
           }),
         );

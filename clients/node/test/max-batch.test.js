@@ -76,3 +76,33 @@ test('a page within max_batch is one ResolveBatch, and GetInfo is asked once per
     fresh.close();
   }
 });
+
+test('a batch refused for another reason than max_batch does not make the next page ask GetInfo', async () => {
+  await client.render(BLOG, TPL, { items: items(1) }); // max_batch known
+  rec.reset();
+  // The server refuses this blog id with INVALID_ARGUMENT, for a batch of several paths.
+  const html = await client.render('not a blog id!', TPL, { items: items(2) });
+  assert.equal(html, '<img src="/img/n0.png"><img src="/img/n1.png"><link href="/style.css">');
+  assert.equal(rec.count('ResolveBatch'), 1);
+  assert.equal(await client.render(BLOG, TPL, { items: items(2) }), page(items(2)));
+  assert.equal(rec.count('GetInfo'), 0, 'max_batch is still known');
+});
+
+test('a batch refused as over max_batch makes the next page ask GetInfo again', async () => {
+  const c = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  try {
+    assert.equal(await c.render(BLOG, TPL, { items: items(1) }), page(items(1)));
+    // As after the server restarted with a lower max_batch than the one learned.
+    c.maxBatch = 100;
+    rec.reset();
+    const list = items(MAX_BATCH + 2);
+    const html = await c.render(BLOG, TPL, { items: list });
+    assert.equal(html, `${list.map((i) => `<img src="/img/${i}.png">`).join('')}<link href="/style.css">`);
+    assert.equal(rec.count('GetInfo'), 0);
+    assert.equal(await c.render(BLOG, TPL, { items: list }), page(list));
+    assert.equal(rec.count('GetInfo'), 1);
+    assert.equal(c.maxBatch, MAX_BATCH);
+  } finally {
+    c.close();
+  }
+});
