@@ -197,10 +197,11 @@ impl Catalog {
         self.max_batch
     }
 
-    /// Both ResolveBatch and Invalidate take at most `max_batch` paths.
-    fn check_batch(&self, n: usize) -> Result<(), CatalogError> {
+    /// ResolveBatch and Invalidate take at most `max_batch` paths, Purge
+    /// as many keys. (The Node client reads "is over max_batch".)
+    fn check_batch(&self, n: usize, of: &str) -> Result<(), CatalogError> {
         if n > self.max_batch {
-            return Err(CatalogError::BadRequest(format!("batch of {n} paths is over max_batch ({})", self.max_batch)));
+            return Err(CatalogError::BadRequest(format!("batch of {n} {of} is over max_batch ({})", self.max_batch)));
         }
         Ok(())
     }
@@ -209,7 +210,7 @@ impl Catalog {
     /// per item.
     pub fn resolve_batch(&self, blog: &str, paths: &[String]) -> Result<Vec<Resolved>, CatalogError> {
         let blog = BlogId::parse(blog)?;
-        self.check_batch(paths.len())?;
+        self.check_batch(paths.len(), "paths")?;
         let checked: Vec<Option<std::borrow::Cow<'_, str>>> =
             paths.iter().map(|p| BlogPath::validate(p).ok()).collect();
         let valid: Vec<&str> = checked.iter().flatten().map(|c| c.as_ref()).collect();
@@ -262,7 +263,7 @@ impl Catalog {
 
     pub async fn invalidate(self: &Arc<Self>, blog: &str, paths: &[String]) -> Result<CacheId, CatalogError> {
         let blog = BlogId::parse(blog)?;
-        self.check_batch(paths.len())?;
+        self.check_batch(paths.len(), "paths")?;
         let mut parsed = Vec::with_capacity(paths.len());
         for (i, p) in paths.iter().enumerate() {
             parsed.push(BlogPath::parse(p).map_err(|e| CatalogError::BadRequest(format!("paths[{i}]: {e}")))?);
@@ -485,7 +486,7 @@ impl Catalog {
     /// of `[A-Za-z0-9_-]` and `/`: a publisher can only purge its own blog.
     pub async fn purge(&self, blog: &str, keys: Vec<String>) -> Result<(), CatalogError> {
         let blog = BlogId::parse(blog)?;
-        self.check_batch(keys.len())?;
+        self.check_batch(keys.len(), "purge keys")?;
         for k in &keys {
             let rest = if k == blog.as_str() {
                 Some("x")

@@ -23,8 +23,9 @@ use crate::store::Store;
 /// Backoff after a failed request: doubling from the first to the last.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const LAST_BACKOFF: Duration = Duration::from_secs(10);
-/// A `Retry-After` longer than this is cut to it.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// A `Retry-After` longer than this is cut to it: an edge that asks for an
+/// hour (or a garbled huge number) does not hold purges that long.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Starts one delivery task per target. They run until the runtime stops;
 /// what they had not sent is resent after a restart.

@@ -172,20 +172,29 @@ impl Outbox {
     }
 
     /// Why a write that enqueues `keys` must be refused now, if it must: a
-    /// target already holds `purge_queue_max` keys and some of `keys` do not
-    /// wait there already (a key that waits adds nothing).
+    /// target would hold more than `purge_queue_max` keys with those of
+    /// `keys` that do not wait there already (a key that waits adds nothing).
     pub fn refuses(&self, keys: &[String]) -> Option<String> {
+        let distinct: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+        if distinct.len() > self.cap {
+            return Some(format!(
+                "this write adds {} purge keys, more than a target's queue holds (purge_queue_max {}); send fewer",
+                distinct.len(),
+                self.cap
+            ));
+        }
         self.queues.iter().find_map(|q| {
             let s = q.state.lock();
-            let adds = keys.iter().any(|k| !s.waiting.contains_key(k.as_str()));
-            (s.items.len() >= self.cap && adds).then(|| {
+            let adds = distinct.iter().filter(|k| !s.waiting.contains_key(**k)).count();
+            (adds > 0 && s.items.len() + adds > self.cap).then(|| {
                 let why =
                     if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
                 format!(
-                    "the purge queue of target {} is full ({} keys waiting, purge_queue_max){why}; \
-                     retry once it drains",
+                    "the purge queue of target {} is full ({} keys waiting, {adds} more would pass purge_queue_max \
+                     {}){why}; retry once it drains",
                     q.name,
-                    s.items.len()
+                    s.items.len(),
+                    self.cap
                 )
             })
         })
@@ -352,6 +361,19 @@ mod tests {
         q.take(10, 4096).unwrap();
         assert_eq!(q.delivered(), 5);
         assert!(q.take(10, 4096).is_none());
+    }
+
+    #[test]
+    fn a_write_is_refused_if_its_new_keys_would_pass_the_cap() {
+        let o = Outbox::new(["a".to_owned()], 3);
+        let too_many = o.refuses(&keys(&["k1", "k2", "k3", "k4"])).expect("four new keys, room for three");
+        assert!(too_many.contains("adds 4 purge keys") && too_many.contains("purge_queue_max 3"), "{too_many}");
+        assert!(o.refuses(&keys(&["k1", "k1", "k1", "k1"])).is_none(), "one key, asked four times");
+        o.enqueue(1, 10, &keys(&["a", "b"]));
+        let full = o.refuses(&keys(&["c", "d"])).expect("two waiting and two new: past three");
+        assert!(full.contains("target a is full (2 keys waiting, 2 more"), "{full}");
+        assert!(o.refuses(&keys(&["a", "c"])).is_none(), "one new key fills the queue, no more");
+        assert!(o.refuses(&keys(&["a", "b"])).is_none(), "keys that wait add nothing");
     }
 
     #[test]
