@@ -407,10 +407,21 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
         tokio::spawn(async move {
             let mut token: Option<String> = None;
             let mut idx = 0u64;
+            // A listing is in key order: a key that is not after the last
+            // one, or a page that hands back its own token, would have the
+            // run go round for ever.
+            let mut last = resume.clone();
             loop {
                 let page = list_page(&ctx, prefix.as_deref(), resume.as_deref(), token.as_deref()).await?;
                 let mut bytes = 0;
                 for c in page.contents {
+                    if let Some(l) = last.as_deref().filter(|l| c.key.as_str() <= *l) {
+                        bail!(
+                            "the bucket's listing is broken: {:?} came after {l:?}, not in key order; stopping",
+                            c.key
+                        );
+                    }
+                    last = Some(c.key.clone());
                     let size = c.size.unwrap_or(0);
                     bytes += size;
                     let item = Listed { idx, key: c.key, size, etag: c.etag };
@@ -421,6 +432,9 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
                 }
                 let _ = listed_tx.send((idx, bytes));
                 match page.next_continuation_token {
+                    Some(t) if token.as_deref() == Some(t.as_str()) => {
+                        bail!("the bucket's listing is broken: it gave the same continuation token twice; stopping")
+                    }
                     Some(t) => token = Some(t),
                     None => return Ok::<(), anyhow::Error>(()),
                 }

@@ -273,3 +273,71 @@ fn an_endless_listing_or_error_page_fails_the_run_in_bounded_time_and_memory() {
         eprintln!("{says}: failed in {:?}, peak {} MiB", started.elapsed(), peak >> 20);
     }
 }
+
+/// A listing that hands back its own continuation token, or keys that are
+/// not in order, would have `migrate` go round the same keys for ever (a
+/// hostile bucket did): the run stops, saying the listing is broken.
+#[test]
+fn a_listing_that_goes_round_in_circles_stops_the_run() {
+    use std::io::{BufRead, BufReader, Write};
+    let page = |token: &str, keys: &[&str]| {
+        let contents: String = keys
+            .iter()
+            .map(|k| format!("<Contents><Key>{k}</Key><Size>1</Size><ETag>\"x\"</ETag></Contents>"))
+            .collect();
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{BUCKET}</Name><KeyCount>{}</KeyCount>\
+             <MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>{contents}\
+             <NextContinuationToken>{token}</NextContinuationToken></ListBucketResult>",
+            keys.len()
+        );
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    };
+    for (answers, says) in [
+        // Pages that hand back the token they were asked with.
+        (vec![page("same", &["b1/a.png", "b1/b.png"]), page("same", &[])], "the same continuation token twice"),
+        // A second page that starts over.
+        (vec![page("one", &["b1/a.png", "b1/b.png"]), page("two", &["b1/a.png"])], "not in key order"),
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Listings get the pages in turn (the last one again), objects a 404.
+        let answers = std::sync::Arc::new(answers);
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(64) {
+                let Ok(mut conn) = conn else { return };
+                let (answers, served) = (answers.clone(), served.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    // A few hundred requests a connection at most.
+                    for _ in 0..500 {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let listing = line.contains("list-type=2");
+                        while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                            line.clear();
+                        }
+                        let answer = match listing {
+                            true => {
+                                let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                answers[n.min(answers.len() - 1)].clone()
+                            }
+                            false => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+                        };
+                        if conn.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let work = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{port}/{BUCKET}");
+        let (code, out, err) = run(&mut migrate(&work.path().join("data"), &url, &[]), 60);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains("listing is broken") && err.contains(says), "{err}");
+    }
+}
