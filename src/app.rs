@@ -499,6 +499,7 @@ impl App {
                 config.grpc_memory_bytes,
                 // The longest blog id (64 bytes) under the base URL.
                 crate::grpc::answer_item_bytes(catalog.base_url().len() + 64),
+                config.max_batch,
             ))
             .layer(UploadGuardLayer)
             // Decoder and size-limit errors become the caller's INVALID_ARGUMENT

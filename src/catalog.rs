@@ -16,6 +16,9 @@ use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
 use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
 
+/// Custom domains a blog may have.
+pub const MAX_DOMAINS: usize = 1000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error(transparent)]
@@ -283,6 +286,14 @@ impl Catalog {
                     "domain {d}: is the CDN's own host name (cdn_base_url) or a name under it, not a custom domain"
                 )));
             }
+        }
+        // A blog's domains are all in its GetBlog answer: kept to a number
+        // that answer can hold. (Two calls at once may pass it by one.)
+        let domains = self.store.blog(&b).map_or(0, |i| i.domains.len());
+        if domains >= MAX_DOMAINS && self.store.lookup_domain(d.as_str()).as_ref() != Some(&b) {
+            return Err(CatalogError::TooLarge(format!(
+                "blog {b} has {domains} domains, the most a blog may have ({MAX_DOMAINS}); remove one first"
+            )));
         }
         self.store.set_domain(d.clone(), b).done().await?;
         Ok(d)

@@ -353,12 +353,6 @@ pub fn push_encoded_path(out: &mut String, path: &str) {
     }
 }
 
-/// The length of a path as [`push_encoded_path`] writes it (each byte it
-/// escapes takes three).
-pub fn encoded_path_len(path: &str) -> usize {
-    path.bytes().map(|b| if b == b'/' || is_unreserved(b) { 1 } else { 3 }).sum()
-}
-
 /// Where the blog id goes in a URL (DESIGN.md, `url_style`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UrlStyle {

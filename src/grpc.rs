@@ -168,19 +168,24 @@ fn asset(a: AssetInfo) -> pb::Asset {
     pb::Asset { hash: a.hash.to_hex(), url: a.url, size: a.size, content_type: a.content_type, filename: a.filename }
 }
 
-/// What one item of a `ResolveBatch` answer takes at most, past its path:
-/// its URL's `prefix` (the base URL and the blog id), two slashes and a
-/// cache id, a content hash, the item's own fields, once as values and once
-/// encoded.
+/// The most one item of a `ResolveBatch` answer takes, past what its path
+/// adds: its URL's `prefix` (the base URL and the blog id), then either two
+/// slashes and a cache id, or `/_assets/`, a hash and a file name of 255
+/// bytes each escaped to three; a content hash; the item's own fields; once
+/// as values and once encoded.
 pub fn answer_item_bytes(prefix: usize) -> u64 {
-    2 * (prefix as u64 + 2 + 20 + 64 + 16) + 64
+    2 * (prefix as u64 + 10 + 64 + 3 * 255 + 64 + 16) + 64
 }
 
-/// At most what a `ResolveBatch` answer to `paths` takes while it is built
-/// and sent: each path percent-encoded in its URL, twice, and its item.
-fn answer_bytes(prefix: usize, paths: &[String]) -> u64 {
-    let encoded: u64 = paths.iter().map(|p| crate::domain::encoded_path_len(p) as u64).sum();
-    paths.len() as u64 * answer_item_bytes(prefix) + 2 * encoded
+/// Takes the room an answer holds until it is sent (the message as built,
+/// and encoded: three times its encoded length covers both) from the call's
+/// share of the request memory; RESOURCE_EXHAUSTED if it does not fit, and
+/// the answer is dropped unsent.
+fn settle<T: prost::Message>(budget: Option<&CallBudget>, method: &str, answer: T) -> Result<Response<T>, Status> {
+    if let Some(b) = budget {
+        b.settle(method, &format!("its answer of {} bytes", answer.encoded_len()), 3 * answer.encoded_len() as u64)?;
+    }
+    Ok(Response::new(answer))
 }
 
 pub struct ResolverService {
@@ -197,15 +202,10 @@ impl pb::resolver_server::Resolver for ResolverService {
         let req = req.into_inner();
         let log = CallLog::new("ResolveBatch", &req.blog_id, req.paths.len());
         // The answer can be many times the request (a URL for every path of
-        // a few bytes): its room is taken before it is built.
-        if let Some(b) = budget {
-            let answer = answer_bytes(self.catalog.base_url().len() + req.blog_id.len(), &req.paths);
-            let what = format!("the answer to {} paths", req.paths.len());
-            if let Err(e) = b.settle("ResolveBatch", &what, answer) {
-                return log.done(Err(e));
-            }
-        }
-        let r = self.catalog.resolve_batch(&req.blog_id, &req.paths).map_err(Status::from).map(|items| {
+        // a few bytes, a long file name for a permanent asset's): built (on
+        // this thread, so at most a worker's count at once), then weighed
+        // before it is held for sending.
+        let r = self.catalog.resolve_batch(&req.blog_id, &req.paths).map_err(Status::from).and_then(|items| {
             // Counted per batch: three adds, whatever the batch's size.
             let mut by_status = [0u64; 3];
             for r in &items {
@@ -229,22 +229,25 @@ impl pb::resolver_server::Resolver for ResolverService {
                     content_hash: r.content_hash.map(|h| h.to_hex()).unwrap_or_default(),
                 })
                 .collect();
-            Response::new(pb::ResolveBatchResponse { assets })
+            settle(budget.as_ref(), "ResolveBatch", pb::ResolveBatchResponse { assets })
         });
         log.done(r)
     }
 
     async fn get_blog(&self, req: Request<pb::GetBlogRequest>) -> Result<Response<pb::Blog>, Status> {
+        let budget = req.extensions().get::<CallBudget>().cloned();
         let req = req.into_inner();
         let log = CallLog::new("GetBlog", &req.blog_id, 1);
-        let r = self.catalog.get_blog(&req.blog_id).map_err(Status::from).map(|b| {
-            Response::new(pb::Blog {
+        // Its domains have no count limit: weighed like any large answer.
+        let r = self.catalog.get_blog(&req.blog_id).map_err(Status::from).and_then(|b| {
+            let blog = pb::Blog {
                 blog_id: b.blog_id.to_string(),
                 cache_id: b.floor,
                 domains: b.domains,
                 path_count: b.path_count,
                 asset_count: b.asset_count,
-            })
+            };
+            settle(budget.as_ref(), "GetBlog", blog)
         });
         log.done(r)
     }
@@ -455,7 +458,8 @@ impl pb::publisher_server::Publisher for PublisherService {
         log.done(r)
     }
 
-    async fn get_purges(&self, _req: Request<pb::GetPurgesRequest>) -> Result<Response<pb::GetPurgesResponse>, Status> {
+    async fn get_purges(&self, req: Request<pb::GetPurgesRequest>) -> Result<Response<pb::GetPurgesResponse>, Status> {
+        let budget = req.extensions().get::<CallBudget>().cloned();
         let log = CallLog::new("GetPurges", "", 0);
         let queues = self
             .catalog
@@ -469,7 +473,7 @@ impl pb::publisher_server::Publisher for PublisherService {
                 sent: q.sent,
             })
             .collect();
-        log.done(Ok(Response::new(pb::GetPurgesResponse { queues })))
+        log.done(settle(budget.as_ref(), "GetPurges", pb::GetPurgesResponse { queues }))
     }
 }
 

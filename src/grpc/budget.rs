@@ -2,35 +2,33 @@
 //!
 //! Each connection may have `max_in_flight` calls at once, and a call's
 //! request may be 16 MiB, so per-connection limits alone let a few
-//! connections of full batches take gigabytes. A call is weighed twice:
-//! - before tonic buffers its message: the gRPC length prefix (the first
-//!   five bytes of the body) says how long it is, and the call takes three
-//!   times that (the bytes, what they decode into, what the handler builds
-//!   from them), at least 1 KiB;
-//!   and for `ResolveBatch`, whose answer can be far larger than its
-//!   request (a URL of the base URL, the blog id and the cache id for every
-//!   path of a few bytes), the answer to paths of 8 bytes on average;
-//! - by its handler, before it builds the answer, now that the paths are
-//!   known: the estimate is settled to what the answer takes at most
-//!   (through the [`CallBudget`] in the request's extensions), which gives
-//!   room back for longer paths and takes more for shorter ones.
-//!
-//! Taking the answer's room at admission, not only later, is what keeps
-//! large batches moving: calls that each held their request's weight and
-//! waited for their answer's would refuse each other for good.
+//! connections of full batches take gigabytes. A call is weighed once, when
+//! its gRPC length prefix (the body's first five bytes) is seen, before
+//! tonic buffers the message: at the most a call to its method with a
+//! request that long can take ([`BudgetLayer::bound`]: the request a few
+//! times over, and the largest answer it can have). Taking all of it at once
+//! is what keeps large calls moving: calls that each held part of their
+//! room and waited for the rest would refuse each other for good. Once a
+//! handler has built an answer that may be large (`ResolveBatch`, `GetBlog`,
+//! `GetPurges`), it settles the call's room down to three times the answer's
+//! encoded length (the message and its encoding), through the
+//! [`CallBudget`] in the request's extensions, before the answer is held for
+//! sending.
 //!
 //! A call that does not fit is refused at once with RESOURCE_EXHAUSTED, as
 //! calls past `max_in_flight` are, and the caller retries. It does not wait:
-//! a waiting call would leave its first bytes unread in the HTTP/2
-//! connection's flow-control window, which the calls already admitted on
-//! that connection need to receive the rest of theirs. A call whose weight
-//! passes 1 MiB is admitted only while an eighth of the budget stays free,
-//! for small ones (a renderer's page).
+//! a waiting call would leave its bytes unread in the HTTP/2 connection's
+//! flow-control window, which the calls already admitted on that
+//! connection need to receive the rest of theirs. A call weighing over
+//! 8 MiB is admitted only while an eighth of the budget stays free, for
+//! small ones (a renderer's page). A request body that is not whole 10 s
+//! after its prefix is cut, so a caller that declares a large message and
+//! sends little holds its room that long at most.
 //!
-//! The weight is given back when the answer's body is dropped: sent whole,
+//! The room is given back when the answer's body is dropped: sent whole,
 //! or the call gone. A client that never reads its answers holds their
-//! weight until its connection is cut (`grpc_max_connection_age_secs` and
-//! its grace), and meanwhile its further large calls are refused.
+//! room until its connection is cut (`grpc_max_connection_age_secs` and its
+//! grace), and meanwhile its further calls are refused once it is all taken.
 //!
 //! Weighed: every Resolver and Publisher method but `PutAsset`, whose
 //! streams are bounded by `max_uploads`. Not the health, reflection or
@@ -47,8 +45,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tonic::body::Body;
 use tonic::Status;
 
-/// Calls weighing up to this much are small: a renderer's page.
-const SMALL: u64 = 1 << 20;
+/// Calls weighing up to this much are small: a renderer's page (a page of
+/// 20 paths is weighed at about 700 KB before its answer is known).
+const SMALL: u64 = 8 << 20;
 
 /// The layer: one budget shared by every connection.
 #[derive(Clone)]
@@ -57,15 +56,35 @@ pub struct BudgetLayer {
     used: Arc<AtomicU64>,
     /// The whole budget, in bytes: the most one call takes.
     total: u64,
-    /// What one path's item of a `ResolveBatch` answer takes, past the
-    /// path itself.
+    /// The most one item of a `ResolveBatch` answer takes, past what its
+    /// path's length adds.
     answer_item: u64,
+    /// Paths a `ResolveBatch` takes at most (`max_batch`).
+    max_batch: u64,
 }
 
 impl BudgetLayer {
     /// `answer_item`: see [`BudgetLayer::answer_item`].
-    pub fn new(total: u64, answer_item: u64) -> Self {
-        BudgetLayer { used: Arc::default(), total, answer_item }
+    pub fn new(total: u64, answer_item: u64, max_batch: usize) -> Self {
+        BudgetLayer { used: Arc::default(), total, answer_item, max_batch: max_batch as u64 }
+    }
+
+    /// The most a call to `method` with a request of `len` bytes takes: its
+    /// request three times (the bytes, what they decode into, what the
+    /// handler builds from them; six for `Invalidate`, whose paths are also
+    /// copied into the write queue and its record), and for `ResolveBatch`
+    /// the largest answer such a request can have (each path at least three
+    /// bytes, at most `max_batch` of them, each path three times over in its
+    /// URL and twice held). `GetBlog` and `GetPurges` answers are bounded
+    /// (a blog's domains are), and 1 MiB covers them.
+    fn bound(&self, method: &str, len: u64) -> u64 {
+        let request = len * if method == "Invalidate" { 6 } else { 3 };
+        let answer = match method {
+            "ResolveBatch" => (len / 3 + 1).min(self.max_batch) * self.answer_item + 6 * len,
+            "GetBlog" | "GetPurges" => 1 << 20,
+            _ => 0,
+        };
+        (request + answer).max(1024)
     }
 
     /// The most a call may take: a large one leaves an eighth free.
@@ -110,13 +129,14 @@ pub struct CallBudget {
 }
 
 impl CallBudget {
-    /// Sets the room this call's answer holds (until it is dropped) to
-    /// `answer` bytes: gives back what the estimate took past it, or takes
-    /// what it lacks; RESOURCE_EXHAUSTED, naming `what`, if that does not fit.
-    pub fn settle(&self, method: &str, what: &str, answer: u64) -> Result<(), Status> {
+    /// Once the answer is built: sets the room this call holds (until its
+    /// answer is dropped) to `bytes`, what its answer takes. Gives back what
+    /// the admission's bound took past it; takes what it lacks (the bound
+    /// should leave nothing lacking), or refuses, naming `what`.
+    pub fn settle(&self, method: &str, what: &str, bytes: u64) -> Result<(), Status> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let Some(t) = held.as_mut() else { return Ok(()) };
-        let want = (t.request + answer).min(self.layer.most());
+        let want = bytes.clamp(1024, self.layer.most());
         if want <= t.bytes {
             self.layer.used.fetch_sub(t.bytes - want, Ordering::AcqRel);
         } else if !self.layer.take(t.bytes, want - t.bytes) {
@@ -131,8 +151,6 @@ impl CallBudget {
 struct Taken {
     used: Arc<AtomicU64>,
     bytes: u64,
-    /// The part of `bytes` that is the request's.
-    request: u64,
 }
 
 impl Drop for Taken {
@@ -197,46 +215,72 @@ where
         let held: Held = Arc::default();
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(CallBudget { layer: self.layer.clone(), held: held.clone() });
-        let body =
-            Weighing { inner: body, prefix: [0; 5], seen: 0, method, layer: self.layer.clone(), held: held.clone() };
+        let body = Weighing {
+            inner: body,
+            prefix: [0; 5],
+            seen: 0,
+            method,
+            layer: self.layer.clone(),
+            held: held.clone(),
+            deadline: None,
+            whole: false,
+        };
         let answer = self.inner.call(http::Request::from_parts(parts, Body::new(body)));
         Box::pin(async move { Ok(answer.await?.map(|b| Body::new(Holding { inner: b, _held: held }))) })
     }
 }
 
-/// The request's body: its first frame is let through once the call's
-/// weight is granted.
+/// The request's body: weighed once its length prefix is seen, before tonic
+/// buffers the message, at the most the call can take
+/// ([`BudgetLayer::bound`]); refused at once if that does not fit. A body
+/// that is not whole within [`BODY_WITHIN`] of that is cut, so a caller that
+/// declares a large message and sends little of it holds its room for that
+/// long at most.
 struct Weighing {
     inner: Body,
     prefix: [u8; 5],
-    /// Bytes of the prefix seen; all five: weighed, passing through.
-    seen: usize,
+    /// Body bytes seen, the prefix's included.
+    seen: u64,
     method: &'static str,
     layer: BudgetLayer,
     held: Held,
+    /// Once weighed: when the rest of the body must have come by.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The message is whole: passing through.
+    whole: bool,
 }
 
+/// How long a weighed request's body may take to arrive whole.
+const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Weighing {
-    /// The call's weight out of the budget, or the refusal.
-    fn weigh(&self) -> Result<Taken, Status> {
-        let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
-        let layer = &self.layer;
-        // An invalidation's paths are also copied into the write queue and
-        // its log record (measured: about six times the request at peak).
-        let request = u64::from(len) * if self.method == "Invalidate" { 6 } else { 3 };
-        // Paths of 8 bytes, each with its field's two: the answer estimated
-        // until the handler knows.
-        let answer = match self.method {
-            "ResolveBatch" => (u64::from(len) / 10 + 1) * layer.answer_item,
-            _ => 0,
-        };
-        // Never more than a large call may take: a request over the budget
-        // runs alone.
-        let bytes = (request + answer).clamp(1024, layer.most());
-        match layer.take(0, bytes) {
-            true => Ok(Taken { used: layer.used.clone(), bytes, request }),
-            false => Err(layer.refusal(self.method, &format!("this request of {len} bytes"), bytes)),
+    /// After `data` arrived: weighs the call once its prefix is seen.
+    fn weigh(&mut self, data: &[u8]) -> Result<(), Status> {
+        let at = self.seen as usize;
+        let weighed = at >= 5;
+        if at < 5 {
+            let n = (5 - at).min(data.len());
+            self.prefix[at..at + n].copy_from_slice(&data[..n]);
         }
+        self.seen += data.len() as u64;
+        if self.seen < 5 {
+            return Ok(());
+        }
+        let len = u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4")));
+        self.whole = self.seen >= 5 + len;
+        if weighed {
+            return Ok(());
+        }
+        let layer = &self.layer;
+        let bytes = layer.bound(self.method, len).min(layer.most());
+        if !layer.take(0, bytes) {
+            return Err(layer.refusal(self.method, &format!("this request of {len} bytes"), bytes));
+        }
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Taken { used: layer.used.clone(), bytes });
+        if !self.whole {
+            self.deadline = Some(Box::pin(tokio::time::sleep(BODY_WITHIN)));
+        }
+        Ok(())
     }
 }
 
@@ -246,22 +290,29 @@ impl http_body::Body for Weighing {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if this.seen == this.prefix.len() {
-            return Poll::Ready(frame);
+        if this.whole {
+            return Pin::new(&mut this.inner).poll_frame(cx);
         }
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                this.whole = true;
+                tracing::info!(method = this.method, "call cut: its request did not arrive whole in time");
+                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                    "the request's body did not arrive whole within {} s of its start; its room in the request \
+                     memory (grpc_memory_bytes) is given back",
+                    BODY_WITHIN.as_secs()
+                )))));
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         let Some(Ok(frame)) = frame else { return Poll::Ready(frame) };
         let Some(data) = frame.data_ref() else { return Poll::Ready(Some(Ok(frame))) };
-        let take = (this.prefix.len() - this.seen).min(data.len());
-        this.prefix[this.seen..this.seen + take].copy_from_slice(&data[..take]);
-        this.seen += take;
-        if this.seen < this.prefix.len() {
-            return Poll::Ready(Some(Ok(frame)));
+        let weighed = this.weigh(data);
+        if this.whole {
+            this.deadline = None;
         }
-        Poll::Ready(Some(this.weigh().map(|taken| {
-            *this.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(taken);
-            frame
-        })))
+        Poll::Ready(Some(weighed.map(|()| frame)))
     }
 
     fn is_end_stream(&self) -> bool {

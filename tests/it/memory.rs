@@ -216,86 +216,217 @@ async fn many_large_batches_at_once_stay_within_the_servers_request_memory_budge
     );
 }
 
-/// A caller that sends calls and never reads their answers (it grants the
-/// server no HTTP/2 window) holds them in the server until its connection
-/// is cut. Before, the answers were built whatever their size: a hostile
-/// client held 2.16 GB with one connection of 1,000 small batches whose
-/// answers (a URL for each of 10,000 short paths) are a hundred times the
-/// request. Now the answer's room is taken from the budget before it is
-/// built: past it, calls are refused, and a renderer's pages still resolve.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callers_that_never_read_their_answers_hold_no_more_than_the_budget() {
-    use prost::Message;
-    let dir = tempfile::tempdir().unwrap();
-    let budget = 64u64 << 20;
-    let server =
-        ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", budget.to_string().as_str())]);
-    let mut renderer = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
-    let page = || pb::ResolveBatchRequest { blog_id: "stall".into(), paths: vec!["/style.css".into(); 20] };
-    renderer.resolve_batch(page()).await.unwrap();
-    let base = server.rss_bytes();
+/// Raw HTTP/2 calls to `method` on one connection that grants the server
+/// no window: their answers' bodies can never be sent. Each call's body is
+/// `body` (sent whole, or left open after it if `finish` is false).
+struct Unread {
+    answers: Vec<h2::client::ResponseFuture>,
+    /// Kept open: a call whose body is not finished.
+    bodies: Vec<h2::SendStream<bytes::Bytes>>,
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+}
 
-    // 10,000 paths of a few bytes: a 40 KB request, a 1 MB answer or more.
-    let req =
-        pb::ResolveBatchRequest { blog_id: "stall".into(), paths: (0..10_000).map(|i| format!("/{i}")).collect() };
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(req.encoded_len() as u32).to_be_bytes());
-    req.encode(&mut framed).unwrap();
-    let framed = bytes::Bytes::from(framed);
-    let mut held = Vec::new();
-    let mut connections = Vec::new();
-    let mut refused = 0;
-    for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+impl Unread {
+    async fn start(addr: std::net::SocketAddr, method: &str, body: bytes::Bytes, calls: usize, finish: bool) -> Unread {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (client, conn) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await.unwrap();
-        connections.push(tokio::spawn(conn));
-        for _ in 0..150 {
+        let connection = tokio::spawn(conn);
+        let (mut answers, mut bodies) = (Vec::new(), Vec::new());
+        for _ in 0..calls {
             let mut c = client.clone().ready().await.unwrap();
-            let call = http::Request::post(format!("http://{}/blotcdn.v1.Resolver/ResolveBatch", server.grpc))
+            let call = http::Request::post(format!("http://{addr}/blotcdn.v1.{method}"))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .body(())
                 .unwrap();
-            let (answer, mut body) = c.send_request(call, false).unwrap();
-            body.send_data(framed.clone(), true).unwrap();
-            held.push(answer);
+            let (answer, mut stream) = c.send_request(call, false).unwrap();
+            stream.send_data(body.clone(), finish).unwrap();
+            answers.push(answer);
+            if !finish {
+                bodies.push(stream);
+            }
         }
+        Unread { answers, bodies, connection }
     }
-    // The answers' heads come (a refusal is a head alone); their bodies never
-    // can, with no window.
-    for answer in held.iter_mut() {
-        let head = tokio::time::timeout(std::time::Duration::from_secs(30), answer).await.unwrap().unwrap();
-        let status = head.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        if status.as_deref() == Some("8") {
-            let message = head.headers().get("grpc-message").unwrap().to_str().unwrap().to_owned();
-            assert!(message.contains("grpc_memory_bytes"), "{message}");
-            refused += 1;
+
+    /// How many were refused for the budget (a refusal is a head alone; the
+    /// others' heads come, their bodies never can).
+    async fn refused(&mut self) -> usize {
+        let mut refused = 0;
+        for answer in self.answers.iter_mut() {
+            let head = tokio::time::timeout(std::time::Duration::from_secs(30), answer).await.unwrap().unwrap();
+            if head.headers().get("grpc-status").and_then(|v| v.to_str().ok()) == Some("8") {
+                let message = head.headers().get("grpc-message").unwrap().to_str().unwrap().to_owned();
+                assert!(message.contains("grpc_memory_bytes"), "{message}");
+                refused += 1;
+            }
         }
+        refused
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let holding = server.rss_bytes();
+
+    fn close(self) {
+        drop((self.answers, self.bodies));
+        self.connection.abort();
+    }
+}
+
+/// One gRPC message, framed.
+fn framed(m: &impl prost::Message) -> bytes::Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(m.encoded_len() as u32).to_be_bytes());
+    m.encode(&mut framed).unwrap();
+    framed.into()
+}
+
+/// A caller that sends calls and never reads their answers (it grants the
+/// server no HTTP/2 window) holds them in the server until its connection
+/// is cut. Before, the answers were built and held whatever their size: a
+/// hostile client held 2.16 GB with one connection of 1,000 small batches
+/// whose answers (a URL for each of 10,000 short paths) are a hundred times
+/// the request, then 2.1 GB with GetBlog of a blog with 40,000 domains (a
+/// blog has 1,000 at most now), and
+/// 700 MB with paths bound to an asset with a 255-byte file name. Now each
+/// answer is weighed before it is held: past the budget, calls are refused,
+/// and a renderer's pages still resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_never_read_their_answers_hold_no_more_than_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 64u64 << 20;
+    let server =
+        ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", budget.to_string().as_str())]);
+    let grpc = format!("http://{}", server.grpc);
+    let mut renderer = pb::resolver_client::ResolverClient::connect(grpc.clone()).await.unwrap();
+    let page = || pb::ResolveBatchRequest { blog_id: "stall".into(), paths: vec!["/style.css".into(); 20] };
+    renderer.resolve_batch(page()).await.unwrap();
+    // A blog with its most domains, 1,000 of about 250 bytes: a GetBlog
+    // answer of 250 KB.
+    let publisher = pb::publisher_client::PublisherClient::connect(grpc.clone()).await.unwrap();
+    publisher.clone().invalidate(pb::InvalidateRequest { blog_id: "stall".into(), paths: vec![] }).await.unwrap();
+    let mut sets = tokio::task::JoinSet::new();
+    let at_once = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    for i in 0..1000 {
+        let (mut p, at_once) = (publisher.clone(), at_once.clone());
+        let domain = format!("{}.{i:05}{}.{}.example", "d".repeat(60), "x".repeat(55), "y".repeat(60));
+        sets.spawn(async move {
+            let _slot = at_once.acquire().await.unwrap();
+            p.set_domain(pb::SetDomainRequest { domain, blog_id: "many".into() }).await
+        });
+    }
+    while let Some(r) = sets.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let more = pb::SetDomainRequest { domain: "one-more.example".into(), blog_id: "many".into() };
+    let e = publisher.clone().set_domain(more).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("1000"), "{}", e.message());
+    // A path bound to an asset named with 254 bytes that each encode to three.
+    let mut p = publisher.clone();
+    let header = pb::PutAssetHeader {
+        blog_id: "perm".into(),
+        filename: format!("{}x", "!".repeat(254)),
+        path: "/a".into(),
+        ..Default::default()
+    };
+    let chunks = vec![
+        pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Header(header)) },
+        pb::PutAssetChunk { chunk: Some(pb::put_asset_chunk::Chunk::Data(bytes::Bytes::from_static(b"x"))) },
+    ];
+    p.put_asset(tokio_stream::iter(chunks)).await.unwrap();
+    let base = server.rss_bytes();
     let mb = |b: u64| b as f64 / (1 << 20) as f64;
-    eprintln!("300 unread answers ({refused} refused): RSS {:.0} MB before, {:.0} MB held", mb(base), mb(holding));
-    assert!(refused > 200, "only {refused} of 300 calls were refused: their answers are held");
-    assert!(
-        holding < base + budget + (64 << 20),
-        "callers that never read took the server from {:.0} MB to {:.0} MB, past its {:.0} MB budget",
-        mb(base),
-        mb(holding),
-        mb(budget)
-    );
-    // A renderer's page still resolves; a large call is refused, naming the key.
-    let got = renderer.resolve_batch(page()).await.expect("a page while the budget is held");
-    assert_eq!(got.into_inner().assets.len(), 20);
-    let e = renderer.resolve_batch(req.clone()).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-    // Gone with their connections, the held answers give their room back.
-    drop(held);
-    connections.iter().for_each(|c| c.abort());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while let Err(e) = renderer.resolve_batch(req.clone()).await {
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert!(std::time::Instant::now() < deadline, "the room of a closed connection's calls never came back");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+    // 10,000 paths of a few bytes: a 40 KB request, a 1 MB answer or more.
+    let short =
+        pb::ResolveBatchRequest { blog_id: "stall".into(), paths: (0..10_000).map(|i| format!("/{i}")).collect() };
+    let bound = pb::ResolveBatchRequest { blog_id: "perm".into(), paths: vec!["/a".into(); 10_000] };
+    let get_blog = pb::GetBlogRequest { blog_id: "many".into() };
+    for (what, method, body) in [
+        ("short paths", "Resolver/ResolveBatch", framed(&short)),
+        ("a bound path", "Resolver/ResolveBatch", framed(&bound)),
+        ("GetBlog", "Resolver/GetBlog", framed(&get_blog)),
+    ] {
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..2 {
+            let mut u = Unread::start(server.grpc, method, body.clone(), 150, true).await;
+            refused += u.refused().await;
+            held.push(u);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let holding = server.rss_bytes();
+        eprintln!(
+            "{what}: 300 unread answers ({refused} refused): RSS {:.0} MB before, {:.0} MB held",
+            mb(base),
+            mb(holding)
+        );
+        assert!(refused > 100, "{what}: only {refused} of 300 calls were refused: their answers are held");
+        assert!(
+            holding < base + budget + (64 << 20),
+            "{what}: callers that never read took the server from {:.0} MB to {:.0} MB, past its {:.0} MB budget",
+            mb(base),
+            mb(holding),
+            mb(budget)
+        );
+        // A renderer's page still resolves.
+        let got = renderer.resolve_batch(page()).await.expect("a page while the budget is held");
+        assert_eq!(got.into_inner().assets.len(), 20);
+        // Gone with their connections, the held answers give their room
+        // back: a call of the same kind is answered again.
+        held.into_iter().for_each(Unread::close);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut u = Unread::start(server.grpc, method, body.clone(), 1, true).await;
+            let refused = u.refused().await;
+            u.close();
+            if refused == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: the room of closed connections' calls never came back"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
+}
+
+/// A caller that declares a large request and sends only its first bytes
+/// holds the room such a request takes for 10 s at most, then its call is
+/// cut: before, five bytes locked every large call out of the server for as
+/// long as the connection lived (a connection that answers pings lives
+/// ten minutes). A renderer's page goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_declared_large_and_not_sent_is_cut_and_gives_its_room_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for one large call at a time.
+    let server = ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", "134217728")]);
+    let grpc = format!("http://{}", server.grpc);
+    let mut c = pb::resolver_client::ResolverClient::connect(grpc).await.unwrap().max_decoding_message_size(64 << 20);
+    // 16 MiB declared, 5 bytes sent.
+    let mut holder =
+        Unread::start(server.grpc, "Resolver/ResolveBatch", bytes::Bytes::from_static(&[0, 1, 0, 0, 0]), 1, false)
+            .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let large = pb::ResolveBatchRequest {
+        blog_id: "b".into(),
+        paths: (0..4000).map(|i| format!("/{i:04}/{}", "y".repeat(995))).collect(),
+    };
+    let e = c.resolve_batch(large.clone()).await.map(|_| ()).expect_err("the room is held");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    let page = pb::ResolveBatchRequest { blog_id: "b".into(), paths: vec!["/style.css".into(); 50] };
+    assert_eq!(c.resolve_batch(page).await.unwrap().into_inner().assets.len(), 50);
+    // Cut within its 10 s, and the room comes back.
+    let head = tokio::time::timeout(std::time::Duration::from_secs(15), &mut holder.answers[0]).await;
+    let head = head.expect("the holder's call is cut").unwrap();
+    let status = head.headers().get("grpc-status").and_then(|v| v.to_str().ok());
+    assert_eq!(status, Some("8"), "{:?}", head.headers());
+    loop {
+        match c.resolve_batch(large.clone()).await {
+            Ok(r) => break assert_eq!(r.into_inner().assets.len(), 4000),
+            Err(e) => assert!(started.elapsed() < std::time::Duration::from_secs(15), "{}", e.message()),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    holder.close();
 }
