@@ -170,6 +170,18 @@ impl Origin {
         if let Some(blog) = self.blog_under_cdn_host(host) {
             return Some(blog);
         }
+        self.blog_of_domain(host).map(std::borrow::Cow::Owned)
+    }
+
+    /// The blog a custom domain maps to: not the CDN's own name, nor what
+    /// cannot be a domain (an address, a single label), which are looked up
+    /// no further; case-insensitive, a port and a final dot left out.
+    fn blog_of_domain(&self, host: &str) -> Option<String> {
+        let host = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
         // The CDN's own name, and what cannot be a domain (an address, a
         // single label): path style, with no look-up.
         if self.cdn_host.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(host))
@@ -183,7 +195,7 @@ impl Origin {
             true => store.lookup_domain(&host.to_ascii_lowercase()),
             false => store.lookup_domain(host),
         }?;
-        Some(std::borrow::Cow::Owned(blog.to_string()))
+        Some(blog.to_string())
     }
 
     /// `{blog}` of `{blog}.{cdn host}`, with host-style URLs.
@@ -344,8 +356,24 @@ impl Origin {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         use tracing::Instrument;
         // `{blog}.{cdn host}/…` and `{custom domain}/…` are `/{blog}/…`:
-        // found once, used for the label and the routing.
-        let in_host = self.blog_from_host(&req).map(|blog| format!("/{blog}{}", req.uri().path()));
+        // found once, used for the label and the routing. A request the TLS
+        // edge marks with the domain it holds a certificate for is that
+        // domain's, or nobody's (a domain removed since).
+        let edge_domain = req.headers().get(EDGE_DOMAIN).map(|d| d.to_str().unwrap_or("-")).filter(|d| {
+            // The CDN's own names (one edge may hold both), or no SNI at all:
+            // routed by the request as usual.
+            let d = d.strip_suffix('.').unwrap_or(d);
+            !d.is_empty()
+                && !self.cdn_host.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(d))
+                && self.blog_under_cdn_host(d).is_none()
+        });
+        let (in_host, unmapped) = match edge_domain {
+            Some(d) => match self.blog_of_domain(d) {
+                Some(blog) => (Some(format!("/{blog}{}", req.uri().path())), false),
+                None => (None, true),
+            },
+            None => (self.blog_from_host(&req).map(|blog| format!("/{blog}{}", req.uri().path())), false),
+        };
         let route = route_label(in_host.as_deref().unwrap_or(req.uri().path()));
         let head = req.method() == Method::HEAD;
         // Debug level: enabled only when traces are exported.
@@ -363,6 +391,8 @@ impl Origin {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
+        } else if unmapped && !matches!(req.uri().path(), "/healthz" | "/_ask") {
+            plain(StatusCode::NOT_FOUND, NO_STORE, "unknown domain\n")
         } else {
             let mut resp = self.route(&req, in_host.as_deref()).instrument(span.clone()).await;
             if head {
@@ -820,6 +850,11 @@ impl Origin {
 fn cdn_host(config: &Config) -> Option<String> {
     crate::domain::base_host(config.cdn_base_url.as_deref()?)
 }
+
+/// Set by the TLS edge for custom domains (`edge/Caddyfile`) to the name
+/// of the certificate the connection was made for (its SNI): the request is
+/// that domain's blog's, whatever its Host or target says.
+const EDGE_DOMAIN: &str = "x-blotcdn-domain";
 
 /// An index into [`crate::metrics::ROUTES`].
 fn route_label(path: &str) -> usize {

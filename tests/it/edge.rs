@@ -138,6 +138,25 @@ async fn caddy_gets_certificates_only_for_mapped_domains() {
     );
     assert_ne!(code, 0, "a removed domain still got a certificate");
     assert!(err.contains("SSL") || err.contains("TLS") || err.contains("alert"), "{err}");
+
+    // The edge names the domain its certificate is for: a target in absolute
+    // form naming another host stays inside the domain's blog…
+    let r = curl(&[
+        "-k",
+        "--resolve",
+        &resolve("mapped.example"),
+        "--request-target",
+        "http://127.0.0.1/otherblog/evil.html",
+        &format!("https://mapped.example:{sp}/"),
+    ]);
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    // …and once the domain is removed, the edge that still holds its
+    // certificate gets nothing for it, not the CDN's path-style routes.
+    p.remove_domain(pb::RemoveDomainRequest { domain: "mapped.example".into() }).await.unwrap();
+    let evil = format!("https://mapped.example:{sp}/otherblog/evil.html");
+    let r = curl(&["-k", "--resolve", &resolve("mapped.example"), &evil]);
+    assert_eq!((r.status, r.body.as_slice()), (404, &b"unknown domain\n"[..]));
+    assert_eq!(curl(&["-k", "--resolve", &resolve("mapped.example"), &target("mapped.example")]).status, 404);
     s.stop().await;
 }
 

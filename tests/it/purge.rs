@@ -708,3 +708,32 @@ async fn an_endless_answer_from_a_target_is_not_read_into_memory() {
     assert!(read < 1 << 30, "{} MiB of the answer were taken from the socket", read >> 20);
     s.stop().await;
 }
+
+/// A domain that leaves its blog (moved to another blog, or removed) purges
+/// that blog at the edges: an edge that serves custom domains holds the
+/// blog's files under the domain's name, immutable for a year, and would go
+/// on serving them there for the next owner (a hostile round saw it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_moved_or_removed_purges_the_blog_it_left() {
+    let ep = Endpoint::start(|_| (200, vec![], "{}".into()));
+    let s = Server::start_with(|p| p.purge = Some(vec![target("edge", "http", ep.url("/"), None)])).await;
+    let mut p = s.publisher().await;
+    let set = |domain: &str, blog: &str| pb::SetDomainRequest { domain: domain.into(), blog_id: blog.into() };
+    p.set_domain(set("moved.example", "first")).await.unwrap();
+    p.set_domain(set("moved.example", "first")).await.unwrap();
+    p.set_domain(set("moved.example", "second")).await.unwrap();
+    p.remove_domain(pb::RemoveDomainRequest { domain: "moved.example".into() }).await.unwrap();
+    p.set_domain(set("fresh.example", "third")).await.unwrap();
+    wait_queues(s.grpc, 10, "the domains' purges sent", |q| q[0].length == 0 && q[0].sent >= 2).await;
+    // (Keys waiting together go in one request.)
+    let keys: Vec<String> = ep
+        .got()
+        .into_iter()
+        .flat_map(|g| {
+            let v: serde_json::Value = serde_json::from_str(&g.body).unwrap();
+            v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(keys, ["first", "second"], "a mapping that did not move purges nothing");
+    s.stop().await;
+}
