@@ -770,3 +770,37 @@ async fn a_write_larger_than_one_etcd_request_is_committed_in_parts_and_read_bac
         assert!(got.iter().all(|&c| c == last), "{name}: a node started from the snapshot and the parts after it");
     }
 }
+
+/// A node killed between writing a large write's parts and committing it
+/// leaves parts no group names. Before, they stayed in etcd, and in every
+/// node's memory, until the next snapshot (after 10,000 records). Now the
+/// nodes that see the log pass them delete them at their next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_no_group_names_are_deleted_once_the_log_passes_them() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut pa = publisher(&a).await;
+    invalidate(&mut pa, "orphans", &["/a.css".into()]).await.unwrap();
+    let mut kv = blotcdn::etcdpb::kv_client::KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let get = |key: &[u8]| blotcdn::etcdpb::RangeRequest { key: key.to_vec(), ..Default::default() };
+    let head = kv.range(get(b"/blotcdn/head")).await.unwrap().into_inner();
+    let head = u64::from_be_bytes(head.kvs[0].value[..8].try_into().unwrap());
+    // What a writer killed before its commit leaves: a part of the next record.
+    let orphan = format!("/blotcdn/part/{:016x}-{:016x}-{:016x}/00000000", head + 1, 7u64, 1u64);
+    let put =
+        blotcdn::etcdpb::PutRequest { key: orphan.clone().into_bytes(), value: vec![1; 1000], ..Default::default() };
+    let put = blotcdn::etcdpb::RequestOp { request: Some(blotcdn::etcdpb::request_op::Request::RequestPut(put)) };
+    kv.txn(blotcdn::etcdpb::TxnRequest { success: vec![put], ..Default::default() }).await.unwrap();
+    // Another write takes that record; the next one deletes the orphan.
+    invalidate(&mut pa, "orphans", &["/b.css".into()]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        invalidate(&mut pa, "orphans", &["/c.css".into()]).await.unwrap();
+        if kv.range(get(orphan.as_bytes())).await.unwrap().into_inner().kvs.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the orphan part {orphan} is still in etcd");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

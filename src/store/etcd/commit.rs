@@ -183,6 +183,7 @@ impl Writer {
     /// Commits `ops` as one group (or as halves, if too large for one
     /// request), retrying when another node's group came first.
     fn commit(&mut self, mut ops: Vec<Op>) {
+        self.delete_orphans();
         let shared = self.f.shared.clone();
         let refuse_all = |ops: Vec<Op>, e: &StoreError| {
             for op in ops {
@@ -318,6 +319,20 @@ impl Writer {
         }
         let e = unavailable("committing", "too many concurrent writers; retry");
         refuse_all(ops, &e);
+    }
+
+    /// Deletes the folders of parts no group will name (see
+    /// [`Follower::orphans`]). One that cannot be deleted now is left to the
+    /// next snapshot: a write is not held up retrying it.
+    fn delete_orphans(&self) {
+        let dirs = std::mem::take(&mut *self.f.orphans.lock());
+        for dir in dirs {
+            let end = prefix_end(&dir);
+            if let Err(e) = self.txn(TxnRequest { success: vec![del(dir, end)], ..Default::default() }) {
+                tracing::debug!(error = %e, "orphan parts not deleted; the next snapshot deletes them");
+                return;
+            }
+        }
     }
 
     /// Writes the records of `value` (after its nonce and try) as parts

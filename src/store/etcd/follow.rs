@@ -104,6 +104,25 @@ impl Follower {
         Ok(())
     }
 
+    /// Takes out of `parts` those of records up to `seq`, which no group
+    /// can name any more (the group of that record is applied), and notes
+    /// their folders for this node's writer to delete.
+    fn orphan_parts(&self, parts: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>, seq: u64) {
+        let after = [self.parts.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
+        let rest = parts.split_off(&after);
+        let passed = std::mem::replace(parts, rest);
+        if passed.is_empty() {
+            return;
+        }
+        let mut orphans = self.orphans.lock();
+        for key in passed.into_keys() {
+            // The folder: the key up to its last slash.
+            if let Some(end) = key.iter().rposition(|b| *b == b'/') {
+                orphans.insert(key[..=end].to_vec());
+            }
+        }
+    }
+
     /// Reads the whole log at one revision, a page at a time, into a fresh
     /// index. Returns the revision it was read at.
     pub(super) async fn load(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), String> {
@@ -156,7 +175,8 @@ impl Follower {
         })
         .await?;
         // Parts of a group committed after this revision: the watch brings
-        // the group, not them again.
+        // the group, not them again. Those the log has passed are orphans.
+        self.orphan_parts(&mut parts, a.seq);
         *self.pending_parts.lock() = parts;
         // The head's own revision, at the same revision as the log read.
         let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
@@ -270,7 +290,9 @@ impl Follower {
                 continue;
             }
             if kv.key.starts_with(&self.log) {
-                if let Err(e) = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, &mut parts) {
+                let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, &mut parts);
+                self.orphan_parts(&mut parts, a.seq);
+                if let Err(e) = applied {
                     // The index would part from etcd's: no write may be
                     // built on it until a restart reloads.
                     tracing::error!(error = %e, "etcd log group unreadable; refusing writes");

@@ -132,6 +132,10 @@ struct Follower {
     /// group has not been applied yet.
     parts: Vec<u8>,
     pending_parts: Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Folders of parts no group will name (their writer lost the race or
+    /// died before its commit): deleted by this node's writer at its next
+    /// write, not left for the next snapshot.
+    orphans: Mutex<std::collections::BTreeSet<Vec<u8>>>,
     /// False while the watch is down (then writes would not be seen).
     watching: std::sync::atomic::AtomicBool,
 }
@@ -200,6 +204,7 @@ impl IndexedStore {
             snaps: with(b"snap/"),
             parts: with(b"part/"),
             pending_parts: Mutex::default(),
+            orphans: Mutex::default(),
             watching: true.into(),
         });
         // Snapshot chunks are up to 1 MiB, two to a page.
