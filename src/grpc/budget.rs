@@ -21,9 +21,10 @@
 //! flow-control window, which the calls already admitted on that
 //! connection need to receive the rest of theirs. A call weighing over
 //! 8 MiB is admitted only while an eighth of the budget stays free, for
-//! small ones (a renderer's page). A request body that is not whole 10 s
-//! after its prefix is cut, so a caller that declares a large message and
-//! sends little holds its room that long at most.
+//! small ones (a renderer's page). A request body that has not come whole
+//! and ended 10 s after its prefix is cut, so a caller that declares a large
+//! message and sends little, or never ends its stream, holds its room that
+//! long at most; bytes after a unary call's one message are refused.
 //!
 //! The room is given back when the answer's body is dropped: sent whole,
 //! or the call gone. A client that never reads its answers holds their
@@ -222,8 +223,10 @@ where
             method,
             layer: self.layer.clone(),
             held: held.clone(),
+            weighed_at: None,
             deadline: None,
             whole: false,
+            done: false,
         };
         let answer = self.inner.call(http::Request::from_parts(parts, Body::new(body)));
         Box::pin(async move { Ok(answer.await?.map(|b| Body::new(Holding { inner: b, _held: held }))) })
@@ -233,9 +236,11 @@ where
 /// The request's body: weighed once its length prefix is seen, before tonic
 /// buffers the message, at the most the call can take
 /// ([`BudgetLayer::bound`]); refused at once if that does not fit. A body
-/// that is not whole within [`BODY_WITHIN`] of that is cut, so a caller that
-/// declares a large message and sends little of it holds its room for that
-/// long at most.
+/// that has not come whole and ended within [`BODY_WITHIN`] of that is cut,
+/// so a caller that declares a large message and sends little of it, or
+/// sends it and never ends the stream, holds its room that long at most.
+/// Bytes after the one message are refused at once (tonic would buffer a
+/// second message of up to 16 MiB before it found the call had two).
 struct Weighing {
     inner: Body,
     prefix: [u8; 5],
@@ -244,13 +249,18 @@ struct Weighing {
     method: &'static str,
     layer: BudgetLayer,
     held: Held,
-    /// Once weighed: when the rest of the body must have come by.
+    /// When the call was weighed: its body must end within [`BODY_WITHIN`].
+    weighed_at: Option<tokio::time::Instant>,
+    /// Armed only once the body keeps the call waiting (most bodies come
+    /// whole in one piece, with no timer).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The message is whole: passing through.
+    /// The message is whole: nothing more may come but the body's end.
     whole: bool,
+    /// The body ended, or failed: passing through.
+    done: bool,
 }
 
-/// How long a weighed request's body may take to arrive whole.
+/// How long a weighed request's body may take to arrive whole and end.
 const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Weighing {
@@ -262,12 +272,18 @@ impl Weighing {
             let n = (5 - at).min(data.len());
             self.prefix[at..at + n].copy_from_slice(&data[..n]);
         }
+        if self.whole && !data.is_empty() {
+            return Err(Status::invalid_argument("a unary call's body holds one message; more bytes came after it"));
+        }
         self.seen += data.len() as u64;
         if self.seen < 5 {
             return Ok(());
         }
         let len = u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4")));
-        self.whole = self.seen >= 5 + len;
+        if self.seen > 5 + len {
+            return Err(Status::invalid_argument("a unary call's body holds one message; more bytes came after it"));
+        }
+        self.whole = self.seen == 5 + len;
         if weighed {
             return Ok(());
         }
@@ -277,9 +293,7 @@ impl Weighing {
             return Err(layer.refusal(self.method, &format!("this request of {len} bytes"), bytes));
         }
         *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Taken { used: layer.used.clone(), bytes });
-        if !self.whole {
-            self.deadline = Some(Box::pin(tokio::time::sleep(BODY_WITHIN)));
-        }
+        self.weighed_at = Some(tokio::time::Instant::now());
         Ok(())
     }
 }
@@ -290,28 +304,39 @@ impl http_body::Body for Weighing {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if this.whole {
+        if this.done {
             return Pin::new(&mut this.inner).poll_frame(cx);
         }
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
-                this.deadline = None;
-                this.whole = true;
-                tracing::info!(method = this.method, "call cut: its request did not arrive whole in time");
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Kept waiting: the body has until its deadline to end (tonic
+                // waits for the end of a unary call's body, whole or not).
+                if let (Some(at), None) = (this.weighed_at, this.deadline.as_ref()) {
+                    this.deadline = Some(Box::pin(tokio::time::sleep_until(at + BODY_WITHIN)));
+                }
+                let Some(d) = this.deadline.as_mut() else { return Poll::Pending };
+                ready!(d.as_mut().poll(cx));
+                this.done = true;
+                tracing::info!(method = this.method, "call cut: its request did not arrive and end in time");
                 return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                    "the request's body did not arrive whole within {} s of its start; its room in the request \
-                     memory (grpc_memory_bytes) is given back",
+                    "the request's body did not arrive whole and end within {} s of its start; its room in the \
+                     request memory (grpc_memory_bytes) is given back",
                     BODY_WITHIN.as_secs()
                 )))));
             }
-        }
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        let Some(Ok(frame)) = frame else { return Poll::Ready(frame) };
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            end_or_error => {
+                this.done = true;
+                this.deadline = None;
+                return Poll::Ready(end_or_error);
+            }
+        };
         let Some(data) = frame.data_ref() else { return Poll::Ready(Some(Ok(frame))) };
         let weighed = this.weigh(data);
-        if this.whole {
-            this.deadline = None;
-        }
+        this.done |= weighed.is_err();
         Poll::Ready(Some(weighed.map(|()| frame)))
     }
 

@@ -396,7 +396,7 @@ async fn callers_that_never_read_their_answers_hold_no_more_than_the_budget() {
 /// long as the connection lived (a connection that answers pings lives
 /// ten minutes). A renderer's page goes on meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_declared_large_and_not_sent_is_cut_and_gives_its_room_back() {
+async fn a_request_not_sent_whole_and_ended_is_cut_and_gives_its_room_back() {
     let dir = tempfile::tempdir().unwrap();
     // Room for one large call at a time.
     let server = ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", "134217728")]);
@@ -421,12 +421,42 @@ async fn a_request_declared_large_and_not_sent_is_cut_and_gives_its_room_back() 
     let head = head.expect("the holder's call is cut").unwrap();
     let status = head.headers().get("grpc-status").and_then(|v| v.to_str().ok());
     assert_eq!(status, Some("8"), "{:?}", head.headers());
-    loop {
-        match c.resolve_batch(large.clone()).await {
-            Ok(r) => break assert_eq!(r.into_inner().assets.len(), 4000),
-            Err(e) => assert!(started.elapsed() < std::time::Duration::from_secs(15), "{}", e.message()),
+    let wait_for_room = |c: &mut pb::resolver_client::ResolverClient<tonic::transport::Channel>| {
+        let (mut c, large) = (c.clone(), large.clone());
+        async move {
+            let started = std::time::Instant::now();
+            loop {
+                match c.resolve_batch(large.clone()).await {
+                    Ok(r) => break assert_eq!(r.into_inner().assets.len(), 4000),
+                    Err(e) => assert!(started.elapsed() < std::time::Duration::from_secs(15), "{}", e.message()),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    };
+    wait_for_room(&mut c).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
     holder.close();
+
+    // Whole messages on streams that never end: tonic waits for the end
+    // before the handler runs, so they held their room as long as the
+    // connection lived. They too are cut.
+    let short = pb::ResolveBatchRequest { blog_id: "b".into(), paths: vec!["a".into(); 10_000] };
+    let mut holders = Unread::start(server.grpc, "Resolver/ResolveBatch", framed(&short), 12, false).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let e = c.resolve_batch(large.clone()).await.map(|_| ()).expect_err("the room is held");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    let started = std::time::Instant::now();
+    wait_for_room(&mut c).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    assert!(holders.refused().await > 0);
+    holders.close();
+
+    // A second message after the one a unary call takes is refused at once,
+    // not buffered (up to 16 MiB) first.
+    let twice = [framed(&short), framed(&short)].concat();
+    let mut u = Unread::start(server.grpc, "Resolver/ResolveBatch", twice.into(), 1, true).await;
+    let head = tokio::time::timeout(std::time::Duration::from_secs(5), &mut u.answers[0]).await.unwrap().unwrap();
+    assert_eq!(head.headers().get("grpc-status").and_then(|v| v.to_str().ok()), Some("3"), "{:?}", head.headers());
+    u.close();
 }
