@@ -58,7 +58,10 @@ class Connection {
     const v1 = loadServices();
     const credentials = grpc.credentials.createInsecure();
     const options = {
-      'grpc.max_receive_message_length': 16 * 1024 * 1024,
+      // No limit of the client's own on answers: the server's bounds them (a full batch of long
+      // paths, each percent-encoded, is about 31 MB), and grpc-js's default 4 MiB, or any fixed
+      // one under that, would fail a page within max_batch whole.
+      'grpc.max_receive_message_length': -1,
       // After a server restart, pages render as written until the channel reconnects:
       // keep grpc-js's reconnect backoff short (its own default grows to 120 s).
       'grpc.initial_reconnect_backoff_ms': 100,
