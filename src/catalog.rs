@@ -128,6 +128,9 @@ pub struct Catalog {
     /// the copy itself (so a caller that goes away does not free it while
     /// the copy runs on).
     imports: Arc<tokio::sync::Semaphore>,
+    /// Serialises SetDomain's count of a blog's domains with its write, so
+    /// that calls at once cannot pass [`MAX_DOMAINS`] together (on one node).
+    domain_writes: tokio::sync::Mutex<()>,
 }
 
 /// `ImportFile` copies at once, server-wide; more wait their turn, holding
@@ -173,6 +176,7 @@ impl Catalog {
             purges: opts.purges,
             statics: opts.static_dir,
             imports: Arc::new(tokio::sync::Semaphore::new(IMPORTS_AT_ONCE)),
+            domain_writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -288,7 +292,10 @@ impl Catalog {
             }
         }
         // A blog's domains are all in its GetBlog answer: kept to a number
-        // that answer can hold. (Two calls at once may pass it by one.)
+        // that answer can hold. One SetDomain at a time (they are rare), so
+        // the count and the write go together; in cluster mode each node
+        // counts on its own, and nodes at once may pass it by one each.
+        let _one_at_a_time = self.domain_writes.lock().await;
         let domains = self.store.blog(&b).map_or(0, |i| i.domains.len());
         if domains >= MAX_DOMAINS && self.store.lookup_domain(d.as_str()).as_ref() != Some(&b) {
             return Err(CatalogError::TooLarge(format!(

@@ -319,6 +319,28 @@ async fn callers_that_never_read_their_answers_hold_no_more_than_the_budget() {
     let e = publisher.clone().set_domain(more).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
     assert!(e.message().contains("1000"), "{}", e.message());
+    // Nor do many at once get past it together.
+    let mut p = publisher.clone();
+    p.remove_domain(pb::RemoveDomainRequest {
+        domain: format!("{}.00000{}.{}.example", "d".repeat(60), "x".repeat(55), "y".repeat(60)),
+    })
+    .await
+    .unwrap();
+    let mut sets = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let mut p = publisher.clone();
+        sets.spawn(async move {
+            p.set_domain(pb::SetDomainRequest { domain: format!("at-once-{i}.example"), blog_id: "many".into() }).await
+        });
+    }
+    let mut taken = 0;
+    while let Some(r) = sets.join_next().await {
+        taken += r.unwrap().is_ok() as usize;
+    }
+    let blog = pb::resolver_client::ResolverClient::connect(grpc.clone()).await.unwrap();
+    let domains =
+        blog.clone().get_blog(pb::GetBlogRequest { blog_id: "many".into() }).await.unwrap().into_inner().domains;
+    assert_eq!((taken, domains.len()), (1, 1000), "50 SetDomains at once on a blog one short of its cap");
     // A path bound to an asset named with 254 bytes that each encode to three.
     let mut p = publisher.clone();
     let header = pb::PutAssetHeader {
