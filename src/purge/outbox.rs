@@ -173,8 +173,10 @@ impl Outbox {
 
     /// Why a write that enqueues `keys` must be refused now, if it must: a
     /// target would hold more than `purge_queue_max` keys with those of
-    /// `keys` that do not wait there already (a key that waits adds nothing).
-    pub fn refuses(&self, keys: &[String]) -> Option<String> {
+    /// `keys` that do not wait there already (a key that waits adds nothing)
+    /// and the `pending` keys of writes before it that are not enqueued yet
+    /// (their group is being made durable; counted whole).
+    pub fn refuses(&self, keys: &[String], pending: usize) -> Option<String> {
         let distinct: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
         if distinct.len() > self.cap {
             return Some(format!(
@@ -186,7 +188,7 @@ impl Outbox {
         self.queues.iter().find_map(|q| {
             let s = q.state.lock();
             let adds = distinct.iter().filter(|k| !s.waiting.contains_key(**k)).count();
-            (adds > 0 && s.items.len() + adds > self.cap).then(|| {
+            (adds > 0 && s.items.len() + pending + adds > self.cap).then(|| {
                 let why =
                     if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
                 format!(
@@ -336,6 +338,13 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    impl Outbox {
+        /// [`Outbox::refuses`] with no write pending.
+        fn refuses_now(&self, keys: &[String]) -> Option<String> {
+            self.refuses(keys, 0)
+        }
+    }
+
     #[test]
     fn coalesces_waiting_keys_but_not_ones_in_flight() {
         let o = Outbox::new(["a".to_owned()], 100);
@@ -365,29 +374,30 @@ mod tests {
 
     #[test]
     fn a_write_is_refused_if_its_new_keys_would_pass_the_cap() {
+        assert!(Outbox::new(["a".to_owned()], 3).refuses(&keys(&["k1", "k2"]), 2).is_some(), "two pending, two new");
         let o = Outbox::new(["a".to_owned()], 3);
-        let too_many = o.refuses(&keys(&["k1", "k2", "k3", "k4"])).expect("four new keys, room for three");
+        let too_many = o.refuses_now(&keys(&["k1", "k2", "k3", "k4"])).expect("four new keys, room for three");
         assert!(too_many.contains("adds 4 purge keys") && too_many.contains("purge_queue_max 3"), "{too_many}");
-        assert!(o.refuses(&keys(&["k1", "k1", "k1", "k1"])).is_none(), "one key, asked four times");
+        assert!(o.refuses_now(&keys(&["k1", "k1", "k1", "k1"])).is_none(), "one key, asked four times");
         o.enqueue(1, 10, &keys(&["a", "b"]));
-        let full = o.refuses(&keys(&["c", "d"])).expect("two waiting and two new: past three");
+        let full = o.refuses_now(&keys(&["c", "d"])).expect("two waiting and two new: past three");
         assert!(full.contains("target a is full (2 keys waiting, 2 more"), "{full}");
-        assert!(o.refuses(&keys(&["a", "c"])).is_none(), "one new key fills the queue, no more");
-        assert!(o.refuses(&keys(&["a", "b"])).is_none(), "keys that wait add nothing");
+        assert!(o.refuses_now(&keys(&["a", "c"])).is_none(), "one new key fills the queue, no more");
+        assert!(o.refuses_now(&keys(&["a", "b"])).is_none(), "keys that wait add nothing");
     }
 
     #[test]
     fn a_batch_cut_inside_a_record_marks_the_record_before() {
         let o = Outbox::new(["a".to_owned(), "b".to_owned()], 3);
         o.enqueue(7, 1, &keys(&["x", "y", "z"]));
-        assert!(o.refuses(&keys(&["w"])).unwrap().contains("target a is full (3 keys waiting"));
-        assert!(o.refuses(&keys(&["x"])).is_none(), "a key that waits adds nothing");
+        assert!(o.refuses_now(&keys(&["w"])).unwrap().contains("target a is full (3 keys waiting"));
+        assert!(o.refuses_now(&keys(&["x"])).is_none(), "a key that waits adds nothing");
         let q = &o.queues()[0];
         assert_eq!(q.take(2, 4096).unwrap().len(), 2);
         assert_eq!(q.delivered(), 6);
         q.take(2, 4096).unwrap();
         assert_eq!(q.delivered(), 7);
-        assert!(o.refuses(&keys(&["w"])).unwrap().contains("target b"));
+        assert!(o.refuses_now(&keys(&["w"])).unwrap().contains("target b"));
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl IndexedStore {
             outbox: purge.outbox,
             purge_on_publish: purge.on_publish,
             purge_sent,
+            group_purge_keys: 0,
             snapshot_failed: None,
             durable_seq: last + 1,
             snap: base,

@@ -406,6 +406,9 @@ pub struct Writer {
     /// Each target's delivered mark, as logged: purge records below the
     /// lowest are forgotten at checkpoints.
     pub purge_sent: FastMap<String, u64>,
+    /// Purge keys the group being written enqueues once durable: counted
+    /// against a target's `purge_queue_max` with those already waiting.
+    pub group_purge_keys: usize,
     /// The snapshot a start can read, while its tail holds every record
     /// since it that the log no longer does (see `store::snapshot`). `None`:
     /// none can be used now, so the next checkpoint (or an idle moment)
@@ -521,6 +524,8 @@ impl Writer {
 
     /// Makes a group durable, then lets the index and the callers know.
     fn commit(&mut self, group: Group) {
+        // Enqueued once durable, or never: no longer pending either way.
+        self.group_purge_keys = 0;
         if group.is_empty() {
             return;
         }
@@ -741,7 +746,7 @@ impl Writer {
             true => op.purge_keys(self.purge_on_publish, &self.shared.index.read()),
             false => None,
         };
-        if let Some(why) = purge.as_deref().and_then(|keys| self.outbox.refuses(keys)) {
+        if let Some(why) = purge.as_deref().and_then(|keys| self.outbox.refuses(keys, self.group_purge_keys)) {
             op.refuse(StoreError::Full(why), &self.shared);
             return;
         }
@@ -854,6 +859,7 @@ impl Writer {
         let rec = Rec::Purge { at_ms, keys };
         self.wal.push(self.seq, &rec);
         let Rec::Purge { keys, .. } = rec else { unreachable!("built just above") };
+        self.group_purge_keys += keys.len();
         group.push((None, Effect::Enqueue { seq: self.seq, at_ms, keys }));
         self.seq += 1;
     }

@@ -737,3 +737,36 @@ async fn a_domain_moved_or_removed_purges_the_blog_it_left() {
     assert_eq!(keys, ["first", "second"], "a mapping that did not move purges nothing");
     s.stop().await;
 }
+
+/// Purging writes at once are written in one group; each was checked
+/// against the keys already waiting, not those of the writes before it in
+/// its group, so together they passed `purge_queue_max` (130 → 142 with a
+/// cap of 140 in a hostile round). Now the group's keys count too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_writes_at_once_never_take_a_queue_past_its_cap() {
+    let ep = Endpoint::start(|_| (500, vec![], "down".into()));
+    let s = Server::start_with(|p| {
+        p.purge = Some(vec![target("down", "http", ep.url("/"), None)]);
+        p.purge_queue_max = Some(20);
+    })
+    .await;
+    for round in 0..20 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let mut p = s.publisher().await;
+            calls.spawn(async move {
+                let keys = vec![format!("b/r{round}-{i}-x"), format!("b/r{round}-{i}-y")];
+                p.purge(pb::PurgeRequest { blog_id: "b".into(), keys }).await
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            if let Err(e) = r.unwrap() {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+            }
+        }
+        let q = queues(&s).await;
+        // (One may be in flight to the target, out of the queue's count.)
+        assert!(q[0].length <= 20, "round {round}: {} keys waiting with purge_queue_max 20", q[0].length);
+    }
+    s.stop().await;
+}
