@@ -12,13 +12,27 @@
 
 const Mustache = require('mustache');
 
-// What Mustache's HTML escaping produces, and the numeric forms of anything.
-const NAMED = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
+// What Mustache's HTML escaping produces, the named forms of what splits or walks a path, and
+// the numeric forms of anything (a browser reads those without their `;` too).
+const NAMED = {
+  amp: '&',
+  lt: '<',
+  gt: '>',
+  quot: '"',
+  apos: "'",
+  num: '#',
+  quest: '?',
+  sol: '/',
+  period: '.',
+  percnt: '%',
+};
+
+const ENTITY = /&(?:#(\d+)|#[xX]([0-9a-fA-F]+));?|&(amp|lt|gt|quot|apos|num|quest|sol|period|percnt);/g;
 
 /** Reads HTML text as a browser would for the entities that matter in a URL. */
 function htmlDecode(s) {
   if (!s.includes('&')) return s;
-  return s.replace(/&(?:#(\d+)|#[xX]([0-9a-fA-F]+)|(amp|lt|gt|quot|apos));/g, (m, dec, hex, name) => {
+  return s.replace(ENTITY, (m, dec, hex, name) => {
     if (name) return NAMED[name];
     const cp = dec !== undefined ? Number(dec) : parseInt(hex, 16);
     return cp > 0 && cp <= 0x10ffff ? String.fromCodePoint(cp) : m;
@@ -31,7 +45,7 @@ function htmlEscape(s) {
 }
 
 // A `?` or `#`, or an entity (which may stand for one): where a query or fragment can start.
-const MARK = /&(?:#\d+|#[xX][0-9a-fA-F]+|amp|lt|gt|quot|apos);|[?#]/g;
+const MARK = /&(?:#\d+|#[xX][0-9a-fA-F]+);?|&(?:amp|lt|gt|quot|apos|num|quest|sol|period|percnt);|[?#]/g;
 
 /** The index of the first `?` or `#` in HTML text (`&#63;` and `&#35;` are one), or -1. */
 function firstMark(s) {

@@ -104,12 +104,14 @@ test('where a query or fragment starts in the template: entities, nested section
     '{{#cdn}}/images/{{n}}.png{{#none}}?v=1{{/none}}{{/cdn}}', // ...that renders nothing
     '{{#cdn}}/images/{{#img}}{{n}}.png{{/img}}{{/cdn}}', // a `#` from the view inside a section
     '{{#cdn}}{{=<% %>=}}/images/<%n%>.png?w=1<%={{ }}=%>{{/cdn}}', // set delimiters before the `?`
+    '{{#cdn}}/style.css&#63v=3{{/cdn}}', // a numeric entity without its `;`, as a browser reads it
+    '{{#cdn}}/style.css&quest;v=4{{/cdn}}', // a named one
   ].join('|');
   const { html, sent } = await renderSending(tpl, { n: 'c#', v: 2, img: true });
   assert.deepEqual(sent.sort(), ['/images/c#.png', '/style.css']);
   const cdn = `${server.base}/${BLOG}/`;
   const parts = html.split('|');
-  assert.equal(parts.length, 6);
+  assert.equal(parts.length, 8);
   assert.ok(parts[0].startsWith(cdn) && parts[0].endsWith('/style.css?v=1'), parts[0]);
   assert.ok(parts[1].endsWith('/images/c%23.png'), parts[1]);
   assert.ok(parts[2].endsWith('/style.css?v=2'), parts[2]);
@@ -117,6 +119,8 @@ test('where a query or fragment starts in the template: entities, nested section
   assert.ok(parts[4].endsWith('/images/c%23.png'), parts[4]);
   assert.ok(parts[5].endsWith('/images/c%23.png?w=1'), parts[5]);
   assert.equal(await fetchText(parts[5]), FILES['images/c#.png']);
+  assert.ok(parts[6].endsWith('/style.css?v=3'), parts[6]);
+  assert.ok(parts[7].endsWith('/style.css?v=4'), parts[7]);
 
   // Without v, the nested section renders nothing: the URL has no query.
   const { html: bare } = await renderSending('{{#cdn}}/style.css{{#v}}?v={{v}}{{/v}}{{/cdn}}', {});
