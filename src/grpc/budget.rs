@@ -97,8 +97,7 @@ impl BudgetLayer {
     /// call), if they fit: small calls may use the whole budget, large ones
     /// leave an eighth of it free.
     fn take(&self, held: u64, bytes: u64) -> bool {
-        let total = self.total;
-        let limit = if held + bytes <= SMALL { total } else { total - total / 8 };
+        let limit = if held + bytes <= SMALL { self.total } else { self.most() };
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + bytes <= limit).then_some(u + bytes))
             .is_ok()
@@ -112,7 +111,7 @@ impl BudgetLayer {
         Status::new(
             code,
             format!(
-                "the server's request memory is taken by other large calls: {what} needs {} KiB of the {} KiB \
+                "the server's request memory is taken by other calls: {what} needs {} KiB of the {} KiB \
                  (grpc_memory_bytes); retry shortly, or send smaller batches",
                 bytes.div_ceil(1024),
                 self.total >> 10
@@ -122,7 +121,7 @@ impl BudgetLayer {
 }
 
 /// A call's share of the budget, in its request's extensions: its handler
-/// takes more before it builds a large answer.
+/// settles it once a large answer is built.
 #[derive(Clone)]
 pub struct CallBudget {
     layer: BudgetLayer,
