@@ -47,6 +47,9 @@ function toError(err) {
   return e;
 }
 
+// How long a call without a deadline is sent again while the server's request memory is busy.
+const BUSY_RETRY_MS = 30000;
+
 class Connection {
   /**
    * @param {object} o
@@ -83,16 +86,28 @@ class Connection {
   /**
    * One unary call. `deadline` is a Date or a number of ms from now; `waitForReady`
    * false makes a call fail at once when the server is down instead of queueing.
+   * A call the server refuses because its request memory is taken by other calls
+   * (`grpc_memory_bytes`) is sent again, after 25 ms doubling to 500 ms, while its
+   * deadline (or, without one, 30 s) leaves time.
    */
-  unary(service, method, request, { deadline, waitForReady = false } = {}) {
+  async unary(service, method, request, { deadline, waitForReady = false } = {}) {
     const stub = this[service];
     const options = { waitForReady };
     if (deadline !== undefined && deadline !== Infinity) {
       options.deadline = deadline instanceof Date ? deadline : new Date(Date.now() + deadline);
     }
-    return new Promise((resolve, reject) => {
-      stub[method](request, this.metadata(), options, (err, res) => (err ? reject(toError(err)) : resolve(res)));
-    });
+    const until = options.deadline ? options.deadline.getTime() : Date.now() + BUSY_RETRY_MS;
+    for (let wait = 25; ; wait = Math.min(wait * 2, 500)) {
+      try {
+        return await new Promise((resolve, reject) => {
+          stub[method](request, this.metadata(), options, (err, res) => (err ? reject(toError(err)) : resolve(res)));
+        });
+      } catch (err) {
+        const busy = err.code === 'RESOURCE_EXHAUSTED' && /grpc_memory_bytes/.test(err.message);
+        if (!busy || Date.now() + wait >= until) throw err;
+        await new Promise((r) => setTimeout(r, wait));
+      }
+    }
   }
 
   /** A client-streaming call: returns the writable call and a promise of its answer. */
