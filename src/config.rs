@@ -23,7 +23,8 @@ pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 pub const MAX_HTTP_THREADS: usize = 1024;
 /// The slowest a purge target may be sent requests: one a day.
 pub const MIN_PURGE_RATE: f64 = 1.0 / 86_400.0;
-/// `grpc_memory_bytes` by default: about six full batches at once.
+/// `grpc_memory_bytes` by default: two full batches of long paths at once,
+/// or a few thousand renderer pages.
 pub const DEFAULT_GRPC_MEMORY_BYTES: u64 = 256 << 20;
 /// The least `grpc_memory_bytes` takes: one request at the size limit.
 pub const MIN_GRPC_MEMORY_BYTES: u64 = crate::grpc::MAX_MESSAGE_BYTES as u64;
@@ -65,7 +66,8 @@ pub struct Partial {
     /// `PutAsset` streams open at once, server-wide; past it RESOURCE_EXHAUSTED.
     pub max_uploads: Option<usize>,
     /// Memory that unary gRPC calls may take at once, server-wide, while
-    /// they are decoded, handled and answered; past it calls wait their turn.
+    /// they are decoded, handled and answered; past it a call is refused
+    /// (RESOURCE_EXHAUSTED) and retried by its caller.
     pub grpc_memory_bytes: Option<u64>,
     /// An upload that sends nothing for this long is dropped (DEADLINE_EXCEEDED).
     pub upload_idle_timeout_secs: Option<u64>,

@@ -181,7 +181,11 @@ pub fn answer_item_bytes(prefix: usize) -> u64 {
 /// and encoded: three times its encoded length covers both) from the call's
 /// share of the request memory; RESOURCE_EXHAUSTED if it does not fit, and
 /// the answer is dropped unsent.
-fn settle<T: prost::Message>(budget: Option<&CallBudget>, method: &str, answer: T) -> Result<Response<T>, Status> {
+fn settle<T: prost::Message>(
+    budget: Option<&CallBudget>,
+    method: &'static str,
+    answer: T,
+) -> Result<Response<T>, Status> {
     if let Some(b) = budget {
         b.settle(method, &format!("its answer of {} bytes", answer.encoded_len()), 3 * answer.encoded_len() as u64)?;
     }

@@ -156,38 +156,29 @@ impl Origin {
     /// 9112 has the Host header ignored), else the `Host` header; any port,
     /// and the dot of a fully qualified name, left out; case-insensitive.
     fn blog_from_host<'a>(&self, req: &'a Request<Incoming>) -> Option<std::borrow::Cow<'a, str>> {
-        let host = match req.uri().authority() {
+        let host = bare_host(match req.uri().authority() {
             Some(a) => a.host(),
-            None => {
-                let h = req.headers().get(header::HOST)?.to_str().ok()?;
-                match h.rsplit_once(':') {
-                    Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-                    _ => h,
-                }
-            }
-        };
-        let host = host.strip_suffix('.').unwrap_or(host);
+            None => req.headers().get(header::HOST)?.to_str().ok()?,
+        });
         if let Some(blog) = self.blog_under_cdn_host(host) {
             return Some(blog);
         }
         self.blog_of_domain(host).map(std::borrow::Cow::Owned)
     }
 
-    /// The blog a custom domain maps to: not the CDN's own name, nor what
-    /// cannot be a domain (an address, a single label), which are looked up
-    /// no further; case-insensitive, a port and a final dot left out.
+    /// Whether `host` (bare) is the CDN's own name, or with host-style URLs
+    /// a name under it.
+    fn is_cdn_name(&self, host: &str) -> bool {
+        self.cdn_host.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(host))
+            || self.blog_under_cdn_host(host).is_some()
+    }
+
+    /// The blog a custom domain (a bare host, see [`bare_host`]) maps to:
+    /// not the CDN's own names, nor what cannot be a domain (an address, a
+    /// single label), which are looked up no further; case-insensitive.
     fn blog_of_domain(&self, host: &str) -> Option<String> {
-        let host = match host.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => host,
-        };
-        let host = host.strip_suffix('.').unwrap_or(host);
-        // The CDN's own name, and what cannot be a domain (an address, a
-        // single label): path style, with no look-up.
-        if self.cdn_host.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(host))
-            || !host.contains('.')
-            || host.ends_with(|c: char| c.is_ascii_digit())
-        {
+        // Path style (or host style), with no look-up.
+        if self.is_cdn_name(host) || !host.contains('.') || host.ends_with(|c: char| c.is_ascii_digit()) {
             return None;
         }
         let store = self.catalog.store();
@@ -359,14 +350,13 @@ impl Origin {
         // found once, used for the label and the routing. A request the TLS
         // edge marks with the domain it holds a certificate for is that
         // domain's, or nobody's (a domain removed since).
-        let edge_domain = req.headers().get(EDGE_DOMAIN).map(|d| d.to_str().unwrap_or("-")).filter(|d| {
-            // The CDN's own names (one edge may hold both), or no SNI at all:
-            // routed by the request as usual.
-            let d = d.strip_suffix('.').unwrap_or(d);
-            !d.is_empty()
-                && !self.cdn_host.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(d))
-                && self.blog_under_cdn_host(d).is_none()
-        });
+        // The CDN's own names (one edge may hold both), or no SNI at all:
+        // routed by the request as usual.
+        let edge_domain = req
+            .headers()
+            .get(EDGE_DOMAIN)
+            .map(|d| bare_host(d.to_str().unwrap_or("-")))
+            .filter(|d| !d.is_empty() && !self.is_cdn_name(d));
         let (in_host, unmapped) = match edge_domain {
             Some(d) => match self.blog_of_domain(d) {
                 Some(blog) => (Some(format!("/{blog}{}", req.uri().path())), false),
@@ -845,6 +835,16 @@ impl Origin {
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
         }
     }
+}
+
+/// A host as the routes compare it: any port, and the dot of a fully
+/// qualified name, left out.
+fn bare_host(host: &str) -> &str {
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 fn cdn_host(config: &Config) -> Option<String> {

@@ -103,9 +103,9 @@ impl BudgetLayer {
             .is_ok()
     }
 
-    fn refusal(&self, method: &str, what: &str, bytes: u64) -> Status {
+    fn refusal(&self, method: &'static str, what: &str, bytes: u64) -> Status {
         let code = tonic::Code::ResourceExhausted;
-        metrics::counter!(crate::metrics::RPC_REQUESTS, "method" => method.to_owned(), "code" => crate::metrics::code_label(code))
+        metrics::counter!(crate::metrics::RPC_REQUESTS, "method" => method, "code" => crate::metrics::code_label(code))
             .increment(1);
         tracing::info!(method, need = bytes, "call refused: the request memory budget is taken");
         Status::new(
@@ -133,7 +133,7 @@ impl CallBudget {
     /// answer is dropped) to `bytes`, what its answer takes. Gives back what
     /// the admission's bound took past it; takes what it lacks (the bound
     /// should leave nothing lacking), or refuses, naming `what`.
-    pub fn settle(&self, method: &str, what: &str, bytes: u64) -> Result<(), Status> {
+    pub fn settle(&self, method: &'static str, what: &str, bytes: u64) -> Result<(), Status> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let Some(t) = held.as_mut() else { return Ok(()) };
         let want = bytes.clamp(1024, self.layer.most());
@@ -271,14 +271,12 @@ impl Weighing {
             let n = (5 - at).min(data.len());
             self.prefix[at..at + n].copy_from_slice(&data[..n]);
         }
-        if self.whole && !data.is_empty() {
-            return Err(Status::invalid_argument("a unary call's body holds one message; more bytes came after it"));
-        }
         self.seen += data.len() as u64;
         if self.seen < 5 {
             return Ok(());
         }
         let len = u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4")));
+        // Past the message (in the frame that ended it, or any after).
         if self.seen > 5 + len {
             return Err(Status::invalid_argument("a unary call's body holds one message; more bytes came after it"));
         }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
-use super::index::{FastMap, Index};
+use super::index::FastMap;
 use super::sled_store::Shared;
 use super::snapshot::{self, Base};
 use super::trees::{apply, checkpoint, read_marker, sled_seq, Trees};
@@ -187,14 +187,16 @@ impl Op {
     /// The purge keys it enqueues, if it enqueues any: the one place that
     /// says which writes purge what.
     /// A domain that leaves its blog (moved to another, or removed) purges
-    /// that blog: an edge may hold its files under the domain's name.
-    fn purge_keys(&self, purge_on_publish: bool, index: &Index) -> Option<Vec<String>> {
+    /// that blog: an edge may hold its files under the domain's name. Only
+    /// these read the index (`shared`'s, as of the last durable group).
+    fn purge_keys(&self, purge_on_publish: bool, shared: &Shared) -> Option<Vec<String>> {
+        let owner = |domain: &Domain| shared.index.read().domains.get(domain.as_str()).cloned();
         match self {
             Op::Invalidate { blog, paths, .. } if purge_on_publish && paths.is_empty() => Some(vec![blog.to_string()]),
             Op::SetDomain { domain, blog, .. } => {
-                index.domains.get(domain.as_str()).filter(|had| *had != blog).map(|had| vec![had.to_string()])
+                owner(domain).filter(|had| had != blog).map(|had| vec![had.to_string()])
             }
-            Op::RemoveDomain { domain, .. } => index.domains.get(domain.as_str()).map(|had| vec![had.to_string()]),
+            Op::RemoveDomain { domain, .. } => owner(domain).map(|had| vec![had.to_string()]),
             Op::DeleteBlog { blog, .. } => Some(vec![blog.to_string()]),
             Op::DeleteAsset { blog, hash, .. } => Some(vec![format!("{blog}/{hash}")]),
             Op::Purge { keys, .. } => Some(keys.clone()),
@@ -743,7 +745,7 @@ impl Writer {
         // outbox refuses writes that would add keys to it; one whose keys all
         // wait already adds none (see `push_purge`) and goes on.
         let purge = match self.outbox.has_targets() {
-            true => op.purge_keys(self.purge_on_publish, &self.shared.index.read()),
+            true => op.purge_keys(self.purge_on_publish, &self.shared),
             false => None,
         };
         if let Some(why) = purge.as_deref().and_then(|keys| self.outbox.refuses(keys, self.group_purge_keys)) {

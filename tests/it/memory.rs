@@ -111,6 +111,11 @@ async fn a_floor_raise_drops_the_path_versions_it_made_meaningless() {
     s.stop().await;
 }
 
+/// A server with `budget` bytes of request memory (`grpc_memory_bytes`).
+fn with_budget(dir: &std::path::Path, budget: u64) -> ChildServer {
+    ChildServer::spawn_with(dir, &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", budget.to_string().as_str())])
+}
+
 /// A renderer's calls are small; a batch of 10,000 long paths is 10 MB, and
 /// its answer more. Before the server-wide budget, each connection could
 /// have `max_in_flight` of them decoding and answering at once: 96 calls of
@@ -124,8 +129,7 @@ async fn many_large_batches_at_once_stay_within_the_servers_request_memory_budge
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let budget = 64u64 << 20;
-    let server =
-        ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", budget.to_string().as_str())]);
+    let server = with_budget(dir.path(), budget);
     // 4,000 paths of 1,000 bytes: a 4 MB request, weighed at 16 MB.
     let paths: Arc<Vec<String>> = Arc::new((0..4000).map(|i| format!("/{i:05}/{}", "x".repeat(993))).collect());
     let mut clients = Vec::new();
@@ -292,8 +296,7 @@ fn framed(m: &impl prost::Message) -> bytes::Bytes {
 async fn callers_that_never_read_their_answers_hold_no_more_than_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let budget = 64u64 << 20;
-    let server =
-        ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", budget.to_string().as_str())]);
+    let server = with_budget(dir.path(), budget);
     let grpc = format!("http://{}", server.grpc);
     let mut renderer = pb::resolver_client::ResolverClient::connect(grpc.clone()).await.unwrap();
     let page = || pb::ResolveBatchRequest { blog_id: "stall".into(), paths: vec!["/style.css".into(); 20] };
@@ -421,7 +424,7 @@ async fn callers_that_never_read_their_answers_hold_no_more_than_the_budget() {
 async fn a_request_not_sent_whole_and_ended_is_cut_and_gives_its_room_back() {
     let dir = tempfile::tempdir().unwrap();
     // Room for one large call at a time.
-    let server = ChildServer::spawn_with(dir.path(), &[], &[("BLOTCDN_GRPC_MEMORY_BYTES", "134217728")]);
+    let server = with_budget(dir.path(), 128 << 20);
     let grpc = format!("http://{}", server.grpc);
     let mut c = pb::resolver_client::ResolverClient::connect(grpc).await.unwrap().max_decoding_message_size(64 << 20);
     // 16 MiB declared, 5 bytes sent.

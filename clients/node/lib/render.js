@@ -27,7 +27,8 @@ const NAMED = {
   percnt: '%',
 };
 
-const ENTITY = /&(?:#(\d+)|#[xX]([0-9a-fA-F]+));?|&(amp|lt|gt|quot|apos|num|quest|sol|period|percnt);/g;
+// A numeric entity (its `;` optional) or one of NAMED.
+const ENTITY = new RegExp(`&(?:#(\\d+)|#[xX]([0-9a-fA-F]+));?|&(${Object.keys(NAMED).join('|')});`, 'g');
 
 /** Reads HTML text as a browser would for the entities that matter in a URL. */
 function htmlDecode(s) {
@@ -45,7 +46,7 @@ function htmlEscape(s) {
 }
 
 // A `?` or `#`, or an entity (which may stand for one): where a query or fragment can start.
-const MARK = /&(?:#\d+|#[xX][0-9a-fA-F]+);?|&(?:amp|lt|gt|quot|apos|num|quest|sol|period|percnt);|[?#]/g;
+const MARK = new RegExp(`${ENTITY.source}|[?#]`, 'g');
 
 /** The index of the first `?` or `#` in HTML text (`&#63;` and `&#35;` are one), or -1. */
 function firstMark(s) {

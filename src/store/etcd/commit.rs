@@ -219,6 +219,7 @@ impl Writer {
             let mut value = [self.nonce.to_be_bytes(), self.tries.to_be_bytes()].concat();
             value.extend_from_slice(&wal::encode_group(numbered.iter().map(|(s, r)| (*s, *r))));
             let value_len = value.len();
+            let log_key = seq_key(&self.f.log, first_seq);
             // Too large for one request: several writes are committed apart;
             // one write alone is written in parts, then committed by name.
             let mut parts = None;
@@ -229,15 +230,13 @@ impl Writer {
                     self.commit(rest);
                     return;
                 }
-                let dir = parts_dir(&self.f.parts, format!("{first_seq:016x}").as_bytes(), self.nonce, self.tries);
+                let dir = parts_dir(&self.f.parts, &log_key[self.f.log.len()..], self.nonce, self.tries);
                 match self.write_parts(&dir, &mut value) {
                     Ok(()) => parts = Some(dir),
                     Err(e) => return refuse_all(ops, &unavailable("writing a large write in parts", e)),
                 }
             }
             let last_seq = seq - 1;
-            let mut log_key = self.f.log.clone();
-            log_key.extend_from_slice(format!("{first_seq:016x}").as_bytes());
             let txn = TxnRequest {
                 compare: vec![unchanged_since(self.f.head.clone(), head_rev)],
                 success: vec![
@@ -373,8 +372,7 @@ impl Writer {
         let mut pointer = seq.to_be_bytes().to_vec();
         pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
         pointer.extend_from_slice(&self.nonce.to_be_bytes());
-        let log_end = [self.f.log.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
-        let parts_end = [self.f.parts.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
+        let (log_end, parts_end) = (seq_key(&self.f.log, seq + 1), seq_key(&self.f.parts, seq + 1));
         // Only over the snapshot this node knows: two nodes snapshotting at
         // once must not point back to an older one after the log it needs
         // was cut. The loser removes its own chunks, and only those.

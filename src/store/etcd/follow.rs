@@ -38,7 +38,7 @@ fn records<'v>(
     log_prefix: &[u8],
     key: &[u8],
     value: &'v [u8],
-    parts: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    parts: &mut Parts,
 ) -> Result<std::borrow::Cow<'v, [u8]>, String> {
     let body = value.get(16..).ok_or("a log group without its writer's nonce")?;
     if body.get(..4) != Some(&PART_MARK[..]) {
@@ -75,7 +75,7 @@ impl Follower {
         key: &[u8],
         value: &[u8],
         rev: i64,
-        parts: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+        parts: &mut Parts,
     ) -> Result<(), String> {
         let recs = records(&self.parts, &self.log, key, value, parts)
             .map_err(|why| format!("{why}, at etcd revision {rev}"))
@@ -107,9 +107,8 @@ impl Follower {
     /// Takes out of `parts` those of records up to `seq`, which no group
     /// can name any more (the group of that record is applied), and notes
     /// their folders for this node's writer to delete.
-    fn orphan_parts(&self, parts: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>, seq: u64) {
-        let after = [self.parts.as_slice(), format!("{:016x}", seq + 1).as_bytes()].concat();
-        let rest = parts.split_off(&after);
+    fn orphan_parts(&self, parts: &mut Parts, seq: u64) {
+        let rest = parts.split_off(&seq_key(&self.parts, seq + 1));
         let passed = std::mem::replace(parts, rest);
         if passed.is_empty() {
             return;
@@ -160,11 +159,11 @@ impl Follower {
             }
             index = i;
             a = Applied { ids, deleted_last, head_rev: 0, seq, snap_seq: seq, snap_rev: p.mod_revision };
-            key.extend_from_slice(format!("{:016x}", seq + 1).as_bytes());
+            key = seq_key(&self.log, seq + 1);
         }
         // The parts of large groups first (those of groups a snapshot
         // covers are gone with it), at the same revision.
-        let mut parts = std::collections::BTreeMap::new();
+        let mut parts = Parts::new();
         pages(kv, self.parts.clone(), prefix_end(&self.parts), 2, rev, "loading the log's parts", |p| {
             parts.insert(p.key.clone(), p.value.clone());
             Ok(())

@@ -131,7 +131,7 @@ struct Follower {
     /// `P part/`, and the parts seen (at load, then by the watch) whose
     /// group has not been applied yet.
     parts: Vec<u8>,
-    pending_parts: Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
+    pending_parts: Mutex<Parts>,
     /// Folders of parts no group will name (their writer lost the race or
     /// died before its commit): deleted by this node's writer at its next
     /// write, not left for the next snapshot.
@@ -139,6 +139,15 @@ struct Follower {
     /// False while the watch is down (then writes would not be seen).
     watching: std::sync::atomic::AtomicBool,
 }
+
+/// `prefix` and a record number as the keys spell it (16 hex digits, so that
+/// they sort in order).
+fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    [prefix, format!("{seq:016x}").as_bytes()].concat()
+}
+
+/// Parts of large groups, by key.
+type Parts = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
 
 /// The folder of a group's parts: `parts` (`P part/`), the group's first
 /// record as its log key spells it, and the writer's nonce and try.
