@@ -487,6 +487,9 @@ impl App {
         if let Some(age) = config.grpc_max_connection_age {
             grpc_server = grpc_server.max_connection_age(age);
         }
+        // The gRPC connections, listed for the memory budget to cut those
+        // that do not take their answers.
+        let grpc_conns = Arc::new(crate::listen::Conns::default());
         let grpc = grpc_server
             // Outermost: every call is traced, refused ones included.
             .layer(TraceLayer)
@@ -500,6 +503,7 @@ impl App {
                 // The longest blog id (64 bytes) under the base URL.
                 crate::grpc::answer_item_bytes(catalog.base_url().len() + 64),
                 config.max_batch,
+                grpc_conns.clone(),
             ))
             .layer(UploadGuardLayer)
             // Decoder and size-limit errors become the caller's INVALID_ARGUMENT
@@ -517,6 +521,7 @@ impl App {
                     config.http_idle_timeout,
                     crate::listen::H2_PREFACE,
                     grpc_connection_lifetime(&config),
+                    Some(grpc_conns),
                     "grpc",
                 ),
                 grpc_stop,
@@ -528,6 +533,7 @@ impl App {
                 caps.metrics as usize,
                 config.http_idle_timeout,
                 1,
+                None,
                 None,
                 "metrics",
             ),

@@ -187,7 +187,7 @@ fn settle<T: prost::Message>(
     answer: T,
 ) -> Result<Response<T>, Status> {
     if let Some(b) = budget {
-        b.settle(method, &format!("its answer of {} bytes", answer.encoded_len()), 3 * answer.encoded_len() as u64)?;
+        b.settle(method, answer.encoded_len() as u64)?;
     }
     Ok(Response::new(answer))
 }

@@ -10,10 +10,12 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,33 +42,143 @@ pub fn bind(addr: std::net::SocketAddr, shared: bool) -> io::Result<TcpListener>
 /// With every slot taken, nothing is accepted: new connections wait in the
 /// kernel's listen backlog. `lifetime`: past it, a connection's reads and
 /// writes fail, whatever it is doing (on gRPC: the age at which it was sent
-/// GOAWAY plus the grace its calls had to finish).
+/// GOAWAY plus the grace its calls had to finish). `conns`: where each
+/// connection is listed, for whoever may cut one ([`Conn::cut`]).
 pub fn incoming(
     listener: TcpListener,
     max: usize,
     first_bytes: Duration,
     needed: usize,
     lifetime: Option<Duration>,
+    conns: Option<Arc<Conns>>,
     what: &'static str,
 ) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(max));
-    futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
-        let stream = loop {
-            match listener.accept().await {
-                Ok((s, _)) => break s,
-                Err(e) => accept_failed(e, what).await,
+    futures_util::stream::unfold((listener, slots), move |(listener, slots)| {
+        let conns = conns.clone();
+        async move {
+            let permit = slots.clone().acquire_owned().await.expect("never closed");
+            let (stream, peer) = loop {
+                match listener.accept().await {
+                    Ok(s) => break s,
+                    Err(e) => accept_failed(e, what).await,
+                }
+            };
+            // Small answers must not wait for a delayed ACK (Nagle): 40 ms otherwise.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
-        };
-        // Small answers must not wait for a delayed ACK (Nagle): 40 ms otherwise.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
+            let deadline = Some(Box::pin(tokio::time::sleep(first_bytes)));
+            let end = lifetime.map(|l| Box::pin(tokio::time::sleep(l)));
+            let conn = Arc::new(Conn::new(peer));
+            if let Some(conns) = &conns {
+                conns.add(&conn);
+            }
+            let guarded = Guarded { stream, _slot: permit, first_bytes: deadline, needed, end, conn };
+            Some((Ok(guarded), (listener, slots)))
         }
-        let deadline = Some(Box::pin(tokio::time::sleep(first_bytes)));
-        let end = lifetime.map(|l| Box::pin(tokio::time::sleep(l)));
-        let guarded = Guarded { stream, _slot: permit, first_bytes: deadline, needed, end };
-        Some((Ok(guarded), (listener, slots)))
     })
+}
+
+/// The connections of a listener, listed for whoever may have to cut one
+/// (the gRPC memory budget: a connection whose answers are not taken).
+#[derive(Default)]
+pub struct Conns(Mutex<Vec<Weak<Conn>>>);
+
+impl Conns {
+    fn add(&self, conn: &Arc<Conn>) {
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Closed ones go before the list would grow: it stays within about
+        // twice the connections open.
+        if list.len() == list.capacity() {
+            list.retain(|c| c.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(conn));
+    }
+
+    /// Each connection still open.
+    pub fn each(&self, mut f: impl FnMut(&Conn)) {
+        let list: Vec<Arc<Conn>> =
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        list.iter().for_each(|c| f(c));
+    }
+}
+
+/// One connection, as its calls see it (in their requests' extensions, by
+/// way of [`ConnInfo`]): the answers it holds unsent and since when, and a
+/// way to cut it.
+pub struct Conn {
+    pub peer: std::net::SocketAddr,
+    cut: AtomicBool,
+    /// Woken when the connection is cut, to fail its next read or write.
+    waker: AtomicWaker,
+    answers: Mutex<Answers>,
+}
+
+/// When each answer held was ready: slots, reused.
+#[derive(Default)]
+struct Answers {
+    ready: Vec<Option<Instant>>,
+    free: Vec<usize>,
+}
+
+impl Conn {
+    fn new(peer: std::net::SocketAddr) -> Self {
+        Conn { peer, cut: AtomicBool::new(false), waker: AtomicWaker::new(), answers: Mutex::default() }
+    }
+
+    /// An answer is ready to send: held until [`Conn::answer_gone`] with the
+    /// slot this returns.
+    pub fn answer_ready(&self) -> usize {
+        let mut a = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Some(Instant::now());
+        match a.free.pop() {
+            Some(slot) => {
+                a.ready[slot] = now;
+                slot
+            }
+            None => {
+                a.ready.push(now);
+                a.ready.len() - 1
+            }
+        }
+    }
+
+    /// The answer in `slot` was sent whole, or dropped.
+    pub fn answer_gone(&self, slot: usize) {
+        let mut a = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        a.ready[slot] = None;
+        a.free.push(slot);
+    }
+
+    /// How long the oldest answer held has waited to be taken.
+    pub fn oldest_answer(&self) -> Option<Duration> {
+        let a = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        a.ready.iter().flatten().min().map(|t| t.elapsed())
+    }
+
+    /// Fails the connection's next read or write (at once if it waits for
+    /// one): its calls end and what they held is dropped.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_cut(&self, cx: &Context<'_>) -> bool {
+        if self.cut.load(Ordering::Acquire) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        // Cut between the look and the registration: its wake may be lost.
+        self.cut.load(Ordering::Acquire)
+    }
+}
+
+/// What a gRPC call knows of its connection (`Request::extensions`).
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    pub conn: Arc<Conn>,
 }
 
 /// The process's (EMFILE) or the system's (ENFILE) descriptors are all in
@@ -104,6 +216,7 @@ pub struct Guarded {
     needed: usize,
     /// When the connection is cut, busy or not.
     end: Option<Pin<Box<tokio::time::Sleep>>>,
+    conn: Arc<Conn>,
 }
 
 impl Guarded {
@@ -123,6 +236,10 @@ fn outlived() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "the connection outlived its age and grace")
 }
 
+fn was_cut() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "the connection was cut: its answers were not taken")
+}
+
 /// The client's connection preface of HTTP/2, which gRPC speaks.
 pub const H2_PREFACE: usize = 24;
 
@@ -132,9 +249,13 @@ impl AsyncRead for Guarded {
             return Poll::Ready(Err(outlived()));
         }
         let before = buf.filled().len();
+        if self.conn.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(was_cut()));
+        }
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         match r {
             Poll::Pending if self.over(Some(cx)) => Poll::Ready(Err(outlived())),
+            Poll::Pending if self.conn.is_cut(cx) => Poll::Ready(Err(was_cut())),
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 self.needed = self.needed.saturating_sub(buf.filled().len() - before);
                 if self.needed == 0 {
@@ -159,7 +280,13 @@ impl AsyncWrite for Guarded {
         if self.over(None) {
             return Poll::Ready(Err(outlived()));
         }
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        if self.conn.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(was_cut()));
+        }
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Pending if self.conn.is_cut(cx) => Poll::Ready(Err(was_cut())),
+            r => r,
+        }
     }
 
     fn poll_write_vectored(
@@ -170,7 +297,13 @@ impl AsyncWrite for Guarded {
         if self.over(None) {
             return Poll::Ready(Err(outlived()));
         }
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        if self.conn.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(was_cut()));
+        }
+        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending if self.conn.is_cut(cx) => Poll::Ready(Err(was_cut())),
+            r => r,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -187,10 +320,10 @@ impl AsyncWrite for Guarded {
 }
 
 impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo { tcp: self.stream.connect_info(), conn: self.conn.clone() }
     }
 }
 
@@ -206,7 +339,7 @@ mod tests {
     async fn silent_connections_are_closed_and_free_their_slot() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), 2, None, "test"));
+        let mut conns = Box::pin(incoming(listener, 1, Duration::from_millis(300), 2, None, None, "test"));
         let mut short = TcpStream::connect(addr).await.unwrap();
         short.write_all(b"P").await.unwrap();
         let mut first = conns.next().await.unwrap().unwrap();
@@ -235,7 +368,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let life = Duration::from_millis(400);
-        let mut conns = Box::pin(incoming(listener, 1, Duration::from_secs(5), 1, Some(life), "test"));
+        let mut conns = Box::pin(incoming(listener, 1, Duration::from_secs(5), 1, Some(life), None, "test"));
         // Idle: waiting to read, woken by the deadline.
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"x").await.unwrap();

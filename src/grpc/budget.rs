@@ -27,9 +27,13 @@
 //! long at most; bytes after a unary call's one message are refused.
 //!
 //! The room is given back when the answer's body is dropped: sent whole,
-//! or the call gone. A client that never reads its answers holds their
-//! room until its connection is cut (`grpc_max_connection_age_secs` and its
-//! grace), and meanwhile its further calls are refused once it is all taken.
+//! or the call gone. A client that does not take its answers (it grants no
+//! HTTP/2 window, or has stopped reading) holds their room until its
+//! connection is cut: once a call is refused for want of room, every
+//! connection holding an answer ready [`ANSWER_WITHIN`] ago or more is cut
+//! (at most every [`REAP_EVERY`]), and the refused caller's retry finds the
+//! room they held. Otherwise a connection lives to its age
+//! (`grpc_max_connection_age_secs` and its grace).
 //!
 //! Weighed: every Resolver and Publisher method but `PutAsset`, whose
 //! streams are bounded by `max_uploads`. Not the health, reflection or
@@ -39,6 +43,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -49,6 +54,14 @@ use tonic::Status;
 /// Calls weighing up to this much are small: a renderer's page (a page of
 /// 20 paths is weighed at about 700 KB before its answer is known).
 const SMALL: u64 = 8 << 20;
+
+/// An answer not taken this long after it was ready, while calls are
+/// refused for want of room, has its connection cut: the same time a
+/// request has to arrive ([`BODY_WITHIN`]). A renderer takes its answer in
+/// milliseconds; a client that has stopped reading never does.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// Refusals look for such connections at most this often.
+const REAP_EVERY: Duration = Duration::from_millis(100);
 
 /// The layer: one budget shared by every connection.
 #[derive(Clone)]
@@ -62,12 +75,46 @@ pub struct BudgetLayer {
     answer_item: u64,
     /// Paths a `ResolveBatch` takes at most (`max_batch`).
     max_batch: u64,
+    /// The gRPC listener's connections: those whose answers wait too long
+    /// are cut when room is wanted.
+    conns: Arc<crate::listen::Conns>,
+    /// When refusals last looked for them.
+    reaped: Arc<Mutex<Option<Instant>>>,
 }
 
 impl BudgetLayer {
     /// `answer_item`: see [`BudgetLayer::answer_item`].
-    pub fn new(total: u64, answer_item: u64, max_batch: usize) -> Self {
-        BudgetLayer { used: Arc::default(), total, answer_item, max_batch: max_batch as u64 }
+    pub fn new(total: u64, answer_item: u64, max_batch: usize, conns: Arc<crate::listen::Conns>) -> Self {
+        BudgetLayer {
+            used: Arc::default(),
+            total,
+            answer_item,
+            max_batch: max_batch as u64,
+            conns,
+            reaped: Arc::default(),
+        }
+    }
+
+    /// Room is wanted: cuts the connections holding an answer not taken
+    /// within [`ANSWER_WITHIN`], so their room comes back as their calls
+    /// end (the refused caller's retry finds it).
+    fn reap(&self) {
+        {
+            let mut reaped = self.reaped.lock().unwrap_or_else(|p| p.into_inner());
+            if reaped.is_some_and(|t| t.elapsed() < REAP_EVERY) {
+                return;
+            }
+            *reaped = Some(Instant::now());
+        }
+        self.conns.each(|c| {
+            let Some(waited) = c.oldest_answer().filter(|w| *w >= ANSWER_WITHIN) else { return };
+            tracing::warn!(
+                peer = %c.peer,
+                waited_s = waited.as_secs(),
+                "gRPC connection cut: it has not taken an answer, and calls are refused for its room"
+            );
+            c.cut();
+        });
     }
 
     /// The most a call to `method` with a request of `len` bytes takes: its
@@ -108,6 +155,7 @@ impl BudgetLayer {
         metrics::counter!(crate::metrics::RPC_REQUESTS, "method" => method, "code" => crate::metrics::code_label(code))
             .increment(1);
         tracing::info!(method, need = bytes, "call refused: the request memory budget is taken");
+        self.reap();
         Status::new(
             code,
             format!(
@@ -130,17 +178,18 @@ pub struct CallBudget {
 
 impl CallBudget {
     /// Once the answer is built: sets the room this call holds (until its
-    /// answer is dropped) to `bytes`, what its answer takes. Gives back what
-    /// the admission's bound took past it; takes what it lacks (the bound
-    /// should leave nothing lacking), or refuses, naming `what`.
-    pub fn settle(&self, method: &'static str, what: &str, bytes: u64) -> Result<(), Status> {
+    /// answer is dropped) to what an answer of `encoded` bytes takes (three
+    /// times that: the message and its encoding). Gives back what the
+    /// admission's bound took past it; takes what it lacks (the bound should
+    /// leave nothing lacking), or refuses.
+    pub fn settle(&self, method: &'static str, encoded: u64) -> Result<(), Status> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let Some(t) = held.as_mut() else { return Ok(()) };
-        let want = bytes.clamp(1024, self.layer.most());
+        let want = (3 * encoded).clamp(1024, self.layer.most());
         if want <= t.bytes {
             self.layer.used.fetch_sub(t.bytes - want, Ordering::AcqRel);
         } else if !self.layer.take(t.bytes, want - t.bytes) {
-            return Err(self.layer.refusal(method, what, want));
+            return Err(self.layer.refusal(method, &format!("its answer of {encoded} bytes"), want));
         }
         t.bytes = want;
         Ok(())
@@ -214,6 +263,7 @@ where
         };
         let held: Held = Arc::default();
         let (mut parts, body) = req.into_parts();
+        let conn = parts.extensions.get::<crate::listen::ConnInfo>().map(|c| c.conn.clone());
         parts.extensions.insert(CallBudget { layer: self.layer.clone(), held: held.clone() });
         let body = Weighing {
             inner: body,
@@ -228,7 +278,15 @@ where
             done: false,
         };
         let answer = self.inner.call(http::Request::from_parts(parts, Body::new(body)));
-        Box::pin(async move { Ok(answer.await?.map(|b| Body::new(Holding { inner: b, _held: held }))) })
+        Box::pin(async move {
+            let answer = answer.await?;
+            // Held from now until sent whole or dropped.
+            let waiting = conn.map(|c| {
+                let slot = c.answer_ready();
+                (c, slot)
+            });
+            Ok(answer.map(|b| Body::new(Holding { inner: b, _held: held, waiting })))
+        })
     }
 }
 
@@ -346,10 +404,20 @@ impl http_body::Body for Weighing {
     }
 }
 
-/// The answer's body, holding the call's weight until it is dropped.
+/// The answer's body, holding the call's weight until it is dropped, and
+/// listed as waiting in its connection meanwhile.
 struct Holding {
     inner: Body,
     _held: Held,
+    waiting: Option<(Arc<crate::listen::Conn>, usize)>,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if let Some((c, slot)) = self.waiting.take() {
+            c.answer_gone(slot);
+        }
+    }
 }
 
 impl http_body::Body for Holding {

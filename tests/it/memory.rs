@@ -225,6 +225,9 @@ async fn many_large_batches_at_once_stay_within_the_servers_request_memory_budge
 /// `body` (sent whole, or left open after it if `finish` is false).
 struct Unread {
     answers: Vec<h2::client::ResponseFuture>,
+    /// The answers whose heads came, kept: dropped, each would cancel its
+    /// stream (and the server would drop the answer).
+    heads: Vec<http::Response<h2::RecvStream>>,
     /// Kept open: a call whose body is not finished.
     bodies: Vec<h2::SendStream<bytes::Bytes>>,
     connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
@@ -250,7 +253,7 @@ impl Unread {
                 bodies.push(stream);
             }
         }
-        Unread { answers, bodies, connection }
+        Unread { answers, heads: Vec::new(), bodies, connection }
     }
 
     /// How many were refused for the budget (a refusal is a head alone; the
@@ -264,12 +267,13 @@ impl Unread {
                 assert!(message.contains("grpc_memory_bytes"), "{message}");
                 refused += 1;
             }
+            self.heads.push(head);
         }
         refused
     }
 
     fn close(self) {
-        drop((self.answers, self.bodies));
+        drop((self.answers, self.heads, self.bodies));
         self.connection.abort();
     }
 }
@@ -484,4 +488,67 @@ async fn a_request_not_sent_whole_and_ended_is_cut_and_gives_its_room_back() {
     let head = tokio::time::timeout(std::time::Duration::from_secs(5), &mut u.answers[0]).await.unwrap().unwrap();
     assert_eq!(head.headers().get("grpc-status").and_then(|v| v.to_str().ok()), Some("3"), "{:?}", head.headers());
     u.close();
+}
+
+/// A client that stops taking its answers (here: it grants no HTTP/2
+/// window) held their room for as long as its connection lived, ten minutes
+/// with the default age and grace, and every large call meanwhile was
+/// refused. Now, once a call is refused for want of room, a connection
+/// holding an answer not taken for 10 s is cut: the refused caller's retry
+/// is answered. Within those 10 s it is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_take_its_answers_is_cut_when_its_room_is_wanted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = with_budget(dir.path(), 64 << 20);
+    let grpc = format!("http://{}", server.grpc);
+    let mut c =
+        pb::resolver_client::ResolverClient::connect(grpc.clone()).await.unwrap().max_decoding_message_size(64 << 20);
+    let mut publisher = pb::publisher_client::PublisherClient::connect(grpc).await.unwrap();
+    publisher.invalidate(pb::InvalidateRequest { blog_id: "stall".into(), paths: vec![] }).await.unwrap();
+    // An answer of about 400 KB.
+    let short =
+        pb::ResolveBatchRequest { blog_id: "stall".into(), paths: (0..10_000).map(|i| format!("/{i}")).collect() };
+    assert_eq!(c.resolve_batch(short.clone()).await.unwrap().into_inner().assets.len(), 10_000);
+    // Connections of ten calls each (most refused: each is weighed at the
+    // most its answer can take, then settled to what it took), until their
+    // held answers leave no room for one more such call.
+    let mut stuck = Vec::new();
+    let e = loop {
+        let mut u = Unread::start(server.grpc, "Resolver/ResolveBatch", framed(&short), 10, true).await;
+        let held = 10 - u.refused().await;
+        stuck.push((u, held));
+        match c.resolve_batch(short.clone()).await {
+            Ok(_) => assert!(stuck.len() < 100, "100 connections of unread answers and still room"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    let started = std::time::Instant::now();
+    // Refusals within the 10 s leave the connection be.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let e = c.resolve_batch(short.clone()).await.map(|_| ()).expect_err("the room is still held");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(stuck.iter().all(|(u, _)| !u.connection.is_finished()), "cut before its answers had waited 10 s");
+    // Past them, a refusal cuts it, and a retry is answered.
+    tokio::time::sleep(std::time::Duration::from_secs(10).saturating_sub(started.elapsed())).await;
+    let answered = loop {
+        match c.resolve_batch(short.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+                assert!(started.elapsed() < std::time::Duration::from_secs(20), "the room never came back");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(answered.assets.len(), 10_000);
+    // Those holding answers are closed; those whose calls were all refused
+    // hold nothing, and are left open.
+    let holding = stuck.iter().filter(|(_, held)| *held > 0).count();
+    assert!(holding > 0);
+    for (u, held) in stuck {
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), u.connection).await;
+        assert_eq!(ended.is_ok(), held > 0, "a connection holding {held} answers: closed {}", ended.is_ok());
+    }
 }
