@@ -588,6 +588,15 @@ impl Config {
                         "must not be empty (the metadata would share etcd's whole keyspace)".into(),
                     ));
                 }
+                if !prefix.ends_with('/') {
+                    return Err(invalid(
+                        "etcd_prefix",
+                        format!(
+                            "{prefix:?} must end with \"/\" (its keys are the prefix and a name: without the slash \
+                             they would run into another prefix's, such as {prefix:?}log/)"
+                        ),
+                    ));
+                }
                 if p.purge.as_ref().is_some_and(|t| !t.is_empty()) {
                     return Err(invalid(
                         "purge",

@@ -4,6 +4,66 @@
 
 use super::*;
 
+/// Why the log could not be loaded: etcd did not answer (worth trying
+/// again), or what it holds cannot be read (it will not read better later).
+#[derive(Debug)]
+pub(super) enum LoadError {
+    Unreachable(String),
+    Damaged(String),
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Unreachable(e) => f.write_str(e),
+            LoadError::Damaged(e) => write!(
+                f,
+                "{e}; etcd's data was changed outside blotcdn: restore it from a backup, or remove what does not belong"
+            ),
+        }
+    }
+}
+
+/// A key's text, for messages.
+pub(super) fn shown(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// The record number a key under `dir` (`P log/` or `P part/`) starts with,
+/// if it is spelled as this cluster's writers spell it (16 hex digits).
+fn key_seq(dir: &[u8], key: &[u8]) -> Option<u64> {
+    let hex = key.strip_prefix(dir)?.get(..16)?;
+    let seq = u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+    (format!("{seq:016x}").as_bytes() == hex).then_some(seq)
+}
+
+/// The record number a log key names (`P log/{seq}`), if it is spelled as
+/// the writers of this cluster spell one.
+fn log_seq(log: &[u8], key: &[u8]) -> Option<u64> {
+    (key.len() == log.len() + 16).then(|| key_seq(log, key)).flatten()
+}
+
+/// The record number of a part's group, if `key` is spelled as a writer
+/// of this cluster spells a part: `P part/{seq}-{nonce}-{try}/{i}`, in 16,
+/// 16, 16 and 8 hex digits (see [`parts_dir`]).
+fn part_seq(parts: &[u8], key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(parts)?;
+    let hex = |b: &[u8]| !b.is_empty() && b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let shaped = rest.len() == 16 + 1 + 16 + 1 + 16 + 1 + 8
+        && [&rest[..16], &rest[17..33], &rest[34..50], &rest[51..]].into_iter().all(hex)
+        && (rest[16], rest[33], rest[50]) == (b'-', b'-', b'/');
+    shaped.then(|| key_seq(parts, key)).flatten()
+}
+
+/// Warns of a key under the prefix that no writer of this cluster wrote
+/// (at most once a second): it is left alone.
+fn foreign(key: &[u8], why: &str) {
+    static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::telemetry::once_a_second(&WARNED) {
+        tracing::warn!(key = %shown(key), why, "an etcd key under the prefix that this cluster did not write; ignored");
+    }
+}
+
 /// Reads the keys in `[key, end)` as of revision `rev`, `limit` to a
 /// request, handing each to `each` in key order.
 async fn pages(
@@ -13,11 +73,12 @@ async fn pages(
     limit: i64,
     rev: i64,
     what: &str,
-    mut each: impl FnMut(&crate::etcdpb::KeyValue) -> Result<(), String>,
-) -> Result<(), String> {
+    mut each: impl FnMut(&crate::etcdpb::KeyValue) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
     loop {
         let req = RangeRequest { key, range_end: end.clone(), limit, revision: rev, ..Default::default() };
-        let resp = kv.range(req).await.map_err(|s| format!("{what}: {}", s.message()))?.into_inner();
+        let resp =
+            kv.range(req).await.map_err(|s| LoadError::Unreachable(format!("{what}: {}", s.message())))?.into_inner();
         for kv in &resp.kvs {
             each(kv)?;
         }
@@ -67,24 +128,30 @@ fn records<'v>(
 }
 
 impl Follower {
-    /// Applies one group (a `log/` key and value) to the index and the ids.
+    /// Applies one group (a `log/` key and value), the next in the log, to
+    /// the index and the ids: its key must name the record after the last
+    /// one applied, and its records must follow from there. Nothing of a
+    /// group that fails is applied.
     fn apply_group(
         &self,
         index: &mut Index,
         a: &mut Applied,
         key: &[u8],
         value: &[u8],
-        rev: i64,
         parts: &mut Parts,
     ) -> Result<(), String> {
+        let damaged = |why: &str| format!("the log group under etcd key {} {why}", shown(key));
+        let next = a.seq + 1;
+        if log_seq(&self.log, key) != Some(next) {
+            return Err(damaged(&format!("is not record {next}, the next in the log")));
+        }
         let recs = records(&self.parts, &self.log, key, value, parts)
-            .map_err(|why| format!("{why}, at etcd revision {rev}"))
-            .and_then(|b| wal::decode_group(&b).ok_or_else(|| format!("a damaged log group at etcd revision {rev}")))?;
+            .map_err(|why| damaged(&format!("cannot be read: {why}")))
+            .and_then(|b| wal::decode_group(&b).ok_or_else(|| damaged("is damaged (its records do not decode)")))?;
+        if recs.is_empty() || recs.iter().enumerate().any(|(i, (seq, _))| *seq != next + i as u64) {
+            return Err(damaged(&format!("does not hold records from {next} on")));
+        }
         for (seq, rec) in &recs {
-            // Never twice: a record is applied once, in log order.
-            if *seq <= a.seq {
-                continue;
-            }
             index.apply(rec);
             Ids::follow(&mut a.ids, &mut a.deleted_last, rec);
             // This node's copy of a blob a deletion left unreferenced is
@@ -98,9 +165,8 @@ impl Follower {
                 }
                 _ => {}
             }
-            a.seq = a.seq.max(*seq);
+            a.seq = *seq;
         }
-        a.head_rev = a.head_rev.max(rev);
         Ok(())
     }
 
@@ -110,11 +176,13 @@ impl Follower {
     fn orphan_parts(&self, parts: &mut Parts, seq: u64) {
         let rest = parts.split_off(&seq_key(&self.parts, seq + 1));
         let passed = std::mem::replace(parts, rest);
-        if passed.is_empty() {
-            return;
-        }
+        self.orphan(passed.into_keys());
+    }
+
+    /// Notes the folders of these parts for this node's writer to delete.
+    fn orphan(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
         let mut orphans = self.orphans.lock();
-        for key in passed.into_keys() {
+        for key in keys {
             // The folder: the key up to its last slash.
             if let Some(end) = key.iter().rposition(|b| *b == b'/') {
                 orphans.insert(key[..=end].to_vec());
@@ -123,18 +191,36 @@ impl Follower {
     }
 
     /// Reads the whole log at one revision, a page at a time, into a fresh
-    /// index. Returns the revision it was read at.
-    pub(super) async fn load(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), String> {
+    /// index. Returns the revision it was read at. Keys under the prefix
+    /// that are not this cluster's log (not the next group, or past `head`)
+    /// are left alone; a log that is not whole up to `head`, or a group
+    /// that cannot be read, is [`LoadError::Damaged`].
+    pub(super) async fn load(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), LoadError> {
         let (mut index, mut a) = (Index::default(), Applied::default());
+        let unreachable = |what: &str, s: tonic::Status| LoadError::Unreachable(format!("{what}: {}", s.message()));
         // The snapshot pointer fixes the revision every later read is at.
         let req = RangeRequest { key: self.snap.clone(), ..Default::default() };
-        let resp = kv.range(req).await.map_err(|s| format!("loading: {}", s.message()))?.into_inner();
+        let resp = kv.range(req).await.map_err(|s| unreachable("loading", s))?.into_inner();
         let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+        // The head: the last record written, and when.
+        let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
+        let resp_head = kv.range(req).await.map_err(|s| unreachable("loading the head", s))?.into_inner();
+        let head = match resp_head.kvs.first() {
+            None => 0,
+            Some(h) => {
+                a.head_rev = h.mod_revision;
+                match h.value.as_slice().try_into() {
+                    Ok(b) => u64::from_be_bytes(b),
+                    Err(_) => return Err(LoadError::Damaged(format!("etcd key {} is damaged", shown(&self.head)))),
+                }
+            }
+        };
         let mut key = self.log.clone();
         if let Some(p) = resp.kvs.first() {
             let v = &p.value;
+            let damaged = |why: String| LoadError::Damaged(format!("etcd key {}: {why}", shown(&self.snap)));
             let (Some(seq), Some(n), Some(nonce)) = (v.get(..8), v.get(8..12), v.get(12..20)) else {
-                return Err("a damaged snapshot pointer".into());
+                return Err(damaged("a damaged snapshot pointer".into()));
             };
             let seq = u64::from_be_bytes(seq.try_into().expect("8"));
             let n = u32::from_be_bytes(n.try_into().expect("4")) as usize;
@@ -150,39 +236,50 @@ impl Follower {
             })
             .await?;
             if got != n {
-                return Err(format!("snapshot {seq} has {got} of its {n} chunks"));
+                return Err(damaged(format!("snapshot {seq} has {got} of its {n} chunks")));
             }
             let (at, (i, ids, deleted_last)) =
-                snapshot::decode(&bytes).map_err(|why| format!("snapshot {seq} is {why}"))?;
-            if at != seq {
-                return Err(format!("snapshot {seq} holds record {at}"));
+                snapshot::decode(&bytes).map_err(|why| damaged(format!("snapshot {seq} is {why}")))?;
+            if at != seq || seq > head {
+                return Err(damaged(format!("snapshot {seq} holds record {at}, and the head is record {head}")));
             }
             index = i;
-            a = Applied { ids, deleted_last, head_rev: 0, seq, snap_seq: seq, snap_rev: p.mod_revision };
+            a = Applied { ids, deleted_last, head_rev: a.head_rev, seq, snap_seq: seq, snap_rev: p.mod_revision };
             key = seq_key(&self.log, seq + 1);
         }
         // The parts of large groups first (those of groups a snapshot
-        // covers are gone with it), at the same revision.
+        // covers are gone with it), at the same revision: those of the log's
+        // groups, and of a try at the next record. Parts further on are no
+        // try's of this cluster: not kept.
         let mut parts = Parts::new();
         pages(kv, self.parts.clone(), prefix_end(&self.parts), 2, rev, "loading the log's parts", |p| {
-            parts.insert(p.key.clone(), p.value.clone());
+            match part_seq(&self.parts, &p.key) {
+                Some(s) if s <= head + 1 => drop(parts.insert(p.key.clone(), p.value.clone())),
+                _ => foreign(&p.key, "a part of no group this cluster's writers could be writing"),
+            }
             Ok(())
         })
         .await?;
         pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
-            self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts)
+            if log_seq(&self.log, &g.key).is_none_or(|s| s != a.seq + 1 || s > head) {
+                foreign(&g.key, "not the next group of the log");
+                return Ok(());
+            }
+            self.apply_group(&mut index, &mut a, &g.key, &g.value, &mut parts).map_err(LoadError::Damaged)
         })
         .await?;
+        if a.seq != head {
+            let missing = seq_key(&self.log, a.seq + 1);
+            return Err(LoadError::Damaged(format!(
+                "the log ends at record {}, but the head is record {head}: etcd key {} is missing",
+                a.seq,
+                shown(&missing)
+            )));
+        }
         // Parts of a group committed after this revision: the watch brings
         // the group, not them again. Those the log has passed are orphans.
         self.orphan_parts(&mut parts, a.seq);
         *self.pending_parts.lock() = parts;
-        // The head's own revision, at the same revision as the log read.
-        let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
-        let resp = kv.range(req).await.map_err(|s| format!("loading the head: {}", s.message()))?.into_inner();
-        if let Some(h) = resp.kvs.first() {
-            a.head_rev = h.mod_revision;
-        }
         Ok((index, a, rev))
     }
 
@@ -275,27 +372,48 @@ impl Follower {
         let mut parts = self.pending_parts.lock();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
-            // Parts are kept until their group comes, or they are deleted.
+            // Parts are kept until their group comes, or they are deleted:
+            // those of a try at the next record. A try writes its parts
+            // after it has applied the log up to the head, and this watch
+            // brings events in the order they were written, so a part of a
+            // later record is no try's; one of a record passed is an orphan.
             if kv.key.starts_with(&self.parts) {
-                match ev.r#type {
-                    0 => parts.insert(kv.key.clone(), kv.value.clone()),
-                    _ => parts.remove(&kv.key),
-                };
+                if ev.r#type != 0 {
+                    parts.remove(&kv.key);
+                    continue;
+                }
+                match part_seq(&self.parts, &kv.key) {
+                    Some(s) if s == a.seq + 1 => drop(parts.insert(kv.key.clone(), kv.value.clone())),
+                    Some(s) if s <= a.seq => self.orphan([kv.key.clone()]),
+                    _ => foreign(&kv.key, "a part of no group this cluster's writers could be writing"),
+                }
                 continue;
             }
-            // Puts of log groups (the head moves with them) and of the
-            // snapshot pointer; other deletions are only cleanup.
+            // Puts of the head, of log groups and of the snapshot pointer;
+            // deletions are only cleanup.
             if ev.r#type != 0 {
                 continue;
             }
-            if kv.key.starts_with(&self.log) {
-                let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, &mut parts);
+            if kv.key == self.head {
+                a.head_rev = kv.mod_revision;
+            } else if kv.key.starts_with(&self.log) {
+                // A group is written with the head, in one transaction (the
+                // head first): a log key put without it is no writer's.
+                if kv.mod_revision != a.head_rev {
+                    foreign(&kv.key, "a log key written without the head");
+                    continue;
+                }
+                let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, &mut parts);
                 self.orphan_parts(&mut parts, a.seq);
                 if let Err(e) = applied {
                     // The index would part from etcd's: no write may be
-                    // built on it until a restart reloads.
+                    // built on it. A restart reads the log again, and
+                    // refuses to start while the group is there.
                     tracing::error!(error = %e, "etcd log group unreadable; refusing writes");
-                    *self.shared.failed.lock() = Some(format!("{e}; restart the server to reload from etcd"));
+                    *self.shared.failed.lock() = Some(format!(
+                        "{e}; etcd's data was changed outside blotcdn: writes are refused until it is restored \
+                         from a backup and this node restarted"
+                    ));
                 }
             } else if kv.key == self.snap {
                 if let Some(seq) = kv.value.get(..8) {
@@ -322,7 +440,11 @@ impl Follower {
                             *self.applied.lock() = a;
                             self.seen.send_replace(rev);
                         }
-                        Err(e) => self.down(&e),
+                        Err(LoadError::Unreachable(e)) => self.down(&e),
+                        Err(e @ LoadError::Damaged(_)) => {
+                            tracing::error!(error = %e, "etcd's log cannot be read; refusing writes");
+                            *self.shared.failed.lock() = Some(format!("{e}; then restart this node"));
+                        }
                     }
                 }
                 WatchEnd::Down(e) => self.down(&e),

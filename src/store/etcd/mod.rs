@@ -171,6 +171,33 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("etcd is unavailable ({what}: {e}); nothing was written, retry shortly"))
 }
 
+/// Refuses a prefix that lies among another cluster's keys (under its
+/// `log/`, `part/` or `snap/`, where that cluster has a `head`): each would
+/// take the other's keys for its own, or for damage.
+async fn inside_another(kv: &mut KvClient<Channel>, prefix: &[u8]) -> Result<(), StoreError> {
+    for (i, _) in prefix.iter().enumerate().filter(|(_, b)| **b == b'/') {
+        let (outer, rest) = prefix.split_at(i + 1);
+        if ![&b"log/"[..], b"part/", b"snap/"].iter().any(|d| rest.starts_with(d)) {
+            continue;
+        }
+        let head = [outer, b"head"].concat();
+        let req = RangeRequest { key: head.clone(), count_only: true, ..Default::default() };
+        let found = tokio::time::timeout(REQUEST_TIMEOUT, kv.range(req)).await;
+        if let Ok(Ok(r)) = found {
+            if r.into_inner().count > 0 {
+                return Err(StoreError::Failed(format!(
+                    "etcd_prefix {:?} lies among the keys of the cluster whose prefix is {:?} (it has {}): \
+                     choose a prefix outside it",
+                    follow::shown(prefix),
+                    follow::shown(outer),
+                    follow::shown(&head)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl IndexedStore {
     /// Connects to etcd, loads the log into the index, starts the watch and
     /// the writer. Fails (naming the endpoints) if etcd cannot be read.
@@ -218,6 +245,7 @@ impl IndexedStore {
         });
         // Snapshot chunks are up to 1 MiB, two to a page.
         let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE);
+        rt.block_on(inside_another(&mut kv, &prefix))?;
         // A member just started, or a leader election, fails a request or
         // two: tried again for up to 10 s before the start gives up.
         let loaded = rt.block_on(async {
@@ -225,7 +253,9 @@ impl IndexedStore {
             loop {
                 let e = match tokio::time::timeout_at(deadline, f.load(&mut kv)).await {
                     Ok(Ok(l)) => return Ok(l),
-                    Ok(Err(e)) => e,
+                    // Read again, it reads the same.
+                    Ok(Err(e @ follow::LoadError::Damaged(_))) => return Err(e.to_string()),
+                    Ok(Err(follow::LoadError::Unreachable(e))) => e,
                     Err(_) => "no answer within 10 s".to_owned(),
                 };
                 if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {

@@ -13,6 +13,8 @@ use common::etcd::EtcdCluster;
 use common::{get, ChildServer};
 use tonic::transport::Channel;
 
+mod foreign;
+
 /// A blotcdn node on the cluster, a child process with its own data dir.
 fn node(etcd: &EtcdCluster, dir: &Path, peers: &[SocketAddr]) -> ChildServer {
     node_on(&etcd.endpoints(), dir, peers)

@@ -1,0 +1,162 @@
+//! What a node does with keys under its prefix that no writer of its
+//! cluster wrote (an operator's put, a restored key, a second cluster given
+//! a prefix inside this one's), and with a group of its own that etcd
+//! holds damaged.
+
+use super::*;
+use blotcdn::etcdpb::{kv_client::KvClient, request_op::Request, PutRequest, RangeRequest, RequestOp, TxnRequest};
+
+fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest { key: key.into(), value: value.into(), ..Default::default() })),
+    }
+}
+
+/// Puts these keys in one transaction.
+async fn put_all(kv: &mut KvClient<Channel>, ops: Vec<RequestOp>) {
+    kv.txn(TxnRequest { success: ops, ..Default::default() }).await.unwrap();
+}
+
+/// The last record written (`/blotcdn/head`).
+async fn head(kv: &mut KvClient<Channel>) -> u64 {
+    let r = kv.range(RangeRequest { key: b"/blotcdn/head".to_vec(), ..Default::default() }).await.unwrap();
+    u64::from_be_bytes(r.into_inner().kvs[0].value[..8].try_into().unwrap())
+}
+
+/// Each node's cache ids for `paths` of `blog`, once they agree (a watch
+/// may be a moment behind).
+async fn agreed(nodes: &[&ChildServer], blog: &str, paths: &[String]) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut seen = Vec::new();
+        for n in nodes {
+            seen.push(cache_ids(&mut resolver(n).await, blog, paths).await);
+        }
+        if seen.windows(2).all(|w| w[0] == w[1]) {
+            return seen.pop().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the nodes never agreed: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Before, a copy of a group put under a later key (the head left alone)
+/// stopped every write on every node, for good, as "too many concurrent
+/// writers", and a second cluster whose prefix lay under this one's `log/`
+/// took its first write for a damaged group of this one's: every node
+/// refused writes, and a restart could not start. Parts no try of this
+/// cluster could be writing were held in every node's memory (100 MiB put,
+/// 100 MB more on each node) and loaded again at every start. Now such keys
+/// are left alone: writes go on, a restarted node starts and agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_under_the_prefix_that_no_writer_wrote_are_left_alone() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut b = node(&etcd, &work.path().join("b"), &[]);
+    let paths: Vec<String> = vec!["/a.css".into(), "/b.css".into()];
+    invalidate(&mut publisher(&a).await, "foreign", &paths).await.unwrap();
+    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let last = head(&mut kv).await;
+    let newest = kv
+        .range(RangeRequest { key: format!("/blotcdn/log/{last:016x}").into_bytes(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let newest = newest.kvs.first().map(|kv| kv.value.clone()).expect("a one-record group ends at the head");
+    let rss_before = a.rss_bytes();
+    // A copy of the newest group under a later key; bytes where the next
+    // group will go; a second cluster's first write under `log/`.
+    put_all(&mut kv, vec![put(format!("/blotcdn/log/{:016x}", last + 0x1000), newest.clone())]).await;
+    put_all(&mut kv, vec![put(format!("/blotcdn/log/{:016x}", last + 1), vec![7u8; 40])]).await;
+    put_all(
+        &mut kv,
+        vec![put("/blotcdn/log/head", 1u64.to_be_bytes()), put("/blotcdn/log/log/0000000000000001", newest)],
+    )
+    .await;
+    // 32 MiB of parts of a record far past the head, and a part key of no
+    // writer's shape right under `part/`.
+    for i in 0..32u32 {
+        let key = format!("/blotcdn/part/{:016x}-{:016x}-{:016x}/{i:08x}", last + 500, 7u64, 1u64);
+        put_all(&mut kv, vec![put(key, vec![i as u8; 1 << 20])]).await;
+    }
+    put_all(&mut kv, vec![put("/blotcdn/part/0000000000000001", vec![1u8; 10])]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = a.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 12 << 20, "32 MiB of parts no try is writing took {} MiB of a node's memory", grown >> 20);
+
+    // A node started now reads past them.
+    drop(std::mem::replace(&mut b, node(&etcd, &work.path().join("b2"), &[])));
+    let before = agreed(&[&a, &b], "foreign", &paths).await;
+    // Writes go on, on either node, and both agree.
+    for (n, path) in [(&a, "/a.css"), (&b, "/b.css")] {
+        let mut p = publisher(n).await;
+        let done = tokio::time::timeout(Duration::from_secs(10), invalidate(&mut p, "foreign", &[path.into()])).await;
+        done.expect("a write answered").unwrap_or_else(|e| panic!("a write refused: {}", e.message()));
+    }
+    let after = agreed(&[&a, &b], "foreign", &paths).await;
+    assert!(after[0] > before[0] && after[1] > before[1], "{before:?} then {after:?}");
+    // The copy and the second cluster's keys are still there: not this
+    // cluster's to delete.
+    let copy = format!("/blotcdn/log/{:016x}", last + 0x1000).into_bytes();
+    let r = kv.range(RangeRequest { key: copy, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(r.kvs.len(), 1);
+}
+
+/// A group of the cluster's own log (written with the head) that cannot be
+/// read: before, every node refused writes saying "restart the server to
+/// reload from etcd", and a restart retried the load for 10 s, then could
+/// not start, naming a revision. Now writes are refused naming the key,
+/// and a node starting refuses at once, naming it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_group_of_the_log_is_named_and_a_start_refuses_it_at_once() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut p = publisher(&a).await;
+    invalidate(&mut p, "damaged", &["/a.css".into()]).await.unwrap();
+    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let next = head(&mut kv).await + 1;
+    let key = format!("/blotcdn/log/{next:016x}");
+    put_all(&mut kv, vec![put("/blotcdn/head", next.to_be_bytes()), put(key.clone(), vec![9u8; 40])]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match invalidate(&mut p, "damaged", &["/b.css".into()]).await {
+            Err(e) if e.message().contains(&key) => break e,
+            other => {
+                assert!(Instant::now() < deadline, "writes go on over a damaged group: {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(!e.message().contains("restart the server to reload"), "{}", e.message());
+    // Reads go on.
+    assert_eq!(cache_ids(&mut resolver(&a).await, "damaged", &["/a.css".into()]).await.len(), 1);
+    // A node starting now reads the same group: it says so, and does not
+    // try again for 10 s first.
+    let mut cmd = common::serve_on_free_ports(&work.path().join("c"));
+    for (k, v) in node_env(&etcd.endpoints(), &[]) {
+        cmd.env(k, v);
+    }
+    let (code, _, err) = common::run(cmd.env("RUST_LOG", "warn"), 60);
+    assert!(code != 0 && err.contains(&key), "{code} {err}");
+    assert!(!err.contains("trying again"), "{err}");
+}
+
+/// A prefix must end with a slash, and may not lie among another
+/// cluster's keys: either would take that cluster's keys for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_inside_another_clusters_keys_is_refused() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    invalidate(&mut publisher(&a).await, "outer", &["/a.css".into()]).await.unwrap();
+    for (prefix, says) in [("/blotcdn/log/", "lies among the keys"), ("/blotcdn", "must end with")] {
+        let mut cmd = common::serve_on_free_ports(&work.path().join("b"));
+        for (k, v) in node_env(&etcd.endpoints(), &[]) {
+            cmd.env(k, v);
+        }
+        let (code, _, err) = common::run(cmd.env("BLOTCDN_ETCD_PREFIX", prefix), 60);
+        assert!(code != 0 && err.contains("etcd_prefix") && err.contains(says), "{prefix}: {code} {err}");
+    }
+}
