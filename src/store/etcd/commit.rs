@@ -144,7 +144,6 @@ pub(super) struct Writer {
     /// Groups this node tried to commit.
     pub(super) tries: u64,
     pub(super) f: Arc<Follower>,
-    pub(super) kv: KvClient<Channel>,
     pub(super) rt: tokio::runtime::Handle,
 }
 
@@ -259,9 +258,11 @@ impl Writer {
                 }
                 Err(_) => {
                     let e = StoreError::Unavailable(format!(
-                        "etcd did not answer within {} s; the write may or may not have been applied, retry it",
+                        "no etcd member answered within {} s; the write may or may not have been applied, retry it",
                         REQUEST_TIMEOUT.as_secs()
                     ));
+                    // Reported until etcd answers again (the watch, or the probe).
+                    *shared.degraded.lock() = Some(e.to_string());
                     return refuse_all(ops, &e);
                 }
             };
@@ -388,7 +389,9 @@ impl Writer {
             ],
             failure: vec![del(dir.clone(), prefix_end(&dir))],
         };
-        if !self.txn(txn)? {
+        // Sent once: after a lost reply, a second try would find the
+        // pointer moved (by the first) and delete the chunks it points to.
+        if !self.txn_tries(txn, 1)? {
             tracing::info!(seq, "another node wrote a snapshot first; this one is dropped");
             return Ok(());
         }
@@ -396,28 +399,48 @@ impl Writer {
         Ok(())
     }
 
-    /// Sends one transaction, each try bounded by `REQUEST_TIMEOUT`; a
-    /// member that is down answers at once, so up to three more tries go to
-    /// the others.
+    /// Sends one transaction to the member in use; one that fails it as
+    /// unavailable or does not answer within `REQUEST_TIMEOUT` hands it to
+    /// the next (each member once, at least two tries). Every transaction
+    /// sent so may be sent twice: the group's finds its own value after a
+    /// lost reply, parts and deletions are the same twice. Not the
+    /// snapshot's pointer (see [`Writer::snapshot`]).
     fn send(&self, req: TxnRequest) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
-        let mut kv = self.kv.clone();
+        self.send_tries(req, self.f.members.tries())
+    }
+
+    fn send_tries(
+        &self,
+        req: TxnRequest,
+        tries: usize,
+    ) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
+        let members = &self.f.members;
         self.rt.block_on(async move {
-            let mut tries = 0;
+            let mut tried = 0;
             loop {
-                match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await {
-                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable && tries < 3 => {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(50 * tries)).await;
-                    }
-                    other => return other.map(|r| r.map(tonic::Response::into_inner)),
+                let (i, mut kv) = members.kv();
+                tried += 1;
+                let r = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await;
+                match &r {
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => members.failed(i, s.message()),
+                    Err(_) => members.failed(i, "no answer in time"),
+                    _ => return r.map(|r| r.map(tonic::Response::into_inner)),
                 }
+                if tried >= tries {
+                    return r.map(|r| r.map(tonic::Response::into_inner));
+                }
+                tokio::time::sleep(Duration::from_millis(50 * tried as u64)).await;
             }
         })
     }
 
     /// One transaction; whether its comparisons held.
     fn txn(&self, req: TxnRequest) -> Result<bool, String> {
-        match self.send(req) {
+        self.txn_tries(req, self.f.members.tries())
+    }
+
+    fn txn_tries(&self, req: TxnRequest, tries: usize) -> Result<bool, String> {
+        match self.send_tries(req, tries) {
             Ok(Ok(r)) => Ok(r.succeeded),
             Ok(Err(s)) => Err(s.message().to_owned()),
             Err(_) => Err("etcd did not answer in time".into()),

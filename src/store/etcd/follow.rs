@@ -64,6 +64,15 @@ fn foreign(key: &[u8], why: &str) {
     }
 }
 
+/// One range request, bounded by `REQUEST_TIMEOUT`.
+async fn range(kv: &mut KvClient<Channel>, req: RangeRequest, what: &str) -> Result<RangeResponse, LoadError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, kv.range(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(LoadError::Unreachable(format!("{what}: {}", s.message()))),
+        Err(_) => Err(LoadError::Unreachable(format!("{what}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+    }
+}
+
 /// Reads the keys in `[key, end)` as of revision `rev`, `limit` to a
 /// request, handing each to `each` in key order.
 async fn pages(
@@ -77,8 +86,7 @@ async fn pages(
 ) -> Result<(), LoadError> {
     loop {
         let req = RangeRequest { key, range_end: end.clone(), limit, revision: rev, ..Default::default() };
-        let resp =
-            kv.range(req).await.map_err(|s| LoadError::Unreachable(format!("{what}: {}", s.message())))?.into_inner();
+        let resp = range(kv, req, what).await?;
         for kv in &resp.kvs {
             each(kv)?;
         }
@@ -195,16 +203,26 @@ impl Follower {
     /// that are not this cluster's log (not the next group, or past `head`)
     /// are left alone; a log that is not whole up to `head`, or a group
     /// that cannot be read, is [`LoadError::Damaged`].
-    pub(super) async fn load(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), LoadError> {
+    /// From the member in use; one that does not answer hands the next
+    /// load to the next member.
+    pub(super) async fn load(&self) -> Result<(Index, Applied, i64), LoadError> {
+        let (i, mut kv) = self.members.kv();
+        let loaded = self.load_from(&mut kv).await;
+        if let Err(LoadError::Unreachable(e)) = &loaded {
+            self.members.failed(i, e);
+        }
+        loaded
+    }
+
+    async fn load_from(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), LoadError> {
         let (mut index, mut a) = (Index::default(), Applied::default());
-        let unreachable = |what: &str, s: tonic::Status| LoadError::Unreachable(format!("{what}: {}", s.message()));
         // The snapshot pointer fixes the revision every later read is at.
         let req = RangeRequest { key: self.snap.clone(), ..Default::default() };
-        let resp = kv.range(req).await.map_err(|s| unreachable("loading", s))?.into_inner();
+        let resp = range(kv, req, "loading").await?;
         let rev = resp.header.as_ref().map_or(0, |h| h.revision);
         // The head: the last record written, and when.
         let req = RangeRequest { key: self.head.clone(), revision: rev, ..Default::default() };
-        let resp_head = kv.range(req).await.map_err(|s| unreachable("loading the head", s))?.into_inner();
+        let resp_head = range(kv, req, "loading the head").await?;
         let head = match resp_head.kvs.first() {
             None => 0,
             Some(h) => {
@@ -285,7 +303,10 @@ impl Follower {
 
     /// Follows the log from `from` until the stream ends or fails; `seen`
     /// (everything up to it applied) moves as groups arrive.
-    async fn watch_once(&self, wc: &mut WatchClient<Channel>, from: i64) -> WatchEnd {
+    /// Ends as well once the member in use is no longer `member` (a request
+    /// to it went unanswered: the watch on it may be stuck too).
+    async fn watch_once(&self, wc: &mut WatchClient<Channel>, from: i64, member: usize) -> WatchEnd {
+        let mut moved = self.members.moved.subscribe();
         // `head`, the log and the snapshot pointer (the keys sort in that
         // order), not the snapshot's chunks: nothing needs them as they come.
         let create = WatchCreateRequest {
@@ -316,6 +337,7 @@ impl Follower {
         loop {
             let next = tokio::select! {
                 m = stream.message() => m,
+                _ = moved.wait_for(|m| *m != member) => return WatchEnd::Moved,
                 _ = progress.tick() => {
                     let ask = WatchRequest {
                         request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})),
@@ -426,14 +448,19 @@ impl Follower {
 
     /// Keeps the index current for as long as the store lives: a watch from
     /// the revision after the last one applied, opened again when it ends.
-    pub(super) async fn follow(self: Arc<Self>, mut kv: KvClient<Channel>, mut wc: WatchClient<Channel>) {
+    /// The watch is on the member in use; one whose watch fails hands the
+    /// next to the next member.
+    pub(super) async fn follow(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let from = *self.seen.borrow() + 1;
-            match self.watch_once(&mut wc, from).await {
+            let (i, mut wc) = self.members.watch();
+            match self.watch_once(&mut wc, from, i).await {
+                // Opened again at once, on the member now in use.
+                WatchEnd::Moved => continue,
                 WatchEnd::Compacted => {
                     tracing::warn!(from, "the etcd revisions to follow were compacted; reloading the log");
-                    match self.load(&mut kv).await {
+                    match self.load().await {
                         Ok((index, a, rev)) => {
                             let mut i = self.shared.index.write();
                             *i = index;
@@ -447,7 +474,10 @@ impl Follower {
                         }
                     }
                 }
-                WatchEnd::Down(e) => self.down(&e),
+                WatchEnd::Down(e) => {
+                    self.members.failed(i, &e);
+                    self.down(&e)
+                }
             }
             if *self.seen.borrow() >= from {
                 backoff = Duration::from_millis(100);
@@ -459,17 +489,22 @@ impl Follower {
 
     /// While a failure is reported but the watch is up: asks etcd every
     /// second, and clears the report once it answers.
-    pub(super) async fn probe(self: Arc<Self>, mut kv: KvClient<Channel>) {
+    pub(super) async fn probe(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if self.shared.degraded.lock().is_none() || !self.watching.load(Ordering::Relaxed) {
                 continue;
             }
+            let (i, mut kv) = self.members.kv();
             let req = RangeRequest { key: self.head.clone(), ..Default::default() };
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), kv.range(req)).await {
-                if self.watching.load(Ordering::Relaxed) {
-                    self.shared.degraded.lock().take();
+            match tokio::time::timeout(Duration::from_secs(1), kv.range(req)).await {
+                Ok(Ok(_)) => {
+                    if self.watching.load(Ordering::Relaxed) {
+                        self.shared.degraded.lock().take();
+                    }
                 }
+                Ok(Err(s)) => self.members.failed(i, s.message()),
+                Err(_) => self.members.failed(i, "no answer in time"),
             }
         }
     }
@@ -487,5 +522,6 @@ impl Follower {
 
 pub(super) enum WatchEnd {
     Compacted,
+    Moved,
     Down(String),
 }

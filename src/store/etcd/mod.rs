@@ -62,8 +62,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::domain::{CacheId, ContentHash};
 use crate::etcdpb::{
     compare, kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, Compare, DeleteRangeRequest,
-    PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, WatchProgressRequest,
-    WatchRequest,
+    PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest,
 };
 use crate::store::index::{FastMap, Index};
 use crate::store::sled_store::{IndexedStore, Shared};
@@ -77,8 +77,10 @@ mod follow;
 
 use commit::Writer;
 
-/// One etcd request at most this long; past it the write is refused.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// One etcd request at most this long at one member; past it the request
+/// goes to the next member (a member stopped, in a long pause or cut off
+/// still takes connections: its requests never fail, they hang).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A group's value at most (etcd refuses requests past 1.5 MiB by default);
 /// a larger one is written in parts of this size.
 const MAX_GROUP_BYTES: usize = 1 << 20;
@@ -138,6 +140,7 @@ struct Follower {
     orphans: Mutex<std::collections::BTreeSet<Vec<u8>>>,
     /// False while the watch is down (then writes would not be seen).
     watching: std::sync::atomic::AtomicBool,
+    members: Members,
 }
 
 /// `prefix` and a record number as the keys spell it (16 hex digits, so that
@@ -165,6 +168,74 @@ fn prefix_end(p: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// etcd's members, a connection each. Requests go to one member (the
+/// last that answered); one that fails them as unavailable, or does not
+/// answer within [`REQUEST_TIMEOUT`], hands them to the next, as etcd's own
+/// client does. (A balanced channel over all of them kept picking a frozen
+/// member: it still takes connections, and its requests only time out.)
+pub(super) struct Members {
+    urls: Vec<String>,
+    kv: Vec<KvClient<Channel>>,
+    watch: Vec<WatchClient<Channel>>,
+    current: std::sync::atomic::AtomicUsize,
+    /// The member in use, for the watch to follow when it changes.
+    moved: watch::Sender<usize>,
+}
+
+impl Members {
+    /// Connections (made when first used) to each of `urls`: must run
+    /// inside the runtime that will use them.
+    fn connect(urls: &[String]) -> Result<Members, StoreError> {
+        let mut m = Members {
+            urls: urls.to_vec(),
+            kv: Vec::new(),
+            watch: Vec::new(),
+            current: 0.into(),
+            moved: watch::channel(0).0,
+        };
+        for u in urls {
+            let channel = Endpoint::from_shared(u.clone())
+                .map_err(|e| StoreError::Unavailable(format!("etcd endpoint {u}: {e}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true)
+                .connect_lazy();
+            // Snapshot chunks are up to 1 MiB, two to a page.
+            m.kv.push(KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE));
+            m.watch.push(WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE));
+        }
+        Ok(m)
+    }
+
+    /// The member in use: its number and a client.
+    fn kv(&self) -> (usize, KvClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed) % self.kv.len();
+        (i, self.kv[i].clone())
+    }
+
+    fn watch(&self) -> (usize, WatchClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed) % self.watch.len();
+        (i, self.watch[i].clone())
+    }
+
+    /// Member `i` failed a request: the next is used from now on (unless
+    /// another caller moved on already).
+    fn failed(&self, i: usize, why: &str) {
+        let next = (i + 1) % self.kv.len();
+        if self.kv.len() > 1 && self.current.compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(member = %self.urls[i], next = %self.urls[next], why, "etcd member not answering; using the next");
+            self.moved.send_replace(next);
+        }
+    }
+
+    /// Tries for one request: each member once, and at least twice.
+    fn tries(&self) -> usize {
+        self.kv.len().max(2)
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -208,24 +279,9 @@ impl IndexedStore {
             .thread_name("blotcdn-etcd")
             .enable_all()
             .build()?;
-        let endpoints = opts
-            .endpoints
-            .iter()
-            .map(|u| {
-                Endpoint::from_shared(u.clone())
-                    .map(|e| {
-                        e.connect_timeout(Duration::from_secs(2))
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(5))
-                            .keep_alive_timeout(Duration::from_secs(3))
-                            .keep_alive_while_idle(true)
-                    })
-                    .map_err(|e| StoreError::Unavailable(format!("etcd endpoint {u}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = {
+        let members = {
             let _guard = rt.enter();
-            Channel::balance_list(endpoints.into_iter())
+            Members::connect(&opts.endpoints)?
         };
         let prefix = opts.prefix.into_bytes();
         let with = |s: &[u8]| [prefix.as_slice(), s].concat();
@@ -242,16 +298,14 @@ impl IndexedStore {
             pending_parts: Mutex::default(),
             orphans: Mutex::default(),
             watching: true.into(),
+            members,
         });
-        // Snapshot chunks are up to 1 MiB, two to a page.
-        let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE);
-        rt.block_on(inside_another(&mut kv, &prefix))?;
         // A member just started, or a leader election, fails a request or
         // two: tried again for up to 10 s before the start gives up.
         let loaded = rt.block_on(async {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
-                let e = match tokio::time::timeout_at(deadline, f.load(&mut kv)).await {
+                let e = match tokio::time::timeout_at(deadline, f.load()).await {
                     Ok(Ok(l)) => return Ok(l),
                     // Read again, it reads the same.
                     Ok(Err(e @ follow::LoadError::Damaged(_))) => return Err(e.to_string()),
@@ -268,6 +322,7 @@ impl IndexedStore {
         let (index, applied, rev) = loaded.map_err(|e| {
             StoreError::Unavailable(format!("cannot load from etcd at {}: {e}", opts.endpoints.join(",")))
         })?;
+        rt.block_on(inside_another(&mut f.members.kv().1, &prefix))?;
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
         tracing::info!(
             blogs = index.blogs.len(),
@@ -280,15 +335,14 @@ impl IndexedStore {
         *f.shared.index.write() = index;
         *f.applied.lock() = applied;
         f.seen.send_replace(rev);
-        let wc = WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE);
-        rt.spawn(f.clone().follow(kv.clone(), wc));
-        rt.spawn(f.clone().probe(kv.clone()));
+        rt.spawn(f.clone().follow());
+        rt.spawn(f.clone().probe());
         let shared = f.shared.clone();
         let nonce = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
         };
-        let writer = Writer { written: 0, nonce, tries: 0, f, kv, rt: rt.handle().clone() };
+        let writer = Writer { written: 0, nonce, tries: 0, f, rt: rt.handle().clone() };
         Ok(IndexedStore::start(shared, move |rx| {
             writer.run(rx);
             // The watch and the connections end with the writer.

@@ -806,3 +806,41 @@ async fn parts_no_group_names_are_deleted_once_the_log_passes_them() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One member frozen (SIGSTOP: it takes connections and answers nothing),
+/// a quorum still up. Before, three writes in four failed after 3 s on
+/// every node for as long as it stayed frozen ("etcd did not answer within
+/// 3 s"), and `/healthz` said 200 throughout: the balanced channel kept
+/// picking the frozen member. Now a request it does not answer goes to the
+/// next member, which is used from then on (the watch too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_hands_its_requests_to_the_others() {
+    let etcd = EtcdCluster::start(3);
+    let work = tempfile::tempdir().unwrap();
+    // The node's first member, the one it uses, is a follower: freezing it
+    // leaves the leader and a quorum.
+    let leader = etcd.leader().expect("a leader");
+    let frozen = (leader + 1) % 3;
+    let order = [frozen, leader, (leader + 2) % 3];
+    let endpoints = order.iter().map(|&i| etcd.endpoint(i)).collect::<Vec<_>>().join(",");
+    let a = node_on(&endpoints, &work.path().join("a"), &[]);
+    let (mut p, mut r) = (publisher(&a).await, resolver(&a).await);
+    invalidate(&mut p, "frozen", &["/a.css".into()]).await.unwrap();
+    etcd.pause(frozen);
+    let mut last = 0;
+    for i in 0..10 {
+        let path = format!("/{i}.css");
+        let answered =
+            tokio::time::timeout(Duration::from_secs(20), invalidate(&mut p, "frozen", std::slice::from_ref(&path)))
+                .await;
+        let id = answered
+            .expect("a write answered within 20 s")
+            .unwrap_or_else(|e| panic!("write {i} refused with a member frozen: {}", e.message()));
+        assert!(id > last);
+        last = id;
+        assert_eq!(cache_ids(&mut r, "frozen", &[path]).await, vec![id]);
+    }
+    let health = common::get(a.http, "/healthz", &[]);
+    etcd.resume(frozen);
+    assert_eq!(health.status, 200, "{}", String::from_utf8_lossy(&health.body));
+}

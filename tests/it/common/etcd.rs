@@ -109,6 +109,22 @@ impl EtcdCluster {
         }
     }
 
+    /// Stops member `i` where it is (SIGSTOP): it still takes connections,
+    /// and answers nothing, as a member in a long pause or on a stalled
+    /// disk does.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, sig: i32) {
+        let pid = self.members[i].child.as_ref().expect("a running member").id();
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+
     /// Starts member `i` again on its data dir.
     pub fn restart(&mut self, i: usize) {
         self.spawn(i, "existing");
