@@ -755,6 +755,11 @@ impl Origin {
             match self.peers.fetch(&self.catalog, blog, &hash, aref.size).await {
                 peers::Fetched::Yes => opened = open().await,
                 peers::Fetched::Busy => return retry_soon("busy, retry\n"),
+                // The node holding it may be the one down: not a "no such
+                // asset" an edge would cache.
+                peers::Fetched::Unreachable => {
+                    return retry_soon("the node holding this asset cannot be reached now; retry\n")
+                }
                 peers::Fetched::No => {}
             }
         }

@@ -30,8 +30,11 @@ const SLOT_WAIT: Duration = Duration::from_secs(2);
 pub enum Fetched {
     /// In the CAS now.
     Yes,
-    /// No peer had it (or sent its right bytes) in time.
+    /// Every peer answered that it does not have it (or sent wrong bytes).
     No,
+    /// No peer had it, and one or more could not be asked (down, timed
+    /// out, failing): the one holding it may be among them.
+    Unreachable,
     /// Every fetch slot was busy: try again soon.
     Busy,
 }
@@ -108,6 +111,7 @@ async fn fetch_from(
             return Fetched::Busy;
         }
     };
+    let mut unreachable = false;
     for peer in urls {
         let url = format!("{peer}/{blog}/_assets/{hash}/blob");
         match tokio::time::timeout(timeout, fetch_one(catalog, &url, hash, size)).await {
@@ -117,25 +121,42 @@ async fn fetch_from(
             }
             Ok(Err(Refused::Miss(why))) => tracing::debug!(peer, hash = %hash, why, "peer does not have the blob"),
             Ok(Err(Refused::Wrong(why))) => tracing::error!(peer, hash = %hash, why, "peer sent a wrong blob; refused"),
-            Err(_) => tracing::warn!(peer, hash = %hash, "peer fetch timed out"),
+            Ok(Err(Refused::Failed(why))) => {
+                unreachable = true;
+                tracing::warn!(peer, hash = %hash, why, "peer fetch failed");
+            }
+            Err(_) => {
+                unreachable = true;
+                tracing::warn!(peer, hash = %hash, "peer fetch timed out");
+            }
         }
     }
-    Fetched::No
+    if unreachable {
+        Fetched::Unreachable
+    } else {
+        Fetched::No
+    }
 }
 
 enum Refused {
-    /// The peer does not have it, or could not be reached.
+    /// The peer answered that it does not have it.
     Miss(String),
+    /// The peer could not be reached, or failed (anything but a 404), or
+    /// the copy could not be stored here.
+    Failed(String),
     /// The peer sent bytes that are not the blob.
     Wrong(String),
 }
 
 async fn fetch_one(catalog: &Arc<Catalog>, url: &str, hash: &ContentHash, size: u64) -> Result<(), Refused> {
-    let miss = |e: &dyn std::fmt::Display| Refused::Miss(e.to_string());
+    let miss = |e: &dyn std::fmt::Display| Refused::Failed(e.to_string());
     let req = Request::get(url).header(PEER_HEADER, "1").body(Empty::<Bytes>::new()).map_err(|e| miss(&e))?;
     let resp = super::fallback::client().request(req).await.map_err(|e| miss(&e))?;
+    if resp.status() == hyper::StatusCode::NOT_FOUND {
+        return Err(Refused::Miss("answered 404".into()));
+    }
     if !resp.status().is_success() {
-        return Err(Refused::Miss(format!("answered {}", resp.status())));
+        return Err(Refused::Failed(format!("answered {}", resp.status())));
     }
     let writer = catalog.cas().writer().map_err(|e| miss(&e))?;
     // The file is written on the blocking pool as the body arrives.

@@ -419,14 +419,7 @@ async fn a_permanent_url_uploaded_on_one_node_is_served_by_another_and_a_lying_p
 
     // Both other nodes know of the asset (through etcd) before they are asked.
     for n in [&b, &lied_to] {
-        let mut r = resolver(n).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while r.get_blog(pb::GetBlogRequest { blog_id: "peers".into() }).await.map_or(0, |b| b.into_inner().asset_count)
-            != 1
-        {
-            assert!(Instant::now() < deadline, "{} does not know of the asset", n.grpc);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        knows_one_asset(n, "peers").await;
     }
     // Only the liar as a peer: its bytes are refused, nothing is kept: 404.
     let r = get(lied_to.http, &path, &[]);
@@ -441,9 +434,27 @@ async fn a_permanent_url_uploaded_on_one_node_is_served_by_another_and_a_lying_p
     assert_eq!(r.header("content-type"), Some("image/png"));
     assert_eq!(std::fs::read(blob(&work.path().join("b"))).unwrap(), bytes, "B keeps its own copy");
     // From its own disk now, even with A gone.
+    let a_http = a.http;
     drop(a);
     let r = get(b.http, &path, &[]);
     assert_eq!((r.status, r.body), (200, bytes));
+    // A node whose only peer, the one holding it, is down: 503 to retry,
+    // not a 404 an edge would keep (it said 404, public, max-age=60).
+    let d = node(&etcd, &work.path().join("d"), &[a_http]);
+    knows_one_asset(&d, "peers").await;
+    let r = get(d.http, &path, &[]);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!((r.header("retry-after"), r.header("cache-control")), (Some("1"), Some("no-store")));
+}
+
+/// Waits (up to 5 s) until `n` knows of one asset of `blog`.
+async fn knows_one_asset(n: &ChildServer, blog: &str) {
+    let mut r = resolver(n).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.get_blog(pb::GetBlogRequest { blog_id: blog.into() }).await.map_or(0, |b| b.into_inner().asset_count) != 1 {
+        assert!(Instant::now() < deadline, "{} does not know of the asset", n.grpc);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
