@@ -143,6 +143,8 @@ pub(super) struct Writer {
     pub(super) nonce: u64,
     /// Groups this node tried to commit.
     pub(super) tries: u64,
+    /// The thread writing this node's last snapshot.
+    pub(super) snapshotting: Option<std::thread::JoinHandle<()>>,
     pub(super) f: Arc<Follower>,
     pub(super) rt: tokio::runtime::Handle,
 }
@@ -176,6 +178,10 @@ impl Writer {
                 ops.push(op);
             }
             self.commit(ops);
+        }
+        // A stop waits for a snapshot under way (it needs the runtime).
+        if let Some(t) = self.snapshotting.take() {
+            let _ = t.join();
         }
     }
 
@@ -232,7 +238,10 @@ impl Writer {
                 let dir = parts_dir(&self.f.parts, &log_key[self.f.log.len()..], self.nonce, self.tries);
                 match self.write_parts(&dir, &mut value) {
                     Ok(()) => parts = Some(dir),
-                    Err(e) => return refuse_all(ops, &unavailable("writing a large write in parts", e)),
+                    Err(e) => {
+                        *shared.degraded.lock() = Some(e.to_string());
+                        return refuse_all(ops, &e);
+                    }
                 }
             }
             let last_seq = seq - 1;
@@ -252,7 +261,8 @@ impl Writer {
             let resp = match sent {
                 Ok(Ok(r)) => r,
                 Ok(Err(s)) => {
-                    let e = unavailable("a transaction failed", s.message());
+                    let e = refused("a transaction failed", &s);
+                    // Reported until a write gets in (the probe tries one).
                     *shared.degraded.lock() = Some(e.to_string());
                     return refuse_all(ops, &e);
                 }
@@ -301,19 +311,28 @@ impl Writer {
                 );
                 return refuse_all(ops, &e);
             }
+            shared.degraded.lock().take();
             for (op, (_, out)) in ops.into_iter().zip(planned) {
                 answer(op, out, &shared);
             }
             self.written += value_len;
             let behind = {
                 let a = self.f.applied.lock();
-                a.seq - a.snap_seq
+                a.seq.saturating_sub(a.snap_seq)
             };
-            if behind >= SNAPSHOT_EVERY || self.written >= SNAPSHOT_BYTES {
+            // One node writes each snapshot: the one whose group takes the
+            // log past a multiple of SNAPSHOT_EVERY. Every node used to,
+            // after the same group: each wrote the whole index, and the
+            // copies filled etcd's space. Should that one not (it stopped),
+            // any node does once the log is three times as long; and a
+            // node that wrote SNAPSHOT_BYTES of groups does.
+            let crossed = last_seq / SNAPSHOT_EVERY > (first_seq - 1) / SNAPSHOT_EVERY;
+            let due = (crossed && behind >= SNAPSHOT_EVERY / 2)
+                || behind >= 3 * SNAPSHOT_EVERY
+                || self.written >= SNAPSHOT_BYTES;
+            if due && self.snapshotting.as_ref().is_none_or(|t| t.is_finished()) {
                 self.written = 0;
-                if let Err(e) = self.snapshot() {
-                    tracing::warn!(error = %e, "etcd snapshot not written; the log keeps growing until the next");
-                }
+                self.snapshot();
             }
             return;
         }
@@ -337,12 +356,13 @@ impl Writer {
 
     /// Writes the records of `value` (after its nonce and try) as parts
     /// under `dir`, and leaves in `value` what names them.
-    fn write_parts(&self, dir: &[u8], value: &mut Vec<u8>) -> Result<(), String> {
+    fn write_parts(&self, dir: &[u8], value: &mut Vec<u8>) -> Result<(), StoreError> {
         let records = &value[16..];
         let mut n = 0u32;
         for (i, part) in records.chunks(MAX_GROUP_BYTES).enumerate() {
             let key = [dir, format!("{i:08x}").as_bytes()].concat();
-            self.txn(TxnRequest { success: vec![put(key, part.to_vec())], ..Default::default() })?;
+            self.txn(TxnRequest { success: vec![put(key, part.to_vec())], ..Default::default() })
+                .map_err(|e| e.during("writing a large write in parts"))?;
             n += 1;
         }
         let mut named = value[..16].to_vec();
@@ -354,97 +374,46 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes a snapshot of the index as this node has applied it, then
-    /// points `P snap` at it and deletes the log it covers and the snapshot
-    /// before, in one transaction.
-    fn snapshot(&mut self) -> Result<(), String> {
+    /// Encodes the index as this node has applied it, then (on a thread of
+    /// its own, while writes go on: a large index takes seconds to send)
+    /// writes it as a snapshot and points `P snap` at it.
+    fn snapshot(&mut self) {
         let started = Instant::now();
         let (bytes, seq, known) = {
             let index = self.f.shared.index.read();
             let a = self.f.applied.lock();
             (snapshot::encode(a.seq, &index, &a.ids, &a.deleted_last), a.seq, a.snap_rev)
         };
-        let dir = [self.f.snaps.as_slice(), format!("{seq:016x}-{:016x}/", self.nonce).as_bytes()].concat();
-        let chunks: Vec<&[u8]> = bytes.chunks(MAX_GROUP_BYTES).collect();
-        for (i, c) in chunks.iter().enumerate() {
-            let key = [dir.as_slice(), format!("{i:04x}").as_bytes()].concat();
-            self.txn(TxnRequest { success: vec![put(key, c.to_vec())], ..Default::default() })?;
+        let (f, rt, nonce) = (self.f.clone(), self.rt.clone(), self.nonce);
+        let spawned =
+            std::thread::Builder::new().name("blotcdn-etcd-snap".into()).spawn(move || {
+                match write_snapshot(&f, &rt, nonce, &bytes, seq, known) {
+                    Ok(true) => tracing::info!(
+                        seq,
+                        bytes = bytes.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "etcd snapshot written"
+                    ),
+                    Ok(false) => tracing::info!(seq, "another node wrote a snapshot first; this one is dropped"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd snapshot not written; the log keeps growing until the next")
+                    }
+                }
+            });
+        match spawned {
+            Ok(t) => self.snapshotting = Some(t),
+            Err(e) => tracing::warn!(error = %e, "etcd snapshot not written: no thread for it"),
         }
-        let mut pointer = seq.to_be_bytes().to_vec();
-        pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
-        pointer.extend_from_slice(&self.nonce.to_be_bytes());
-        let (log_end, parts_end) = (seq_key(&self.f.log, seq + 1), seq_key(&self.f.parts, seq + 1));
-        // Only over the snapshot this node knows: two nodes snapshotting at
-        // once must not point back to an older one after the log it needs
-        // was cut. The loser removes its own chunks, and only those.
-        let txn = TxnRequest {
-            compare: vec![unchanged_since(self.f.snap.clone(), known)],
-            success: vec![
-                put(self.f.snap.clone(), pointer),
-                del(self.f.log.clone(), log_end),
-                // The parts of groups up to it, and those no group named.
-                del(self.f.parts.clone(), parts_end),
-                // Older snapshots (and any a crash left) sort before this one.
-                del(self.f.snaps.clone(), dir.clone()),
-            ],
-            failure: vec![del(dir.clone(), prefix_end(&dir))],
-        };
-        // Sent once: after a lost reply, a second try would find the
-        // pointer moved (by the first) and delete the chunks it points to.
-        if !self.txn_tries(txn, 1)? {
-            tracing::info!(seq, "another node wrote a snapshot first; this one is dropped");
-            return Ok(());
-        }
-        tracing::info!(seq, bytes = bytes.len(), ms = started.elapsed().as_millis() as u64, "etcd snapshot written");
-        Ok(())
     }
 
-    /// Sends one transaction to the member in use; one that fails it as
-    /// unavailable or does not answer within `REQUEST_TIMEOUT` hands it to
-    /// the next (each member once, at least two tries). Every transaction
-    /// sent so may be sent twice: the group's finds its own value after a
-    /// lost reply, parts and deletions are the same twice. Not the
-    /// snapshot's pointer (see [`Writer::snapshot`]).
+    /// One transaction (see [`send_tries`]), each member tried once.
     fn send(&self, req: TxnRequest) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
-        self.send_tries(req, self.f.members.tries())
-    }
-
-    fn send_tries(
-        &self,
-        req: TxnRequest,
-        tries: usize,
-    ) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
-        let members = &self.f.members;
-        self.rt.block_on(async move {
-            let mut tried = 0;
-            loop {
-                let (i, mut kv) = members.kv();
-                tried += 1;
-                let r = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await;
-                match &r {
-                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => members.failed(i, s.message()),
-                    Err(_) => members.failed(i, "no answer in time"),
-                    _ => return r.map(|r| r.map(tonic::Response::into_inner)),
-                }
-                if tried >= tries {
-                    return r.map(|r| r.map(tonic::Response::into_inner));
-                }
-                tokio::time::sleep(Duration::from_millis(50 * tried as u64)).await;
-            }
-        })
+        send_tries(&self.f, &self.rt, req, self.f.members.tries())
     }
 
     /// One transaction; whether its comparisons held.
-    fn txn(&self, req: TxnRequest) -> Result<bool, String> {
-        self.txn_tries(req, self.f.members.tries())
-    }
-
-    fn txn_tries(&self, req: TxnRequest, tries: usize) -> Result<bool, String> {
-        match self.send_tries(req, tries) {
-            Ok(Ok(r)) => Ok(r.succeeded),
-            Ok(Err(s)) => Err(s.message().to_owned()),
-            Err(_) => Err("etcd did not answer in time".into()),
-        }
+    fn txn(&self, req: TxnRequest) -> Result<bool, Refusal> {
+        txn_tries(&self.f, &self.rt, req, self.f.members.tries())
     }
 
     /// Waits (bounded) until this node's watch has applied revision `rev`.
@@ -453,5 +422,127 @@ impl Writer {
         self.rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|r| *r >= rev)).await.is_ok_and(|r| r.is_ok())
         })
+    }
+}
+
+/// Writes `bytes`, the index after record `seq`, as a snapshot under this
+/// node's `nonce`, then points `P snap` at it and deletes the log it covers
+/// and the snapshot before, in one transaction, if `P snap` is still the
+/// one of revision `known`. Whether it did.
+fn write_snapshot(
+    f: &Follower,
+    rt: &tokio::runtime::Handle,
+    nonce: u64,
+    bytes: &[u8],
+    seq: u64,
+    known: i64,
+) -> Result<bool, Refusal> {
+    let dir = [f.snaps.as_slice(), format!("{seq:016x}-{nonce:016x}/").as_bytes()].concat();
+    let chunks: Vec<&[u8]> = bytes.chunks(MAX_GROUP_BYTES).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        let key = [dir.as_slice(), format!("{i:04x}").as_bytes()].concat();
+        let req = TxnRequest { success: vec![put(key, c.to_vec())], ..Default::default() };
+        txn_tries(f, rt, req, f.members.tries())?;
+    }
+    let mut pointer = seq.to_be_bytes().to_vec();
+    pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+    pointer.extend_from_slice(&nonce.to_be_bytes());
+    let (log_end, parts_end) = (seq_key(&f.log, seq + 1), seq_key(&f.parts, seq + 1));
+    // Only over the snapshot this node knows: two nodes snapshotting at
+    // once must not point back to an older one after the log it needs
+    // was cut. The loser removes its own chunks, and only those.
+    let txn = TxnRequest {
+        compare: vec![unchanged_since(f.snap.clone(), known)],
+        success: vec![
+            put(f.snap.clone(), pointer),
+            del(f.log.clone(), log_end),
+            // The parts of groups up to it, and those no group named.
+            del(f.parts.clone(), parts_end),
+            // Older snapshots (and any a crash left) sort before this one.
+            del(f.snaps.clone(), dir.clone()),
+        ],
+        failure: vec![del(dir.clone(), prefix_end(&dir))],
+    };
+    // Sent once: after a lost reply, a second try would find the pointer
+    // moved (by the first) and delete the chunks it points to.
+    txn_tries(f, rt, txn, 1)
+}
+
+/// Sends one transaction to the member in use; one that fails it as
+/// unavailable or does not answer within `REQUEST_TIMEOUT` hands it to the
+/// next (up to `tries` tries). A transaction sent so may be sent twice:
+/// the group's finds its own value after a lost reply, parts and deletions
+/// are the same twice. Not the snapshot's pointer (one try).
+fn send_tries(
+    f: &Follower,
+    rt: &tokio::runtime::Handle,
+    req: TxnRequest,
+    tries: usize,
+) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
+    let members = &f.members;
+    rt.block_on(async move {
+        let mut tried = 0;
+        loop {
+            let (i, mut kv) = members.kv();
+            tried += 1;
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await;
+            match &r {
+                Ok(Err(s)) if s.code() == tonic::Code::Unavailable => members.failed(i, s.message()),
+                Err(_) => members.failed(i, "no answer in time"),
+                _ => return r.map(|r| r.map(tonic::Response::into_inner)),
+            }
+            if tried >= tries {
+                return r.map(|r| r.map(tonic::Response::into_inner));
+            }
+            tokio::time::sleep(Duration::from_millis(50 * tried as u64)).await;
+        }
+    })
+}
+
+/// One transaction; whether its comparisons held.
+fn txn_tries(f: &Follower, rt: &tokio::runtime::Handle, req: TxnRequest, tries: usize) -> Result<bool, Refusal> {
+    match send_tries(f, rt, req, tries) {
+        Ok(Ok(r)) => Ok(r.succeeded),
+        Ok(Err(s)) => Err(Refusal::Etcd(s)),
+        Err(_) => Err(Refusal::NoAnswer),
+    }
+}
+
+/// Why a transaction did not answer.
+pub(super) enum Refusal {
+    Etcd(tonic::Status),
+    NoAnswer,
+}
+
+impl Refusal {
+    /// The refusal of a write that was `what` when this happened.
+    fn during(self, what: &str) -> StoreError {
+        match self {
+            Refusal::Etcd(s) => refused(what, &s),
+            Refusal::NoAnswer => unavailable(what, "no member answered in time"),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Etcd(s) => f.write_str(s.message()),
+            Refusal::NoAnswer => f.write_str("no etcd member answered in time"),
+        }
+    }
+}
+
+/// A write refused by etcd while `what`: out of space (its NOSPACE alarm:
+/// nothing gets in until an operator frees space, so not "retry"), or
+/// unavailable.
+fn refused(what: &str, s: &tonic::Status) -> StoreError {
+    match s.code() {
+        tonic::Code::ResourceExhausted => StoreError::Full(format!(
+            "etcd is out of space ({}); nothing was written. Writes are refused until it is freed (compact and \
+             defragment etcd, then disarm its NOSPACE alarm)",
+            s.message()
+        )),
+        _ => unavailable(what, s.message()),
     }
 }

@@ -357,8 +357,11 @@ impl Follower {
             if msg.canceled {
                 return WatchEnd::Down(format!("watch cancelled: {}", msg.cancel_reason));
             }
-            self.watching.store(true, Ordering::Relaxed);
-            self.shared.degraded.lock().take();
+            // Back: what the watch being down reported is over. (What a
+            // refused write reported is the probe's to clear.)
+            if !self.watching.swap(true, Ordering::Relaxed) {
+                self.shared.degraded.lock().take();
+            }
             // The creation's header revision is etcd's current one, not a
             // promise that the events up to it were sent: it says nothing.
             if msg.created {
@@ -487,23 +490,32 @@ impl Follower {
         }
     }
 
-    /// While a failure is reported but the watch is up: asks etcd every
-    /// second, and clears the report once it answers.
+    /// While a failure is reported but the watch is up: writes a small key
+    /// (`P alive`, outside what the watch follows) every second, and clears
+    /// the report once one gets in. A read would not do: etcd out of space
+    /// still answers reads, and refuses every write.
     pub(super) async fn probe(self: Arc<Self>) {
+        let alive = [&self.head[..self.head.len() - b"head".len()], b"alive"].concat();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if self.shared.degraded.lock().is_none() || !self.watching.load(Ordering::Relaxed) {
                 continue;
             }
             let (i, mut kv) = self.members.kv();
-            let req = RangeRequest { key: self.head.clone(), ..Default::default() };
-            match tokio::time::timeout(Duration::from_secs(1), kv.range(req)).await {
+            let put = PutRequest { key: alive.clone(), value: b"1".to_vec(), ..Default::default() };
+            let req = TxnRequest {
+                success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put)) }],
+                ..Default::default()
+            };
+            match tokio::time::timeout(Duration::from_secs(1), kv.txn(req)).await {
                 Ok(Ok(_)) => {
                     if self.watching.load(Ordering::Relaxed) {
                         self.shared.degraded.lock().take();
                     }
                 }
-                Ok(Err(s)) => self.members.failed(i, s.message()),
+                Ok(Err(s)) if s.code() == tonic::Code::Unavailable => self.members.failed(i, s.message()),
+                // Refused (out of space): the same at any member.
+                Ok(Err(_)) => {}
                 Err(_) => self.members.failed(i, "no answer in time"),
             }
         }

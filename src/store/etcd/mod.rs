@@ -342,7 +342,7 @@ impl IndexedStore {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
         };
-        let writer = Writer { written: 0, nonce, tries: 0, f, rt: rt.handle().clone() };
+        let writer = Writer { written: 0, nonce, tries: 0, snapshotting: None, f, rt: rt.handle().clone() };
         Ok(IndexedStore::start(shared, move |rx| {
             writer.run(rx);
             // The watch and the connections end with the writer.

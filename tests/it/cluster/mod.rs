@@ -14,6 +14,7 @@ use common::{get, ChildServer};
 use tonic::transport::Channel;
 
 mod foreign;
+mod space;
 
 /// A blotcdn node on the cluster, a child process with its own data dir.
 fn node(etcd: &EtcdCluster, dir: &Path, peers: &[SocketAddr]) -> ChildServer {

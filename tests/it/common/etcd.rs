@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct EtcdCluster {
     pub dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// Flags given to every member.
+    extra: Vec<String>,
 }
 
 struct Member {
@@ -21,6 +23,11 @@ struct Member {
 impl EtcdCluster {
     /// `n` members, healthy when this returns.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, &[])
+    }
+
+    /// With `extra` flags for each member.
+    pub fn start_with(n: usize, extra: &[&str]) -> EtcdCluster {
         for attempt in 0..3 {
             let dir = tempfile::tempdir().unwrap();
             let members: Vec<Member> = (0..n)
@@ -31,7 +38,7 @@ impl EtcdCluster {
                     child: None,
                 })
                 .collect();
-            let mut c = EtcdCluster { dir, members };
+            let mut c = EtcdCluster { dir, members, extra: extra.iter().map(|s| s.to_string()).collect() };
             for i in 0..n {
                 c.spawn(i, "new");
             }
@@ -58,6 +65,7 @@ impl EtcdCluster {
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-state", state, "--initial-cluster-token", "blotcdn-test"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -85,6 +93,18 @@ impl EtcdCluster {
     /// The client URLs, comma-separated (`BLOTCDN_ETCD_ENDPOINTS`).
     pub fn endpoints(&self) -> String {
         self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",")
+    }
+
+    /// A POST of `json` to member `i`'s HTTP gateway (`/v3/...`): its answer.
+    pub fn post(&self, i: usize, path: &str, json: &str) -> String {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.members[i].client).into();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+            json.len()
+        );
+        let r = super::raw_request(addr, req.as_bytes());
+        assert_eq!(r.status, 200, "{path}: {}", String::from_utf8_lossy(&r.body));
+        String::from_utf8_lossy(&r.body).into_owned()
     }
 
     /// The client URL of member `i` alone.
@@ -123,6 +143,11 @@ impl EtcdCluster {
     fn signal(&self, i: usize, sig: i32) {
         let pid = self.members[i].child.as_ref().expect("a running member").id();
         assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+
+    /// The flags each member is started with from now on.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
     }
 
     /// Starts member `i` again on its data dir.
