@@ -291,6 +291,14 @@ impl Writer {
                 // Another node's group came first: wait until the watch has
                 // applied it, then build ours again on top of it.
                 let theirs = found(0).map(|k| k.mod_revision).unwrap_or(rev);
+                if theirs < head_rev {
+                    // The head is older than the one this node applied.
+                    let e = unavailable(
+                        "committing",
+                        "etcd went back to an earlier revision (restored from a backup?); this node reloads the log",
+                    );
+                    return refuse_all(ops, &e);
+                }
                 if let Some(dir) = parts {
                     // This try's parts are named by no group; the next try
                     // writes its own. (Left, a snapshot deletes them.)

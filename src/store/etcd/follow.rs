@@ -363,8 +363,14 @@ impl Follower {
                 self.shared.degraded.lock().take();
             }
             // The creation's header revision is etcd's current one, not a
-            // promise that the events up to it were sent: it says nothing.
+            // promise that the events up to it were sent; but one below what
+            // this node has seen says etcd went back (restored from a
+            // backup): what this node applied past it is gone from etcd.
             if msg.created {
+                let now = msg.header.as_ref().map_or(i64::MAX, |h| h.revision);
+                if now < from - 1 {
+                    return WatchEnd::Rewound(now);
+                }
                 continue;
             }
             if let Some(top) = msg.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
@@ -461,8 +467,15 @@ impl Follower {
             match self.watch_once(&mut wc, from, i).await {
                 // Opened again at once, on the member now in use.
                 WatchEnd::Moved => continue,
-                WatchEnd::Compacted => {
-                    tracing::warn!(from, "the etcd revisions to follow were compacted; reloading the log");
+                end @ (WatchEnd::Compacted | WatchEnd::Rewound(_)) => {
+                    match end {
+                        WatchEnd::Rewound(now) => tracing::warn!(
+                            seen = from - 1,
+                            now,
+                            "etcd's revision went back (restored from a backup?); reloading the log"
+                        ),
+                        _ => tracing::warn!(from, "the etcd revisions to follow were compacted; reloading the log"),
+                    }
                     match self.load().await {
                         Ok((index, a, rev)) => {
                             let mut i = self.shared.index.write();
@@ -534,6 +547,8 @@ impl Follower {
 
 pub(super) enum WatchEnd {
     Compacted,
+    /// etcd's revision is now this, below what this node had seen.
+    Rewound(i64),
     Moved,
     Down(String),
 }

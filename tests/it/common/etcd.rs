@@ -107,6 +107,11 @@ impl EtcdCluster {
         String::from_utf8_lossy(&r.body).into_owned()
     }
 
+    /// Member `i`'s data dir.
+    pub fn member_dir(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(&self.members[i].name)
+    }
+
     /// The client URL of member `i` alone.
     pub fn endpoint(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}", self.members[i].client)
