@@ -235,6 +235,15 @@ impl Writer {
                     self.commit(rest);
                     return;
                 }
+                // Other nodes' small groups, committed while the parts are
+                // written, would win the race every time: they hold back
+                // while this node's hold is fresh (see `wait_for_hold`).
+                let hold = put(self.f.hold.clone(), self.nonce.to_be_bytes().to_vec());
+                if let Err(e) = self.txn(TxnRequest { success: vec![hold], ..Default::default() }) {
+                    let e = e.during("asking other nodes to hold back for a large write");
+                    *shared.degraded.lock() = Some(e.to_string());
+                    return refuse_all(ops, &e);
+                }
                 let dir = parts_dir(&self.f.parts, &log_key[self.f.log.len()..], self.nonce, self.tries);
                 match self.write_parts(&dir, &mut value) {
                     Ok(()) => parts = Some(dir),
@@ -245,12 +254,17 @@ impl Writer {
                 }
             }
             let last_seq = seq - 1;
+            let mut success =
+                vec![put(self.f.head.clone(), last_seq.to_be_bytes().to_vec()), put(log_key.clone(), value.clone())];
+            if parts.is_some() {
+                // Committed: the others may go on.
+                success.push(del(self.f.hold.clone(), Vec::new()));
+            } else {
+                self.wait_for_hold();
+            }
             let txn = TxnRequest {
                 compare: vec![unchanged_since(self.f.head.clone(), head_rev)],
-                success: vec![
-                    put(self.f.head.clone(), last_seq.to_be_bytes().to_vec()),
-                    put(log_key.clone(), value.clone()),
-                ],
+                success,
                 // The head that moved, and what sits under our group's key:
                 // after a reply lost on the way, a retry finds its own group.
                 failure: vec![get(self.f.head.clone()), get(log_key)],
@@ -346,6 +360,27 @@ impl Writer {
         }
         let e = unavailable("committing", "too many concurrent writers; retry");
         refuse_all(ops, &e);
+    }
+
+    /// While another node's large write holds the others back (`P hold`,
+    /// put no more than `HOLD_MAX` ago as this node's watch saw it), waits
+    /// for it to be committed, for `HOLD_MAX` at most: a node that died
+    /// holding, or one that holds again and again, delays a write that long.
+    fn wait_for_hold(&self) {
+        let started = Instant::now();
+        let ours = self.nonce.to_be_bytes();
+        loop {
+            let held = self
+                .f
+                .hold_seen
+                .lock()
+                .as_ref()
+                .is_some_and(|(at, who)| at.elapsed() < HOLD_MAX && who.as_slice() != ours.as_slice());
+            if !held || started.elapsed() >= HOLD_MAX {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Deletes the folders of parts no group will name (see

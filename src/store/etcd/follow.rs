@@ -403,6 +403,10 @@ impl Follower {
         let mut parts = self.pending_parts.lock();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
+            if kv.key == self.hold {
+                *self.hold_seen.lock() = (ev.r#type == 0).then(|| (Instant::now(), kv.value.clone()));
+                continue;
+            }
             // Parts are kept until their group comes, or they are deleted:
             // those of a try at the next record. A try writes its parts
             // after it has applied the log up to the head, and this watch

@@ -87,6 +87,9 @@ const MAX_GROUP_BYTES: usize = 1 << 20;
 /// Where a group's records would start, a group written in parts has this:
 /// never the start of a record (whose first four bytes are its length).
 const PART_MARK: [u8; 4] = [0xff; 4];
+/// How long a large write's hold (`P hold`) holds other nodes' writes back
+/// at most: long enough to write 16 MiB of parts.
+const HOLD_MAX: Duration = Duration::from_secs(3);
 /// Paths taken into one group at most, so groups stay under that size.
 const MAX_GROUP_PATHS: usize = 8192;
 /// Groups per page when loading the log (at most 1 MiB each).
@@ -134,6 +137,11 @@ struct Follower {
     /// group has not been applied yet.
     parts: Vec<u8>,
     pending_parts: Mutex<Parts>,
+    /// `P hold`: a node writing a large group asks the others to hold back
+    /// until it is committed. When this node's watch saw it put, and by whom
+    /// (the writer's nonce).
+    hold: Vec<u8>,
+    hold_seen: Mutex<Option<(Instant, Vec<u8>)>>,
     /// Folders of parts no group will name (their writer lost the race or
     /// died before its commit): deleted by this node's writer at its next
     /// write, not left for the next snapshot.
@@ -296,6 +304,8 @@ impl IndexedStore {
             snaps: with(b"snap/"),
             parts: with(b"part/"),
             pending_parts: Mutex::default(),
+            hold: with(b"hold"),
+            hold_seen: Mutex::default(),
             orphans: Mutex::default(),
             watching: true.into(),
             members,
