@@ -23,12 +23,12 @@ use crate::store::{SledStore, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot open the store in {path}: {source}")]
-    Store { path: String, source: crate::store::StoreError },
-    #[error("cannot prepare {what} at {path}: {source}")]
-    Dir { what: &'static str, path: String, source: std::io::Error },
-    #[error("cannot listen on {addr} ({key}): {source}")]
-    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot open the store in {path}: {error}")]
+    Store { path: String, error: crate::store::StoreError },
+    #[error("cannot prepare {what} at {path}: {error}")]
+    Dir { what: &'static str, path: String, error: std::io::Error },
+    #[error("cannot listen on {addr} ({key}): {error}")]
+    Bind { key: &'static str, addr: SocketAddr, error: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
@@ -87,7 +87,7 @@ const STORE_KIND_FILE: &str = "store-kind";
 fn check_store_kind(config: &Config) -> Result<(), AppError> {
     let kind = if config.etcd.is_some() { "etcd" } else { "sled" };
     let path = config.data_dir.join(STORE_KIND_FILE);
-    let err = |source| AppError::Dir { what: "the data dir's store kind", path: path.display().to_string(), source };
+    let err = |error| AppError::Dir { what: "the data dir's store kind", path: path.display().to_string(), error };
     match std::fs::read_to_string(&path) {
         Ok(found) if found.trim() == kind => Ok(()),
         Ok(found) => Err(AppError::Config {
@@ -214,7 +214,7 @@ impl App {
         let nofile = raise_nofile_limit();
         let dir_err = |what, path: &std::path::Path| {
             let path = path.display().to_string();
-            move |source| AppError::Dir { what, path, source }
+            move |error| AppError::Dir { what, path, error }
         };
         crate::durable::create_dir_all(&config.data_dir).map_err(dir_err("data_dir", &config.data_dir))?;
         // Before anything in the data dir is touched (the sweeps below
@@ -272,7 +272,7 @@ impl App {
                 tokio::task::spawn_blocking(move || open_store_quietly(&dir, purge))
                     .await
                     .expect("panics are caught inside")
-                    .map_err(|source| AppError::Store { path: db_dir.display().to_string(), source })?
+                    .map_err(|error| AppError::Store { path: db_dir.display().to_string(), error })?
             }
             Some(etcd) => {
                 let opts =
@@ -281,24 +281,24 @@ impl App {
                 tokio::task::spawn_blocking(move || crate::store::IndexedStore::open_etcd(opts))
                     .await
                     .expect("opening etcd does not panic")
-                    .map_err(|source| AppError::Store { path: at, source })?
+                    .map_err(|error| AppError::Store { path: at, error })?
             }
         };
-        let grpc_listener = crate::listen::bind(config.grpc_addr, false).map_err(|source| AppError::Bind {
+        let grpc_listener = crate::listen::bind(config.grpc_addr, false).map_err(|error| AppError::Bind {
             key: "grpc_addr",
             addr: config.grpc_addr,
-            source,
+            error,
         })?;
         // SO_REUSEPORT: the origin's threads each bind this address again.
-        let http_listener = crate::listen::bind(config.http_addr, true).map_err(|source| AppError::Bind {
+        let http_listener = crate::listen::bind(config.http_addr, true).map_err(|error| AppError::Bind {
             key: "http_addr",
             addr: config.http_addr,
-            source,
+            error,
         })?;
-        let metrics_listener = crate::listen::bind(config.metrics_addr, false).map_err(|source| AppError::Bind {
+        let metrics_listener = crate::listen::bind(config.metrics_addr, false).map_err(|error| AppError::Bind {
             key: "metrics_addr",
             addr: config.metrics_addr,
-            source,
+            error,
         })?;
         crate::metrics::init();
         let metrics_addr = metrics_listener.local_addr().expect("bound");
@@ -554,7 +554,7 @@ impl App {
             .flush()
             .done()
             .await
-            .map_err(|e| AppError::Store { path: config.data_dir.join("db").display().to_string(), source: e })?;
+            .map_err(|error| AppError::Store { path: config.data_dir.join("db").display().to_string(), error })?;
         // Let go of the database now, not when the last holder of the
         // catalog goes: a restart in the same process must find it unlocked.
         let c = catalog.clone();

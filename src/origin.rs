@@ -781,7 +781,12 @@ impl Origin {
         let (file, meta, bytes) = match opened {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
+                if req.headers().contains_key(peers::PEER_HEADER) {
+                    // A peer asking: this node may not have fetched it yet.
+                    tracing::debug!(blog = %blog, hash = %hash, "a peer asked for a blob this node does not hold");
+                } else {
+                    tracing::error!(blog = %blog, hash = %hash, "referenced blob is missing");
+                }
                 return not_found();
             }
             // As for blog files: a shortage that passes, not a bad blob.

@@ -141,6 +141,9 @@ async fn a_damaged_group_of_the_log_is_named_and_a_start_refuses_it_at_once() {
     let (code, _, err) = common::run(cmd.env("RUST_LOG", "warn"), 60);
     assert!(code != 0 && err.contains(&key), "{code} {err}");
     assert!(!err.contains("trying again"), "{err}");
+    // Said once (the exit line repeated its cause).
+    let exit = err.lines().find(|l| l.starts_with("blotcdn: ")).expect(&err);
+    assert_eq!(exit.matches(key.as_str()).count(), 1, "{exit}");
 }
 
 /// A prefix must end with a slash, and may not lie among another
