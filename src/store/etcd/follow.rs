@@ -471,6 +471,15 @@ impl Follower {
             match self.watch_once(&mut wc, from, i).await {
                 // Opened again at once, on the member now in use.
                 WatchEnd::Moved => continue,
+                // A member behind the others (just restarted, catching up)
+                // also answers with an older revision; a linearizable read
+                // (the leader's) tells the two apart. Only etcd as a whole
+                // going back is a restore.
+                WatchEnd::Rewound(_) if self.current_revision().await.is_none_or(|r| r >= from - 1) => {
+                    self.members.failed(i, "its revision is behind what this node has seen");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 end @ (WatchEnd::Compacted | WatchEnd::Rewound(_)) => {
                     match end {
                         WatchEnd::Rewound(now) => tracing::warn!(
@@ -505,6 +514,14 @@ impl Follower {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// etcd's revision now, by a linearizable read; `None` if no answer.
+    async fn current_revision(&self) -> Option<i64> {
+        let (_, mut kv) = self.members.kv();
+        let req = RangeRequest { key: self.head.clone(), count_only: true, ..Default::default() };
+        let r = range(&mut kv, req, "reading etcd's revision").await.ok()?;
+        r.header.map(|h| h.revision)
     }
 
     /// While a failure is reported but the watch is up: writes a small key
