@@ -26,7 +26,8 @@
 //! message and sends little, or never ends its stream, holds its room that
 //! long at most; bytes after a unary call's one message are refused.
 //!
-//! The room is given back when the answer's body is dropped: sent whole,
+//! The room is given back when the answer's body is dropped: handed to h2
+//! whole (a piece at a time, as the peer's window lets it: see [`Holding`]),
 //! or the call gone. A client that does not take its answers (it grants no
 //! HTTP/2 window, or has stopped reading) holds their room until its
 //! connection is cut: once a call is refused for want of room, every
@@ -285,7 +286,7 @@ where
                 let slot = c.answer_ready();
                 (c, slot)
             });
-            Ok(answer.map(|b| Body::new(Holding { inner: b, _held: held, waiting })))
+            Ok(answer.map(|b| Body::new(Holding { inner: b, _held: held, waiting, rest: Bytes::new() })))
         })
     }
 }
@@ -405,11 +406,34 @@ impl http_body::Body for Weighing {
 }
 
 /// The answer's body, holding the call's weight until it is dropped, and
-/// listed as waiting in its connection meanwhile.
+/// listed as waiting in its connection meanwhile. A large answer is given
+/// out [`PIECE`] bytes at a time: hyper hands each piece to h2 only once the
+/// stream has room in the peer's window, and h2 queues what it is handed
+/// whole, whatever the window. Handed out whole, an answer left the body at
+/// once, giving its room back while it sat in h2's queue for a window that
+/// never came (150 unread answers of 2 MB: 600 MB, none of it weighed).
 struct Holding {
     inner: Body,
     _held: Held,
     waiting: Option<(Arc<crate::listen::Conn>, usize)>,
+    /// What is left of a large data frame.
+    rest: Bytes,
+}
+
+/// The most of an answer handed to h2 at once: past the peer's window, h2
+/// holds at most this much of it unweighed.
+const PIECE: usize = 32 << 10;
+
+impl Holding {
+    /// The next piece of `rest`. The last is copied out: a slice would keep
+    /// the whole answer's memory alive in h2's queue after the body is gone.
+    fn piece(&mut self) -> Frame<Bytes> {
+        if self.rest.len() > PIECE {
+            Frame::data(self.rest.split_to(PIECE))
+        } else {
+            Frame::data(Bytes::copy_from_slice(&std::mem::take(&mut self.rest)))
+        }
+    }
 }
 
 impl Drop for Holding {
@@ -425,14 +449,26 @@ impl http_body::Body for Holding {
     type Error = Status;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if !self.rest.is_empty() {
+            return Poll::Ready(Some(Ok(self.piece())));
+        }
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.len() > PIECE) => {
+                self.rest = frame.into_data().expect("a data frame");
+                Poll::Ready(Some(Ok(self.piece())))
+            }
+            other => Poll::Ready(other),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match self.rest.is_empty() {
+            true => self.inner.size_hint(),
+            false => http_body::SizeHint::default(),
+        }
     }
 }

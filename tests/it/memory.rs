@@ -235,8 +235,20 @@ struct Unread {
 
 impl Unread {
     async fn start(addr: std::net::SocketAddr, method: &str, body: bytes::Bytes, calls: usize, finish: bool) -> Unread {
+        Self::with_window(addr, method, body, calls, finish, 0).await
+    }
+
+    /// The same, granting each stream `window` bytes, never given back.
+    async fn with_window(
+        addr: std::net::SocketAddr,
+        method: &str,
+        body: bytes::Bytes,
+        calls: usize,
+        finish: bool,
+        window: u32,
+    ) -> Unread {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (client, conn) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await.unwrap();
+        let (client, conn) = h2::client::Builder::new().initial_window_size(window).handshake(tcp).await.unwrap();
         let connection = tokio::spawn(conn);
         let (mut answers, mut bodies) = (Vec::new(), Vec::new());
         for _ in 0..calls {
@@ -511,10 +523,13 @@ async fn a_connection_that_does_not_take_its_answers_is_cut_when_its_room_is_wan
     assert_eq!(c.resolve_batch(short.clone()).await.unwrap().into_inner().assets.len(), 10_000);
     // Connections of ten calls each (most refused: each is weighed at the
     // most its answer can take, then settled to what it took), until their
-    // held answers leave no room for one more such call.
+    // held answers leave no room for one more such call. Each stream has
+    // HTTP/2's default window (64 KiB), never given back: before, h2 took
+    // the rest of each answer into its queue, whole, and the room was given
+    // back at once (150 such answers of 2 MB: 600 MB, none of it weighed).
     let mut stuck = Vec::new();
     let e = loop {
-        let mut u = Unread::start(server.grpc, "Resolver/ResolveBatch", framed(&short), 10, true).await;
+        let mut u = Unread::with_window(server.grpc, "Resolver/ResolveBatch", framed(&short), 10, true, 65_535).await;
         let held = 10 - u.refused().await;
         stuck.push((u, held));
         match c.resolve_batch(short.clone()).await {
