@@ -338,20 +338,23 @@ impl Writer {
                 answer(op, out, &shared);
             }
             self.written += value_len;
-            let behind = {
+            let (behind, snap_bytes) = {
                 let a = self.f.applied.lock();
-                a.seq.saturating_sub(a.snap_seq)
+                (a.seq.saturating_sub(a.snap_seq), a.snap_bytes)
             };
             // One node writes each snapshot: the one whose group takes the
             // log past a multiple of SNAPSHOT_EVERY. Every node used to,
             // after the same group: each wrote the whole index, and the
             // copies filled etcd's space. Should that one not (it stopped),
             // any node does once the log is three times as long; and a
-            // node that wrote SNAPSHOT_BYTES of groups does.
+            // node that wrote SNAPSHOT_BYTES of groups, and as much as the
+            // last snapshot holds, does (each snapshot then costs etcd no
+            // more than the groups it cuts: a snapshot of the whole index
+            // every 64 MiB took etcd past its quota with a 280 MB index).
             let crossed = last_seq / SNAPSHOT_EVERY > (first_seq - 1) / SNAPSHOT_EVERY;
             let due = (crossed && behind >= SNAPSHOT_EVERY / 2)
                 || behind >= 3 * SNAPSHOT_EVERY
-                || self.written >= SNAPSHOT_BYTES;
+                || self.written >= SNAPSHOT_BYTES.max(snap_bytes);
             if due && self.snapshotting.as_ref().is_none_or(|t| t.is_finished()) {
                 self.written = 0;
                 self.snapshot();
@@ -485,12 +488,18 @@ fn write_snapshot(
     for (i, c) in chunks.iter().enumerate() {
         let key = [dir.as_slice(), format!("{i:04x}").as_bytes()].concat();
         let req = TxnRequest { success: vec![put(key, c.to_vec())], ..Default::default() };
-        txn_tries(f, rt, req, f.members.tries())?;
+        if let Err(e) = txn_tries(f, rt, req, f.members.tries()) {
+            drop_chunks(f, rt, &dir);
+            return Err(e);
+        }
     }
     let mut pointer = seq.to_be_bytes().to_vec();
     pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
     pointer.extend_from_slice(&nonce.to_be_bytes());
     let (log_end, parts_end) = (seq_key(&f.log, seq + 1), seq_key(&f.parts, seq + 1));
+    // Each range starts at record 0 as this cluster spells it, not at the
+    // folder: a key of another shape under it (another cluster's, whose
+    // prefix lies inside this one's) sorts before, and is not deleted.
     // Only over the snapshot this node knows: two nodes snapshotting at
     // once must not point back to an older one after the log it needs
     // was cut. The loser removes its own chunks, and only those.
@@ -498,17 +507,32 @@ fn write_snapshot(
         compare: vec![unchanged_since(f.snap.clone(), known)],
         success: vec![
             put(f.snap.clone(), pointer),
-            del(f.log.clone(), log_end),
+            del(seq_key(&f.log, 0), log_end),
             // The parts of groups up to it, and those no group named.
-            del(f.parts.clone(), parts_end),
+            del(seq_key(&f.parts, 0), parts_end),
             // Older snapshots (and any a crash left) sort before this one.
-            del(f.snaps.clone(), dir.clone()),
+            del(seq_key(&f.snaps, 0), dir.clone()),
         ],
         failure: vec![del(dir.clone(), prefix_end(&dir))],
     };
     // Sent once: after a lost reply, a second try would find the pointer
     // moved (by the first) and delete the chunks it points to.
-    txn_tries(f, rt, txn, 1)
+    let pointed = txn_tries(f, rt, txn, 1);
+    if let Err(Refusal::Etcd(_)) = &pointed {
+        // Refused (out of space): nothing points at them.
+        drop_chunks(f, rt, &dir);
+    }
+    pointed
+}
+
+/// Deletes the chunks of a snapshot nothing points at (best effort): not
+/// left live in etcd (a failed snapshot of 400 MB stayed until the next one
+/// got in).
+fn drop_chunks(f: &Follower, rt: &tokio::runtime::Handle, dir: &[u8]) {
+    let gone = TxnRequest { success: vec![del(dir.to_vec(), prefix_end(dir))], ..Default::default() };
+    if let Err(e) = txn_tries(f, rt, gone, f.members.tries()) {
+        tracing::warn!(error = %e, dir = %follow::shown(dir), "a snapshot's chunks not deleted; the next snapshot deletes them");
+    }
 }
 
 /// Sends one transaction to the member in use; one that fails it as

@@ -65,7 +65,11 @@ fn foreign(key: &[u8], why: &str) {
 }
 
 /// One range request, bounded by `REQUEST_TIMEOUT`.
-async fn range(kv: &mut KvClient<Channel>, req: RangeRequest, what: &str) -> Result<RangeResponse, LoadError> {
+pub(super) async fn range(
+    kv: &mut KvClient<Channel>,
+    req: RangeRequest,
+    what: &str,
+) -> Result<RangeResponse, LoadError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, kv.range(req)).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(LoadError::Unreachable(format!("{what}: {}", s.message()))),
@@ -262,7 +266,15 @@ impl Follower {
                 return Err(damaged(format!("snapshot {seq} holds record {at}, and the head is record {head}")));
             }
             index = i;
-            a = Applied { ids, deleted_last, head_rev: a.head_rev, seq, snap_seq: seq, snap_rev: p.mod_revision };
+            a = Applied {
+                ids,
+                deleted_last,
+                head_rev: a.head_rev,
+                seq,
+                snap_seq: seq,
+                snap_rev: p.mod_revision,
+                snap_bytes: bytes.len(),
+            };
             key = seq_key(&self.log, seq + 1);
         }
         // The parts of large groups first (those of groups a snapshot
@@ -454,6 +466,8 @@ impl Follower {
                 if let Some(seq) = kv.value.get(..8) {
                     a.snap_seq = u64::from_be_bytes(seq.try_into().expect("8"));
                     a.snap_rev = kv.mod_revision;
+                    let chunks = kv.value.get(8..12).map_or(0, |n| u32::from_be_bytes(n.try_into().expect("4")));
+                    a.snap_bytes = chunks as usize * MAX_GROUP_BYTES;
                 }
             }
         }

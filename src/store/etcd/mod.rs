@@ -121,6 +121,8 @@ struct Applied {
     /// The last snapshot: its record and the revision of `P snap` (0: none).
     snap_seq: u64,
     snap_rev: i64,
+    /// About how large it is (its chunks of up to 1 MiB).
+    snap_bytes: usize,
 }
 
 struct Follower {
@@ -251,9 +253,14 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Refuses a prefix that lies among another cluster's keys (under its
-/// `log/`, `part/` or `snap/`, where that cluster has a `head`): each would
-/// take the other's keys for its own, or for damage.
+/// `log/`, `part/` or `snap/`, where that cluster has a `head`), and one
+/// with another cluster's keys among its own (a `head` under its `log/`,
+/// `part/` or `snap/`, before the first key it writes there: a cluster
+/// started inside this one before this one wrote): each would take the
+/// other's keys for its own, or for damage.
 async fn inside_another(kv: &mut KvClient<Channel>, prefix: &[u8]) -> Result<(), StoreError> {
+    let shown = follow::shown;
+    let unchecked = |e: String| StoreError::Unavailable(format!("cannot check etcd_prefix {:?}: {e}", shown(prefix)));
     for (i, _) in prefix.iter().enumerate().filter(|(_, b)| **b == b'/') {
         let (outer, rest) = prefix.split_at(i + 1);
         if ![&b"log/"[..], b"part/", b"snap/"].iter().any(|d| rest.starts_with(d)) {
@@ -261,17 +268,28 @@ async fn inside_another(kv: &mut KvClient<Channel>, prefix: &[u8]) -> Result<(),
         }
         let head = [outer, b"head"].concat();
         let req = RangeRequest { key: head.clone(), count_only: true, ..Default::default() };
-        let found = tokio::time::timeout(REQUEST_TIMEOUT, kv.range(req)).await;
-        if let Ok(Ok(r)) = found {
-            if r.into_inner().count > 0 {
-                return Err(StoreError::Failed(format!(
-                    "etcd_prefix {:?} lies among the keys of the cluster whose prefix is {:?} (it has {}): \
-                     choose a prefix outside it",
-                    follow::shown(prefix),
-                    follow::shown(outer),
-                    follow::shown(&head)
-                )));
-            }
+        let found = follow::range(kv, req, "reading").await.map_err(|e| unchecked(e.to_string()))?;
+        if found.count > 0 {
+            return Err(StoreError::Failed(format!(
+                "etcd_prefix {:?} lies among the keys of the cluster whose prefix is {:?} (it has {}): \
+                 choose a prefix outside it",
+                shown(prefix),
+                shown(outer),
+                shown(&head)
+            )));
+        }
+    }
+    for dir in [&b"log/"[..], b"part/", b"snap/"] {
+        let dir = [prefix, dir].concat();
+        // Keys under the folder that sort before any this cluster writes.
+        let req = RangeRequest { key: dir.clone(), range_end: seq_key(&dir, 0), keys_only: true, ..Default::default() };
+        let found = follow::range(kv, req, "reading").await.map_err(|e| unchecked(e.to_string()))?;
+        if let Some(k) = found.kvs.iter().find(|k| k.key.ends_with(b"/head")) {
+            return Err(StoreError::Failed(format!(
+                "etcd_prefix {:?} holds another cluster's keys (its {}): choose prefixes apart",
+                shown(prefix),
+                shown(&k.key)
+            )));
         }
     }
     Ok(())

@@ -162,6 +162,23 @@ async fn a_prefix_inside_another_clusters_keys_is_refused() {
         let (code, _, err) = common::run(cmd.env("BLOTCDN_ETCD_PREFIX", prefix), 60);
         assert!(code != 0 && err.contains("etcd_prefix") && err.contains(says), "{prefix}: {code} {err}");
     }
+    // The other way round: a cluster started inside another's prefix before
+    // that one wrote. The outer one, started now, refuses (its snapshots'
+    // deletions of its log would reach the inner one's keys).
+    let mut env = node_env(&etcd.endpoints(), &[]);
+    env.push(("BLOTCDN_ETCD_PREFIX".into(), "/c2/log/0/".into()));
+    let inner = ChildServer::spawn_with(
+        &work.path().join("inner"),
+        &[],
+        &env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>(),
+    );
+    invalidate(&mut publisher(&inner).await, "inner", &["/a.css".into()]).await.unwrap();
+    let mut cmd = common::serve_on_free_ports(&work.path().join("outer"));
+    for (k, v) in node_env(&etcd.endpoints(), &[]) {
+        cmd.env(k, v);
+    }
+    let (code, _, err) = common::run(cmd.env("BLOTCDN_ETCD_PREFIX", "/c2/"), 60);
+    assert!(code != 0 && err.contains("/c2/log/0/head"), "{code} {err}");
 }
 
 /// etcd restored from a backup (here: its data dir copied while stopped,
