@@ -274,6 +274,7 @@ impl Follower {
                 snap_seq: seq,
                 snap_rev: p.mod_revision,
                 snap_bytes: bytes.len(),
+                last_group: None,
             };
             key = seq_key(&self.log, seq + 1);
         }
@@ -295,7 +296,9 @@ impl Follower {
                 foreign(&g.key, "not the next group of the log");
                 return Ok(());
             }
-            self.apply_group(&mut index, &mut a, &g.key, &g.value, &mut parts).map_err(LoadError::Damaged)
+            self.apply_group(&mut index, &mut a, &g.key, &g.value, &mut parts).map_err(LoadError::Damaged)?;
+            a.last_group = Some((g.key.clone(), g.mod_revision, g.value[..16].to_vec()));
+            Ok(())
         })
         .await?;
         if a.seq != head {
@@ -378,12 +381,17 @@ impl Follower {
             // promise that the events up to it were sent; but one below what
             // this node has seen says etcd went back (restored from a
             // backup): what this node applied past it is gone from etcd.
+            // A watch reopened after etcd passed that revision again says
+            // nothing by its revision: what this node applied last must
+            // still be in etcd as it was.
             if msg.created {
                 let now = msg.header.as_ref().map_or(i64::MAX, |h| h.revision);
-                if now < from - 1 {
-                    return WatchEnd::Rewound(now);
+                match self.history().await {
+                    Some(true) if now >= from - 1 => continue,
+                    // Checked again (the member may be behind): see `follow`.
+                    Some(_) => return WatchEnd::Rewound(now),
+                    None => return WatchEnd::Down("etcd's history could not be checked".into()),
                 }
-                continue;
             }
             if let Some(top) = msg.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
                 // Applied as they come, so memory holds one fragment.
@@ -451,6 +459,9 @@ impl Follower {
                     continue;
                 }
                 let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, &mut parts);
+                if applied.is_ok() {
+                    a.last_group = Some((kv.key.clone(), kv.mod_revision, kv.value[..16].to_vec()));
+                }
                 self.orphan_parts(&mut parts, a.seq);
                 if let Err(e) = applied {
                     // The index would part from etcd's: no write may be
@@ -489,7 +500,7 @@ impl Follower {
                 // also answers with an older revision; a linearizable read
                 // (the leader's) tells the two apart. Only etcd as a whole
                 // going back is a restore.
-                WatchEnd::Rewound(_) if self.current_revision().await.is_none_or(|r| r >= from - 1) => {
+                WatchEnd::Rewound(_) if self.history().await != Some(false) => {
                     self.members.failed(i, "its revision is behind what this node has seen");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -530,12 +541,37 @@ impl Follower {
         }
     }
 
-    /// etcd's revision now, by a linearizable read; `None` if no answer.
-    async fn current_revision(&self) -> Option<i64> {
+    /// Whether etcd (a linearizable read: the leader's, whichever member
+    /// answers) still holds what this node applied last as it was: its
+    /// last group's key at the revision it saw, or a later snapshot that cut
+    /// it. Not so after a restore from a backup taken before it. `None`:
+    /// etcd did not answer (nothing is reloaded on a guess).
+    async fn history(&self) -> Option<bool> {
+        let (last, snap_rev, seq) = {
+            let a = self.applied.lock();
+            (a.last_group.clone(), a.snap_rev, a.seq)
+        };
+        let (key, rev, tag) = match last {
+            Some(last) => last,
+            None if snap_rev > 0 => (self.snap.clone(), snap_rev, Vec::new()),
+            None => return Some(true),
+        };
         let (_, mut kv) = self.members.kv();
-        let req = RangeRequest { key: self.head.clone(), count_only: true, ..Default::default() };
-        let r = range(&mut kv, req, "reading etcd's revision").await.ok()?;
-        r.header.map(|h| h.revision)
+        let read = |key: Vec<u8>| RangeRequest { key, ..Default::default() };
+        let r = range(&mut kv, read(key.clone()), "checking etcd's history").await.ok()?;
+        let snapshot_at =
+            |kv: &crate::etcdpb::KeyValue| kv.value.get(..8).map(|s| u64::from_be_bytes(s.try_into().expect("8")));
+        Some(match r.kvs.first() {
+            Some(kv) if kv.mod_revision == rev && kv.value.starts_with(&tag) => true,
+            // A later snapshot, past what this node applied.
+            Some(kv) if key == self.snap => snapshot_at(kv).is_some_and(|s| s >= seq),
+            // The key holds another group: another history.
+            Some(_) => false,
+            None => {
+                let r = range(&mut kv, read(self.snap.clone()), "checking etcd's history").await.ok()?;
+                r.kvs.first().and_then(snapshot_at).is_some_and(|s| s >= seq)
+            }
+        })
     }
 
     /// While a failure is reported but the watch is up: writes a small key

@@ -123,6 +123,12 @@ struct Applied {
     snap_rev: i64,
     /// About how large it is (its chunks of up to 1 MiB).
     snap_bytes: usize,
+    /// The key of the last group applied, the revision it was written at
+    /// and its writer's tag (nonce and try): still there, unchanged, unless
+    /// etcd's history is another one (restored from a backup: revisions are
+    /// numbered again from the backup's, so they can match) or a snapshot
+    /// has cut it.
+    last_group: Option<(Vec<u8>, i64, Vec<u8>)>,
 }
 
 struct Follower {

@@ -202,7 +202,8 @@ impl ChildServer {
             .arg("--addr-file")
             .arg(&addr_file)
             .env("RUST_LOG", std::env::var("TEST_LOG").map(|_| "info".to_string()).unwrap_or("warn".into()))
-            .stdout(Stdio::null())
+            // The server logs to stdout: shown with TEST_LOG set.
+            .stdout(if std::env::var_os("TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
