@@ -237,8 +237,20 @@ impl Follower {
                 }
             }
         };
+        // No head, and a snapshot or a group: the head was deleted (by hand).
+        // Read on, the log would look empty, and the next write would take
+        // record 1 again over the group there.
+        let headless = || {
+            LoadError::Damaged(format!(
+                "etcd key {} is missing, but the log holds groups (it was deleted outside blotcdn)",
+                shown(&self.head)
+            ))
+        };
         let mut key = self.log.clone();
         if let Some(p) = resp.kvs.first() {
+            if resp_head.kvs.is_empty() {
+                return Err(headless());
+            }
             let v = &p.value;
             let damaged = |why: String| LoadError::Damaged(format!("etcd key {}: {why}", shown(&self.snap)));
             let (Some(seq), Some(n), Some(nonce)) = (v.get(..8), v.get(8..12), v.get(12..20)) else {
@@ -292,6 +304,9 @@ impl Follower {
         })
         .await?;
         pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
+            if resp_head.kvs.is_empty() && log_seq(&self.log, &g.key).is_some() {
+                return Err(headless());
+            }
             if log_seq(&self.log, &g.key).is_none_or(|s| s != a.seq + 1 || s > head) {
                 foreign(&g.key, "not the next group of the log");
                 return Ok(());
@@ -447,6 +462,16 @@ impl Follower {
             // Puts of the head, of log groups and of the snapshot pointer;
             // deletions are only cleanup.
             if ev.r#type != 0 {
+                if kv.key == self.head {
+                    // No write can be built on a head that is gone.
+                    let e = format!(
+                        "etcd key {} was deleted outside blotcdn; writes are refused until it is put back as it was \
+                         (or etcd restored from a backup) and this node restarted",
+                        shown(&self.head)
+                    );
+                    tracing::error!(error = %e, "etcd's head is gone; refusing writes");
+                    *self.shared.failed.lock() = Some(e);
+                }
                 continue;
             }
             if kv.key == self.head {

@@ -241,3 +241,36 @@ async fn a_node_reloads_when_etcd_is_restored_from_a_backup() {
     assert_ne!(now, lost, "the nodes still answer the writes the restore took away");
     assert_eq!(agreed(&[&a, &b, &c], "after", &paths).await, vec![id, id]);
 }
+
+/// The head deleted by hand (`etcdctl del /blotcdn/head`) on a cluster with
+/// no snapshot yet. Before, running nodes refused every write as "too many
+/// concurrent writers" with `/healthz` 200, and a node started then loaded
+/// an empty index and answered every blog as unknown; its first write took
+/// record 1 again, over the group there. Now the running nodes say the head
+/// is gone, and a start refuses, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_head_stops_writes_and_a_start_names_it() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut p = publisher(&a).await;
+    invalidate(&mut p, "headless", &["/a.css".into()]).await.unwrap();
+    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let del = blotcdn::etcdpb::DeleteRangeRequest { key: b"/blotcdn/head".to_vec(), ..Default::default() };
+    put_all(&mut kv, vec![RequestOp { request: Some(Request::RequestDeleteRange(del)) }]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match invalidate(&mut p, "headless", &["/b.css".into()]).await {
+            Err(e) if e.message().contains("/blotcdn/head") => break,
+            other => assert!(Instant::now() < deadline, "writes go on without a head: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(a.http, "/healthz", &[]).status, 503);
+    let mut cmd = common::serve_on_free_ports(&work.path().join("b"));
+    for (k, v) in node_env(&etcd.endpoints(), &[]) {
+        cmd.env(k, v);
+    }
+    let (code, _, err) = common::run(&mut cmd, 60);
+    assert!(code != 0 && err.contains("/blotcdn/head"), "{code} {err}");
+}
