@@ -30,10 +30,11 @@ const SLOT_WAIT: Duration = Duration::from_secs(2);
 pub enum Fetched {
     /// In the CAS now.
     Yes,
-    /// Every peer answered that it does not have it (or sent wrong bytes).
+    /// Every peer answered that it does not have it.
     No,
-    /// No peer had it, and one or more could not be asked (down, timed
-    /// out, failing): the one holding it may be among them.
+    /// No peer gave it, and one or more could not be asked (down, timed
+    /// out, failing) or sent other bytes: the one holding it may be among
+    /// them.
     Unreachable,
     /// Every fetch slot was busy: try again soon.
     Busy,
@@ -120,7 +121,11 @@ async fn fetch_from(
                 return Fetched::Yes;
             }
             Ok(Err(Refused::Miss(why))) => tracing::debug!(peer, hash = %hash, why, "peer does not have the blob"),
-            Ok(Err(Refused::Wrong(why))) => tracing::error!(peer, hash = %hash, why, "peer sent a wrong blob; refused"),
+            Ok(Err(Refused::Wrong(why))) => {
+                // Its holder is somewhere: not a "no such asset".
+                unreachable = true;
+                tracing::error!(peer, hash = %hash, why, "peer sent a wrong blob; refused")
+            }
             Ok(Err(Refused::Failed(why))) => {
                 unreachable = true;
                 tracing::warn!(peer, hash = %hash, why, "peer fetch failed");

@@ -143,6 +143,8 @@ pub(super) struct Writer {
     pub(super) nonce: u64,
     /// Groups this node tried to commit.
     pub(super) tries: u64,
+    /// Holds are ignored until then (see [`Writer::wait_for_hold`]).
+    pub(super) holds_ignored_until: Option<Instant>,
     /// The thread writing this node's last snapshot.
     pub(super) snapshotting: Option<std::thread::JoinHandle<()>>,
     pub(super) f: Arc<Follower>,
@@ -195,6 +197,8 @@ impl Writer {
                 op.refuse(e.clone_for_reply(), &shared);
             }
         };
+        // Held back by another node's large write once per write at most.
+        let mut waited = false;
         for _attempt in 0..100 {
             if let Some(e) = shared.failed.lock().clone() {
                 return refuse_all(ops, &StoreError::Failed(e));
@@ -259,8 +263,9 @@ impl Writer {
             if parts.is_some() {
                 // Committed: the others may go on.
                 success.push(del(self.f.hold.clone(), Vec::new()));
-            } else {
+            } else if !waited {
                 self.wait_for_hold();
+                waited = true;
             }
             let txn = TxnRequest {
                 compare: vec![unchanged_since(self.f.head.clone(), head_rev)],
@@ -367,9 +372,14 @@ impl Writer {
 
     /// While another node's large write holds the others back (`P hold`,
     /// put no more than `HOLD_MAX` ago as this node's watch saw it), waits
-    /// for it to be committed, for `HOLD_MAX` at most: a node that died
-    /// holding, or one that holds again and again, delays a write that long.
-    fn wait_for_hold(&self) {
+    /// for it to be committed, for `HOLD_MAX` at most (a write waits once,
+    /// not at each of its tries). A hold not let go within that (its node
+    /// died, or something puts it again and again: that slowed a cluster to
+    /// a write a second) has this node ignore holds for `HOLD_IGNORED`.
+    fn wait_for_hold(&mut self) {
+        if self.holds_ignored_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         let started = Instant::now();
         let ours = self.nonce.to_be_bytes();
         loop {
@@ -379,7 +389,15 @@ impl Writer {
                 .lock()
                 .as_ref()
                 .is_some_and(|(at, who)| at.elapsed() < HOLD_MAX && who.as_slice() != ours.as_slice());
-            if !held || started.elapsed() >= HOLD_MAX {
+            if !held {
+                return;
+            }
+            if started.elapsed() >= HOLD_MAX {
+                tracing::warn!(
+                    ignored_s = HOLD_IGNORED.as_secs(),
+                    "another node's hold for a large write was not let go in time; holds are ignored for a while"
+                );
+                self.holds_ignored_until = Some(Instant::now() + HOLD_IGNORED);
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));

@@ -90,6 +90,8 @@ const PART_MARK: [u8; 4] = [0xff; 4];
 /// How long a large write's hold (`P hold`) holds other nodes' writes back
 /// at most: long enough to write 16 MiB of parts.
 const HOLD_MAX: Duration = Duration::from_secs(3);
+/// How long holds are ignored after one was not let go within `HOLD_MAX`.
+const HOLD_IGNORED: Duration = Duration::from_secs(30);
 /// Paths taken into one group at most, so groups stay under that size.
 const MAX_GROUP_PATHS: usize = 8192;
 /// Groups per page when loading the log (at most 1 MiB each).
@@ -354,7 +356,8 @@ impl IndexedStore {
             }
         });
         let (index, applied, rev) = loaded.map_err(|e| {
-            StoreError::Unavailable(format!("cannot load from etcd at {}: {e}", opts.endpoints.join(",")))
+            // The endpoints are named by the caller's message.
+            StoreError::Unavailable(format!("cannot load from etcd: {e}"))
         })?;
         rt.block_on(inside_another(&mut f.members.kv().1, &prefix))?;
         let paths: usize = index.blogs.values().map(|b| b.paths.len()).sum();
@@ -376,7 +379,15 @@ impl IndexedStore {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
         };
-        let writer = Writer { written: 0, nonce, tries: 0, snapshotting: None, f, rt: rt.handle().clone() };
+        let writer = Writer {
+            written: 0,
+            nonce,
+            tries: 0,
+            holds_ignored_until: None,
+            snapshotting: None,
+            f,
+            rt: rt.handle().clone(),
+        };
         Ok(IndexedStore::start(shared, move |rx| {
             writer.run(rx);
             // The watch and the connections end with the writer.

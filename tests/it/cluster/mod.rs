@@ -422,9 +422,10 @@ async fn a_permanent_url_uploaded_on_one_node_is_served_by_another_and_a_lying_p
     for n in [&b, &lied_to] {
         knows_one_asset(n, "peers").await;
     }
-    // Only the liar as a peer: its bytes are refused, nothing is kept: 404.
+    // Only the liar as a peer: its bytes are refused, nothing is kept, and
+    // the answer is to retry (503), not a 404 an edge would keep.
     let r = get(lied_to.http, &path, &[]);
-    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     let blob = |dir: &Path| common::blob_file(dir, &asset.hash);
     assert!(!blob(&work.path().join("c")).exists(), "a wrong blob was stored");
 
