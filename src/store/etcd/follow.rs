@@ -525,7 +525,7 @@ impl Follower {
                 // also answers with an older revision; a linearizable read
                 // (the leader's) tells the two apart. Only etcd as a whole
                 // going back is a restore.
-                WatchEnd::Rewound(_) if self.history().await != Some(false) => {
+                WatchEnd::Rewound(_) if !self.restored(from - 1).await => {
                     self.members.failed(i, "its revision is behind what this node has seen");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -563,6 +563,25 @@ impl Follower {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether etcd was restored from a backup: its history is another one
+    /// than this node applied, or (a backup that holds every group this
+    /// node applied) etcd as a whole, by a linearizable read, is below
+    /// revision `seen`: a watch from `seen` on would miss what is written
+    /// between. Not so for one member behind the others. False when etcd
+    /// does not answer: nothing is reloaded on a guess.
+    async fn restored(&self, seen: i64) -> bool {
+        match self.history().await {
+            Some(false) => true,
+            None => false,
+            Some(true) => {
+                let (_, mut kv) = self.members.kv();
+                let req = RangeRequest { key: self.head.clone(), count_only: true, ..Default::default() };
+                let now = range(&mut kv, req, "reading etcd's revision").await.ok().and_then(|r| r.header);
+                now.is_some_and(|h| h.revision < seen)
+            }
         }
     }
 
