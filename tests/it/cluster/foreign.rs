@@ -181,6 +181,27 @@ async fn a_prefix_inside_another_clusters_keys_is_refused() {
     assert!(code != 0 && err.contains("/c2/log/0/head"), "{code} {err}");
 }
 
+/// A backup of the one member's data dir, copied while it is stopped.
+fn back_up(etcd: &mut EtcdCluster, work: &Path) -> std::path::PathBuf {
+    etcd.kill(0);
+    let backup = work.join("backup");
+    std::fs::create_dir_all(&backup).unwrap();
+    copy_dir(&etcd.member_dir(0), &backup);
+    etcd.restart(0);
+    assert!(etcd.wait_healthy(Duration::from_secs(20)));
+    backup
+}
+
+/// The member's data dir put back as `backup` has it.
+fn restore(etcd: &mut EtcdCluster, backup: &Path) {
+    etcd.kill(0);
+    std::fs::remove_dir_all(etcd.member_dir(0)).unwrap();
+    std::fs::create_dir_all(etcd.member_dir(0)).unwrap();
+    copy_dir(backup, &etcd.member_dir(0));
+    etcd.restart(0);
+    assert!(etcd.wait_healthy(Duration::from_secs(20)));
+}
+
 /// etcd restored from a backup (here: its data dir copied while stopped,
 /// and copied back) goes back to an earlier revision. Before, running nodes
 /// kept serving the writes the restore took away, refused every write as
@@ -197,12 +218,7 @@ async fn a_node_reloads_when_etcd_is_restored_from_a_backup() {
     let paths: Vec<String> = vec!["/a.css".into(), "/b.css".into()];
     invalidate(&mut p, "restored", &paths[..1]).await.unwrap();
     // The backup.
-    etcd.kill(0);
-    let backup = work.path().join("backup");
-    std::fs::create_dir_all(&backup).unwrap();
-    copy_dir(&etcd.member_dir(0), &backup);
-    etcd.restart(0);
-    assert!(etcd.wait_healthy(Duration::from_secs(20)));
+    let backup = back_up(&mut etcd, work.path());
     // Writes after it, which the restore takes away.
     for i in 0..5 {
         patiently(&mut p, "restored", &paths[1..]).await;
@@ -216,12 +232,7 @@ async fn a_node_reloads_when_etcd_is_restored_from_a_backup() {
     agreed(&[&a, &c], "restored", &paths).await;
     let signal = |sig| assert_eq!(unsafe { libc::kill(c.child.id() as i32, sig) }, 0);
     signal(libc::SIGSTOP);
-    etcd.kill(0);
-    std::fs::remove_dir_all(etcd.member_dir(0)).unwrap();
-    std::fs::create_dir_all(etcd.member_dir(0)).unwrap();
-    copy_dir(&backup, &etcd.member_dir(0));
-    etcd.restart(0);
-    assert!(etcd.wait_healthy(Duration::from_secs(20)));
+    restore(&mut etcd, &backup);
     // A write gets in, and A answers as a node started now does.
     let deadline = Instant::now() + Duration::from_secs(15);
     let id = loop {
@@ -286,12 +297,7 @@ async fn a_node_does_not_miss_writes_after_a_restore_below_what_it_saw() {
     let work = tempfile::tempdir().unwrap();
     let a = node(&etcd, &work.path().join("a"), &[]);
     invalidate(&mut publisher(&a).await, "below", &["/a.css".into()]).await.unwrap();
-    etcd.kill(0);
-    let backup = work.path().join("backup");
-    std::fs::create_dir_all(&backup).unwrap();
-    copy_dir(&etcd.member_dir(0), &backup);
-    etcd.restart(0);
-    assert!(etcd.wait_healthy(Duration::from_secs(20)));
+    let backup = back_up(&mut etcd, work.path());
     // Revisions A's watch sees pass, with no group.
     let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
     for _ in 0..5 {
@@ -300,12 +306,7 @@ async fn a_node_does_not_miss_writes_after_a_restore_below_what_it_saw() {
         put_all(&mut kv, vec![RequestOp { request: Some(Request::RequestDeleteRange(del)) }]).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    etcd.kill(0);
-    std::fs::remove_dir_all(etcd.member_dir(0)).unwrap();
-    std::fs::create_dir_all(etcd.member_dir(0)).unwrap();
-    copy_dir(&backup, &etcd.member_dir(0));
-    etcd.restart(0);
-    assert!(etcd.wait_healthy(Duration::from_secs(20)));
+    restore(&mut etcd, &backup);
     // B writes in the revisions A had seen before the restore.
     let b = node(&etcd, &work.path().join("b"), &[]);
     let mut p = publisher(&b).await;
