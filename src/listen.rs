@@ -230,6 +230,15 @@ impl Guarded {
             (Some(end), None) => end.deadline() <= tokio::time::Instant::now(),
         }
     }
+
+    /// Past its lifetime (by the clock), or cut: what every read and write
+    /// fails with from then on.
+    fn ended(&mut self) -> Option<io::Error> {
+        if self.over(None) {
+            return Some(outlived());
+        }
+        self.conn.cut.load(Ordering::Acquire).then(was_cut)
+    }
 }
 
 fn outlived() -> io::Error {
@@ -245,13 +254,10 @@ pub const H2_PREFACE: usize = 24;
 
 impl AsyncRead for Guarded {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.over(None) {
-            return Poll::Ready(Err(outlived()));
+        if let Some(e) = self.ended() {
+            return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
-        if self.conn.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(was_cut()));
-        }
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         match r {
             Poll::Pending if self.over(Some(cx)) => Poll::Ready(Err(outlived())),
@@ -277,11 +283,8 @@ impl AsyncRead for Guarded {
 
 impl AsyncWrite for Guarded {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.over(None) {
-            return Poll::Ready(Err(outlived()));
-        }
-        if self.conn.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(was_cut()));
+        if let Some(e) = self.ended() {
+            return Poll::Ready(Err(e));
         }
         match Pin::new(&mut self.stream).poll_write(cx, buf) {
             Poll::Pending if self.conn.is_cut(cx) => Poll::Ready(Err(was_cut())),
@@ -294,11 +297,8 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.over(None) {
-            return Poll::Ready(Err(outlived()));
-        }
-        if self.conn.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(was_cut()));
+        if let Some(e) = self.ended() {
+            return Poll::Ready(Err(e));
         }
         match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
             Poll::Pending if self.conn.is_cut(cx) => Poll::Ready(Err(was_cut())),

@@ -109,7 +109,7 @@ fn plan<'o>(ops: &'o [Op], index: &Index, a: &Applied, shared: &Shared) -> Vec<(
     out
 }
 
-fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+pub(super) fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
     RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })) }
 }
 

@@ -29,12 +29,17 @@ pub(super) fn shown(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
 }
 
+/// Whether `b` is hex digits as this cluster's writers spell them (lower
+/// case), at least one.
+fn is_hex(b: &[u8]) -> bool {
+    !b.is_empty() && b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The record number a key under `dir` (`P log/` or `P part/`) starts with,
 /// if it is spelled as this cluster's writers spell it (16 hex digits).
 fn key_seq(dir: &[u8], key: &[u8]) -> Option<u64> {
-    let hex = key.strip_prefix(dir)?.get(..16)?;
-    let seq = u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-    (format!("{seq:016x}").as_bytes() == hex).then_some(seq)
+    let hex = key.strip_prefix(dir)?.get(..16).filter(|h| is_hex(h))?;
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
 /// The record number a log key names (`P log/{seq}`), if it is spelled as
@@ -48,11 +53,15 @@ fn log_seq(log: &[u8], key: &[u8]) -> Option<u64> {
 /// 16, 16 and 8 hex digits (see [`parts_dir`]).
 fn part_seq(parts: &[u8], key: &[u8]) -> Option<u64> {
     let rest = key.strip_prefix(parts)?;
-    let hex = |b: &[u8]| !b.is_empty() && b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
     let shaped = rest.len() == 16 + 1 + 16 + 1 + 16 + 1 + 8
-        && [&rest[..16], &rest[17..33], &rest[34..50], &rest[51..]].into_iter().all(hex)
+        && [&rest[..16], &rest[17..33], &rest[34..50], &rest[51..]].into_iter().all(is_hex)
         && (rest[16], rest[33], rest[50]) == (b'-', b'-', b'/');
     shaped.then(|| key_seq(parts, key)).flatten()
+}
+
+/// The record a snapshot pointer (`P snap`) names: its first 8 bytes.
+fn pointer_seq(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().expect("8")))
 }
 
 /// Warns of a key under the prefix that no writer of this cluster wrote
@@ -140,16 +149,18 @@ fn records<'v>(
 }
 
 impl Follower {
-    /// Applies one group (a `log/` key and value), the next in the log, to
-    /// the index and the ids: its key must name the record after the last
-    /// one applied, and its records must follow from there. Nothing of a
-    /// group that fails is applied.
+    /// Applies one group (a `log/` key and value, written at revision `rev`),
+    /// the next in the log, to the index and the ids, and notes it as the
+    /// last group applied: its key must name the record after the last one
+    /// applied, and its records must follow from there. Nothing of a group
+    /// that fails is applied.
     fn apply_group(
         &self,
         index: &mut Index,
         a: &mut Applied,
         key: &[u8],
         value: &[u8],
+        rev: i64,
         parts: &mut Parts,
     ) -> Result<(), String> {
         let damaged = |why: &str| format!("the log group under etcd key {} {why}", shown(key));
@@ -179,6 +190,8 @@ impl Follower {
             }
             a.seq = *seq;
         }
+        // Its writer's tag: `records` found the value holds one.
+        a.last_group = Some((key.to_vec(), rev, value[..16].to_vec()));
         Ok(())
     }
 
@@ -202,13 +215,8 @@ impl Follower {
         }
     }
 
-    /// Reads the whole log at one revision, a page at a time, into a fresh
-    /// index. Returns the revision it was read at. Keys under the prefix
-    /// that are not this cluster's log (not the next group, or past `head`)
-    /// are left alone; a log that is not whole up to `head`, or a group
-    /// that cannot be read, is [`LoadError::Damaged`].
-    /// From the member in use; one that does not answer hands the next
-    /// load to the next member.
+    /// [`Follower::load_from`] the member in use; one that does not answer
+    /// hands the next load to the next member.
     pub(super) async fn load(&self) -> Result<(Index, Applied, i64), LoadError> {
         let (i, mut kv) = self.members.kv();
         let loaded = self.load_from(&mut kv).await;
@@ -218,6 +226,11 @@ impl Follower {
         loaded
     }
 
+    /// Reads the whole log at one revision, a page at a time, into a fresh
+    /// index. Returns the revision it was read at. Keys under the prefix
+    /// that are not this cluster's log (not the next group, or past `head`)
+    /// are left alone; a log that is not whole up to `head`, or a group
+    /// that cannot be read, is [`LoadError::Damaged`].
     async fn load_from(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), LoadError> {
         let (mut index, mut a) = (Index::default(), Applied::default());
         // The snapshot pointer fixes the revision every later read is at.
@@ -304,16 +317,16 @@ impl Follower {
         })
         .await?;
         pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
-            if resp_head.kvs.is_empty() && log_seq(&self.log, &g.key).is_some() {
+            let seq = log_seq(&self.log, &g.key);
+            if resp_head.kvs.is_empty() && seq.is_some() {
                 return Err(headless());
             }
-            if log_seq(&self.log, &g.key).is_none_or(|s| s != a.seq + 1 || s > head) {
+            if seq.is_none_or(|s| s != a.seq + 1 || s > head) {
                 foreign(&g.key, "not the next group of the log");
                 return Ok(());
             }
-            self.apply_group(&mut index, &mut a, &g.key, &g.value, &mut parts).map_err(LoadError::Damaged)?;
-            a.last_group = Some((g.key.clone(), g.mod_revision, g.value[..16].to_vec()));
-            Ok(())
+            self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts)
+                .map_err(LoadError::Damaged)
         })
         .await?;
         if a.seq != head {
@@ -483,10 +496,7 @@ impl Follower {
                     foreign(&kv.key, "a log key written without the head");
                     continue;
                 }
-                let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, &mut parts);
-                if applied.is_ok() {
-                    a.last_group = Some((kv.key.clone(), kv.mod_revision, kv.value[..16].to_vec()));
-                }
+                let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, &mut parts);
                 self.orphan_parts(&mut parts, a.seq);
                 if let Err(e) = applied {
                     // The index would part from etcd's: no write may be
@@ -499,8 +509,8 @@ impl Follower {
                     ));
                 }
             } else if kv.key == self.snap {
-                if let Some(seq) = kv.value.get(..8) {
-                    a.snap_seq = u64::from_be_bytes(seq.try_into().expect("8"));
+                if let Some(seq) = pointer_seq(&kv.value) {
+                    a.snap_seq = seq;
                     a.snap_rev = kv.mod_revision;
                     let chunks = kv.value.get(8..12).map_or(0, |n| u32::from_be_bytes(n.try_into().expect("4")));
                     a.snap_bytes = chunks as usize * MAX_GROUP_BYTES;
@@ -603,17 +613,15 @@ impl Follower {
         let (_, mut kv) = self.members.kv();
         let read = |key: Vec<u8>| RangeRequest { key, ..Default::default() };
         let r = range(&mut kv, read(key.clone()), "checking etcd's history").await.ok()?;
-        let snapshot_at =
-            |kv: &crate::etcdpb::KeyValue| kv.value.get(..8).map(|s| u64::from_be_bytes(s.try_into().expect("8")));
         Some(match r.kvs.first() {
             Some(kv) if kv.mod_revision == rev && kv.value.starts_with(&tag) => true,
             // A later snapshot, past what this node applied.
-            Some(kv) if key == self.snap => snapshot_at(kv).is_some_and(|s| s >= seq),
+            Some(kv) if key == self.snap => pointer_seq(&kv.value).is_some_and(|s| s >= seq),
             // The key holds another group: another history.
             Some(_) => false,
             None => {
                 let r = range(&mut kv, read(self.snap.clone()), "checking etcd's history").await.ok()?;
-                r.kvs.first().and_then(snapshot_at).is_some_and(|s| s >= seq)
+                r.kvs.first().and_then(|kv| pointer_seq(&kv.value)).is_some_and(|s| s >= seq)
             }
         })
     }
@@ -623,18 +631,14 @@ impl Follower {
     /// the report once one gets in. A read would not do: etcd out of space
     /// still answers reads, and refuses every write.
     pub(super) async fn probe(self: Arc<Self>) {
-        let alive = [&self.head[..self.head.len() - b"head".len()], b"alive"].concat();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if self.shared.degraded.lock().is_none() || !self.watching.load(Ordering::Relaxed) {
                 continue;
             }
             let (i, mut kv) = self.members.kv();
-            let put = PutRequest { key: alive.clone(), value: b"1".to_vec(), ..Default::default() };
-            let req = TxnRequest {
-                success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put)) }],
-                ..Default::default()
-            };
+            let req =
+                TxnRequest { success: vec![commit::put(self.alive.clone(), b"1".to_vec())], ..Default::default() };
             match tokio::time::timeout(Duration::from_secs(1), kv.txn(req)).await {
                 Ok(Ok(_)) => {
                     if self.watching.load(Ordering::Relaxed) {

@@ -152,6 +152,8 @@ struct Follower {
     /// (the writer's nonce).
     hold: Vec<u8>,
     hold_seen: Mutex<Option<(Instant, Vec<u8>)>>,
+    /// `P alive`: what the probe writes (outside what the watch follows).
+    alive: Vec<u8>,
     /// Folders of parts no group will name (their writer lost the race or
     /// died before its commit): deleted by this node's writer at its next
     /// write, not left for the next snapshot.
@@ -260,6 +262,9 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("etcd is unavailable ({what}: {e}); nothing was written, retry shortly"))
 }
 
+/// The folders of a prefix that hold its log, its parts and its snapshots.
+const FOLDERS: [&[u8]; 3] = [b"log/", b"part/", b"snap/"];
+
 /// Refuses a prefix that lies among another cluster's keys (under its
 /// `log/`, `part/` or `snap/`, where that cluster has a `head`), and one
 /// with another cluster's keys among its own (a `head` under its `log/`,
@@ -271,7 +276,7 @@ async fn inside_another(kv: &mut KvClient<Channel>, prefix: &[u8]) -> Result<(),
     let unchecked = |e: String| StoreError::Unavailable(format!("cannot check etcd_prefix {:?}: {e}", shown(prefix)));
     for (i, _) in prefix.iter().enumerate().filter(|(_, b)| **b == b'/') {
         let (outer, rest) = prefix.split_at(i + 1);
-        if ![&b"log/"[..], b"part/", b"snap/"].iter().any(|d| rest.starts_with(d)) {
+        if !FOLDERS.iter().any(|d| rest.starts_with(d)) {
             continue;
         }
         let head = [outer, b"head"].concat();
@@ -287,7 +292,7 @@ async fn inside_another(kv: &mut KvClient<Channel>, prefix: &[u8]) -> Result<(),
             )));
         }
     }
-    for dir in [&b"log/"[..], b"part/", b"snap/"] {
+    for dir in FOLDERS {
         let dir = [prefix, dir].concat();
         // Keys under the folder that sort before any this cluster writes.
         let req = RangeRequest { key: dir.clone(), range_end: seq_key(&dir, 0), keys_only: true, ..Default::default() };
@@ -332,6 +337,7 @@ impl IndexedStore {
             pending_parts: Mutex::default(),
             hold: with(b"hold"),
             hold_seen: Mutex::default(),
+            alive: with(b"alive"),
             orphans: Mutex::default(),
             watching: true.into(),
             members,
