@@ -23,6 +23,13 @@ async fn head(kv: &mut KvClient<Channel>) -> u64 {
     u64::from_be_bytes(r.into_inner().kvs[0].value[..8].try_into().unwrap())
 }
 
+/// A node's environment on `etcd` with `etcd_prefix` set to `prefix`.
+fn prefixed(etcd: &EtcdCluster, prefix: &str) -> Vec<(String, String)> {
+    let mut env = node_env(&etcd.endpoints(), &[]);
+    env.push(("BLOTCDN_ETCD_PREFIX".into(), prefix.into()));
+    env
+}
+
 /// Each node's cache ids for `paths` of `blog`, once they agree (a watch
 /// may be a moment behind).
 async fn agreed(nodes: &[&ChildServer], blog: &str, paths: &[String]) -> Vec<u64> {
@@ -134,13 +141,9 @@ async fn a_damaged_group_of_the_log_is_named_and_a_start_refuses_it_at_once() {
     assert_eq!(cache_ids(&mut resolver(&a).await, "damaged", &["/a.css".into()]).await.len(), 1);
     // A node starting now reads the same group: it says so, and does not
     // try again for 10 s first.
-    let mut cmd = common::serve_on_free_ports(&work.path().join("c"));
-    for (k, v) in node_env(&etcd.endpoints(), &[]) {
-        cmd.env(k, v);
-    }
-    let (code, _, err) = common::run(cmd.env("RUST_LOG", "warn"), 60);
+    let (code, log, err) = serve_to_exit(&work.path().join("c"), &node_env(&etcd.endpoints(), &[]));
     assert!(code != 0 && err.contains(&key), "{code} {err}");
-    assert!(!err.contains("trying again"), "{err}");
+    assert!(!log.contains("trying again"), "{log}");
     // Said once (the exit line repeated its cause).
     let exit = err.lines().find(|l| l.starts_with("blotcdn: ")).expect(&err);
     assert_eq!(exit.matches(key.as_str()).count(), 1, "{exit}");
@@ -155,29 +158,20 @@ async fn a_prefix_inside_another_clusters_keys_is_refused() {
     let a = node(&etcd, &work.path().join("a"), &[]);
     invalidate(&mut publisher(&a).await, "outer", &["/a.css".into()]).await.unwrap();
     for (prefix, says) in [("/blotcdn/log/", "lies among the keys"), ("/blotcdn", "must end with")] {
-        let mut cmd = common::serve_on_free_ports(&work.path().join("b"));
-        for (k, v) in node_env(&etcd.endpoints(), &[]) {
-            cmd.env(k, v);
-        }
-        let (code, _, err) = common::run(cmd.env("BLOTCDN_ETCD_PREFIX", prefix), 60);
+        let (code, _, err) = serve_to_exit(&work.path().join("b"), &prefixed(&etcd, prefix));
         assert!(code != 0 && err.contains("etcd_prefix") && err.contains(says), "{prefix}: {code} {err}");
     }
     // The other way round: a cluster started inside another's prefix before
     // that one wrote. The outer one, started now, refuses (its snapshots'
     // deletions of its log would reach the inner one's keys).
-    let mut env = node_env(&etcd.endpoints(), &[]);
-    env.push(("BLOTCDN_ETCD_PREFIX".into(), "/c2/log/0/".into()));
+    let env = prefixed(&etcd, "/c2/log/0/");
     let inner = ChildServer::spawn_with(
         &work.path().join("inner"),
         &[],
         &env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>(),
     );
     invalidate(&mut publisher(&inner).await, "inner", &["/a.css".into()]).await.unwrap();
-    let mut cmd = common::serve_on_free_ports(&work.path().join("outer"));
-    for (k, v) in node_env(&etcd.endpoints(), &[]) {
-        cmd.env(k, v);
-    }
-    let (code, _, err) = common::run(cmd.env("BLOTCDN_ETCD_PREFIX", "/c2/"), 60);
+    let (code, _, err) = serve_to_exit(&work.path().join("outer"), &prefixed(&etcd, "/c2/"));
     assert!(code != 0 && err.contains("/c2/log/0/head"), "{code} {err}");
 }
 
@@ -278,11 +272,7 @@ async fn a_deleted_head_stops_writes_and_a_start_names_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(get(a.http, "/healthz", &[]).status, 503);
-    let mut cmd = common::serve_on_free_ports(&work.path().join("b"));
-    for (k, v) in node_env(&etcd.endpoints(), &[]) {
-        cmd.env(k, v);
-    }
-    let (code, _, err) = common::run(&mut cmd, 60);
+    let (code, _, err) = serve_to_exit(&work.path().join("b"), &node_env(&etcd.endpoints(), &[]));
     assert!(code != 0 && err.contains("/blotcdn/head"), "{code} {err}");
 }
 

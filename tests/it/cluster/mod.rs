@@ -566,6 +566,14 @@ fn node_env(endpoints: &str, peers: &[SocketAddr]) -> Vec<(String, String)> {
     env
 }
 
+/// `blotcdn serve` on `dir` with `env`, run until it exits (within 60 s):
+/// its exit code, its log (stdout) and its stderr (the exit line).
+fn serve_to_exit(dir: &Path, env: &[(String, String)]) -> (i32, String, String) {
+    let mut cmd = common::serve_on_free_ports(dir);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    common::run(&mut cmd, 60)
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
@@ -694,16 +702,9 @@ async fn a_data_dir_is_served_only_with_the_store_it_belongs_to() {
     let (clustered, embedded) = (work.path().join("clustered"), work.path().join("embedded"));
     drop(node(&etcd, &clustered, &[]));
     drop(ChildServer::spawn(&embedded));
-    let serve = |dir: &Path, env: &[(String, String)]| {
-        let mut cmd = common::serve_on_free_ports(dir);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        common::run(&mut cmd, 60)
-    };
-    let (code, _, err) = serve(&clustered, &[]);
+    let (code, _, err) = serve_to_exit(&clustered, &[]);
     assert!(code != 0 && err.contains("store") && err.contains("\"etcd\""), "{code} {err}");
-    let (code, _, err) = serve(&embedded, &node_env(&etcd.endpoints(), &[]));
+    let (code, _, err) = serve_to_exit(&embedded, &node_env(&etcd.endpoints(), &[]));
     assert!(code != 0 && err.contains("store") && err.contains("\"sled\""), "{code} {err}");
 }
 
