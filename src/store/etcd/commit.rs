@@ -203,11 +203,24 @@ impl Writer {
             if let Some(e) = shared.failed.lock().clone() {
                 return refuse_all(ops, &StoreError::Failed(e));
             }
-            let (planned, head_rev, first_seq) = {
+            let (planned, head_rev, first_seq, midway) = {
                 let index = shared.index.read();
                 let a = self.f.applied.lock();
-                (plan(&ops, &index, &a, &shared), a.head_rev, a.seq + 1)
+                // The watch partway through an answer: a head applied whose
+                // group may not be yet (it comes in a later fragment, or its
+                // parts are being read). Planned now, on that head, this
+                // group would pass the head's check and be put over that
+                // group. Once the answer is whole, it is applied.
+                let midway = a.head_rev > *self.f.seen.borrow();
+                (plan(&ops, &index, &a, &shared), a.head_rev, a.seq + 1, midway)
             };
+            if midway {
+                if !self.wait_seen(head_rev) {
+                    let e = unavailable("following the log", "this node's watch is behind");
+                    return refuse_all(ops, &e);
+                }
+                continue;
+            }
             let mut seq = first_seq;
             let mut numbered = Vec::new();
             for (rec, _) in &planned {

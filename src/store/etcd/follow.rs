@@ -3,6 +3,7 @@
 //! probe that clears the health report once etcd answers again.
 
 use super::*;
+use crate::etcdpb::KeyValue;
 
 /// Why the log could not be loaded: etcd did not answer (worth trying
 /// again), or what it holds cannot be read (it will not read better later).
@@ -86,55 +87,107 @@ pub(super) async fn range(
     }
 }
 
-/// Reads the keys in `[key, end)` as of revision `rev`, `limit` to a
-/// request, handing each to `each` in key order.
-async fn pages(
-    kv: &mut KvClient<Channel>,
-    mut key: Vec<u8>,
-    end: Vec<u8>,
-    limit: i64,
-    rev: i64,
-    what: &str,
-    mut each: impl FnMut(&crate::etcdpb::KeyValue) -> Result<(), LoadError>,
-) -> Result<(), LoadError> {
-    loop {
-        let req = RangeRequest { key, range_end: end.clone(), limit, revision: rev, ..Default::default() };
-        let resp = range(kv, req, what).await?;
-        for kv in &resp.kvs {
-            each(kv)?;
+/// The keys in `[key, end)` as of revision `rev`, in key order, read
+/// `limit` to a request (a page at a time: see [`Pages::next`]).
+struct Pages {
+    req: Option<RangeRequest>,
+}
+
+impl Pages {
+    fn new(key: Vec<u8>, end: Vec<u8>, limit: i64, rev: i64, keys_only: bool) -> Pages {
+        Pages { req: Some(RangeRequest { key, range_end: end, limit, revision: rev, keys_only, ..Default::default() }) }
+    }
+
+    /// The next page; `None` once every key is read.
+    async fn next(&mut self, kv: &mut KvClient<Channel>, what: &str) -> Result<Option<Vec<KeyValue>>, LoadError> {
+        let Some(req) = self.req.take() else { return Ok(None) };
+        let resp = range(kv, req.clone(), what).await?;
+        if let Some(last) = resp.kvs.last().filter(|_| resp.more) {
+            let mut key = last.key.clone();
+            key.push(0);
+            self.req = Some(RangeRequest { key, ..req });
         }
-        match resp.kvs.last() {
-            Some(last) if resp.more => {
-                key = last.key.clone();
-                key.push(0);
-            }
-            _ => return Ok(()),
-        }
+        Ok(Some(resp.kvs))
     }
 }
 
+/// Reads the keys of `pages`, handing each to `each` in key order.
+async fn pages(
+    kv: &mut KvClient<Channel>,
+    mut pages: Pages,
+    what: &str,
+    mut each: impl FnMut(&KeyValue) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    while let Some(page) = pages.next(kv, what).await? {
+        page.iter().try_for_each(&mut each)?;
+    }
+    Ok(())
+}
+
+/// What a group written in parts names: the folder of its parts, how many
+/// there are, and their length and hash together.
+struct Named<'v> {
+    dir: Vec<u8>,
+    n: u32,
+    len: usize,
+    hash: &'v [u8],
+}
+
+/// What the group under `key` names, if it is written in parts (`None`:
+/// its records are in its value).
+fn named<'v>(parts_prefix: &[u8], log_prefix: &[u8], key: &[u8], value: &'v [u8]) -> Result<Option<Named<'v>>, String> {
+    let body = value.get(16..).ok_or("a log group without its writer's nonce")?;
+    if body.get(..4) != Some(&PART_MARK[..]) {
+        return Ok(None);
+    }
+    let (Some(n), Some(len), Some(hash)) = (body.get(4..8), body.get(8..16), body.get(16..48)) else {
+        return Err("a log group's list of parts is cut short".into());
+    };
+    let nonce = u64::from_be_bytes(value[..8].try_into().expect("8"));
+    let tries = u64::from_be_bytes(value[8..16].try_into().expect("8"));
+    let seq_hex = key.get(log_prefix.len()..).unwrap_or_default();
+    Ok(Some(Named {
+        dir: parts_dir(parts_prefix, seq_hex, nonce, tries),
+        n: u32::from_be_bytes(n.try_into().expect("4")),
+        len: u64::from_be_bytes(len.try_into().expect("8")) as usize,
+        hash,
+    }))
+}
+
+/// Reads from etcd, as of revision `rev`, the parts `g` names: no key past
+/// the last it names, and no more bytes than it says they hold (what is
+/// past that is dropped, and the group then reads as damaged).
+async fn fetch(kv: &mut KvClient<Channel>, g: &Named<'_>, rev: i64) -> Result<Parts, LoadError> {
+    let (mut parts, mut bytes) = (Parts::new(), 0);
+    let end = [g.dir.as_slice(), format!("{:08x}", g.n).as_bytes()].concat();
+    // Up to 1 MiB each: two to a page.
+    pages(kv, Pages::new(g.dir.clone(), end, 2, rev, false), "reading a large group's parts", |p| {
+        bytes += p.value.len();
+        if bytes <= g.len {
+            parts.insert(p.key.clone(), p.value.clone());
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(parts)
+}
+
+/// A group's records, and the folder of the parts they were gathered from.
+type Gathered<'v> = (std::borrow::Cow<'v, [u8]>, Option<Vec<u8>>);
+
 /// The records of the group under `key`: in its value, or gathered (and
-/// taken) from the `parts` it names, checked against its length and hash.
+/// taken) from the `parts` read for it, checked against its length and
+/// hash; and the folder of those parts.
 fn records<'v>(
     parts_prefix: &[u8],
     log_prefix: &[u8],
     key: &[u8],
     value: &'v [u8],
     parts: &mut Parts,
-) -> Result<std::borrow::Cow<'v, [u8]>, String> {
-    let body = value.get(16..).ok_or("a log group without its writer's nonce")?;
-    if body.get(..4) != Some(&PART_MARK[..]) {
-        return Ok(body.into());
-    }
-    let (Some(n), Some(len), Some(hash)) = (body.get(4..8), body.get(8..16), body.get(16..48)) else {
-        return Err("a log group's list of parts is cut short".into());
+) -> Result<Gathered<'v>, String> {
+    let Some(Named { dir, n, len, hash }) = named(parts_prefix, log_prefix, key, value)? else {
+        return Ok((value[16..].into(), None));
     };
-    let n = u32::from_be_bytes(n.try_into().expect("4"));
-    let len = u64::from_be_bytes(len.try_into().expect("8")) as usize;
-    let nonce = u64::from_be_bytes(value[..8].try_into().expect("8"));
-    let tries = u64::from_be_bytes(value[8..16].try_into().expect("8"));
-    let seq_hex = key.get(log_prefix.len()..).unwrap_or_default();
-    let dir = parts_dir(parts_prefix, seq_hex, nonce, tries);
     let mut out = Vec::with_capacity(len.min(1 << 30));
     for i in 0..n {
         let part = parts
@@ -145,7 +198,12 @@ fn records<'v>(
     if out.len() != len || blake3::hash(&out).as_bytes()[..] != hash[..] {
         return Err(format!("the parts of a log group ({} bytes) are not the {len} bytes it names", out.len()));
     }
-    Ok(out.into())
+    Ok((out.into(), Some(dir)))
+}
+
+/// The folder a part's key is in: up to its last slash.
+fn folder(key: &[u8]) -> Option<&[u8]> {
+    key.iter().rposition(|b| *b == b'/').map(|end| &key[..=end])
 }
 
 impl Follower {
@@ -153,7 +211,10 @@ impl Follower {
     /// the next in the log, to the index and the ids, and notes it as the
     /// last group applied: its key must name the record after the last one
     /// applied, and its records must follow from there. Nothing of a group
-    /// that fails is applied.
+    /// that fails is applied. A group written in parts finds them in
+    /// `parts`, and takes their folder out of `folders` (they are not
+    /// orphans).
+    #[allow(clippy::too_many_arguments)]
     fn apply_group(
         &self,
         index: &mut Index,
@@ -162,15 +223,18 @@ impl Follower {
         value: &[u8],
         rev: i64,
         parts: &mut Parts,
+        folders: &mut Folders,
     ) -> Result<(), String> {
         let damaged = |why: &str| format!("the log group under etcd key {} {why}", shown(key));
         let next = a.seq + 1;
         if log_seq(&self.log, key) != Some(next) {
             return Err(damaged(&format!("is not record {next}, the next in the log")));
         }
-        let recs = records(&self.parts, &self.log, key, value, parts)
+        let (recs, dir) = records(&self.parts, &self.log, key, value, parts)
             .map_err(|why| damaged(&format!("cannot be read: {why}")))
-            .and_then(|b| wal::decode_group(&b).ok_or_else(|| damaged("is damaged (its records do not decode)")))?;
+            .and_then(|(b, dir)| {
+                Ok((wal::decode_group(&b).ok_or_else(|| damaged("is damaged (its records do not decode)"))?, dir))
+            })?;
         if recs.is_empty() || recs.iter().enumerate().any(|(i, (seq, _))| *seq != next + i as u64) {
             return Err(damaged(&format!("does not hold records from {next} on")));
         }
@@ -190,29 +254,21 @@ impl Follower {
             }
             a.seq = *seq;
         }
+        if let Some(dir) = dir {
+            folders.remove(&dir);
+        }
         // Its writer's tag: `records` found the value holds one.
         a.last_group = Some((key.to_vec(), rev, value[..16].to_vec()));
         Ok(())
     }
 
-    /// Takes out of `parts` those of records up to `seq`, which no group
-    /// can name any more (the group of that record is applied), and notes
-    /// their folders for this node's writer to delete.
-    fn orphan_parts(&self, parts: &mut Parts, seq: u64) {
-        let rest = parts.split_off(&seq_key(&self.parts, seq + 1));
-        let passed = std::mem::replace(parts, rest);
-        self.orphan(passed.into_keys());
-    }
-
-    /// Notes the folders of these parts for this node's writer to delete.
-    fn orphan(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
-        let mut orphans = self.orphans.lock();
-        for key in keys {
-            // The folder: the key up to its last slash.
-            if let Some(end) = key.iter().rposition(|b| *b == b'/') {
-                orphans.insert(key[..=end].to_vec());
-            }
-        }
+    /// Takes out of `folders` those of records up to `seq`, which no group
+    /// can name any more (the group of that record is applied, and took its
+    /// own folder out), and notes them for this node's writer to delete.
+    fn orphan_parts(&self, folders: &mut Folders, seq: u64) {
+        let rest = folders.split_off(&seq_key(&self.parts, seq + 1));
+        let passed = std::mem::replace(folders, rest);
+        self.orphans.lock().extend(passed);
     }
 
     /// [`Follower::load_from`] the member in use; one that does not answer
@@ -276,7 +332,7 @@ impl Follower {
             let dir = [self.snaps.as_slice(), format!("{seq:016x}-{nonce:016x}/").as_bytes()].concat();
             let end = prefix_end(&dir);
             // Chunks are up to 1 MiB: two to a page.
-            pages(kv, dir, end, 2, rev, "loading the snapshot", |c| {
+            pages(kv, Pages::new(dir, end, 2, rev, false), "loading the snapshot", |c| {
                 bytes.extend_from_slice(&c.value);
                 got += 1;
                 Ok(())
@@ -303,32 +359,45 @@ impl Follower {
             };
             key = seq_key(&self.log, seq + 1);
         }
-        // The parts of large groups first (those of groups a snapshot
-        // covers are gone with it), at the same revision: those of the log's
-        // groups, and of a try at the next record. Parts further on are no
-        // try's of this cluster: not kept.
-        let mut parts = Parts::new();
-        pages(kv, self.parts.clone(), prefix_end(&self.parts), 2, rev, "loading the log's parts", |p| {
-            match part_seq(&self.parts, &p.key) {
-                Some(s) if s <= head + 1 => drop(parts.insert(p.key.clone(), p.value.clone())),
+        // The folders of large groups' parts first (those of groups a
+        // snapshot covers are gone with it), at the same revision, by name
+        // only: those of the log's groups, and of a try at the next record.
+        // Parts further on are no try's of this cluster: not noted.
+        let mut folders = Folders::new();
+        let (parts_start, parts_end) = (self.parts.clone(), prefix_end(&self.parts));
+        pages(kv, Pages::new(parts_start, parts_end, 1024, rev, true), "loading the log's parts", |p| {
+            match part_seq(&self.parts, &p.key).zip(folder(&p.key)) {
+                Some((s, dir)) if s <= head + 1 => {
+                    if !folders.contains(dir) {
+                        folders.insert(dir.to_vec());
+                    }
+                }
                 _ => foreign(&p.key, "a part of no group this cluster's writers could be writing"),
             }
             Ok(())
         })
         .await?;
-        pages(kv, key, prefix_end(&self.log), PAGE, rev, "loading the log", |g| {
-            let seq = log_seq(&self.log, &g.key);
-            if resp_head.kvs.is_empty() && seq.is_some() {
-                return Err(headless());
+        // A group written in parts reads them as it comes (one group's
+        // parts in memory at a time).
+        let mut log = Pages::new(key, prefix_end(&self.log), PAGE, rev, false);
+        while let Some(page) = log.next(kv, "loading the log").await? {
+            for g in &page {
+                let seq = log_seq(&self.log, &g.key);
+                if resp_head.kvs.is_empty() && seq.is_some() {
+                    return Err(headless());
+                }
+                if seq.is_none_or(|s| s != a.seq + 1 || s > head) {
+                    foreign(&g.key, "not the next group of the log");
+                    continue;
+                }
+                let mut parts = match named(&self.parts, &self.log, &g.key, &g.value) {
+                    Ok(Some(named)) => fetch(kv, &named, rev).await?,
+                    _ => Parts::new(),
+                };
+                self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts, &mut folders)
+                    .map_err(LoadError::Damaged)?;
             }
-            if seq.is_none_or(|s| s != a.seq + 1 || s > head) {
-                foreign(&g.key, "not the next group of the log");
-                return Ok(());
-            }
-            self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts)
-                .map_err(LoadError::Damaged)
-        })
-        .await?;
+        }
         if a.seq != head {
             let missing = seq_key(&self.log, a.seq + 1);
             return Err(LoadError::Damaged(format!(
@@ -337,10 +406,13 @@ impl Follower {
                 shown(&missing)
             )));
         }
-        // Parts of a group committed after this revision: the watch brings
-        // the group, not them again. Those the log has passed are orphans.
-        self.orphan_parts(&mut parts, a.seq);
-        *self.pending_parts.lock() = parts;
+        // Parts of a try at the next record: the watch may bring its group.
+        // Those the log has passed are orphans.
+        self.orphan_parts(&mut folders, a.seq);
+        while folders.len() > MAX_PENDING_FOLDERS {
+            folders.pop_last();
+        }
+        *self.pending_parts.lock() = folders;
         Ok((index, a, rev))
     }
 
@@ -422,8 +494,11 @@ impl Follower {
                 }
             }
             if let Some(top) = msg.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
-                // Applied as they come, so memory holds one fragment.
-                self.apply_events(&msg.events);
+                // Applied as they come, so memory holds one fragment (and
+                // the parts of one group).
+                if let Err(e) = self.apply_fetching(&msg.events).await {
+                    return WatchEnd::Down(e.to_string());
+                }
                 last = last.max(top);
             }
             if msg.fragment {
@@ -445,29 +520,79 @@ impl Follower {
         }
     }
 
-    fn apply_events(&self, events: &[crate::etcdpb::Event]) {
+    /// Applies `events`, in order; a group written in parts (and with the
+    /// head, see [`Follower::apply_events`]) has its parts read from etcd
+    /// first, at its revision. An error: they could not be read (nothing
+    /// from that group on is applied).
+    async fn apply_fetching(&self, events: &[crate::etcdpb::Event]) -> Result<(), LoadError> {
+        let mut from = 0;
+        for (j, ev) in events.iter().enumerate() {
+            let Some(kv) = ev.kv.as_ref().filter(|kv| ev.r#type == 0 && log_seq(&self.log, &kv.key).is_some()) else {
+                continue;
+            };
+            let Ok(Some(named)) = named(&self.parts, &self.log, &kv.key, &kv.value) else { continue };
+            // The events before it first: its head among them.
+            self.apply_events(&events[from..j], &mut Parts::new());
+            from = j;
+            // Not written with the head, or applied already: passed over.
+            let passed = {
+                let a = self.applied.lock();
+                kv.mod_revision != a.head_rev || a.last_group.as_ref().is_some_and(|g| kv.mod_revision <= g.1)
+            };
+            if passed {
+                continue;
+            }
+            let (_, mut kv_client) = self.members.kv();
+            let mut parts = fetch(&mut kv_client, &named, kv.mod_revision).await?;
+            self.apply_events(&events[j..=j], &mut parts);
+            from = j + 1;
+        }
+        self.apply_events(&events[from..], &mut Parts::new());
+        Ok(())
+    }
+
+    /// Applies `events`, in order; the parts of a group among them written
+    /// in parts are in `parts`.
+    fn apply_events(&self, events: &[crate::etcdpb::Event], parts: &mut Parts) {
+        if events.is_empty() {
+            return;
+        }
         let mut index = self.shared.index.write();
         let mut a = self.applied.lock();
-        let mut parts = self.pending_parts.lock();
+        let mut folders = self.pending_parts.lock();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
             if kv.key == self.hold {
                 *self.hold_seen.lock() = (ev.r#type == 0).then(|| (Instant::now(), kv.value.clone()));
                 continue;
             }
-            // Parts are kept until their group comes, or they are deleted:
-            // those of a try at the next record. A try writes its parts
-            // after it has applied the log up to the head, and this watch
-            // brings events in the order they were written, so a part of a
-            // later record is no try's; one of a record passed is an orphan.
+            // A watch opened again from what it had seen whole brings again
+            // the events of an answer it had begun to apply: nothing at or
+            // before the last group applied is applied again (a part of a
+            // group applied would be taken for an orphan and deleted).
+            if a.last_group.as_ref().is_some_and(|g| kv.mod_revision <= g.1) {
+                continue;
+            }
+            // The folders of parts are noted until their group comes, or
+            // they are deleted: those of a try at the next record. A try
+            // writes its parts after it has applied the log up to the head,
+            // and this watch brings events in the order they were written,
+            // so a part of a later record is no try's; one of a record
+            // passed is an orphan.
             if kv.key.starts_with(&self.parts) {
+                let Some(dir) = folder(&kv.key) else { continue };
                 if ev.r#type != 0 {
-                    parts.remove(&kv.key);
+                    // A try's parts are deleted all together.
+                    folders.remove(dir);
                     continue;
                 }
                 match part_seq(&self.parts, &kv.key) {
-                    Some(s) if s == a.seq + 1 => drop(parts.insert(kv.key.clone(), kv.value.clone())),
-                    Some(s) if s <= a.seq => self.orphan([kv.key.clone()]),
+                    Some(s) if s == a.seq + 1 => {
+                        if !folders.contains(dir) && folders.len() < MAX_PENDING_FOLDERS {
+                            folders.insert(dir.to_vec());
+                        }
+                    }
+                    Some(s) if s <= a.seq => drop(self.orphans.lock().insert(dir.to_vec())),
                     _ => foreign(&kv.key, "a part of no group this cluster's writers could be writing"),
                 }
                 continue;
@@ -496,8 +621,9 @@ impl Follower {
                     foreign(&kv.key, "a log key written without the head");
                     continue;
                 }
-                let applied = self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, &mut parts);
-                self.orphan_parts(&mut parts, a.seq);
+                let applied =
+                    self.apply_group(&mut index, &mut a, &kv.key, &kv.value, kv.mod_revision, parts, &mut folders);
+                self.orphan_parts(&mut folders, a.seq);
                 if let Err(e) = applied {
                     // The index would part from etcd's: no write may be
                     // built on it. A restart reads the log again, and

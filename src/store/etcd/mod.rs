@@ -143,10 +143,13 @@ struct Follower {
     /// `P snap` (the pointer) and `P snap/` (the chunks).
     snap: Vec<u8>,
     snaps: Vec<u8>,
-    /// `P part/`, and the parts seen (at load, then by the watch) whose
-    /// group has not been applied yet.
+    /// `P part/`, and the folders of parts seen (at load, then by the
+    /// watch) of a try at the next record. Only their names are kept: a
+    /// group written in parts reads them from etcd when it comes (parts put
+    /// by hand for the next record used to be held in every node's memory
+    /// until the log passed them, 155 MB seen).
     parts: Vec<u8>,
-    pending_parts: Mutex<Parts>,
+    pending_parts: Mutex<Folders>,
     /// `P hold`: a node writing a large group asks the others to hold back
     /// until it is committed. When this node's watch saw it put, and by whom
     /// (the writer's nonce).
@@ -169,8 +172,16 @@ fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     [prefix, format!("{seq:016x}").as_bytes()].concat()
 }
 
-/// Parts of large groups, by key.
+/// Parts of large groups, by key: those of one group, read for it.
 type Parts = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Folders of parts (`P part/{seq}-{nonce}-{try}/`), by name.
+type Folders = std::collections::BTreeSet<Vec<u8>>;
+
+/// At most this many folders of parts of a try at the next record are
+/// noted (a writer has one try at a time); more are left to the snapshot
+/// that passes them.
+const MAX_PENDING_FOLDERS: usize = 4096;
 
 /// The folder of a group's parts: `parts` (`P part/`), the group's first
 /// record as its log key spells it, and the writer's nonce and try.
