@@ -17,7 +17,8 @@ fn main() -> anyhow::Result<()> {
         // Upload chunks arrive as `Bytes`: handed to the CAS writer without a copy.
         .bytes(".blotcdn.v1.PutAssetChunk.data")
         .compile_fds(fds)?;
-    // etcd's KV and Watch services, client side only (cluster mode).
+    // etcd's KV, Watch and Maintenance (alarms) services, client side only
+    // (cluster mode).
     let etcd = ["proto/etcd/kv.proto"];
     for p in &etcd {
         println!("cargo:rerun-if-changed={p}");

@@ -636,11 +636,15 @@ impl std::fmt::Display for Refusal {
 /// unavailable.
 fn refused(what: &str, s: &tonic::Status) -> StoreError {
     match s.code() {
-        tonic::Code::ResourceExhausted => StoreError::Full(format!(
-            "etcd is out of space ({}); nothing was written. Writes are refused until it is freed (compact and \
-             defragment etcd, then disarm its NOSPACE alarm)",
-            s.message()
-        )),
+        tonic::Code::ResourceExhausted => out_of_space(s.message()),
         _ => unavailable(what, s.message()),
     }
+}
+
+/// etcd out of space (`why`: its refusal, or its alarm seen).
+pub(super) fn out_of_space(why: &str) -> StoreError {
+    StoreError::Full(format!(
+        "etcd is out of space ({why}); nothing was written. Writes are refused until it is freed (compact and \
+         defragment etcd, then disarm its NOSPACE alarm)"
+    ))
 }

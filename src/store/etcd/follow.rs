@@ -3,7 +3,10 @@
 //! probe that clears the health report once etcd answers again.
 
 use super::*;
-use crate::etcdpb::KeyValue;
+use crate::etcdpb::{alarm_request, AlarmRequest, AlarmType, KeyValue};
+
+/// Every this many seconds the probe asks etcd for its alarms.
+const ALARMS_EVERY: u64 = 3;
 
 /// Why the log could not be loaded: etcd did not answer (worth trying
 /// again), or what it holds cannot be read (it will not read better later).
@@ -755,11 +758,22 @@ impl Follower {
     /// While a failure is reported but the watch is up: writes a small key
     /// (`P alive`, outside what the watch follows) every second, and clears
     /// the report once one gets in. A read would not do: etcd out of space
-    /// still answers reads, and refuses every write.
+    /// still answers reads, and refuses every write. While nothing is
+    /// reported, asks etcd for its alarms every few seconds: a node that
+    /// has not tried a write since etcd ran out of space would report
+    /// itself healthy, and take writes it can only refuse.
     pub(super) async fn probe(self: Arc<Self>) {
-        loop {
+        for tick in 1u64.. {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.shared.degraded.lock().is_none() || !self.watching.load(Ordering::Relaxed) {
+            if !self.watching.load(Ordering::Relaxed) {
+                continue;
+            }
+            if self.shared.degraded.lock().is_none() {
+                if tick % ALARMS_EVERY == 0 && self.out_of_space().await {
+                    let e = commit::out_of_space("its NOSPACE alarm is raised");
+                    tracing::warn!(error = %e, "etcd is out of space");
+                    *self.shared.degraded.lock() = Some(e.to_string());
+                }
                 continue;
             }
             let (i, mut kv) = self.members.kv();
@@ -776,6 +790,17 @@ impl Follower {
                 Ok(Err(_)) => {}
                 Err(_) => self.members.failed(i, "no answer in time"),
             }
+        }
+    }
+
+    /// Whether etcd's alarm list holds NOSPACE. False when it does not
+    /// answer (the watch reports that).
+    async fn out_of_space(&self) -> bool {
+        let (_, mut m) = self.members.maintenance();
+        let req = AlarmRequest { action: alarm_request::AlarmAction::Get as i32, ..Default::default() };
+        match tokio::time::timeout(REQUEST_TIMEOUT, m.alarm(req)).await {
+            Ok(Ok(r)) => r.into_inner().alarms.iter().any(|a| a.alarm == AlarmType::Nospace as i32),
+            _ => false,
         }
     }
 

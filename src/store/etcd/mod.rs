@@ -61,9 +61,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::domain::{CacheId, ContentHash};
 use crate::etcdpb::{
-    compare, kv_client::KvClient, request_op, watch_client::WatchClient, watch_request, Compare, DeleteRangeRequest,
-    PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
-    WatchProgressRequest, WatchRequest,
+    compare, kv_client::KvClient, maintenance_client::MaintenanceClient, request_op, watch_client::WatchClient,
+    watch_request, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
+    TxnResponse, WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 use crate::store::index::{FastMap, Index};
 use crate::store::sled_store::{IndexedStore, Shared};
@@ -210,6 +210,7 @@ pub(super) struct Members {
     urls: Vec<String>,
     kv: Vec<KvClient<Channel>>,
     watch: Vec<WatchClient<Channel>>,
+    maintenance: Vec<MaintenanceClient<Channel>>,
     current: std::sync::atomic::AtomicUsize,
     /// The member in use, for the watch to follow when it changes.
     moved: watch::Sender<usize>,
@@ -223,6 +224,7 @@ impl Members {
             urls: urls.to_vec(),
             kv: Vec::new(),
             watch: Vec::new(),
+            maintenance: Vec::new(),
             current: 0.into(),
             moved: watch::channel(0).0,
         };
@@ -237,7 +239,8 @@ impl Members {
                 .connect_lazy();
             // Snapshot chunks are up to 1 MiB, two to a page.
             m.kv.push(KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE));
-            m.watch.push(WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE));
+            m.watch.push(WatchClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE));
+            m.maintenance.push(MaintenanceClient::new(channel));
         }
         Ok(m)
     }
@@ -251,6 +254,11 @@ impl Members {
     fn watch(&self) -> (usize, WatchClient<Channel>) {
         let i = self.current.load(Ordering::Relaxed) % self.watch.len();
         (i, self.watch[i].clone())
+    }
+
+    fn maintenance(&self) -> (usize, MaintenanceClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed) % self.maintenance.len();
+        (i, self.maintenance[i].clone())
     }
 
     /// Member `i` failed a request: the next is used from now on (unless

@@ -85,11 +85,15 @@ async fn each_snapshot_is_written_by_one_node() {
 /// "retry shortly", and `/healthz` said 200 throughout: a read, which etcd
 /// still answers, cleared the report. Now the refusal says etcd is out of
 /// space (RESOURCE_EXHAUSTED), and the report stays until a write gets in.
+/// A node that had not tried a write went on reporting itself healthy; it
+/// now learns of it from etcd's alarms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_out_of_space_is_reported_until_a_write_gets_in() {
     let mut etcd = EtcdCluster::start_with(1, &["--quota-backend-bytes", "16777216"]);
     let work = tempfile::tempdir().unwrap();
     let a = node(&etcd, &work.path().join("a"), &[]);
+    // Takes no write.
+    let b = node(&etcd, &work.path().join("b"), &[]);
     let mut p = publisher(&a).await;
     let paths = long_paths(10_000);
     let mut refused = None;
@@ -112,6 +116,18 @@ async fn etcd_out_of_space_is_reported_until_a_write_gets_in() {
         assert!(String::from_utf8_lossy(&h.body).contains("out of space"));
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    // By the node that tried no write as well, within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = get(b.http, "/healthz", &[]);
+        if h.status == 503 {
+            let body = String::from_utf8_lossy(&h.body);
+            assert!(body.contains("out of space"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a node that tried no write still says it is healthy ({})", h.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Space given (a larger quota) and the alarm disarmed: writes get in,
     // and the report is gone.
     etcd.kill(0);
@@ -128,7 +144,7 @@ async fn etcd_out_of_space_is_reported_until_a_write_gets_in() {
     );
     assert!(etcd.wait_healthy(Duration::from_secs(20)));
     let deadline = Instant::now() + Duration::from_secs(15);
-    while get(a.http, "/healthz", &[]).status != 200 {
+    while get(a.http, "/healthz", &[]).status != 200 || get(b.http, "/healthz", &[]).status != 200 {
         assert!(Instant::now() < deadline, "still reported 15 s after etcd took writes again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
