@@ -134,6 +134,11 @@ fn unchanged_since(key: Vec<u8>, rev: i64) -> Compare {
     }
 }
 
+/// Holds unless `key` was last changed at revision `rev`.
+fn not_changed_at(key: Vec<u8>, rev: i64) -> Compare {
+    Compare { result: compare::CompareResult::NotEqual as i32, ..unchanged_since(key, rev) }
+}
+
 /// The writer thread: takes the writes waiting, commits them as one group.
 pub(super) struct Writer {
     /// Bytes of groups this node wrote since its last snapshot.
@@ -212,7 +217,9 @@ impl Writer {
                 // group would pass the head's check and be put over that
                 // group. Once the answer is whole, it is applied.
                 let midway = a.head_rev > *self.f.seen.borrow();
-                (plan(&ops, &index, &a, &shared), a.head_rev, a.seq + 1, midway)
+                // (Planning has effects: not before it is known to be used.)
+                let planned = if midway { Vec::new() } else { plan(&ops, &index, &a, &shared) };
+                (planned, a.head_rev, a.seq + 1, midway)
             };
             if midway {
                 if !self.wait_seen(head_rev) {
@@ -280,8 +287,15 @@ impl Writer {
                 self.wait_for_hold();
                 waited = true;
             }
+            let mut compare = vec![unchanged_since(self.f.head.clone(), head_rev)];
+            if head_rev > 0 {
+                // Nor is our key the group put with that head: a node that
+                // has not applied it yet (see `midway`) must not put its
+                // own over it, whatever its watch says it has seen.
+                compare.push(not_changed_at(log_key.clone(), head_rev));
+            }
             let txn = TxnRequest {
-                compare: vec![unchanged_since(self.f.head.clone(), head_rev)],
+                compare,
                 success,
                 // The head that moved, and what sits under our group's key:
                 // after a reply lost on the way, a retry finds its own group.
@@ -337,7 +351,10 @@ impl Writer {
                     let _ = self
                         .txn(TxnRequest { success: vec![del(dir.clone(), prefix_end(&dir))], ..Default::default() });
                 }
-                if !self.wait_seen(theirs) {
+                // The head this node built on, whose group it has not applied
+                // yet: it waits for that group, not for a revision.
+                let caught_up = if theirs == head_rev { self.wait_applied(first_seq) } else { self.wait_seen(theirs) };
+                if !caught_up {
                     let e = unavailable("following the log", "this node's watch is behind");
                     return refuse_all(ops, &e);
                 }
@@ -491,6 +508,18 @@ impl Writer {
     /// One transaction; whether its comparisons held.
     fn txn(&self, req: TxnRequest) -> Result<bool, Refusal> {
         txn_tries(&self.f, &self.rt, req, self.f.members.tries())
+    }
+
+    /// Waits (bounded) until this node's watch has applied record `seq`.
+    fn wait_applied(&self, seq: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.f.applied.lock().seq < seq {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Waits (bounded) until this node's watch has applied revision `rev`.

@@ -6,7 +6,7 @@ use super::*;
 use crate::etcdpb::{alarm_request, AlarmRequest, AlarmType, KeyValue};
 
 /// Every this many seconds the probe asks etcd for its alarms.
-const ALARMS_EVERY: u64 = 3;
+const ALARMS_EVERY: u64 = 5;
 
 /// Why the log could not be loaded: etcd did not answer (worth trying
 /// again), or what it holds cannot be read (it will not read better later).
@@ -158,13 +158,17 @@ fn named<'v>(parts_prefix: &[u8], log_prefix: &[u8], key: &[u8], value: &'v [u8]
 }
 
 /// Reads from etcd, as of revision `rev`, the parts `g` names: no key past
-/// the last it names, and no more bytes than it says they hold (what is
-/// past that is dropped, and the group then reads as damaged).
+/// the last it names, none of another shape, and no more bytes than it
+/// says they hold (what is past that is dropped, and the group then reads
+/// as damaged).
 async fn fetch(kv: &mut KvClient<Channel>, g: &Named<'_>, rev: i64) -> Result<Parts, LoadError> {
     let (mut parts, mut bytes) = (Parts::new(), 0);
     let end = [g.dir.as_slice(), format!("{:08x}", g.n).as_bytes()].concat();
-    // Up to 1 MiB each: two to a page.
-    pages(kv, Pages::new(g.dir.clone(), end, 2, rev, false), "reading a large group's parts", |p| {
+    // Up to 1 MiB each: one to a request, each with its own time limit.
+    pages(kv, Pages::new(g.dir.clone(), end, 1, rev, false), "reading a large group's parts", |p| {
+        if p.key.len() != g.dir.len() + 8 {
+            return Ok(());
+        }
         bytes += p.value.len();
         if bytes <= g.len {
             parts.insert(p.key.clone(), p.value.clone());
@@ -173,6 +177,12 @@ async fn fetch(kv: &mut KvClient<Channel>, g: &Named<'_>, rev: i64) -> Result<Pa
     })
     .await?;
     Ok(parts)
+}
+
+/// Whether a read failed because the revision it was at was compacted
+/// (etcd's `ErrCompacted`, whose text its clients match too).
+fn compacted(e: &LoadError) -> bool {
+    matches!(e, LoadError::Unreachable(m) if m.contains("required revision has been compacted"))
 }
 
 /// A group's records, and the folder of the parts they were gathered from.
@@ -499,8 +509,11 @@ impl Follower {
             if let Some(top) = msg.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
                 // Applied as they come, so memory holds one fragment (and
                 // the parts of one group).
-                if let Err(e) = self.apply_fetching(&msg.events).await {
-                    return WatchEnd::Down(e.to_string());
+                match self.apply_fetching(&msg.events).await {
+                    Ok(()) => {}
+                    // The group's revision is gone: the log is read again.
+                    Err(e) if compacted(&e) => return WatchEnd::Compacted,
+                    Err(e) => return WatchEnd::Down(e.to_string()),
                 }
                 last = last.max(top);
             }
@@ -769,10 +782,12 @@ impl Follower {
                 continue;
             }
             if self.shared.degraded.lock().is_none() {
-                if tick % ALARMS_EVERY == 0 && self.out_of_space().await {
-                    let e = commit::out_of_space("its NOSPACE alarm is raised");
-                    tracing::warn!(error = %e, "etcd is out of space");
-                    *self.shared.degraded.lock() = Some(e.to_string());
+                if tick % ALARMS_EVERY == 0 {
+                    if let Some(e) = self.alarm().await {
+                        tracing::warn!(error = %e, "etcd refuses writes");
+                        // Unless something else was reported meanwhile.
+                        self.shared.degraded.lock().get_or_insert_with(|| e.to_string());
+                    }
                 }
                 continue;
             }
@@ -793,15 +808,35 @@ impl Follower {
         }
     }
 
-    /// Whether etcd's alarm list holds NOSPACE. False when it does not
-    /// answer (the watch reports that).
-    async fn out_of_space(&self) -> bool {
-        let (_, mut m) = self.members.maintenance();
+    /// What etcd's alarm list says of writes: NOSPACE and CORRUPT each
+    /// make it refuse them. `None` as well when it does not answer (the
+    /// watch reports that). (etcd puts even this read through Raft: one
+    /// small entry per node every `ALARMS_EVERY` seconds.)
+    async fn alarm(&self) -> Option<StoreError> {
+        let (i, mut m) = self.members.maintenance();
         let req = AlarmRequest { action: alarm_request::AlarmAction::Get as i32, ..Default::default() };
-        match tokio::time::timeout(REQUEST_TIMEOUT, m.alarm(req)).await {
-            Ok(Ok(r)) => r.into_inner().alarms.iter().any(|a| a.alarm == AlarmType::Nospace as i32),
-            _ => false,
+        let alarms = match tokio::time::timeout(REQUEST_TIMEOUT, m.alarm(req)).await {
+            Ok(Ok(r)) => r.into_inner().alarms,
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                self.members.failed(i, s.message());
+                return None;
+            }
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                self.members.failed(i, "no answer in time");
+                return None;
+            }
+        };
+        if alarms.iter().any(|a| a.alarm == AlarmType::Nospace as i32) {
+            return Some(commit::out_of_space("its NOSPACE alarm is raised"));
         }
+        alarms.iter().any(|a| a.alarm == AlarmType::Corrupt as i32).then(|| {
+            StoreError::Unavailable(
+                "etcd reports its data corrupt (its CORRUPT alarm is raised) and refuses writes; nothing was \
+                 written. See etcd's logs, and restore the damaged member"
+                    .into(),
+            )
+        })
     }
 
     fn down(&self, e: &str) {
