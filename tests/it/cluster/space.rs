@@ -197,3 +197,50 @@ async fn a_large_write_gets_in_while_another_node_takes_small_ones() {
         got = cache_ids(&mut resolver(&b).await, "large", &paths[..3]).await;
     }
 }
+
+/// A hold that is never let go (its node died holding it, or something
+/// puts it again and again) costs a node's writes one wait of 3 s, then
+/// the node ignores holds for 30 s. Without that cap every write waited it
+/// out, and a cluster slowed to a write every 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_never_let_go_costs_one_wait_then_is_ignored() {
+    use blotcdn::etcdpb::{kv_client::KvClient, request_op::Request, PutRequest, RequestOp, TxnRequest};
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut p = publisher(&a).await;
+    invalidate(&mut p, "held", &["/first.css".into()]).await.unwrap();
+    // Another writer's hold (its nonce is not this node's), put again every
+    // 500 ms for as long as the writes below go on.
+    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let put = PutRequest {
+                    key: b"/blotcdn/hold".to_vec(),
+                    value: 77u64.to_be_bytes().to_vec(),
+                    ..Default::default()
+                };
+                let op = RequestOp { request: Some(Request::RequestPut(put)) };
+                kv.txn(TxnRequest { success: vec![op], ..Default::default() }).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    invalidate(&mut p, "held", &["/0.css".into()]).await.unwrap();
+    let first = started.elapsed();
+    for i in 1..10 {
+        invalidate(&mut p, "held", &[format!("/{i}.css")]).await.unwrap();
+    }
+    let all = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    holder.await.unwrap();
+    // The hold is honoured (the first write waits it out)...
+    assert!(first >= Duration::from_secs(2), "the first write did not wait for the hold: {first:?}");
+    // ...once: ten writes at 3 s each would take 30 s.
+    assert!(all < Duration::from_secs(12), "ten writes under a hold never let go took {all:?}");
+}
