@@ -607,16 +607,26 @@ fn send_tries(
     tries: usize,
 ) -> Result<Result<TxnResponse, tonic::Status>, tokio::time::error::Elapsed> {
     let members = &f.members;
+    // A small request answered this late: the member stalls now and then
+    // (paused, starved) without ever staying silent for REQUEST_TIMEOUT.
+    // Its answer is taken, and the next request goes to the next member.
+    let small = prost::Message::encoded_len(&req) <= 64 << 10;
     rt.block_on(async move {
         let mut tried = 0;
         loop {
             let (i, mut kv) = members.kv();
             tried += 1;
+            let t0 = Instant::now();
             let r = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(req.clone())).await;
             match &r {
                 Ok(Err(s)) if s.code() == tonic::Code::Unavailable => members.failed(i, s.message()),
                 Err(_) => members.failed(i, "no answer in time"),
-                _ => return r.map(|r| r.map(tonic::Response::into_inner)),
+                _ => {
+                    if small && t0.elapsed() >= SLOW_ANSWER {
+                        members.failed(i, &format!("a small request took {} ms", t0.elapsed().as_millis()));
+                    }
+                    return r.map(|r| r.map(tonic::Response::into_inner));
+                }
             }
             if tried >= tries {
                 return r.map(|r| r.map(tonic::Response::into_inner));

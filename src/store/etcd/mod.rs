@@ -81,6 +81,9 @@ use commit::Writer;
 /// goes to the next member (a member stopped, in a long pause or cut off
 /// still takes connections: its requests never fail, they hang).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A small transaction answered after this long has the next one go to the
+/// next member (see `commit::send_tries`).
+const SLOW_ANSWER: Duration = Duration::from_secs(1);
 /// A group's value at most (etcd refuses requests past 1.5 MiB by default);
 /// a larger one is written in parts of this size.
 const MAX_GROUP_BYTES: usize = 1 << 20;

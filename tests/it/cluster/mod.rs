@@ -858,3 +858,47 @@ async fn a_frozen_member_hands_its_requests_to_the_others() {
     etcd.resume(frozen);
     assert_eq!(health.status, 200, "{}", String::from_utf8_lossy(&health.body));
 }
+
+/// A member that stalls again and again (here 1.5 s in every 1.8 s, as a
+/// starved or throttled host would) but never stays silent for the 2 s
+/// after which a request goes to the next member. Before, the node kept
+/// using it, and every write that landed in a stall took as long as the
+/// stall. Now a small request answered after 1 s has the node move on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stalls_again_and_again_is_left() {
+    let etcd = std::sync::Arc::new(EtcdCluster::start(3));
+    let work = tempfile::tempdir().unwrap();
+    let leader = etcd.leader().expect("a leader");
+    let stalling = (leader + 1) % 3;
+    let order = [stalling, leader, (leader + 2) % 3];
+    let endpoints = order.iter().map(|&i| etcd.endpoint(i)).collect::<Vec<_>>().join(",");
+    let a = node_on(&endpoints, &work.path().join("a"), &[]);
+    let mut p = publisher(&a).await;
+    invalidate(&mut p, "stalls", &["/a.css".into()]).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let staller = {
+        let (etcd, stop) = (etcd.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                etcd.pause(stalling);
+                std::thread::sleep(Duration::from_millis(1500));
+                etcd.resume(stalling);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let (started, mut slow, mut n) = (Instant::now(), Vec::new(), 0);
+    while started.elapsed() < Duration::from_secs(9) {
+        let t0 = Instant::now();
+        invalidate(&mut p, "stalls", &[format!("/{n}.css")]).await.unwrap();
+        if t0.elapsed() >= Duration::from_millis(900) {
+            slow.push(t0.elapsed());
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    staller.join().unwrap();
+    // The first stall costs one write; five stalls came and went.
+    assert!(slow.len() <= 1, "{} of {n} writes waited out a stall: {slow:?}", slow.len());
+}
