@@ -1,5 +1,6 @@
 //! etcd's space: each snapshot written once, a large write that gets in
-//! (each lost try wrote its parts again), and a full etcd reported for as
+//! (each lost try wrote its parts again) and the hold that lets it (one
+//! never let go is ignored for a while), and a full etcd reported for as
 //! long as it refuses writes.
 
 use super::*;
