@@ -431,29 +431,25 @@ impl Origin {
         // from its slash on.
         let after_blog = &path[first.len()..];
         let after_second = &after_blog[second.map_or(0, |s| 1 + s.len())..];
-        match (second, rest) {
-            (Some("_assets"), Some(rest)) => {
+        let version = second.filter(|_| rest.is_some()).and_then(version_segment);
+        match (second, rest, version) {
+            (Some("_assets"), Some(rest), _) => {
                 let mut segs = rest.split('/');
                 let hash = segs.next().unwrap_or("");
                 let names: Vec<&str> = segs.collect();
                 self.asset(req, &blog, hash, &names).await
             }
-            (Some(id), Some(_)) if id.bytes().all(|b| b.is_ascii_digit()) => {
-                let Ok(cache_id) = parse_cache_id(id) else {
-                    return plain(StatusCode::NOT_FOUND, NO_STORE, "no such version\n");
-                };
-                match BlogPath::from_url_path(after_second) {
-                    Ok(p) => self.versioned(req, &blog, cache_id, &p).await,
-                    Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
-                }
-            }
+            (_, _, Some(cache_id)) => match BlogPath::from_url_path(after_second) {
+                Ok(p) => self.versioned(req, &blog, cache_id, &p).await,
+                Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
+            },
             // `/{blog}/{path}`: an unversioned (legacy) URL. Local disk, then
             // the fallback origins.
-            (Some(_), _) => match BlogPath::from_url_path(after_blog) {
+            (Some(_), _, None) => match BlogPath::from_url_path(after_blog) {
                 Ok(p) => self.unversioned(req, &blog, &p).await,
                 Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
             },
-            (None, _) => self.fallback(req, None).await,
+            (None, _, _) => self.fallback(req, None).await,
         }
     }
 
@@ -880,6 +876,22 @@ fn route_label(path: &str) -> usize {
         _ => 5,
     }
 }
+
+/// The cache id a URL's segment after the blog names, if it names one: a
+/// cache id is a time in milliseconds (`max(now, last + 1)`), so none is
+/// below [`MIN_CACHE_ID`] (September 2001). A shorter number is a folder
+/// of the blog's (`/2016/05/post`, `/2016/photo.jpg`): before, any digits
+/// were taken for a cache id, and `/{blog}/2016/photo.jpg` served the
+/// blog's `/photo.jpg`.
+fn version_segment(s: &str) -> Option<CacheId> {
+    if s.len() < 13 {
+        return None;
+    }
+    parse_cache_id(s).ok().filter(|id| *id >= MIN_CACHE_ID)
+}
+
+/// The least cache id the origin reads as one (10^12 ms after 1970).
+const MIN_CACHE_ID: CacheId = 1_000_000_000_000;
 
 /// `s` cut at its first two slashes: the part before the first, the part
 /// between them, and the rest. A byte loop: these are short, and

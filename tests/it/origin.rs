@@ -60,6 +60,40 @@ async fn versioned_urls_follow_the_cache_rules() {
     s.stop().await;
 }
 
+/// A blog's folder named by a number (a year, a month) is a folder, on the
+/// CDN's host and on the blog's own domain. Before, any number after the
+/// blog was read as a cache id: `/{blog}/2016/photo.jpg` served the blog's
+/// `/photo.jpg`, and the app was asked for `/05/my-post` (the year gone).
+/// A cache id is a time in milliseconds, 13 digits or more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_named_by_a_number_is_a_folder_not_a_version() {
+    let s = Server::start().await;
+    s.write("years", "/photo.jpg", b"the top one");
+    s.write("years", "/2016/photo.jpg", b"from 2016");
+    s.write("years", "/2016/05/post.html", b"a post of May 2016");
+    invalidate(&s, "years", &[]).await;
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest { domain: "years.example".into(), blog_id: "years".into() }).await.unwrap();
+    for (path, body) in [("/2016/photo.jpg", &b"from 2016"[..]), ("/2016/05/post.html", b"a post of May 2016")] {
+        let r = curl(&[&s.url(&format!("/years{path}"))]);
+        assert_eq!((r.status, r.body.as_slice()), (200, body), "{path} on the CDN's host");
+        let r = curl(&["-H", "Host: years.example", &s.url(path)]);
+        assert_eq!((r.status, r.body.as_slice()), (200, body), "{path} on the blog's domain");
+        // Its versioned URL names the same file.
+        let r = curl(&[&url_of(&s, "years", path).await]);
+        assert_eq!((r.status, r.body.as_slice()), (200, body), "{path}'s versioned URL");
+        assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
+    }
+    let r = curl(&[&url_of(&s, "years", "/photo.jpg").await]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"the top one"[..]));
+    // A number of 13 digits or more is a cache id: one below every id this
+    // blog was given is an old version of the file after it.
+    let r = curl(&[&s.url("/years/1000000000000/photo.jpg")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"the top one"[..]));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditional_range_and_head() {
     let s = Server::start().await;
