@@ -156,6 +156,10 @@ async fn get(client: &HttpClient, url: &url::Url) -> anyhow::Result<hyper::Respo
 /// The most a listing page may hold: 1,000 keys of up to 1,024 bytes with
 /// their metadata come to about 2 MB.
 const LISTING_MAX: usize = 16 << 20;
+/// Pages in a row with no key that name a next page: past this, the
+/// listing is taken for broken (one that did so for ever kept a run going,
+/// silent, for as long as it was left).
+const EMPTY_PAGES_MAX: u32 = 100;
 
 /// One page of the listing, tried three times.
 async fn list_page(
@@ -204,6 +208,14 @@ async fn list_page(
         }
     }
     Err(last.expect("three attempts").context("ListObjectsV2 failed three times"))
+}
+
+/// `s` with its control characters escaped (`\u{1b}`), for a terminal.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// An ETag that is the object's MD5 (not a multipart one, `…-N`).
@@ -411,13 +423,30 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
             // one, or a page that hands back its own token, would have the
             // run go round for ever.
             let mut last = resume.clone();
+            // Pages in a row that held no key but named a next one.
+            let mut empty = 0u32;
             loop {
                 let page = list_page(&ctx, prefix.as_deref(), resume.as_deref(), token.as_deref()).await?;
                 let mut bytes = 0;
+                empty = if page.contents.is_empty() { empty + 1 } else { 0 };
+                if empty >= EMPTY_PAGES_MAX && page.next_continuation_token.is_some() {
+                    bail!(
+                        "the bucket's listing is broken: {EMPTY_PAGES_MAX} pages in a row held no key and named \
+                         another page; stopping"
+                    );
+                }
                 for c in page.contents {
                     if let Some(l) = last.as_deref().filter(|l| c.key.as_str() <= *l) {
                         bail!(
                             "the bucket's listing is broken: {:?} came after {l:?}, not in key order; stopping",
+                            c.key
+                        );
+                    }
+                    // Copied under the blog its key names: one outside the
+                    // prefix asked for would land in another blog's folder.
+                    if let Some(p) = prefix.as_deref().filter(|p| !c.key.starts_with(*p)) {
+                        bail!(
+                            "the bucket's listing is broken: it lists {:?}, outside the prefix {p:?}; stopping",
                             c.key
                         );
                     }
@@ -485,11 +514,13 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
                     Outcome::Skipped => s.skipped += 1,
                     Outcome::Refused(why) => {
                         s.refused += 1;
-                        tracing::warn!(key = %key, why, "refused: not {{blog_id}}/{{path}}");
+                        tracing::warn!(key = ?key, why, "refused: not {{blog_id}}/{{path}}");
                     }
                     Outcome::Failed(e) => {
                         s.failed += 1;
-                        eprintln!("failed: {key}: {e}");
+                        // Keys are the bucket's: one holding control
+                        // characters must not drive the terminal.
+                        eprintln!("failed: {}: {}", printable(&key), printable(&e));
                     }
                 }
                 done_bytes += size;
@@ -545,6 +576,12 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_with_control_characters_are_printed_escaped() {
+        assert_eq!(printable("b1/plain name.png"), "b1/plain name.png");
+        assert_eq!(printable("b1/\u{1b}[2Jx\n.png"), "b1/\\u{1b}[2Jx\\n.png");
+    }
 
     #[test]
     fn keys_map_to_blog_paths_or_are_refused() {

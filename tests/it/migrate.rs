@@ -276,7 +276,10 @@ fn an_endless_listing_or_error_page_fails_the_run_in_bounded_time_and_memory() {
 
 /// A listing that hands back its own continuation token, or keys that are
 /// not in order, would have `migrate` go round the same keys for ever (a
-/// hostile bucket did): the run stops, saying the listing is broken.
+/// hostile bucket did): the run stops, saying the listing is broken. So
+/// does one that sends empty pages, each naming a new next one, for ever
+/// (the run went on, silent), and one that lists keys outside `--prefix`
+/// (they were copied, into the folders of the blogs they name).
 #[test]
 fn a_listing_that_goes_round_in_circles_stops_the_run() {
     use std::io::{BufRead, BufReader, Write};
@@ -293,11 +296,15 @@ fn a_listing_that_goes_round_in_circles_stops_the_run() {
         );
         format!("HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len())
     };
-    for (answers, says) in [
+    for (answers, says, prefix) in [
         // Pages that hand back the token they were asked with.
-        (vec![page("same", &["b1/a.png", "b1/b.png"]), page("same", &[])], "the same continuation token twice"),
+        (vec![page("same", &["b1/a.png", "b1/b.png"]), page("same", &[])], "the same continuation token twice", None),
         // A second page that starts over.
-        (vec![page("one", &["b1/a.png", "b1/b.png"]), page("two", &["b1/a.png"])], "not in key order"),
+        (vec![page("one", &["b1/a.png", "b1/b.png"]), page("two", &["b1/a.png"])], "not in key order", None),
+        // Empty pages, each with a token of its own (numbered as served).
+        (vec![page("one", &["b1/a.png"]), page("page-NNNN", &[])], "held no key", None),
+        // A key of another blog than the prefix asked for.
+        (vec![page("one", &["b1/a.png", "victim/style.css"])], "outside the prefix", Some("b1/")),
     ] {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -323,7 +330,7 @@ fn a_listing_that_goes_round_in_circles_stops_the_run() {
                         let answer = match listing {
                             true => {
                                 let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                answers[n.min(answers.len() - 1)].clone()
+                                answers[n.min(answers.len() - 1)].replace("page-NNNN", &format!("page-{n:04}"))
                             }
                             false => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
                         };
@@ -336,8 +343,10 @@ fn a_listing_that_goes_round_in_circles_stops_the_run() {
         });
         let work = tempfile::tempdir().unwrap();
         let url = format!("http://127.0.0.1:{port}/{BUCKET}");
-        let (code, out, err) = run(&mut migrate(&work.path().join("data"), &url, &[]), 60);
+        let extra = prefix.map(|p| vec!["--prefix", p]).unwrap_or_default();
+        let (code, out, err) = run(&mut migrate(&work.path().join("data"), &url, &extra), 60);
         assert_ne!(code, 0, "{out}{err}");
         assert!(err.contains("listing is broken") && err.contains(says), "{err}");
+        assert!(!work.path().join("data/static/victim").exists(), "a key outside the prefix was copied");
     }
 }
