@@ -47,7 +47,7 @@ pub enum AppError {
 /// or the CAS's folders, and the two must not overlap (backfill writes into
 /// the static folder, never into a user's synced folder).
 pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
-    let canon = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    let canon = |p: &std::path::Path| resolved(p);
     let data = canon(&config.data_dir);
     let blogs = canon(&config.blogs_dir);
     let statics = canon(&config.static_dir);
@@ -58,8 +58,12 @@ pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
                 dir.display(),
                 data.display()
             ))
-        } else if dir.starts_with(data.join("db")) || dir.starts_with(data.join("cas")) {
-            Some(format!("{} lies inside the data dir's database or CAS folder", dir.display()))
+        } else if let Some(name) = dir.strip_prefix(&data).ok().and_then(|r| r.iter().next()).filter(|n| owned_by_data_dir(n)) {
+            Some(format!(
+                "{} is, or lies inside, {} of the data dir's own (its database, log, snapshots or CAS): use another name",
+                dir.display(),
+                name.to_string_lossy()
+            ))
         } else if key == "static_dir" && (statics.starts_with(&blogs) || blogs.starts_with(&statics)) {
             Some(format!(
                 "{} and blogs_dir {} overlap: the platform's files must stay apart from the users' synced folders",
@@ -74,6 +78,41 @@ pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
         }
     }
     Ok(())
+}
+
+/// `p` with links resolved as far as it exists, the rest as written: it is
+/// checked before the folders are made.
+fn resolved(p: &std::path::Path) -> std::path::PathBuf {
+    let mut rest = Vec::new();
+    let mut base = p.to_path_buf();
+    loop {
+        if let Ok(c) = base.canonicalize() {
+            return rest.into_iter().rev().fold(c, |acc, n: std::ffi::OsString| acc.join(n));
+        }
+        match (base.file_name().map(ToOwned::to_owned), base.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                base = if parent.as_os_str().is_empty() { ".".into() } else { parent.to_path_buf() };
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// Whether a name right under the data dir is one of the data dir's own
+/// (the database `db` and the files named after it, `db.wal`,
+/// `db.snapshot`, …; the CAS; the store's kind; migrate's resume points;
+/// temporary files): a serving folder there would be served, or would stand
+/// where the store writes one of them (a `db.wal` folder stopped every start).
+fn owned_by_data_dir(name: &std::ffi::OsStr) -> bool {
+    let n = name.to_string_lossy();
+    n == "db"
+        || n == "cas"
+        || n.starts_with("db.")
+        || n.starts_with("cas.")
+        || n.starts_with(STORE_KIND_FILE)
+        || n.starts_with("migrate-")
+        || n.starts_with('.')
 }
 
 /// The file in the data dir that says which store it belongs to.
@@ -232,12 +271,14 @@ impl App {
                 )))
             }
         };
+        // Before the folders are made: one where the store keeps a file of
+        // its own (`db.wal`) stood in its way at every start after.
+        check_serving_dirs(&config)?;
         let blogs = BlogsDir::new(&config.blogs_dir).map_err(dir_err("blogs_dir", &config.blogs_dir))?;
         let statics = BlogsDir::new(&config.static_dir).map_err(dir_err("static_dir", &config.static_dir))?;
         // A blog folder that is a link may lead anywhere but into these.
         let own = [config.data_dir.as_path(), blogs.root(), statics.root()];
         let (blogs, statics) = (blogs.clone().keep_out_of(own), statics.clone().keep_out_of(own));
-        check_serving_dirs(&config)?;
         // Backfills a crash cut off.
         crate::blogfs::NewFile::sweep(statics.root()).map_err(dir_err("static_dir", &config.static_dir))?;
         let cas_dir = config.data_dir.join("cas");

@@ -556,6 +556,22 @@ impl Config {
             if !o.starts_with("http://") {
                 return Err(invalid("fallback_origins", format!("{o:?}: only http:// origins are supported")));
             }
+            // The blog's path is put after the origin: a query or fragment
+            // would take it in (every path then asked for as one URL), and
+            // credentials in it are not sent.
+            let why = match url::Url::parse(o) {
+                Err(e) => Some(e.to_string()),
+                Ok(u) if u.host_str().is_none_or(str::is_empty) => Some("no host".into()),
+                Ok(u) if u.query().is_some() || o.contains('?') => Some("a query string (`?…`) is not allowed".into()),
+                Ok(u) if u.fragment().is_some() || o.contains('#') => Some("a fragment (`#…`) is not allowed".into()),
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    Some("credentials in the URL are not sent: none are allowed".into())
+                }
+                Ok(_) => None,
+            };
+            if let Some(why) = why {
+                return Err(invalid("fallback_origins", format!("{o:?}: {why}")));
+            }
         }
         let check_tokens = |key: &str, t: Vec<String>| -> Result<Vec<String>, ConfigError> {
             if t.iter().any(|t| t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic())) {

@@ -220,6 +220,42 @@ fn a_blogs_dir_that_holds_the_data_dir_is_refused_at_start() {
     }
 }
 
+/// A serving folder named as one of the data dir's own files (`db.wal`,
+/// `db.snapshot`, …) or inside one: before, `db.snapshot` turned index
+/// snapshots off in silence, and `db.wal` stopped the start and left a
+/// folder there that stopped every start after. Now the start refuses,
+/// naming the key, and leaves nothing behind.
+#[test]
+fn a_serving_folder_on_the_data_dirs_own_names_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let serve = |flag: &str, folder: &std::path::Path| {
+        run(
+            Command::new(binary()).args(["serve", "--data-dir"]).arg(&data).arg(flag).arg(folder).args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ]),
+            30,
+        )
+    };
+    for (flag, name) in [
+        ("--static-dir", "db.wal"),
+        ("--static-dir", "db.snapshot"),
+        ("--blogs-dir", "db.snapshot-tail"),
+        ("--static-dir", "cas/blobs"),
+        ("--blogs-dir", "store-kind"),
+    ] {
+        let folder = data.join(name);
+        let (code, out, err) = serve(flag, &folder);
+        assert_ne!(code, 0, "started with {flag} {}: {out}", folder.display());
+        let key = flag.trim_start_matches("--").replace('-', "_");
+        assert!(err.contains(&key) && err.contains("data dir's own"), "{err}");
+        assert!(!folder.exists(), "{} was left behind", folder.display());
+    }
+}
+
 /// A tmpfs of a few MiB, unmounted on drop.
 struct SmallDisk {
     dir: tempfile::TempDir,
