@@ -58,7 +58,9 @@ pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
                 dir.display(),
                 data.display()
             ))
-        } else if let Some(name) = dir.strip_prefix(&data).ok().and_then(|r| r.iter().next()).filter(|n| owned_by_data_dir(n)) {
+        } else if let Some(name) =
+            dir.strip_prefix(&data).ok().and_then(|r| r.iter().next()).filter(|n| owned_by_data_dir(n))
+        {
             Some(format!(
                 "{} is, or lies inside, {} of the data dir's own (its database, log, snapshots or CAS): use another name",
                 dir.display(),

@@ -314,6 +314,24 @@ pub struct NewFile {
     created: Vec<File>,
 }
 
+/// The extended attribute that keeps, on a file of the static folder, the
+/// `Content-Type` the legacy bucket gave it where its name says another
+/// (an extensionless `_image_cache/9f1c2d7e` that is a PNG).
+const TYPE_XATTR: &std::ffi::CStr = c"user.blotcdn.content-type";
+
+/// A kept `Content-Type` is at most this long.
+pub const MAX_KEPT_TYPE: usize = 200;
+
+/// The `Content-Type` kept with `file` (see [`NewFile::keep_type`]), if any:
+/// one system call.
+pub fn kept_type(file: &File) -> Option<String> {
+    let mut buf = [0u8; MAX_KEPT_TYPE];
+    // SAFETY: a NUL-terminated name, and a buffer of the length given.
+    let n = unsafe { libc::fgetxattr(file.as_raw_fd(), TYPE_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = usize::try_from(n).ok().filter(|n| *n > 0)?;
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
 /// Where files being written wait, under the root: not a blog id, so no URL
 /// reaches it.
 const TMP_DIR: &str = ".tmp";
@@ -422,6 +440,26 @@ impl NewFile {
     pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         use std::io::Write;
         self.file.write_all(data)
+    }
+
+    /// Keeps `content_type` with the file (see [`kept_type`]): fails where
+    /// the filesystem keeps no extended attributes.
+    pub fn keep_type(&self, content_type: &str) -> io::Result<()> {
+        // SAFETY: a NUL-terminated name, and a buffer of the length given.
+        let r = unsafe {
+            libc::fsetxattr(
+                self.file.as_raw_fd(),
+                TYPE_XATTR.as_ptr(),
+                content_type.as_ptr().cast(),
+                content_type.len(),
+                0,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// The whole content is written: make it durable and give it its name.

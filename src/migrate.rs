@@ -71,7 +71,18 @@ enum Outcome {
     Copied(u64),
     Skipped,
     Refused(&'static str),
+    /// Not copied, on purpose (counted with the refused): why.
+    Left(String),
     Failed(String),
+}
+
+/// What fetching one object did.
+enum Fetched {
+    Copied(u64),
+    /// A file of that name appeared meanwhile (kept).
+    Present,
+    /// Stored in this `Content-Encoding`: not copied.
+    Encoded(String),
 }
 
 /// A download that receives nothing for this long is given up (and retried).
@@ -264,27 +275,43 @@ async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
         }
         match fetch(ctx, item, &blog, &path).await {
-            Ok(Some(n)) => return Outcome::Copied(n),
-            Ok(None) => return Outcome::Skipped,
+            Ok(Fetched::Copied(n)) => return Outcome::Copied(n),
+            Ok(Fetched::Present) => return Outcome::Skipped,
+            Ok(Fetched::Encoded(enc)) => return Outcome::Left(format!(
+                "stored with Content-Encoding {enc}: left in the bucket, which the fallback answers with it as it is \
+                     (its bytes are not the file, and the static folder's files are answered as they are)"
+            )),
             Err(e) => last = format!("{e:#}"),
         }
     }
     Outcome::Failed(last)
 }
 
-/// Streams one object into its temporary file, checks it, names it.
-/// `None`: a file of that name appeared meanwhile (kept).
-async fn fetch(ctx: &Ctx, item: &Listed, blog: &BlogId, path: &BlogPath) -> anyhow::Result<Option<u64>> {
+/// Streams one object into its temporary file, checks it, names it, with
+/// the `Content-Type` the bucket gave it where its name says another.
+async fn fetch(ctx: &Ctx, item: &Listed, blog: &BlogId, path: &BlogPath) -> anyhow::Result<Fetched> {
     let url = ctx.bucket.get_object(ctx.creds.as_ref(), &item.key).sign(Duration::from_secs(3600));
     let resp = get(&ctx.client, &url).await?;
-    // With SSE-KMS or SSE-C, the ETag is not the MD5 of the bytes.
     let h = resp.headers();
+    // Copied, an object stored gzipped would be answered as its compressed
+    // bytes, as the file itself.
+    if let Some(enc) = h.get(http::header::CONTENT_ENCODING).filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Ok(Fetched::Encoded(printable(&String::from_utf8_lossy(enc.as_bytes())).into_owned()));
+    }
+    let keep_type = h.get(http::header::CONTENT_TYPE).and_then(|t| crate::origin::type_to_keep(t, path.file_name()));
+    // With SSE-KMS or SSE-C, the ETag is not the MD5 of the bytes.
     let encrypted = h.get("x-amz-server-side-encryption").is_some_and(|v| v.as_bytes().starts_with(b"aws:kms"))
         || h.contains_key("x-amz-server-side-encryption-customer-algorithm");
     let (root, b, rel) = (ctx.statics.root().to_owned(), blog.to_string(), PathBuf::from(&path.as_str()[1..]));
     let mut file = tokio::task::spawn_blocking(move || NewFile::start(&root, &b, &rel))
         .await?
         .context("cannot write into the static folder")?;
+    if let Some(t) = &keep_type {
+        file.keep_type(t).with_context(|| {
+            format!("cannot keep its Content-Type {t:?} (the static folder's filesystem must keep user extended attributes)")
+        })?;
+    }
     let want_md5 = if encrypted { None } else { md5_etag(item.etag.as_deref()) };
     let mut md5 = want_md5.map(|_| md5::Md5::new());
     let mut body = resp.into_body();
@@ -316,7 +343,7 @@ async fn fetch(ctx: &Ctx, item: &Listed, blog: &BlogId, path: &BlogPath) -> anyh
         }
     }
     let named = tokio::task::spawn_blocking(move || file.finish()).await?.context("cannot name the copy")?;
-    Ok(named.then_some(n))
+    Ok(if named { Fetched::Copied(n) } else { Fetched::Present })
 }
 
 /// The resume point of one bucket and prefix, in the data dir.
@@ -515,6 +542,10 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
                     Outcome::Refused(why) => {
                         s.refused += 1;
                         tracing::warn!(key = ?key, why, "refused: not {{blog_id}}/{{path}}");
+                    }
+                    Outcome::Left(why) => {
+                        s.refused += 1;
+                        eprintln!("left: {}: {why}", printable(&key));
                     }
                     Outcome::Failed(e) => {
                         s.failed += 1;

@@ -43,6 +43,7 @@ pub mod slice;
 mod splice;
 mod verify;
 
+pub(crate) use answer::type_to_keep;
 pub use splice::sealed_files;
 
 use answer::{
@@ -565,7 +566,8 @@ impl Origin {
         // The file, its metadata, its bytes when small, whether it grew past
         // small while read, and whether another process held it open for
         // writing while it was read.
-        type Opened = (std::fs::File, Metadata, Option<Bytes>, bool, bool);
+        // And, for the static folder, the Content-Type kept with it.
+        type Opened = (std::fs::File, Metadata, Option<Bytes>, bool, bool, Option<String>);
         let opened = tokio::task::spawn_blocking(move || -> Result<Opened, OpenError> {
             let dir = match root {
                 Root::Blogs => cat.blogs_dir(),
@@ -613,11 +615,12 @@ impl Origin {
                 }
                 meta = now;
             }
-            Ok((f, meta, small, grew, writing))
+            let kept = if root == Root::Static { crate::blogfs::kept_type(&f) } else { None };
+            Ok((f, meta, small, grew, writing, kept))
         })
         .await
         .map_err(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, NO_STORE, "internal error\n"))?;
-        let (file, meta, small, grew, writing) = match opened {
+        let (file, meta, small, grew, writing, kept) = match opened {
             Ok(x) => x,
             Err(OpenError::NotFound) => return Ok(None),
             Err(OpenError::Refused(why)) => {
@@ -643,9 +646,12 @@ impl Origin {
         let recent = writing || changed_ago(&meta) < self.recent_change;
         let (cache, keep) = if recent { (SHORT, None) } else { (cache, keep) };
         let modified = last_modified(&meta);
-        let content_type = content_type(path.file_name());
+        let (content_type, cors) = match kept.as_deref().and_then(|t| Some((HeaderValue::from_str(t).ok()?, t))) {
+            Some((v, t)) => (v, cors_for_type(t)),
+            None => (content_type(path.file_name()), cors_for(path.file_name())),
+        };
         let etag = file_etag(&meta, recent);
-        let hot = HotFile::new(content_type, etag, modified, cors_for(path.file_name()), blog_hv.clone());
+        let hot = HotFile::new(content_type, etag, modified, cors, blog_hv.clone());
         let mut answer = match small {
             Some(bytes) => {
                 let hot = hot.with_bytes(bytes);

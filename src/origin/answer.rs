@@ -61,6 +61,22 @@ pub(super) fn content_type(name: &str) -> HeaderValue {
     }
 }
 
+/// The `Content-Type` an origin gave a file named `name` that is worth
+/// keeping with its copy in the static folder: `None` when it says nothing
+/// the name's extension does not (the same media type, or none to speak
+/// of), or is not fit to answer with.
+pub(crate) fn type_to_keep(given: &HeaderValue, name: &str) -> Option<String> {
+    let s = given.to_str().ok()?.trim();
+    if s.is_empty() || s.len() > crate::blogfs::MAX_KEPT_TYPE || HeaderValue::from_str(s).is_err() {
+        return None;
+    }
+    let essence = s.split(';').next()?.trim().to_ascii_lowercase();
+    if !essence.contains('/') || matches!(essence.as_str(), "application/octet-stream" | "binary/octet-stream") {
+        return None;
+    }
+    (mime_guess::from_path(name).first_or_octet_stream().essence_str() != essence).then(|| s.to_owned())
+}
+
 /// Fonts are the one kind browsers refuse cross-origin without CORS.
 pub(super) fn cors_for(name: &str) -> bool {
     let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();

@@ -143,7 +143,22 @@ impl Fallback {
             let sink = match (keep, backfill_to.as_ref()) {
                 (true, Some((root, blog, dest))) => {
                     let (root, blog, dest) = (root.clone(), blog.clone(), dest.clone());
-                    match tokio::task::spawn_blocking(move || NewFile::start(&root, &blog, &dest)).await {
+                    // The type the bucket gave it, where its name says
+                    // another: the copy is answered with it too.
+                    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let keep_type = parts.headers.get(header::CONTENT_TYPE).and_then(|t| super::type_to_keep(t, &name));
+                    let start = move || {
+                        let file = NewFile::start(&root, &blog, &dest)?;
+                        match keep_type.map(|t| file.keep_type(&t)) {
+                            // Without it the copy would be answered as
+                            // another type: not written.
+                            Some(Err(e)) => {
+                                Err(std::io::Error::new(e.kind(), format!("its Content-Type cannot be kept: {e}")))
+                            }
+                            _ => Ok(file),
+                        }
+                    };
+                    match tokio::task::spawn_blocking(start).await {
                         Ok(Ok(b)) => Some(b),
                         Ok(Err(e)) => {
                             tracing::warn!(target, error = %e, "backfill refused");

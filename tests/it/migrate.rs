@@ -350,3 +350,72 @@ fn a_listing_that_goes_round_in_circles_stops_the_run() {
         assert!(!work.path().join("data/static/victim").exists(), "a key outside the prefix was copied");
     }
 }
+
+/// What the bucket says of an object besides its bytes. Before, `migrate`
+/// copied an object stored gzipped as its compressed bytes, answered then
+/// as the file itself (a stylesheet that no longer worked), and an object
+/// whose name has no extension, or the wrong one, lost the Content-Type
+/// the bucket gave it, after `migrate` and after a backfill alike. Now a
+/// gzipped object stays in the bucket (the fallback answers it with its
+/// encoding), and a copy keeps the bucket's type where its name says
+/// another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_keep_their_content_type_and_gzipped_ones_stay_in_the_bucket() {
+    let work = tempfile::tempdir().unwrap();
+    let (_moto, port) = moto();
+    let put = r#"
+import gzip, sys, boto3
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1")
+if sys.argv[2] == "before":
+    s3.create_bucket(Bucket="legacy")
+    put = lambda key, body, **kw: s3.put_object(Bucket="legacy", Key=key, Body=body, ACL="public-read", **kw)
+    put("t1/style.css", gzip.compress(b"body { color: red }"), ContentEncoding="gzip", ContentType="text/css")
+    put("t1/_image_cache/9f1c2d7e", b"\x89PNG not really", ContentType="image/png")
+    put("t1/feed", b"<rss/>", ContentType="application/rss+xml")
+    put("t1/plain.css", b"p { }", ContentType="text/css")
+else:
+    s3.put_object(Bucket="legacy", Key="t1/later/notes", Body=b"later", ContentType="text/plain", ACL="public-read")
+"#;
+    let python = |when: &str| run(aws_env(Command::new("python3").args(["-c", put, &port.to_string(), when])), 60);
+    let (code, out, err) = python("before");
+    assert_eq!(code, 0, "{out}{err}");
+    let bucket_url = format!("http://127.0.0.1:{port}/{BUCKET}");
+    let data = work.path().join("data");
+    let (code, out, err) = run(&mut migrate(&data, &bucket_url, &[]), 120);
+    assert_eq!((code, summary(&out)), (0, [3, 0, 1, 0]), "{out}{err}");
+    assert!(err.contains("left: t1/style.css: stored with Content-Encoding gzip"), "{err}");
+    assert!(!data.join("static/t1/style.css").exists(), "a gzipped object was copied as its bytes");
+    let (code, out, err) = python("after");
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (data_dir, origin) = (data.clone(), bucket_url.clone());
+    let s = Server::start_in(tempfile::tempdir().unwrap(), move |p| {
+        p.data_dir = Some(data_dir);
+        p.fallback_origins = Some(vec![origin]);
+    })
+    .await;
+    // The gzipped one, from the bucket, with its encoding.
+    let r = curl(&[&s.url("/t1/style.css")]);
+    assert_eq!((r.status, r.header("content-encoding")), (200, Some("gzip")));
+    // The copies, with the bucket's types where their names say another.
+    for (path, ty) in [
+        ("/t1/_image_cache/9f1c2d7e", "image/png"),
+        ("/t1/feed", "application/rss+xml"),
+        ("/t1/plain.css", "text/css; charset=utf-8"),
+    ] {
+        let r = curl(&[&s.url(path)]);
+        assert_eq!((r.status, r.header("content-type")), (200, Some(ty)), "{path}");
+    }
+    // Backfilled: the same type from the bucket, then from the copy.
+    let r = curl(&[&s.url("/t1/later/notes")]);
+    assert_eq!((r.status, r.body.as_slice(), r.header("content-type")), (200, &b"later"[..], Some("text/plain")));
+    let landed = data.join("static/t1/later/notes");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !landed.exists() {
+        assert!(Instant::now() < deadline, "not backfilled into the static folder");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = curl(&[&s.url("/t1/later/notes")]);
+    assert_eq!((r.status, r.header("content-type")), (200, Some("text/plain")), "the backfilled copy");
+    s.stop().await;
+}
