@@ -277,10 +277,12 @@ async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
         match fetch(ctx, item, &blog, &path).await {
             Ok(Fetched::Copied(n)) => return Outcome::Copied(n),
             Ok(Fetched::Present) => return Outcome::Skipped,
-            Ok(Fetched::Encoded(enc)) => return Outcome::Left(format!(
+            Ok(Fetched::Encoded(enc)) => {
+                return Outcome::Left(format!(
                 "stored with Content-Encoding {enc}: left in the bucket, which the fallback answers with it as it is \
                      (its bytes are not the file, and the static folder's files are answered as they are)"
-            )),
+            ))
+            }
             Err(e) => last = format!("{e:#}"),
         }
     }

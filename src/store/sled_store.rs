@@ -141,9 +141,31 @@ impl IndexedStore {
         // checkpoint's worth of log, which the writer would refuse writes
         // over until its first checkpoint.
         let follows = records.iter().zip(done + 1..).all(|((seq, _), want)| *seq == want);
-        let deferred = snap.is_some() && !records.is_empty() && follows && wal.bytes() <= tuning.checkpoint_bytes;
+        // Moving the log into sled takes room (sled writes about twice what
+        // it takes in). After a crash on a full disk there may be less than
+        // that even once space is freed: a start that ran out midway left
+        // sled larger, and the freed space gone again. Then the records stay
+        // in the log if they can (writes are refused as the disk is full
+        // until a checkpoint gets in), or the start refuses before it writes.
+        let log_bytes = wal.bytes();
+        let room_needed = 2 * log_bytes + (16 << 20);
+        let room = dir.parent().and_then(crate::durable::free_bytes);
+        let short = room.is_some_and(|r| r < room_needed);
+        let deferred =
+            !records.is_empty() && follows && ((snap.is_some() && log_bytes <= tuning.checkpoint_bytes) || short);
+        if short && !deferred && records.iter().any(|(seq, _)| *seq > done) {
+            return Err(StoreError::Full(format!(
+                "the disk of {} has {} MB free; moving the write-ahead log's {} MB into the database needs about \
+                 {} MB: free space and start again (nothing was changed, no acknowledged write is lost)",
+                dir.display(),
+                room.unwrap_or(0) >> 20,
+                log_bytes >> 20,
+                room_needed >> 20
+            )));
+        }
         // What sled does not hold yet, for the purge outbox: none once the
         // log is replayed into it.
+        let mut deferred_records = Vec::new();
         let (pending, replay_ms): (Vec<(u64, Rec)>, u64) = if deferred {
             // Records a crashed process wrote but did not sync may sit in
             // the page cache only: the index must not show them before
@@ -151,8 +173,13 @@ impl IndexedStore {
             if let Err(super::wal::WalError::Append(e) | super::wal::WalError::Sync(e)) = wal.sync() {
                 return Err(StoreError::Open { path: wal_path.display().to_string(), source: e.into() });
             }
-            let purges = records.into_iter().filter(|(_, r)| matches!(r, Rec::Purge { .. } | Rec::PurgeSent { .. }));
-            (purges.collect(), 0)
+            let purges = records.iter().filter(|(_, r)| matches!(r, Rec::Purge { .. } | Rec::PurgeSent { .. }));
+            let purges = purges.cloned().collect();
+            // Without a snapshot, the index is sled's with these applied.
+            if snap.is_none() {
+                deferred_records = records;
+            }
+            (purges, 0)
         } else {
             let replaying = Instant::now();
             let mut replayed = 0;
@@ -188,8 +215,19 @@ impl IndexedStore {
         };
         let (base, (index, ids, deleted_last)) = match snap {
             Some((loaded, base)) => (Some(base), loaded),
+            None if deferred => {
+                // sled's trees, and the log's records (which follow them
+                // one by one) applied in memory.
+                let (mut index, mut ids, mut deleted_last) = load(&trees)?;
+                for (_, rec) in &deferred_records {
+                    index.apply(rec);
+                    super::writer::Ids::follow(&mut ids, &mut deleted_last, rec);
+                }
+                (None, (index, ids, deleted_last))
+            }
             None => (None, load(&trees)?),
         };
+        drop(deferred_records);
         let purge_sent = load_purges(&trees, &purge.outbox, last, &pending)?;
         drop(pending);
         drop(trees);

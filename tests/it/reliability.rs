@@ -287,6 +287,107 @@ fn fill(path: &std::path::Path) {
     let _ = f.sync_all();
 }
 
+/// Starts `blotcdn serve` on `data`: the server, once it listens, or its
+/// exit code and what it printed, if it exits first.
+fn try_serve(data: &std::path::Path) -> Result<ChildServer, (Option<i32>, String)> {
+    let logs = tempfile::tempdir().unwrap();
+    let (addr_file, err_file) = (logs.path().join("addrs.json"), logs.path().join("stderr"));
+    let mut child = Command::new(binary())
+        .args(["serve", "--data-dir"])
+        .arg(data)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&addr_file) {
+            let addrs: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let addr = |name: &str| addrs[name].as_str().and_then(|a| a.parse().ok());
+            return Ok(ChildServer {
+                grpc: addr("grpc").unwrap(),
+                http: addr("http").unwrap(),
+                metrics: addr("metrics"),
+                child,
+            });
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err((status.code(), std::fs::read_to_string(&err_file).unwrap_or_default()));
+        }
+        assert!(Instant::now() < deadline, "blotcdn serve neither listened nor exited in 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A crash (kill -9) while the disk is full, the log holding many
+/// acknowledged writes. Before, once the space that filled the disk was
+/// freed, the start still failed: moving the log into the database needs
+/// about twice its size, and each failed start left the database larger,
+/// eating the space freed. Now the start keeps the records in the log and
+/// comes up (writes refused as the disk is full until a checkpoint fits);
+/// every acknowledged write is there, then and after more space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_on_a_full_disk_starts_again_once_its_space_is_freed() {
+    let Some(disk) = SmallDisk::mount(48) else {
+        assert!(!common::unsafe_is_root(), "root could not mount a tmpfs");
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let data = disk.dir.path().join("data");
+    let mut server = ChildServer::spawn(&data);
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    p.invalidate(pb::InvalidateRequest { blog_id: "crash".into(), paths: vec!["/a.css".into()] }).await.unwrap();
+    let filler = disk.dir.path().join("filler");
+    fill(&filler);
+    // Writes into the log's room until the disk refuses one.
+    let mut acked = Vec::new();
+    for i in 0..400 {
+        let paths: Vec<String> = (0..500).map(|j| format!("/w{i}/{j}-{}.css", "x".repeat(150))).collect();
+        match p.invalidate(pb::InvalidateRequest { blog_id: "crash".into(), paths }).await {
+            Ok(r) => acked.push((i, r.into_inner().cache_id)),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+                break;
+            }
+        }
+    }
+    assert!(acked.len() > 20, "only {} writes fit in the log", acked.len());
+    server.kill9();
+    std::fs::remove_file(&filler).unwrap();
+    let started = try_serve(&data).map_err(|(code, err)| format!("exit {code:?}: {err}"));
+    let mut server = started.expect("a start once the space that filled the disk is freed");
+    let check = |server: &ChildServer| {
+        let (grpc, acked) = (server.grpc, acked.clone());
+        async move {
+            let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{grpc}")).await.unwrap();
+            for (i, id) in acked {
+                let path = format!("/w{i}/7-{}.css", "x".repeat(150));
+                let got = r.resolve_batch(pb::ResolveBatchRequest { blog_id: "crash".into(), paths: vec![path] });
+                assert_eq!(got.await.unwrap().into_inner().assets[0].cache_id, id, "acknowledged write {i}");
+            }
+        }
+    };
+    check(&server).await;
+    // More room: writes go through, and a clean restart keeps them all.
+    let grown = Command::new("mount").args(["-o", "remount,size=400m"]).arg(disk.dir.path()).status().unwrap();
+    assert!(grown.success());
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) =
+        p.invalidate(pb::InvalidateRequest { blog_id: "crash".into(), paths: vec!["/b.css".into()] }).await
+    {
+        assert!(Instant::now() < deadline, "writes still refused with room to spare: {}", e.message());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+    let server = ChildServer::spawn(&data);
+    check(&server).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed() {
     let Some(disk) = SmallDisk::mount(48) else {
