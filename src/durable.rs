@@ -24,7 +24,9 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     }
     // SAFETY: filled, the call succeeded.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    // (Their types are u64 here, narrower on some targets.)
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Writes `bytes` to `path` whole or not at all, durably: into a
