@@ -194,8 +194,15 @@ impl Fallback {
                 }
             }
             // An unversioned URL may change behind the edge: keep it short,
-            // unless its origin said otherwise (above).
-            h.insert(header::CACHE_CONTROL, pass_on.cloned().unwrap_or(HeaderValue::from_static(SHORT)));
+            // unless its origin said otherwise (above). A body that ends
+            // when its connection closes cannot tell a cut from an end: it
+            // is passed on, but no cache may keep it (a cut one was kept
+            // by the edge, and answered, for a minute).
+            let control = match (len, chunked) {
+                (None, false) => HeaderValue::from_static("no-store"),
+                _ => pass_on.cloned().unwrap_or(HeaderValue::from_static(SHORT)),
+            };
+            h.insert(header::CACHE_CONTROL, control);
             // The edge's own lifetime for what the app marks so (pages it
             // tags for purging on publish; see edge/varnish.vcl).
             if let Some(v) = parts.headers.get("surrogate-control") {

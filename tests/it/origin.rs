@@ -276,6 +276,33 @@ async fn only_plain_whole_answers_are_backfilled() {
     s.stop().await;
 }
 
+/// An upstream answer whose body ends when its connection closes (no
+/// length, not chunked) cannot tell a cut from an end. Before, one cut
+/// short was passed on looking whole, with `max-age=60`, and the edge kept
+/// it. Now it is passed on with `no-store`, and not backfilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_ends_with_its_connection_is_passed_on_but_never_kept() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(4) {
+            let Ok(mut c) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            // Cut in the middle of a rule, and closed.
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nConnection: close\r\n\r\nbody { color: r");
+        }
+    });
+    let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{port}")])).await;
+    let r = curl(&[&s.url("/closed/style.css")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"body { color: r"[..]));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!s.config.static_dir.join("closed/style.css").exists(), "backfilled");
+    s.stop().await;
+}
+
 /// A backfilled file is named once the answer has streamed through (its
 /// fsync runs off the request path): wait for it, boundedly.
 fn eventually_read(p: &std::path::Path) -> Vec<u8> {
