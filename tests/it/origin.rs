@@ -291,7 +291,8 @@ async fn a_body_that_ends_with_its_connection_is_passed_on_but_never_kept() {
             let mut buf = [0u8; 4096];
             let _ = c.read(&mut buf);
             // Cut in the middle of a rule, and closed.
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nConnection: close\r\n\r\nbody { color: r");
+            let _ =
+                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nConnection: close\r\n\r\nbody { color: r");
         }
     });
     let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{port}")])).await;

@@ -262,6 +262,17 @@ struct SmallDisk {
 }
 
 impl SmallDisk {
+    /// `None` (the test is skipped) only where mounting needs root this
+    /// process does not have.
+    fn mount_or_skip(mib: u32) -> Option<SmallDisk> {
+        let disk = SmallDisk::mount(mib);
+        if disk.is_none() {
+            assert!(!common::unsafe_is_root(), "root could not mount a tmpfs");
+            eprintln!("skipped: mounting a tmpfs needs root");
+        }
+        disk
+    }
+
     fn mount(mib: u32) -> Option<SmallDisk> {
         let dir = tempfile::tempdir().unwrap();
         let st = Command::new("mount")
@@ -331,11 +342,7 @@ fn try_serve(data: &std::path::Path) -> Result<ChildServer, (Option<i32>, String
 /// every acknowledged write is there, then and after more space.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_on_a_full_disk_starts_again_once_its_space_is_freed() {
-    let Some(disk) = SmallDisk::mount(48) else {
-        assert!(!common::unsafe_is_root(), "root could not mount a tmpfs");
-        eprintln!("skipped: mounting a tmpfs needs root");
-        return;
-    };
+    let Some(disk) = SmallDisk::mount_or_skip(48) else { return };
     let data = disk.dir.path().join("data");
     let mut server = ChildServer::spawn(&data);
     let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
@@ -390,11 +397,7 @@ async fn a_crash_on_a_full_disk_starts_again_once_its_space_is_freed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed() {
-    let Some(disk) = SmallDisk::mount(48) else {
-        assert!(!common::unsafe_is_root(), "root could not mount a tmpfs");
-        eprintln!("skipped: mounting a tmpfs needs root");
-        return;
-    };
+    let Some(disk) = SmallDisk::mount_or_skip(48) else { return };
     let data = disk.dir.path().join("data");
     let mut server = ChildServer::spawn(&data);
     let url = format!("http://{}", server.grpc);
