@@ -82,23 +82,29 @@ pub fn check_serving_dirs(config: &Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// `p` with links resolved as far as it exists, the rest as written: it is
-/// checked before the folders are made.
+/// `p` with links resolved as far as it exists, and the rest (which can
+/// hold no link) taken as written, `..` included: it is checked before the
+/// folders are made.
 fn resolved(p: &std::path::Path) -> std::path::PathBuf {
-    let mut rest = Vec::new();
-    let mut base = p.to_path_buf();
-    loop {
-        if let Ok(c) = base.canonicalize() {
-            return rest.into_iter().rev().fold(c, |acc, n: std::ffi::OsString| acc.join(n));
-        }
-        match (base.file_name().map(ToOwned::to_owned), base.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                base = if parent.as_os_str().is_empty() { ".".into() } else { parent.to_path_buf() };
+    use std::path::Component;
+    let parts: Vec<Component> = p.components().collect();
+    for k in (0..=parts.len()).rev() {
+        let head: std::path::PathBuf = parts[..k].iter().collect();
+        let head = if head.as_os_str().is_empty() { std::path::PathBuf::from(".") } else { head };
+        if let Ok(mut at) = head.canonicalize() {
+            for part in &parts[k..] {
+                match part {
+                    Component::ParentDir => {
+                        at.pop();
+                    }
+                    Component::CurDir => {}
+                    other => at.push(other),
+                }
             }
-            _ => return p.to_path_buf(),
+            return at;
         }
     }
+    p.to_path_buf()
 }
 
 /// Whether a name right under the data dir is one of the data dir's own

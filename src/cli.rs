@@ -524,6 +524,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if s.interrupted {
                 println!("interrupted: run the same command again to go on");
             }
+            if s.left > 0 {
+                println!(
+                    "left in the bucket: {} objects stored with a Content-Encoding (printed above, counted with the \
+                     refused); the fallback answers them from there, so keep the bucket while any is left",
+                    s.left
+                );
+            }
             println!("{s}");
             if s.interrupted {
                 std::process::exit(130);

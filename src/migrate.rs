@@ -47,6 +47,8 @@ pub struct Summary {
     pub copied: u64,
     pub skipped: u64,
     pub refused: u64,
+    /// Of the refused: objects left in the bucket on purpose.
+    pub left: u64,
     pub failed: u64,
     /// Bytes copied.
     pub bytes: u64,
@@ -547,6 +549,7 @@ pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Res
                     }
                     Outcome::Left(why) => {
                         s.refused += 1;
+                        s.left += 1;
                         eprintln!("left: {}: {why}", printable(&key));
                     }
                     Outcome::Failed(e) => {

@@ -647,7 +647,8 @@ impl Origin {
         let (cache, keep) = if recent { (SHORT, None) } else { (cache, keep) };
         let modified = last_modified(&meta);
         let (content_type, cors) = match kept.as_deref().and_then(|t| Some((HeaderValue::from_str(t).ok()?, t))) {
-            Some((v, t)) => (v, cors_for_type(t)),
+            // A font the bucket typed its own way is still a font.
+            Some((v, t)) => (v, cors_for_type(t) || cors_for(path.file_name())),
             None => (content_type(path.file_name()), cors_for(path.file_name())),
         };
         let etag = file_etag(&meta, recent);
@@ -877,7 +878,7 @@ fn route_label(path: &str) -> usize {
     }
     match cut_twice(path.trim_start_matches('/')) {
         (_, Some("_assets"), Some(_)) => 2,
-        (_, Some(id), Some(_)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => 3,
+        (_, Some(id), Some(_)) if version_segment(id).is_some() => 3,
         (_, Some(p), _) if !p.is_empty() => 4,
         _ => 5,
     }

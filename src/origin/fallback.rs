@@ -204,8 +204,10 @@ impl Fallback {
             };
             h.insert(header::CACHE_CONTROL, control);
             // The edge's own lifetime for what the app marks so (pages it
-            // tags for purging on publish; see edge/varnish.vcl).
-            if let Some(v) = parts.headers.get("surrogate-control") {
+            // tags for purging on publish; see edge/varnish.vcl): not for a
+            // body that cannot tell a cut from an end (the edge keeps what
+            // Surrogate-Control says before it looks at no-store).
+            if let Some(v) = parts.headers.get("surrogate-control").filter(|_| len.is_some() || chunked) {
                 h.insert("surrogate-control", v.clone());
             }
             match blog.and_then(|b| HeaderValue::from_str(b).ok()) {

@@ -148,19 +148,18 @@ impl IndexedStore {
         // in the log if they can (writes are refused as the disk is full
         // until a checkpoint gets in), or the start refuses before it writes.
         let log_bytes = wal.bytes();
-        let room_needed = 2 * log_bytes + (16 << 20);
-        let room = dir.parent().and_then(crate::durable::free_bytes);
-        let short = room.is_some_and(|r| r < room_needed);
-        let deferred =
-            !records.is_empty() && follows && ((snap.is_some() && log_bytes <= tuning.checkpoint_bytes) || short);
-        if short && !deferred && records.iter().any(|(seq, _)| *seq > done) {
+        let short = super::writer::short_of_room(dir, log_bytes);
+        let deferred = !records.is_empty()
+            && follows
+            && ((snap.is_some() && log_bytes <= tuning.checkpoint_bytes) || short.is_some());
+        if let Some((room, needed)) = short.filter(|_| !deferred && records.iter().any(|(seq, _)| *seq > done)) {
             return Err(StoreError::Full(format!(
                 "the disk of {} has {} MB free; moving the write-ahead log's {} MB into the database needs about \
                  {} MB: free space and start again (nothing was changed, no acknowledged write is lost)",
                 dir.display(),
-                room.unwrap_or(0) >> 20,
+                room >> 20,
                 log_bytes >> 20,
-                room_needed >> 20
+                needed >> 20
             )));
         }
         // What sled does not hold yet, for the purge outbox: none once the
@@ -211,7 +210,8 @@ impl IndexedStore {
         let from = match (&snap, deferred) {
             (Some(_), true) => "snapshot and log",
             (Some(_), false) => "snapshot",
-            (None, _) => "sled",
+            (None, true) => "sled and log",
+            (None, false) => "sled",
         };
         let (base, (index, ids, deleted_last)) = match snap {
             Some((loaded, base)) => (Some(base), loaded),

@@ -108,6 +108,16 @@ impl Default for Tuning {
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
 /// A checkpoint that failed is tried again after this long.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(2);
+
+/// The free room on `db`'s disk, and what moving a log of `log_bytes` into
+/// sled needs (sled writes about twice what it takes in), when the first
+/// is short of the second. A checkpoint (or a start's replay) that ran out
+/// of room midway left sled larger, and the room freed was gone again.
+pub(super) fn short_of_room(db: &std::path::Path, log_bytes: u64) -> Option<(u64, u64)> {
+    let needed = 2 * log_bytes + (16 << 20);
+    let room = crate::durable::free_bytes(db)?;
+    (room < needed).then_some((room, needed))
+}
 /// While checkpoints fail, the log grows; past this, writes are refused
 /// rather than let the log (and start-up's replay) grow without bound.
 pub const MAX_LOG_BYTES: u64 = 4 * CHECKPOINT_BYTES;
@@ -601,6 +611,14 @@ impl Writer {
                 || (idle && self.snap.is_none() && !self.snapshot_backing_off());
             let backing_off = self.checkpoint_failed.is_some_and(|t| t.elapsed() < CHECKPOINT_RETRY);
             if !due || backing_off {
+                return;
+            }
+            // Not begun without room: the log keeps every write meanwhile.
+            if let Some((room, needed)) = short_of_room(&self.db_path, bytes) {
+                if self.checkpoint_failed.is_none() {
+                    tracing::warn!(room, needed, log_bytes = bytes, "checkpoint put off: the disk is short of room");
+                }
+                self.checkpoint_failed = Some(Instant::now());
                 return;
             }
         }

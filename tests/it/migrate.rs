@@ -373,6 +373,7 @@ if sys.argv[2] == "before":
     put("t1/_image_cache/9f1c2d7e", b"\x89PNG not really", ContentType="image/png")
     put("t1/feed", b"<rss/>", ContentType="application/rss+xml")
     put("t1/plain.css", b"p { }", ContentType="text/css")
+    put("t1/font.woff", b"wOFF", ContentType="application/x-font-woff")
 else:
     s3.put_object(Bucket="legacy", Key="t1/later/notes", Body=b"later", ContentType="text/plain", ACL="public-read")
 "#;
@@ -382,8 +383,9 @@ else:
     let bucket_url = format!("http://127.0.0.1:{port}/{BUCKET}");
     let data = work.path().join("data");
     let (code, out, err) = run(&mut migrate(&data, &bucket_url, &[]), 120);
-    assert_eq!((code, summary(&out)), (0, [3, 0, 1, 0]), "{out}{err}");
+    assert_eq!((code, summary(&out)), (0, [4, 0, 1, 0]), "{out}{err}");
     assert!(err.contains("left: t1/style.css: stored with Content-Encoding gzip"), "{err}");
+    assert!(out.contains("left in the bucket: 1 objects"), "{out}");
     assert!(!data.join("static/t1/style.css").exists(), "a gzipped object was copied as its bytes");
     let (code, out, err) = python("after");
     assert_eq!(code, 0, "{out}{err}");
@@ -406,6 +408,10 @@ else:
         let r = curl(&[&s.url(path)]);
         assert_eq!((r.status, r.header("content-type")), (200, Some(ty)), "{path}");
     }
+    // A font the bucket typed its own way: its type, and still CORS.
+    let r = curl(&[&s.url("/t1/font.woff")]);
+    assert_eq!(r.header("content-type"), Some("application/x-font-woff"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"), "a font without CORS");
     // Backfilled: the same type from the bucket, then from the copy.
     let r = curl(&[&s.url("/t1/later/notes")]);
     assert_eq!((r.status, r.body.as_slice(), r.header("content-type")), (200, &b"later"[..], Some("text/plain")));

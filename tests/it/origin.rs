@@ -291,14 +291,18 @@ async fn a_body_that_ends_with_its_connection_is_passed_on_but_never_kept() {
             let mut buf = [0u8; 4096];
             let _ = c.read(&mut buf);
             // Cut in the middle of a rule, and closed.
-            let _ =
-                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nConnection: close\r\n\r\nbody { color: r");
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nSurrogate-Control: max-age=600\r\nConnection: close";
+            let _ = c.write_all(format!("{head}\r\n\r\nbody {{ color: r").as_bytes());
         }
     });
     let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{port}")])).await;
     let r = curl(&[&s.url("/closed/style.css")]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"body { color: r"[..]));
     assert_eq!(r.header("cache-control"), Some("no-store"));
+    // Nor a lifetime for the edge (Varnish keeps what it says before it
+    // looks at no-store).
+    assert_eq!(r.header("surrogate-control"), None);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!s.config.static_dir.join("closed/style.css").exists(), "backfilled");
     s.stop().await;
