@@ -553,8 +553,11 @@ impl Config {
         let fallback_origins: Vec<String> =
             p.fallback_origins.unwrap_or_default().into_iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         for o in &fallback_origins {
-            if !o.starts_with("http://") {
+            if !o.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) {
                 return Err(invalid("fallback_origins", format!("{o:?}: only http:// origins are supported")));
+            }
+            if o.contains(char::is_whitespace) {
+                return Err(invalid("fallback_origins", format!("{o:?}: a space in an origin")));
             }
             // The blog's path is put after the origin: a query or fragment
             // would take it in (every path then asked for as one URL), and

@@ -890,11 +890,16 @@ fn route_label(path: &str) -> usize {
 /// of the blog's (`/2016/05/post`, `/2016/photo.jpg`): before, any digits
 /// were taken for a cache id, and `/{blog}/2016/photo.jpg` served the
 /// blog's `/photo.jpg`.
+/// Nor is one more than a day ahead of this clock (an ISBN-13 folder,
+/// `/9780306406157/`, names the year 2280): ids are given at most a little
+/// ahead of the clock of the node that gave them.
 fn version_segment(s: &str) -> Option<CacheId> {
     if s.len() < 13 {
         return None;
     }
-    parse_cache_id(s).ok().filter(|id| *id >= MIN_CACHE_ID)
+    let id = parse_cache_id(s).ok().filter(|id| *id >= MIN_CACHE_ID)?;
+    let now_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    (id <= now_ms + 86_400_000).then_some(id)
 }
 
 /// The least cache id the origin reads as one (10^12 ms after 1970).

@@ -74,7 +74,11 @@ pub(crate) fn type_to_keep(given: &HeaderValue, name: &str) -> Option<String> {
     if !essence.contains('/') || matches!(essence.as_str(), "application/octet-stream" | "binary/octet-stream") {
         return None;
     }
-    (mime_guess::from_path(name).first_or_octet_stream().essence_str() != essence).then(|| s.to_owned())
+    // Any of the types the extension goes by (`.js`: text/ and
+    // application/javascript) says the same.
+    let named = mime_guess::from_path(name);
+    (!named.iter().any(|m| m.essence_str() == essence) && named.first_or_octet_stream().essence_str() != essence)
+        .then(|| s.to_owned())
 }
 
 /// Fonts are the one kind browsers refuse cross-origin without CORS.

@@ -461,22 +461,41 @@ impl Wal {
         Ok(Records { file: self.file.try_clone()?, end: self.pos })
     }
 
-    /// Grows the zero-filled allocation to at least `cap` bytes.
+    /// Grows the zero-filled allocation to at least `cap` bytes: by
+    /// `PREALLOCATE`, or, on a disk without room for that, by what `cap`
+    /// needs. What a growth that failed took is given back (the log kept
+    /// it: on a nearly full disk, a refused write took all the room freed).
     fn ensure(&mut self, cap: u64) -> io::Result<()> {
         if self.cap >= cap {
             return Ok(());
         }
+        match self.grow_to(cap.max(self.cap + PREALLOCATE)) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => self.grow_to(cap.next_multiple_of(64 << 10)),
+            r => r,
+        }
+    }
+
+    fn grow_to(&mut self, target: u64) -> io::Result<()> {
         let zeros = vec![0u8; 1 << 20];
         let mut at = self.cap;
-        let target = cap.max(self.cap + PREALLOCATE);
-        while at < target {
-            let n = zeros.len().min((target - at) as usize);
-            self.file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
+        let grown = (|| {
+            while at < target {
+                let n = zeros.len().min((target - at) as usize);
+                self.file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            self.file.sync_all()
+        })();
+        match grown {
+            Ok(()) => {
+                self.cap = at;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.cap);
+                Err(e)
+            }
         }
-        self.file.sync_all()?;
-        self.cap = at;
-        Ok(())
     }
 
     /// Adds a record to the group being written.

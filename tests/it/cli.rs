@@ -82,7 +82,12 @@ fn configuration_errors_name_their_key() {
     assert!(err.contains("fallback_origins"), "{err}");
     // A query, a fragment or credentials: the blog's path would go into
     // the query, or be cut off, or the credentials silently not be sent.
-    for origin in ["http://127.0.0.1:9/bkt?x=1", "http://127.0.0.1:9/bkt#f", "http://user:pw@127.0.0.1:9/bkt"] {
+    for origin in [
+        "http://127.0.0.1:9/bkt?x=1",
+        "http://127.0.0.1:9/bkt#f",
+        "http://user:pw@127.0.0.1:9/bkt",
+        "http://127.0.0.1:9/a b",
+    ] {
         std::fs::write(&toml, format!("fallback_origins = [{origin:?}]\n")).unwrap();
         let (code, _, err) = serve(&[], &["--config", toml.to_str().unwrap()]);
         assert_ne!(code, 0, "started with {origin}");

@@ -71,10 +71,16 @@ async fn a_folder_named_by_a_number_is_a_folder_not_a_version() {
     s.write("years", "/photo.jpg", b"the top one");
     s.write("years", "/2016/photo.jpg", b"from 2016");
     s.write("years", "/2016/05/post.html", b"a post of May 2016");
+    s.write("years", "/9780306406157/cover.jpg", b"a book's cover");
     invalidate(&s, "years", &[]).await;
     let mut p = s.publisher().await;
     p.set_domain(pb::SetDomainRequest { domain: "years.example".into(), blog_id: "years".into() }).await.unwrap();
-    for (path, body) in [("/2016/photo.jpg", &b"from 2016"[..]), ("/2016/05/post.html", b"a post of May 2016")] {
+    for (path, body) in [
+        ("/2016/photo.jpg", &b"from 2016"[..]),
+        ("/2016/05/post.html", b"a post of May 2016"),
+        // 13 digits, but a time in the year 2280: an ISBN.
+        ("/9780306406157/cover.jpg", b"a book's cover"),
+    ] {
         let r = curl(&[&s.url(&format!("/years{path}"))]);
         assert_eq!((r.status, r.body.as_slice()), (200, body), "{path} on the CDN's host");
         let r = curl(&["-H", "Host: years.example", &s.url(path)]);

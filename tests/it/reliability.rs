@@ -335,6 +335,16 @@ fn try_serve(data: &std::path::Path) -> Result<ChildServer, (Option<i32>, String
     }
 }
 
+/// The bytes free on the filesystem that holds `dir`.
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
+    let st = unsafe { st.assume_init() };
+    st.f_bavail * st.f_frsize
+}
+
 /// The bytes of the files under `dir`.
 fn bytes_under(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
@@ -398,9 +408,30 @@ async fn a_crash_on_a_full_disk_starts_again_once_its_space_is_freed() {
     // not begun (a checkpoint that ran out of room left sled
     // larger, filling the disk again).
     let db_bytes = || bytes_under(&data.join("db"));
-    let before = db_bytes();
+    let log_bytes = || std::fs::metadata(data.join("db.wal")).unwrap().len();
+    // 4 MiB left: less than the log's usual step of growth (16 MiB).
+    let filler = disk.dir.path().join("filler-again");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        while free_bytes(disk.dir.path()) > 5 << 20 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let (before, log_before) = (db_bytes(), log_bytes());
     let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
-    let _ = p.invalidate(pb::InvalidateRequest { blog_id: "crash".into(), paths: vec!["/c.css".into()] }).await;
+    // About 2 MB of writes: past the log's room, into the disk's. The log
+    // grows by what they need: before, it could not grow by its usual step,
+    // refused them, and kept what the failed step took (all the room).
+    for i in 0..20 {
+        let paths: Vec<String> = (0..500).map(|j| format!("/later{i}/{j}-{}.css", "y".repeat(150))).collect();
+        let r = p.invalidate(pb::InvalidateRequest { blog_id: "crash".into(), paths }).await;
+        r.unwrap_or_else(|e| panic!("write {i} of 2 MB refused with 4 MiB free: {}", e.message()));
+    }
+    let log_after = log_bytes();
+    assert!(log_after <= log_before + (3 << 20), "the log grew from {log_before} to {log_after} bytes for 2 MB");
+    std::fs::remove_file(&filler).unwrap();
     // (An idle writer checkpoints after 10 s.)
     tokio::time::sleep(Duration::from_secs(12)).await;
     let after = db_bytes();

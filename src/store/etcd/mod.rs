@@ -365,16 +365,18 @@ impl IndexedStore {
             members,
         });
         // A member just started, or a leader election, fails a request or
-        // two: tried again for up to 10 s before the start gives up.
+        // two: tried again for up to 10 s before the start gives up. A load
+        // takes as long as the log is long (each request has its own time
+        // limit): it is not cut off (a fixed 10 s for the whole load kept a
+        // node with a long log from ever starting again).
         let loaded = rt.block_on(async {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
-                let e = match tokio::time::timeout_at(deadline, f.load()).await {
-                    Ok(Ok(l)) => return Ok(l),
+                let e = match f.load().await {
+                    Ok(l) => return Ok(l),
                     // Read again, it reads the same.
-                    Ok(Err(e @ follow::LoadError::Damaged(_))) => return Err(e.to_string()),
-                    Ok(Err(follow::LoadError::Unreachable(e))) => e,
-                    Err(_) => "no answer within 10 s".to_owned(),
+                    Err(e @ follow::LoadError::Damaged(_)) => return Err(e.to_string()),
+                    Err(follow::LoadError::Unreachable(e)) => e,
                 };
                 if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
                     return Err(e);
