@@ -223,12 +223,17 @@ async fn list_page(
     Err(last.expect("three attempts").context("ListObjectsV2 failed three times"))
 }
 
-/// `s` with its control characters escaped (`\u{1b}`), for a terminal.
+/// `s` with its control characters escaped (`\u{1b}`), for a terminal; and
+/// those that reorder or break lines (bidirectional overrides, U+2028).
 fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    };
+    if !s.chars().any(hidden) {
         return s.into();
     }
-    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+    s.chars().map(|c| if hidden(c) { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// An ETag that is the object's MD5 (not a multipart one, `…-N`).
@@ -617,6 +622,7 @@ mod tests {
     fn keys_with_control_characters_are_printed_escaped() {
         assert_eq!(printable("b1/plain name.png"), "b1/plain name.png");
         assert_eq!(printable("b1/\u{1b}[2Jx\n.png"), "b1/\\u{1b}[2Jx\\n.png");
+        assert_eq!(printable("b1/\u{202e}gnp.exe"), "b1/\\u{202e}gnp.exe");
     }
 
     #[test]
