@@ -441,7 +441,7 @@ impl Origin {
                 self.asset(req, &blog, hash, &names).await
             }
             (_, _, Some(cache_id)) => match BlogPath::from_url_path(after_second) {
-                Ok(p) => self.versioned(req, &blog, cache_id, &p).await,
+                Ok(p) => self.versioned(req, &blog, cache_id, &p, after_blog).await,
                 Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
             },
             // `/{blog}/{path}`: an unversioned (legacy) URL. Local disk, then
@@ -472,9 +472,25 @@ impl Origin {
         }
     }
 
-    async fn versioned(&self, req: &Request<Incoming>, blog: &BlogId, id: CacheId, path: &BlogPath) -> Response<Body> {
+    /// `whole`: the URL's path after the blog, the id's segment included
+    /// (what a folder named by a number past any cache id names).
+    async fn versioned(
+        &self,
+        req: &Request<Incoming>,
+        blog: &BlogId,
+        id: CacheId,
+        path: &BlogPath,
+        whole: &str,
+    ) -> Response<Body> {
         // Metadata first: an unknown blog or a version from the future costs no disk read.
-        let Some(version) = self.catalog.store().path_version(blog.as_str(), path.as_str()) else {
+        let version = self.catalog.store().path_version(blog.as_str(), path.as_str());
+        if version.is_none_or(|v| id > v) && ahead_of_clock(id) {
+            return match BlogPath::from_url_path(whole) {
+                Ok(p) => self.unversioned(req, blog, &p).await,
+                Err(_) => plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
+            };
+        }
+        let Some(version) = version else {
             return plain(StatusCode::NOT_FOUND, NO_STORE, "unknown blog\n");
         };
         if id > version {
@@ -890,16 +906,20 @@ fn route_label(path: &str) -> usize {
 /// of the blog's (`/2016/05/post`, `/2016/photo.jpg`): before, any digits
 /// were taken for a cache id, and `/{blog}/2016/photo.jpg` served the
 /// blog's `/photo.jpg`.
-/// Nor is one more than a day ahead of this clock (an ISBN-13 folder,
-/// `/9780306406157/`, names the year 2280): ids are given at most a little
-/// ahead of the clock of the node that gave them.
 fn version_segment(s: &str) -> Option<CacheId> {
     if s.len() < 13 {
         return None;
     }
-    let id = parse_cache_id(s).ok().filter(|id| *id >= MIN_CACHE_ID)?;
+    parse_cache_id(s).ok().filter(|id| *id >= MIN_CACHE_ID)
+}
+
+/// Whether `id` is more than a day ahead of this clock: no cache id (ids
+/// are given at most a little ahead of the clock of the node that gave
+/// them), but a folder (an ISBN-13, `/9780306406157/`, names the year
+/// 2280). Asked only of an id the blog's path has not reached.
+fn ahead_of_clock(id: CacheId) -> bool {
     let now_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    (id <= now_ms + 86_400_000).then_some(id)
+    id > now_ms + 86_400_000
 }
 
 /// The least cache id the origin reads as one (10^12 ms after 1970).
