@@ -335,16 +335,6 @@ fn try_serve(data: &std::path::Path) -> Result<ChildServer, (Option<i32>, String
     }
 }
 
-/// The bytes free on the filesystem that holds `dir`.
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
-    let st = unsafe { st.assume_init() };
-    st.f_bavail * st.f_frsize
-}
-
 /// The bytes of the files under `dir`.
 fn bytes_under(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
@@ -414,7 +404,7 @@ async fn a_crash_on_a_full_disk_starts_again_once_its_space_is_freed() {
     {
         let mut f = std::fs::File::create(&filler).unwrap();
         let chunk = vec![7u8; 1 << 20];
-        while free_bytes(disk.dir.path()) > 5 << 20 {
+        while blotcdn::durable::free_bytes(disk.dir.path()).expect("statvfs") > 5 << 20 {
             f.write_all(&chunk).unwrap();
         }
         f.sync_all().unwrap();

@@ -3,19 +3,9 @@
 //! a prefix inside this one's), and with a group of its own that etcd
 //! holds damaged.
 
+use super::kv_put as put;
 use super::*;
-use blotcdn::etcdpb::{kv_client::KvClient, request_op::Request, PutRequest, RangeRequest, RequestOp, TxnRequest};
-
-fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> RequestOp {
-    RequestOp {
-        request: Some(Request::RequestPut(PutRequest { key: key.into(), value: value.into(), ..Default::default() })),
-    }
-}
-
-/// Puts these keys in one transaction.
-async fn put_all(kv: &mut KvClient<Channel>, ops: Vec<RequestOp>) {
-    kv.txn(TxnRequest { success: ops, ..Default::default() }).await.unwrap();
-}
+use blotcdn::etcdpb::{kv_client::KvClient, request_op::Request, RangeRequest, RequestOp};
 
 /// The last record written (`/blotcdn/head`).
 async fn head(kv: &mut KvClient<Channel>) -> u64 {

@@ -94,6 +94,19 @@ async fn patiently(c: &mut pb::publisher_client::PublisherClient<Channel>, blog:
     }
 }
 
+/// A put of `key`, for [`put_all`].
+fn kv_put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> blotcdn::etcdpb::RequestOp {
+    use blotcdn::etcdpb::{request_op::Request, PutRequest, RequestOp};
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest { key: key.into(), value: value.into(), ..Default::default() })),
+    }
+}
+
+/// Sends these operations to etcd in one transaction.
+async fn put_all(kv: &mut blotcdn::etcdpb::kv_client::KvClient<Channel>, ops: Vec<blotcdn::etcdpb::RequestOp>) {
+    kv.txn(blotcdn::etcdpb::TxnRequest { success: ops, ..Default::default() }).await.unwrap();
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -804,10 +817,7 @@ async fn parts_no_group_names_are_deleted_once_the_log_passes_them() {
     let head = u64::from_be_bytes(head.kvs[0].value[..8].try_into().unwrap());
     // What a writer killed before its commit leaves: a part of the next record.
     let orphan = format!("/blotcdn/part/{:016x}-{:016x}-{:016x}/00000000", head + 1, 7u64, 1u64);
-    let put =
-        blotcdn::etcdpb::PutRequest { key: orphan.clone().into_bytes(), value: vec![1; 1000], ..Default::default() };
-    let put = blotcdn::etcdpb::RequestOp { request: Some(blotcdn::etcdpb::request_op::Request::RequestPut(put)) };
-    kv.txn(blotcdn::etcdpb::TxnRequest { success: vec![put], ..Default::default() }).await.unwrap();
+    put_all(&mut kv, vec![kv_put(orphan.clone(), vec![1; 1000])]).await;
     // Another write takes that record; the next one deletes the orphan.
     invalidate(&mut pa, "orphans", &["/b.css".into()]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

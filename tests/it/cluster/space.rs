@@ -205,7 +205,6 @@ async fn a_large_write_gets_in_while_another_node_takes_small_ones() {
 /// out, and a cluster slowed to a write every 3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_never_let_go_costs_one_wait_then_is_ignored() {
-    use blotcdn::etcdpb::{kv_client::KvClient, request_op::Request, PutRequest, RequestOp, TxnRequest};
     let etcd = EtcdCluster::start(1);
     let work = tempfile::tempdir().unwrap();
     let a = node(&etcd, &work.path().join("a"), &[]);
@@ -213,19 +212,13 @@ async fn a_hold_never_let_go_costs_one_wait_then_is_ignored() {
     invalidate(&mut p, "held", &["/first.css".into()]).await.unwrap();
     // Another writer's hold (its nonce is not this node's), put again every
     // 500 ms for as long as the writes below go on.
-    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let mut kv = blotcdn::etcdpb::kv_client::KvClient::connect(etcd.endpoint(0)).await.unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let holder = {
         let stop = stop.clone();
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let put = PutRequest {
-                    key: b"/blotcdn/hold".to_vec(),
-                    value: 77u64.to_be_bytes().to_vec(),
-                    ..Default::default()
-                };
-                let op = RequestOp { request: Some(Request::RequestPut(put)) };
-                kv.txn(TxnRequest { success: vec![op], ..Default::default() }).await.unwrap();
+                put_all(&mut kv, vec![kv_put("/blotcdn/hold", 77u64.to_be_bytes())]).await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
