@@ -74,11 +74,28 @@ pub(crate) fn type_to_keep(given: &HeaderValue, name: &str) -> Option<String> {
     if !essence.contains('/') || matches!(essence.as_str(), "application/octet-stream" | "binary/octet-stream") {
         return None;
     }
-    // Any of the types the extension goes by (`.js`: text/ and
-    // application/javascript) says the same.
+    // Any of the types the extension goes by says the same, and so does
+    // another name of one of them (`application/javascript` for `.js`,
+    // which mime_guess names `text/javascript` alone).
+    let essence = same_type_as(&essence).unwrap_or(&essence);
     let named = mime_guess::from_path(name);
     (!named.iter().any(|m| m.essence_str() == essence) && named.first_or_octet_stream().essence_str() != essence)
         .then(|| s.to_owned())
+}
+
+/// The type a media type is another name of, where buckets commonly use the
+/// other name: RFC 9239 makes `text/javascript` the one name of JavaScript
+/// and the rest obsolete; `image/jpg` and `image/pjpeg` are JPEG.
+fn same_type_as(essence: &str) -> Option<&'static str> {
+    Some(match essence {
+        "application/javascript"
+        | "application/x-javascript"
+        | "application/ecmascript"
+        | "text/ecmascript"
+        | "text/x-javascript" => "text/javascript",
+        "image/jpg" | "image/pjpeg" => "image/jpeg",
+        _ => return None,
+    })
 }
 
 /// Fonts are the one kind browsers refuse cross-origin without CORS.
@@ -343,6 +360,31 @@ mod tests {
         let r = asking(header::RANGE, "bytes=0-3");
         assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "4");
+    }
+
+    /// A type is kept only where the extension would not give it: any of
+    /// the types an extension goes by (`.js`: `text/javascript` and
+    /// `application/javascript`) says the same, as do the octet-stream
+    /// types, which say nothing.
+    #[test]
+    fn a_type_is_kept_only_where_the_extension_says_otherwise() {
+        let keep = |t: &'static str, name| type_to_keep(&HeaderValue::from_static(t), name);
+        assert_eq!(keep("application/javascript", "app.js"), None);
+        assert_eq!(keep("text/javascript; charset=utf-8", "app.js"), None);
+        assert_eq!(keep("IMAGE/JPEG", "a.jpg"), None);
+        assert_eq!(keep("image/jpeg", "a.jpeg"), None);
+        assert_eq!(keep("image/jpg", "a.jpg"), None);
+        assert_eq!(keep("application/x-javascript", "a.js"), None);
+        assert_eq!(keep("application/javascript", "a.css").as_deref(), Some("application/javascript"));
+        assert_eq!(keep("application/octet-stream", "notes"), None);
+        assert_eq!(keep("binary/octet-stream", "a.png"), None);
+        assert_eq!(keep("", "a.png"), None);
+        assert_eq!(keep("nonsense", "a.png"), None, "no slash: not a type");
+        assert_eq!(keep("text/plain", "app.js").as_deref(), Some("text/plain"));
+        assert_eq!(keep("image/png", "photo").as_deref(), Some("image/png"), "no extension");
+        assert_eq!(keep("text/html; charset=utf-8", "page.txt").as_deref(), Some("text/html; charset=utf-8"));
+        let long: &'static str = format!("text/x-{}", "a".repeat(crate::blogfs::MAX_KEPT_TYPE)).leak();
+        assert_eq!(keep(long, "notes"), None, "longer than a kept type may be");
     }
 
     #[test]

@@ -147,7 +147,8 @@ async fn fallbacks_that_refuse_or_fail_are_skipped_and_backfill_can_be_off() {
             format!("http://{refuses}"),
             format!("http://{fails}"),
             format!("http://{missing}"),
-            format!("http://127.0.0.1:{port}"),
+            // A scheme in capitals is the same scheme (RFC 3986, 3.1).
+            format!("HTTP://127.0.0.1:{port}"),
         ]);
         p.backfill_origins = Some(0);
     })

@@ -25,6 +25,9 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("blogs/mblog")).unwrap();
     std::fs::write(dir.path().join("blogs/mblog/style.css"), b"body{}").unwrap();
+    // A folder named by a year is a folder, not a cache id, in the route label as in the answer.
+    std::fs::create_dir_all(dir.path().join("blogs/mblog/2016")).unwrap();
+    std::fs::write(dir.path().join("blogs/mblog/2016/a.txt"), b"2016").unwrap();
     // A purge target that is down: the outbox's metrics move too.
     let server = ChildServer::spawn_with(
         dir.path(),
@@ -48,6 +51,7 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
         assert_eq!(curl(&[&format!("http://{}{}", server.http, style)]).body, b"body{}");
     }
     assert_eq!(curl(&[&format!("http://{}/mblog/none.css", server.http)]).status, 404);
+    assert_eq!(curl(&[&format!("http://{}/mblog/2016/a.txt", server.http)]).body, b"2016");
 
     // The exposition itself.
     let m = curl(&[&format!("http://{}/metrics", metrics_addr(&server))]);
@@ -59,6 +63,7 @@ async fn prometheus_scrapes_the_counters_that_real_calls_moved() {
     assert_eq!(sample(&text, "blotcdn_rpc_requests_total{method=\"Invalidate\",code=\"OK\"}"), Some(1.0));
     assert_eq!(sample(&text, "blotcdn_http_requests_total{route=\"versioned\",status=\"200\"}"), Some(3.0));
     assert_eq!(sample(&text, "blotcdn_http_requests_total{route=\"unversioned\",status=\"404\"}"), Some(1.0));
+    assert_eq!(sample(&text, "blotcdn_http_requests_total{route=\"unversioned\",status=\"200\"}"), Some(1.0));
     assert_eq!(sample(&text, "blotcdn_http_response_bytes_total{route=\"versioned\"}"), Some(18.0));
     assert_eq!(sample(&text, "blotcdn_hot_cache_hits_total"), Some(2.0), "first read from disk, then memory");
     assert!(sample(&text, "blotcdn_wal_fsync_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
