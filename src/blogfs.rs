@@ -323,7 +323,10 @@ const TYPE_XATTR: &std::ffi::CStr = c"user.blotcdn.content-type";
 pub const MAX_KEPT_TYPE: usize = 200;
 
 /// The `Content-Type` kept with `file` (see [`NewFile::keep_type`]), if any:
-/// one system call.
+/// one system call. By hand rather than with the `xattr` crate, whose
+/// `get_xattr` first asks the length and then allocates: this runs on the
+/// origin's answers from the static folder, and the stack buffer is all
+/// a kept type needs.
 pub fn kept_type(file: &File) -> Option<String> {
     let mut buf = [0u8; MAX_KEPT_TYPE];
     // SAFETY: a NUL-terminated name, and a buffer of the length given.
