@@ -21,6 +21,7 @@ mod memory;
 mod metrics;
 mod migrate;
 mod origin;
+mod origin_changes;
 mod otlp;
 mod purge;
 mod reliability;
