@@ -49,6 +49,16 @@ sub vcl_recv {
     return (hash);
 }
 
+sub vcl_hash {
+    # The TLS edge for custom domains (edge/Caddyfile) names the domain a
+    # request came in on, and the origin answers as that domain's blog. A
+    # reader can send the header too: it is part of the key, so an answer
+    # made for it is never handed to a request without it (the origin also
+    # says `Vary: X-Blotcdn-Domain`). The built-in vcl_hash adds URL and Host.
+    if (req.http.X-Blotcdn-Domain) {
+        hash_data(req.http.X-Blotcdn-Domain);
+    }
+}
 sub vcl_backend_response {
     # A page the app tagged for purging (`Surrogate-Key: <blog id>` and
     # `Surrogate-Control: max-age=N`): kept for N seconds or until a purge,

@@ -102,7 +102,7 @@ impl Origin {
             otel.kind = "server"
         );
         crate::telemetry::remote_parent(&span, req.headers());
-        let resp = if req.method() != Method::GET && !head {
+        let mut resp = if req.method() != Method::GET && !head {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
@@ -116,6 +116,13 @@ impl Origin {
             }
             resp
         };
+        if edge_domain.is_some() {
+            // Answered by the header, not the Host and target alone: a cache
+            // in front that keys on those (as edge/varnish.vcl did) must
+            // not hand this answer to a request without it, which a reader
+            // can send as well as the TLS edge.
+            resp.headers_mut().insert(header::VARY, HeaderValue::from_static("X-Blotcdn-Domain"));
+        }
         let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         self.counters.request(route, resp.status(), len.filter(|n| *n > 0 && !head));
         span.record("http.status_code", resp.status().as_u16());

@@ -53,6 +53,46 @@ async fn varnish_caches_versions_and_publishes_move_urls() {
     s.stop().await;
 }
 
+/// `X-Blotcdn-Domain` is the TLS edge's word for which domain a request
+/// came in on: a reader who sends it to the cache must not make the cache
+/// keep another blog's file, or a 404, under a blog's URL for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readers_domain_header_never_puts_another_blogs_answer_under_a_url() {
+    let work = tempfile::tempdir().unwrap();
+    let s = Server::start().await;
+    let (_varnish, vport) = varnish(work.path(), s.http.port(), "malloc,64m");
+    s.write("victim", "/app.js", b"the victim's script");
+    s.write("victim", "/only.css", b"only the victim has it");
+    invalidate(&s, "victim", &[]).await;
+    // The other blog holds a file at the victim's path, under a folder of
+    // the victim's name, and a custom domain anyone can name.
+    s.write("evil", "/victim/app.js", b"alert('pwned')");
+    invalidate(&s, "evil", &[]).await;
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest { domain: "evil.example".into(), blog_id: "evil".into() }).await.unwrap();
+    let versioned = path_of(&url_of(&s, "victim", "/app.js").await);
+    for path in ["/victim/app.js", "/victim/only.css", versioned.as_str()] {
+        let url = format!("http://127.0.0.1:{vport}{path}");
+        curl(&["-H", "X-Blotcdn-Domain: evil.example", &url]);
+        let r = curl(&[&url]);
+        assert_eq!(r.status, 200, "{path}: a reader after the header got {}", r.status);
+        assert!(
+            r.body.starts_with(b"the victim's") || r.body.starts_with(b"only the victim"),
+            "{path}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.header("surrogate-key"), Some("victim"), "{path}");
+    }
+    // Asked as the domain, the origin answers as that domain's blog, and
+    // says the answer depends on the header (for any cache in front).
+    let r = curl(&["-H", "X-Blotcdn-Domain: evil.example", &format!("http://{}/victim/app.js", s.http)]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"alert('pwned')"[..]));
+    assert_eq!(r.header("vary"), Some("X-Blotcdn-Domain"));
+    let r = curl(&[&format!("http://{}/victim/app.js", s.http)]);
+    assert_eq!(r.header("vary"), None, "no Vary where the header played no part");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn varnish_serves_permanent_assets() {
     let work = tempfile::tempdir().unwrap();
@@ -184,6 +224,21 @@ async fn caddy_serves_host_style_urls_under_a_wildcard_name() {
     let r = curl(&["-k", "--resolve", &format!("hblog.blotcdn.com:{sp}:127.0.0.1"), &url]);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"under its own name"[..]));
     assert_eq!(r.header("surrogate-key"), Some("hblog"));
+    // A reader's own X-Blotcdn-Domain does not reach the origin through
+    // this edge: the Host still names the blog.
+    s.write("other", "/style.css", b"another blog's");
+    invalidate(&s, "other", &[]).await;
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest { domain: "other.example".into(), blog_id: "other".into() }).await.unwrap();
+    let r = curl(&[
+        "-k",
+        "-H",
+        "X-Blotcdn-Domain: other.example",
+        "--resolve",
+        &format!("hblog.blotcdn.com:{sp}:127.0.0.1"),
+        &url,
+    ]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"under its own name"[..]));
     s.stop().await;
 }
 
