@@ -1,6 +1,5 @@
 // Type declarations for blotcdn-client; they describe what index.js exports.
 import type { Readable } from 'node:stream';
-import type { ClientOptions as GrpcClientOptions } from '@grpc/grpc-js';
 
 export type ResolveStatus =
   | 'RESOLVE_STATUS_UNSPECIFIED'
@@ -21,10 +20,10 @@ export interface ClientOptions {
   cdnBaseUrl?: string;
   /** Deadline of the publish side's unary calls and of getBlog/lookupDomain/getInfo, in ms. Default 30000. */
   publishDeadlineMs?: number;
-  /** Passed to the @grpc/grpc-js client constructors (channel options, interceptors). */
-  grpcOptions?: GrpcClientOptions;
   /** Parsed templates (and partials) kept, least recently used out first; 0 keeps none. Default 1000. */
   templateCacheSize?: number;
+  /** Characters of template text those may hold together; a longer template is not kept. Default 2000000. */
+  templateCacheChars?: number;
 }
 
 export interface Resolved {
@@ -85,8 +84,8 @@ export interface PurgeQueue {
 
 export class Client {
   constructor(options?: ClientOptions);
-  readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>>> &
-    Pick<ClientOptions, 'token' | 'cdnBaseUrl' | 'grpcOptions'>;
+  readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl'>>> &
+    Pick<ClientOptions, 'token' | 'cdnBaseUrl'>;
 
   /** One ResolveBatch; a Map from each path as given to its answer (a path with a lone surrogate is not sent: RESOLVE_STATUS_INVALID_PATH). */
   resolve(blogId: string, paths: string[], options?: { deadlineMs?: number }): Promise<Map<string, Resolved>>;

@@ -16,11 +16,13 @@ const DEFAULTS = Object.freeze({
   tags: Object.freeze(['cdn', 'asset']),
   cdnBaseUrl: undefined,
   publishDeadlineMs: 30000,
-  grpcOptions: undefined,
   // Parsed templates kept per Client, least recently used out first. A 2 KB template
   // parses in about 0.2 ms and holds some 40 KB parsed: 1000 keep the templates of many
   // busy blogs (a miss costs a parse, not a page) and bound the cache near 50 MB.
   templateCacheSize: 1000,
+  // And at most this much template text between them (characters; about bytes for ASCII):
+  // parsed, a template holds some 20-25 times its text, so about 50 MB at the default.
+  templateCacheChars: 2_000_000,
 });
 
 // The server's default max_batch: the batch size used while GetInfo has not said.
@@ -66,6 +68,9 @@ class Client {
   constructor(options = {}) {
     const o = { ...DEFAULTS };
     for (const [k, v] of Object.entries(options)) {
+      if (k === 'grpcOptions') {
+        throw new TypeError('blotcdn-client: grpcOptions is gone since 0.2.0: the client speaks gRPC over node:http2 itself, not @grpc/grpc-js');
+      }
       if (!(k in DEFAULTS)) throw new TypeError(`blotcdn-client: unknown option ${k}`);
       if (v !== undefined) o[k] = v;
     }
@@ -75,16 +80,19 @@ class Client {
     if (!Number.isInteger(o.templateCacheSize) || o.templateCacheSize < 0) {
       throw new TypeError('blotcdn-client: templateCacheSize must be a whole number of templates, 0 or more');
     }
+    if (!Number.isInteger(o.templateCacheChars) || o.templateCacheChars < 0) {
+      throw new TypeError('blotcdn-client: templateCacheChars must be a whole number of characters, 0 or more');
+    }
     if (!Array.isArray(o.tags) || o.tags.some((t) => typeof t !== 'string' || t === '')) {
       throw new TypeError('blotcdn-client: tags must be an array of tag names');
     }
     this.options = Object.freeze({ ...o, tags: Object.freeze([...o.tags]) });
-    this.conn = new Connection({ address: o.address, token: o.token, grpcOptions: o.grpcOptions });
+    this.conn = new Connection({ address: o.address, token: o.token });
     this.baseUrl = o.cdnBaseUrl;
     // Templates are parsed once per Client, not in Mustache's shared cache (which
     // keeps every template forever), and only the most recently used are kept.
     this.writer = new Mustache.Writer();
-    this.writer.templateCache = new TemplateCache(o.templateCacheSize);
+    this.writer.templateCache = new TemplateCache(o.templateCacheSize, o.templateCacheChars);
     // The server's max_batch, from GetInfo. Asked, not read from an INVALID_ARGUMENT:
     // that code also refuses a bad blog id, so a refusal alone does not say the batch
     // was too big (nor by how much), and learning from one wastes a call on the page.

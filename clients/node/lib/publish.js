@@ -33,7 +33,7 @@ async function* chunks(data) {
  * is read only as fast as the server takes it.
  */
 async function putAsset(conn, blogId, { filename, contentType = '', path = '' } = {}, data, opts) {
-  const { call, answer } = conn.clientStream('publisher', 'PutAsset', opts);
+  const { call, answer } = await conn.clientStream('publisher', 'PutAsset', opts);
   // The answer settles early when the server refuses (too big, bad header):
   // stop writing then, and report the server's error.
   let failed = null;

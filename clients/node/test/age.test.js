@@ -1,7 +1,7 @@
 'use strict';
 // The server sends GOAWAY to connections past grpc_max_connection_age_secs.
 // A renderer calling all the while never sees an error: calls in flight
-// finish on the old connection and grpc-js opens a new one for the next.
+// finish on the old connection and the client opens a new one for the next.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');

@@ -17,7 +17,7 @@ let floor;
 before(async () => {
   server = await startServer({ env: { BLOTCDN_MAX_BATCH: String(MAX_BATCH) } });
   rec = callRecorder();
-  client = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  client = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   floor = await client.invalidate(BLOG);
 });
 
@@ -63,7 +63,7 @@ test('a page within max_batch is one ResolveBatch, and GetInfo is asked once per
     assert.equal(rec.count('GetInfo'), 0, 'max_batch is already known');
   }
 
-  const fresh = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  const fresh = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   try {
     rec.reset();
     const pages = await Promise.all([items(3), items(20), items(2)].map((list) => fresh.render(BLOG, TPL, { items: list })));
@@ -89,7 +89,7 @@ test('a batch refused for another reason than max_batch does not make the next p
 });
 
 test('a batch refused as over max_batch makes the next page ask GetInfo again', async () => {
-  const c = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  const c = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   try {
     assert.equal(await c.render(BLOG, TPL, { items: items(1) }), page(items(1)));
     // As after the server restarted with a lower max_batch than the one learned.

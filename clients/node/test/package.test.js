@@ -50,6 +50,12 @@ test('options: a misspelt option or a bad deadline is refused at construction', 
   assert.throws(() => new api.Client({ tags: 'cdn' }), /tags must be an array/);
   for (const bad of [-1, 1.5, '10', Infinity, null]) {
     assert.throws(() => new api.Client({ templateCacheSize: bad }), (e) => e instanceof TypeError && /templateCacheSize/.test(e.message));
+    assert.throws(() => new api.Client({ templateCacheChars: bad }), (e) => e instanceof TypeError && /templateCacheChars/.test(e.message));
+  }
+  // 0.1's option, refused by name with what replaced it.
+  assert.throws(() => new api.Client({ grpcOptions: {} }), /grpcOptions is gone since 0\.2\.0.*node:http2/);
+  for (const bad of ['localhost', 'http://127.0.0.1:1', '127.0.0.1:1/x', 50051]) {
+    assert.throws(() => new api.Client({ address: bad }), (e) => e instanceof TypeError && /address must be host:port/.test(e.message), String(bad));
   }
   const c = new api.Client({ address: '127.0.0.1:1', token: undefined });
   assert.equal(c.options.deadlineMs, 250);

@@ -14,7 +14,7 @@ const BLOG = 'renderblog';
 before(async () => {
   server = await startServer();
   rec = callRecorder();
-  client = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  client = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   floor = await client.invalidate(BLOG);
 });
 
@@ -127,7 +127,7 @@ test('a permanent asset renders its permanent URL', async () => {
 });
 
 test('{{cdn}} and {{{cdn}}} alone print the base URL, learned once from GetInfo', async () => {
-  const c = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  const c = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   try {
     rec.reset();
     const a = await c.render(BLOG, '{{{cdn}}}|{{cdn}}|{{#items}}{{{asset}}}{{/items}}', { items: [1] });

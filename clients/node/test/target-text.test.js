@@ -36,7 +36,7 @@ let rec;
 before(async () => {
   server = await startServer();
   rec = callRecorder();
-  client = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  client = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   for (const [p, bytes] of Object.entries(FILES)) server.write(BLOG, p, bytes);
   await client.invalidate(BLOG);
 });

@@ -11,8 +11,8 @@ const BLOG = 'cacheblog';
 let server;
 let floor;
 const clients = [];
-const make = (templateCacheSize) => {
-  const c = new Client({ address: server.grpc, deadlineMs: 5000, templateCacheSize });
+const make = (templateCacheSize, templateCacheChars) => {
+  const c = new Client({ address: server.grpc, deadlineMs: 5000, templateCacheSize, templateCacheChars });
   clients.push(c);
   return c;
 };
@@ -73,4 +73,23 @@ test('the default keeps 1000 templates', async () => {
   for (let i = 0; i < 1100; i++) c.writer.parse(`<p>${i}</p>`);
   assert.equal(held(c).length, 1000);
   assert.ok(isHeld(c, '<p>1099</p>') && !isHeld(c, '<p>99</p>'));
+});
+
+test('templates are kept within templateCacheChars of text too; one longer than it is not kept', async () => {
+  const c = make(1000, 10000);
+  // Forty templates of 1,000 characters: ten fit.
+  for (let i = 0; i < 40; i++) {
+    const tpl = `<p>${i}</p>{{#cdn}}/k.css{{/cdn}}${' '.repeat(1000)}`;
+    assert.equal((await c.render(BLOG, tpl, {})).trimEnd(), `<p>${i}</p>${v('k.css')}`);
+    const chars = held(c).reduce((n, k) => n + k.length, 0);
+    assert.ok(chars <= 10000, `${chars} characters held after ${i + 1} pages`);
+  }
+  assert.ok(held(c).length >= 9 && held(c).length <= 10, `${held(c).length} held`);
+  assert.ok(isHeld(c, `<p>39</p>{{#cdn}}/k.css{{/cdn}}${' '.repeat(1000)}`));
+  // Longer than the whole bound: rendered right, not kept, and nothing else dropped for it.
+  const before = held(c);
+  const big = `<b>{{x}}</b>${' '.repeat(20000)}`;
+  assert.equal((await c.render(BLOG, big, { x: 1 })).trimEnd(), '<b>1</b>');
+  assert.deepEqual(held(c), before);
+  assert.equal(make().options.templateCacheChars, 2_000_000);
 });

@@ -18,7 +18,7 @@ let floor;
 before(async () => {
   server = await startServer();
   rec = callRecorder();
-  client = new Client({ address: server.grpc, deadlineMs: 5000, grpcOptions: { interceptors: [rec.interceptor] } });
+  client = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
   floor = await client.invalidate(BLOG);
 });
 

@@ -15,15 +15,18 @@ function binary() {
 /**
  * @param {object} [o]
  * @param {Record<string,string>} [o.env] extra environment (tokens, limits)
+ * @param {string} [o.grpcAddr] the gRPC address, default an ephemeral port on 127.0.0.1
+ * @param {string} [o.dataDir] a data dir to start on again (after `kill()`), default a new one
  * @returns {Promise<{grpc: string, http: string, base: string, dataDir: string, blogsDir: string,
  *   write(blog: string, p: string, bytes: string|Buffer): string, stop(): Promise<void>}>}
  */
-async function startServer({ env = {} } = {}) {
+async function startServer({ env = {}, grpcAddr = '127.0.0.1:0', dataDir: given } = {}) {
   const bin = binary();
   if (!fs.existsSync(bin)) throw new Error(`blotcdn binary not found at ${bin}: run cargo build, or set BLOTCDN_BIN`);
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blotcdn-node-'));
+  const dataDir = given || fs.mkdtempSync(path.join(os.tmpdir(), 'blotcdn-node-'));
   const addrFile = path.join(dataDir, 'addrs.json');
-  const args = ['serve', '--data-dir', dataDir, '--grpc-addr', '127.0.0.1:0', '--http-addr', '127.0.0.1:0', '--metrics-addr', '127.0.0.1:0', '--addr-file', addrFile];
+  fs.rmSync(addrFile, { force: true });
+  const args = ['serve', '--data-dir', dataDir, '--grpc-addr', grpcAddr, '--http-addr', '127.0.0.1:0', '--metrics-addr', '127.0.0.1:0', '--addr-file', addrFile];
   const child = spawn(bin, args, {
     env: { RUST_LOG: 'warn', ...process.env, ...env },
     stdio: ['ignore', process.env.TEST_LOG ? 'inherit' : 'ignore', process.env.TEST_LOG ? 'inherit' : 'pipe'],
@@ -69,6 +72,14 @@ async function startServer({ env = {} } = {}) {
       fs.writeFileSync(file, bytes);
       return file;
     },
+    /** Kills the server at once (SIGKILL), keeping its data dir, to start again on it. */
+    async kill() {
+      if (!exited) {
+        const done = new Promise((r) => child.once('exit', r));
+        child.kill('SIGKILL');
+        await done;
+      }
+    },
     async stop() {
       if (!exited) {
         const done = new Promise((r) => child.once('exit', r));
@@ -85,36 +96,31 @@ async function startServer({ env = {} } = {}) {
 }
 
 /**
- * A client interceptor that records each call's method and request, to count calls,
- * and in `events` when each call was sent and answered, to tell calls made at once
- * from calls made one after another.
+ * Records each call a Client sends (each attempt of `conn.call`) with its method and
+ * request, to count calls, and in `events` when each call was sent and answered, to
+ * tell calls made at once from calls made one after another. `attach(client)` starts
+ * recording that client's calls.
  */
 function callRecorder() {
   const calls = [];
   const events = [];
-  const interceptor = (options, nextCall) => {
-    const method = options.method_definition.path.split('/').pop();
-    const { InterceptingCall } = require('@grpc/grpc-js');
-    return new InterceptingCall(nextCall(options), {
-      start(metadata, listener, next) {
-        next(metadata, {
-          onReceiveStatus(status, nextStatus) {
-            events.push({ method, event: 'answered' });
-            nextStatus(status);
-          },
-        });
-      },
-      sendMessage(message, next) {
-        calls.push({ method, request: message });
-        events.push({ method, event: 'sent' });
-        next(message);
-      },
-    });
+  const attach = (client) => {
+    const call = client.conn.call.bind(client.conn);
+    client.conn.call = async (service, method, request, opts) => {
+      calls.push({ method, request });
+      events.push({ method, event: 'sent' });
+      try {
+        return await call(service, method, request, opts);
+      } finally {
+        events.push({ method, event: 'answered' });
+      }
+    };
+    return client;
   };
   return {
     calls,
     events,
-    interceptor,
+    attach,
     count: (method) => calls.filter((c) => c.method === method).length,
     reset: () => {
       calls.splice(0);

@@ -1,0 +1,366 @@
+'use strict';
+// gRPC over Node's own http2, for the two kinds of call this client makes: unary calls,
+// and PutAsset's client stream. One HTTP/2 connection per Client, opened on first use.
+//
+// Why not @grpc/grpc-js, which this client used first: a renderer makes one ResolveBatch
+// per page on its one thread. Through grpc-js a batch of 20 paths cost 0.32-0.40 ms at p50
+// alone, and 180-195 µs of that thread per call with 32 at once (its resolving,
+// load-balancing, retrying and subchannel layers, each with its own objects and promises),
+// so a renderer topped out near 6,500 batches/s; sent as below, 0.21-0.23 ms, 86 µs and
+// 13,000/s (same machine, same server, one after the other; BENCHMARKS.md "Node client").
+// What grpc-js gave that this keeps: deadlines sent as `grpc-timeout` and enforced here; calls that fail at once
+// while the server is down, or that wait for it (`waitForReady`); a reconnect backoff
+// kept short (100 ms doubling to 2 s); a call the server refused to start (a stream past
+// a GOAWAY's last one, `REFUSED_STREAM`) sent again on a new connection, as the server
+// never saw it; HTTP/2 and gRPC errors as gRPC status names.
+
+const http2 = require('node:http2');
+const { EventEmitter } = require('node:events');
+
+const { NGHTTP2_CANCEL, NGHTTP2_REFUSED_STREAM } = http2.constants;
+
+const STATUS_NAMES = [
+  'OK',
+  'CANCELLED',
+  'UNKNOWN',
+  'INVALID_ARGUMENT',
+  'DEADLINE_EXCEEDED',
+  'NOT_FOUND',
+  'ALREADY_EXISTS',
+  'PERMISSION_DENIED',
+  'RESOURCE_EXHAUSTED',
+  'FAILED_PRECONDITION',
+  'ABORTED',
+  'OUT_OF_RANGE',
+  'UNIMPLEMENTED',
+  'INTERNAL',
+  'UNAVAILABLE',
+  'DATA_LOSS',
+  'UNAUTHENTICATED',
+];
+
+const BACKOFF_FIRST_MS = 100;
+const BACKOFF_MAX_MS = 2000;
+// A connection attempt with no deadline to bound it gives up after this long.
+const CONNECT_TIMEOUT_MS = 20000;
+// How many times a call the server refused to start is sent again.
+const REFUSED_RETRIES = 2;
+// Large answers (a full batch of long paths is about 31 MB) arrive in fewer round trips.
+const WINDOW = 4 << 20;
+
+/** An Error whose `code` is the gRPC status name. */
+function grpcError(code, message, trailers) {
+  const e = new Error(message);
+  e.code = typeof code === 'number' ? STATUS_NAMES[code] || 'UNKNOWN' : code;
+  if (trailers) e.metadata = trailers;
+  return e;
+}
+
+// gRPC over HTTP/2's mapping of an HTTP status that came without a gRPC one.
+function fromHttpStatus(status) {
+  switch (status) {
+    case 400:
+      return 'INTERNAL';
+    case 401:
+      return 'UNAUTHENTICATED';
+    case 403:
+      return 'PERMISSION_DENIED';
+    case 404:
+      return 'UNIMPLEMENTED';
+    case 429:
+    case 502:
+    case 503:
+    case 504:
+      return 'UNAVAILABLE';
+    default:
+      return 'UNKNOWN';
+  }
+}
+
+function decodeMessage(m) {
+  if (typeof m !== 'string') return '';
+  try {
+    return decodeURIComponent(m);
+  } catch {
+    return m;
+  }
+}
+
+/** The body of a length-prefixed gRPC answer: exactly one uncompressed message. */
+function oneMessage(chunks, total) {
+  const b = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, total);
+  if (b.length < 5) throw grpcError('INTERNAL', `the answer has ${b.length} bytes, not a message`);
+  if (b[0] !== 0) throw grpcError('INTERNAL', 'the answer is compressed, which this client did not ask for');
+  const len = b.readUInt32BE(1);
+  if (b.length !== 5 + len) throw grpcError('INTERNAL', `the answer's length prefix says ${len} bytes, ${b.length - 5} came`);
+  return b.subarray(5);
+}
+
+function frame(msg) {
+  const f = Buffer.allocUnsafe(5 + msg.length);
+  f[0] = 0;
+  f.writeUInt32BE(msg.length, 1);
+  msg.copy(f, 5);
+  return f;
+}
+
+class Transport {
+  /**
+   * @param {string} address host:port
+   * @param {object} o
+   * @param {string} [o.token] sent as `authorization: Bearer <token>`
+   */
+  constructor(address, { token } = {}) {
+    if (typeof address !== 'string' || !/^[^/\s]+:\d+$/.test(address)) {
+      throw new TypeError(`blotcdn-client: address must be host:port, not ${JSON.stringify(address)}`);
+    }
+    this.address = address;
+    this.authority = `http://${address}`;
+    this.token = token;
+    this.session = null; // connected, or connecting (`this.connecting`)
+    this.connecting = null;
+    this.failedUntil = 0; // while failed: calls that do not wait fail at once
+    this.lastError = null;
+    this.backoff = BACKOFF_FIRST_MS;
+    this.closed = false;
+  }
+
+  /** A connected session, opening one if needed. `until`: the call's deadline (ms since epoch) or 0. */
+  async ready(until, waitForReady) {
+    for (;;) {
+      if (this.closed) throw grpcError('CANCELLED', 'the client is closed');
+      const s = this.session;
+      if (s && !this.connecting && !s.closed && !s.destroyed) return s;
+      if (this.connecting) {
+        try {
+          return await this.connecting;
+        } catch (err) {
+          if (!waitForReady) throw err;
+          continue;
+        }
+      }
+      const now = Date.now();
+      if (now < this.failedUntil) {
+        if (!waitForReady) throw grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${this.lastError}`);
+        if (until && until <= this.failedUntil) {
+          throw grpcError('DEADLINE_EXCEEDED', `deadline exceeded waiting for ${this.address} (${this.lastError})`);
+        }
+        await new Promise((r) => setTimeout(r, this.failedUntil - now));
+        continue;
+      }
+      this.connecting = this.connect(until);
+      try {
+        return await this.connecting;
+      } catch (err) {
+        if (!waitForReady) throw err;
+      } finally {
+        this.connecting = null;
+      }
+    }
+  }
+
+  connect(until) {
+    return new Promise((resolve, reject) => {
+      // maxSessionMemory: what waits to be sent is bounded by the callers (a few large requests
+      // at once passed Node's default of 10 MB, which then resets streams with ENHANCE_YOUR_CALM).
+      const s = http2.connect(this.authority, {
+        settings: { enablePush: false, initialWindowSize: WINDOW },
+        maxSessionMemory: 1024,
+      });
+      s.calls = 0;
+      this.session = s;
+      const limit = Math.max(1, until ? until - Date.now() : CONNECT_TIMEOUT_MS);
+      const timer = setTimeout(() => s.destroy(new Error(`no connection within ${limit} ms`)), limit);
+      const onError = (err) => fail(err);
+      const onClose = () => fail(new Error('connection closed'));
+      const fail = (err) => {
+        clearTimeout(timer);
+        s.off('error', onError);
+        s.off('close', onClose);
+        if (this.session === s) this.session = null;
+        this.lastError = err.message;
+        this.failedUntil = Date.now() + this.backoff;
+        this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+        const code = until && Date.now() >= until ? 'DEADLINE_EXCEEDED' : 'UNAVAILABLE';
+        reject(grpcError(code, `cannot reach ${this.address}: ${err.message}`));
+      };
+      s.on('error', onError);
+      s.on('close', onClose);
+      s.once('connect', () => {
+        clearTimeout(timer);
+        s.off('error', onError);
+        s.off('close', onClose);
+        this.backoff = BACKOFF_FIRST_MS;
+        this.failedUntil = 0;
+        try {
+          s.setLocalWindowSize(WINDOW);
+        } catch {
+          // an older Node: the default window
+        }
+        // Once draining (GOAWAY) or gone, the next call opens a new connection; calls under
+        // way finish on this one.
+        const retire = () => {
+          if (this.session === s) this.session = null;
+        };
+        s.on('goaway', retire);
+        s.on('close', retire);
+        s.on('error', retire);
+        // With no call open, the connection does not keep the process alive.
+        if (s.calls === 0) s.unref();
+        resolve(s);
+      });
+    });
+  }
+
+  headers(path, until) {
+    const h = {
+      ':method': 'POST',
+      ':path': path,
+      'content-type': 'application/grpc',
+      te: 'trailers',
+    };
+    if (until) h['grpc-timeout'] = `${Math.max(1, until - Date.now())}m`;
+    if (this.token) h.authorization = `Bearer ${this.token}`;
+    return h;
+  }
+
+  /**
+   * One unary call: `body` is the serialized request; answers the serialized reply.
+   * `until`: deadline in ms since the epoch, or 0 for none.
+   */
+  async unary(path, body, { until = 0, waitForReady = false } = {}) {
+    for (let attempt = 0; ; attempt++) {
+      const s = await this.ready(until, waitForReady);
+      try {
+        return await this.exchange(s, path, until, (stream) => stream.end(frame(body)));
+      } catch (err) {
+        if (!err.refused || attempt >= REFUSED_RETRIES) throw err;
+      }
+    }
+  }
+
+  /**
+   * Opens a stream on `s`, lets `send` write to it, and settles with its one answer.
+   * Rejects with `refused` set when the server refused the stream before taking it.
+   */
+  exchange(s, path, until, send, onStream) {
+    return new Promise((resolve, reject) => {
+      let stream;
+      try {
+        stream = s.request(this.headers(path, until), { endStream: false });
+      } catch (err) {
+        // The session closed or got a GOAWAY since it was handed out: nothing was sent.
+        if (this.session === s) this.session = null;
+        const e = grpcError('UNAVAILABLE', `connection to ${this.address} closing: ${err.message}`);
+        e.refused = true;
+        return reject(e);
+      }
+      if (s.calls++ === 0) s.ref();
+      const chunks = [];
+      let total = 0;
+      let httpStatus = 0;
+      let trailers = null;
+      let settled = false;
+      let timer = null;
+      const finish = (err, value) => {
+        if (settled) return;
+        settled = true;
+        if (timer) clearTimeout(timer);
+        // The last call done: the connection no longer keeps the process alive.
+        if (--s.calls === 0 && !s.destroyed) s.unref();
+        if (err) reject(err);
+        else resolve(value);
+      };
+      if (until) {
+        const left = until - Date.now();
+        const expire = () => {
+          stream.close(NGHTTP2_CANCEL);
+          finish(grpcError('DEADLINE_EXCEEDED', `deadline exceeded: no answer from ${this.address} in time`));
+        };
+        if (left <= 0) return expire();
+        timer = setTimeout(expire, left);
+      }
+      stream.on('response', (h) => {
+        httpStatus = Number(h[':status']);
+        if (h['grpc-status'] !== undefined) trailers = h; // trailers-only answer
+      });
+      stream.on('trailers', (h) => {
+        trailers = h;
+      });
+      stream.on('data', (c) => {
+        chunks.push(c);
+        total += c.length;
+      });
+      stream.on('error', () => {}); // settled on 'close', with what the stream says
+      stream.on('close', () => {
+        if (settled) return;
+        if (!trailers) {
+          const refused = stream.rstCode === NGHTTP2_REFUSED_STREAM && !httpStatus;
+          let e;
+          if (httpStatus && httpStatus !== 200) {
+            e = grpcError(fromHttpStatus(httpStatus), `HTTP status ${httpStatus} without a gRPC status`);
+          } else {
+            const why = stream.rstCode ? `stream reset (HTTP/2 code ${stream.rstCode})` : 'connection lost';
+            e = grpcError('UNAVAILABLE', `${why} before the answer from ${this.address} ended`);
+          }
+          e.refused = refused;
+          return finish(e);
+        }
+        const code = Number(trailers['grpc-status']);
+        if (code !== 0) return finish(grpcError(Number.isInteger(code) ? code : 'UNKNOWN', decodeMessage(trailers['grpc-message']), trailers));
+        try {
+          finish(null, oneMessage(chunks, total));
+        } catch (err) {
+          finish(err);
+        }
+      });
+      if (onStream) onStream(stream, (err) => finish(err));
+      send(stream);
+    });
+  }
+
+  /**
+   * A client-streaming call. Answers `{ call, answer }`: `call.write(body)` (false when the
+   * call's buffer is full: wait for 'drain'), `call.end()`, `call.cancel()`; `answer`, a promise
+   * of the serialized reply.
+   */
+  async clientStream(path, { until = 0, waitForReady = false } = {}) {
+    for (let attempt = 0; ; attempt++) {
+      const s = await this.ready(until, waitForReady);
+      const call = new EventEmitter();
+      let opened = false;
+      const answer = this.exchange(
+        s,
+        path,
+        until,
+        () => {},
+        (stream, fail) => {
+          opened = true;
+          call.write = (body) => stream.write(frame(body));
+          call.end = () => stream.end();
+          call.cancel = () => {
+            stream.close(NGHTTP2_CANCEL);
+            fail(grpcError('CANCELLED', 'the call was cancelled'));
+          };
+          stream.on('drain', () => call.emit('drain'));
+        },
+      );
+      if (opened) return { call, answer };
+      // The connection was closing: no stream, nothing sent.
+      const err = await answer.then(
+        () => null,
+        (e) => e,
+      );
+      if (!err?.refused || attempt >= REFUSED_RETRIES) throw err;
+    }
+  }
+
+  close() {
+    this.closed = true;
+    const s = this.session;
+    this.session = null;
+    if (s && !s.destroyed) s.close();
+  }
+}
+
+module.exports = { Transport, STATUS_NAMES };

@@ -1,0 +1,175 @@
+'use strict';
+// The client's own gRPC over HTTP/2 (lib/transport.js), where grpc-js used to stand:
+// a publish rides out a server restart within its deadline, a render does not wait,
+// and a server's odd answers come back as gRPC status names. The odd answers come from
+// a Node http2 server playing a broken or draining gRPC server, as the real one cannot
+// be made to send them on demand.
+const { test, after } = require('node:test');
+const assert = require('node:assert/strict');
+const http2 = require('node:http2');
+const net = require('node:net');
+const { setTimeout: sleep } = require('node:timers/promises');
+const { Client } = require('..');
+const { startServer } = require('./helpers/server');
+
+const closers = [];
+after(async () => {
+  for (const c of closers.reverse()) await c();
+});
+
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+test('a publish made while the server restarts waits for it; a render meanwhile does not', async () => {
+  const addr = `127.0.0.1:${await freePort()}`;
+  let server = await startServer({ grpcAddr: addr });
+  closers.push(() => server.stop());
+  const client = new Client({ address: addr, deadlineMs: 250, publishDeadlineMs: 15000 });
+  closers.push(() => client.close());
+  server.write('rblog', '/style.css', 'body{}');
+  const before = await client.invalidate('rblog');
+
+  await server.kill();
+  // Once the client has seen its connection go (a call sent on a connection as it dies may
+  // have been taken, and fails UNAVAILABLE: only a call never taken is sent again).
+  await sleep(100);
+  const pending = client.invalidate('rblog', ['/style.css']);
+  const t0 = Date.now();
+  // A render does not wait for the server: its targets render as written, within its deadline.
+  const html = await client.render('rblog', '{{#cdn}}/style.css{{/cdn}}', {});
+  assert.equal(html, '/style.css');
+  assert.ok(Date.now() - t0 < 250 + 1000, `render took ${Date.now() - t0} ms`);
+  await sleep(1500);
+  server = await startServer({ grpcAddr: addr, dataDir: server.dataDir });
+  const after = await pending;
+  assert.ok(after > before, `the publish made while down was answered, and durable: ${after} > ${before}`);
+  // Within the reconnect backoff (2 s at most), pages resolve again.
+  const until = Date.now() + 5000;
+  let page = '';
+  while (Date.now() < until) {
+    page = await client.render('rblog', '{{#cdn}}/style.css{{/cdn}}', {});
+    if (page !== '/style.css') break;
+    await sleep(50);
+  }
+  assert.match(page, new RegExp(`/rblog/${after}/style\\.css$`));
+});
+
+test('a publish whose deadline passes while the server is down fails with DEADLINE_EXCEEDED', async () => {
+  const addr = `127.0.0.1:${await freePort()}`;
+  const client = new Client({ address: addr, publishDeadlineMs: 600 });
+  closers.push(() => client.close());
+  const t0 = Date.now();
+  await assert.rejects(client.invalidate('blog'), (e) => e.code === 'DEADLINE_EXCEEDED' && e.message.includes(addr));
+  const took = Date.now() - t0;
+  assert.ok(took >= 300 && took < 600 + 1500, `took ${took} ms`);
+});
+
+/** A Node http2 server on 127.0.0.1 whose streams `onStream` answers; its address. */
+async function fakeServer(onStream) {
+  const server = http2.createServer();
+  const sessions = new Set();
+  server.on('session', (s) => sessions.add(s));
+  server.on('stream', (stream, headers) => {
+    stream.on('error', () => {}); // the resets this server makes itself
+    onStream(stream, headers);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  closers.push(
+    () =>
+      new Promise((r) => {
+        for (const s of sessions) s.destroy();
+        server.close(r);
+      }),
+  );
+  return `127.0.0.1:${server.address().port}`;
+}
+
+// An empty ResolveBatchResponse, framed; `flag`, `len`: what its prefix says.
+function framed(flag = 0, body = Buffer.alloc(0), len = body.length) {
+  const f = Buffer.alloc(5 + body.length);
+  f[0] = flag;
+  f.writeUInt32BE(len, 1);
+  body.copy(f, 5);
+  return f;
+}
+
+test('the deadline and the token go to the server as grpc-timeout and authorization', async () => {
+  let seen = null;
+  const addr = await fakeServer((stream, headers) => {
+    seen = headers;
+    stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+    stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+    stream.end(framed());
+  });
+  const client = new Client({ address: addr, token: 's3cret', deadlineMs: 400 });
+  closers.push(() => client.close());
+  const got = await client.resolve('blog', []);
+  assert.equal(got.size, 0);
+  assert.equal(seen[':path'], '/blotcdn.v1.Resolver/ResolveBatch');
+  assert.equal(seen['content-type'], 'application/grpc');
+  assert.equal(seen.te, 'trailers');
+  assert.equal(seen.authorization, 'Bearer s3cret');
+  const ms = Number(/^(\d+)m$/.exec(seen['grpc-timeout'])?.[1]);
+  assert.ok(ms > 0 && ms <= 400, `grpc-timeout ${seen['grpc-timeout']}`);
+});
+
+test("a server's errors and broken answers come back as status names", async () => {
+  const cases = {
+    // A trailers-only error with a percent-encoded message.
+    '/blotcdn.v1.Resolver/GetBlog': (s) =>
+      s.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '8', 'grpc-message': 'busy%3A 100%25' }, { endStream: true }),
+    // Not gRPC at all: an HTTP error.
+    '/blotcdn.v1.Resolver/GetInfo': (s) => s.respond({ ':status': 503 }, { endStream: true }),
+    // A compressed message, never asked for.
+    '/blotcdn.v1.Resolver/LookupDomain': (s) => {
+      s.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      s.on('wantTrailers', () => s.sendTrailers({ 'grpc-status': '0' }));
+      s.end(framed(1, Buffer.from([1, 2])));
+    },
+    // A prefix that promises more than comes.
+    '/blotcdn.v1.Resolver/ResolveBatch': (s) => {
+      s.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      s.on('wantTrailers', () => s.sendTrailers({ 'grpc-status': '0' }));
+      s.end(framed(0, Buffer.alloc(3), 10));
+    },
+  };
+  const addr = await fakeServer((stream, headers) => cases[headers[':path']](stream));
+  const client = new Client({ address: addr, publishDeadlineMs: 2000, deadlineMs: 2000 });
+  closers.push(() => client.close());
+  await assert.rejects(client.getBlog('b'), (e) => e.code === 'RESOURCE_EXHAUSTED' && e.message === 'busy: 100%');
+  await assert.rejects(client.getInfo(), (e) => e.code === 'UNAVAILABLE' && /503/.test(e.message));
+  await assert.rejects(client.lookupDomain('a.example'), (e) => e.code === 'INTERNAL' && /compressed/.test(e.message));
+  await assert.rejects(client.resolve('b', ['/a']), (e) => e.code === 'INTERNAL' && /length prefix/.test(e.message));
+});
+
+test('a call the server refused to start is sent again; one it reset after taking is not', async () => {
+  const seen = { '/blotcdn.v1.Resolver/GetBlog': 0, '/blotcdn.v1.Publisher/Invalidate': 0 };
+  const addr = await fakeServer((stream, headers) => {
+    const n = ++seen[headers[':path']];
+    if (headers[':path'] === '/blotcdn.v1.Publisher/Invalidate') {
+      // Taken, then the connection's stream reset: the server may have acted on it.
+      stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+      return;
+    }
+    if (n === 1) {
+      // As a server past its GOAWAY's last stream: refused, never seen.
+      stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      return;
+    }
+    stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+    stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+    stream.end(framed());
+  });
+  const client = new Client({ address: addr, publishDeadlineMs: 2000 });
+  closers.push(() => client.close());
+  const blog = await client.getBlog('b');
+  assert.equal(blog.blogId, '');
+  assert.equal(seen['/blotcdn.v1.Resolver/GetBlog'], 2, 'sent again once, after the refusal');
+  await assert.rejects(client.invalidate('b'), (e) => e.code === 'UNAVAILABLE');
+  assert.equal(seen['/blotcdn.v1.Publisher/Invalidate'], 1, 'a publish the server took is never sent twice');
+});
