@@ -43,6 +43,11 @@ const BACKOFF_FIRST_MS = 100;
 const BACKOFF_MAX_MS = 2000;
 // A connection attempt with no deadline to bound it gives up after this long.
 const CONNECT_TIMEOUT_MS = 20000;
+// What `session.request` throws when the session can take no more streams.
+const SESSION_GONE = new Set(['ERR_HTTP2_INVALID_SESSION', 'ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_OUT_OF_STREAMS']);
+// The largest answer taken: the server's are far below (a full batch of long paths is
+// about 31 MB); a peer that sends without end is cut here, not when memory runs out.
+const MAX_ANSWER = 256 << 20;
 // How many times a call the server refused to start is sent again.
 const REFUSED_RETRIES = 2;
 // Large answers (a full batch of long paths is about 31 MB) arrive in fewer round trips.
@@ -114,6 +119,10 @@ class Transport {
     if (typeof address !== 'string' || !/^[^/\s]+:\d+$/.test(address)) {
       throw new TypeError(`blotcdn-client: address must be host:port, not ${JSON.stringify(address)}`);
     }
+    // Sent as a header: a newline in it would be refused by Node for each call, not here.
+    if (token !== undefined && (typeof token !== 'string' || !/^[\x21-\x7e]+$/.test(token))) {
+      throw new TypeError('blotcdn-client: token must be printable ASCII, without spaces');
+    }
     this.address = address;
     this.authority = `http://${address}`;
     this.token = token;
@@ -125,42 +134,52 @@ class Transport {
     this.closed = false;
   }
 
-  /** A connected session, opening one if needed. `until`: the call's deadline (ms since epoch) or 0. */
+  /**
+   * A connected session, opening one if needed. `until`: the call's deadline (ms since the
+   * epoch) or 0. A connection attempt is shared by the calls waiting for it and is not cut
+   * by any one call's deadline: each caller stops waiting at its own.
+   */
   async ready(until, waitForReady) {
     for (;;) {
       if (this.closed) throw grpcError('CANCELLED', 'the client is closed');
       const s = this.session;
       if (s && !this.connecting && !s.closed && !s.destroyed) return s;
-      if (this.connecting) {
-        try {
-          return await this.connecting;
-        } catch (err) {
-          if (!waitForReady) throw err;
+      if (!this.connecting) {
+        const now = Date.now();
+        if (now < this.failedUntil) {
+          if (!waitForReady) throw grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${this.lastError}`);
+          if (until && until <= this.failedUntil) {
+            throw grpcError('DEADLINE_EXCEEDED', `deadline exceeded waiting for ${this.address} (${this.lastError})`);
+          }
+          await new Promise((r) => setTimeout(r, this.failedUntil - now));
           continue;
         }
+        this.connect();
       }
-      const now = Date.now();
-      if (now < this.failedUntil) {
-        if (!waitForReady) throw grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${this.lastError}`);
-        if (until && until <= this.failedUntil) {
-          throw grpcError('DEADLINE_EXCEEDED', `deadline exceeded waiting for ${this.address} (${this.lastError})`);
-        }
-        await new Promise((r) => setTimeout(r, this.failedUntil - now));
-        continue;
-      }
-      this.connecting = this.connect(until);
       try {
-        return await this.connecting;
+        return await this.within(this.connecting, until);
       } catch (err) {
-        if (!waitForReady) throw err;
-      } finally {
-        this.connecting = null;
+        if (err.code === 'DEADLINE_EXCEEDED' || !waitForReady) throw err;
       }
     }
   }
 
-  connect(until) {
-    return new Promise((resolve, reject) => {
+  /** `p`, or DEADLINE_EXCEEDED should `until` come first. */
+  within(p, until) {
+    if (!until) return p;
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(grpcError('DEADLINE_EXCEEDED', `deadline exceeded while connecting to ${this.address}`)),
+        Math.max(0, until - Date.now()),
+      );
+    });
+    return Promise.race([p, late]).finally(() => clearTimeout(timer));
+  }
+
+  /** Starts a connection attempt: `this.connecting` until it settles. */
+  connect() {
+    const attempt = new Promise((resolve, reject) => {
       // maxSessionMemory: what waits to be sent is bounded by the callers (a few large requests
       // at once passed Node's default of 10 MB, which then resets streams with ENHANCE_YOUR_CALM).
       const s = http2.connect(this.authority, {
@@ -169,8 +188,8 @@ class Transport {
       });
       s.calls = 0;
       this.session = s;
-      const limit = Math.max(1, until ? until - Date.now() : CONNECT_TIMEOUT_MS);
-      const timer = setTimeout(() => s.destroy(new Error(`no connection within ${limit} ms`)), limit);
+      const timer = setTimeout(() => s.destroy(new Error(`no connection within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
+      timer.unref();
       const onError = (err) => fail(err);
       const onClose = () => fail(new Error('connection closed'));
       const fail = (err) => {
@@ -178,11 +197,11 @@ class Transport {
         s.off('error', onError);
         s.off('close', onClose);
         if (this.session === s) this.session = null;
+        this.connecting = null;
         this.lastError = err.message;
         this.failedUntil = Date.now() + this.backoff;
         this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
-        const code = until && Date.now() >= until ? 'DEADLINE_EXCEEDED' : 'UNAVAILABLE';
-        reject(grpcError(code, `cannot reach ${this.address}: ${err.message}`));
+        reject(grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${err.message}`));
       };
       s.on('error', onError);
       s.on('close', onClose);
@@ -190,6 +209,7 @@ class Transport {
         clearTimeout(timer);
         s.off('error', onError);
         s.off('close', onClose);
+        this.connecting = null;
         this.backoff = BACKOFF_FIRST_MS;
         this.failedUntil = 0;
         try {
@@ -210,6 +230,10 @@ class Transport {
         resolve(s);
       });
     });
+    // Settled for whoever waits; never an unhandled rejection when nobody does any more.
+    attempt.catch(() => {});
+    this.connecting = attempt;
+    return attempt;
   }
 
   headers(path, until) {
@@ -249,8 +273,11 @@ class Transport {
       try {
         stream = s.request(this.headers(path, until), { endStream: false });
       } catch (err) {
-        // The session closed or got a GOAWAY since it was handed out: nothing was sent.
+        if (!SESSION_GONE.has(err.code)) return reject(grpcError('INTERNAL', `cannot send the call: ${err.message}`));
+        // The session closed, got a GOAWAY or ran out of stream ids since it was handed out:
+        // nothing was sent. The next call opens a new one; calls under way end on this one.
         if (this.session === s) this.session = null;
+        if (!s.closed) s.close();
         const e = grpcError('UNAVAILABLE', `connection to ${this.address} closing: ${err.message}`);
         e.refused = true;
         return reject(e);
@@ -288,8 +315,13 @@ class Transport {
         trailers = h;
       });
       stream.on('data', (c) => {
+        if (settled) return;
         chunks.push(c);
         total += c.length;
+        if (total > 5 + MAX_ANSWER) {
+          stream.close(NGHTTP2_CANCEL);
+          finish(grpcError('RESOURCE_EXHAUSTED', `an answer of more than ${MAX_ANSWER} bytes from ${this.address}`));
+        }
       });
       stream.on('error', () => {}); // settled on 'close', with what the stream says
       stream.on('close', () => {

@@ -54,6 +54,9 @@ test('options: a misspelt option or a bad deadline is refused at construction', 
   }
   // 0.1's option, refused by name with what replaced it.
   assert.throws(() => new api.Client({ grpcOptions: {} }), /grpcOptions is gone since 0\.2\.0.*node:http2/);
+  for (const bad of ['a\nb', 'two words', 'caf\u00e9', 42]) {
+    assert.throws(() => new api.Client({ token: bad }), (e) => e instanceof TypeError && /token must be printable ASCII/.test(e.message), String(bad));
+  }
   for (const bad of ['localhost', 'http://127.0.0.1:1', '127.0.0.1:1/x', 50051]) {
     assert.throws(() => new api.Client({ address: bad }), (e) => e instanceof TypeError && /address must be host:port/.test(e.message), String(bad));
   }

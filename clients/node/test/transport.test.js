@@ -69,6 +69,17 @@ test('a publish whose deadline passes while the server is down fails with DEADLI
   assert.ok(took >= 300 && took < 600 + 1500, `took ${took} ms`);
 });
 
+test('a call whose deadline passes while the connection is made does not fail the calls after it', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const client = new Client({ address: server.grpc, deadlineMs: 5000 });
+  closers.push(() => client.close());
+  await assert.rejects(client.resolve('nblog', ['/a'], { deadlineMs: 0.001 }), (e) => e.code === 'DEADLINE_EXCEEDED');
+  // At once: the connection it started is made for the next call, not given up as failed.
+  const got = await client.resolve('nblog', ['/a']);
+  assert.equal(got.get('/a').status, 'RESOLVE_STATUS_UNKNOWN_BLOG');
+});
+
 /** A Node http2 server on 127.0.0.1 whose streams `onStream` answers; its address. */
 async function fakeServer(onStream) {
   const server = http2.createServer();
