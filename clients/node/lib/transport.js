@@ -314,6 +314,10 @@ class Transport {
       stream.on('trailers', (h) => {
         trailers = h;
       });
+      let ended = false;
+      stream.on('end', () => {
+        ended = true;
+      });
       stream.on('data', (c) => {
         if (settled) return;
         chunks.push(c);
@@ -331,6 +335,8 @@ class Transport {
           let e;
           if (httpStatus && httpStatus !== 200) {
             e = grpcError(fromHttpStatus(httpStatus), `HTTP status ${httpStatus} without a gRPC status`);
+          } else if (httpStatus && !stream.rstCode && ended) {
+            e = grpcError('INTERNAL', `the answer from ${this.address} ended without a gRPC status`);
           } else {
             const why = stream.rstCode ? `stream reset (HTTP/2 code ${stream.rstCode})` : 'connection lost';
             e = grpcError('UNAVAILABLE', `${why} before the answer from ${this.address} ended`);

@@ -142,6 +142,11 @@ test("a server's errors and broken answers come back as status names", async () 
       s.on('wantTrailers', () => s.sendTrailers({ 'grpc-status': '0' }));
       s.end(framed(1, Buffer.from([1, 2])));
     },
+    // A whole answer without trailers.
+    '/blotcdn.v1.Publisher/GetPurges': (s) => {
+      s.respond({ ':status': 200, 'content-type': 'application/grpc' });
+      s.end(framed());
+    },
     // A prefix that promises more than comes.
     '/blotcdn.v1.Resolver/ResolveBatch': (s) => {
       s.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
@@ -156,6 +161,7 @@ test("a server's errors and broken answers come back as status names", async () 
   await assert.rejects(client.getInfo(), (e) => e.code === 'UNAVAILABLE' && /503/.test(e.message));
   await assert.rejects(client.lookupDomain('a.example'), (e) => e.code === 'INTERNAL' && /compressed/.test(e.message));
   await assert.rejects(client.resolve('b', ['/a']), (e) => e.code === 'INTERNAL' && /length prefix/.test(e.message));
+  await assert.rejects(client.getPurges(), (e) => e.code === 'INTERNAL' && /without a gRPC status/.test(e.message));
 });
 
 test('a call the server refused to start is sent again; one it reset after taking is not', async () => {
