@@ -31,6 +31,13 @@ const DEFAULT_MAX_BATCH = 10000;
 // over max_batch (10)", src/catalog.rs).
 const OVER_MAX_BATCH = /\bis over max_batch\b/;
 
+/** A deadline option: a number (not a string from the environment), more than 0. */
+function checkMs(name, v) {
+  if (typeof v !== 'number' || !(v > 0)) {
+    throw new TypeError(`blotcdn-client: ${name} must be a positive number of milliseconds, not ${JSON.stringify(v) ?? String(v)}`);
+  }
+}
+
 // A path gRPC cannot send as UTF-8: a string with a lone surrogate (an emoji cut in two).
 // Anything else (not a string) is left for the call to refuse, as before.
 const malformed = (p) => typeof p === 'string' && !p.isWellFormed();
@@ -74,9 +81,7 @@ class Client {
       if (!(k in DEFAULTS)) throw new TypeError(`blotcdn-client: unknown option ${k}`);
       if (v !== undefined) o[k] = v;
     }
-    for (const k of ['deadlineMs', 'publishDeadlineMs']) {
-      if (!(o[k] > 0)) throw new TypeError(`blotcdn-client: ${k} must be a positive number of milliseconds`);
-    }
+    for (const k of ['deadlineMs', 'publishDeadlineMs']) checkMs(k, o[k]);
     if (!Number.isInteger(o.templateCacheSize) || o.templateCacheSize < 0) {
       throw new TypeError('blotcdn-client: templateCacheSize must be a whole number of templates, 0 or more');
     }
@@ -108,6 +113,7 @@ class Client {
    * answer the server gives any invalid path, RESOLVE_STATUS_INVALID_PATH.
    */
   async resolve(blogId, paths, { deadlineMs = this.options.deadlineMs } = {}) {
+    checkMs('deadlineMs', deadlineMs);
     const sent = paths.filter((p) => !malformed(p));
     const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths: sent }, { deadline: deadlineMs });
     const out = new Map();
@@ -182,7 +188,11 @@ class Client {
 
   putAsset(blogId, header, data) {
     // No deadline: a large stream takes as long as it takes; back-pressure bounds memory.
-    return publish.putAsset(this.conn, blogId, header, data, {});
+    // It waits for a connection as the other publish calls do.
+    return publish.putAsset(this.conn, blogId, header, data, {
+      waitForReady: true,
+      readyDeadline: this.options.publishDeadlineMs,
+    });
   }
 
   importFile(blogId, path) {

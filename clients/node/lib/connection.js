@@ -94,11 +94,14 @@ class Connection {
 
   /**
    * A client-streaming call: the writable call (`write(message)`, false when full: wait
-   * for 'drain'; `end()`; `cancel()`) and a promise of its answer.
+   * for 'drain'; `end()`; `cancel()`) and a promise of its answer. `readyDeadline`: how
+   * long it may wait for a connection, when that is not its whole deadline.
    */
-  async clientStream(service, name, { deadline, waitForReady = false } = {}) {
+  async clientStream(service, name, { deadline, waitForReady = false, readyDeadline } = {}) {
     const m = this.method(service, name);
-    const { call, answer } = await this.transport.clientStream(m.path, { until: until(deadline), waitForReady });
+    const by = until(deadline);
+    const opts = { until: by, waitForReady, readyUntil: readyDeadline === undefined ? by : until(readyDeadline) };
+    const { call, answer } = await this.transport.clientStream(m.path, opts);
     const write = call.write;
     call.write = (message) => write(m.requestSerialize(message));
     return { call, answer: answer.then((b) => m.responseDeserialize(b)) };

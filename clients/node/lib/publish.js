@@ -32,7 +32,20 @@ async function* chunks(data) {
  * Waits for 'drain' whenever the call's buffer is full, so a stream of any size
  * is read only as fast as the server takes it.
  */
-async function putAsset(conn, blogId, { filename, contentType = '', path = '' } = {}, data, opts) {
+async function putAsset(conn, blogId, header = {}, data, opts) {
+  // Bytes at hand can be sent again: an upload the server refused to start (a stream past
+  // its GOAWAY) is, as a unary call would be. A stream's bytes are gone once sent.
+  const again = Buffer.isBuffer(data) || data instanceof Uint8Array;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await upload(conn, blogId, header, data, opts);
+    } catch (err) {
+      if (!again || !err.refused || attempt >= 2) throw err;
+    }
+  }
+}
+
+async function upload(conn, blogId, { filename, contentType = '', path = '' } = {}, data, opts) {
   const { call, answer } = await conn.clientStream('publisher', 'PutAsset', opts);
   // The answer settles early when the server refuses (too big, bad header):
   // stop writing then, and report the server's error.

@@ -12,7 +12,8 @@
 // while the server is down, or that wait for it (`waitForReady`); a reconnect backoff
 // kept short (100 ms doubling to 2 s); a call the server refused to start (a stream past
 // a GOAWAY's last one, `REFUSED_STREAM`) sent again on a new connection, as the server
-// never saw it; HTTP/2 and gRPC errors as gRPC status names.
+// never saw it; HTTP/2 and gRPC errors as gRPC status names. And one thing grpc-js did only
+// when configured to: a connection whose peer stops answering pings is dropped (KEEPALIVE_MS).
 
 const http2 = require('node:http2');
 const { EventEmitter } = require('node:events');
@@ -48,6 +49,14 @@ const SESSION_GONE = new Set(['ERR_HTTP2_INVALID_SESSION', 'ERR_HTTP2_GOAWAY_SES
 // The largest answer taken: the server's are far below (a full batch of long paths is
 // about 31 MB); a peer that sends without end is cut here, not when memory runs out.
 const MAX_ANSWER = 256 << 20;
+// While calls are open on a connection it is pinged this often, and one whose peer does not
+// answer a ping within PING_TIMEOUT_MS is dropped (a server paused, or a network path that went
+// silent, would otherwise hold every later call until its deadline, and an upload forever). A
+// call whose deadline passes pings at once.
+const KEEPALIVE_MS = 10000;
+const PING_TIMEOUT_MS = 2000;
+// Node's timers take at most this many ms (longer ones fire after 1 ms).
+const MAX_TIMER_MS = 2 ** 31 - 1;
 // How many times a call the server refused to start is sent again.
 const REFUSED_RETRIES = 2;
 // Large answers (a full batch of long paths is about 31 MB) arrive in fewer round trips.
@@ -101,6 +110,44 @@ function oneMessage(chunks, total) {
   return b.subarray(5);
 }
 
+/**
+ * Calls `fn` once the clock passes `until` (ms since the epoch), however far away; answers a
+ * function that cancels it.
+ */
+function at(until, fn) {
+  let timer;
+  const arm = () => {
+    const left = until - Date.now();
+    if (left <= 0) return fn();
+    timer = setTimeout(arm, Math.min(left, MAX_TIMER_MS));
+  };
+  arm();
+  return () => clearTimeout(timer);
+}
+
+/** A deadline as gRPC's `grpc-timeout` says it: at most 8 digits, then a unit. */
+function grpcTimeout(ms) {
+  ms = Math.max(1, Math.ceil(ms));
+  if (ms < 1e8) return `${ms}m`;
+  const s = Math.ceil(ms / 1000);
+  if (s < 1e8) return `${s}S`;
+  return `${Math.min(99999999, Math.ceil(s / 3600))}H`;
+}
+
+/** host:port, checked as a URL's authority would be: a port from 1 to 65535, IPv6 in brackets. */
+function checkAddress(address) {
+  const bad = () => new TypeError(`blotcdn-client: address must be host:port (IPv6 as [addr]:port), not ${JSON.stringify(address)}`);
+  if (typeof address !== 'string') throw bad();
+  const m = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$/.exec(address);
+  if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535) throw bad();
+  try {
+    const u = new URL(`http://${address}`);
+    if (!u.hostname) throw bad();
+  } catch {
+    throw bad();
+  }
+}
+
 function frame(msg) {
   const f = Buffer.allocUnsafe(5 + msg.length);
   f[0] = 0;
@@ -116,9 +163,7 @@ class Transport {
    * @param {string} [o.token] sent as `authorization: Bearer <token>`
    */
   constructor(address, { token } = {}) {
-    if (typeof address !== 'string' || !/^[^/\s]+:\d+$/.test(address)) {
-      throw new TypeError(`blotcdn-client: address must be host:port, not ${JSON.stringify(address)}`);
-    }
+    checkAddress(address);
     // Sent as a header: a newline in it would be refused by Node for each call, not here.
     if (token !== undefined && (typeof token !== 'string' || !/^[\x21-\x7e]+$/.test(token))) {
       throw new TypeError('blotcdn-client: token must be printable ASCII, without spaces');
@@ -148,10 +193,12 @@ class Transport {
         const now = Date.now();
         if (now < this.failedUntil) {
           if (!waitForReady) throw grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${this.lastError}`);
-          if (until && until <= this.failedUntil) {
+          // Waits out the backoff, or up to its deadline if that comes first.
+          const wake = until ? Math.min(this.failedUntil, until) : this.failedUntil;
+          await new Promise((r) => at(wake, r));
+          if (until && Date.now() >= until) {
             throw grpcError('DEADLINE_EXCEEDED', `deadline exceeded waiting for ${this.address} (${this.lastError})`);
           }
-          await new Promise((r) => setTimeout(r, this.failedUntil - now));
           continue;
         }
         this.connect();
@@ -167,14 +214,32 @@ class Transport {
   /** `p`, or DEADLINE_EXCEEDED should `until` come first. */
   within(p, until) {
     if (!until) return p;
-    let timer;
+    let cancel;
     const late = new Promise((_, reject) => {
-      timer = setTimeout(
-        () => reject(grpcError('DEADLINE_EXCEEDED', `deadline exceeded while connecting to ${this.address}`)),
-        Math.max(0, until - Date.now()),
-      );
+      cancel = at(until, () => reject(grpcError('DEADLINE_EXCEEDED', `deadline exceeded while connecting to ${this.address}`)));
     });
-    return Promise.race([p, late]).finally(() => clearTimeout(timer));
+    return Promise.race([p, late]).finally(() => cancel());
+  }
+
+  /**
+   * Pings `s` unless a ping is under way; drops it when no answer comes in PING_TIMEOUT_MS,
+   * so the next call opens a new connection.
+   */
+  probe(s) {
+    if (s.probing || s.destroyed || s.closed) return;
+    s.probing = true;
+    const dead = setTimeout(() => s.destroy(new Error(`no answer to a ping in ${PING_TIMEOUT_MS} ms`)), PING_TIMEOUT_MS);
+    dead.unref();
+    const done = (err) => {
+      clearTimeout(dead);
+      s.probing = false;
+      if (err && !s.destroyed) s.destroy(err);
+    };
+    try {
+      if (!s.ping(done)) done(null);
+    } catch (err) {
+      done(err);
+    }
   }
 
   /** Starts a connection attempt: `this.connecting` until it settles. */
@@ -182,10 +247,18 @@ class Transport {
     const attempt = new Promise((resolve, reject) => {
       // maxSessionMemory: what waits to be sent is bounded by the callers (a few large requests
       // at once passed Node's default of 10 MB, which then resets streams with ENHANCE_YOUR_CALM).
-      const s = http2.connect(this.authority, {
-        settings: { enablePush: false, initialWindowSize: WINDOW },
-        maxSessionMemory: 1024,
-      });
+      let s;
+      try {
+        s = http2.connect(this.authority, {
+          settings: { enablePush: false, initialWindowSize: WINDOW },
+          maxSessionMemory: 1024,
+        });
+      } catch (err) {
+        this.connecting = null;
+        this.lastError = err.message;
+        this.failedUntil = Date.now() + BACKOFF_MAX_MS;
+        return reject(grpcError('UNAVAILABLE', `cannot connect to ${this.address}: ${err.message}`));
+      }
       s.calls = 0;
       this.session = s;
       const timer = setTimeout(() => s.destroy(new Error(`no connection within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
@@ -222,8 +295,15 @@ class Transport {
         const retire = () => {
           if (this.session === s) this.session = null;
         };
+        const keepalive = setInterval(() => {
+          if (s.calls > 0) this.probe(s);
+        }, KEEPALIVE_MS);
+        keepalive.unref();
         s.on('goaway', retire);
-        s.on('close', retire);
+        s.on('close', () => {
+          clearInterval(keepalive);
+          retire();
+        });
         s.on('error', retire);
         // With no call open, the connection does not keep the process alive.
         if (s.calls === 0) s.unref();
@@ -243,7 +323,7 @@ class Transport {
       'content-type': 'application/grpc',
       te: 'trailers',
     };
-    if (until) h['grpc-timeout'] = `${Math.max(1, until - Date.now())}m`;
+    if (until) h['grpc-timeout'] = grpcTimeout(until - Date.now());
     if (this.token) h.authorization = `Bearer ${this.token}`;
     return h;
   }
@@ -288,24 +368,25 @@ class Transport {
       let httpStatus = 0;
       let trailers = null;
       let settled = false;
-      let timer = null;
+      let cancelTimer = null;
       const finish = (err, value) => {
         if (settled) return;
         settled = true;
-        if (timer) clearTimeout(timer);
+        if (cancelTimer) cancelTimer();
         // The last call done: the connection no longer keeps the process alive.
         if (--s.calls === 0 && !s.destroyed) s.unref();
         if (err) reject(err);
         else resolve(value);
       };
       if (until) {
-        const left = until - Date.now();
         const expire = () => {
           stream.close(NGHTTP2_CANCEL);
           finish(grpcError('DEADLINE_EXCEEDED', `deadline exceeded: no answer from ${this.address} in time`));
+          // Slow, or gone without a word? A connection that does not answer a ping is dropped.
+          this.probe(s);
         };
-        if (left <= 0) return expire();
-        timer = setTimeout(expire, left);
+        if (until <= Date.now()) return expire();
+        cancelTimer = at(until, expire);
       }
       stream.on('response', (h) => {
         httpStatus = Number(h[':status']);
@@ -362,9 +443,9 @@ class Transport {
    * call's buffer is full: wait for 'drain'), `call.end()`, `call.cancel()`; `answer`, a promise
    * of the serialized reply.
    */
-  async clientStream(path, { until = 0, waitForReady = false } = {}) {
+  async clientStream(path, { until = 0, waitForReady = false, readyUntil = until } = {}) {
     for (let attempt = 0; ; attempt++) {
-      const s = await this.ready(until, waitForReady);
+      const s = await this.ready(readyUntil, waitForReady);
       const call = new EventEmitter();
       let opened = false;
       const answer = this.exchange(

@@ -57,9 +57,13 @@ test('options: a misspelt option or a bad deadline is refused at construction', 
   for (const bad of ['a\nb', 'two words', 'caf\u00e9', 42]) {
     assert.throws(() => new api.Client({ token: bad }), (e) => e instanceof TypeError && /token must be printable ASCII/.test(e.message), String(bad));
   }
-  for (const bad of ['localhost', 'http://127.0.0.1:1', '127.0.0.1:1/x', 50051]) {
+  for (const bad of ['localhost', 'http://127.0.0.1:1', '127.0.0.1:1/x', 50051, '::1:8201', '127.0.0.1:99999', '127.0.0.1:0', '[::1:8201', 'a:b:8201', '%zz:8201']) {
     assert.throws(() => new api.Client({ address: bad }), (e) => e instanceof TypeError && /address must be host:port/.test(e.message), String(bad));
   }
+  for (const good of ['[::1]:8201', 'localhost:8201', 'blotcdn.internal:50051']) new api.Client({ address: good }).close();
+  // A deadline read from the environment is a string: refused, not taken as no deadline.
+  assert.throws(() => new api.Client({ deadlineMs: '250' }), /deadlineMs must be a positive number/);
+  assert.throws(() => new api.Client({ publishDeadlineMs: NaN }), /publishDeadlineMs must be a positive number/);
   const c = new api.Client({ address: '127.0.0.1:1', token: undefined });
   assert.equal(c.options.deadlineMs, 250);
   assert.deepEqual(c.options.tags, ['cdn', 'asset']);

@@ -39,6 +39,7 @@ test('a publish made while the server restarts waits for it; a render meanwhile 
   // have been taken, and fails UNAVAILABLE: only a call never taken is sent again).
   await sleep(100);
   const pending = client.invalidate('rblog', ['/style.css']);
+  const uploaded = client.putAsset('rblog', { filename: 'late.txt' }, Buffer.from('sent while down'));
   const t0 = Date.now();
   // A render does not wait for the server: its targets render as written, within its deadline.
   const html = await client.render('rblog', '{{#cdn}}/style.css{{/cdn}}', {});
@@ -48,6 +49,7 @@ test('a publish made while the server restarts waits for it; a render meanwhile 
   server = await startServer({ grpcAddr: addr, dataDir: server.dataDir });
   const after = await pending;
   assert.ok(after > before, `the publish made while down was answered, and durable: ${after} > ${before}`);
+  assert.match((await uploaded).hash, /^[0-9a-f]{32}$/, 'an upload made while down waits for the server too');
   // Within the reconnect backoff (2 s at most), pages resolve again.
   const until = Date.now() + 5000;
   let page = '';
@@ -59,14 +61,70 @@ test('a publish made while the server restarts waits for it; a render meanwhile 
   assert.match(page, new RegExp(`/rblog/${after}/style\\.css$`));
 });
 
-test('a publish whose deadline passes while the server is down fails with DEADLINE_EXCEEDED', async () => {
+test('a publish whose deadline passes while the server is down fails with DEADLINE_EXCEEDED, at its deadline', async () => {
   const addr = `127.0.0.1:${await freePort()}`;
-  const client = new Client({ address: addr, publishDeadlineMs: 600 });
+  // Past the point where the reconnect backoff (100 ms doubling) overshoots it: 1.5 s in.
+  const client = new Client({ address: addr, publishDeadlineMs: 2500 });
   closers.push(() => client.close());
   const t0 = Date.now();
   await assert.rejects(client.invalidate('blog'), (e) => e.code === 'DEADLINE_EXCEEDED' && e.message.includes(addr));
   const took = Date.now() - t0;
-  assert.ok(took >= 300 && took < 600 + 1500, `took ${took} ms`);
+  assert.ok(took >= 2450 && took < 2500 + 1500, `took ${took} ms`);
+});
+
+test('a deadline past what a Node timer holds (24.8 days) is a deadline, not 1 ms', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const month = 30 * 24 * 3600 * 1000;
+  const client = new Client({ address: server.grpc, deadlineMs: month, publishDeadlineMs: month });
+  closers.push(() => client.close());
+  for (let i = 0; i < 10; i++) assert.ok((await client.invalidate('mblog', ['/a.css'])) > 0);
+  assert.equal((await client.resolve('mblog', ['/a.css'])).get('/a.css').status, 'RESOLVE_STATUS_OK');
+});
+
+test('a connection that goes silent (a half-open path) is dropped, and pages resolve again', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  server.write('hblog', '/a.css', 'a');
+  // A TCP relay to the server that can go silent on the connections it holds, as a path that
+  // loses its state does: nothing more is passed, nothing is closed. New connections pass.
+  const held = [];
+  const relay = net.createServer((c) => {
+    const up = net.connect(Number(server.grpc.split(':').pop()), '127.0.0.1');
+    c.pipe(up);
+    up.pipe(c);
+    const drop = () => {
+      c.destroy();
+      up.destroy();
+    };
+    c.on('error', drop);
+    up.on('error', drop);
+    held.push({ c, up });
+  });
+  await new Promise((r) => relay.listen(0, '127.0.0.1', r));
+  closers.push(() => new Promise((r) => {
+    for (const { c, up } of held) c.destroy() || up.destroy();
+    relay.close(r);
+  }));
+  const client = new Client({ address: `127.0.0.1:${relay.address().port}`, deadlineMs: 250 });
+  closers.push(() => client.close());
+  const floor = await client.invalidate('hblog');
+  const page = () => client.render('hblog', '{{#cdn}}/a.css{{/cdn}}', {});
+  assert.match(await page(), new RegExp(`/hblog/${floor}/a\\.css$`));
+  for (const { c, up } of held) {
+    c.unpipe(up);
+    up.unpipe(c);
+    c.pause();
+    up.pause();
+  }
+  const t0 = Date.now();
+  assert.equal(await page(), '/a.css', 'the silent connection costs a page its deadline');
+  let got = '/a.css';
+  while (got === '/a.css' && Date.now() - t0 < 6000) {
+    await sleep(100);
+    got = await page();
+  }
+  assert.match(got, new RegExp(`/hblog/${floor}/a\\.css$`), `still as written ${Date.now() - t0} ms after the path went silent`);
 });
 
 test('a call whose deadline passes while the connection is made does not fail the calls after it', async () => {
