@@ -177,6 +177,8 @@ class Transport {
     this.lastError = null;
     this.backoff = BACKOFF_FIRST_MS;
     this.closed = false;
+    // Client streams under way: close() cancels them (an upload has no deadline).
+    this.streams = new Set();
   }
 
   /**
@@ -457,14 +459,21 @@ class Transport {
           opened = true;
           call.write = (body) => stream.write(frame(body));
           call.end = () => stream.end();
-          call.cancel = () => {
+          call.cancel = (why = 'the call was cancelled') => {
             stream.close(NGHTTP2_CANCEL);
-            fail(grpcError('CANCELLED', 'the call was cancelled'));
+            fail(grpcError('CANCELLED', why));
           };
           stream.on('drain', () => call.emit('drain'));
         },
       );
-      if (opened) return { call, answer };
+      if (opened) {
+        this.streams.add(call);
+        answer.then(
+          () => this.streams.delete(call),
+          () => this.streams.delete(call),
+        );
+        return { call, answer };
+      }
       // The connection was closing: no stream, nothing sent.
       const err = await answer.then(
         () => null,
@@ -476,6 +485,7 @@ class Transport {
 
   close() {
     this.closed = true;
+    for (const call of this.streams) call.cancel('the client was closed');
     const s = this.session;
     this.session = null;
     if (s && !s.destroyed) s.close();

@@ -248,3 +248,20 @@ test('a call the server refused to start is sent again; one it reset after takin
   await assert.rejects(client.invalidate('b'), (e) => e.code === 'UNAVAILABLE');
   assert.equal(seen['/blotcdn.v1.Publisher/Invalidate'], 1, 'a publish the server took is never sent twice');
 });
+
+test('close() cancels an upload under way; it does not wait for a server that stopped reading', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const client = new Client({ address: server.grpc });
+  await client.invalidate('cblog');
+  server.child.kill('SIGSTOP');
+  closers.push(() => server.child.kill('SIGCONT'));
+  // A source that never ends: the upload can only end by being cancelled.
+  const { Readable } = require('node:stream');
+  const endless = new Readable({ read() { this.push(Buffer.alloc(64 * 1024)); } });
+  const upload = client.putAsset('cblog', { filename: 'big.bin' }, endless);
+  await sleep(300);
+  client.close();
+  await assert.rejects(upload, (e) => e.code === 'CANCELLED' && /closed/.test(e.message));
+  server.child.kill('SIGCONT');
+});
