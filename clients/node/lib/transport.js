@@ -112,17 +112,26 @@ function oneMessage(chunks, total) {
 
 /**
  * Calls `fn` once the clock passes `until` (ms since the epoch), however far away; answers a
- * function that cancels it.
+ * function that cancels it. Once the time has come, `fn` runs after the I/O already waiting
+ * (`setImmediate`): an event loop held up past a deadline by a long synchronous render reads
+ * the answer that came meanwhile before it gives up on it.
  */
 function at(until, fn) {
   let timer;
+  let immediate;
   const arm = () => {
     const left = until - Date.now();
-    if (left <= 0) return fn();
+    if (left <= 0) {
+      immediate = setImmediate(fn);
+      return;
+    }
     timer = setTimeout(arm, Math.min(left, MAX_TIMER_MS));
   };
   arm();
-  return () => clearTimeout(timer);
+  return () => {
+    clearTimeout(timer);
+    clearImmediate(immediate);
+  };
 }
 
 /** A deadline as gRPC's `grpc-timeout` says it: at most 8 digits, then a unit. */
@@ -230,7 +239,11 @@ class Transport {
   probe(s) {
     if (s.probing || s.destroyed || s.closed) return;
     s.probing = true;
-    const dead = setTimeout(() => s.destroy(new Error(`no answer to a ping in ${PING_TIMEOUT_MS} ms`)), PING_TIMEOUT_MS);
+    // After the I/O already waiting, as in `at`: an answer held up by a busy event loop counts.
+    const dead = setTimeout(
+      () => setImmediate(() => s.probing && s.destroy(new Error(`no answer to a ping in ${PING_TIMEOUT_MS} ms`))),
+      PING_TIMEOUT_MS,
+    );
     dead.unref();
     const done = (err) => {
       clearTimeout(dead);

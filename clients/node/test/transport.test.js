@@ -265,3 +265,23 @@ test('close() cancels an upload under way; it does not wait for a server that st
   await assert.rejects(upload, (e) => e.code === 'CANCELLED' && /closed/.test(e.message));
   server.child.kill('SIGCONT');
 });
+
+test('an answer that came while a long synchronous render held the event loop is used; the connection is kept', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const client = new Client({ address: server.grpc, deadlineMs: 250 });
+  closers.push(() => client.close());
+  await client.invalidate('lblog');
+  const session = client.conn.transport.session;
+  const call = client.resolve('lblog', ['/a.css']);
+  // Sent (two turns of the loop), then the loop held 2.5 s: past the deadline and past a
+  // ping's time to answer, with the answer waiting in the socket.
+  await new Promise((r) => setImmediate(r));
+  await new Promise((r) => setImmediate(r));
+  const t = Date.now();
+  while (Date.now() - t < 2500);
+  assert.equal((await call).get('/a.css').status, 'RESOLVE_STATUS_OK');
+  await sleep(2500);
+  assert.equal(client.conn.transport.session, session, 'a healthy connection was dropped');
+  assert.ok(!session.destroyed);
+});
