@@ -522,7 +522,15 @@ impl App {
             // dropped; a silent one before its first bytes is dropped by
             // `listen::incoming`.
             .http2_keepalive_interval(Some(config.http_idle_timeout))
-            .http2_keepalive_timeout(Some(config.http_idle_timeout));
+            .http2_keepalive_timeout(Some(config.http_idle_timeout))
+            // Calls a client cancels (RST_STREAM) before the server has taken
+            // them up count against h2's guard against rapid resets: past
+            // 20 by default the connection is closed (GOAWAY "too_many_resets"),
+            // failing every other call on it. A server that stalls 400 ms under
+            // a renderer's pages sees that many cancelled at their deadline (a
+            // hostile test of the Node client). Bounded still, at the calls a
+            // connection may have in flight.
+            .http2_max_pending_accept_reset_streams(Some(config.max_in_flight.max(20)));
         // Live connections are not held forever: past this age the
         // connection is sent GOAWAY (calls in flight finish; a client
         // reconnects for its next call), so a client holding every slot

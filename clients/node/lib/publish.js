@@ -46,7 +46,16 @@ async function putAsset(conn, blogId, header = {}, data, opts) {
 }
 
 async function upload(conn, blogId, { filename, contentType = '', path = '' } = {}, data, opts) {
-  const { call, answer } = await conn.clientStream('publisher', 'PutAsset', opts);
+  let started;
+  try {
+    started = await conn.clientStream('publisher', 'PutAsset', opts);
+  } catch (err) {
+    // Never started (no connection in time, or the client closed): the stream is not read
+    // (its file stays open otherwise, one descriptor per try of a pipeline that retries).
+    if (data instanceof Readable) data.destroy();
+    throw err;
+  }
+  const { call, answer } = started;
   // The answer settles early when the server refuses (too big, bad header):
   // stop writing then, and report the server's error.
   let failed = null;

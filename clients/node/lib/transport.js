@@ -55,6 +55,9 @@ const MAX_ANSWER = 256 << 20;
 // call whose deadline passes pings at once.
 const KEEPALIVE_MS = 10000;
 const PING_TIMEOUT_MS = 2000;
+const UPLOAD_PING_TIMEOUT_MS = 20000;
+// A call's deadline passing pings only a connection silent this long.
+const DEADLINE_QUIET_MS = 1000;
 // Node's timers take at most this many ms (longer ones fire after 1 ms).
 const MAX_TIMER_MS = 2 ** 31 - 1;
 // How many times a call the server refused to start is sent again.
@@ -200,7 +203,8 @@ class Transport {
       if (this.closed) throw grpcError('CANCELLED', 'the client is closed');
       const s = this.session;
       if (s && !this.connecting && !s.closed && !s.destroyed) return s;
-      if (!this.connecting) {
+      let attempt = this.connecting;
+      if (!attempt) {
         const now = Date.now();
         if (now < this.failedUntil) {
           if (!waitForReady) throw grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${this.lastError}`);
@@ -212,10 +216,10 @@ class Transport {
           }
           continue;
         }
-        this.connect();
+        attempt = this.connect();
       }
       try {
-        return await this.within(this.connecting, until);
+        return await this.within(attempt, until);
       } catch (err) {
         if (err.code === 'DEADLINE_EXCEEDED' || !waitForReady) throw err;
       }
@@ -236,18 +240,24 @@ class Transport {
    * Pings `s` unless a ping is under way; drops it when no answer comes in PING_TIMEOUT_MS,
    * so the next call opens a new connection.
    */
-  probe(s) {
+  probe(s, quietMs) {
     if (s.probing || s.destroyed || s.closed) return;
+    // Heard from it lately (an answer's bytes, an upload's buffer drained): alive.
+    if (Date.now() - s.progressAt < quietMs) return;
     s.probing = true;
+    // With an upload under way the answer queues behind the upload's bytes already sent,
+    // which a slow uplink takes long to carry: it gets longer.
+    const limit = s.uploads > 0 ? UPLOAD_PING_TIMEOUT_MS : PING_TIMEOUT_MS;
     // After the I/O already waiting, as in `at`: an answer held up by a busy event loop counts.
     const dead = setTimeout(
-      () => setImmediate(() => s.probing && s.destroy(new Error(`no answer to a ping in ${PING_TIMEOUT_MS} ms`))),
-      PING_TIMEOUT_MS,
+      () => setImmediate(() => s.probing && s.destroy(new Error(`no answer to a ping in ${limit} ms`))),
+      limit,
     );
     dead.unref();
     const done = (err) => {
       clearTimeout(dead);
       s.probing = false;
+      s.progressAt = Date.now();
       if (err && !s.destroyed) s.destroy(err);
     };
     try {
@@ -259,6 +269,7 @@ class Transport {
 
   /** Starts a connection attempt: `this.connecting` until it settles. */
   connect() {
+    let failedAtOnce = false;
     const attempt = new Promise((resolve, reject) => {
       // maxSessionMemory: what waits to be sent is bounded by the callers (a few large requests
       // at once passed Node's default of 10 MB, which then resets streams with ENHANCE_YOUR_CALM).
@@ -269,12 +280,16 @@ class Transport {
           maxSessionMemory: 1024,
         });
       } catch (err) {
-        this.connecting = null;
+        // Not taken as `this.connecting` below (settled already): the next try waits out
+        // the backoff, and a caller that waits for the server waits on a timer, not in a loop.
         this.lastError = err.message;
         this.failedUntil = Date.now() + BACKOFF_MAX_MS;
+        failedAtOnce = true;
         return reject(grpcError('UNAVAILABLE', `cannot connect to ${this.address}: ${err.message}`));
       }
       s.calls = 0;
+      s.uploads = 0;
+      s.progressAt = Date.now();
       this.session = s;
       const timer = setTimeout(() => s.destroy(new Error(`no connection within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
       timer.unref();
@@ -311,7 +326,7 @@ class Transport {
           if (this.session === s) this.session = null;
         };
         const keepalive = setInterval(() => {
-          if (s.calls > 0) this.probe(s);
+          if (s.calls > 0) this.probe(s, KEEPALIVE_MS);
         }, KEEPALIVE_MS);
         keepalive.unref();
         s.on('goaway', retire);
@@ -327,7 +342,7 @@ class Transport {
     });
     // Settled for whoever waits; never an unhandled rejection when nobody does any more.
     attempt.catch(() => {});
-    this.connecting = attempt;
+    if (!failedAtOnce) this.connecting = attempt;
     return attempt;
   }
 
@@ -398,12 +413,13 @@ class Transport {
           stream.close(NGHTTP2_CANCEL);
           finish(grpcError('DEADLINE_EXCEEDED', `deadline exceeded: no answer from ${this.address} in time`));
           // Slow, or gone without a word? A connection that does not answer a ping is dropped.
-          this.probe(s);
+          this.probe(s, DEADLINE_QUIET_MS);
         };
         if (until <= Date.now()) return expire();
         cancelTimer = at(until, expire);
       }
       stream.on('response', (h) => {
+        s.progressAt = Date.now();
         httpStatus = Number(h[':status']);
         if (h['grpc-status'] !== undefined) trailers = h; // trailers-only answer
       });
@@ -415,6 +431,7 @@ class Transport {
         ended = true;
       });
       stream.on('data', (c) => {
+        s.progressAt = Date.now();
         if (settled) return;
         chunks.push(c);
         total += c.length;
@@ -476,7 +493,12 @@ class Transport {
             stream.close(NGHTTP2_CANCEL);
             fail(grpcError('CANCELLED', why));
           };
-          stream.on('drain', () => call.emit('drain'));
+          stream.on('drain', () => {
+            s.progressAt = Date.now();
+            call.emit('drain');
+          });
+          s.uploads++;
+          stream.once('close', () => s.uploads--);
         },
       );
       if (opened) {

@@ -285,3 +285,70 @@ test('an answer that came while a long synchronous render held the event loop is
   assert.equal(client.conn.transport.session, session, 'a healthy connection was dropped');
   assert.ok(!session.destroyed);
 });
+
+test('pages cancelled at their deadline by the dozen while the server stalls do not take the connection down with them', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  server.write('sblog', '/a.css', 'a');
+  const client = new Client({ address: server.grpc, deadlineMs: 250, publishDeadlineMs: 10000 });
+  closers.push(() => client.close());
+  const floor = await client.invalidate('sblog');
+  server.child.kill('SIGSTOP');
+  closers.push(() => server.child.kill('SIGCONT'));
+  // 100 pages, each cancelled (RST_STREAM) at its deadline before the stalled server took it
+  // up; a publish on the same connection meanwhile.
+  const pages = Array.from({ length: 100 }, () => client.render('sblog', '{{#cdn}}/a.css{{/cdn}}', {}));
+  const publish = client.invalidate('sblog', ['/a.css']);
+  await sleep(400);
+  server.child.kill('SIGCONT');
+  for (const html of await Promise.all(pages)) assert.equal(html, '/a.css');
+  assert.ok((await publish) > floor, 'the publish on the same connection was answered');
+  assert.match(await client.render('sblog', '{{#cdn}}/a.css{{/cdn}}', {}), /\/sblog\/\d+\/a\.css$/);
+});
+
+test('an upload over a slow uplink outlasts the keepalive: a link that carries bytes is alive', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  // A relay that carries the client's bytes at 150 kB/s, the server's at full speed.
+  const RATE = 150 * 1024;
+  const relay = net.createServer((c) => {
+    const up = net.connect(Number(server.grpc.split(':').pop()), '127.0.0.1');
+    up.pipe(c);
+    c.on('data', (chunk) => {
+      c.pause();
+      up.write(chunk);
+      setTimeout(() => c.resume(), (chunk.length / RATE) * 1000);
+    });
+    const drop = () => {
+      c.destroy();
+      up.destroy();
+    };
+    c.on('error', drop);
+    up.on('error', drop);
+    c.on('close', drop);
+  });
+  await new Promise((r) => relay.listen(0, '127.0.0.1', r));
+  closers.push(() => new Promise((r) => relay.close(r)));
+  const client = new Client({ address: `127.0.0.1:${relay.address().port}` });
+  closers.push(() => client.close());
+  await client.invalidate('ublog');
+  // About 14 s on this link: past the 10 s keepalive, with a megabyte or so queued ahead of
+  // any ping.
+  const bytes = Buffer.alloc(2 * 1024 * 1024, 7);
+  const asset = await client.putAsset('ublog', { filename: 'slow.bin' }, bytes);
+  assert.equal(asset.size, bytes.length);
+});
+
+test('an upload that never starts leaves its stream closed, not its file open', async () => {
+  const fs = require('node:fs');
+  const os = require('node:os');
+  const path = require('node:path');
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'blotcdn-up-')), 'a.bin');
+  fs.writeFileSync(file, Buffer.alloc(1024));
+  closers.push(() => fs.rmSync(path.dirname(file), { recursive: true, force: true }));
+  const client = new Client({ address: `127.0.0.1:${await freePort()}`, publishDeadlineMs: 300 });
+  closers.push(() => client.close());
+  const source = fs.createReadStream(file);
+  await assert.rejects(client.putAsset('blog', { filename: 'a.bin' }, source), (e) => e.code === 'DEADLINE_EXCEEDED');
+  assert.ok(source.destroyed, 'the source stream was left open');
+});
