@@ -56,11 +56,15 @@ async function upload(conn, blogId, { filename, contentType = '', path = '' } = 
     throw err;
   }
   const { call, answer } = started;
-  // The answer settles early when the server refuses (too big, bad header):
-  // stop writing then, and report the server's error.
+  // The answer settles early when the server refuses (too big, bad header), or the call ends
+  // (cancelled by close(), its connection dropped): stop writing then, and report the call's
+  // error. A readable source is destroyed at once, so an idle one does not hold the upload
+  // until it next produces. (Not a race of each read against the answer: every such race
+  // would stay attached to the answer, holding its chunk, for the whole upload.)
   let failed = null;
   answer.catch((err) => {
     failed = err;
+    if (data instanceof Readable) data.destroy();
   });
   const stopped = answer.then(
     () => null,
@@ -75,7 +79,9 @@ async function upload(conn, blogId, { filename, contentType = '', path = '' } = 
       }
     }
   } catch (err) {
-    // The source failed (or was not a stream): the upload must not complete.
+    // The call failed (the source was destroyed for it), or the source failed (or was not a
+    // stream): the upload must not complete.
+    if (failed) throw failed;
     call.cancel();
     answer.catch(() => {});
     if (data instanceof Readable) data.destroy();

@@ -241,7 +241,8 @@ class Transport {
    * so the next call opens a new connection.
    */
   probe(s, quietMs) {
-    if (s.probing || s.destroyed || s.closed) return;
+    // A session draining after a GOAWAY (`closed`) is probed too: an upload may outlive it.
+    if (s.probing || s.destroyed) return;
     // Heard from it lately (an answer's bytes, an upload's buffer drained): alive.
     if (Date.now() - s.progressAt < quietMs) return;
     s.probing = true;
@@ -249,8 +250,13 @@ class Transport {
     // which a slow uplink takes long to carry: it gets longer.
     const limit = s.uploads > 0 ? UPLOAD_PING_TIMEOUT_MS : PING_TIMEOUT_MS;
     // After the I/O already waiting, as in `at`: an answer held up by a busy event loop counts.
+    // Heard from meanwhile (a call's answer while the ping's is late): alive all the same.
+    const sent = Date.now();
     const dead = setTimeout(
-      () => setImmediate(() => s.probing && s.destroy(new Error(`no answer to a ping in ${limit} ms`))),
+      () =>
+        setImmediate(() => {
+          if (s.probing && s.progressAt <= sent) s.destroy(new Error(`no answer to a ping in ${limit} ms`));
+        }),
       limit,
     );
     dead.unref();
@@ -308,7 +314,10 @@ class Transport {
       };
       s.on('error', onError);
       s.on('close', onClose);
-      s.once('connect', () => {
+      // Connected once the server has spoken HTTP/2 (its SETTINGS), not when TCP connects: a
+      // peer that accepts and closes (a load balancer with no backend) is a failed attempt,
+      // with its backoff, not a connection made on every call.
+      s.once('remoteSettings', () => {
         clearTimeout(timer);
         s.off('error', onError);
         s.off('close', onClose);
@@ -379,6 +388,10 @@ class Transport {
    */
   exchange(s, path, until, send, onStream) {
     return new Promise((resolve, reject) => {
+      // Past its deadline already (a page's first pass took it all): no stream for it.
+      if (until && until <= Date.now()) {
+        return reject(grpcError('DEADLINE_EXCEEDED', `deadline exceeded before the call to ${this.address} was sent`));
+      }
       let stream;
       try {
         stream = s.request(this.headers(path, until), { endStream: false });

@@ -352,3 +352,74 @@ test('an upload that never starts leaves its stream closed, not its file open', 
   await assert.rejects(client.putAsset('blog', { filename: 'a.bin' }, source), (e) => e.code === 'DEADLINE_EXCEEDED');
   assert.ok(source.destroyed, 'the source stream was left open');
 });
+
+test('close() cancels an upload whose source is idle, at once, and closes the source', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const client = new Client({ address: server.grpc });
+  await client.invalidate('iblog');
+  const { Readable } = require('node:stream');
+  let pushed = false;
+  // One chunk, then nothing more for ever (a source waiting on its own upstream).
+  const idle = new Readable({
+    read() {
+      if (!pushed) this.push(Buffer.alloc(1024, 1));
+      pushed = true;
+    },
+  });
+  const upload = client.putAsset('iblog', { filename: 'idle.bin' }, idle);
+  await sleep(300);
+  const t0 = Date.now();
+  client.close();
+  await assert.rejects(upload, (e) => e.code === 'CANCELLED');
+  assert.ok(Date.now() - t0 < 500, `settled ${Date.now() - t0} ms after close()`);
+  assert.ok(idle.destroyed, 'the idle source was left open');
+});
+
+test('a peer that accepts and closes at once is a failed connection: backoff, and publishes wait to their deadline', async () => {
+  let accepted = 0;
+  const lb = net.createServer((c) => {
+    accepted++;
+    c.destroy();
+  });
+  await new Promise((r) => lb.listen(0, '127.0.0.1', r));
+  closers.push(() => new Promise((r) => lb.close(r)));
+  const client = new Client({ address: `127.0.0.1:${lb.address().port}`, deadlineMs: 250, publishDeadlineMs: 1500 });
+  closers.push(() => client.close());
+  const t0 = Date.now();
+  const publish = client.invalidate('blog');
+  // Pages meanwhile: as written, and no connection each.
+  for (let i = 0; i < 50; i++) {
+    assert.equal(await client.render('blog', '{{#cdn}}/a.css{{/cdn}}', {}), '/a.css');
+    await sleep(20);
+  }
+  await assert.rejects(publish, (e) => e.code === 'DEADLINE_EXCEEDED');
+  assert.ok(Date.now() - t0 >= 1450, `the publish gave up after ${Date.now() - t0} ms`);
+  assert.ok(accepted <= 8, `${accepted} connections in 1.5 s: the backoff (100 ms doubling) did not hold`);
+});
+
+test('a page whose first pass used up its deadline sends no call', async () => {
+  let streams = 0;
+  const addr = await fakeServer((stream) => {
+    streams++;
+    stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+    stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+    stream.end(framed());
+  });
+  const client = new Client({ address: addr, deadlineMs: 1, cdnBaseUrl: 'https://cdn.example' });
+  closers.push(() => client.close());
+  await client.getInfo(); // connected
+  streams = 0;
+  const session = client.conn.transport.session;
+  const nextId = session.state.nextStreamID;
+  const slow = () => {
+    const t = Date.now();
+    while (Date.now() - t < 5);
+    return 'x';
+  };
+  for (let i = 0; i < 20; i++) {
+    assert.equal(await client.render('blog', '{{#cdn}}/{{slow}}.css{{/cdn}}', { slow }), '/x.css');
+  }
+  assert.equal(streams, 0, 'calls sent past their deadline');
+  assert.equal(session.state.nextStreamID, nextId, 'streams opened for calls past their deadline');
+});
