@@ -13,16 +13,29 @@ async function invalidate(conn, blogId, paths = [], opts) {
 }
 
 /** Yields the data in pieces of at most CHUNK bytes, from a Buffer or any readable. */
+/** Bytes as a Buffer (no copy), from any kind of bytes or a string; null for anything else. */
+function bytesOf(piece) {
+  if (Buffer.isBuffer(piece)) return piece;
+  if (typeof piece === 'string') return Buffer.from(piece);
+  if (ArrayBuffer.isView(piece)) return Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
+  if (piece instanceof ArrayBuffer || piece instanceof SharedArrayBuffer) return Buffer.from(piece);
+  return null;
+}
+
 async function* chunks(data) {
-  if (Buffer.isBuffer(data) || data instanceof Uint8Array) {
-    for (let i = 0; i < data.length; i += CHUNK) yield data.subarray(i, i + CHUNK);
+  const whole = bytesOf(data);
+  if (whole && typeof data !== 'string') {
+    for (let i = 0; i < whole.length; i += CHUNK) yield whole.subarray(i, i + CHUNK);
     return;
   }
   if (!data || typeof data[Symbol.asyncIterator] !== 'function') {
-    throw new TypeError('putAsset: data must be a Buffer or a readable stream');
+    throw new TypeError('putAsset: data must be bytes (a Buffer, a typed array, an ArrayBuffer) or a readable stream');
   }
-  for await (let piece of data) {
-    if (typeof piece === 'string') piece = Buffer.from(piece);
+  for await (const item of data) {
+    // A piece that is not bytes is refused, not skipped: a permanent asset is never stored
+    // with bytes missing.
+    const piece = bytesOf(item);
+    if (!piece) throw new TypeError(`putAsset: the stream gave a ${item === null ? 'null' : typeof item}, not bytes or a string`);
     for (let i = 0; i < piece.length; i += CHUNK) yield piece.subarray(i, i + CHUNK);
   }
 }
@@ -35,7 +48,7 @@ async function* chunks(data) {
 async function putAsset(conn, blogId, header = {}, data, opts) {
   // Bytes at hand can be sent again: an upload the server refused to start (a stream past
   // its GOAWAY) is, as a unary call would be. A stream's bytes are gone once sent.
-  const again = Buffer.isBuffer(data) || data instanceof Uint8Array;
+  const again = typeof data !== 'string' && bytesOf(data) !== null;
   for (let attempt = 0; ; attempt++) {
     try {
       return await upload(conn, blogId, header, data, opts);
@@ -58,36 +71,54 @@ async function upload(conn, blogId, { filename, contentType = '', path = '' } = 
   const { call, answer } = started;
   // The answer settles early when the server refuses (too big, bad header), or the call ends
   // (cancelled by close(), its connection dropped): stop writing then, and report the call's
-  // error. A readable source is destroyed at once, so an idle one does not hold the upload
-  // until it next produces. (Not a race of each read against the answer: every such race
-  // would stay attached to the answer, holding its chunk, for the whole upload.)
+  // error, without waiting for an idle source's next piece. A node stream is destroyed at
+  // once; any other source is let go (its pending read left behind). Each wait for the source races
+  // a wake-up of its own: racing every read against the answer itself would keep each race,
+  // and its chunk, attached to the answer for the whole upload.
   let failed = null;
+  let wake = null;
+  const letGo = () => {
+    if (data instanceof Readable) data.destroy();
+  };
   answer.catch((err) => {
     failed = err;
-    if (data instanceof Readable) data.destroy();
+    letGo();
+    if (wake) wake();
   });
   const stopped = answer.then(
     () => null,
     (err) => err,
   );
+  const pieces = chunks(data);
   try {
     call.write({ header: { blogId, filename, contentType, path } });
-    for await (const piece of chunks(data)) {
-      if (failed) break;
-      if (!call.write({ data: piece })) {
+    for (;;) {
+      const next = pieces.next();
+      // Left behind when the call ends first: it may yet fail, with nobody waiting.
+      next.catch(() => {});
+      const woken = new Promise((r) => {
+        wake = () => r({ done: true });
+      });
+      const got = failed ? { done: true } : await Promise.race([next, woken]);
+      wake = null;
+      if (got.done || failed) break;
+      if (!call.write({ data: got.value })) {
         await Promise.race([once(call, 'drain'), stopped]);
       }
     }
   } catch (err) {
-    // The call failed (the source was destroyed for it), or the source failed (or was not a
-    // stream): the upload must not complete.
+    // The call failed (its source let go for it), or the source failed (or gave something
+    // that is not bytes): the upload must not complete.
     if (failed) throw failed;
     call.cancel();
     answer.catch(() => {});
-    if (data instanceof Readable) data.destroy();
+    letGo();
     throw err;
   }
-  if (data instanceof Readable && failed) data.destroy();
+  if (failed) {
+    pieces.return().catch(() => {});
+    throw failed;
+  }
   call.end();
   return answer;
 }

@@ -255,7 +255,11 @@ class Transport {
     const dead = setTimeout(
       () =>
         setImmediate(() => {
-          if (s.probing && s.progressAt <= sent) s.destroy(new Error(`no answer to a ping in ${limit} ms`));
+          if (!s.probing) return;
+          if (s.progressAt <= sent) s.destroy(new Error(`no answer to a ping in ${limit} ms`));
+          // Heard from: alive. The ping's answer may never come (the path went silent just
+          // after): not waited for, so the next silence is probed again.
+          else s.probing = false;
         }),
       limit,
     );
@@ -322,8 +326,14 @@ class Transport {
         s.off('error', onError);
         s.off('close', onClose);
         this.connecting = null;
-        this.backoff = BACKOFF_FIRST_MS;
-        this.failedUntil = 0;
+        if (this.closed) {
+          // close() came while it was being made.
+          s.destroy();
+          return reject(grpcError('CANCELLED', 'the client is closed'));
+        }
+        // The backoff starts over only once the connection has answered a call (`answered`):
+        // a peer that sends its settings and then a GOAWAY, or closes, again and again, is a
+        // failed try each time, not a new connection per call.
         try {
           s.setLocalWindowSize(WINDOW);
         } catch {
@@ -333,6 +343,12 @@ class Transport {
         // way finish on this one.
         const retire = () => {
           if (this.session === s) this.session = null;
+          if (!s.answered && !s.retired) {
+            this.lastError = 'the connection ended before it answered a call';
+            this.failedUntil = Date.now() + this.backoff;
+            this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+          }
+          s.retired = true;
         };
         const keepalive = setInterval(() => {
           if (s.calls > 0) this.probe(s, KEEPALIVE_MS);
@@ -377,7 +393,9 @@ class Transport {
       try {
         return await this.exchange(s, path, until, (stream) => stream.end(frame(body)));
       } catch (err) {
-        if (!err.refused || attempt >= REFUSED_RETRIES) throw err;
+        // Refused calls were never taken: one that waits for the server is sent again until
+        // its deadline (each try after the backoff), others twice.
+        if (!err.refused || (attempt >= REFUSED_RETRIES && !waitForReady)) throw err;
       }
     }
   }
@@ -433,6 +451,11 @@ class Transport {
       }
       stream.on('response', (h) => {
         s.progressAt = Date.now();
+        if (!s.answered) {
+          s.answered = true;
+          this.backoff = BACKOFF_FIRST_MS;
+          this.failedUntil = 0;
+        }
         httpStatus = Number(h[':status']);
         if (h['grpc-status'] !== undefined) trailers = h; // trailers-only answer
       });

@@ -423,3 +423,85 @@ test('a page whose first pass used up its deadline sends no call', async () => {
   assert.equal(streams, 0, 'calls sent past their deadline');
   assert.equal(session.state.nextStreamID, nextId, 'streams opened for calls past their deadline');
 });
+
+test('a peer that sends its settings and then a GOAWAY, again and again, gets the backoff; publishes wait', async () => {
+  let sessions = 0;
+  const open = new Set();
+  const server = http2.createServer();
+  server.on('session', (session) => {
+    sessions++;
+    open.add(session);
+    session.on('error', () => {});
+    session.goaway(http2.constants.NGHTTP2_NO_ERROR, 0);
+  });
+  server.on('stream', (stream) => stream.close(http2.constants.NGHTTP2_REFUSED_STREAM));
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  closers.push(
+    () =>
+      new Promise((r) => {
+        for (const s of open) s.destroy();
+        server.close(r);
+      }),
+  );
+  const client = new Client({ address: `127.0.0.1:${server.address().port}`, deadlineMs: 250, publishDeadlineMs: 1500 });
+  closers.push(() => client.close());
+  const t0 = Date.now();
+  const publish = client.invalidate('blog');
+  for (let i = 0; i < 50; i++) {
+    assert.equal(await client.render('blog', '{{#cdn}}/a.css{{/cdn}}', {}), '/a.css');
+    await sleep(20);
+  }
+  await assert.rejects(publish, (e) => e.code === 'DEADLINE_EXCEEDED');
+  assert.ok(Date.now() - t0 >= 1450, `the publish gave up after ${Date.now() - t0} ms`);
+  assert.ok(sessions <= 10, `${sessions} connections in 1.5 s: the backoff (100 ms doubling) did not hold`);
+});
+
+test('close() ends an upload whose source is an idle async generator', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const client = new Client({ address: server.grpc });
+  await client.invalidate('gblog');
+  async function* idle() {
+    yield Buffer.alloc(1024, 2);
+    await new Promise(() => {}); // waits on its own upstream for ever
+  }
+  const upload = client.putAsset('gblog', { filename: 'gen.bin' }, idle());
+  await sleep(300);
+  const t0 = Date.now();
+  client.close();
+  await assert.rejects(upload, (e) => e.code === 'CANCELLED');
+  assert.ok(Date.now() - t0 < 500, `settled ${Date.now() - t0} ms after close()`);
+});
+
+test('upload sources: any bytes are stored whole; a piece that is not bytes fails the upload, nothing stored', async () => {
+  const server = await startServer();
+  closers.push(() => server.stop());
+  const client = new Client({ address: server.grpc });
+  closers.push(() => client.close());
+  await client.invalidate('kblog');
+  const bytes = Buffer.from('0123456789abcdef'.repeat(8192)); // 128 KiB
+  const ab = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length);
+  const sources = {
+    ArrayBuffer: ab,
+    DataView: new DataView(ab),
+    Uint16Array: new Uint16Array(ab),
+    'stream of ArrayBuffers and DataViews': (async function* () {
+      yield ab.slice(0, 1000);
+      yield new DataView(ab, 1000, 1000);
+      yield new Uint8Array(ab, 2000);
+    })(),
+  };
+  for (const [kind, data] of Object.entries(sources)) {
+    const asset = await client.putAsset('kblog', { filename: 'k.bin' }, data);
+    assert.equal(asset.size, bytes.length, kind);
+    const res = await fetch(asset.url);
+    assert.ok(Buffer.from(await res.arrayBuffer()).equals(bytes), `${kind}: the stored bytes differ`);
+  }
+  const odd = (async function* () {
+    yield Buffer.from('head');
+    yield { not: 'bytes' };
+  })();
+  await assert.rejects(client.putAsset('kblog', { filename: 'odd.bin', path: '/odd.bin' }, odd), (e) => e instanceof TypeError && /not bytes/.test(e.message));
+  const got = await client.resolve('kblog', ['/odd.bin']);
+  assert.equal(got.get('/odd.bin').contentHash, '', 'an upload that failed bound its path');
+});
