@@ -505,3 +505,25 @@ test('upload sources: any bytes are stored whole; a piece that is not bytes fail
   const got = await client.resolve('kblog', ['/odd.bin']);
   assert.equal(got.get('/odd.bin').contentHash, '', 'an upload that failed bound its path');
 });
+
+test('a connection heard from while its ping was out, then silent, is probed again and dropped', async () => {
+  // The transport's probe on a stand-in session (a real one cannot be made to answer a call
+  // and then drop exactly the ping's answer): its ping is never answered.
+  const { Transport } = require('../lib/transport');
+  const t = new Transport('127.0.0.1:1');
+  const s = { calls: 1, uploads: 0, progressAt: 0, probing: false, destroyed: false, closed: false };
+  s.ping = () => true;
+  s.destroy = () => {
+    s.destroyed = true;
+  };
+  t.probe(s, 0);
+  assert.equal(s.probing, true);
+  await sleep(100);
+  s.progressAt = Date.now(); // a call's answer came meanwhile
+  await sleep(2200);
+  assert.equal(s.destroyed, false, 'dropped though it answered a call');
+  assert.equal(s.probing, false, 'still marked as pinging: never probed again');
+  t.probe(s, 0); // the path goes silent: the next probe finds it
+  await sleep(2200);
+  assert.equal(s.destroyed, true);
+});
