@@ -14,7 +14,7 @@ const Mustache = require('mustache');
 const { createClient } = require('redis');
 const { Client } = require('..');
 const { renderPage } = require('../lib/render');
-const { startServer } = require('../test/helpers/server');
+const { startServer, freePort } = require('../test/helpers/server');
 
 const SECONDS = Number(process.argv[2] || 3);
 const BLOG = 'benchblog';
@@ -26,14 +26,6 @@ const VIEW = { title: 'A page', items: PATHS.map((p, n) => ({ path: p, n })) };
 if (!process.env.BLOTCDN_BIN) {
   const release = path.join(__dirname, '..', '..', '..', 'target', 'release', 'blotcdn');
   if (fs.existsSync(release)) process.env.BLOTCDN_BIN = release;
-}
-
-async function freePort() {
-  const s = net.createServer();
-  await new Promise((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
 }
 
 async function startRedis() {

@@ -277,6 +277,13 @@ class Transport {
     }
   }
 
+  /** A connection attempt failed: no new one before the backoff, which doubles. */
+  failedTry(why) {
+    this.lastError = why;
+    this.failedUntil = Date.now() + this.backoff;
+    this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+  }
+
   /** Starts a connection attempt: `this.connecting` until it settles. */
   connect() {
     let failedAtOnce = false;
@@ -311,9 +318,7 @@ class Transport {
         s.off('close', onClose);
         if (this.session === s) this.session = null;
         this.connecting = null;
-        this.lastError = err.message;
-        this.failedUntil = Date.now() + this.backoff;
-        this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+        this.failedTry(err.message);
         reject(grpcError('UNAVAILABLE', `cannot reach ${this.address}: ${err.message}`));
       };
       s.on('error', onError);
@@ -343,11 +348,7 @@ class Transport {
         // way finish on this one.
         const retire = () => {
           if (this.session === s) this.session = null;
-          if (!s.answered && !s.retired) {
-            this.lastError = 'the connection ended before it answered a call';
-            this.failedUntil = Date.now() + this.backoff;
-            this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
-          }
+          if (!s.answered && !s.retired) this.failedTry('the connection ended before it answered a call');
           s.retired = true;
         };
         const keepalive = setInterval(() => {
@@ -563,4 +564,4 @@ class Transport {
   }
 }
 
-module.exports = { Transport, STATUS_NAMES };
+module.exports = { Transport };

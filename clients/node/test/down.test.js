@@ -4,6 +4,7 @@ const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const net = require('node:net');
 const { Client } = require('..');
+const { freePort } = require('./helpers/server');
 
 const sockets = new Set();
 let silent;
@@ -33,9 +34,7 @@ async function timedRender(address, deadlineMs) {
 }
 
 test('nothing listening: the page renders as written, within the deadline', async () => {
-  const probe = net.createServer();
-  const port = await listen(probe);
-  await new Promise((r) => probe.close(r));
+  const port = await freePort();
   const { html, ms } = await timedRender(`127.0.0.1:${port}`, 250);
   assert.equal(html, AS_WRITTEN);
   assert.ok(ms < 250 + 1000, `took ${ms} ms`);
@@ -50,9 +49,7 @@ test('a server that accepts and never answers: the page renders as written, with
 });
 
 test('resolve() itself rejects with a status name when the server is down', async () => {
-  const probe = net.createServer();
-  const port = await listen(probe);
-  await new Promise((r) => probe.close(r));
+  const port = await freePort();
   const c = new Client({ address: `127.0.0.1:${port}` });
   try {
     await assert.rejects(c.resolve('blog', ['/a']), (e) => e.code === 'UNAVAILABLE' || e.code === 'DEADLINE_EXCEEDED');

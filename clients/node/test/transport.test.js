@@ -10,20 +10,12 @@ const http2 = require('node:http2');
 const net = require('node:net');
 const { setTimeout: sleep } = require('node:timers/promises');
 const { Client } = require('..');
-const { startServer } = require('./helpers/server');
+const { startServer, freePort } = require('./helpers/server');
 
 const closers = [];
 after(async () => {
   for (const c of closers.reverse()) await c();
 });
-
-async function freePort() {
-  const s = net.createServer();
-  await new Promise((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 test('a publish made while the server restarts waits for it; a render meanwhile does not', async () => {
   const addr = `127.0.0.1:${await freePort()}`;
@@ -376,6 +368,25 @@ test('close() cancels an upload whose source is idle, at once, and closes the so
   assert.ok(idle.destroyed, 'the idle source was left open');
 });
 
+/**
+ * Against a peer at `address` that never answers a call: a publish waits to its 1.5 s
+ * deadline, pages meanwhile render as written without a connection each, and the peer sees
+ * at most `most` connections (`seen()`), as the backoff (100 ms doubling) allows.
+ */
+async function backoffHolds(address, seen, most) {
+  const client = new Client({ address, deadlineMs: 250, publishDeadlineMs: 1500 });
+  closers.push(() => client.close());
+  const t0 = Date.now();
+  const publish = client.invalidate('blog');
+  for (let i = 0; i < 50; i++) {
+    assert.equal(await client.render('blog', '{{#cdn}}/a.css{{/cdn}}', {}), '/a.css');
+    await sleep(20);
+  }
+  await assert.rejects(publish, (e) => e.code === 'DEADLINE_EXCEEDED');
+  assert.ok(Date.now() - t0 >= 1450, `the publish gave up after ${Date.now() - t0} ms`);
+  assert.ok(seen() <= most, `${seen()} connections in 1.5 s: the backoff (100 ms doubling) did not hold`);
+}
+
 test('a peer that accepts and closes at once is a failed connection: backoff, and publishes wait to their deadline', async () => {
   let accepted = 0;
   const lb = net.createServer((c) => {
@@ -384,18 +395,7 @@ test('a peer that accepts and closes at once is a failed connection: backoff, an
   });
   await new Promise((r) => lb.listen(0, '127.0.0.1', r));
   closers.push(() => new Promise((r) => lb.close(r)));
-  const client = new Client({ address: `127.0.0.1:${lb.address().port}`, deadlineMs: 250, publishDeadlineMs: 1500 });
-  closers.push(() => client.close());
-  const t0 = Date.now();
-  const publish = client.invalidate('blog');
-  // Pages meanwhile: as written, and no connection each.
-  for (let i = 0; i < 50; i++) {
-    assert.equal(await client.render('blog', '{{#cdn}}/a.css{{/cdn}}', {}), '/a.css');
-    await sleep(20);
-  }
-  await assert.rejects(publish, (e) => e.code === 'DEADLINE_EXCEEDED');
-  assert.ok(Date.now() - t0 >= 1450, `the publish gave up after ${Date.now() - t0} ms`);
-  assert.ok(accepted <= 8, `${accepted} connections in 1.5 s: the backoff (100 ms doubling) did not hold`);
+  await backoffHolds(`127.0.0.1:${lb.address().port}`, () => accepted, 8);
 });
 
 test('a page whose first pass used up its deadline sends no call', async () => {
@@ -443,17 +443,7 @@ test('a peer that sends its settings and then a GOAWAY, again and again, gets th
         server.close(r);
       }),
   );
-  const client = new Client({ address: `127.0.0.1:${server.address().port}`, deadlineMs: 250, publishDeadlineMs: 1500 });
-  closers.push(() => client.close());
-  const t0 = Date.now();
-  const publish = client.invalidate('blog');
-  for (let i = 0; i < 50; i++) {
-    assert.equal(await client.render('blog', '{{#cdn}}/a.css{{/cdn}}', {}), '/a.css');
-    await sleep(20);
-  }
-  await assert.rejects(publish, (e) => e.code === 'DEADLINE_EXCEEDED');
-  assert.ok(Date.now() - t0 >= 1450, `the publish gave up after ${Date.now() - t0} ms`);
-  assert.ok(sessions <= 10, `${sessions} connections in 1.5 s: the backoff (100 ms doubling) did not hold`);
+  await backoffHolds(`127.0.0.1:${server.address().port}`, () => sessions, 10);
 });
 
 test('close() ends an upload whose source is an idle async generator', async () => {

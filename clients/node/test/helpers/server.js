@@ -4,6 +4,7 @@
 
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { setTimeout: sleep } = require('node:timers/promises');
@@ -129,4 +130,13 @@ function callRecorder() {
   };
 }
 
-module.exports = { startServer, binary, callRecorder };
+/** A port of 127.0.0.1 free when asked (nothing listens on it). */
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+module.exports = { startServer, binary, callRecorder, freePort };
