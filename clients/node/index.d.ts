@@ -12,11 +12,11 @@ export interface ClientOptions {
   address?: string;
   /** Sent as `authorization: Bearer <token>` on every call. */
   token?: string;
-  /** Deadline of render() (the whole page) and resolve(), in ms. Default 250. */
+  /** Deadline of render() (the whole page, from its first call) and resolve(), in ms. Default 250. */
   deadlineMs?: number;
   /** Mustache section names that become CDN URLs. Default ['cdn', 'asset']. */
   tags?: string[];
-  /** What {{cdn}} prints; learned once from Resolver.GetInfo when not given. */
+  /** What {{cdn}} prints; learned from Resolver.GetInfo when not given (again after a reconnection). */
   cdnBaseUrl?: string;
   /** Deadline of the publish side's unary calls and of getBlog/lookupDomain/getInfo, in ms. Default 30000. */
   publishDeadlineMs?: number;
@@ -24,6 +24,8 @@ export interface ClientOptions {
   templateCacheSize?: number;
   /** Characters of template text those may hold together; a longer template is not kept. Default 2000000. */
   templateCacheChars?: number;
+  /** Called with each error that left a page's targets as written (a wrong token, the server down or late). */
+  onRenderError?: (err: BlotcdnError, blogId: string) => void;
 }
 
 export interface Resolved {
@@ -58,6 +60,14 @@ export interface Info {
   version: string;
 }
 
+/** Bytes, or a stream or async iterable of bytes or strings. */
+export type AssetSource =
+  | ArrayBufferView
+  | ArrayBuffer
+  | SharedArrayBuffer
+  | Readable
+  | AsyncIterable<ArrayBufferView | ArrayBuffer | SharedArrayBuffer | string>;
+
 export interface AssetHeader {
   filename: string;
   /** Guessed by the server from the filename when empty. */
@@ -84,8 +94,8 @@ export interface PurgeQueue {
 
 export class Client {
   constructor(options?: ClientOptions);
-  readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl'>>> &
-    Pick<ClientOptions, 'token' | 'cdnBaseUrl'>;
+  readonly options: Readonly<Required<Omit<ClientOptions, 'token' | 'cdnBaseUrl' | 'onRenderError'>>> &
+    Pick<ClientOptions, 'token' | 'cdnBaseUrl' | 'onRenderError'>;
 
   /** One ResolveBatch; a Map from each path as given to its answer (a path with a lone surrogate is not sent: RESOLVE_STATUS_INVALID_PATH). */
   resolve(blogId: string, paths: string[], options?: { deadlineMs?: number }): Promise<Map<string, Resolved>>;
@@ -96,9 +106,9 @@ export class Client {
   /** The blog id a domain belongs to. */
   lookupDomain(domain: string): Promise<string>;
 
-  /** No paths: raise the blog's floor. Returns the new cache id. */
+  /** No paths: raise the blog's floor. Returns the new cache id (past the server's max_batch: several calls, the last one's). */
   invalidate(blogId: string, paths?: string[]): Promise<number>;
-  putAsset(blogId: string, header: AssetHeader, data: Buffer | Uint8Array | Readable | AsyncIterable<Buffer | Uint8Array>): Promise<Asset>;
+  putAsset(blogId: string, header: AssetHeader, data: AssetSource): Promise<Asset>;
   importFile(blogId: string, path: string): Promise<Asset>;
   setDomain(domain: string, blogId: string): Promise<void>;
   removeDomain(domain: string): Promise<void>;

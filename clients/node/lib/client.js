@@ -3,6 +3,7 @@
 // Each method hands off to the file that owns its concern: connection.js for
 // calls, render.js for Mustache, publish.js for the publish side.
 
+const { Readable } = require('node:stream');
 const Mustache = require('mustache');
 const { Connection } = require('./connection');
 const { renderPage } = require('./render');
@@ -21,8 +22,12 @@ const DEFAULTS = Object.freeze({
   // busy blogs (a miss costs a parse, not a page) and bound the cache near 50 MB.
   templateCacheSize: 1000,
   // And at most this much template text between them (characters; about bytes for ASCII):
-  // parsed, a template holds some 20-25 times its text, so about 50 MB at the default.
+  // parsed, a template holds some 20-40 times its text (plain prose the most), so at most
+  // about 80 MB at the default.
   templateCacheChars: 2_000_000,
+  // Called with each error that left a page's targets as written (a wrong token, the
+  // server down or late), and the page's blog id.
+  onRenderError: undefined,
 });
 
 // The server's default max_batch: the batch size used while GetInfo has not said.
@@ -31,21 +36,52 @@ const DEFAULT_MAX_BATCH = 10000;
 // over max_batch (10)", src/catalog.rs).
 const OVER_MAX_BATCH = /\bis over max_batch\b/;
 
+/** A TypeError with the code the server gives a bad argument, naming what was wrong. */
+function badArgument(message) {
+  const err = new TypeError(`blotcdn-client: ${message}`);
+  err.code = 'INVALID_ARGUMENT';
+  return err;
+}
+
+/** What a value is, for a message: never the whole of a large value. */
+function describe(v) {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'an array';
+  if (typeof v === 'string') return `the string ${JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}…` : v)}`;
+  if (typeof v === 'number') return `the number ${v}`;
+  return typeof v === 'object' ? 'an object' : typeof v;
+}
+
 /** A deadline option: a number (not a string from the environment), more than 0. */
 function checkMs(name, v) {
   if (typeof v !== 'number' || !(v > 0)) {
-    throw new TypeError(`blotcdn-client: ${name} must be a positive number of milliseconds, not ${JSON.stringify(v) ?? String(v)}`);
+    throw badArgument(`${name} must be a positive number of milliseconds, not ${describe(v)}`);
   }
 }
 
+// Arguments are checked before a call: protobuf would send `String(x)` for anything, so a
+// pipeline's `undefined` path would invalidate "/undefined" and report success.
+function checkString(method, name, v) {
+  if (typeof v !== 'string') throw badArgument(`${method}: ${name} must be a string, not ${describe(v)}`);
+}
+
+function checkStrings(method, name, list) {
+  if (!Array.isArray(list)) throw badArgument(`${method}: ${name} must be an array of strings, not ${describe(list)}`);
+  for (let i = 0; i < list.length; i++) {
+    if (typeof list[i] !== 'string') throw badArgument(`${method}: ${name}[${i}] must be a string, not ${describe(list[i])}`);
+  }
+}
+
+const overMaxBatch = (err) => err.code === 'INVALID_ARGUMENT' && OVER_MAX_BATCH.test(err.message);
+
 // A path gRPC cannot send as UTF-8: a string with a lone surrogate (an emoji cut in two).
-// Anything else (not a string) is left for the call to refuse, as before.
 const malformed = (p) => typeof p === 'string' && !p.isWellFormed();
 
 /**
  * One GetInfo at a time, shared by the pages waiting on it; learns the base URL
- * (unless given) and max_batch. Answers the Info, or null when the server cannot
- * say in time (then it is asked again by the next page that needs it).
+ * (unless given) and max_batch, as of the connection it was asked on. Answers the
+ * Info, or the call's Error when the server cannot say in time (then it is asked
+ * again by the next page that needs it); never rejects.
  */
 function learnInfo(client, deadline) {
   if (!client.infoPending) {
@@ -53,17 +89,30 @@ function learnInfo(client, deadline) {
       .unary('resolver', 'GetInfo', {}, { deadline })
       .then(
         (info) => {
-          if (info.cdnBaseUrl && client.baseUrl === undefined) client.baseUrl = info.cdnBaseUrl;
+          if (info.cdnBaseUrl && client.options.cdnBaseUrl === undefined) client.baseUrl = info.cdnBaseUrl;
           if (info.maxBatch > 0) client.maxBatch = info.maxBatch;
+          client.infoGeneration = client.conn.transport.generation;
           return info;
         },
-        () => null,
+        (err) => err,
       )
       .finally(() => {
         client.infoPending = null;
       });
   }
   return client.infoPending;
+}
+
+/** Passes an error that left a page's targets as written to `onRenderError`, if set. */
+function renderError(client, err, blogId) {
+  const hook = client.options.onRenderError;
+  if (!hook) return;
+  try {
+    hook(err, blogId);
+  } catch (e) {
+    // The page is not failed for it; the process hears of it.
+    process.emitWarning(`blotcdn-client: onRenderError threw: ${e && e.message}`);
+  }
 }
 
 // Publish calls wait for a connection (a pipeline rides out a restart) up to their deadline.
@@ -91,6 +140,9 @@ class Client {
     if (!Array.isArray(o.tags) || o.tags.some((t) => typeof t !== 'string' || t === '')) {
       throw new TypeError('blotcdn-client: tags must be an array of tag names');
     }
+    if (o.onRenderError !== undefined && typeof o.onRenderError !== 'function') {
+      throw new TypeError('blotcdn-client: onRenderError must be a function (err, blogId)');
+    }
     this.options = Object.freeze({ ...o, tags: Object.freeze([...o.tags]) });
     this.conn = new Connection({ address: o.address, token: o.token });
     this.baseUrl = o.cdnBaseUrl;
@@ -101,9 +153,12 @@ class Client {
     // The server's max_batch, from GetInfo. Asked, not read from an INVALID_ARGUMENT:
     // that code also refuses a bad blog id, so a refusal alone does not say the batch
     // was too big (nor by how much), and learning from one wastes a call on the page.
-    // GetInfo costs one round trip, once per Client, on its first page with targets.
+    // GetInfo costs one round trip, on the Client's first page with targets.
+    // A new connection may be to a server restarted with another max_batch or base URL:
+    // the first page after it asks GetInfo again, without waiting for the answer.
     this.maxBatch = undefined;
     this.infoPending = null;
+    this.infoGeneration = -1;
   }
 
   /**
@@ -113,6 +168,8 @@ class Client {
    * answer the server gives any invalid path, RESOLVE_STATUS_INVALID_PATH.
    */
   async resolve(blogId, paths, { deadlineMs = this.options.deadlineMs } = {}) {
+    checkString('resolve', 'blogId', blogId);
+    checkStrings('resolve', 'paths', paths);
     checkMs('deadlineMs', deadlineMs);
     const sent = paths.filter((p) => !malformed(p));
     const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths: sent }, { deadline: deadlineMs });
@@ -131,6 +188,7 @@ class Client {
 
   /** The server's Info: cdnBaseUrl, maxBatch, urlStyle, version. */
   async getInfo({ deadlineMs = this.options.publishDeadlineMs } = {}) {
+    checkMs('deadlineMs', deadlineMs);
     return this.conn.unary('resolver', 'GetInfo', {}, { deadline: deadlineMs });
   }
 
@@ -140,8 +198,17 @@ class Client {
    * renders as written. Rejects only for a template Mustache refuses.
    */
   async render(blogId, template, view, partials) {
-    // One deadline for the whole page, whatever calls it needs.
-    const deadline = new Date(Date.now() + this.options.deadlineMs);
+    // One deadline for the whole page, whatever calls it needs, from the first call: the
+    // collecting pass before it runs the template and the view's functions, which take what
+    // they take whatever the server does.
+    let deadline;
+    const clock = () => (deadline ??= new Date(Date.now() + this.options.deadlineMs));
+    // Connected again since the server last said its Info (a restart, maybe with a larger
+    // max_batch or another base URL): asked again for the pages after this one.
+    // Within the page's own bound: a page that needs the answer may share this call.
+    if (this.maxBatch !== undefined && this.infoGeneration !== this.conn.transport.generation && !this.infoPending) {
+      learnInfo(this, new Date(Date.now() + this.options.deadlineMs));
+    }
     return renderPage({
       writer: this.writer,
       template,
@@ -150,9 +217,12 @@ class Client {
       tags: this.options.tags,
       knownBase: () => this.baseUrl,
       // Unknown for this page when the server cannot say; asked again on the next one.
-      learnBase: () => learnInfo(this, deadline),
+      learnBase: async () => {
+        const info = await learnInfo(this, clock());
+        if (info instanceof Error) renderError(this, info, blogId);
+      },
       resolveAll: async (paths) => {
-        if (this.maxBatch === undefined) await learnInfo(this, deadline);
+        if (this.maxBatch === undefined) await learnInfo(this, clock());
         const max = this.maxBatch ?? DEFAULT_MAX_BATCH;
         // The server refuses a batch over max_batch whole: a page with more targets
         // is sent as several batches, all at once (within max_batch: one call).
@@ -162,7 +232,7 @@ class Client {
         await Promise.all(
           batches.map(async (batch) => {
             try {
-              const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths: batch }, { deadline });
+              const res = await this.conn.unary('resolver', 'ResolveBatch', { blogId, paths: batch }, { deadline: clock() });
               batch.forEach((p, i) => {
                 const a = res.assets[i];
                 if (a && a.status === 'RESOLVE_STATUS_OK' && a.url) urls.set(p, a.url);
@@ -172,7 +242,8 @@ class Client {
               // A batch refused as over max_batch means the server restarted with a lower
               // one: the next page asks GetInfo again. Not for any other refusal (a blog id
               // the server refuses, say): that would cost every such page a GetInfo.
-              if (err.code === 'INVALID_ARGUMENT' && OVER_MAX_BATCH.test(err.message)) this.maxBatch = undefined;
+              if (overMaxBatch(err)) this.maxBatch = undefined;
+              renderError(this, err, blogId);
             }
           }),
         );
@@ -181,12 +252,52 @@ class Client {
     });
   }
 
-  // The publish side, for Node pipelines and dashboards.
-  invalidate(blogId, paths = []) {
-    return publish.invalidate(this.conn, blogId, paths, publishOpts(this));
+  // The publish side, for Node pipelines and dashboards. Arguments are checked first: a
+  // wrong one rejects with a TypeError whose code is INVALID_ARGUMENT, and nothing is sent.
+
+  /**
+   * Raises the paths (none: the blog's floor); the new cache id. More paths than the
+   * server's max_batch go as several calls, one after the other, each durable before the
+   * next; the answer is the last one's. A list the server refuses as over its max_batch
+   * (one it lowered since this client learned it) is split by the one it says now.
+   */
+  async invalidate(blogId, paths = []) {
+    checkString('invalidate', 'blogId', blogId);
+    checkStrings('invalidate', 'paths', paths);
+    const opts = publishOpts(this);
+    for (let tries = 0; ; tries++) {
+      const max = this.maxBatch ?? DEFAULT_MAX_BATCH;
+      try {
+        if (paths.length <= max) return await publish.invalidate(this.conn, blogId, paths, opts);
+        let cacheId;
+        for (let i = 0; i < paths.length; i += max) {
+          cacheId = await publish.invalidate(this.conn, blogId, paths.slice(i, i + max), opts);
+        }
+        return cacheId;
+      } catch (err) {
+        if (tries > 0 || !overMaxBatch(err)) throw err;
+        this.maxBatch = undefined;
+        const info = await learnInfo(this, new Date(Date.now() + this.options.publishDeadlineMs));
+        if (info instanceof Error) throw err;
+      }
+    }
   }
 
-  putAsset(blogId, header, data) {
+  async putAsset(blogId, header, data) {
+    try {
+      checkString('putAsset', 'blogId', blogId);
+      if (header === null || typeof header !== 'object' || Array.isArray(header)) {
+        throw badArgument(`putAsset: the header must be an object { filename, contentType?, path? }, not ${describe(header)}`);
+      }
+      checkString('putAsset', 'header.filename', header.filename);
+      for (const k of ['contentType', 'path']) {
+        if (header[k] !== undefined) checkString('putAsset', `header.${k}`, header[k]);
+      }
+    } catch (err) {
+      // Not sent: a stream given is not read (its file would stay open).
+      if (data instanceof Readable) data.destroy();
+      throw err;
+    }
     // No deadline: a large stream takes as long as it takes; back-pressure bounds memory.
     // It waits for a connection as the other publish calls do.
     return publish.putAsset(this.conn, blogId, header, data, {
@@ -195,39 +306,51 @@ class Client {
     });
   }
 
-  importFile(blogId, path) {
+  async importFile(blogId, path) {
+    checkString('importFile', 'blogId', blogId);
+    checkString('importFile', 'path', path);
     return publish.importFile(this.conn, blogId, path, publishOpts(this));
   }
 
-  setDomain(domain, blogId) {
+  async setDomain(domain, blogId) {
+    checkString('setDomain', 'domain', domain);
+    checkString('setDomain', 'blogId', blogId);
     return publish.setDomain(this.conn, domain, blogId, publishOpts(this));
   }
 
-  removeDomain(domain) {
+  async removeDomain(domain) {
+    checkString('removeDomain', 'domain', domain);
     return publish.removeDomain(this.conn, domain, publishOpts(this));
   }
 
-  deleteBlog(blogId) {
+  async deleteBlog(blogId) {
+    checkString('deleteBlog', 'blogId', blogId);
     return publish.deleteBlog(this.conn, blogId, publishOpts(this));
   }
 
-  deleteAsset(blogId, hash) {
+  async deleteAsset(blogId, hash) {
+    checkString('deleteAsset', 'blogId', blogId);
+    checkString('deleteAsset', 'hash', hash);
     return publish.deleteAsset(this.conn, blogId, hash, publishOpts(this));
   }
 
-  purge(blogId, keys = []) {
+  async purge(blogId, keys = []) {
+    checkString('purge', 'blogId', blogId);
+    checkStrings('purge', 'keys', keys);
     return publish.purge(this.conn, blogId, keys, publishOpts(this));
   }
 
-  getPurges() {
+  async getPurges() {
     return publish.getPurges(this.conn, publishOpts(this));
   }
 
   async getBlog(blogId) {
+    checkString('getBlog', 'blogId', blogId);
     return this.conn.unary('resolver', 'GetBlog', { blogId }, publishOpts(this));
   }
 
   async lookupDomain(domain) {
+    checkString('lookupDomain', 'domain', domain);
     const res = await this.conn.unary('resolver', 'LookupDomain', { domain }, publishOpts(this));
     return res.blogId;
   }

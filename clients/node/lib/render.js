@@ -139,21 +139,42 @@ function parseTarget(renderedPath, renderedSuffix = '') {
 }
 
 /**
- * The view seen by the template: the tag names on top of the caller's view.
- * Each tag is a Mustache lambda for sections (`onSection` gets the section's
- * template text and Mustache's `render`), and prints `baseUrl()` when used as a
- * variable ({{cdn}} / {{{cdn}}}).
+ * A Mustache context in which the tag names are always the client's, at any
+ * depth: Mustache looks a name up from the innermost section's object outwards,
+ * so a post with an `asset` or `cdn` field (even one set to undefined, or
+ * inherited) would otherwise take the tag's place inside `{{#posts}}`.
+ */
+class TagContext extends Mustache.Context {
+  constructor(view, parent, helpers) {
+    super(view, parent);
+    this.helpers = helpers;
+  }
+
+  push(view) {
+    return new TagContext(view, this, this.helpers);
+  }
+
+  lookup(name) {
+    return this.helpers.get(name) ?? super.lookup(name);
+  }
+}
+
+/**
+ * The view seen by the template: the caller's view, with the tag names taken
+ * by the client whatever the view holds. Each tag is a Mustache lambda for
+ * sections (`onSection` gets the section's template text and Mustache's
+ * `render`), and prints `baseUrl()` when used as a variable ({{cdn}} / {{{cdn}}}).
  */
 function withTags(view, tags, onSection, baseUrl) {
-  const helpers = {};
+  const helpers = new Map();
   for (const tag of tags) {
     const section = (text, render) => onSection(text, render);
-    // Mustache calls a function found in the view first: for a section the
-    // result is called again as a lambda, for a variable it is printed.
+    // A function Mustache finds is called as a lambda for a section, and printed
+    // (through its toString) as a variable.
     section.toString = baseUrl;
-    helpers[tag] = () => section;
+    helpers.set(tag, section);
   }
-  return new Mustache.Context(helpers, new Mustache.Context(view === undefined ? {} : view));
+  return new TagContext(view === undefined ? {} : view, undefined, helpers);
 }
 
 /**

@@ -189,6 +189,8 @@ class Transport {
     this.lastError = null;
     this.backoff = BACKOFF_FIRST_MS;
     this.closed = false;
+    // Connections made so far: a new one may be to a restarted server, with other settings.
+    this.generation = 0;
     // Client streams under way: close() cancels them (an upload has no deadline).
     this.streams = new Set();
   }
@@ -344,6 +346,7 @@ class Transport {
         } catch {
           // an older Node: the default window
         }
+        this.generation += 1;
         // Once draining (GOAWAY) or gone, the next call opens a new connection; calls under
         // way finish on this one.
         const retire = () => {

@@ -5,7 +5,7 @@
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { Client } = require('..');
-const { startServer, callRecorder } = require('./helpers/server');
+const { startServer, callRecorder, freePort } = require('./helpers/server');
 
 const MAX_BATCH = 4;
 const BLOG = 'batchblog';
@@ -104,5 +104,57 @@ test('a batch refused as over max_batch makes the next page ask GetInfo again', 
     assert.equal(c.maxBatch, MAX_BATCH);
   } finally {
     c.close();
+  }
+});
+
+test('invalidate of more paths than max_batch goes as several calls, each durable', async () => {
+  const c = rec.attach(new Client({ address: server.grpc, deadlineMs: 5000 }));
+  try {
+    const paths = items(MAX_BATCH * 2 + 1).map((i) => `/inv/${i}.css`);
+    rec.reset();
+    // max_batch not known yet: refused whole as over it, then asked and split.
+    const last = await c.invalidate(BLOG, paths);
+    const sent = rec.calls.filter((x) => x.method === 'Invalidate').map((x) => x.request.paths.length);
+    assert.deepEqual(sent, [paths.length, MAX_BATCH, MAX_BATCH, 1]);
+    assert.equal(rec.count('GetInfo'), 1);
+    const res = await c.resolve(BLOG, paths.slice(0, MAX_BATCH));
+    const res2 = await c.resolve(BLOG, paths.slice(MAX_BATCH * 2));
+    for (const [, a] of [...res, ...res2]) assert.ok(a.cacheId > floor && a.cacheId <= last, `${a.cacheId}`);
+    // Known now: split at once.
+    rec.reset();
+    await c.invalidate(BLOG, paths.slice(0, MAX_BATCH + 1));
+    assert.deepEqual(rec.calls.filter((x) => x.method === 'Invalidate').map((x) => x.request.paths.length), [MAX_BATCH, 1]);
+  } finally {
+    c.close();
+  }
+});
+
+test('after the server restarts with a larger max_batch and another base URL, the client learns both', async () => {
+  const addr = `127.0.0.1:${await freePort()}`;
+  let s = await startServer({ grpcAddr: addr, env: { BLOTCDN_MAX_BATCH: String(MAX_BATCH), BLOTCDN_CDN_BASE_URL: 'https://old.test' } });
+  const c = rec.attach(new Client({ address: addr, deadlineMs: 5000 }));
+  try {
+    const tpl = `${TPL}{{{cdn}}}`;
+    const list = items(10);
+    await c.invalidate(BLOG);
+    assert.match(await c.render(BLOG, tpl, { items: list }), /https:\/\/old\.test$/);
+    await s.kill();
+    s = await startServer({ grpcAddr: addr, dataDir: s.dataDir, env: { BLOTCDN_MAX_BATCH: '100', BLOTCDN_CDN_BASE_URL: 'https://new.test' } });
+    // The first page on the new connection asks again, without waiting for the answer.
+    const until = Date.now() + 10000;
+    let html = '';
+    const learned = () => html.includes('https://new.test/') && html.endsWith('https://new.test');
+    while (Date.now() < until && !learned()) {
+      html = await c.render(BLOG, tpl, { items: list });
+      if (!learned()) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.match(html, /^<img src="https:\/\/new\.test\/batchblog\/\d+\/img\/n0\.png">.*https:\/\/new\.test$/);
+    rec.reset();
+    await c.render(BLOG, tpl, { items: list });
+    assert.equal(rec.count('ResolveBatch'), 1, 'one batch: the larger max_batch is known');
+    assert.equal(rec.count('GetInfo'), 0);
+  } finally {
+    c.close();
+    await s.stop();
   }
 });

@@ -126,3 +126,35 @@ test('errors carry the status name and the server message', async () => {
   const big = await client.resolve('pub1', Array.from({ length: 10001 }, (_, i) => `/${i}`)).catch((e) => e);
   assert.equal(big.code, 'INVALID_ARGUMENT');
 });
+
+test('a wrong argument rejects with INVALID_ARGUMENT naming it, and nothing is sent', async () => {
+  const floor = await client.invalidate('pub8', ['/a.css']);
+  const bad = async (p, pattern) => {
+    const err = await p.then(() => null, (e) => e);
+    assert.ok(err instanceof TypeError, `rejected: ${err}`);
+    assert.equal(err.code, 'INVALID_ARGUMENT');
+    assert.match(err.message, pattern);
+  };
+  // One record without a path: not "/undefined" invalidated and reported done.
+  await bad(client.invalidate('pub8', ['/a.css', undefined]), /invalidate: paths\[1\] must be a string, not undefined/);
+  await bad(client.invalidate('pub8', [{ path: '/a.css' }]), /paths\[0\] must be a string, not an object/);
+  await bad(client.invalidate('pub8', null), /invalidate: paths must be an array of strings, not null/);
+  await bad(client.invalidate('pub8', '/a.css'), /paths must be an array of strings, not the string "\/a.css"/);
+  await bad(client.invalidate(undefined), /invalidate: blogId must be a string/);
+  await bad(client.resolve('pub8', [7]), /resolve: paths\[0\] must be a string, not the number 7/);
+  await bad(client.resolve('pub8', '/a.css'), /resolve: paths must be an array/);
+  await bad(client.purge('pub8', 'pub8'), /purge: keys must be an array/);
+  await bad(client.getInfo({ deadlineMs: '5000' }), /deadlineMs must be a positive number of milliseconds, not the string "5000"/);
+  await bad(client.setDomain('example.com', 42), /setDomain: blogId must be a string/);
+  const source = Readable.from([Buffer.from('x')]);
+  await bad(client.putAsset('pub8', null, source), /putAsset: the header must be an object/);
+  assert.ok(source.destroyed, 'the stream of a call never sent is destroyed');
+  await bad(client.putAsset('pub8', 'me.png', Buffer.from('x')), /the header must be an object .*not the string "me.png"/);
+  await bad(client.putAsset('pub8', { path: '/a.png' }, Buffer.from('x')), /header.filename must be a string, not undefined/);
+  // Nothing reached the server: the floor and /a.css are where they were.
+  const res = await client.resolve('pub8', ['/a.css', '/undefined']);
+  assert.equal(res.get('/a.css').cacheId, floor);
+  assert.ok(res.get('/undefined').cacheId <= floor, 'no /undefined was raised');
+  const blog = await client.getBlog('pub8');
+  assert.ok(blog.cacheId <= floor);
+});

@@ -161,6 +161,47 @@ test('a view key named like a tag does not hide the helper', async () => {
   assert.equal(html, v('style.css'));
 });
 
+test('inside a loop, an item with a key named like a tag does not hide the helper', async () => {
+  // Mustache looks a name up in the innermost section's object first: a post with an `asset`
+  // field (undefined, false, a string, inherited) used to take the tag's place.
+  const posts = [
+    { slug: 'a' },
+    { slug: 'b', asset: undefined },
+    { slug: 'c', asset: false },
+    { slug: 'd', asset: 'cover.jpg' },
+    Object.assign(Object.create({ asset: 1 }), { slug: 'e' }),
+  ];
+  const tpl = '{{#posts}}<img src="{{#asset}}/i/{{slug}}.jpg{{/asset}}">{{/posts}}{{#post}}{{{cdn}}}|{{#cdn}}/s.css{{/cdn}}{{/post}}';
+  const c = new Client({ address: server.grpc, deadlineMs: 5000, cdnBaseUrl: 'https://cdn.test' });
+  try {
+    const html = await c.render(BLOG, tpl, { posts, post: { cdn: 'mine', title: 't' } });
+    const imgs = ['a', 'b', 'c', 'd', 'e'].map((x) => `<img src="${v(`i/${x}.jpg`)}">`).join('');
+    assert.equal(html, `${imgs}https://cdn.test|${v('s.css')}`);
+  } finally {
+    c.close();
+  }
+});
+
+test("the page's deadline starts at its first call, not before its collecting pass", async () => {
+  // A view function that takes longer than the deadline on each pass: the server answers at
+  // once, so the page resolves.
+  const c = new Client({ address: server.grpc, deadlineMs: 150 });
+  try {
+    const busy = () => {
+      const until = Date.now() + 250;
+      while (Date.now() < until);
+      return 'slow';
+    };
+    await c.render(BLOG, '{{#cdn}}/warm.css{{/cdn}}', {}); // connected, max_batch known
+    const t0 = Date.now();
+    const html = await c.render(BLOG, '{{#cdn}}/{{name}}.css{{/cdn}}', { name: busy });
+    assert.ok(Date.now() - t0 >= 500, 'each pass ran the view function');
+    assert.equal(html, v('slow.css'));
+  } finally {
+    c.close();
+  }
+});
+
 test('custom tags', async () => {
   const c = new Client({ address: server.grpc, deadlineMs: 5000, tags: ['static'] });
   try {

@@ -41,3 +41,17 @@ test('render with a wrong token renders targets as written, and with the right o
   assert.equal(await make('nope').render('tok', tpl, {}), '<img src="/a.css">');
   assert.match(await make('read-1').render('tok', tpl, {}), new RegExp(`^<img src="${server.base}/tok/\\d+/a\\.css">$`));
 });
+
+test('onRenderError hears why a page rendered as written', async () => {
+  const heard = [];
+  const c = new Client({ address: server.grpc, token: 'nope', deadlineMs: 5000, onRenderError: (err, blogId) => heard.push([err.code, blogId]) });
+  clients.push(c);
+  assert.equal(await c.render('tok', '<img src="{{#cdn}}/a.css{{/cdn}}">{{cdn}}', {}), '<img src="/a.css">');
+  assert.ok(heard.length >= 1, 'heard at least the batch');
+  assert.ok(heard.every(([code, blog]) => code === 'UNAUTHENTICATED' && blog === 'tok'), JSON.stringify(heard));
+  // A hook that throws does not fail the page.
+  const d = new Client({ address: server.grpc, token: 'nope', deadlineMs: 5000, onRenderError: () => { throw new Error('hook'); } });
+  clients.push(d);
+  assert.equal(await d.render('tok', '<img src="{{#cdn}}/a.css{{/cdn}}">', {}), '<img src="/a.css">');
+  assert.throws(() => new Client({ onRenderError: 'log' }), /onRenderError must be a function/);
+});

@@ -9,6 +9,14 @@ async function use(): Promise<void> {
   const cacheId: number = await client.invalidate('blog', ['/a.css']);
   const a: Asset = await client.putAsset('blog', { filename: 'a.png', path: '/a.png' }, Buffer.from('x'));
   const b: Asset = await client.putAsset('blog', { filename: 'a.png' }, Readable.from([Buffer.from('x')]));
+  const d: Asset = await client.putAsset('blog', { filename: 'a.png' }, new ArrayBuffer(8));
+  const e: Asset = await client.putAsset('blog', { filename: 'a.png' }, new DataView(new ArrayBuffer(8)));
+  async function* text(): AsyncGenerator<string> {
+    yield 'x';
+  }
+  const f: Asset = await client.putAsset('blog', { filename: 'a.txt' }, text());
+  const hooked = new Client({ onRenderError: (err, blogId) => console.warn(blogId, err.code) });
+  hooked.close();
   const c: Asset = await client.importFile('blog', '/a.png');
   await client.setDomain('example.com', 'blog');
   const owner: string = await client.lookupDomain('example.com');
@@ -29,6 +37,6 @@ async function use(): Promise<void> {
     void code;
   }
   client.close();
-  void [html, answers, cacheId, a, b, c, owner, n, info.cdnBaseUrl, waiting, queues[0].lastError];
+  void [html, answers, cacheId, a, b, c, d, e, f, owner, n, info.cdnBaseUrl, waiting, queues[0].lastError];
 }
 void use;
