@@ -2,7 +2,6 @@
 // The publish side: what a Node publish pipeline or dashboard tells the server.
 // Each function takes the Connection; PutAsset streams bytes in bounded memory.
 
-const { once } = require('node:events');
 const { Readable } = require('node:stream');
 
 const CHUNK = 64 * 1024;
@@ -80,14 +79,15 @@ async function upload(conn, blogId, { filename, contentType = '', path = '' } = 
   const letGo = () => {
     if (data instanceof Readable) data.destroy();
   };
-  answer.catch((err) => {
-    failed = err;
-    letGo();
-    if (wake) wake();
-  });
-  const stopped = answer.then(
-    () => null,
-    (err) => err,
+  answer.then(
+    () => {
+      if (wake) wake();
+    },
+    (err) => {
+      failed = err;
+      letGo();
+      if (wake) wake();
+    },
   );
   const pieces = chunks(data);
   try {
@@ -102,8 +102,18 @@ async function upload(conn, blogId, { filename, contentType = '', path = '' } = 
       const got = failed ? { done: true } : await Promise.race([next, woken]);
       wake = null;
       if (got.done || failed) break;
-      if (!call.write({ data: got.value })) {
-        await Promise.race([once(call, 'drain'), stopped]);
+      // Full: wait for 'drain', or the call's end. One listener, removed either way (racing a
+      // promise of the end would leave a reaction on it for each wait of a long upload).
+      if (!call.write({ data: got.value }) && !failed) {
+        await new Promise((r) => {
+          const done = () => {
+            call.off('drain', done);
+            r();
+          };
+          call.on('drain', done);
+          wake = done;
+        });
+        wake = null;
       }
     }
   } catch (err) {
