@@ -297,9 +297,10 @@ impl Follower {
 
     /// Reads the whole log at one revision, a page at a time, into a fresh
     /// index. Returns the revision it was read at. Keys under the prefix
-    /// that are not this cluster's log (not the next group, or past `head`)
-    /// are left alone; a log that is not whole up to `head`, or a group
-    /// that cannot be read, is [`LoadError::Damaged`].
+    /// that are not this cluster's log (not the next group) are left alone;
+    /// whole groups past `head` are read (the head was put back by hand); a
+    /// log that is not whole up to `head`, or a group up to it that cannot
+    /// be read, is [`LoadError::Damaged`].
     async fn load_from(&self, kv: &mut KvClient<Channel>) -> Result<(Index, Applied, i64), LoadError> {
         let (mut index, mut a) = (Index::default(), Applied::default());
         // The snapshot pointer fixes the revision every later read is at.
@@ -392,6 +393,8 @@ impl Follower {
         .await?;
         // A group written in parts reads them as it comes (one group's
         // parts in memory at a time).
+        // The last whole group found past `head`, if any.
+        let mut past_head = 0;
         let mut log = Pages::new(key, prefix_end(&self.log), PAGE, rev, false);
         while let Some(page) = log.next(kv, "loading the log").await? {
             for g in &page {
@@ -399,19 +402,44 @@ impl Follower {
                 if resp_head.kvs.is_empty() && seq.is_some() {
                     return Err(headless());
                 }
-                if seq.is_none_or(|s| s != a.seq + 1 || s > head) {
+                let Some(seq) = seq.filter(|s| *s == a.seq + 1) else {
                     foreign(&g.key, "not the next group of the log");
                     continue;
-                }
+                };
                 let mut parts = match named(&self.parts, &self.log, &g.key, &g.value) {
                     Ok(Some(named)) => fetch(kv, &named, rev).await?,
                     _ => Parts::new(),
                 };
-                self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts, &mut folders)
-                    .map_err(LoadError::Damaged)?;
+                let applied =
+                    self.apply_group(&mut index, &mut a, &g.key, &g.value, g.mod_revision, &mut parts, &mut folders);
+                match applied {
+                    Ok(()) if seq > head => {
+                        // A writer puts its group and the head in one
+                        // transaction, so a whole group past the head is
+                        // one the head was put back below by hand (as a
+                        // stale value, after it was deleted): acknowledged,
+                        // and read on. The next write puts the head right;
+                        // stopping here, it would go over these groups.
+                        past_head = seq;
+                    }
+                    Ok(()) => {}
+                    // Not a group of this log's next record (a key put by
+                    // hand): left alone, as any other foreign key.
+                    Err(_) if seq > head => foreign(&g.key, "past the head, and not the next group of the log"),
+                    Err(e) => return Err(LoadError::Damaged(e)),
+                }
             }
         }
-        if a.seq != head {
+        if past_head > 0 {
+            tracing::warn!(
+                head,
+                last = past_head,
+                "etcd key {} names record {head}, but the log holds whole groups up to record {past_head}: \
+                 it was put back lower by hand; read to {past_head} (the next write puts the head right)",
+                shown(&self.head)
+            );
+        }
+        if a.seq < head {
             let missing = seq_key(&self.log, a.seq + 1);
             return Err(LoadError::Damaged(format!(
                 "the log ends at record {}, but the head is record {head}: etcd key {} is missing",

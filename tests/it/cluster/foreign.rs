@@ -283,6 +283,43 @@ async fn a_deleted_head_stops_writes_and_a_start_names_it() {
     assert!(code != 0 && err.contains("/blotcdn/head"), "{code} {err}");
 }
 
+/// The head put back by hand lower than it was (a stale value, as after it
+/// was deleted and put back from memory). Before, a node started then loaded
+/// the log only up to that head, answered without the groups after it, and
+/// its next writes went over them in etcd: acknowledged writes lost on every
+/// node once the others restarted. Now a start reads every whole group past
+/// the head, and its writes go after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_put_back_lower_by_hand_loses_no_group() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut pa = publisher(&a).await;
+    let paths: Vec<String> = (0..4).map(|i| format!("/p{i}.css")).collect();
+    for p in &paths {
+        invalidate(&mut pa, "lowhead", std::slice::from_ref(p)).await.unwrap();
+    }
+    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    let last = head(&mut kv).await;
+    put_all(&mut kv, vec![put("/blotcdn/head", (last - 3).to_be_bytes())]).await;
+    let before = cache_ids(&mut resolver(&a).await, "lowhead", &paths).await;
+    assert!(before.windows(2).all(|w| w[0] < w[1]), "{before:?}");
+
+    let b = node(&etcd, &work.path().join("b"), &[]);
+    assert_eq!(agreed(&[&a, &b], "lowhead", &paths).await, before, "a node started now knows every acknowledged write");
+    // Its writes go after the log's last group, not over the groups past the head.
+    let mut pb_ = publisher(&b).await;
+    invalidate(&mut pb_, "lowhead", &["/new.css".into()]).await.unwrap();
+    invalidate(&mut pa, "lowhead", &["/new2.css".into()]).await.expect("the first node's writes go on");
+    let all: Vec<String> = paths.iter().cloned().chain(["/new.css".into(), "/new2.css".into()]).collect();
+    let now = agreed(&[&a, &b], "lowhead", &all).await;
+    assert_eq!(now[..4], before[..], "the earlier writes kept their cache ids");
+    // And a third node started after those writes agrees too.
+    let c = node(&etcd, &work.path().join("c"), &[]);
+    assert_eq!(agreed(&[&a, &b, &c], "lowhead", &all).await, now);
+    assert!(head(&mut kv).await >= last + 2);
+}
+
 /// A backup that holds every group a node applied, restored after etcd
 /// moved on with other keys (here a large write's hold, put and let go):
 /// the node's history still holds, but etcd is below the revision it had
