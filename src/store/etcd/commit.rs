@@ -118,14 +118,14 @@ fn get(key: Vec<u8>) -> RequestOp {
 }
 
 /// Deletes the keys in `[key, range_end)`.
-fn del(key: Vec<u8>, range_end: Vec<u8>) -> RequestOp {
+pub(super) fn del(key: Vec<u8>, range_end: Vec<u8>) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key, range_end, prev_kv: false })),
     }
 }
 
 /// Holds while `key` was last changed at revision `rev` (0: it is absent).
-fn unchanged_since(key: Vec<u8>, rev: i64) -> Compare {
+pub(super) fn unchanged_since(key: Vec<u8>, rev: i64) -> Compare {
     Compare {
         result: compare::CompareResult::Equal as i32,
         target: compare::CompareTarget::Mod as i32,
@@ -553,7 +553,8 @@ fn write_snapshot(
             return Err(e);
         }
     }
-    let mut pointer = seq.to_be_bytes().to_vec();
+    let mut pointer = Vec::with_capacity(POINTER_LEN);
+    pointer.extend_from_slice(&seq.to_be_bytes());
     pointer.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
     pointer.extend_from_slice(&nonce.to_be_bytes());
     let (log_end, parts_end) = (seq_key(&f.log, seq + 1), seq_key(&f.parts, seq + 1));

@@ -369,6 +369,7 @@ impl Follower {
                 snap_seq: seq,
                 snap_rev: p.mod_revision,
                 snap_bytes: bytes.len(),
+                snap_ptr: v.clone(),
                 last_group: None,
             };
             key = seq_key(&self.log, seq + 1);
@@ -653,6 +654,9 @@ impl Follower {
                     );
                     tracing::error!(error = %e, "etcd's head is gone; refusing writes");
                     *self.shared.failed.lock() = Some(e);
+                } else if kv.key == self.snap && !a.snap_ptr.is_empty() {
+                    // No writer deletes the pointer (a snapshot replaces it).
+                    self.put_pointer_back(a.snap_ptr.clone(), 0, "deleted");
                 }
                 continue;
             }
@@ -679,14 +683,56 @@ impl Follower {
                     ));
                 }
             } else if kv.key == self.snap {
-                if let Some(seq) = pointer_seq(&kv.value) {
-                    a.snap_seq = seq;
+                // A writer's pointer names a later snapshot than the last,
+                // of records this node has applied (they came first), in
+                // chunks; or it is the last put back (below).
+                let chunks = kv.value.get(8..12).map_or(0, |n| u32::from_be_bytes(n.try_into().expect("4")));
+                let writers = kv.value.len() == POINTER_LEN
+                    && pointer_seq(&kv.value).is_some_and(|seq| seq > a.snap_seq && seq <= a.seq)
+                    && chunks > 0;
+                if writers || kv.value == a.snap_ptr {
+                    a.snap_seq = pointer_seq(&kv.value).expect("checked");
                     a.snap_rev = kv.mod_revision;
-                    let chunks = kv.value.get(8..12).map_or(0, |n| u32::from_be_bytes(n.try_into().expect("4")));
                     a.snap_bytes = chunks as usize * MAX_GROUP_BYTES;
+                    a.snap_ptr = kv.value.clone();
+                } else {
+                    // No node could start on it: the one it replaced is put back.
+                    self.put_pointer_back(a.snap_ptr.clone(), kv.mod_revision, "changed");
                 }
             }
         }
+    }
+
+    /// Puts the snapshot pointer back as it was (`good`; empty: there was
+    /// none, so the key is deleted) after it was changed or deleted outside
+    /// blotcdn, unless it changed again since (revision `bad`; 0: deleted).
+    /// Every node tries; the first one's transaction holds, the others'
+    /// find the key moved.
+    fn put_pointer_back(&self, good: Vec<u8>, bad: i64, how: &str) {
+        tracing::error!(
+            key = %shown(&self.snap),
+            "etcd's snapshot pointer was {how} outside blotcdn; no node could start on it; putting it back as it was"
+        );
+        let restore = match good.is_empty() {
+            true => super::commit::del(self.snap.clone(), Vec::new()),
+            false => super::commit::put(self.snap.clone(), good),
+        };
+        let txn = crate::etcdpb::TxnRequest {
+            compare: vec![super::commit::unchanged_since(self.snap.clone(), bad)],
+            success: vec![restore],
+            ..Default::default()
+        };
+        let (_, mut kv) = self.members.kv();
+        let snap = shown(&self.snap);
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn))
+                .await
+                .map_err(|_| "no answer".to_string())
+                .and_then(|r| r.map_err(|s| s.message().to_string()))
+            {
+                tracing::error!(key = %snap, error = %e, "the snapshot pointer could not be put back; put it back by hand, or restore etcd from a backup");
+            }
+        });
     }
 
     /// Keeps the index current for as long as the store lives: a watch from

@@ -87,6 +87,10 @@ const SLOW_ANSWER: Duration = Duration::from_secs(1);
 /// A group's value at most (etcd refuses requests past 1.5 MiB by default);
 /// a larger one is written in parts of this size.
 const MAX_GROUP_BYTES: usize = 1 << 20;
+
+/// A snapshot pointer (`P snap`): its record (8 bytes), its number of
+/// chunks (4) and its writer's nonce (8).
+const POINTER_LEN: usize = 20;
 /// Where a group's records would start, a group written in parts has this:
 /// never the start of a record (whose first four bytes are its length).
 const PART_MARK: [u8; 4] = [0xff; 4];
@@ -128,6 +132,10 @@ struct Applied {
     snap_rev: i64,
     /// About how large it is (its chunks of up to 1 MiB).
     snap_bytes: usize,
+    /// The pointer's value (empty: none): put back should it be changed
+    /// outside blotcdn, since no node could start on a pointer that names
+    /// no snapshot.
+    snap_ptr: Vec<u8>,
     /// The key of the last group applied, the revision it was written at
     /// and its writer's tag (nonce and try): still there, unchanged, unless
     /// etcd's history is another one (restored from a backup: revisions are

@@ -320,6 +320,77 @@ async fn a_head_put_back_lower_by_hand_loses_no_group() {
     assert!(head(&mut kv).await >= last + 2);
 }
 
+/// The snapshot pointer's value (`/blotcdn/snap`), once it is `want`
+/// (None: absent).
+async fn pointer_becomes(kv: &mut KvClient<Channel>, want: Option<&[u8]>, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = kv.range(RangeRequest { key: b"/blotcdn/snap".to_vec(), ..Default::default() }).await.unwrap();
+        let now = r.into_inner().kvs.first().map(|kv| kv.value.clone());
+        if now.as_deref() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{why}: the pointer is {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The snapshot pointer changed or deleted by hand. Before, running nodes
+/// went on with `/healthz` 200, and every node's next start was refused:
+/// the cluster looked healthy until its next deploy. Now the running nodes
+/// put it back as it was (or delete a pointer put where there was none),
+/// and a node started after starts and agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_pointer_changed_by_hand_is_put_back() {
+    let etcd = EtcdCluster::start(1);
+    let work = tempfile::tempdir().unwrap();
+    let a = node(&etcd, &work.path().join("a"), &[]);
+    let mut kv = KvClient::connect(etcd.endpoint(0)).await.unwrap();
+    invalidate(&mut publisher(&a).await, "snapped", &["/a.css".into()]).await.unwrap();
+    // No snapshot yet: a pointer put by hand names nothing, and is deleted.
+    let forged = [1u64.to_be_bytes().as_slice(), &0u32.to_be_bytes(), &1u64.to_be_bytes()].concat();
+    put_all(&mut kv, vec![put("/blotcdn/snap", forged.clone())]).await;
+    pointer_becomes(&mut kv, None, "a pointer where there was none").await;
+
+    // Past 10,000 records: a snapshot.
+    let mut writers = Vec::new();
+    for t in 0..16 {
+        let addr = a.grpc;
+        writers.push(tokio::spawn(async move {
+            let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{addr}")).await.unwrap();
+            for i in 0..640 {
+                invalidate(&mut p, &format!("snapped{t}"), &[format!("/{i}.css")]).await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let good = loop {
+        let r = kv.range(RangeRequest { key: b"/blotcdn/snap".to_vec(), ..Default::default() }).await.unwrap();
+        if let Some(kv) = r.into_inner().kvs.first() {
+            break kv.value.clone();
+        }
+        assert!(Instant::now() < deadline, "no snapshot written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The record kept, the chunks and the nonce changed; then deleted.
+    let mut changed = good.clone();
+    changed[8..].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    put_all(&mut kv, vec![put("/blotcdn/snap", changed)]).await;
+    pointer_becomes(&mut kv, Some(&good), "changed").await;
+    let del = blotcdn::etcdpb::DeleteRangeRequest { key: b"/blotcdn/snap".to_vec(), ..Default::default() };
+    put_all(&mut kv, vec![RequestOp { request: Some(Request::RequestDeleteRange(del)) }]).await;
+    pointer_becomes(&mut kv, Some(&good), "deleted").await;
+    assert_eq!(get(a.http, "/healthz", &[]).status, 200);
+    // A node starts on it, and knows what the first one does.
+    let b = node(&etcd, &work.path().join("b"), &[]);
+    let paths: Vec<String> = (0..640).step_by(97).map(|i| format!("/{i}.css")).collect();
+    agreed(&[&a, &b], "snapped15", &paths).await;
+    invalidate(&mut publisher(&b).await, "snapped", &["/b.css".into()]).await.unwrap();
+}
+
 /// A backup that holds every group a node applied, restored after etcd
 /// moved on with other keys (here a large write's hold, put and let go):
 /// the node's history still holds, but etcd is below the revision it had
