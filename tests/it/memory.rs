@@ -259,7 +259,10 @@ impl Unread {
                 .body(())
                 .unwrap();
             let (answer, mut stream) = c.send_request(call, false).unwrap();
-            stream.send_data(body.clone(), finish).unwrap();
+            // An empty body left open: the headers alone.
+            if finish || !body.is_empty() {
+                stream.send_data(body.clone(), finish).unwrap();
+            }
             answers.push(answer);
             if !finish {
                 bodies.push(stream);
@@ -500,6 +503,82 @@ async fn a_request_not_sent_whole_and_ended_is_cut_and_gives_its_room_back() {
     let head = tokio::time::timeout(std::time::Duration::from_secs(5), &mut u.answers[0]).await.unwrap().unwrap();
     assert_eq!(head.headers().get("grpc-status").and_then(|v| v.to_str().ok()), Some("3"), "{:?}", head.headers());
     u.close();
+}
+
+/// Calls that send their headers and nothing more. Nothing bounded them:
+/// not `max_in_flight` per connection (1,024), not the request memory
+/// (weighed at a body's first bytes), and the 10 s a body has counted from
+/// those bytes; each took about 14 KB of the server, so 50 connections of
+/// 1,000 took it to 800 MB, with unweighed methods (health) as well. Now
+/// each call holds room from its start (past the budget: refused at once),
+/// and a weighed call's body has 10 s from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_send_only_their_headers_are_bounded_and_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget: u64 = 16 << 20;
+    let server = with_budget(dir.path(), budget);
+    let grpc = format!("http://{}", server.grpc);
+    let mut c = pb::resolver_client::ResolverClient::connect(grpc).await.unwrap();
+    let page = pb::ResolveBatchRequest { blog_id: "b".into(), paths: vec!["/style.css".into(); 20] };
+    c.resolve_batch(page.clone()).await.unwrap();
+    let base = server.rss_bytes();
+    let mut held = Vec::new();
+    for method in ["Resolver/ResolveBatch", "Resolver/GetInfo", "Publisher/Invalidate"] {
+        for _ in 0..2 {
+            held.push(Unread::with_window(server.grpc, method, bytes::Bytes::new(), 1000, false, 65_535).await);
+        }
+    }
+    // Health, which is not weighed by its request, holds room too.
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let health_conn = tokio::spawn(conn);
+    let mut health = Vec::new();
+    for _ in 0..1000 {
+        let mut h = client.clone().ready().await.unwrap();
+        let call = http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", server.grpc))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        health.push(h.send_request(call, false).unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let grown = server.rss_bytes().saturating_sub(base);
+    // 7,000 calls at 14 KB or more each: about 100 MB unbounded.
+    assert!(grown < budget + (24 << 20), "7,000 calls of headers alone took {} MB", grown >> 20);
+    // Past the budget, refused at once, naming it.
+    let mut refused = 0;
+    for (answer, _) in health.iter_mut() {
+        if let Ok(Ok(head)) = tokio::time::timeout(std::time::Duration::from_millis(20), answer).await {
+            if head.headers().get("grpc-status").and_then(|v| v.to_str().ok()) == Some("8") {
+                let message = head.headers().get("grpc-message").unwrap().to_str().unwrap();
+                assert!(message.contains("grpc_memory_bytes"), "{message}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "no health call was refused");
+    // The weighed calls are cut within 10 s of their start; their room
+    // comes back, and a page is answered.
+    let started = std::time::Instant::now();
+    for h in &mut held {
+        let n = h.refused().await;
+        assert_eq!(n, h.answers.len(), "every weighed call is refused or cut (RESOURCE_EXHAUSTED)");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "cut after {:?}", started.elapsed());
+    for h in held {
+        h.close();
+    }
+    drop(health);
+    health_conn.abort();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match c.resolve_batch(page.clone()).await {
+            Ok(r) => break assert_eq!(r.into_inner().assets.len(), 20),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{}", e.message()),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A client that stops taking its answers (here: it grants no HTTP/2
