@@ -7,7 +7,12 @@ use std::sync::Arc;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::{large, splice, Origin};
+use super::{splice, Origin};
+
+/// The most a request's head may take (hyper's smallest setting is 8 KiB):
+/// an edge's requests carry a few hundred bytes of headers; nginx's default
+/// allows 32 KiB.
+const MAX_HEAD: usize = 32 << 10;
 
 impl Origin {
     /// Serves HTTP/1.1 until `stop` turns true, then lets open requests
@@ -97,10 +102,12 @@ impl Origin {
         // hyper waits for the next request's head) may not hold a connection
         // slot forever.
         builder.header_read_timeout(self.idle_timeout);
-        // Hyper takes a body's next chunk while less than this is queued:
-        // one large file's chunk at a time per connection (its default,
-        // 400 KiB, is three), which also bounds a request's head.
-        builder.max_buf_size(large::CHUNK);
+        // What a request's head may take (past it: 431), and hyper takes a
+        // body's next chunk while less than this is queued (one large file's
+        // chunk at a time per connection; its default, 400 KiB, is three).
+        // A head a byte short of 128 KiB, never finished, held 290 KB of a
+        // connection for its 30 s: 10,000 connections, 2.9 GB.
+        builder.max_buf_size(MAX_HEAD);
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
