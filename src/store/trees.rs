@@ -48,8 +48,28 @@ pub struct Trees {
     purge_sent: sled::Tree,
 }
 
+/// The room on the database's disk below which it is not opened: what
+/// sled writes as it opens (a 512 KiB segment), with some to spare.
+const OPEN_ROOM: u64 = 1 << 20;
+
 impl Trees {
     pub fn open(dir: &Path) -> Result<Trees, StoreError> {
+        // sled writes a segment as it opens (512 KiB, more after a crash):
+        // on a disk without that room it failed with a bare ENOSPC, after
+        // taking what room there was, so each start tried again (as a
+        // service manager does) left less. Refused before it writes.
+        let full = |room: u64| {
+            StoreError::Full(format!(
+                "the disk of {} has {} KB free; opening the database needs about {} MB: free space and start \
+                 again (nothing was changed, no acknowledged write is lost)",
+                dir.display(),
+                room >> 10,
+                OPEN_ROOM >> 20
+            ))
+        };
+        if let Some(room) = crate::durable::free_bytes(dir).filter(|r| *r < OPEN_ROOM) {
+            return Err(full(room));
+        }
         // Reads are served by the index, so sled's own cache only has to hold
         // what checkpoints touch. No background flushes: durability comes
         // from the log, and sled is flushed at checkpoints.
@@ -62,6 +82,9 @@ impl Trees {
                 Err(e) if tries < 30 && e.to_string().contains("could not acquire lock") => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(sled::Error::Io(e)) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                    return Err(full(crate::durable::free_bytes(dir).unwrap_or(0)));
                 }
                 r => break r.map_err(|e| StoreError::Open { path: dir.display().to_string(), source: e })?,
             }
