@@ -298,6 +298,20 @@ where
         }
         let stream = Taken { used: self.layer.used.clone(), bytes: weight };
         let Some(method) = method else {
+            // Its request must start to arrive in time (an upload has its
+            // own idle timeout): a stream of headers alone would otherwise
+            // hold its room as long as its connection lives.
+            let req = match req.uri().path() {
+                "/blotcdn.v1.Publisher/PutAsset" => req,
+                _ => req.map(|body| {
+                    Body::new(Arriving {
+                        inner: body,
+                        started: tokio::time::Instant::now(),
+                        deadline: None,
+                        arrived: false,
+                    })
+                }),
+            };
             let answer = self.inner.call(req);
             return Box::pin(async move {
                 let answer = answer.await?;
@@ -438,6 +452,53 @@ impl http_body::Body for Weighing {
         let weighed = this.weigh(data);
         this.done |= weighed.is_err();
         Poll::Ready(Some(weighed.map(|()| frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body of a call that is not weighed (health, reflection):
+/// cut unless its first bytes, or its end, come within [`BODY_WITHIN`] of
+/// the call's start; then passed through.
+struct Arriving {
+    inner: Body,
+    started: tokio::time::Instant,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Something came (or the cut was sent): passing through.
+    arrived: bool,
+}
+
+impl http_body::Body for Arriving {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if this.arrived {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.arrived = true;
+            this.deadline = None;
+            return Poll::Ready(frame);
+        }
+        let started = this.started;
+        let d = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + BODY_WITHIN)));
+        ready!(d.as_mut().poll(cx));
+        this.arrived = true;
+        this.deadline = None;
+        tracing::info!("call cut: nothing of its request arrived in time");
+        Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+            "nothing of the request arrived within {} s of the call's start; its room in the request memory \
+             (grpc_memory_bytes) is given back",
+            BODY_WITHIN.as_secs()
+        )))))
     }
 
     fn is_end_stream(&self) -> bool {

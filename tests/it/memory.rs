@@ -511,7 +511,8 @@ async fn a_request_not_sent_whole_and_ended_is_cut_and_gives_its_room_back() {
 /// those bytes; each took about 14 KB of the server, so 50 connections of
 /// 1,000 took it to 800 MB, with unweighed methods (health) as well. Now
 /// each call holds room from its start (past the budget: refused at once),
-/// and a weighed call's body has 10 s from its start.
+/// a weighed call's body has 10 s from its start to arrive whole, and any
+/// other call's (but an upload's) 10 s to start arriving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_send_only_their_headers_are_bounded_and_cut() {
     let dir = tempfile::tempdir().unwrap();
@@ -548,13 +549,17 @@ async fn calls_that_send_only_their_headers_are_bounded_and_cut() {
     assert!(grown < budget + (24 << 20), "7,000 calls of headers alone took {} MB", grown >> 20);
     // Past the budget, refused at once, naming it.
     let mut refused = 0;
-    for (answer, _) in health.iter_mut() {
-        if let Ok(Ok(head)) = tokio::time::timeout(std::time::Duration::from_millis(20), answer).await {
-            if head.headers().get("grpc-status").and_then(|v| v.to_str().ok()) == Some("8") {
+    let mut waiting = Vec::new();
+    for (mut answer, stream) in health {
+        match tokio::time::timeout(std::time::Duration::from_millis(20), &mut answer).await {
+            Ok(head) => {
+                let head = head.unwrap();
+                assert_eq!(head.headers().get("grpc-status").and_then(|v| v.to_str().ok()), Some("8"));
                 let message = head.headers().get("grpc-message").unwrap().to_str().unwrap();
                 assert!(message.contains("grpc_memory_bytes"), "{message}");
                 refused += 1;
             }
+            Err(_) => waiting.push((answer, stream)),
         }
     }
     assert!(refused > 0, "no health call was refused");
@@ -565,11 +570,17 @@ async fn calls_that_send_only_their_headers_are_bounded_and_cut() {
         let n = h.refused().await;
         assert_eq!(n, h.answers.len(), "every weighed call is refused or cut (RESOURCE_EXHAUSTED)");
     }
+    // So are the health calls: nothing of their request came.
+    for (answer, _) in waiting.iter_mut() {
+        let head = tokio::time::timeout(std::time::Duration::from_secs(15), answer).await;
+        let head = head.expect("a health call of headers alone is answered").unwrap();
+        assert_eq!(head.headers().get("grpc-status").and_then(|v| v.to_str().ok()), Some("8"));
+    }
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "cut after {:?}", started.elapsed());
     for h in held {
         h.close();
     }
-    drop(health);
+    drop(waiting);
     health_conn.abort();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
