@@ -103,16 +103,43 @@ function learnInfo(client, deadline) {
   return client.infoPending;
 }
 
+/**
+ * The shared GetInfo (see learnInfo), waited for no later than `deadline`: a page may
+ * share a call asked with a longer deadline (by a publish, say), and must not wait on it.
+ */
+function infoBy(client, deadline) {
+  const shared = learnInfo(client, deadline);
+  let timer;
+  const late = new Promise((resolve) => {
+    timer = setTimeout(() => {
+      const err = new Error('deadline exceeded waiting for GetInfo');
+      err.code = 'DEADLINE_EXCEEDED';
+      resolve(err);
+    }, Math.max(0, deadline.getTime() - Date.now()));
+  });
+  return Promise.race([shared, late]).finally(() => clearTimeout(timer));
+}
+
 /** Passes an error that left a page's targets as written to `onRenderError`, if set. */
 function renderError(client, err, blogId) {
   const hook = client.options.onRenderError;
   if (!hook) return;
+  // The page is not failed for what the hook throws, or for an async hook's rejection: the
+  // process hears of it.
+  const warn = (e) => process.emitWarning(`blotcdn-client: onRenderError threw: ${e && e.message}`);
   try {
-    hook(err, blogId);
+    const r = hook(err, blogId);
+    if (r && typeof r.then === 'function') r.then(undefined, warn);
   } catch (e) {
-    // The page is not failed for it; the process hears of it.
-    process.emitWarning(`blotcdn-client: onRenderError threw: ${e && e.message}`);
+    warn(e);
   }
+}
+
+/** The most the server's refusal of a batch says it takes ("is over max_batch (10)"), if it says. */
+function maxBatchOf(err) {
+  const m = /\bis over max_batch \((\d+)\)/.exec(err.message);
+  const n = m ? Number(m[1]) : 0;
+  return n > 0 ? n : undefined;
 }
 
 // Publish calls wait for a connection (a pipeline rides out a restart) up to their deadline.
@@ -137,8 +164,9 @@ class Client {
     if (!Number.isInteger(o.templateCacheChars) || o.templateCacheChars < 0) {
       throw new TypeError('blotcdn-client: templateCacheChars must be a whole number of characters, 0 or more');
     }
-    if (!Array.isArray(o.tags) || o.tags.some((t) => typeof t !== 'string' || t === '')) {
-      throw new TypeError('blotcdn-client: tags must be an array of tag names');
+    // A name Mustache could never match in a section tag (a space), or one of its own ('.').
+    if (!Array.isArray(o.tags) || o.tags.some((t) => typeof t !== 'string' || !/^[^\s.{}=#^/!>&]+$/.test(t))) {
+      throw new TypeError('blotcdn-client: tags must be an array of tag names (no spaces, dots or Mustache sigils)');
     }
     if (o.onRenderError !== undefined && typeof o.onRenderError !== 'function') {
       throw new TypeError('blotcdn-client: onRenderError must be a function (err, blogId)');
@@ -200,15 +228,27 @@ class Client {
   async render(blogId, template, view, partials) {
     // One deadline for the whole page, whatever calls it needs, from the first call: the
     // collecting pass before it runs the template and the view's functions, which take what
-    // they take whatever the server does.
+    // they take whatever the server does. (On one thread, other pages' rendering meanwhile
+    // still runs on this page's clock.)
     let deadline;
-    const clock = () => (deadline ??= new Date(Date.now() + this.options.deadlineMs));
-    // Connected again since the server last said its Info (a restart, maybe with a larger
-    // max_batch or another base URL): asked again for the pages after this one.
-    // Within the page's own bound: a page that needs the answer may share this call.
-    if (this.maxBatch !== undefined && this.infoGeneration !== this.conn.transport.generation && !this.infoPending) {
-      learnInfo(this, new Date(Date.now() + this.options.deadlineMs));
-    }
+    const clock = () => {
+      if (deadline === undefined) {
+        deadline = new Date(Date.now() + this.options.deadlineMs);
+        // Connected again since the server last said its Info (a restart, maybe with a
+        // larger max_batch or another base URL): asked again, for the pages after this one,
+        // within this page's bound (a page that needs the answer may share the call).
+        const stale = this.maxBatch !== undefined && this.infoGeneration !== this.conn.transport.generation;
+        if (stale && !this.infoPending) learnInfo(this, deadline);
+      }
+      return deadline;
+    };
+    // onRenderError hears of a page once, with the first error that left targets as written.
+    let reported = false;
+    const failed = (err) => {
+      if (reported) return;
+      reported = true;
+      renderError(this, err, blogId);
+    };
     return renderPage({
       writer: this.writer,
       template,
@@ -218,11 +258,11 @@ class Client {
       knownBase: () => this.baseUrl,
       // Unknown for this page when the server cannot say; asked again on the next one.
       learnBase: async () => {
-        const info = await learnInfo(this, clock());
-        if (info instanceof Error) renderError(this, info, blogId);
+        const info = await infoBy(this, clock());
+        if (info instanceof Error) failed(info);
       },
       resolveAll: async (paths) => {
-        if (this.maxBatch === undefined) await learnInfo(this, clock());
+        if (this.maxBatch === undefined) await infoBy(this, clock());
         const max = this.maxBatch ?? DEFAULT_MAX_BATCH;
         // The server refuses a batch over max_batch whole: a page with more targets
         // is sent as several batches, all at once (within max_batch: one call).
@@ -240,10 +280,10 @@ class Client {
             } catch (err) {
               // Down, slow, refused or unauthorised: this batch's targets render as written.
               // A batch refused as over max_batch means the server restarted with a lower
-              // one: the next page asks GetInfo again. Not for any other refusal (a blog id
-              // the server refuses, say): that would cost every such page a GetInfo.
-              if (overMaxBatch(err)) this.maxBatch = undefined;
-              renderError(this, err, blogId);
+              // one: the next page uses the one it names (or asks GetInfo). Not for any other
+              // refusal (a blog id the server refuses, say).
+              if (overMaxBatch(err)) this.maxBatch = maxBatchOf(err);
+              failed(err);
             }
           }),
         );
@@ -276,9 +316,12 @@ class Client {
         return cacheId;
       } catch (err) {
         if (tries > 0 || !overMaxBatch(err)) throw err;
-        this.maxBatch = undefined;
-        const info = await learnInfo(this, new Date(Date.now() + this.options.publishDeadlineMs));
-        if (info instanceof Error) throw err;
+        // The refusal names the server's max_batch (a publisher token may not ask GetInfo).
+        this.maxBatch = maxBatchOf(err);
+        if (this.maxBatch === undefined) {
+          const info = await learnInfo(this, new Date(Date.now() + this.options.publishDeadlineMs));
+          if (info instanceof Error) throw err;
+        }
       }
     }
   }
@@ -290,8 +333,9 @@ class Client {
         throw badArgument(`putAsset: the header must be an object { filename, contentType?, path? }, not ${describe(header)}`);
       }
       checkString('putAsset', 'header.filename', header.filename);
+      // Left out, undefined or null: not given (the type guessed, no path bound).
       for (const k of ['contentType', 'path']) {
-        if (header[k] !== undefined) checkString('putAsset', `header.${k}`, header[k]);
+        if (header[k] != null) checkString('putAsset', `header.${k}`, header[k]);
       }
     } catch (err) {
       // Not sent: a stream given is not read (its file would stay open).
@@ -300,7 +344,9 @@ class Client {
     }
     // No deadline: a large stream takes as long as it takes; back-pressure bounds memory.
     // It waits for a connection as the other publish calls do.
-    return publish.putAsset(this.conn, blogId, header, data, {
+    const { filename, contentType, path } = header;
+    const given = { filename, contentType: contentType ?? '', path: path ?? '' };
+    return publish.putAsset(this.conn, blogId, given, data, {
       waitForReady: true,
       readyDeadline: this.options.publishDeadlineMs,
     });

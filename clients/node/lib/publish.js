@@ -28,13 +28,21 @@ async function* chunks(data) {
     return;
   }
   if (!data || typeof data[Symbol.asyncIterator] !== 'function') {
-    throw new TypeError('putAsset: data must be bytes (a Buffer, a typed array, an ArrayBuffer) or a readable stream');
+    const err = new TypeError(
+      'blotcdn-client: putAsset: data must be bytes (a Buffer, a typed array, a DataView, an ArrayBuffer), or a readable stream or async iterable of bytes or strings',
+    );
+    err.code = 'INVALID_ARGUMENT';
+    throw err;
   }
   for await (const item of data) {
     // A piece that is not bytes is refused, not skipped: a permanent asset is never stored
     // with bytes missing.
     const piece = bytesOf(item);
-    if (!piece) throw new TypeError(`putAsset: the stream gave a ${item === null ? 'null' : typeof item}, not bytes or a string`);
+    if (!piece) {
+      const err = new TypeError(`blotcdn-client: putAsset: the stream gave a ${item === null ? 'null' : typeof item}, not bytes or a string`);
+      err.code = 'INVALID_ARGUMENT';
+      throw err;
+    }
     for (let i = 0; i < piece.length; i += CHUNK) yield piece.subarray(i, i + CHUNK);
   }
 }

@@ -151,6 +151,10 @@ test('a wrong argument rejects with INVALID_ARGUMENT naming it, and nothing is s
   assert.ok(source.destroyed, 'the stream of a call never sent is destroyed');
   await bad(client.putAsset('pub8', 'me.png', Buffer.from('x')), /the header must be an object .*not the string "me.png"/);
   await bad(client.putAsset('pub8', { path: '/a.png' }, Buffer.from('x')), /header.filename must be a string, not undefined/);
+  await bad(client.putAsset('pub8', { filename: 'x' }, 42), /putAsset: data must be bytes .* or async iterable/);
+  // null in a header is "not given", as a field left out.
+  const a = await client.putAsset('pub8', { filename: 'n.css', contentType: null, path: null }, Buffer.from('b{}'));
+  assert.equal(a.contentType, 'text/css');
   // Nothing reached the server: the floor and /a.css are where they were.
   const res = await client.resolve('pub8', ['/a.css', '/undefined']);
   assert.equal(res.get('/a.css').cacheId, floor);

@@ -202,6 +202,29 @@ test("the page's deadline starts at its first call, not before its collecting pa
   }
 });
 
+test('a page does not wait on a GetInfo shared with a longer deadline', async () => {
+  // As when a publish on the same Client asked GetInfo (its 30 s deadline) and the server
+  // stalled: the page waits its own deadline, not the publish's.
+  const c = new Client({ address: server.grpc, deadlineMs: 200 });
+  try {
+    c.infoPending = new Promise(() => {});
+    const t0 = Date.now();
+    const html = await c.render(BLOG, '{{#cdn}}/style.css{{/cdn}}', {});
+    assert.ok(Date.now() - t0 < 200 + 1000, `took ${Date.now() - t0} ms`);
+    // Its deadline spent waiting: as written.
+    assert.equal(html, '/style.css');
+  } finally {
+    c.infoPending = null;
+    c.close();
+  }
+});
+
+test('a tag name Mustache could never match, or one of its own, is refused', () => {
+  for (const tags of [[' cdn'], ['.'], ['a b'], ['cdn', '#x']]) {
+    assert.throws(() => new Client({ tags }), /tags must be an array of tag names/, JSON.stringify(tags));
+  }
+});
+
 test('custom tags', async () => {
   const c = new Client({ address: server.grpc, deadlineMs: 5000, tags: ['static'] });
   try {

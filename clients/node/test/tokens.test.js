@@ -14,7 +14,9 @@ const make = (token) => {
 };
 
 before(async () => {
-  server = await startServer({ env: { BLOTCDN_RESOLVER_TOKENS: 'read-1', BLOTCDN_PUBLISHER_TOKENS: 'write-1' } });
+  server = await startServer({
+    env: { BLOTCDN_RESOLVER_TOKENS: 'read-1', BLOTCDN_PUBLISHER_TOKENS: 'write-1', BLOTCDN_MAX_BATCH: '10' },
+  });
 });
 
 after(async () => {
@@ -42,16 +44,30 @@ test('render with a wrong token renders targets as written, and with the right o
   assert.match(await make('read-1').render('tok', tpl, {}), new RegExp(`^<img src="${server.base}/tok/\\d+/a\\.css">$`));
 });
 
-test('onRenderError hears why a page rendered as written', async () => {
+test('onRenderError hears once a page why it rendered as written', async () => {
   const heard = [];
   const c = new Client({ address: server.grpc, token: 'nope', deadlineMs: 5000, onRenderError: (err, blogId) => heard.push([err.code, blogId]) });
   clients.push(c);
-  assert.equal(await c.render('tok', '<img src="{{#cdn}}/a.css{{/cdn}}">{{cdn}}', {}), '<img src="/a.css">');
-  assert.ok(heard.length >= 1, 'heard at least the batch');
-  assert.ok(heard.every(([code, blog]) => code === 'UNAUTHENTICATED' && blog === 'tok'), JSON.stringify(heard));
-  // A hook that throws does not fail the page.
-  const d = new Client({ address: server.grpc, token: 'nope', deadlineMs: 5000, onRenderError: () => { throw new Error('hook'); } });
-  clients.push(d);
-  assert.equal(await d.render('tok', '<img src="{{#cdn}}/a.css{{/cdn}}">', {}), '<img src="/a.css">');
+  // 25 targets: three batches of 10 (max_batch), and {{cdn}}; each call refused.
+  const tpl = '{{#n}}<img src="{{#cdn}}/{{.}}.css{{/cdn}}">{{/n}}{{cdn}}';
+  const n = Array.from({ length: 25 }, (_, i) => `a${i}`);
+  assert.equal(await c.render('tok', tpl, { n }), n.map((x) => `<img src="/${x}.css">`).join(''));
+  assert.deepEqual(heard, [['UNAUTHENTICATED', 'tok']]);
+  // A hook that throws, or an async one that rejects, does not fail the page (nor the process).
+  for (const hook of [() => { throw new Error('hook'); }, async () => { throw new Error('async hook'); }]) {
+    const d = new Client({ address: server.grpc, token: 'nope', deadlineMs: 5000, onRenderError: hook });
+    clients.push(d);
+    assert.equal(await d.render('tok', '<img src="{{#cdn}}/a.css{{/cdn}}">', {}), '<img src="/a.css">');
+  }
+  await new Promise((r) => setImmediate(r));
   assert.throws(() => new Client({ onRenderError: 'log' }), /onRenderError must be a function/);
+});
+
+test('a publisher token, which may not ask GetInfo, still splits an invalidate past max_batch', async () => {
+  const c = make('write-1');
+  const paths = Array.from({ length: 25 }, (_, i) => `/split/${i}.css`);
+  const last = await c.invalidate('tok', paths);
+  const res = await make('read-1').resolve('tok', paths.slice(0, 10));
+  for (const [, a] of res) assert.ok(a.cacheId > 0 && a.cacheId <= last);
+  assert.equal(c.maxBatch, 10);
 });
