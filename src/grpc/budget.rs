@@ -40,14 +40,18 @@
 //! streams are bounded by `max_uploads`. Not the health, reflection or
 //! other streams, which are small and may stay open for long.
 //!
-//! Besides, every call of any method holds [`STREAM_BYTES`] and twice its
-//! headers from its start to its end: what the HTTP/2 stream, the call's
-//! task and its metadata cost the server before any body arrives. Streams
-//! that send their headers and nothing more, on many connections, took
-//! 14 KB each (46 KB with 15 KB of metadata) without bound: 50 connections
-//! of 1,000 took the server to 800 MB. Now they are refused past the
-//! budget, and a weighed call's clock runs from its start, not from its
-//! body's first bytes.
+//! Besides, every Resolver and Publisher call (`PutAsset` too) holds
+//! [`STREAM_BYTES`] and twice its headers from its start to its end: what
+//! the HTTP/2 stream, the call's task and its metadata cost the server
+//! before any body arrives. Streams that send their headers and nothing
+//! more, on many connections, took 14 KB each (46 KB with 15 KB of
+//! metadata) without bound: 50 connections of 1,000 took the server to
+//! 800 MB. Now they are refused past the budget, and a weighed call's clock
+//! runs from its start, not from its body's first bytes. Health and
+//! reflection calls, which need no token, are not in the budget (a client
+//! without a token filled it with them, and every renderer's call was
+//! refused): at most [`SIDE_CALLS`] of them are open at once, and each must
+//! send its first message whole within [`BODY_WITHIN`] of its start.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -68,6 +72,11 @@ const SMALL: u64 = 8 << 20;
 /// What a call holds from its start, besides twice its headers: its HTTP/2
 /// stream, its task and its request's parts (measured: about 14 KB).
 const STREAM_BYTES: u64 = 16 << 10;
+
+/// Health and reflection calls open at once, server-wide: at most about
+/// 50 KB each (16 KiB of headers), 12 MB in all. A load balancer's health
+/// checks and grpcurl's reflection take a few.
+pub const SIDE_CALLS: usize = 256;
 
 /// A call's weight from its start: [`STREAM_BYTES`] and its headers twice
 /// (as received, and as tonic's metadata), each with h2's 32 bytes of
@@ -102,6 +111,8 @@ pub struct BudgetLayer {
     conns: Arc<crate::listen::Conns>,
     /// When refusals last looked for them.
     reaped: Arc<Mutex<Option<Instant>>>,
+    /// Health and reflection calls open ([`SIDE_CALLS`] at most).
+    side: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl BudgetLayer {
@@ -114,6 +125,7 @@ impl BudgetLayer {
             max_batch: max_batch as u64,
             conns,
             reaped: Arc::default(),
+            side: Arc::default(),
         }
     }
 
@@ -224,6 +236,22 @@ impl CallBudget {
     }
 }
 
+/// What a call holds from its start to its end: its weight in the budget,
+/// or a health or reflection call's slot.
+enum Hold {
+    Budget(#[allow(dead_code)] Taken),
+    Side(#[allow(dead_code)] SideSlot),
+}
+
+/// A health or reflection call's slot, given back when dropped.
+struct SideSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for SideSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A call's weight, given back when dropped.
 struct Taken {
     used: Arc<AtomicU64>,
@@ -287,6 +315,33 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let method = weighed(req.uri().path());
+        let upload = req.uri().path() == "/blotcdn.v1.Publisher/PutAsset";
+        if method.is_none() && !upload {
+            // Health, reflection (or a path no service has): a slot of their own.
+            let side = &self.layer.side;
+            if side.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < SIDE_CALLS).then_some(n + 1)).is_err() {
+                let status = Status::resource_exhausted(format!(
+                    "{SIDE_CALLS} health and reflection calls are open at once, the most the server takes; retry shortly"
+                ));
+                let answer = status.into_http();
+                return Box::pin(async move { Ok(answer) });
+            }
+            let slot = SideSlot(side.clone());
+            let req = req.map(|body| {
+                Body::new(Arriving {
+                    inner: body,
+                    started: tokio::time::Instant::now(),
+                    deadline: None,
+                    seen: 0,
+                    prefix: [0; 5],
+                })
+            });
+            let answer = self.inner.call(req);
+            return Box::pin(async move {
+                let answer = answer.await?;
+                Ok(answer.map(|b| Body::new(Holding::new(b, Held::default(), Hold::Side(slot), None))))
+            });
+        }
         let weight = stream_weight(req.headers());
         if !self.layer.take(0, weight) {
             let status = match method {
@@ -296,22 +351,9 @@ where
             let answer = status.into_http();
             return Box::pin(async move { Ok(answer) });
         }
-        let stream = Taken { used: self.layer.used.clone(), bytes: weight };
+        let stream = Hold::Budget(Taken { used: self.layer.used.clone(), bytes: weight });
         let Some(method) = method else {
-            // Its request must start to arrive in time (an upload has its
-            // own idle timeout): a stream of headers alone would otherwise
-            // hold its room as long as its connection lives.
-            let req = match req.uri().path() {
-                "/blotcdn.v1.Publisher/PutAsset" => req,
-                _ => req.map(|body| {
-                    Body::new(Arriving {
-                        inner: body,
-                        started: tokio::time::Instant::now(),
-                        deadline: None,
-                        arrived: false,
-                    })
-                }),
-            };
+            // An upload: bounded by max_uploads and its own idle timeout.
             let answer = self.inner.call(req);
             return Box::pin(async move {
                 let answer = answer.await?;
@@ -463,15 +505,30 @@ impl http_body::Body for Weighing {
     }
 }
 
-/// The request body of a call that is not weighed (health, reflection):
-/// cut unless its first bytes, or its end, come within [`BODY_WITHIN`] of
-/// the call's start; then passed through.
+/// The request body of a health or reflection call: cut unless its first
+/// message has come whole (or the body ended) within [`BODY_WITHIN`] of the
+/// call's start; then passed through.
 struct Arriving {
     inner: Body,
     started: tokio::time::Instant,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Something came (or the cut was sent): passing through.
-    arrived: bool,
+    /// Bytes of the first message seen, its prefix's included; `u64::MAX`
+    /// once it is whole (or the cut was sent): passing through.
+    seen: u64,
+    prefix: [u8; 5],
+}
+
+impl Arriving {
+    /// After `data` arrived: whether the first message is whole.
+    fn whole_after(&mut self, data: &[u8]) -> bool {
+        let at = self.seen as usize;
+        if at < 5 {
+            let n = (5 - at).min(data.len());
+            self.prefix[at..at + n].copy_from_slice(&data[..n]);
+        }
+        self.seen += data.len() as u64;
+        self.seen >= 5 && self.seen >= 5 + u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4")))
+    }
 }
 
 impl http_body::Body for Arriving {
@@ -480,23 +537,28 @@ impl http_body::Body for Arriving {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if this.arrived {
+        if this.seen == u64::MAX {
             return Pin::new(&mut this.inner).poll_frame(cx);
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.arrived = true;
-            this.deadline = None;
+            let whole = match &frame {
+                Some(Ok(f)) => f.data_ref().is_none_or(|d| this.whole_after(d)),
+                _ => true,
+            };
+            if whole {
+                this.seen = u64::MAX;
+                this.deadline = None;
+            }
             return Poll::Ready(frame);
         }
         let started = this.started;
         let d = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + BODY_WITHIN)));
         ready!(d.as_mut().poll(cx));
-        this.arrived = true;
+        this.seen = u64::MAX;
         this.deadline = None;
-        tracing::info!("call cut: nothing of its request arrived in time");
+        tracing::info!("call cut: its request's first message did not arrive in time");
         Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-            "nothing of the request arrived within {} s of the call's start; its room in the request memory \
-             (grpc_memory_bytes) is given back",
+            "the request's first message did not arrive whole within {} s of the call's start",
             BODY_WITHIN.as_secs()
         )))))
     }
@@ -520,8 +582,8 @@ impl http_body::Body for Arriving {
 struct Holding {
     inner: Body,
     _held: Held,
-    /// The call's weight from its start.
-    _stream: Taken,
+    /// What the call holds from its start.
+    _stream: Hold,
     waiting: Option<(Arc<crate::listen::Conn>, usize)>,
     /// What is left of a large data frame.
     rest: Bytes,
@@ -532,7 +594,7 @@ struct Holding {
 const PIECE: usize = 32 << 10;
 
 impl Holding {
-    fn new(inner: Body, held: Held, stream: Taken, waiting: Option<(Arc<crate::listen::Conn>, usize)>) -> Self {
+    fn new(inner: Body, held: Held, stream: Hold, waiting: Option<(Arc<crate::listen::Conn>, usize)>) -> Self {
         Holding { inner, _held: held, _stream: stream, waiting, rest: Bytes::new() }
     }
 
