@@ -711,7 +711,8 @@ impl Follower {
     fn put_pointer_back(&self, good: Vec<u8>, bad: i64, how: &str) {
         tracing::error!(
             key = %shown(&self.snap),
-            "etcd's snapshot pointer was {how} outside blotcdn; no node could start on it; putting it back as it was"
+            "etcd's snapshot pointer was {how} outside blotcdn (a node could fail to start on it, or load an older \
+             snapshot); putting back the one the nodes wrote last"
         );
         let restore = match good.is_empty() {
             true => super::commit::del(self.snap.clone(), Vec::new()),
