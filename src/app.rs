@@ -448,6 +448,9 @@ impl App {
             );
         }
         let (health, health_service) = tonic_health::server::health_reporter();
+        // Their requests are a service or file name: a message of 4 MiB (the
+        // default) on each of their slots held 1.2 GB.
+        let health_service = health_service.max_decoding_message_size(crate::grpc::SIDE_MESSAGE_BYTES);
         health.set_serving::<proto::resolver_server::ResolverServer<ResolverService>>().await;
         health.set_serving::<proto::publisher_server::PublisherServer<PublisherService>>().await;
         let reflection = || {
@@ -567,8 +570,8 @@ impl App {
             // and RESOURCE_EXHAUSTED, with a sentence.
             .layer(StatusRewriteLayer)
             .add_service(health_service)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(reflection().build_v1()?.max_decoding_message_size(crate::grpc::SIDE_MESSAGE_BYTES))
+            .add_service(reflection().build_v1alpha()?.max_decoding_message_size(crate::grpc::SIDE_MESSAGE_BYTES))
             .add_service(resolver)
             .add_service(publisher)
             .serve_with_incoming_shutdown(

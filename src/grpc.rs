@@ -15,7 +15,7 @@ use crate::proto as pb;
 use crate::store::StoreError;
 
 mod budget;
-pub use budget::{BudgetLayer, CallBudget};
+pub use budget::{BudgetLayer, CallBudget, SIDE_MESSAGE_BYTES};
 
 /// Largest gRPC message accepted: a full batch of 10,000 long paths fits.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -74,9 +74,18 @@ const SMALL: u64 = 8 << 20;
 const STREAM_BYTES: u64 = 16 << 10;
 
 /// Health and reflection calls open at once, server-wide: at most about
-/// 50 KB each (16 KiB of headers), 12 MB in all. A load balancer's health
-/// checks and grpcurl's reflection take a few.
+/// 70 KB each (16 KiB of headers, a message of [`SIDE_MESSAGE_BYTES`]),
+/// 18 MB in all. A load balancer's health checks and grpcurl's reflection
+/// take a few.
 pub const SIDE_CALLS: usize = 256;
+
+/// Of those, what one client address may hold: a client holding every slot
+/// (Watch streams, which stay open) had every other health check refused.
+pub const SIDE_CALLS_PER_PEER: usize = 32;
+
+/// The largest health or reflection request message (a service or file
+/// name).
+pub const SIDE_MESSAGE_BYTES: usize = 16 << 10;
 
 /// A call's weight from its start: [`STREAM_BYTES`] and its headers twice
 /// (as received, and as tonic's metadata), each with h2's 32 bytes of
@@ -111,8 +120,15 @@ pub struct BudgetLayer {
     conns: Arc<crate::listen::Conns>,
     /// When refusals last looked for them.
     reaped: Arc<Mutex<Option<Instant>>>,
-    /// Health and reflection calls open ([`SIDE_CALLS`] at most).
-    side: Arc<std::sync::atomic::AtomicUsize>,
+    /// Health and reflection calls open ([`SIDE_CALLS`] at most), and by
+    /// client address ([`SIDE_CALLS_PER_PEER`] each).
+    side: Arc<Mutex<Side>>,
+}
+
+#[derive(Default)]
+struct Side {
+    open: usize,
+    by_peer: std::collections::HashMap<std::net::IpAddr, usize>,
 }
 
 impl BudgetLayer {
@@ -244,11 +260,47 @@ enum Hold {
 }
 
 /// A health or reflection call's slot, given back when dropped.
-struct SideSlot(Arc<std::sync::atomic::AtomicUsize>);
+struct SideSlot {
+    side: Arc<Mutex<Side>>,
+    peer: Option<std::net::IpAddr>,
+}
+
+impl SideSlot {
+    /// A slot, if one is free, and one of the client's own.
+    fn take(side: &Arc<Mutex<Side>>, peer: Option<std::net::IpAddr>) -> Result<SideSlot, String> {
+        let mut s = side.lock().unwrap_or_else(|p| p.into_inner());
+        if s.open >= SIDE_CALLS {
+            return Err(format!(
+                "{SIDE_CALLS} health and reflection calls are open at once, the most the server takes; retry shortly"
+            ));
+        }
+        if let Some(ip) = peer {
+            let mine = s.by_peer.entry(ip).or_default();
+            if *mine >= SIDE_CALLS_PER_PEER {
+                return Err(format!(
+                    "{SIDE_CALLS_PER_PEER} health and reflection calls from {ip} are open at once, the most one \
+                     client address may hold; retry shortly"
+                ));
+            }
+            *mine += 1;
+        }
+        s.open += 1;
+        Ok(SideSlot { side: side.clone(), peer })
+    }
+}
 
 impl Drop for SideSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut s = self.side.lock().unwrap_or_else(|p| p.into_inner());
+        s.open -= 1;
+        if let Some(ip) = self.peer {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = s.by_peer.entry(ip) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
     }
 }
 
@@ -318,15 +370,14 @@ where
         let upload = req.uri().path() == "/blotcdn.v1.Publisher/PutAsset";
         if method.is_none() && !upload {
             // Health, reflection (or a path no service has): a slot of their own.
-            let side = &self.layer.side;
-            if side.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < SIDE_CALLS).then_some(n + 1)).is_err() {
-                let status = Status::resource_exhausted(format!(
-                    "{SIDE_CALLS} health and reflection calls are open at once, the most the server takes; retry shortly"
-                ));
-                let answer = status.into_http();
-                return Box::pin(async move { Ok(answer) });
-            }
-            let slot = SideSlot(side.clone());
+            let peer = req.extensions().get::<crate::listen::ConnInfo>().map(|c| c.conn.peer.ip());
+            let slot = match SideSlot::take(&self.layer.side, peer) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    let answer = Status::resource_exhausted(why).into_http();
+                    return Box::pin(async move { Ok(answer) });
+                }
+            };
             let req = req.map(|body| {
                 Body::new(Arriving {
                     inner: body,

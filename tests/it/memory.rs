@@ -558,8 +558,9 @@ async fn calls_that_send_only_their_headers_are_bounded_and_cut() {
 /// memory as the renderers' calls do, and a client without a token could
 /// fill it: every renderer's call was refused until its connections aged
 /// out (ten minutes). Now health and reflection calls have slots of their
-/// own (256 at once; past them refused, naming them), the renderer's calls
-/// go on, and a call whose first message is not whole in 10 s is cut.
+/// own (256 at once, 32 from one client address; past them refused, naming
+/// them), the renderer's calls go on, a load balancer on another address is
+/// answered, and a call whose first message is not whole in 10 s is cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_calls_held_open_take_nothing_from_the_renderers() {
     let dir = tempfile::tempdir().unwrap();
@@ -595,7 +596,7 @@ async fn health_calls_held_open_take_nothing_from_the_renderers() {
     }
     // Past 256, refused at once, naming why; the Checks held are cut within
     // 10 s of their start.
-    let (mut refused, mut cut) = (0, 0);
+    let (mut refused, mut cut, mut share) = (0, 0, 0);
     let started = std::time::Instant::now();
     for (answer, _) in calls.iter_mut().skip(100) {
         let head = tokio::time::timeout(std::time::Duration::from_secs(15), answer).await;
@@ -603,7 +604,8 @@ async fn health_calls_held_open_take_nothing_from_the_renderers() {
         assert_eq!(head.headers().get("grpc-status").and_then(|v| v.to_str().ok()), Some("8"));
         // (Percent-encoded, as gRPC sends it.)
         let message = head.headers().get("grpc-message").unwrap().to_str().unwrap().replace("%20", " ");
-        match message.contains("health and reflection calls are open at once") {
+        share += usize::from(message.contains("from 127.0.0.1 are open at once"));
+        match message.contains("health and reflection calls") {
             true => refused += 1,
             false => cut += 1,
         }
@@ -611,8 +613,84 @@ async fn health_calls_held_open_take_nothing_from_the_renderers() {
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "cut after {:?}", started.elapsed());
     assert_eq!(refused + cut, 1000);
     assert!(refused >= 1000 - 256, "{refused} refused, {cut} cut");
+    assert!(share > 0, "none refused for the client's share: {refused} refused, {cut} cut");
+
+    // One client address holds at most 32 of the slots: while these Watches
+    // stay open, a load balancer from another address is answered.
+    let lb = |ip: &'static str| {
+        let grpc = server.grpc;
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            let tcp = sock.connect(grpc).await.unwrap();
+            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+            let task = tokio::spawn(conn);
+            let mut h = client.ready().await.unwrap();
+            let call = http::Request::post(format!("http://{grpc}/grpc.health.v1.Health/Check"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (answer, mut body) = h.send_request(call, false).unwrap();
+            body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+            let head = tokio::time::timeout(std::time::Duration::from_secs(5), answer).await.unwrap().unwrap();
+            let status = head.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+            let mut body = head.into_body();
+            while body.data().await.is_some() {}
+            let trailers = body.trailers().await.unwrap().unwrap_or_default();
+            task.abort();
+            status.or_else(|| trailers.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()))
+        }
+    };
+    assert_eq!(lb("127.0.0.2").await.as_deref(), Some("0"), "another address's health check");
     drop(calls);
     health_conn.abort();
+}
+
+/// Health and reflection requests are a name: a message of up to 4 MiB
+/// (tonic's default) on each of their 256 slots held 1.2 GB. Now one over
+/// 16 KiB is refused as its length arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_health_or_reflection_message_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn(dir.path());
+    for (path, len) in [
+        ("grpc.health.v1.Health/Check", 20_000u32),
+        ("grpc.reflection.v1.ServerReflection/ServerReflectionInfo", 4 << 20),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let task = tokio::spawn(conn);
+        let mut h = client.ready().await.unwrap();
+        let call = http::Request::post(format!("http://{}/{path}", server.grpc))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (answer, mut body) = h.send_request(call, false).unwrap();
+        // The prefix declares the length; a few bytes of it follow, no more.
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&len.to_be_bytes());
+        prefix.extend_from_slice(&[0; 100]);
+        body.send_data(prefix.into(), false).unwrap();
+        let head = tokio::time::timeout(std::time::Duration::from_secs(5), answer).await.expect("answered").unwrap();
+        let in_head = head.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+        let mut rest = head.into_body();
+        let status = match in_head {
+            Some(s) => s,
+            None => {
+                while tokio::time::timeout(std::time::Duration::from_secs(5), rest.data()).await.unwrap().is_some() {}
+                let t = rest.trailers().await.unwrap().unwrap_or_default();
+                t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+            }
+        };
+        // Refused as its length arrived: it ends now, not once 4 MiB came.
+        // (Reflection ends its stream as done; a health check says why.)
+        if path.contains("Health") {
+            assert!(status != "0" && !status.is_empty(), "{path}: status {status:?}");
+        }
+        task.abort();
+    }
 }
 
 /// A client that stops taking its answers (here: it grants no HTTP/2
