@@ -32,7 +32,7 @@ impl From<CatalogError> for Status {
             CatalogError::Cancelled(_) => Status::cancelled(msg),
             CatalogError::Store(StoreError::Full(_)) => Status::resource_exhausted(msg),
             CatalogError::Store(StoreError::Unavailable(_) | StoreError::Closed) => Status::unavailable(msg),
-            CatalogError::Io(ref io) if is_disk_full(io) => Status::resource_exhausted(format!(
+            CatalogError::Io(ref io) if crate::durable::is_disk_full(io) => Status::resource_exhausted(format!(
                 "the server's disk is full: the upload could not be stored ({io}); nothing was changed"
             )),
             CatalogError::Io(ref io) if crate::listen::out_of_descriptors(io) => {
@@ -59,10 +59,6 @@ fn out_of_descriptors(io: &std::io::Error, outcome: &str) -> Status {
         tracing::warn!(error = %io, "out of file descriptors: calls are refused; raise `ulimit -n`");
     }
     Status::resource_exhausted(format!("the server has no file descriptor free ({io}); {outcome}retry in a moment"))
-}
-
-fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// One span per call, open from the call's start to its end (so an exporter

@@ -87,7 +87,7 @@ pub enum StoreError {
 impl StoreError {
     /// The refusal of a group whose log append failed.
     pub fn append(e: &std::io::Error) -> StoreError {
-        if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        if crate::durable::is_disk_full(e) {
             StoreError::Full(format!(
                 "the server's disk is full: the write could not be logged ({e}); nothing was changed, retry once space is freed"
             ))

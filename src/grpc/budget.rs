@@ -352,6 +352,12 @@ fn weighed(path: &str) -> Option<&'static str> {
 
 type Held = Arc<Mutex<Option<Taken>>>;
 
+/// A call refused before any service sees it: its answer, at once.
+fn refused<E>(status: Status) -> Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>> {
+    let answer = status.into_http();
+    Box::pin(async move { Ok(answer) })
+}
+
 impl<S> tower::Service<http::Request<Body>> for Budgeted<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
@@ -368,47 +374,44 @@ where
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let method = weighed(req.uri().path());
         let upload = req.uri().path() == "/blotcdn.v1.Publisher/PutAsset";
-        if method.is_none() && !upload {
-            // Health, reflection (or a path no service has): a slot of their own.
+        // What the call holds from its start: health, reflection (or a path
+        // no service has) a slot of their own, the others room in the budget
+        // (`weight`).
+        let (req, hold, weight) = if method.is_none() && !upload {
             let peer = req.extensions().get::<crate::listen::ConnInfo>().map(|c| c.conn.peer.ip());
-            let slot = match SideSlot::take(&self.layer.side, peer) {
-                Ok(slot) => slot,
-                Err(why) => {
-                    let answer = Status::resource_exhausted(why).into_http();
-                    return Box::pin(async move { Ok(answer) });
+            match SideSlot::take(&self.layer.side, peer) {
+                Ok(slot) => {
+                    let started = tokio::time::Instant::now();
+                    let req = req.map(|body| {
+                        Body::new(Arriving {
+                            inner: body,
+                            started,
+                            deadline: None,
+                            first: Arrived::default(),
+                            passing: false,
+                        })
+                    });
+                    (req, Hold::Side(slot), 0)
                 }
-            };
-            let req = req.map(|body| {
-                Body::new(Arriving {
-                    inner: body,
-                    started: tokio::time::Instant::now(),
-                    deadline: None,
-                    seen: 0,
-                    prefix: [0; 5],
-                })
-            });
-            let answer = self.inner.call(req);
-            return Box::pin(async move {
-                let answer = answer.await?;
-                Ok(answer.map(|b| Body::new(Holding::new(b, Held::default(), Hold::Side(slot), None))))
-            });
-        }
-        let weight = stream_weight(req.headers());
-        if !self.layer.take(0, weight) {
-            let status = match method {
-                Some(m) => self.layer.refusal(m, "a new call", weight),
-                None => self.layer.refusal_unnamed("a new call", weight),
-            };
-            let answer = status.into_http();
-            return Box::pin(async move { Ok(answer) });
-        }
-        let stream = Hold::Budget(Taken { used: self.layer.used.clone(), bytes: weight });
+                Err(why) => return refused(Status::resource_exhausted(why)),
+            }
+        } else {
+            let weight = stream_weight(req.headers());
+            if !self.layer.take(0, weight) {
+                return refused(match method {
+                    Some(m) => self.layer.refusal(m, "a new call", weight),
+                    None => self.layer.refusal_unnamed("a new call", weight),
+                });
+            }
+            (req, Hold::Budget(Taken { used: self.layer.used.clone(), bytes: weight }), weight)
+        };
         let Some(method) = method else {
-            // An upload: bounded by max_uploads and its own idle timeout.
+            // Not weighed by its request: an upload is bounded by max_uploads
+            // and its own idle timeout, the others by their slots.
             let answer = self.inner.call(req);
             return Box::pin(async move {
                 let answer = answer.await?;
-                Ok(answer.map(|b| Body::new(Holding::new(b, Held::default(), stream, None))))
+                Ok(answer.map(|b| Body::new(Holding::new(b, Held::default(), hold, None))))
             });
         };
         let held: Held = Arc::default();
@@ -417,8 +420,7 @@ where
         parts.extensions.insert(CallBudget { layer: self.layer.clone(), held: held.clone() });
         let body = Weighing {
             inner: body,
-            prefix: [0; 5],
-            seen: 0,
+            first: Arrived::default(),
             method,
             layer: self.layer.clone(),
             held: held.clone(),
@@ -436,7 +438,7 @@ where
                 let slot = c.answer_ready();
                 (c, slot)
             });
-            Ok(answer.map(|b| Body::new(Holding::new(b, held, stream, waiting))))
+            Ok(answer.map(|b| Body::new(Holding::new(b, held, hold, waiting))))
         })
     }
 }
@@ -452,9 +454,7 @@ where
 /// second message of up to 16 MiB before it found the call had two).
 struct Weighing {
     inner: Body,
-    prefix: [u8; 5],
-    /// Body bytes seen, the prefix's included.
-    seen: u64,
+    first: Arrived,
     method: &'static str,
     layer: BudgetLayer,
     held: Held,
@@ -478,22 +478,13 @@ const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 impl Weighing {
     /// After `data` arrived: weighs the call once its prefix is seen.
     fn weigh(&mut self, data: &[u8]) -> Result<(), Status> {
-        let at = self.seen as usize;
-        let weighed = at >= 5;
-        if at < 5 {
-            let n = (5 - at).min(data.len());
-            self.prefix[at..at + n].copy_from_slice(&data[..n]);
-        }
-        self.seen += data.len() as u64;
-        if self.seen < 5 {
-            return Ok(());
-        }
-        let len = u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4")));
+        let weighed = self.first.seen >= 5;
+        let Some(len) = self.first.see(data) else { return Ok(()) };
         // Past the message (in the frame that ended it, or any after).
-        if self.seen > 5 + len {
+        if self.first.seen > 5 + len {
             return Err(Status::invalid_argument("a unary call's body holds one message; more bytes came after it"));
         }
-        self.whole = self.seen == 5 + len;
+        self.whole = self.first.seen == 5 + len;
         if weighed {
             return Ok(());
         }
@@ -556,6 +547,28 @@ impl http_body::Body for Weighing {
     }
 }
 
+/// A request body's bytes as they arrive: how many, and the first
+/// message's gRPC prefix (a flag byte, then its length).
+#[derive(Default)]
+struct Arrived {
+    prefix: [u8; 5],
+    /// Body bytes seen, the prefix's included.
+    seen: u64,
+}
+
+impl Arrived {
+    /// Notes `data`; the first message's length, once its prefix is in.
+    fn see(&mut self, data: &[u8]) -> Option<u64> {
+        let at = self.seen as usize;
+        if at < 5 {
+            let n = (5 - at).min(data.len());
+            self.prefix[at..at + n].copy_from_slice(&data[..n]);
+        }
+        self.seen += data.len() as u64;
+        (self.seen >= 5).then(|| u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4"))))
+    }
+}
+
 /// The request body of a health or reflection call: cut unless its first
 /// message has come whole (or the body ended) within [`BODY_WITHIN`] of the
 /// call's start; then passed through.
@@ -563,23 +576,9 @@ struct Arriving {
     inner: Body,
     started: tokio::time::Instant,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Bytes of the first message seen, its prefix's included; `u64::MAX`
-    /// once it is whole (or the cut was sent): passing through.
-    seen: u64,
-    prefix: [u8; 5],
-}
-
-impl Arriving {
-    /// After `data` arrived: whether the first message is whole.
-    fn whole_after(&mut self, data: &[u8]) -> bool {
-        let at = self.seen as usize;
-        if at < 5 {
-            let n = (5 - at).min(data.len());
-            self.prefix[at..at + n].copy_from_slice(&data[..n]);
-        }
-        self.seen += data.len() as u64;
-        self.seen >= 5 && self.seen >= 5 + u64::from(u32::from_be_bytes(self.prefix[1..5].try_into().expect("4")))
-    }
+    first: Arrived,
+    /// The first message is whole (or the cut was sent).
+    passing: bool,
 }
 
 impl http_body::Body for Arriving {
@@ -588,16 +587,18 @@ impl http_body::Body for Arriving {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if this.seen == u64::MAX {
+        if this.passing {
             return Pin::new(&mut this.inner).poll_frame(cx);
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             let whole = match &frame {
-                Some(Ok(f)) => f.data_ref().is_none_or(|d| this.whole_after(d)),
+                Some(Ok(f)) => {
+                    f.data_ref().is_none_or(|d| this.first.see(d).is_some_and(|len| this.first.seen >= 5 + len))
+                }
                 _ => true,
             };
             if whole {
-                this.seen = u64::MAX;
+                this.passing = true;
                 this.deadline = None;
             }
             return Poll::Ready(frame);
@@ -605,7 +606,7 @@ impl http_body::Body for Arriving {
         let started = this.started;
         let d = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + BODY_WITHIN)));
         ready!(d.as_mut().poll(cx));
-        this.seen = u64::MAX;
+        this.passing = true;
         this.deadline = None;
         tracing::info!("call cut: its request's first message did not arrive in time");
         Poll::Ready(Some(Err(Status::resource_exhausted(format!(

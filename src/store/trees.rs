@@ -83,7 +83,7 @@ impl Trees {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
-                Err(sled::Error::Io(e)) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                Err(sled::Error::Io(e)) if crate::durable::is_disk_full(&e) => {
                     return Err(full(crate::durable::free_bytes(dir).unwrap_or(0)));
                 }
                 r => break r.map_err(|e| StoreError::Open { path: dir.display().to_string(), source: e })?,

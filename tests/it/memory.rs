@@ -253,11 +253,7 @@ impl Unread {
         let (mut answers, mut bodies) = (Vec::new(), Vec::new());
         for _ in 0..calls {
             let mut c = client.clone().ready().await.unwrap();
-            let call = http::Request::post(format!("http://{addr}/blotcdn.v1.{method}"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap();
+            let call = grpc_request(addr, &format!("blotcdn.v1.{method}"));
             let (answer, mut stream) = c.send_request(call, false).unwrap();
             // An empty body left open: the headers alone.
             if finish || !body.is_empty() {
@@ -291,6 +287,15 @@ impl Unread {
         drop((self.answers, self.heads, self.bodies));
         self.connection.abort();
     }
+}
+
+/// The head of a raw gRPC call to `path` (`package.Service/Method`).
+fn grpc_request(addr: std::net::SocketAddr, path: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}/{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
 }
 
 /// One gRPC message, framed.
@@ -575,11 +580,7 @@ async fn health_calls_held_open_take_nothing_from_the_renderers() {
         let mut h = client.clone().ready().await.unwrap();
         let watch = i < 100;
         let method = if watch { "Watch" } else { "Check" };
-        let call = http::Request::post(format!("http://{}/grpc.health.v1.Health/{method}", server.grpc))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let call = grpc_request(server.grpc, &format!("grpc.health.v1.Health/{method}"));
         let (answer, mut body) = h.send_request(call, false).unwrap();
         // A Watch's whole request (an empty message); a Check's first byte.
         match watch {
@@ -626,11 +627,7 @@ async fn health_calls_held_open_take_nothing_from_the_renderers() {
             let (client, conn) = h2::client::handshake(tcp).await.unwrap();
             let task = tokio::spawn(conn);
             let mut h = client.ready().await.unwrap();
-            let call = http::Request::post(format!("http://{grpc}/grpc.health.v1.Health/Check"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap();
+            let call = grpc_request(grpc, "grpc.health.v1.Health/Check");
             let (answer, mut body) = h.send_request(call, false).unwrap();
             body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
             let head = tokio::time::timeout(std::time::Duration::from_secs(5), answer).await.unwrap().unwrap();
@@ -662,11 +659,7 @@ async fn a_large_health_or_reflection_message_is_refused() {
         let (client, conn) = h2::client::handshake(tcp).await.unwrap();
         let task = tokio::spawn(conn);
         let mut h = client.ready().await.unwrap();
-        let call = http::Request::post(format!("http://{}/{path}", server.grpc))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let call = grpc_request(server.grpc, path);
         let (answer, mut body) = h.send_request(call, false).unwrap();
         // The prefix declares the length; a few bytes of it follow, no more.
         let mut prefix = vec![0u8];
