@@ -5,6 +5,7 @@
 
 const { Readable } = require('node:stream');
 const Mustache = require('mustache');
+const { badArgument, describe, checkMs, checkString, checkStrings } = require('./args');
 const { Connection } = require('./connection');
 const { renderPage } = require('./render');
 const { TemplateCache } = require('./template-cache');
@@ -35,42 +36,6 @@ const DEFAULT_MAX_BATCH = 10000;
 // How the server words a refusal of a batch over its max_batch ("batch of 12 paths is
 // over max_batch (10)", src/catalog.rs).
 const OVER_MAX_BATCH = /\bis over max_batch\b/;
-
-/** A TypeError with the code the server gives a bad argument, naming what was wrong. */
-function badArgument(message) {
-  const err = new TypeError(`blotcdn-client: ${message}`);
-  err.code = 'INVALID_ARGUMENT';
-  return err;
-}
-
-/** What a value is, for a message: never the whole of a large value. */
-function describe(v) {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'an array';
-  if (typeof v === 'string') return `the string ${JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}…` : v)}`;
-  if (typeof v === 'number') return `the number ${v}`;
-  return typeof v === 'object' ? 'an object' : typeof v;
-}
-
-/** A deadline option: a number (not a string from the environment), more than 0. */
-function checkMs(name, v) {
-  if (typeof v !== 'number' || !(v > 0)) {
-    throw badArgument(`${name} must be a positive number of milliseconds, not ${describe(v)}`);
-  }
-}
-
-// Arguments are checked before a call: protobuf would send `String(x)` for anything, so a
-// pipeline's `undefined` path would invalidate "/undefined" and report success.
-function checkString(method, name, v) {
-  if (typeof v !== 'string') throw badArgument(`${method}: ${name} must be a string, not ${describe(v)}`);
-}
-
-function checkStrings(method, name, list) {
-  if (!Array.isArray(list)) throw badArgument(`${method}: ${name} must be an array of strings, not ${describe(list)}`);
-  for (let i = 0; i < list.length; i++) {
-    if (typeof list[i] !== 'string') throw badArgument(`${method}: ${name}[${i}] must be a string, not ${describe(list[i])}`);
-  }
-}
 
 const overMaxBatch = (err) => err.code === 'INVALID_ARGUMENT' && OVER_MAX_BATCH.test(err.message);
 

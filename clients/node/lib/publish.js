@@ -3,6 +3,7 @@
 // Each function takes the Connection; PutAsset streams bytes in bounded memory.
 
 const { Readable } = require('node:stream');
+const { badArgument } = require('./args');
 
 const CHUNK = 64 * 1024;
 
@@ -11,7 +12,6 @@ async function invalidate(conn, blogId, paths = [], opts) {
   return res.cacheId;
 }
 
-/** Yields the data in pieces of at most CHUNK bytes, from a Buffer or any readable. */
 /** Bytes as a Buffer (no copy), from any kind of bytes or a string; null for anything else. */
 function bytesOf(piece) {
   if (Buffer.isBuffer(piece)) return piece;
@@ -21,6 +21,7 @@ function bytesOf(piece) {
   return null;
 }
 
+/** Yields the data in pieces of at most CHUNK bytes, from any kind of bytes or any readable. */
 async function* chunks(data) {
   const whole = bytesOf(data);
   if (whole && typeof data !== 'string') {
@@ -28,21 +29,15 @@ async function* chunks(data) {
     return;
   }
   if (!data || typeof data[Symbol.asyncIterator] !== 'function') {
-    const err = new TypeError(
-      'blotcdn-client: putAsset: data must be bytes (a Buffer, a typed array, a DataView, an ArrayBuffer), or a readable stream or async iterable of bytes or strings',
+    throw badArgument(
+      'putAsset: data must be bytes (a Buffer, a typed array, a DataView, an ArrayBuffer), or a readable stream or async iterable of bytes or strings',
     );
-    err.code = 'INVALID_ARGUMENT';
-    throw err;
   }
   for await (const item of data) {
     // A piece that is not bytes is refused, not skipped: a permanent asset is never stored
     // with bytes missing.
     const piece = bytesOf(item);
-    if (!piece) {
-      const err = new TypeError(`blotcdn-client: putAsset: the stream gave a ${item === null ? 'null' : typeof item}, not bytes or a string`);
-      err.code = 'INVALID_ARGUMENT';
-      throw err;
-    }
+    if (!piece) throw badArgument(`putAsset: the stream gave a ${item === null ? 'null' : typeof item}, not bytes or a string`);
     for (let i = 0; i < piece.length; i += CHUNK) yield piece.subarray(i, i + CHUNK);
   }
 }
