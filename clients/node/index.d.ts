@@ -79,6 +79,8 @@ export interface AssetHeader {
 /** How calls fail: `code` is the gRPC status name, the message the server's. */
 export interface BlotcdnError extends Error {
   code: string;
+  /** `invalidate` split into several calls: how many paths, from the start, are done. */
+  pathsDone?: number;
 }
 
 export interface PurgeQueue {

@@ -112,6 +112,16 @@ function publishOpts(client) {
   return { deadline: client.options.publishDeadlineMs, waitForReady: true };
 }
 
+/**
+ * A later part of a split invalidate failed: the server's `paths[k]` is of that part, so it
+ * is renumbered to the caller's list, and the error says how many paths are already done.
+ */
+function partFailed(err, done) {
+  err.message = `${err.message.replace(/\bpaths\[(\d+)\]/g, (_, k) => `paths[${Number(k) + done}]`)} (the ${done} paths before it are invalidated)`;
+  err.pathsDone = done;
+  return err;
+}
+
 class Client {
   constructor(options = {}) {
     const o = { ...DEFAULTS };
@@ -191,6 +201,8 @@ class Client {
    * renders as written. Rejects only for a template Mustache refuses.
    */
   async render(blogId, template, view, partials) {
+    // A wrong blog id is the caller's bug, not the server's: said, not rendered as written.
+    checkString('render', 'blogId', blogId);
     // One deadline for the whole page, whatever calls it needs, from the first call: the
     // collecting pass before it runs the template and the view's functions, which take what
     // they take whatever the server does. (On one thread, other pages' rendering meanwhile
@@ -276,7 +288,11 @@ class Client {
         if (paths.length <= max) return await publish.invalidate(this.conn, blogId, paths, opts);
         let cacheId;
         for (let i = 0; i < paths.length; i += max) {
-          cacheId = await publish.invalidate(this.conn, blogId, paths.slice(i, i + max), opts);
+          try {
+            cacheId = await publish.invalidate(this.conn, blogId, paths.slice(i, i + max), opts);
+          } catch (err) {
+            throw i === 0 ? err : partFailed(err, i);
+          }
         }
         return cacheId;
       } catch (err) {

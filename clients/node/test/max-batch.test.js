@@ -130,6 +130,23 @@ test('invalidate of more paths than max_batch goes as several calls, each durabl
   }
 });
 
+test('a split invalidate whose later part is refused names the path by its place in the whole list', async () => {
+  // max_batch is known: the list goes as parts of 4, and the server refuses the second part's
+  // path at its own index 2, the caller's paths[6].
+  const paths = items(MAX_BATCH * 2).map((i) => `/part/${i}.css`);
+  paths[MAX_BATCH + 2] = '/part/../escape.css';
+  const err = await client.invalidate(BLOG, paths).then(() => null, (e) => e);
+  assert.ok(err, 'rejected');
+  assert.equal(err.code, 'INVALID_ARGUMENT');
+  assert.match(err.message, /paths\[6\]/);
+  assert.doesNotMatch(err.message, /paths\[2\]/);
+  assert.match(err.message, /the 4 paths before it are invalidated/);
+  assert.equal(err.pathsDone, MAX_BATCH);
+  // As it says: the first part is done.
+  const res = await client.resolve(BLOG, paths.slice(0, 1));
+  assert.ok(res.get(paths[0]).cacheId > floor);
+});
+
 test('after the server restarts with a larger max_batch and another base URL, the client learns both', async () => {
   const addr = `127.0.0.1:${await freePort()}`;
   let s = await startServer({ grpcAddr: addr, env: { BLOTCDN_MAX_BATCH: String(MAX_BATCH), BLOTCDN_CDN_BASE_URL: 'https://old.test' } });

@@ -146,6 +146,8 @@ test('a wrong argument rejects with INVALID_ARGUMENT naming it, and nothing is s
   await bad(client.purge('pub8', 'pub8'), /purge: keys must be an array/);
   await bad(client.getInfo({ deadlineMs: '5000' }), /deadlineMs must be a positive number of milliseconds, not the string "5000"/);
   await bad(client.setDomain('example.com', 42), /setDomain: blogId must be a string/);
+  // A number from a database is not sent as "42": the page is not rendered for another blog.
+  await bad(client.render(42, '<link href="{{#cdn}}/a.css{{/cdn}}">'), /render: blogId must be a string, not the number 42/);
   const source = Readable.from([Buffer.from('x')]);
   await bad(client.putAsset('pub8', null, source), /putAsset: the header must be an object/);
   assert.ok(source.destroyed, 'the stream of a call never sent is destroyed');
