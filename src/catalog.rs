@@ -346,13 +346,25 @@ impl Catalog {
         }
         let w = writer.take().expect("writer present");
         let this = self.clone();
+        let id = blog.clone();
         let (info, durable) = blocking(move || {
             let pending = w.finish()?;
             this.commit_blob(blog, path, pending, filename, content_type)
         })
         .await?;
         self.bound_or_dropped(&info.hash, durable).await?;
-        Ok(info)
+        Ok(self.as_served(&id, info))
+    }
+
+    /// The answer says the type the asset's URL is served with: the first
+    /// upload's, when the blog held these bytes already (see `Index::apply`).
+    fn as_served(&self, blog: &BlogId, mut info: AssetInfo) -> AssetInfo {
+        if let Some(r) = self.store.asset_ref(blog.as_str(), &info.hash) {
+            if *r.content_type != *info.content_type {
+                info.content_type = r.content_type.to_string();
+            }
+        }
+        info
     }
 
     /// Makes a file in the blog's folder a permanent asset bound to its path.
@@ -360,6 +372,7 @@ impl Catalog {
         let blog = BlogId::parse(blog)?;
         let path = BlogPath::parse(path)?;
         let this = self.clone();
+        let id = blog.clone();
         let turn = self.imports.clone().acquire_owned().await.expect("never closed");
         let (info, durable) = blocking(move || {
             let _turn = turn;
@@ -367,7 +380,7 @@ impl Catalog {
         })
         .await?;
         self.bound_or_dropped(&info.hash, durable).await?;
-        Ok(info)
+        Ok(self.as_served(&id, info))
     }
 
     fn import_file_blocking(&self, blog: BlogId, path: BlogPath) -> Result<(AssetInfo, Pending<()>), CatalogError> {

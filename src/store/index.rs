@@ -72,8 +72,16 @@ impl Index {
             Rec::Bind { blog, id, floor, path, hash, size, content_type, filename } => {
                 let hash = ContentHash(*hash);
                 let state = self.blog_mut(blog, *floor);
-                let aref = AssetRef { size: *size, content_type: Arc::from(content_type.as_str()) };
-                let new_ref = state.refs.insert(hash, aref).is_none();
+                // A blog's permanent asset keeps the type of its first upload: its URL
+                // answers the same bytes with the same headers for as long as it lives,
+                // whatever type the same bytes are uploaded with later.
+                let new_ref = match state.refs.entry(hash) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(AssetRef { size: *size, content_type: Arc::from(content_type.as_str()) });
+                        true
+                    }
+                };
                 if let Some(p) = path {
                     let entry =
                         PathEntry { version: *id, binding: Some(Box::new((hash, Arc::from(filename.as_str())))) };

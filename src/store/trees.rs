@@ -343,10 +343,14 @@ pub(super) fn apply(t: &Trees, seq: u64, rec: &Rec) -> Result<(), sled::Error> {
         }
         Rec::Bind { blog, id, floor, path, hash, size, content_type, filename } => {
             t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
-            let mut rv = Vec::with_capacity(8 + content_type.len());
-            rv.extend_from_slice(&size.to_be_bytes());
-            rv.extend_from_slice(content_type.as_bytes());
-            t.refs.insert(key(blog, hash), rv)?;
+            // The first upload's type stays (see `Index::apply`).
+            let rk = key(blog, hash);
+            if !t.refs.contains_key(&rk)? {
+                let mut rv = Vec::with_capacity(8 + content_type.len());
+                rv.extend_from_slice(&size.to_be_bytes());
+                rv.extend_from_slice(content_type.as_bytes());
+                t.refs.insert(rk, rv)?;
+            }
             if let Some(p) = path {
                 let mut pv = Vec::with_capacity(24 + filename.len());
                 pv.extend_from_slice(&id.to_be_bytes());

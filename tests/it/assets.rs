@@ -397,6 +397,47 @@ async fn deleting_one_blog_keeps_shared_bytes_for_the_other() {
     s.stop().await;
 }
 
+/// A permanent URL is the same answer for as long as it lives: the same bytes
+/// uploaded or imported again with another type keep the first one, and the
+/// answer says so. (A hostile test flipped a font's URL to text/html, and its
+/// CORS header off, with a second upload.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_url_keeps_its_first_type_when_the_same_bytes_come_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let bytes = b"wOFF and then some bytes of a font";
+    let font = put(server.grpc, "typed", "font.woff", "", bytes).await.unwrap();
+    assert_eq!(font.content_type, "application/font-woff");
+    let served = |server: &ChildServer, what: &str| {
+        let r = get(server.http, &path_of(&font.url), &[]);
+        assert_eq!((r.status, r.body.as_slice()), (200, &bytes[..]), "{what}");
+        (r.header("content-type").map(str::to_owned), r.header("access-control-allow-origin").map(str::to_owned))
+    };
+    let first = served(&server, "first");
+    assert_eq!(first, (Some(font.content_type.clone()), Some("*".into())), "a font is served to other origins");
+    // The same bytes as a page, by upload and by import: the answer names the type kept.
+    let again = put(server.grpc, "typed", "page.html", "", bytes).await.unwrap();
+    assert_eq!((again.hash.as_str(), again.content_type.as_str()), (font.hash.as_str(), font.content_type.as_str()));
+    std::fs::create_dir_all(dir.path().join("blogs/typed")).unwrap();
+    std::fs::write(dir.path().join("blogs/typed/same.html"), bytes).unwrap();
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let imported =
+        p.import_file(pb::ImportFileRequest { blog_id: "typed".into(), path: "/same.html".into() }).await.unwrap();
+    assert_eq!(imported.into_inner().content_type, font.content_type);
+    assert_eq!(served(&server, "after the second upload"), first);
+    // Another blog's reference has a type of its own.
+    let other = put(server.grpc, "other", "page.html", "", bytes).await.unwrap();
+    assert_eq!(other.content_type, "text/html");
+    // And so it stays after a crash (the log read again) and after a clean restart.
+    server.kill9();
+    let mut server = ChildServer::spawn(dir.path());
+    assert_eq!(served(&server, "after kill -9"), first);
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert!(server.child.wait().unwrap().success());
+    let server = ChildServer::spawn(dir.path());
+    assert_eq!(served(&server, "after a clean restart"), first);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_deletion_never_loses_a_referenced_blob() {
     for (round, delay_ms) in [0u64, 1, 3, 8, 20].into_iter().enumerate() {
