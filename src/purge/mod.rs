@@ -63,6 +63,18 @@ impl Bucket {
     }
 }
 
+/// A key that names nothing, of the shape of `key` (a blog's key, or an
+/// asset's `{blog}/{hash}`): asked before a key the edge refuses alone is
+/// left behind, to tell a key the edge cannot take from an edge that takes
+/// none.
+fn probe_key(key: &str) -> Arc<str> {
+    const BLOG: &str = "blotcdn-probe";
+    match key.split_once('/') {
+        Some((_, h)) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => format!("{BLOG}/{:032}", 0).into(),
+        _ => BLOG.into(),
+    }
+}
+
 /// Up to a fifth less, so targets that failed together do not retry together.
 fn jitter(d: Duration) -> Duration {
     let n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
@@ -75,6 +87,7 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
     let kind = t.cfg.kind;
     let mut bucket = Bucket::new(t.cfg.rate_per_sec);
     let mut backoff = FIRST_BACKOFF;
+    let mut deadline = target::FIRST_DEADLINE;
     // Halved after a request the edge refused, so one bad key cannot hold
     // back the ones behind it; back to the most after a success.
     let mut limit = t.max_keys();
@@ -97,13 +110,42 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
             outcome = tracing::field::Empty
         );
         let started = Instant::now();
-        let outcome = match t.request(&keys, SystemTime::now()) {
-            Ok(mut req) => {
-                crate::telemetry::inject(&span, req.headers_mut());
-                target::send(&client, req, kind).instrument(span.clone()).await
+        let send = |keys: &[Arc<str>], deadline| {
+            let req = t.request(keys, SystemTime::now());
+            let span = span.clone();
+            let client = &client;
+            async move {
+                match req {
+                    Ok(mut req) => {
+                        crate::telemetry::inject(&span, req.headers_mut());
+                        target::send(client, req, kind, deadline).instrument(span).await
+                    }
+                    Err(error) => Outcome::error(error),
+                }
             }
-            Err(error) => Outcome::Retry { error, after: None, throttled: false },
         };
+        let mut outcome = send(&keys, deadline).await;
+        if let Outcome::Rejected { error } = &outcome {
+            if keys.len() == 1 {
+                // Left behind only if the edge takes another key of its shape: one that
+                // refuses every purge (a VCL or a proxy in front that changed) must not
+                // have them all dropped, one by one.
+                bucket.take().await;
+                let probe = probe_key(&keys[0]);
+                outcome = if send(std::slice::from_ref(&probe), deadline).await != Outcome::Sent {
+                    let error = format!("{error}; it refuses {probe}, a key that names nothing, too: kept, sent again");
+                    Outcome::error(error)
+                } else {
+                    // It takes purges: the key once more, for an edge that came back
+                    // between the two (refused again, it is the key).
+                    bucket.take().await;
+                    send(&keys, deadline).await
+                };
+            }
+        }
+        if let Outcome::Retry { late: true, .. } = outcome {
+            deadline = (deadline * 2).min(target::LAST_DEADLINE);
+        }
         metrics::histogram!(crate::metrics::PURGE_SECONDS, "target" => name.clone())
             .record(started.elapsed().as_secs_f64());
         let label = match &outcome {
@@ -130,7 +172,7 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                     // One key the edge refuses for good: waiting on it would
                     // hold back every purge behind it. Said loudly, counted
                     // (`outcome="rejected"`), and left behind.
-                    tracing::error!(purge_target = %name, key = %keys[0], error = %error, "the edge refuses this purge key; dropped");
+                    tracing::error!(purge_target = %name, key = %keys[0], error = %error, "the edge refuses this purge key, and takes others; dropped");
                 }
                 limit = t.max_keys();
                 backoff = FIRST_BACKOFF;
@@ -145,8 +187,10 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                 }
             }
             Outcome::Retry { error, after, .. } => {
+                // Never sooner than the backoff: `Retry-After: 0` (or a date past) is
+                // not an invitation to send at full rate for as long as it lasts.
                 let wait = match after {
-                    Some(a) => a.min(MAX_RETRY_AFTER),
+                    Some(a) => a.min(MAX_RETRY_AFTER).max(jitter(backoff)),
                     None => jitter(backoff),
                 };
                 tracing::warn!(purge_target = %name, error = %error, retry_in_ms = wait.as_millis() as u64, "purge not delivered");

@@ -27,8 +27,12 @@ use crate::config::{PurgeKind, PurgeTarget};
 pub const BUNNY_KEY: &str = "BUNNY_API_KEY";
 pub const CLOUDFLARE_TOKEN: &str = "CLOUDFLARE_API_TOKEN";
 
-/// One request's deadline, answer included.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// One request's deadline, answer included, at first: doubled after each
+/// request the target did not answer in time, up to [`LAST_DEADLINE`]. An
+/// edge that bans but answers late would otherwise be sent the same purge
+/// for ever.
+pub const FIRST_DEADLINE: Duration = Duration::from_secs(10);
+pub const LAST_DEADLINE: Duration = Duration::from_secs(80);
 
 enum Credentials {
     None,
@@ -51,6 +55,8 @@ pub enum Outcome {
         error: String,
         after: Option<Duration>,
         throttled: bool,
+        /// No answer within the request's deadline.
+        late: bool,
     },
     /// The edge refuses this request as it is (a 4xx other than 408 and
     /// 429): sending it again would fail again.
@@ -209,7 +215,7 @@ const ANSWER_READ: usize = 64 * 1024;
 /// Sends one request and reads what its answer means. Cloudflare and Bunny
 /// answer errors with a 4xx or 5xx; Cloudflare's `"success": false` in a
 /// 200 is an error too.
-pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKind) -> Outcome {
+pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKind, deadline: Duration) -> Outcome {
     let fut = async {
         let resp = client.request(req).await.map_err(|e| {
             use std::error::Error;
@@ -229,10 +235,13 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
         let body = crate::outbound::body_prefix(resp.into_body(), ANSWER_READ).await?;
         Ok::<_, String>((status, retry_after, body))
     };
-    let (status, after, body) = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+    let (status, after, body) = match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Outcome::Retry { error: e, after: None, throttled: false },
-        Err(_) => return Outcome::Retry { error: "no answer within 10 s".into(), after: None, throttled: false },
+        Ok(Err(e)) => return Outcome::error(e),
+        Err(_) => {
+            let error = format!("no answer within {} s", deadline.as_secs());
+            return Outcome::Retry { error, after: None, throttled: false, late: true };
+        }
     };
     let cloudflare_failed = kind == PurgeKind::Cloudflare
         && serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.get("success") == Some(&false.into()));
@@ -251,7 +260,14 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
     if malformed && !busy {
         return Outcome::Rejected { error };
     }
-    Outcome::Retry { error, after, throttled: status == StatusCode::TOO_MANY_REQUESTS }
+    Outcome::Retry { error, after, throttled: status == StatusCode::TOO_MANY_REQUESTS, late: false }
+}
+
+impl Outcome {
+    /// Not sent, for a reason of our side or the network's: tried again.
+    pub fn error(error: String) -> Outcome {
+        Outcome::Retry { error, after: None, throttled: false, late: false }
+    }
 }
 
 /// `Retry-After`: seconds, or an HTTP date.

@@ -669,6 +669,68 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
     s.stop().await;
 }
 
+/// An edge that refuses every purge (a VCL or a proxy in front of it changed)
+/// loses none: a key refused alone is dropped only when the edge takes a key
+/// of its shape that names nothing. A hostile test had 20 acknowledged
+/// purges dropped, one by one, in 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_refuses_every_purge_loses_none_of_them() {
+    let ep = Endpoint::start(|n| match n {
+        0..8 => (400, vec![], "bad request".into()),
+        _ => (200, vec![], "{}".into()),
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("strict", "http", ep.url("/"), None)])).await;
+    let hash = "0123456789abcdef0123456789abcdef";
+    let keys = vec!["blog".to_owned(), format!("blog/{hash}")];
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys: keys.clone() }).await.unwrap();
+    let q = wait_queues(s.grpc, 20, "the queue drained once the edge took purges again", drained).await;
+    assert!(!q[0].last_error.contains("dropped"), "{q:?}");
+    let got = ep.got();
+    let taken: Vec<String> = got[8..]
+        .iter()
+        .flat_map(|g| serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone())
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    for k in &keys {
+        assert!(taken.contains(k), "{k} never reached the edge once it took purges: {got:?}");
+    }
+    // What the edge was asked while it refused: the keys, and the probe of a key's shape.
+    let asked: Vec<&str> = got[..8].iter().map(|g| g.body.as_str()).collect();
+    assert!(asked.contains(&r#"{"keys":["blotcdn-probe"]}"#), "{asked:?}");
+    s.stop().await;
+}
+
+/// `Retry-After: 0` (or a date already past) on every answer: the backoff
+/// still holds, where a hostile test saw the edge asked at the full rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_zero_does_not_undo_the_backoff() {
+    let ep = Endpoint::start(|_| (503, vec![("Retry-After", "0".into())], "busy".into()));
+    let s = Server::start_with(|p| p.purge = Some(vec![target("busy", "http", ep.url("/"), Some(50.0))])).await;
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys: vec![] }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 100 ms doubling, less up to a fifth: 6 or 7 requests in 3 s, not the 150 the rate allows.
+    let n = ep.got().len();
+    assert!((2..=8).contains(&n), "{n} requests in 3 s");
+    assert_eq!(queues(&s).await[0].length, 1, "kept");
+    s.stop().await;
+}
+
+/// An edge that purges but answers after the request's first deadline
+/// (10 s) gets a longer one next time, so the key is sent twice, not for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_answers_late_is_given_longer() {
+    let ep = Endpoint::start(|_| {
+        std::thread::sleep(Duration::from_secs(11));
+        (200, vec![], "{}".into())
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("late", "http", ep.url("/"), None)])).await;
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys: vec![] }).await.unwrap();
+    let q = wait_queues(s.grpc, 40, "the purge delivered to a late edge", drained).await;
+    assert_eq!(q[0].sent, 1);
+    assert_eq!(ep.got().len(), 2, "sent once more after the first deadline, then answered");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_the_edge_can_fix_are_retried_never_dropped() {
     // 403 (credentials), 405 (an ACL), then CloudFront's 400 for too many
