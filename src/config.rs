@@ -643,13 +643,8 @@ impl Config {
             http_addr: addr("http_addr", p.http_addr, "127.0.0.1:8080")?,
             metrics_addr: addr("metrics_addr", p.metrics_addr, "127.0.0.1:9464")?,
             otlp_endpoint: match p.otlp_endpoint.filter(|e| !e.is_empty()) {
-                Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
-                    return Err(invalid(
-                        "otlp_endpoint",
-                        format!("{e:?} is not an http(s) URL like http://127.0.0.1:4317"),
-                    ))
-                }
-                e => e,
+                Some(e) => Some(check_otlp_endpoint(e).map_err(|reason| invalid("otlp_endpoint", reason))?),
+                None => None,
             },
             data_dir,
             blogs_dir,
@@ -713,6 +708,33 @@ impl Config {
         })
         .expect("defaults are valid")
     }
+}
+
+/// An OTLP/gRPC endpoint: `http(s)://host:port`, perhaps with a path; no
+/// credentials (they would be logged with the endpoint: a header carries
+/// them, `OTEL_EXPORTER_OTLP_HEADERS`), no query.
+fn check_otlp_endpoint(e: String) -> Result<String, String> {
+    let like = "like http://127.0.0.1:4317";
+    let uri: http::Uri = e.parse().map_err(|err| format!("{e:?} is not a URL {like} ({err})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{e:?} is not an http(s) URL {like}"));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if authority.contains('@') {
+        return Err("the URL carries credentials, which would be logged with it: give them as a header in OTEL_EXPORTER_OTLP_HEADERS".into());
+    }
+    if uri.host().is_none_or(|h| h.is_empty() || h == "[]") {
+        return Err(format!("{e:?} names no host, {like}"));
+    }
+    // (`Uri::port` is None for a port past 65535, as for none.)
+    let port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']'));
+    if port.is_some_and(|p| !p.parse::<u16>().is_ok_and(|p| p > 0)) {
+        return Err(format!("{e:?}: the port must be from 1 to 65535"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{e:?}: an OTLP/gRPC endpoint has no query"));
+    }
+    Ok(e)
 }
 
 #[cfg(test)]
@@ -802,6 +824,26 @@ mod tests {
         assert!(e.to_string().contains("http_slice_us") && e.to_string().contains("http_threads"), "{e}");
         assert!(Config::from_partial(slice_without_threads(None)).is_ok());
         assert!(Config::from_partial(slice_without_threads(Some(0))).is_ok());
+        // An OTLP endpoint the exporter cannot use is refused at start, naming the key
+        // (a malformed one panicked with a message about Tokio), and one with
+        // credentials, which the start's log line would show.
+        let otlp = |e: &str| Config::from_partial(Partial { otlp_endpoint: Some(e.into()), ..Default::default() });
+        for (bad, says) in [
+            ("http://[::1", "not a URL"),
+            ("grpc://127.0.0.1:4317", "not an http(s) URL"),
+            ("http://127.0.0.1:99999", "port"),
+            ("http://127.0.0.1:0", "port"),
+            ("http://:4317", "names no host"),
+            ("http://127.0.0.1:4317/?a=b", "no query"),
+            ("http://user:secret@127.0.0.1:4317", "credentials"),
+        ] {
+            let e = otlp(bad).unwrap_err().to_string();
+            assert!(e.contains("otlp_endpoint") && e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        for good in ["http://127.0.0.1:4317", "https://collector.example:4317", "http://[::1]:4317", "http://otel"] {
+            assert_eq!(otlp(good).unwrap().otlp_endpoint.as_deref(), Some(good));
+        }
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "max_bach = 5\n").unwrap();

@@ -15,7 +15,7 @@ use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{DynFilterFn, EnvFilter, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::{fmt, prelude::*};
 
 /// Keeps the exporter alive; flushes what is left on [`Telemetry::shutdown`].
@@ -39,7 +39,7 @@ pub fn init(otlp_endpoint: Option<&str>) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in files and pipes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let logs = fmt::layer().with_target(false).with_ansi(ansi).with_filter(filter);
+    let logs = fmt::layer().with_target(false).with_ansi(ansi).with_filter(filter.and(quiet_exporter()));
     let provider = otlp_endpoint.and_then(|ep| match provider(ep) {
         Ok(p) => Some(p),
         Err(e) => {
@@ -60,6 +60,25 @@ pub fn init(otlp_endpoint: Option<&str>) -> Telemetry {
     Telemetry { provider }
 }
 
+/// The exporter's own errors (a collector down or answering garbage) at most
+/// once every ten seconds: it says one for each batch it fails to send, up to
+/// dozens a second under load, and would fill the log's disk.
+fn quiet_exporter<S>() -> impl tracing_subscriber::layer::Filter<S> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tracing::subscriber::Interest;
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let exporter = |m: &tracing::Metadata<'_>| m.target().starts_with("opentelemetry");
+    DynFilterFn::new(move |m, _| {
+        if !exporter(m) || !m.is_event() {
+            return true;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let last = LAST.load(Ordering::Relaxed);
+        now >= last + 10 && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    })
+    .with_callsite_filter(move |m| if exporter(m) { Interest::sometimes() } else { Interest::always() })
+}
+
 fn provider(endpoint: &str) -> Result<SdkTracerProvider, Box<dyn std::error::Error>> {
     use opentelemetry_otlp::WithExportConfig;
     // The SDK's batch processor exports from a thread of its own, where the
@@ -68,7 +87,15 @@ fn provider(endpoint: &str) -> Result<SdkTracerProvider, Box<dyn std::error::Err
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("otlp").enable_all().build()?;
     let inner = {
         let _in_rt = rt.enter();
-        opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?
+        opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()
+    };
+    let inner = match inner {
+        Ok(i) => i,
+        Err(e) => {
+            // Dropped here, inside the server's runtime, it would panic.
+            rt.shutdown_background();
+            return Err(e.into());
+        }
     };
     let resource = opentelemetry_sdk::Resource::builder().with_service_name("blotcdn").build();
     // The sampler comes from OTEL_TRACES_SAMPLER / _ARG (the SDK's default

@@ -228,3 +228,31 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     assert_eq!(server.child.wait().unwrap().code(), Some(0));
     wait_for(&rx, "last request before SIGTERM", |g| g.trace_id == t4).await;
 }
+
+/// A collector that is down: the exporter's error is logged at most once
+/// every ten seconds, not once a batch (a hostile test counted about 40
+/// lines a second under load from a collector answering garbage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_down_costs_a_log_line_every_ten_seconds_not_one_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("stdout.log");
+    let closed = common::free_port();
+    // The server's log, as a service manager keeps it.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &format!("exec \"$@\" > {}", log.display()), "sh"]).arg(common::binary()).arg("serve");
+    cmd.arg("--data-dir").arg(&data);
+    cmd.env("BLOTCDN_OTLP_ENDPOINT", format!("http://127.0.0.1:{closed}")).env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    let mut server = ChildServer::spawn_cmd(cmd, &data);
+    // Spans for 4 s: a batch to export every 50 ms.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        curl(&[&format!("http://{}/_ask?domain=x.example", server.http)]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    server.child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let errors = text.lines().filter(|l| l.contains("ERROR") && l.contains("Export")).count();
+    assert!((1..=2).contains(&errors), "{errors} export errors logged in 4 s:\n{text}");
+}
