@@ -165,3 +165,58 @@ async fn fallbacks_that_refuse_or_fail_are_skipped_and_backfill_can_be_off() {
     assert!(!String::from_utf8_lossy(&r.body).contains("upstream"), "an upstream error leaked");
     s.stop().await;
 }
+
+/// The README's shell blocks that follow `heading`, in order.
+fn readme_blocks(heading: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split_once(&format!("\n{heading}\n")).expect("the heading is in the README").1;
+    let section = section.split("\n## ").next().unwrap();
+    section.split("```sh\n").skip(1).map(|b| b.split_once("```").unwrap().0.to_owned()).collect()
+}
+
+/// The Quickstart as a newcomer pastes it, against a server started as the
+/// README's first command starts it (here on free ports, put in the text
+/// where it names the defaults), in a folder of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quickstart_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let server = common::ChildServer::spawn(&data);
+    let blocks = readme_blocks("## Quickstart");
+    assert_eq!(blocks.len(), 2, "the quickstart and its grpcurl twin");
+    let metrics = server.metrics.expect("the server says its metrics address").to_string();
+    let ports = |b: &str| {
+        b.replace("127.0.0.1:50051", &server.grpc.to_string())
+            .replace("127.0.0.1:8080", &server.http.to_string())
+            .replace("127.0.0.1:9464", &metrics)
+    };
+    let bin_dir = binary().parent().unwrap().to_owned();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let sh = |script: &str| {
+        let mut c = Command::new("bash");
+        c.args(["-euo", "pipefail", "-c", script]).current_dir(dir.path());
+        c.env("PATH", &path).env("BLOTCDN_SERVER", format!("http://{}", server.grpc));
+        run(&mut c, 120)
+    };
+    // `export PATH=$PWD/target/release…` names the repository's build; here the test's.
+    let (code, out, err) = sh(&ports(&blocks[0]));
+    assert_eq!(code, 0, "the quickstart failed:\n{out}\n{err}");
+    let base = format!("http://{}/443d398b03/", server.http);
+    // What the newcomer sees, in order: a cache id, three URLs, the file through the origin,
+    // one URL changed, a permanent URL, the domain's blog, the metrics.
+    let ids: Vec<u64> = out.lines().filter_map(|l| l.strip_prefix("cache_id ")?.parse().ok()).collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    let urls: Vec<&str> = out.lines().filter_map(|l| l.split('\t').nth(1)).filter(|u| u.starts_with(&base)).collect();
+    let style1 = format!("{base}{}/templates/foo/style.css", ids[0]);
+    let style2 = format!("{base}{}/templates/foo/style.css", ids[1]);
+    assert!(urls.contains(&style1.as_str()) && urls.contains(&style2.as_str()), "{out}");
+    assert!(urls.contains(&format!("{base}{}/photos/a%20b.jpg", ids[0]).as_str()), "{out}");
+    assert!(urls.iter().filter(|u| u.ends_with("/app.js")).all(|u| u.contains(&format!("/{}/", ids[0]))), "{out}");
+    assert!(out.contains("HTTP/1.1 200") && out.contains("body { color: #333 }"), "{out}");
+    assert!(urls.iter().any(|u| u.contains("/_assets/") && u.ends_with("/me.png")), "{out}");
+    assert!(out.contains("blotcdn_rpc_requests_total{"), "{out}");
+    let (code, out, err) = sh(&ports(&blocks[1]));
+    assert_eq!(code, 0, "the grpcurl twin failed:\n{out}\n{err}");
+    assert!(out.contains("blotcdn.v1.Resolver") && out.contains("\"status\": \"SERVING\""), "{out}");
+}
