@@ -63,16 +63,23 @@ impl Bucket {
     }
 }
 
-/// A key that names nothing, of the shape of `key` (a blog's key, or an
-/// asset's `{blog}/{hash}`): asked before a key the edge refuses alone is
-/// left behind, to tell a key the edge cannot take from an edge that takes
-/// none.
-fn probe_key(key: &str) -> Arc<str> {
-    const BLOG: &str = "blotcdn-probe";
-    match key.split_once('/') {
-        Some((_, h)) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => format!("{BLOG}/{:032}", 0).into(),
-        _ => BLOG.into(),
-    }
+/// A key the edge refuses alone is dropped only after it has been refused
+/// this long, each time it was tried, and at least [`STRIKES`] times just
+/// after the edge took another key waiting: an edge that refuses every key
+/// (its VCL, or a proxy in front of it, changed) or only now and then (one
+/// node of two broken) keeps them all; one that refuses just this key (a
+/// blog it no longer knows) holds the keys behind it back this long.
+const REFUSED_FOR: Duration = Duration::from_secs(30);
+const STRIKES: u32 = 3;
+
+/// The key at the head that the edge refuses alone.
+struct Refused {
+    key: Arc<str>,
+    since: Instant,
+    /// Refusals of it alone.
+    tries: u32,
+    /// Refusals just after the edge took another key.
+    strikes: u32,
 }
 
 /// Up to a fifth less, so targets that failed together do not retry together.
@@ -88,6 +95,7 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
     let mut bucket = Bucket::new(t.cfg.rate_per_sec);
     let mut backoff = FIRST_BACKOFF;
     let mut deadline = target::FIRST_DEADLINE;
+    let mut refused: Option<Refused> = None;
     // Halved after a request the edge refused, so one bad key cannot hold
     // back the ones behind it; back to the most after a success.
     let mut limit = t.max_keys();
@@ -127,20 +135,38 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
         let mut outcome = send(&keys, deadline).await;
         if let Outcome::Rejected { error } = &outcome {
             if keys.len() == 1 {
-                // Left behind only if the edge takes another key of its shape: one that
-                // refuses every purge (a VCL or a proxy in front that changed) must not
-                // have them all dropped, one by one.
-                bucket.take().await;
-                let probe = probe_key(&keys[0]);
-                outcome = if send(std::slice::from_ref(&probe), deadline).await != Outcome::Sent {
-                    let error = format!("{error}; it refuses {probe}, a key that names nothing, too: kept, sent again");
-                    Outcome::error(error)
-                } else {
-                    // It takes purges: the key once more, for an edge that came back
-                    // between the two (refused again, it is the key).
-                    bucket.take().await;
-                    send(&keys, deadline).await
+                let r = match refused.take() {
+                    Some(r) if r.key == keys[0] => refused.insert(r),
+                    _ => refused.insert(Refused { key: keys[0].clone(), since: Instant::now(), tries: 0, strikes: 0 }),
                 };
+                r.tries += 1;
+                // Every other refusal, the edge is asked for another key waiting, alone
+                // (a purge the edge takes twice does no harm): an edge that takes it
+                // refuses this key, not every key. Every other one only, so that an edge
+                // that refuses every second request does not refuse this key each time.
+                let other = if r.tries % 2 == 1 { q.other_than(&keys[0]) } else { None };
+                let mut took = None;
+                if let Some(other) = other {
+                    bucket.take().await;
+                    match send(std::slice::from_ref(&other), deadline).await {
+                        Outcome::Sent => {
+                            r.strikes += 1;
+                            took = Some(other);
+                        }
+                        Outcome::Retry { late: true, .. } => deadline = (deadline * 2).min(target::LAST_DEADLINE),
+                        _ => {}
+                    }
+                }
+                if r.strikes < STRIKES || r.since.elapsed() < REFUSED_FOR {
+                    let why = match took {
+                        Some(o) => format!(
+                            "it takes other keys ({o}): dropped if it still refuses this one after {} s",
+                            REFUSED_FOR.as_secs()
+                        ),
+                        None => "kept, sent again".to_owned(),
+                    };
+                    outcome = Outcome::error(format!("{error}; {why}"));
+                }
             }
         }
         if let Outcome::Retry { late: true, .. } = outcome {
@@ -176,6 +202,11 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                 }
                 limit = t.max_keys();
                 backoff = FIRST_BACKOFF;
+                refused = None;
+                // Back towards the first deadline once the edge answers in time again
+                // (twice what this answer took, so an edge that is always slow keeps
+                // what it needs).
+                deadline = (started.elapsed() * 2).clamp(target::FIRST_DEADLINE, deadline);
                 let upto = q.delivered();
                 if let Outcome::Rejected { error } = outcome {
                     q.note_dropped(format!("dropped key {}: {error}", keys[0]));

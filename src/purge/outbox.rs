@@ -316,6 +316,14 @@ impl Queue {
         s.last_error = error;
     }
 
+    /// The first key waiting that is not `key` (nor pinned): asked alone when
+    /// the edge refuses `key`, to tell an edge that refuses one key from one
+    /// that refuses every key.
+    pub fn other_than(&self, key: &str) -> Option<Arc<str>> {
+        let s = self.state.lock();
+        s.items.iter().map(|i| &i.key).find(|k| &***k != key && !s.pinned.contains_key(*k)).cloned()
+    }
+
     /// True when nothing can be sent now: nothing waits, or the head is
     /// pinned by a write not yet durable (a wake-up follows its unpin).
     pub fn is_idle(&self) -> bool {
