@@ -710,29 +710,45 @@ impl Config {
     }
 }
 
-/// An OTLP/gRPC endpoint: `http(s)://host:port`, perhaps with a path; no
-/// credentials (they would be logged with the endpoint: a header carries
-/// them, `OTEL_EXPORTER_OTLP_HEADERS`), no query.
+/// An OTLP/gRPC endpoint: `http://host:port`, perhaps with a path. No
+/// credentials (a header carries them, `OTEL_EXPORTER_OTLP_HEADERS`: in the
+/// URL they would be logged with it), no query or fragment, and no `https`:
+/// this build's exporter has no TLS. A refused value is quoted without what
+/// may be secret in it.
 fn check_otlp_endpoint(e: String) -> Result<String, String> {
     let like = "like http://127.0.0.1:4317";
-    let uri: http::Uri = e.parse().map_err(|err| format!("{e:?} is not a URL {like} ({err})"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!("{e:?} is not an http(s) URL {like}"));
-    }
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let (scheme, rest) = e.split_once("://").unwrap_or(("", &e));
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     if authority.contains('@') {
-        return Err("the URL carries credentials, which would be logged with it: give them as a header in OTEL_EXPORTER_OTLP_HEADERS".into());
+        return Err("the URL carries credentials, which would be logged with it: give them as a header in \
+                    OTEL_EXPORTER_OTLP_HEADERS"
+            .into());
     }
+    let shown = format!(
+        "{scheme}{}{}",
+        if scheme.is_empty() { "" } else { "://" },
+        &rest[..rest.find(['?', '#']).unwrap_or(rest.len())]
+    );
+    if rest.contains(['?', '#']) {
+        return Err(format!("{shown:?}…: an OTLP/gRPC endpoint has no query or fragment"));
+    }
+    if scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "{shown:?}: this build exports traces without TLS; give an http:// endpoint (a collector or agent on a \
+             private address)"
+        ));
+    }
+    if !scheme.eq_ignore_ascii_case("http") {
+        return Err(format!("{shown:?} is not an http:// URL {like}"));
+    }
+    let uri: http::Uri = e.parse().map_err(|err| format!("{shown:?} is not a URL {like} ({err})"))?;
     if uri.host().is_none_or(|h| h.is_empty() || h == "[]") {
-        return Err(format!("{e:?} names no host, {like}"));
+        return Err(format!("{shown:?} names no host, {like}"));
     }
     // (`Uri::port` is None for a port past 65535, as for none.)
     let port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']'));
-    if port.is_some_and(|p| !p.parse::<u16>().is_ok_and(|p| p > 0)) {
-        return Err(format!("{e:?}: the port must be from 1 to 65535"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{e:?}: an OTLP/gRPC endpoint has no query"));
+    if port.is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit()) || !p.parse::<u16>().is_ok_and(|p| p > 0)) {
+        return Err(format!("{shown:?}: the port must be from 1 to 65535"));
     }
     Ok(e)
 }
@@ -830,18 +846,27 @@ mod tests {
         let otlp = |e: &str| Config::from_partial(Partial { otlp_endpoint: Some(e.into()), ..Default::default() });
         for (bad, says) in [
             ("http://[::1", "not a URL"),
-            ("grpc://127.0.0.1:4317", "not an http(s) URL"),
+            ("grpc://127.0.0.1:4317", "not an http:// URL"),
             ("http://127.0.0.1:99999", "port"),
             ("http://127.0.0.1:0", "port"),
+            ("http://127.0.0.1:+4317", "port"),
             ("http://:4317", "names no host"),
-            ("http://127.0.0.1:4317/?a=b", "no query"),
+            ("https://collector.example:4317", "without TLS"),
+            ("http://127.0.0.1:4317/?secret", "no query"),
+            ("http://127.0.0.1:4317/#secret", "no query or fragment"),
             ("http://user:secret@127.0.0.1:4317", "credentials"),
+            // Refused for something else, a secret in it is not shown either.
+            ("user:secret@127.0.0.1:4317", "credentials"),
+            ("grpc://u:secret@127.0.0.1:4317", "credentials"),
+            ("http://u:secret@[::1", "credentials"),
         ] {
             let e = otlp(bad).unwrap_err().to_string();
             assert!(e.contains("otlp_endpoint") && e.contains(says), "{bad}: {e}");
             assert!(!e.contains("secret"), "{e}");
         }
-        for good in ["http://127.0.0.1:4317", "https://collector.example:4317", "http://[::1]:4317", "http://otel"] {
+        for good in
+            ["http://127.0.0.1:4317", "HTTP://otel:4317", "http://[::1]:4317", "http://otel", "http://otel:4317/v1"]
+        {
             assert_eq!(otlp(good).unwrap().otlp_endpoint.as_deref(), Some(good));
         }
         let dir = tempfile::tempdir().unwrap();
