@@ -3,6 +3,7 @@
 //! `fsck`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
@@ -237,8 +238,16 @@ impl tonic::service::Interceptor for Bearer {
 
 impl Conn {
     async fn channel(&self) -> anyhow::Result<(Channel, Bearer)> {
+        // A server that takes the connection and never answers (stopped with
+        // SIGSTOP, a black hole in the network) fails the command within about
+        // half a minute, where it waited for ever: an unanswered ping ends the
+        // connection. No deadline on the call itself, which may be a long upload.
         let ch = Channel::from_shared(self.server.clone())
             .with_context(|| format!("invalid --server {:?}", self.server))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .with_context(|| format!("cannot connect to {}", self.server))?;
@@ -259,7 +268,18 @@ impl Conn {
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    // A failure of the connection says why below tonic's words ("http2
+    // error": a ping unanswered, the connection reset).
+    let mut msg = format!("{:?}: {}", s.code(), s.message());
+    let mut src = std::error::Error::source(&s);
+    while let Some(e) = src {
+        let e_text = e.to_string();
+        if !msg.ends_with(&e_text) {
+            msg = format!("{msg}: {e_text}");
+        }
+        src = e.source();
+    }
+    anyhow::anyhow!(msg)
 }
 
 /// A refusal every call to this server would get (no token or the wrong

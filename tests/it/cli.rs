@@ -220,3 +220,40 @@ async fn the_readme_quickstart_runs_as_written() {
     assert_eq!(code, 0, "the grpcurl twin failed:\n{out}\n{err}");
     assert!(out.contains("blotcdn.v1.Resolver") && out.contains("\"status\": \"SERVING\""), "{out}");
 }
+
+/// A server that takes the connection and never answers (stopped, or a
+/// black hole in the network): a command fails, saying so, where it waited
+/// for ever (a hostile test's `invalidate` and `purges` were still waiting
+/// after 100 s).
+#[test]
+fn a_command_against_a_server_that_never_answers_fails() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        // Takes connections and holds them, reading nothing.
+        let mut conns = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((c, _)) => conns.push(c),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+            if conns.len() >= 2 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    for args in [&["invalidate", "--blog", "x"][..], &["purges"][..]] {
+        let started = Instant::now();
+        let (code, _, err) = run(Command::new(binary()).args(args).env("BLOTCDN_SERVER", format!("http://{addr}")), 80);
+        assert_ne!(code, 0, "{args:?}: {err}");
+        assert!(
+            err.contains(&addr.to_string()) || err.contains("keep-alive") || err.contains("transport"),
+            "{args:?}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(75), "{args:?} took {:?}", started.elapsed());
+    }
+    held.join().unwrap();
+}
