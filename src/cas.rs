@@ -195,8 +195,15 @@ impl Cas {
             if name.len() != 2 || !a.file_type()?.is_dir() {
                 continue;
             }
-            for b in std::fs::read_dir(a.path())? {
-                for f in std::fs::read_dir(b?.path())? {
+            // A damaged store is what fsck is for: something else where a folder
+            // should be is passed over, and an error names its path.
+            let named = |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+            for b in std::fs::read_dir(a.path()).map_err(|e| named(&a.path(), e))? {
+                let b = b?;
+                if !b.file_type()?.is_dir() {
+                    continue;
+                }
+                for f in std::fs::read_dir(b.path()).map_err(|e| named(&b.path(), e))? {
                     let f = f?;
                     if let Ok(h) = ContentHash::parse(&f.file_name().to_string_lossy()) {
                         out.push((h, f.path()));
@@ -219,11 +226,27 @@ impl Cas {
         Ok((n, bytes))
     }
 
-    /// Re-hashes a stored blob.
-    pub fn rehash(&self, path: &Path) -> io::Result<ContentHash> {
+    /// Re-hashes a stored blob; `None` when what has its name is not a
+    /// regular file (a folder, a link, a FIFO, which a plain open would wait
+    /// on for ever). An error names the path.
+    pub fn rehash(&self, path: &Path) -> io::Result<Option<ContentHash>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            Err(e) => return Err(named(e)),
+        };
+        if !file.metadata().map_err(named)?.is_file() {
+            return Ok(None);
+        }
         let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(File::open(path)?)?;
-        Ok(ContentHash::of(&hasher.finalize()))
+        hasher.update_reader(file).map_err(named)?;
+        Ok(Some(ContentHash::of(&hasher.finalize())))
     }
 
     /// Moves a corrupt blob aside, out of reach of the origin.

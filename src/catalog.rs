@@ -586,7 +586,8 @@ impl Catalog {
         let mut report = FsckReport::default();
         for (hash, path) in self.cas.list()? {
             report.blobs_checked += 1;
-            if self.cas.rehash(&path)? != hash {
+            // Not a regular file where the blob should be: as corrupt, moved aside too.
+            if self.cas.rehash(&path)? != Some(hash) {
                 report.corrupt.push(hash);
                 if quarantine {
                     report.quarantined.push(self.cas.quarantine(&hash)?);

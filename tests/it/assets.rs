@@ -505,10 +505,21 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     let good = put(s.grpc, "f", "good.txt", "", b"good bytes").await.unwrap();
     let bad = put(s.grpc, "f", "bad.txt", "", b"bad bytes").await.unwrap();
     let gone = put(s.grpc, "f", "gone.txt", "", b"gone bytes").await.unwrap();
+    let folder = put(s.grpc, "f", "folder.txt", "", b"now a folder").await.unwrap();
+    let fifo = put(s.grpc, "f", "fifo.txt", "", b"now a fifo").await.unwrap();
     let dir = s.stop().await;
     let blob = |h: &str| common::blob_file(dir.path(), h);
     std::fs::write(blob(&bad.hash), b"flipped bits").unwrap();
     std::fs::remove_file(blob(&gone.hash)).unwrap();
+    // What a damaged disk or a hand can leave where a blob should be: a folder, and a
+    // FIFO, which a plain open waits on for ever (a hostile test's fsck hung on one).
+    std::fs::remove_file(blob(&folder.hash)).unwrap();
+    std::fs::create_dir(blob(&folder.hash)).unwrap();
+    std::fs::remove_file(blob(&fifo.hash)).unwrap();
+    let c = std::ffi::CString::new(blob(&fifo.hash).to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // And a file where a folder of the store's fan-out should be.
+    std::fs::write(blob(&good.hash).parent().unwrap().parent().unwrap().join("zz"), b"stray").unwrap();
 
     let fsck =
         |extra: &[&str]| run(Command::new(binary()).args(["fsck", "--data-dir"]).arg(dir.path()).args(extra), 60);
@@ -516,6 +527,8 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains(&format!("corrupt {}", bad.hash)), "{out}");
     assert!(out.contains(&format!("missing {}", gone.hash)), "{out}");
+    assert!(out.contains(&format!("corrupt {}", folder.hash)), "{out}");
+    assert!(out.contains(&format!("corrupt {}", fifo.hash)), "{out}");
     assert!(!out.contains(&good.hash), "{out}");
     assert!(blob(&bad.hash).exists(), "report only without --quarantine");
 
@@ -524,6 +537,7 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     assert!(out.contains("quarantined"), "{out}");
     assert!(!blob(&bad.hash).exists());
     assert!(dir.path().join("cas/quarantine").join(&bad.hash).exists());
+    assert!(!blob(&fifo.hash).exists() && !blob(&folder.hash).exists());
     assert!(blob(&good.hash).exists());
 }
 
