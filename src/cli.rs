@@ -207,6 +207,13 @@ impl Cli {
 
 impl ServeArgs {
     pub fn load(&self) -> anyhow::Result<Config> {
+        // A variable of ours that is not UTF-8 is an error naming it, not a value left unread.
+        if let Some((k, _)) = std::env::vars_os().find(|(k, v)| {
+            k.to_str().is_some_and(|k| k.starts_with("BLOTCDN_") || k == "OTEL_EXPORTER_OTLP_ENDPOINT")
+                && v.to_str().is_none()
+        }) {
+            anyhow::bail!("config: invalid {}: its value is not UTF-8", k.to_string_lossy());
+        }
         let env = Partial::from_env(|k| std::env::var(k).ok())?;
         let flags = Partial {
             data_dir: self.data_dir.clone(),

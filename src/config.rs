@@ -240,7 +240,15 @@ impl Partial {
             .transpose()
         }
         let list = |v: Option<String>| {
-            v.map(|s| s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect())
+            v.map(|s| s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect::<Vec<_>>())
+        };
+        // Set, but to commas alone: not taken as "no tokens", which leaves the service open.
+        let tokens = |var: &str| match list(get(var).filter(|v| !v.trim().is_empty())) {
+            Some(t) if t.is_empty() => Err(ConfigError::Invalid {
+                key: var.into(),
+                reason: "names no token; leave it unset for a service without tokens".into(),
+            }),
+            t => Ok(t),
         };
         Ok(Partial {
             data_dir: get("BLOTCDN_DATA_DIR").map(PathBuf::from),
@@ -253,8 +261,8 @@ impl Partial {
             otlp_endpoint: get("BLOTCDN_OTLP_ENDPOINT").or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT")),
             cdn_base_url: get("BLOTCDN_CDN_BASE_URL"),
             url_style: get("BLOTCDN_URL_STYLE"),
-            resolver_tokens: list(get("BLOTCDN_RESOLVER_TOKENS")),
-            publisher_tokens: list(get("BLOTCDN_PUBLISHER_TOKENS")),
+            resolver_tokens: tokens("BLOTCDN_RESOLVER_TOKENS")?,
+            publisher_tokens: tokens("BLOTCDN_PUBLISHER_TOKENS")?,
             max_batch: num("BLOTCDN_MAX_BATCH", get("BLOTCDN_MAX_BATCH"))?,
             max_asset_bytes: num("BLOTCDN_MAX_ASSET_BYTES", get("BLOTCDN_MAX_ASSET_BYTES"))?,
             fallback_origins: list(get("BLOTCDN_FALLBACK_ORIGINS")),
@@ -453,6 +461,14 @@ impl Config {
                 let u = u.trim_end_matches('/').to_owned();
                 if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= "https://".len() {
                     return Err(invalid("cdn_base_url", format!("{u:?} is not an http(s) URL")));
+                }
+                // Every URL is this and a path after it: a query or a fragment would
+                // end up in the middle of each.
+                if u.contains(['?', '#']) || u.parse::<http::Uri>().is_err() {
+                    return Err(invalid(
+                        "cdn_base_url",
+                        format!("{u:?} is not a base URL like https://cdn.example.com (no query or fragment)"),
+                    ));
                 }
                 Some(u)
             }

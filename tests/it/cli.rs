@@ -6,6 +6,7 @@ use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,20 @@ fn configuration_errors_name_their_key() {
     let (code, _, err) = serve(&[("BLOTCDN_GRPC_ADDR", "localhost")], &[]);
     assert_ne!(code, 0);
     assert!(err.contains("grpc_addr"), "{err}");
+    // Tokens set to commas alone: refused, not a Publisher open to anyone.
+    let (code, _, err) = serve(&[("BLOTCDN_PUBLISHER_TOKENS", ",")], &[]);
+    assert_ne!(code, 0, "started open with tokens \",\"");
+    assert!(err.contains("BLOTCDN_PUBLISHER_TOKENS") && err.contains("names no token"), "{err}");
+    let (code, _, err) = serve(&[("BLOTCDN_CDN_BASE_URL", "http://cdn.example/?a=b")], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cdn_base_url"), "{err}");
+    // A value that is not UTF-8 is named, not left unread.
+    let mut c = Command::new(binary());
+    c.args(["serve", "--data-dir"]).arg(dir.path());
+    c.env("BLOTCDN_MAX_BATCH", std::ffi::OsStr::from_bytes(b"\xff"));
+    let (code, _, err) = run(&mut c, 30);
+    assert_ne!(code, 0);
+    assert!(err.contains("BLOTCDN_MAX_BATCH") && err.contains("UTF-8"), "{err}");
 }
 
 /// A fallback origin that answers every request with `status`, for 20 s at most.
