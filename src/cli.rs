@@ -413,6 +413,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import { conn, blog, path, dir, blogs_dir } => {
             let mut c = conn.publisher().await?;
+            let mut unlisted = 0;
             let paths = match (path, dir) {
                 (Some(p), _) => vec![p],
                 (None, Some(d)) => {
@@ -420,10 +421,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(b) => b,
                         None => ServeArgs::default().load()?.blogs_dir,
                     };
-                    let (paths, skipped) = list_blog_dir(&root, &blog, &d)?;
+                    let (paths, skipped, n) = list_blog_dir(&root, &blog, &d)?;
                     for s in &skipped {
                         eprintln!("skipped: {s}");
                     }
+                    unlisted = n;
                     paths
                 }
                 (None, None) => bail!("give a PATH or --dir"),
@@ -488,10 +490,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            if many {
+            if many || unlisted > 0 {
                 println!("imported {} files", total - failed);
                 if failed > 0 {
                     bail!("{failed} of {total} files were not imported (listed above); import them again once fixed");
+                }
+                if unlisted > 0 {
+                    bail!("{unlisted} folders could not be listed (above): their files were not imported");
                 }
             }
         }
@@ -611,14 +616,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// was left out and why: hidden files (never served) silently; symbolic
 /// links, special files and names that are not UTF-8 (no blog path names
 /// them) said, so that nothing is left out without a word.
-fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let bp = crate::domain::BlogPath::parse(dir)?;
+/// `/` is the whole blog. A folder under it that cannot be listed (too deep
+/// for a path, no permission) is counted in the third value, and said, so
+/// that the rest is imported and the command still fails at the end.
+fn list_blog_dir(
+    blogs_dir: &std::path::Path,
+    blog: &str,
+    dir: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>, usize)> {
     let root = blogs_dir.join(blog);
-    let start = bp.segments().fold(root.clone(), |p, s| p.join(s));
-    let (mut out, mut skipped) = (Vec::new(), Vec::new());
+    let start = match dir.trim_end_matches('/') {
+        "" => root.clone(),
+        d => crate::domain::BlogPath::parse(d)?.segments().fold(root.clone(), |p, s| p.join(s)),
+    };
+    let (mut out, mut skipped, mut unlisted) = (Vec::new(), Vec::new(), 0);
     let mut stack = vec![start.clone()];
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if d == start => return Err(e).with_context(|| format!("cannot list {}", d.display())),
+            Err(e) => {
+                let shown = d.strip_prefix(&root).map_or_else(|_| d.clone(), |p| p.to_owned()).display().to_string();
+                let shown =
+                    if shown.len() > 200 { format!("{}…", &shown[..shown.floor_char_boundary(200)]) } else { shown };
+                skipped.push(format!("/{shown}/ (a folder that cannot be listed: {e}; its files are not imported)"));
+                unlisted += 1;
+                continue;
+            }
+        };
+        for e in entries {
             let e = e?;
             let name = e.file_name();
             let shown =
@@ -645,7 +671,7 @@ fn list_blog_dir(blogs_dir: &std::path::Path, blog: &str, dir: &str) -> anyhow::
     }
     out.sort();
     skipped.sort();
-    Ok((out, skipped))
+    Ok((out, skipped, unlisted))
 }
 
 #[cfg(test)]

@@ -637,10 +637,28 @@ async fn cli_put_import_dir_and_delete() {
     let (code, out, _) = cli(&["resolve", "--blog", "cli", "/templates/t/style.css", "/templates/t/js/app.js"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("/_assets/").count(), 2, "{out}");
+    // `/` is the whole blog. A folder too deep to be listed (past PATH_MAX, made by a
+    // child a folder at a time) is said and counted; the rest is imported all the same.
+    let deep = s.blogs_dir().join("cli/deep");
+    std::fs::create_dir_all(&deep).unwrap();
+    let name = "d".repeat(200);
+    let script =
+        "import os,sys\nos.chdir(sys.argv[1])\nfor _ in range(30):\n    os.mkdir(sys.argv[2]); os.chdir(sys.argv[2])\n";
+    let made = run(Command::new("python3").args(["-c", script]).arg(&deep).arg(&name), 30);
+    assert_eq!(made.0, 0, "{made:?}");
+    std::fs::write(s.blogs_dir().join("cli/top.txt"), b"top").unwrap();
+    let (code, out, err) = cli(&["import", "--blog", "cli", "--dir", "/"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("imported 4 files"), "{out}{err}");
+    assert!(err.contains("a folder that cannot be listed") && err.contains("1 folders could not be listed"), "{err}");
+    let (code, out, _) = cli(&["resolve", "--blog", "cli", "/top.txt"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("/_assets/"), "{out}");
+    run(Command::new("rm").args(["-rf"]).arg(&deep), 30);
 
     let (code, out, _) = cli(&["blog", "get", "cli"]);
     assert_eq!(code, 0);
-    assert!(out.contains("asset_count 4"), "{out}");
+    assert!(out.contains("asset_count 5"), "{out}");
     let (code, out, err) = cli(&["delete-blog", "cli"]);
     assert_eq!((code, out.trim()), (0, "deleted cli"), "{err}");
     let (code, _, err) = cli(&["blog", "get", "cli"]);
