@@ -637,8 +637,7 @@ fn list_blog_dir(
             Err(e) if d == start => return Err(e).with_context(|| format!("cannot list {}", d.display())),
             Err(e) => {
                 let shown = d.strip_prefix(&root).map_or_else(|_| d.clone(), |p| p.to_owned()).display().to_string();
-                let shown =
-                    if shown.len() > 200 { format!("{}…", &shown[..shown.floor_char_boundary(200)]) } else { shown };
+                let shown = crate::domain::truncated(&shown);
                 skipped.push(format!("/{shown}/ (a folder that cannot be listed: {e}; its files are not imported)"));
                 unlisted += 1;
                 continue;

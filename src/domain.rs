@@ -33,7 +33,8 @@ pub enum InvalidInput {
     Filename { name: String, reason: &'static str },
 }
 
-fn truncated(s: &str) -> String {
+/// At most 120 bytes of `s` (whole characters), for a message.
+pub fn truncated(s: &str) -> String {
     // Error messages echo input; keep them short when the input is huge.
     if s.len() <= 120 {
         return s.to_owned();
