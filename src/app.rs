@@ -439,7 +439,7 @@ impl App {
         } = self;
         // Let go when this function returns, after the store is flushed.
         let _lock = lock;
-        let deliveries = crate::purge::spawn(targets, outbox, store);
+        let deliveries = crate::purge::spawn(targets, outbox, store, config.purge_drop_after);
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(
                 resolver_open = config.resolver_tokens.is_empty(),

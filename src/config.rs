@@ -113,6 +113,9 @@ pub struct Partial {
     /// Keys waiting per target at most; past it, writes that would add a
     /// purge are refused (RESOURCE_EXHAUSTED) rather than let memory grow.
     pub purge_queue_max: Option<usize>,
+    /// How long a purge key an edge refuses alone, while it takes the
+    /// others, holds back the keys behind it before it is dropped; 0: never.
+    pub purge_drop_after_secs: Option<u64>,
     /// `sled` (the default, one machine) or `etcd` (cluster mode).
     pub store: Option<String>,
     /// etcd client URLs, `http://host:port`, for `store = "etcd"`.
@@ -221,6 +224,7 @@ impl Partial {
             purge,
             purge_on_publish,
             purge_queue_max,
+            purge_drop_after_secs,
             store,
             etcd_endpoints,
             etcd_prefix,
@@ -317,6 +321,7 @@ impl Partial {
                 })
                 .transpose()?,
             purge_queue_max: num("BLOTCDN_PURGE_QUEUE_MAX", get("BLOTCDN_PURGE_QUEUE_MAX"))?,
+            purge_drop_after_secs: num("BLOTCDN_PURGE_DROP_AFTER_SECS", get("BLOTCDN_PURGE_DROP_AFTER_SECS"))?,
             store: get("BLOTCDN_STORE"),
             etcd_endpoints: list(get("BLOTCDN_ETCD_ENDPOINTS")),
             etcd_prefix: get("BLOTCDN_ETCD_PREFIX"),
@@ -371,6 +376,8 @@ pub struct Config {
     pub purge: Vec<PurgeTarget>,
     pub purge_on_publish: bool,
     pub purge_queue_max: usize,
+    /// `None`: a key an edge refuses is never dropped.
+    pub purge_drop_after: Option<std::time::Duration>,
     /// `None`: sled under `{data_dir}/db`; `Some`: cluster mode on etcd.
     pub etcd: Option<EtcdConfig>,
     /// Without trailing slashes.
@@ -709,6 +716,16 @@ impl Config {
             },
             purge_on_publish: p.purge_on_publish.unwrap_or(false),
             purge_queue_max: at_least_1("purge_queue_max", p.purge_queue_max.map(|n| n as u64), 1_000_000)? as usize,
+            purge_drop_after: match p.purge_drop_after_secs.unwrap_or(300) {
+                0 => None,
+                n if n > MAX_TIMEOUT_SECS => {
+                    return Err(invalid(
+                        "purge_drop_after_secs",
+                        format!("{n}: must be at most {MAX_TIMEOUT_SECS} seconds (a year), or 0 for never"),
+                    ))
+                }
+                n => Some(std::time::Duration::from_secs(n)),
+            },
         })
     }
 

@@ -29,12 +29,18 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Starts one delivery task per target. They run until the runtime stops;
 /// what they had not sent is resent after a restart.
-pub fn spawn(targets: Vec<Target>, outbox: Arc<Outbox>, store: Arc<dyn Store>) -> Vec<tokio::task::JoinHandle<()>> {
+/// `drop_after`: see [`STRIKES`]; `None`, never.
+pub fn spawn(
+    targets: Vec<Target>,
+    outbox: Arc<Outbox>,
+    store: Arc<dyn Store>,
+    drop_after: Option<Duration>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let client = target::client();
     targets
         .into_iter()
         .enumerate()
-        .map(|(i, t)| tokio::spawn(deliver(t, i, outbox.clone(), store.clone(), client.clone())))
+        .map(|(i, t)| tokio::spawn(deliver(t, i, outbox.clone(), store.clone(), client.clone(), drop_after)))
         .collect()
 }
 
@@ -64,12 +70,14 @@ impl Bucket {
 }
 
 /// A key the edge refuses alone is dropped only after it has been refused
-/// this long, each time it was tried, and at least [`STRIKES`] times just
-/// after the edge took another key waiting: an edge that refuses every key
-/// (its VCL, or a proxy in front of it, changed) or only now and then (one
-/// node of two broken) keeps them all; one that refuses just this key (a
-/// blog it no longer knows) holds the keys behind it back this long.
-const REFUSED_FOR: Duration = Duration::from_secs(30);
+/// for `purge_drop_after_secs` (5 minutes by default), each time it was
+/// tried, and at least this many times just after the edge took another key
+/// waiting: an edge that refuses every key (its VCL, or a proxy in front of
+/// it, changed) keeps them all, and one that refuses only some requests (a
+/// broken node behind a balancer) takes the key on one of its tries, the
+/// checks coming at random so that no turn of a balancer can line up with
+/// them; one that refuses just this key (a blog it no longer knows) holds
+/// the keys behind it back that long.
 const STRIKES: u32 = 3;
 
 /// The key at the head that the edge refuses alone.
@@ -88,7 +96,14 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(1.0 - f64::from(n % 200) / 1000.0)
 }
 
-async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>, client: HttpClient) {
+async fn deliver(
+    t: Target,
+    i: usize,
+    outbox: Arc<Outbox>,
+    store: Arc<dyn Store>,
+    client: HttpClient,
+    drop_after: Option<Duration>,
+) {
     let q = &outbox.queues()[i];
     let name = t.cfg.name.clone();
     let kind = t.cfg.kind;
@@ -140,11 +155,13 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                     _ => refused.insert(Refused { key: keys[0].clone(), since: Instant::now(), tries: 0, strikes: 0 }),
                 };
                 r.tries += 1;
-                // Every other refusal, the edge is asked for another key waiting, alone
-                // (a purge the edge takes twice does no harm): an edge that takes it
-                // refuses this key, not every key. Every other one only, so that an edge
-                // that refuses every second request does not refuse this key each time.
-                let other = if r.tries % 2 == 1 { q.other_than(&keys[0]) } else { None };
+                // At random, about every other refusal, the edge is asked for another key
+                // waiting, alone (a purge the edge takes twice does no harm): an edge that
+                // takes it refuses this key, not every key. At random, so that no balancer
+                // in front of broken nodes, whatever its turn, always hands this key to
+                // them and the other to a good one.
+                let coin = ahash::RandomState::new().hash_one(r.tries) & 1 == 0;
+                let other = if coin { q.other_than(&keys[0]) } else { None };
                 let mut took = None;
                 if let Some(other) = other {
                     bucket.take().await;
@@ -157,13 +174,15 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                         _ => {}
                     }
                 }
-                if r.strikes < STRIKES || r.since.elapsed() < REFUSED_FOR {
-                    let why = match took {
-                        Some(o) => format!(
-                            "it takes other keys ({o}): dropped if it still refuses this one after {} s",
-                            REFUSED_FOR.as_secs()
+                let due = drop_after.is_some_and(|d| r.since.elapsed() >= d);
+                if r.strikes < STRIKES || !due {
+                    let key = &keys[0];
+                    let why = match (took, drop_after) {
+                        (Some(o), Some(d)) => format!(
+                            "the edge refuses key {key} and takes others ({o}): dropped if it still refuses it after {} s",
+                            d.as_secs()
                         ),
-                        None => "kept, sent again".to_owned(),
+                        _ => format!("the edge refuses key {key}: kept, sent again"),
                     };
                     outcome = Outcome::error(format!("{error}; {why}"));
                 }
@@ -218,6 +237,11 @@ async fn deliver(t: Target, i: usize, outbox: Arc<Outbox>, store: Arc<dyn Store>
                 }
             }
             Outcome::Retry { error, after, .. } => {
+                // A key that fails alone is named, for the operator looking at the queue.
+                let error = match &keys[..] {
+                    [key] if !error.contains(&**key) => format!("{error} (key {key})"),
+                    _ => error,
+                };
                 // Never sooner than the backoff: `Retry-After: 0` (or a date past) is
                 // not an invitation to send at full rate for as long as it lasts.
                 let wait = match after {

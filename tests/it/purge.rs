@@ -652,21 +652,22 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
             (400, vec![], "unknown tag".into())
         }
     });
-    let s = Server::start_with(|p| p.purge = Some(vec![target("picky", "http", bad.url("/"), None)])).await;
+    let s = Server::start_with(|p| {
+        p.purge = Some(vec![target("picky", "http", bad.url("/"), None)]);
+        p.purge_drop_after_secs = Some(5);
+    })
+    .await;
     let keys = ["blog/a", "blog/bad", "blog/c", "blog/d"].map(String::from).to_vec();
     s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys }).await.unwrap();
-    // Held back while the edge may only be refusing for a while (30 s), then dropped:
-    // the edge took the keys behind it meanwhile, asked alone.
-    let q = wait_queues(s.grpc, 90, "the queue drained past the refused key", |q| q[0].length == 0).await;
+    // Held back while the edge may only be refusing for a while (purge_drop_after_secs,
+    // 5 s here), then dropped: the edge took the keys behind it meanwhile, asked alone.
+    let q = wait_queues(s.grpc, 60, "the queue drained past the refused key", |q| q[0].length == 0).await;
     assert!(q[0].last_error.contains("dropped key blog/bad") && q[0].last_error.contains("400"), "{q:?}");
     let bad_asked: Vec<Instant> =
         bad.got().iter().filter(|g| g.body == r#"{"keys":["blog/bad"]}"#).map(|g| g.at).collect();
     assert!(bad_asked.len() >= 3, "{bad_asked:?}");
-    assert!(
-        *bad_asked.last().unwrap() - bad_asked[0] >= Duration::from_secs(29),
-        "refused for {:?}",
-        *bad_asked.last().unwrap() - bad_asked[0]
-    );
+    let held = *bad_asked.last().unwrap() - bad_asked[0];
+    assert!(held >= Duration::from_secs(4), "refused for {held:?}");
     // Every other key reached the edge in an accepted request.
     let accepted: Vec<String> = bad
         .got()
@@ -735,6 +736,40 @@ async fn an_edge_that_refuses_every_second_request_loses_none() {
         .collect();
     for k in &keys {
         assert!(taken.contains(k), "{k} never taken: {got:?}");
+    }
+    s.stop().await;
+}
+
+/// An edge behind a balancer that hands two requests of three to broken
+/// nodes: a hostile test found the turn where the refused key always went to
+/// a broken node and the key checked beside it to the good one, and the key
+/// was dropped. The checks now come at random; every key is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_takes_one_request_in_three_loses_none() {
+    let ep = Endpoint::start(|n| match n % 3 {
+        2 => (200, vec![], "{}".into()),
+        _ => (400, vec![], "bad request".into()),
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("rr", "http", ep.url("/"), Some(100.0))])).await;
+    let keys: Vec<String> = (1..=10).map(|i| format!("blog{i:02}")).collect();
+    let mut p = s.publisher().await;
+    for k in &keys {
+        p.purge(pb::PurgeRequest { blog_id: k.clone(), keys: vec![] }).await.unwrap();
+    }
+    let q = wait_queues(s.grpc, 90, "every key taken", drained).await;
+    assert!(!q[0].last_error.contains("dropped"), "{q:?}");
+    let got = ep.got();
+    let taken: Vec<String> = got
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| n % 3 == 2)
+        .flat_map(|(_, g)| {
+            serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone()
+        })
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    for k in &keys {
+        assert!(taken.contains(k), "{k} never taken: {} requests", got.len());
     }
     s.stop().await;
 }
