@@ -232,13 +232,19 @@ impl Cas {
     pub fn rehash(&self, path: &Path) -> io::Result<Option<ContentHash>> {
         use std::os::unix::fs::OpenOptionsExt;
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        // Looked at before it is opened: opening a socket fails (ENXIO), a device
+        // could do anything.
+        if !std::fs::symlink_metadata(path).map_err(named)?.is_file() {
+            return Ok(None);
+        }
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
             .open(path)
         {
             Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            // Replaced between the look and the open.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => return Ok(None),
             Err(e) => return Err(named(e)),
         };
         if !file.metadata().map_err(named)?.is_file() {

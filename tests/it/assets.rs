@@ -507,6 +507,7 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     let gone = put(s.grpc, "f", "gone.txt", "", b"gone bytes").await.unwrap();
     let folder = put(s.grpc, "f", "folder.txt", "", b"now a folder").await.unwrap();
     let fifo = put(s.grpc, "f", "fifo.txt", "", b"now a fifo").await.unwrap();
+    let socket = put(s.grpc, "f", "socket.txt", "", b"now a socket").await.unwrap();
     let dir = s.stop().await;
     let blob = |h: &str| common::blob_file(dir.path(), h);
     std::fs::write(blob(&bad.hash), b"flipped bits").unwrap();
@@ -518,6 +519,9 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     std::fs::remove_file(blob(&fifo.hash)).unwrap();
     let c = std::ffi::CString::new(blob(&fifo.hash).to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A socket, which an open refuses (a hostile test's fsck ended on one, hiding the rest).
+    std::fs::remove_file(blob(&socket.hash)).unwrap();
+    let _bound = std::os::unix::net::UnixListener::bind(blob(&socket.hash)).unwrap();
     // And a file where a folder of the store's fan-out should be.
     std::fs::write(blob(&good.hash).parent().unwrap().parent().unwrap().join("zz"), b"stray").unwrap();
 
@@ -529,6 +533,7 @@ async fn fsck_finds_and_quarantines_corrupt_blobs() {
     assert!(out.contains(&format!("missing {}", gone.hash)), "{out}");
     assert!(out.contains(&format!("corrupt {}", folder.hash)), "{out}");
     assert!(out.contains(&format!("corrupt {}", fifo.hash)), "{out}");
+    assert!(out.contains(&format!("corrupt {}", socket.hash)), "{out}");
     assert!(!out.contains(&good.hash), "{out}");
     assert!(blob(&bad.hash).exists(), "report only without --quarantine");
 
