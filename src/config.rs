@@ -247,7 +247,7 @@ impl Partial {
             v.map(|s| s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect::<Vec<_>>())
         };
         // Set, but to commas alone: not taken as "no tokens", which leaves the service open.
-        let tokens = |var: &str| match list(get(var).filter(|v| !v.trim().is_empty())) {
+        let tokens = |var: &str| match list(get(var).filter(|v| !v.is_empty())) {
             Some(t) if t.is_empty() => Err(ConfigError::Invalid {
                 key: var.into(),
                 reason: "names no token; leave it unset for a service without tokens".into(),
@@ -466,15 +466,24 @@ impl Config {
         let cdn_base_url = match p.cdn_base_url {
             Some(u) => {
                 let u = u.trim_end_matches('/').to_owned();
+                // Credentials would be in every page; none is quoted.
+                if u.contains('@') {
+                    return Err(invalid(
+                        "cdn_base_url",
+                        "carries credentials, which every page would show: a base URL is like https://cdn.example.com"
+                            .into(),
+                    ));
+                }
                 if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= "https://".len() {
                     return Err(invalid("cdn_base_url", format!("{u:?} is not an http(s) URL")));
                 }
                 // Every URL is this and a path after it: a query or a fragment would
-                // end up in the middle of each.
+                // end up in the middle of each (and is not quoted: it may hold a token).
                 if u.contains(['?', '#']) || u.parse::<http::Uri>().is_err() {
+                    let shown = &u[..u.find(['?', '#']).unwrap_or(u.len())];
                     return Err(invalid(
                         "cdn_base_url",
-                        format!("{u:?} is not a base URL like https://cdn.example.com (no query or fragment)"),
+                        format!("{shown:?}…: not a base URL like https://cdn.example.com (no query or fragment)"),
                     ));
                 }
                 Some(u)
@@ -752,16 +761,14 @@ fn check_otlp_endpoint(e: String) -> Result<String, String> {
     let like = "like http://127.0.0.1:4317";
     let (scheme, rest) = e.split_once("://").unwrap_or(("", &e));
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    if authority.contains('@') {
+    // Anywhere: `http:/user:pw@host` (one slash) has its credentials in what looks like a path.
+    if e.contains('@') {
         return Err("the URL carries credentials, which would be logged with it: give them as a header in \
                     OTEL_EXPORTER_OTLP_HEADERS"
             .into());
     }
-    let shown = format!(
-        "{scheme}{}{}",
-        if scheme.is_empty() { "" } else { "://" },
-        &rest[..rest.find(['?', '#']).unwrap_or(rest.len())]
-    );
+    // Quoted as scheme and host only: a path, a query or a fragment may hold a token.
+    let shown = format!("{scheme}{}{}", if scheme.is_empty() { "" } else { "://" }, authority);
     if rest.contains(['?', '#']) {
         return Err(format!("{shown:?}…: an OTLP/gRPC endpoint has no query or fragment"));
     }
@@ -892,6 +899,9 @@ mod tests {
             ("user:secret@127.0.0.1:4317", "credentials"),
             ("grpc://u:secret@127.0.0.1:4317", "credentials"),
             ("http://u:secret@[::1", "credentials"),
+            ("http:/user:secret@127.0.0.1:4317", "credentials"),
+            ("http//user:secret@h:4317", "credentials"),
+            ("http://127.0.0.1:99999/secret", "port"),
         ] {
             let e = otlp(bad).unwrap_err().to_string();
             assert!(e.contains("otlp_endpoint") && e.contains(says), "{bad}: {e}");

@@ -105,9 +105,20 @@ fn configuration_errors_name_their_key() {
     let (code, _, err) = serve(&[("BLOTCDN_PUBLISHER_TOKENS", ",")], &[]);
     assert_ne!(code, 0, "started open with tokens \",\"");
     assert!(err.contains("BLOTCDN_PUBLISHER_TOKENS") && err.contains("names no token"), "{err}");
-    let (code, _, err) = serve(&[("BLOTCDN_CDN_BASE_URL", "http://cdn.example/?a=b")], &[]);
-    assert_ne!(code, 0);
-    assert!(err.contains("cdn_base_url"), "{err}");
+    let (code, _, err) = serve(&[("BLOTCDN_PUBLISHER_TOKENS", " ")], &[]);
+    assert_ne!(code, 0, "started open with tokens \" \"");
+    assert!(err.contains("names no token"), "{err}");
+    // A base URL with a query, a fragment or credentials: refused, and never quoted whole.
+    for url in [
+        "http://cdn.example/?sig=secret",
+        "http://cdn.example/#secret",
+        "https://u:secret@cdn.example",
+        "https:/u:secret@cdn",
+    ] {
+        let (code, _, err) = serve(&[("BLOTCDN_CDN_BASE_URL", url)], &[]);
+        assert_ne!(code, 0, "{url}");
+        assert!(err.contains("cdn_base_url") && !err.contains("secret"), "{url}: {err}");
+    }
     // A value that is not UTF-8 is named, not left unread.
     let mut c = Command::new(binary());
     c.args(["serve", "--data-dir"]).arg(dir.path());
