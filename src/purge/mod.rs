@@ -148,7 +148,14 @@ async fn deliver(
             }
         };
         let mut outcome = send(&keys, deadline).await;
-        if let Outcome::Rejected { error } = &outcome {
+        // A key that the edge refuses alone, or fails on (a 500 for that key only): kept,
+        // and dropped only as `STRIKES` says. (Not an edge that is down, busy or late.)
+        let failed_alone = match &outcome {
+            Outcome::Rejected { error } => Some((error.clone(), None)),
+            Outcome::Retry { error, after, keyed: true, .. } => Some((error.clone(), *after)),
+            _ => None,
+        };
+        if let Some((error, after)) = failed_alone {
             if keys.len() == 1 {
                 let r = match refused.take() {
                     Some(r) if r.key == keys[0] => refused.insert(r),
@@ -175,7 +182,9 @@ async fn deliver(
                     }
                 }
                 let due = drop_after.is_some_and(|d| r.since.elapsed() >= d);
-                if r.strikes < STRIKES || !due {
+                outcome = if r.strikes >= STRIKES && due {
+                    Outcome::Rejected { error }
+                } else {
                     let key = &keys[0];
                     let why = match (took, drop_after) {
                         (Some(o), Some(d)) => format!(
@@ -184,8 +193,14 @@ async fn deliver(
                         ),
                         _ => format!("the edge refuses key {key}: kept, sent again"),
                     };
-                    outcome = Outcome::error(format!("{error}; {why}"));
-                }
+                    Outcome::Retry {
+                        error: format!("{error}; {why}"),
+                        after,
+                        throttled: false,
+                        late: false,
+                        keyed: true,
+                    }
+                };
             }
         }
         if let Outcome::Retry { late: true, .. } = outcome {
@@ -236,7 +251,12 @@ async fn deliver(
                     tracing::warn!(purge_target = %name, error = %e, "could not record a delivered purge");
                 }
             }
-            Outcome::Retry { error, after, .. } => {
+            Outcome::Retry { error, after, keyed, .. } => {
+                // The edge failed on what the request holds (a 500): one key may be the
+                // cause, so the next requests are smaller, down to one.
+                if keys.len() > 1 && keyed {
+                    limit = (keys.len() / 2).max(1);
+                }
                 // A key that fails alone is named, for the operator looking at the queue.
                 let error = match &keys[..] {
                     [key] if !error.contains(&**key) => format!("{error} (key {key})"),

@@ -57,6 +57,9 @@ pub enum Outcome {
         throttled: bool,
         /// No answer within the request's deadline.
         late: bool,
+        /// The edge failed on what the request holds (a 500), not for being
+        /// down or busy: one of its keys may be the cause.
+        keyed: bool,
     },
     /// The edge refuses this request as it is (a 4xx other than 408 and
     /// 429): sending it again would fail again.
@@ -240,7 +243,7 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
         Ok(Err(e)) => return Outcome::error(e),
         Err(_) => {
             let error = format!("no answer within {} s", deadline.as_secs());
-            return Outcome::Retry { error, after: None, throttled: false, late: true };
+            return Outcome::Retry { error, after: None, throttled: false, late: true, keyed: false };
         }
     };
     let cloudflare_failed = kind == PurgeKind::Cloudflare
@@ -260,13 +263,14 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
     if malformed && !busy {
         return Outcome::Rejected { error };
     }
-    Outcome::Retry { error, after, throttled: status == StatusCode::TOO_MANY_REQUESTS, late: false }
+    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+    Outcome::Retry { error, after, throttled, late: false, keyed: status == StatusCode::INTERNAL_SERVER_ERROR }
 }
 
 impl Outcome {
     /// Not sent, for a reason of our side or the network's: tried again.
     pub fn error(error: String) -> Outcome {
-        Outcome::Retry { error, after: None, throttled: false, late: false }
+        Outcome::Retry { error, after: None, throttled: false, late: false, keyed: false }
     }
 }
 

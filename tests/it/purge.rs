@@ -740,6 +740,40 @@ async fn an_edge_that_refuses_every_second_request_loses_none() {
     s.stop().await;
 }
 
+/// An edge that fails with a 500 any request naming one key, and takes the
+/// rest: a hostile test saw that key hold its whole queue back for good, the
+/// queue's last error never naming it. Requests that fail are split too, and
+/// the key, once isolated, is named, then dropped as a refused one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_edge_fails_with_a_500_does_not_hold_the_queue_for_good() {
+    let ep = Endpoint::start_with(|g: &Got| match g.body.contains("blog/poison") {
+        true => (500, vec![], "internal error".into()),
+        false => (200, vec![], "{}".into()),
+    });
+    let s = Server::start_with(|p| {
+        p.purge = Some(vec![target("five", "http", ep.url("/"), None)]);
+        p.purge_drop_after_secs = Some(3);
+    })
+    .await;
+    let keys = ["blog/a", "blog/poison", "blog/c", "blog/d"].map(String::from).to_vec();
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys }).await.unwrap();
+    let named = wait_queues(s.grpc, 30, "the failing key named", |q| q[0].last_error.contains("key blog/poison")).await;
+    assert!(named[0].last_error.starts_with("500"), "{named:?}");
+    let q = wait_queues(s.grpc, 60, "the queue drained past the failing key", |q| q[0].length == 0).await;
+    assert!(q[0].last_error.contains("dropped key blog/poison"), "{q:?}");
+    let taken: Vec<String> = ep
+        .got()
+        .iter()
+        .filter(|g| !g.body.contains("blog/poison"))
+        .flat_map(|g| serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone())
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    for k in ["blog/a", "blog/c", "blog/d"] {
+        assert!(taken.iter().any(|t| t == k), "{k} not taken: {taken:?}");
+    }
+    s.stop().await;
+}
+
 /// An edge behind a balancer that hands two requests of three to broken
 /// nodes: a hostile test found the turn where the refused key always went to
 /// a broken node and the key checked beside it to the good one, and the key
