@@ -529,11 +529,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if many || unlisted > 0 {
                 println!("imported {} files", total - failed);
+                let folders = match unlisted {
+                    0 => String::new(),
+                    n => format!("{n} folders could not be listed (above): their files were not imported"),
+                };
                 if failed > 0 {
-                    bail!("{failed} of {total} files were not imported (listed above); import them again once fixed");
+                    let and = if folders.is_empty() { String::new() } else { format!("; {folders}") };
+                    bail!(
+                        "{failed} of {total} files were not imported (listed above){and}; import them again once fixed"
+                    );
                 }
                 if unlisted > 0 {
-                    bail!("{unlisted} folders could not be listed (above): their files were not imported");
+                    bail!("{folders}");
                 }
             }
         }
