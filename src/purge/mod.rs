@@ -79,6 +79,9 @@ impl Bucket {
 /// them; one that refuses just this key (a blog it no longer knows) holds
 /// the keys behind it back that long.
 const STRIKES: u32 = 3;
+/// And at least this many tries of it, every one failed, whatever the time:
+/// with the backoff, about half a minute.
+const MIN_TRIES: u32 = 10;
 
 /// The key at the head that the edge refuses alone.
 struct Refused {
@@ -155,6 +158,11 @@ async fn deliver(
             Outcome::Retry { error, after, keyed: true, .. } => Some((error.clone(), *after)),
             _ => None,
         };
+        if failed_alone.is_none() {
+            // Taken, or the edge down, busy or late: not a try that failed on the key,
+            // so a key refused before must be refused on every try again, from the start.
+            refused = None;
+        }
         if let Some((error, after)) = failed_alone {
             if keys.len() == 1 {
                 let r = match refused.take() {
@@ -181,7 +189,7 @@ async fn deliver(
                         _ => {}
                     }
                 }
-                let due = drop_after.is_some_and(|d| r.since.elapsed() >= d);
+                let due = r.tries >= MIN_TRIES && drop_after.is_some_and(|d| r.since.elapsed() >= d);
                 outcome = if r.strikes >= STRIKES && due {
                     Outcome::Rejected { error }
                 } else {

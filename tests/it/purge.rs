@@ -774,6 +774,47 @@ async fn a_key_the_edge_fails_with_a_500_does_not_hold_the_queue_for_good() {
     s.stop().await;
 }
 
+/// A key refused a few times, then an outage of the edge longer than the
+/// drop window, then one refusal more: the outage broke the run of refusals,
+/// so the key is not dropped (a hostile test saw it dropped at once), and it
+/// is taken once the edge takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_between_refusals_does_not_count_towards_a_drop() {
+    let t0 = Instant::now();
+    let ep = Endpoint::start_with(move |g: &Got| {
+        let at = t0.elapsed();
+        let k = g.body.contains("\"blogk\"");
+        if at < Duration::from_secs(8) {
+            if k {
+                (400, vec![], "bad".into())
+            } else {
+                (200, vec![], "{}".into())
+            }
+        } else if at < Duration::from_secs(16) {
+            (502, vec![], "bad gateway".into())
+        } else if at < Duration::from_secs(30) && k {
+            (400, vec![], "bad".into())
+        } else {
+            (200, vec![], "{}".into())
+        }
+    });
+    let s = Server::start_with(|p| {
+        p.purge = Some(vec![target("outage", "http", ep.url("/"), None)]);
+        p.purge_drop_after_secs = Some(5);
+    })
+    .await;
+    let mut p = s.publisher().await;
+    for b in ["blogk", "blog1", "blog2", "blog3", "blog4", "blog5"] {
+        p.purge(pb::PurgeRequest { blog_id: b.into(), keys: vec![] }).await.unwrap();
+    }
+    let q = wait_queues(s.grpc, 90, "every key taken", drained).await;
+    assert!(!q[0].last_error.contains("dropped"), "{q:?}");
+    let got = ep.got();
+    let taken = got.iter().any(|g| g.at - t0 >= Duration::from_secs(30) && g.body.contains("\"blogk\""));
+    assert!(taken, "blogk never taken: {got:?}");
+    s.stop().await;
+}
+
 /// An edge behind a balancer that hands two requests of three to broken
 /// nodes: a hostile test found the turn where the refused key always went to
 /// a broken node and the key checked beside it to the good one, and the key
