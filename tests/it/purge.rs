@@ -28,6 +28,12 @@ struct Got {
 }
 
 impl Got {
+    /// The keys of a request to an `http` target (`{"keys": [...]}`).
+    fn keys(&self) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.body).unwrap();
+        v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_owned()).collect()
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
@@ -669,13 +675,7 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
     let held = *bad_asked.last().unwrap() - bad_asked[0];
     assert!(held >= Duration::from_secs(4), "refused for {held:?}");
     // Every other key reached the edge in an accepted request.
-    let accepted: Vec<String> = bad
-        .got()
-        .iter()
-        .filter(|g| !g.body.contains("blog/bad"))
-        .flat_map(|g| serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone())
-        .map(|k| k.as_str().unwrap().to_owned())
-        .collect();
+    let accepted: Vec<String> = bad.got().iter().filter(|g| !g.body.contains("blog/bad")).flat_map(Got::keys).collect();
     for k in ["blog/a", "blog/c", "blog/d"] {
         assert!(accepted.iter().any(|a| a == k), "{k} not delivered: {accepted:?}");
     }
@@ -699,11 +699,7 @@ async fn an_edge_that_refuses_every_purge_loses_none_of_them() {
     let q = wait_queues(s.grpc, 20, "the queue drained once the edge took purges again", drained).await;
     assert!(!q[0].last_error.contains("dropped"), "{q:?}");
     let got = ep.got();
-    let taken: Vec<String> = got[8..]
-        .iter()
-        .flat_map(|g| serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone())
-        .map(|k| k.as_str().unwrap().to_owned())
-        .collect();
+    let taken: Vec<String> = got[8..].iter().flat_map(Got::keys).collect();
     for k in &keys {
         assert!(taken.contains(k), "{k} never reached the edge once it took purges: {got:?}");
     }
@@ -725,15 +721,7 @@ async fn an_edge_that_refuses_every_second_request_loses_none() {
     let q = wait_queues(s.grpc, 30, "every key taken", drained).await;
     assert!(!q[0].last_error.contains("dropped"), "{q:?}");
     let got = ep.got();
-    let taken: Vec<String> = got
-        .iter()
-        .enumerate()
-        .filter(|(n, _)| n % 2 == 1)
-        .flat_map(|(_, g)| {
-            serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone()
-        })
-        .map(|k| k.as_str().unwrap().to_owned())
-        .collect();
+    let taken: Vec<String> = got.iter().enumerate().filter(|(n, _)| n % 2 == 1).flat_map(|(_, g)| g.keys()).collect();
     for k in &keys {
         assert!(taken.contains(k), "{k} never taken: {got:?}");
     }
@@ -761,13 +749,7 @@ async fn a_key_the_edge_fails_with_a_500_does_not_hold_the_queue_for_good() {
     assert!(named[0].last_error.starts_with("500"), "{named:?}");
     let q = wait_queues(s.grpc, 60, "the queue drained past the failing key", |q| q[0].length == 0).await;
     assert!(q[0].last_error.contains("dropped key blog/poison"), "{q:?}");
-    let taken: Vec<String> = ep
-        .got()
-        .iter()
-        .filter(|g| !g.body.contains("blog/poison"))
-        .flat_map(|g| serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone())
-        .map(|k| k.as_str().unwrap().to_owned())
-        .collect();
+    let taken: Vec<String> = ep.got().iter().filter(|g| !g.body.contains("blog/poison")).flat_map(Got::keys).collect();
     for k in ["blog/a", "blog/c", "blog/d"] {
         assert!(taken.iter().any(|t| t == k), "{k} not taken: {taken:?}");
     }
@@ -834,15 +816,7 @@ async fn an_edge_that_takes_one_request_in_three_loses_none() {
     let q = wait_queues(s.grpc, 90, "every key taken", drained).await;
     assert!(!q[0].last_error.contains("dropped"), "{q:?}");
     let got = ep.got();
-    let taken: Vec<String> = got
-        .iter()
-        .enumerate()
-        .filter(|(n, _)| n % 3 == 2)
-        .flat_map(|(_, g)| {
-            serde_json::from_str::<serde_json::Value>(&g.body).unwrap()["keys"].as_array().unwrap().clone()
-        })
-        .map(|k| k.as_str().unwrap().to_owned())
-        .collect();
+    let taken: Vec<String> = got.iter().enumerate().filter(|(n, _)| n % 3 == 2).flat_map(|(_, g)| g.keys()).collect();
     for k in &keys {
         assert!(taken.contains(k), "{k} never taken: {} requests", got.len());
     }
@@ -937,14 +911,7 @@ async fn a_domain_moved_or_removed_purges_the_blog_it_left() {
     p.set_domain(set("fresh.example", "third")).await.unwrap();
     wait_queues(s.grpc, 10, "the domains' purges sent", |q| q[0].length == 0 && q[0].sent >= 2).await;
     // (Keys waiting together go in one request.)
-    let keys: Vec<String> = ep
-        .got()
-        .into_iter()
-        .flat_map(|g| {
-            let v: serde_json::Value = serde_json::from_str(&g.body).unwrap();
-            v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_owned()).collect::<Vec<_>>()
-        })
-        .collect();
+    let keys: Vec<String> = ep.got().into_iter().flat_map(|g| g.keys()).collect();
     assert_eq!(keys, ["first", "second"], "a mapping that did not move purges nothing");
     s.stop().await;
 }
