@@ -197,7 +197,6 @@ impl Cas {
             }
             // A damaged store is what fsck is for: something else where a folder
             // should be is passed over, and an error names its path.
-            let named = |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
             for b in std::fs::read_dir(a.path()).map_err(|e| named(&a.path(), e))? {
                 let b = b?;
                 if !b.file_type()?.is_dir() {
@@ -231,7 +230,7 @@ impl Cas {
     /// on for ever). An error names the path.
     pub fn rehash(&self, path: &Path) -> io::Result<Option<ContentHash>> {
         use std::os::unix::fs::OpenOptionsExt;
-        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let named = |e| named(path, e);
         // Looked at before it is opened: opening a socket fails (ENXIO), a device
         // could do anything.
         if !std::fs::symlink_metadata(path).map_err(named)?.is_file() {
@@ -262,4 +261,9 @@ impl Cas {
         std::fs::rename(self.blob_path(hash), &dest)?;
         Ok(dest)
     }
+}
+
+/// `e`, its message naming `path` (for fsck, which walks a store that may be damaged).
+fn named(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }

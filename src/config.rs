@@ -725,15 +725,10 @@ impl Config {
             },
             purge_on_publish: p.purge_on_publish.unwrap_or(false),
             purge_queue_max: at_least_1("purge_queue_max", p.purge_queue_max.map(|n| n as u64), 1_000_000)? as usize,
+            // 0: never; otherwise a timeout like the others (at most a year).
             purge_drop_after: match p.purge_drop_after_secs.unwrap_or(300) {
                 0 => None,
-                n if n > MAX_TIMEOUT_SECS => {
-                    return Err(invalid(
-                        "purge_drop_after_secs",
-                        format!("{n}: must be at most {MAX_TIMEOUT_SECS} seconds (a year), or 0 for never"),
-                    ))
-                }
-                n => Some(std::time::Duration::from_secs(n)),
+                n => Some(std::time::Duration::from_secs(seconds("purge_drop_after_secs", Some(n), n)?)),
             },
         })
     }

@@ -115,6 +115,11 @@ impl Endpoint {
         self.got.lock().unwrap().clone()
     }
 
+    /// The keys of every request that did not name `key`.
+    fn keys_apart_from(&self, key: &str) -> Vec<String> {
+        self.got().iter().filter(|g| !g.body.contains(key)).flat_map(Got::keys).collect()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -675,7 +680,7 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
     let held = *bad_asked.last().unwrap() - bad_asked[0];
     assert!(held >= Duration::from_secs(4), "refused for {held:?}");
     // Every other key reached the edge in an accepted request.
-    let accepted: Vec<String> = bad.got().iter().filter(|g| !g.body.contains("blog/bad")).flat_map(Got::keys).collect();
+    let accepted = bad.keys_apart_from("blog/bad");
     for k in ["blog/a", "blog/c", "blog/d"] {
         assert!(accepted.iter().any(|a| a == k), "{k} not delivered: {accepted:?}");
     }
@@ -749,7 +754,7 @@ async fn a_key_the_edge_fails_with_a_500_does_not_hold_the_queue_for_good() {
     assert!(named[0].last_error.starts_with("500"), "{named:?}");
     let q = wait_queues(s.grpc, 60, "the queue drained past the failing key", |q| q[0].length == 0).await;
     assert!(q[0].last_error.contains("dropped key blog/poison"), "{q:?}");
-    let taken: Vec<String> = ep.got().iter().filter(|g| !g.body.contains("blog/poison")).flat_map(Got::keys).collect();
+    let taken = ep.keys_apart_from("blog/poison");
     for k in ["blog/a", "blog/c", "blog/d"] {
         assert!(taken.iter().any(|t| t == k), "{k} not taken: {taken:?}");
     }
