@@ -90,7 +90,7 @@ export interface PurgeQueue {
   /** When the oldest waiting key was enqueued (ms since the epoch), 0 when none waits. */
   oldestMs: number;
   lastError: string;
-  /** Keys sent since the server started. */
+  /** Keys the target took since the server started (a key dropped, refused for good, is not counted). */
   sent: number;
 }
 

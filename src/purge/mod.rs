@@ -249,7 +249,7 @@ async fn deliver(
                 // (twice what this answer took, so an edge that is always slow keeps
                 // what it needs).
                 deadline = (started.elapsed() * 2).clamp(target::FIRST_DEADLINE, deadline);
-                let upto = q.delivered();
+                let upto = q.delivered(matches!(outcome, Outcome::Rejected { .. }));
                 if let Outcome::Rejected { error } = outcome {
                     q.note_dropped(format!("dropped key {}: {error}", keys[0]));
                 }

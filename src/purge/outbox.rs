@@ -286,14 +286,15 @@ impl Queue {
         Some(keys)
     }
 
-    /// The request taken was answered: its keys are sent. Returns the new
+    /// The request taken was answered: its keys are sent, or, when `dropped`,
+    /// its one key is left behind (not counted as sent). Returns the new
     /// delivered mark.
-    pub fn delivered(&self) -> u64 {
+    pub fn delivered(&self, dropped: bool) -> u64 {
         let mut s = self.state.lock();
         let n = s.in_flight;
         s.items.drain(..n);
         s.in_flight = 0;
-        s.sent += n as u64;
+        s.sent += (n - usize::from(dropped && n > 0)) as u64;
         s.last_error.clear();
         gauge(&self.name, s.items.len());
         s.mark()
@@ -365,7 +366,7 @@ mod tests {
         assert_eq!(batch.iter().map(|k| &**k).collect::<Vec<_>>(), ["blog", "other"]);
         // Asked again while in flight: a new item.
         o.enqueue(4, 13, &keys(&["blog"]));
-        assert_eq!(q.delivered(), 3);
+        assert_eq!(q.delivered(false), 3);
         assert_eq!(
             o.snapshot()[0],
             QueueInfo { target: "a".into(), length: 1, oldest_ms: 13, last_error: String::new(), sent: 2 }
@@ -376,7 +377,7 @@ mod tests {
         o.enqueue(5, 14, &keys(&["blog"]));
         assert_eq!(o.snapshot()[0].length, 1, "a failed key waits again and coalesces");
         q.take(10, 4096).unwrap();
-        assert_eq!(q.delivered(), 5);
+        assert_eq!(q.delivered(false), 5);
         assert!(q.take(10, 4096).is_none());
     }
 
@@ -402,9 +403,9 @@ mod tests {
         assert!(o.refuses_now(&keys(&["x"])).is_none(), "a key that waits adds nothing");
         let q = &o.queues()[0];
         assert_eq!(q.take(2, 4096).unwrap().len(), 2);
-        assert_eq!(q.delivered(), 6);
+        assert_eq!(q.delivered(false), 6);
         q.take(2, 4096).unwrap();
-        assert_eq!(q.delivered(), 7);
+        assert_eq!(q.delivered(false), 7);
         assert!(o.refuses_now(&keys(&["w"])).unwrap().contains("target b"));
     }
 
@@ -421,7 +422,7 @@ mod tests {
         assert!(!o.pin_waiting(&keys(&["blog"])), "the head is wanted");
         assert!(o.pin_waiting(&keys(&["other"])), "a key behind it may be pinned");
         assert_eq!(q.take(1, 4096).unwrap().len(), 1);
-        q.delivered();
+        q.delivered(false);
         o.unpin(&keys(&["other"]));
         o.enqueue(2, 1, &keys(&["aaaa", "bbbb", "cccc"]));
         // "other aaaa" is 10 bytes: a third key would pass 12.
@@ -439,6 +440,6 @@ mod tests {
         let s = o.snapshot();
         assert_eq!((s[0].length, s[1].length), (1, 2));
         o.queues()[0].take(5, 4096).unwrap();
-        assert_eq!(o.queues()[0].delivered(), 9);
+        assert_eq!(o.queues()[0].delivered(false), 9);
     }
 }

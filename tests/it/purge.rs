@@ -674,6 +674,8 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
     // 5 s here), then dropped: the edge took the keys behind it meanwhile, asked alone.
     let q = wait_queues(s.grpc, 60, "the queue drained past the refused key", |q| q[0].length == 0).await;
     assert!(q[0].last_error.contains("dropped key blog/bad") && q[0].last_error.contains("400"), "{q:?}");
+    // `sent` counts what the edge took: the three keys, not the one left behind.
+    assert_eq!(q[0].sent, 3, "{q:?}");
     let bad_asked: Vec<Instant> =
         bad.got().iter().filter(|g| g.body == r#"{"keys":["blog/bad"]}"#).map(|g| g.at).collect();
     assert!(bad_asked.len() >= 3, "{bad_asked:?}");
