@@ -440,6 +440,9 @@ impl App {
         // Let go when this function returns, after the store is flushed.
         let _lock = lock;
         let deliveries = crate::purge::spawn(targets, outbox, store, config.purge_drop_after);
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
         if config.resolver_tokens.is_empty() || config.publisher_tokens.is_empty() {
             tracing::warn!(
                 resolver_open = config.resolver_tokens.is_empty(),

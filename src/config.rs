@@ -382,6 +382,9 @@ pub struct Config {
     pub etcd: Option<EtcdConfig>,
     /// Without trailing slashes.
     pub peers: Vec<String>,
+    /// What the start logs as warnings: values taken, but not as written
+    /// (each names its key).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -668,9 +671,22 @@ impl Config {
                 ));
             }
         }
+        let mut warnings = Vec::new();
+        let backfill_origins = match p.backfill_origins {
+            Some(n) if n > fallback_origins.len() => {
+                warnings.push(format!(
+                    "backfill_origins is {n} but fallback_origins lists {}: the hits of all {} are kept on disk",
+                    fallback_origins.len(),
+                    fallback_origins.len()
+                ));
+                fallback_origins.len()
+            }
+            n => n.unwrap_or(1).min(fallback_origins.len()),
+        };
         Ok(Config {
             etcd,
             peers,
+            warnings,
             grpc_addr: addr("grpc_addr", p.grpc_addr, "127.0.0.1:50051")?,
             http_addr: addr("http_addr", p.http_addr, "127.0.0.1:8080")?,
             metrics_addr: addr("metrics_addr", p.metrics_addr, "127.0.0.1:9464")?,
@@ -687,7 +703,7 @@ impl Config {
             publisher_tokens: check_tokens("publisher_tokens", p.publisher_tokens.unwrap_or_default())?,
             max_batch,
             max_asset_bytes,
-            backfill_origins: p.backfill_origins.unwrap_or(1).min(fallback_origins.len()),
+            backfill_origins,
             fallback_origins,
             hot_cache_bytes: p.hot_cache_bytes.unwrap_or(64 * 1024 * 1024),
             max_in_flight,
@@ -850,6 +866,18 @@ mod tests {
             let e = Config::from_partial(p).unwrap_err();
             assert!(e.to_string().contains(key), "{e}");
         }
+        // More origins to keep hits from than there are: taken as all of them, and said.
+        let backfill = |n: usize, origins: usize| Partial {
+            backfill_origins: Some(n),
+            fallback_origins: Some((0..origins).map(|i| format!("http://127.0.0.1:{}", 9000 + i)).collect()),
+            ..Default::default()
+        };
+        let c = Config::from_partial(backfill(3, 2)).unwrap();
+        assert_eq!(c.backfill_origins, 2);
+        assert!(c.warnings.len() == 1 && c.warnings[0].starts_with("backfill_origins is 3"), "{:?}", c.warnings);
+        let c = Config::from_partial(backfill(2, 2)).unwrap();
+        assert!(c.backfill_origins == 2 && c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(Config::from_partial(Partial::default()).unwrap().warnings.is_empty());
         let year = Partial { http_idle_timeout_secs: Some(MAX_TIMEOUT_SECS), ..Default::default() };
         assert!(Config::from_partial(year).is_ok());
         let rate = |r: f64| Partial {
