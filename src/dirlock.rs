@@ -3,7 +3,8 @@
 //! the process however it ends. A lock on a folder cannot be deleted or
 //! replaced by hand as a lock file could (taken for a stale pid file), and
 //! every path to the folder (a symbolic link, a bind mount) meets the same
-//! lock, since it is the folder's inode that is locked.
+//! lock, since it is the folder's inode that is locked. `migrate` locks a
+//! file the same way.
 
 use std::fs::File;
 use std::io;

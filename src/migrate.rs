@@ -361,6 +361,27 @@ fn checkpoint_path(state_dir: &Path, o: &Options) -> PathBuf {
     state_dir.join(format!("migrate-{}.checkpoint", &id.to_hex()[..16]))
 }
 
+/// The lock of the run whose resume point is `checkpoint`: a file beside it,
+/// under `flock` (see `dirlock`), or an error naming the run that holds it.
+fn lock_run(checkpoint: &Path) -> anyhow::Result<std::fs::File> {
+    let path = checkpoint.with_extension("lock");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    match crate::dirlock::lock(&path).with_context(|| format!("cannot lock {}", path.display()))? {
+        Ok(f) => Ok(f),
+        Err(pid) => bail!(
+            "another migrate of this bucket and prefix is running: {} holds {}; wait for it, or stop it \
+             (a stopped run resumes where it was)",
+            crate::dirlock::holder_name(pid),
+            path.display()
+        ),
+    }
+}
+
 fn write_checkpoint(path: &Path, key: &str) -> std::io::Result<()> {
     crate::durable::write_file(path, key.as_bytes())
 }
@@ -431,11 +452,15 @@ impl Progress {
 /// `state_dir`. Ends early (`interrupted`) on Ctrl-C.
 pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Result<Summary> {
     let bucket = parse_bucket(&o.bucket_url)?;
+    let checkpoint = checkpoint_path(state_dir, &o);
+    // One run at a time of a bucket and prefix: two would copy every object
+    // twice and write over each other's resume point. Held until this
+    // returns, or the process ends however it ends.
+    let _lock = lock_run(&checkpoint)?;
     let statics = BlogsDir::new(static_dir).with_context(|| format!("cannot open {}", static_dir.display()))?;
     // Copies a killed run left half-written.
     NewFile::sweep(statics.root()).context("cannot clear the static folder's temporary files")?;
     let ctx = Arc::new(Ctx { bucket, creds: Credentials::from_env(), client: client(), statics, dry_run: o.dry_run });
-    let checkpoint = checkpoint_path(state_dir, &o);
     let resume = match std::fs::read_to_string(&checkpoint) {
         Ok(k) if !o.dry_run && !k.is_empty() => Some(k),
         _ => None,

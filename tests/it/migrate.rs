@@ -274,6 +274,53 @@ fn an_endless_listing_or_error_page_fails_the_run_in_bounded_time_and_memory() {
     }
 }
 
+/// Two runs of the same bucket at once would copy every object twice and
+/// write over each other's resume point: the second is refused, naming the
+/// first, which goes on.
+#[test]
+fn a_second_run_of_the_same_bucket_is_refused_while_the_first_runs() {
+    // A bucket that takes the connection and never answers: the first run
+    // waits on its listing (having taken its lock before it connected).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let url = format!("http://127.0.0.1:{}/{BUCKET}", silent.local_addr().unwrap().port());
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let mut first = migrate(&data, &url, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    let _held = loop {
+        match silent.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended before it listed");
+        assert!(started.elapsed() < Duration::from_secs(30), "the first run never asked for its listing");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut second = migrate(&data, &url, &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let asked = Instant::now();
+    while second.try_wait().unwrap().is_none() && asked.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = second.kill();
+    let second = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    let pid = format!("pid {}", first.id());
+    assert!(err.contains("another migrate of this bucket and prefix is running") && err.contains(&pid), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run was stopped by the second");
+    // Another prefix of the same bucket is another run.
+    let mut other = migrate(&data, &url, &["--prefix", "b1/"]).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let other_ran = other.try_wait().unwrap().is_none();
+    let _ = other.kill();
+    let other_err = String::from_utf8_lossy(&other.wait_with_output().unwrap().stderr).into_owned();
+    assert!(other_ran || !other_err.contains("another migrate"), "{other_err}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
 /// A listing that hands back its own continuation token, or keys that are
 /// not in order, would have `migrate` go round the same keys for ever (a
 /// hostile bucket did): the run stops, saying the listing is broken. So
