@@ -339,6 +339,49 @@ async fn kill_9_between_acknowledgement_and_delivery_then_restart_delivers() {
     assert!(out.starts_with("edge  waiting 0  oldest -  sent 0"), "{out}");
 }
 
+/// `kill -9` while the server is splitting a request the edge refuses for its
+/// size (413 past one key), some keys taken and some not: after a restart
+/// every key reaches the edge (at least once), and the queue drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_split_then_restart_delivers_every_key() {
+    let edge = Endpoint::start_with(|g: &Got| match g.keys().len() {
+        1 => (200, vec![], "{}".into()),
+        _ => (413, vec![], "one key per request".into()),
+    });
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = work.path().join("blotcdn.toml");
+    std::fs::write(&config, format!("[[purge]]\nname = \"edge\"\nkind = \"http\"\nurl = \"{}\"\n", edge.url("/")))
+        .unwrap();
+    let conf = config.to_str().unwrap();
+    let keys: Vec<String> = (0..8).map(|i| format!("blog/k{i}")).collect();
+    let taken = |edge: &Endpoint| -> Vec<String> {
+        edge.got().iter().map(Got::keys).filter(|k| k.len() == 1).flatten().collect()
+    };
+    let mut s = ChildServer::spawn_with(&data, &["--config", conf], &[]);
+    let mut p = pb::publisher_client::PublisherClient::connect(format!("http://{}", s.grpc)).await.unwrap();
+    p.purge(pb::PurgeRequest { blog_id: "blog".into(), keys: keys.clone() }).await.unwrap();
+    let started = Instant::now();
+    while taken(&edge).len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the edge took {:?}", taken(&edge));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.kill9();
+    let before = taken(&edge);
+    assert!(before.len() < keys.len(), "every key went before the kill: {before:?}");
+
+    let s = ChildServer::spawn_with(&data, &["--config", conf], &[]);
+    wait_queues(s.grpc, 60, "the queue drained after the restart", |q| q[0].length == 0 && q[0].sent > 0).await;
+    let after = taken(&edge);
+    for k in &keys {
+        assert!(after.contains(k), "{k} never reached the edge: {after:?}");
+    }
+    // Nothing but the eight keys was ever asked for.
+    let asked: std::collections::BTreeSet<String> = edge.got().iter().flat_map(Got::keys).collect();
+    assert_eq!(asked, keys.iter().cloned().collect());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_is_waited_on() {
     let ep = Endpoint::start(|n| match n {
