@@ -79,6 +79,11 @@ impl Bucket {
 /// them; one that refuses just this key (a blog it no longer knows) holds
 /// the keys behind it back that long.
 const STRIKES: u32 = 3;
+
+/// How long the size an edge took after refusing a larger request (413) is
+/// kept: an edge that caps its requests is not sent a larger one after every
+/// success, only this often.
+const FITS_KEPT: Duration = Duration::from_secs(300);
 /// And at least this many tries of it, every one failed, whatever the time:
 /// with the backoff, about half a minute.
 const MIN_TRIES: u32 = 10;
@@ -115,8 +120,14 @@ async fn deliver(
     let mut deadline = target::FIRST_DEADLINE;
     let mut refused: Option<Refused> = None;
     // Halved after a request the edge refused, so one bad key cannot hold
-    // back the ones behind it; back to the most after a success.
+    // back the ones behind it; back to the most after a success, or, when the
+    // edge refused the request for its size, to the size it then took.
     let mut limit = t.max_keys();
+    // Splitting a request the edge refused for its size (413, 414, 431).
+    let mut sizing = false;
+    // The keys a request held when the edge took it after such a split:
+    // requests stay that size for `FITS_KEPT`, then try the most again.
+    let mut fits: Option<(usize, Instant)> = None;
     loop {
         if q.is_idle() {
             // A key added (or unpinned) since the check left a permit: no
@@ -154,7 +165,7 @@ async fn deliver(
         // A key that the edge refuses alone, or fails on (a 500 for that key only): kept,
         // and dropped only as `STRIKES` says. (Not an edge that is down, busy or late.)
         let failed_alone = match &outcome {
-            Outcome::Rejected { error } => Some((error.clone(), None)),
+            Outcome::Rejected { error, .. } => Some((error.clone(), None)),
             Outcome::Retry { error, after, keyed: true, .. } => Some((error.clone(), *after)),
             _ => None,
         };
@@ -191,7 +202,7 @@ async fn deliver(
                 }
                 let due = r.tries >= MIN_TRIES && drop_after.is_some_and(|d| r.since.elapsed() >= d);
                 outcome = if r.strikes >= STRIKES && due {
-                    Outcome::Rejected { error }
+                    Outcome::Rejected { error, too_large: false }
                 } else {
                     let key = &keys[0];
                     let why = match (took, drop_after) {
@@ -227,22 +238,30 @@ async fn deliver(
         metrics::counter!(crate::metrics::PURGE_SENT, "target" => name.clone(), "outcome" => label)
             .increment(keys.len() as u64);
         match outcome {
-            Outcome::Rejected { error } if keys.len() > 1 => {
+            Outcome::Rejected { error, too_large } if keys.len() > 1 => {
                 // Try the same keys in smaller requests: one of them (or the
                 // request's size) is what the edge refuses.
+                sizing |= too_large;
                 tracing::warn!(purge_target = %name, error = %error, keys = keys.len(), "purge refused; splitting the request");
                 limit = (keys.len() / 2).max(1);
                 q.failed(error);
                 tokio::time::sleep(FIRST_BACKOFF).await;
             }
             Outcome::Sent | Outcome::Rejected { .. } => {
-                if let Outcome::Rejected { error } = &outcome {
+                if let Outcome::Rejected { error, .. } = &outcome {
                     // One key the edge refuses for good: waiting on it would
                     // hold back every purge behind it. Said loudly, counted
                     // (`outcome="rejected"`), and left behind.
                     tracing::error!(purge_target = %name, key = %keys[0], error = %error, "the edge refuses this purge key, and takes others; dropped");
                 }
-                limit = t.max_keys();
+                if sizing && matches!(outcome, Outcome::Sent) {
+                    fits = Some((keys.len(), Instant::now()));
+                    sizing = false;
+                }
+                limit = match fits {
+                    Some((n, at)) if at.elapsed() < FITS_KEPT => n,
+                    _ => t.max_keys(),
+                };
                 backoff = FIRST_BACKOFF;
                 refused = None;
                 // Back towards the first deadline once the edge answers in time again
@@ -250,7 +269,7 @@ async fn deliver(
                 // what it needs).
                 deadline = (started.elapsed() * 2).clamp(target::FIRST_DEADLINE, deadline);
                 let upto = q.delivered(matches!(outcome, Outcome::Rejected { .. }));
-                if let Outcome::Rejected { error } = outcome {
+                if let Outcome::Rejected { error, .. } = outcome {
                     q.note_dropped(format!("dropped key {}: {error}", keys[0]));
                 }
                 tracing::debug!(purge_target = %name, keys = keys.len(), upto, "purge delivered");

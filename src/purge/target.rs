@@ -65,6 +65,8 @@ pub enum Outcome {
     /// 429): sending it again would fail again.
     Rejected {
         error: String,
+        /// For its size (413, 414, 431): fewer keys at once may pass.
+        too_large: bool,
     },
 }
 
@@ -261,7 +263,7 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>, kind: PurgeKin
     let busy = String::from_utf8_lossy(&body).contains("TooManyInvalidationsInProgress")
         || String::from_utf8_lossy(&body).contains("<Code>Throttling</Code>");
     if malformed && !busy {
-        return Outcome::Rejected { error };
+        return Outcome::Rejected { error, too_large: matches!(status.as_u16(), 413 | 414 | 431) };
     }
     let throttled = status == StatusCode::TOO_MANY_REQUESTS;
     Outcome::Retry { error, after, throttled, late: false, keyed: status == StatusCode::INTERNAL_SERVER_ERROR }

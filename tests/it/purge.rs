@@ -732,6 +732,32 @@ async fn a_key_the_edge_refuses_is_split_out_and_dropped_without_holding_back_th
     s.stop().await;
 }
 
+/// An edge that takes at most three keys a request (413 past that) is sent
+/// requests of the size it took once it has said so, not the most again
+/// after each success (which cost three refused requests for every one taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_caps_keys_per_request_is_sent_what_it_takes() {
+    let capped = Endpoint::start_with(|g: &Got| match g.keys().len() {
+        1..=3 => (200, vec![], "{}".into()),
+        _ => (413, vec![], "at most 3 keys".into()),
+    });
+    let s = Server::start_with(|p| p.purge = Some(vec![target("capped", "http", capped.url("/"), Some(50.0))])).await;
+    let keys: Vec<String> = (0..24).map(|i| format!("blog/k{i}")).collect();
+    s.publisher().await.purge(pb::PurgeRequest { blog_id: "blog".into(), keys: keys.clone() }).await.unwrap();
+    wait_queues(s.grpc, 30, "the 24 keys delivered", |q| q[0].length == 0).await;
+    let got = capped.got();
+    let sizes: Vec<usize> = got.iter().map(|g| g.keys().len()).collect();
+    let taken: Vec<String> = got.iter().map(Got::keys).filter(|k| k.len() <= 3).flatten().collect();
+    for k in &keys {
+        assert!(taken.contains(k), "{k} not delivered: {sizes:?}");
+    }
+    // 24, 12 and 6 refused, then threes.
+    let refused = sizes.iter().filter(|&&n| n > 3).count();
+    assert!(refused <= 4, "{refused} requests refused for their size: {sizes:?}");
+    assert_eq!(queues(&s).await[0].sent, 24);
+    s.stop().await;
+}
+
 /// An edge that refuses every purge (a VCL or a proxy in front of it changed)
 /// loses none: a key refused alone is dropped only when the edge takes the
 /// other keys waiting. A hostile test had 20 acknowledged purges dropped, one
