@@ -530,8 +530,10 @@ impl Origin {
                 crate::domain::push_encoded_path(&mut s, p.as_str());
                 s
             }
-            // Anything else goes as asked, query included (the app may need it).
-            None => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            // Anything else goes as asked, query included (the app may need it),
+            // when it means to the origins what it means here.
+            None if forwardable(req.uri().path()) => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            None => return plain(StatusCode::BAD_REQUEST, NO_STORE, "invalid path\n"),
         };
         tracing::Span::current().record("source", "fallback");
         // Backfill lands in the static folder, never in a user's synced folder.
@@ -542,6 +544,25 @@ impl Origin {
             None => plain(StatusCode::NOT_FOUND, SHORT, "not found\n"),
         }
     }
+}
+
+/// Whether a path not under a blog may go to the fallback origins as it
+/// came. An origin decodes and normalises what it is sent (nginx and most app
+/// servers do), so a `.` or `..` segment, plain or escaped (also before a `;`,
+/// as some servers read `..;`), a `/` or `\` hidden in an escape, a `\` or a
+/// NUL would reach, under an origin with a path (`http://bucket/legacy`),
+/// whatever lies outside that path. Readers' browsers never send such paths.
+fn forwardable(path: &str) -> bool {
+    let raw = path.as_bytes();
+    let decoded: Vec<u8> = percent_encoding::percent_decode(raw).collect();
+    let slashes = |b: &[u8]| b.iter().filter(|&&c| c == b'/').count();
+    if decoded.iter().any(|&c| c == b'\\' || c == 0) || slashes(&decoded) != slashes(raw) {
+        return false;
+    }
+    decoded.split(|&c| c == b'/').all(|seg| {
+        let seg = seg.split(|&c| c == b';').next().unwrap_or_default();
+        seg != b"." && seg != b".."
+    })
 }
 
 /// The file's first bytes, up to `limit` (all of it, if it is shorter), read
@@ -567,4 +588,30 @@ fn read_up_to(f: &std::fs::File, hint: u64, limit: u64) -> std::io::Result<Vec<u
     }
     buf.truncate(n);
     Ok(buf)
+}
+
+#[cfg(test)]
+mod forward_tests {
+    #[test]
+    fn only_paths_that_mean_the_same_to_an_origin_are_forwarded() {
+        for ok in ["/", "/app.js", "/a/b.c/d", "/x..y/..z", "/%20name", "/a;b", "/%252e%252e/x"] {
+            assert!(super::forwardable(ok), "{ok}");
+        }
+        for bad in [
+            "/..",
+            "/../x",
+            "/a/./b",
+            "/%2e%2e/x",
+            "/%2E%2e/x",
+            "/..%2fx",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a%00b",
+            "/..;/x",
+            "/.%2e/x",
+        ] {
+            assert!(!super::forwardable(bad), "{bad}");
+        }
+    }
 }

@@ -237,6 +237,41 @@ async fn fallback_origins_in_order_and_backfill() {
     s.stop().await;
 }
 
+/// A fallback origin with a path (the legacy bucket under `/legacy`) is never
+/// asked for what lies outside it: a path not under a blog that an origin
+/// would decode and normalise out of its prefix (`/%2e%2e/secret.txt`,
+/// which nginx read as `/secret.txt`, as a hostile test showed) is 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_would_leave_a_fallback_origins_prefix_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    std::fs::create_dir_all(root.join("legacy")).unwrap();
+    std::fs::create_dir_all(root.join("admin")).unwrap();
+    std::fs::write(root.join("legacy/ok.txt"), b"in the bucket").unwrap();
+    std::fs::write(root.join("secret.txt"), b"SECRET").unwrap();
+    std::fs::write(root.join("admin/index.css"), b"ADMIN").unwrap();
+    let (_n, port) = nginx(&work.path().join("n"), &root, "");
+    let s = Server::start_with(|p| p.fallback_origins = Some(vec![format!("http://127.0.0.1:{port}/legacy")])).await;
+    let r = curl(&[&s.url("/ok.txt")]);
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"in the bucket"[..]));
+    for path in [
+        "/%2e%2e/secret.txt",
+        "/..%2fsecret.txt",
+        "/b1%2f..%2f..%2fsecret.txt",
+        "/%2E%2E/admin/index.css",
+        "/../secret.txt",
+        "/x/../../secret.txt",
+        "/.%2e/secret.txt",
+        "/..;/secret.txt",
+        "/%2e%2e%5csecret.txt",
+    ] {
+        let r = curl(&[&s.url(path)]);
+        assert_eq!(r.status, 400, "{path}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.body, b"invalid path\n", "{path}");
+    }
+    s.stop().await;
+}
+
 /// Only a plain, whole file from the legacy bucket is kept: bytes in an
 /// encoding (an object stored gzipped) are passed on with their
 /// Content-Encoding and not written to the static folder, whose files are
