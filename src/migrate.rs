@@ -249,29 +249,27 @@ fn md5_etag(etag: Option<&str>) -> Option<[u8; 16]> {
     Some(out)
 }
 
+/// What is at `dest` already: nothing (`None`), the object (a file of its
+/// size: skipped), or something else, which is not overwritten nor passed
+/// over in silence: the run fails on it (and resumes from before it) until
+/// someone decides.
+fn already_there(dest: &Path, size: u64) -> Option<Outcome> {
+    let m = std::fs::symlink_metadata(dest).ok()?;
+    if m.is_file() && m.len() == size {
+        return Some(Outcome::Skipped);
+    }
+    let what = if m.is_file() { format!("a file of {} bytes", m.len()) } else { "something that is not a file".into() };
+    Some(Outcome::Failed(format!("{} is already {what}; the bucket's object is {size} bytes", dest.display())))
+}
+
 async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
     let (blog, path) = match parse_key(&item.key) {
         Ok(x) => x,
         Err(why) => return Outcome::Refused(why),
     };
     let dest = ctx.statics.file_path(blog.as_str(), &path);
-    match std::fs::symlink_metadata(&dest) {
-        Ok(m) if m.is_file() && m.len() == item.size => return Outcome::Skipped,
-        // Not overwritten, not passed over in silence: the run fails on it
-        // (and resumes from before it) until someone decides.
-        Ok(m) => {
-            let what = if m.is_file() {
-                format!("a file of {} bytes", m.len())
-            } else {
-                "something that is not a file".into()
-            };
-            return Outcome::Failed(format!(
-                "{} is already {what}; the bucket's object is {} bytes",
-                dest.display(),
-                item.size
-            ));
-        }
-        Err(_) => {}
+    if let Some(there) = already_there(&dest, item.size) {
+        return there;
     }
     if ctx.dry_run {
         return Outcome::Copied(item.size);
@@ -283,7 +281,14 @@ async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
         }
         match fetch(ctx, item, &blog, &path).await {
             Ok(Fetched::Copied(n)) => return Outcome::Copied(n),
-            Ok(Fetched::Present) => return Outcome::Skipped,
+            // The name was taken while the object came: by the same object (a
+            // backfill), or by something else (the folder of a key below it,
+            // `b/dir/x.css` beside `b/dir`), which must fail, as above.
+            Ok(Fetched::Present) => {
+                return already_there(&dest, item.size).unwrap_or_else(|| {
+                    Outcome::Failed(format!("{} was taken while the object was copied, then went", dest.display()))
+                })
+            }
             Ok(Fetched::Encoded(enc)) => {
                 return Outcome::Left(format!(
                 "stored with Content-Encoding {enc}: left in the bucket, which the fallback answers with it as it is \

@@ -274,6 +274,52 @@ fn an_endless_listing_or_error_page_fails_the_run_in_bounded_time_and_memory() {
     }
 }
 
+/// A key that is also the folder of other keys (`b1/dir` beside
+/// `b1/dir/child.css`) cannot be both: one of the two fails the run, never
+/// counted as skipped. (Copied at once, the folder the child's copy made
+/// took the file's name, and the file was counted as skipped: a run that
+/// said nothing failed had not copied it, and a resume went past it.)
+#[test]
+fn a_key_that_is_also_a_folder_fails_the_run_and_is_never_skipped() {
+    let work = tempfile::tempdir().unwrap();
+    let (_moto, port) = moto();
+    let script = r#"
+import sys, boto3
+from concurrent.futures import ThreadPoolExecutor
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1")
+s3.create_bucket(Bucket="legacy")
+objs = {}
+for i in range(16):
+    # The file is large, so its copy is named after the child's folder is made.
+    objs[f"b{i}/dir"] = bytes([i]) * (1 << 20)
+    objs[f"b{i}/dir/child.css"] = b"child"
+with ThreadPoolExecutor(8) as ex:
+    list(ex.map(lambda kv: s3.put_object(Bucket="legacy", Key=kv[0], Body=kv[1]), objs.items()))
+"#;
+    let (code, out, err) = run(aws_env(Command::new("python3").args(["-c", script, &port.to_string()])), 120);
+    assert_eq!(code, 0, "populate: {out}{err}");
+    let data = work.path().join("data");
+    let url = format!("http://127.0.0.1:{port}/{BUCKET}");
+    let (code, out, err) = run(&mut migrate(&data, &url, &["--concurrency", "8"]), 300);
+    assert_ne!(code, 0, "a run with a key that cannot be written succeeded: {out}{err}");
+    let [copied, skipped, _, failed] = summary(&out);
+    assert_eq!((copied, skipped, failed), (16, 0, 16), "{out}{err}");
+    for i in 0..16u8 {
+        let dir = data.join(format!("static/b{i}/dir"));
+        let m = std::fs::symlink_metadata(&dir).unwrap();
+        if m.is_file() {
+            assert_eq!(std::fs::read(&dir).unwrap(), vec![i; 1 << 20]);
+        } else {
+            assert_eq!(std::fs::read(dir.join("child.css")).unwrap(), b"child");
+            assert!(err.contains(&format!("b{i}/dir is already something that is not a file")), "{err}");
+        }
+    }
+    // The resume point stays before what failed: the same run again fails the same keys.
+    let (code, out, _) = run(&mut migrate(&data, &url, &[]), 300);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(summary(&out)[3], 16, "{out}");
+}
+
 /// Two runs of the same bucket at once would copy every object twice and
 /// write over each other's resume point: the second is refused, naming the
 /// first, which goes on.
