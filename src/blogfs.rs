@@ -446,8 +446,15 @@ impl NewFile {
     }
 
     /// Keeps `content_type` with the file (see [`kept_type`]): fails where
-    /// the filesystem keeps no extended attributes.
+    /// the filesystem keeps no extended attributes, and for a type longer
+    /// than [`MAX_KEPT_TYPE`], which [`kept_type`] would not read back.
     pub fn keep_type(&self, content_type: &str) -> io::Result<()> {
+        if content_type.len() > MAX_KEPT_TYPE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("longer than the {MAX_KEPT_TYPE} bytes a kept type may be ({} bytes)", content_type.len()),
+            ));
+        }
         // SAFETY: a NUL-terminated name, and a buffer of the length given.
         let r = unsafe {
             libc::fsetxattr(

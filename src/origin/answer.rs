@@ -67,7 +67,9 @@ pub(super) fn content_type(name: &str) -> HeaderValue {
 /// of), or is not fit to answer with.
 pub(crate) fn type_to_keep(given: &HeaderValue, name: &str) -> Option<String> {
     let s = given.to_str().ok()?.trim();
-    if s.is_empty() || s.len() > crate::blogfs::MAX_KEPT_TYPE || HeaderValue::from_str(s).is_err() {
+    // Longer than a kept type may be: still a type to keep, which
+    // `NewFile::keep_type` refuses, so the copy is not made.
+    if s.is_empty() || HeaderValue::from_str(s).is_err() {
         return None;
     }
     let essence = s.split(';').next()?.trim().to_ascii_lowercase();
@@ -384,7 +386,10 @@ mod tests {
         assert_eq!(keep("image/png", "photo").as_deref(), Some("image/png"), "no extension");
         assert_eq!(keep("text/html; charset=utf-8", "page.txt").as_deref(), Some("text/html; charset=utf-8"));
         let long: &'static str = format!("text/x-{}", "a".repeat(crate::blogfs::MAX_KEPT_TYPE)).leak();
-        assert_eq!(keep(long, "notes"), None, "longer than a kept type may be");
+        // Longer than a kept type may be: said (the copy cannot keep it, so it is not made).
+        assert_eq!(keep(long, "notes"), Some(long.to_owned()));
+        let long_css: &'static str = format!("text/css; x={}", "a".repeat(crate::blogfs::MAX_KEPT_TYPE)).leak();
+        assert_eq!(keep(long_css, "a.css"), None, "the extension's type, whatever its parameters");
     }
 
     #[test]
