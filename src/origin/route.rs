@@ -106,6 +106,9 @@ impl Origin {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
+        } else if req.headers().get_all(EDGE_DOMAIN).iter().nth(1).is_some() {
+            // As two Host headers: which one a cache in front keys on is anyone's guess.
+            plain(StatusCode::BAD_REQUEST, NO_STORE, "more than one X-Blotcdn-Domain header\n")
         } else if unmapped && !matches!(req.uri().path(), "/healthz" | "/_ask") {
             plain(StatusCode::NOT_FOUND, NO_STORE, "unknown domain\n")
         } else {

@@ -90,6 +90,16 @@ async fn a_readers_domain_header_never_puts_another_blogs_answer_under_a_url() {
     assert_eq!(r.header("vary"), Some("X-Blotcdn-Domain"));
     let r = curl(&[&format!("http://{}/victim/app.js", s.http)]);
     assert_eq!(r.header("vary"), None, "no Vary where the header played no part");
+    // Two of them, as two Host headers, say nothing for sure: 400 (the first won).
+    let r = curl(&[
+        "-H",
+        "X-Blotcdn-Domain: evil.example",
+        "-H",
+        "X-Blotcdn-Domain: other.example",
+        &format!("http://{}/victim/app.js", s.http),
+    ]);
+    assert_eq!((r.status, r.body.as_slice()), (400, &b"more than one X-Blotcdn-Domain header\n"[..]));
+    assert_eq!(r.header("vary"), Some("X-Blotcdn-Domain"));
     s.stop().await;
 }
 
