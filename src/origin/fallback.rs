@@ -90,6 +90,16 @@ impl Fallback {
         };
         let deadline = tokio::time::Instant::now() + self.timeout;
         for (i, origin) in self.origins.iter().enumerate() {
+            // The legacy bucket is asked for objects, nothing more: a query selects
+            // another of its APIs (`?list-type=2` lists it, `?acl`, `?versionId`), and
+            // a target naming no key (`/`) lists the bucket too.
+            let target = match i < self.backfill {
+                true => match target.split_once('?').map_or(target, |(path, _)| path) {
+                    "" | "/" => continue,
+                    path => path,
+                },
+                false => target,
+            };
             let uri = format!("{origin}{target}");
             let Ok(mut req) = Request::builder().method(method.clone()).uri(&uri).body(Empty::new()) else {
                 continue;

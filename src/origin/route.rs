@@ -106,6 +106,11 @@ impl Origin {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, NO_STORE, "only GET and HEAD\n");
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
+        } else if !req.uri().path().starts_with('/') {
+            // `GET *`, or a bare authority (`GET x.y`): no path to route, on any host
+            // (a custom domain's blog would be asked for nothing, and its origins for
+            // their root).
+            plain(StatusCode::BAD_REQUEST, NO_STORE, "the request target is not a path\n")
         } else if req.headers().get_all(EDGE_DOMAIN).iter().nth(1).is_some() {
             // As two Host headers: which one a cache in front keys on is anyone's guess.
             plain(StatusCode::BAD_REQUEST, NO_STORE, "more than one X-Blotcdn-Domain header\n")

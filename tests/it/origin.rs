@@ -272,6 +272,47 @@ async fn a_path_that_would_leave_a_fallback_origins_prefix_is_refused() {
     s.stop().await;
 }
 
+/// The legacy bucket is asked for objects only: a query (S3's `?list-type=2`
+/// lists the bucket, `?acl` gives its ACL) is not passed on to it, and a
+/// target naming no key (`/`, which lists it) skips it; the app still gets
+/// both. A request target that is no path (`GET x.y`, `GET *`) is 400 on any
+/// host: on a custom domain it reached the bucket as `/legacy/`, its listing
+/// (hostile round 27).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_legacy_bucket_is_asked_for_objects_only() {
+    let work = tempfile::tempdir().unwrap();
+    let empty = work.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (_bucket, bp) =
+        nginx(&work.path().join("b"), &empty, r#"location / { return 200 "bucket saw $request_uri"; }"#);
+    let (_app, ap) = nginx(&work.path().join("a"), &empty, r#"location / { return 200 "app saw $request_uri"; }"#);
+    let s = Server::start_with(|p| {
+        p.fallback_origins = Some(vec![format!("http://127.0.0.1:{bp}/legacy"), format!("http://127.0.0.1:{ap}")]);
+    })
+    .await;
+    let body = |args: &[&str]| {
+        let r = curl(args);
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    assert_eq!(body(&[&s.url("/x.css?acl")]), (200, "bucket saw /legacy/x.css".into()));
+    assert_eq!(body(&[&s.url("/b1/x.css?versionId=1")]), (200, "bucket saw /legacy/b1/x.css".into()));
+    assert_eq!(body(&[&s.url("/?list-type=2&prefix=b2/")]), (200, "app saw /?list-type=2&prefix=b2/".into()));
+    assert_eq!(body(&[&s.url("/")]), (200, "app saw /".into()));
+    let mut p = s.publisher().await;
+    p.set_domain(pb::SetDomainRequest { domain: "example.com".into(), blog_id: "b1".into() }).await.unwrap();
+    for target in ["x.y", "*", "example.com:80"] {
+        for host in [vec![], vec!["-H", "Host: example.com"], vec!["-H", "X-Blotcdn-Domain: example.com"]] {
+            let mut args = vec!["--request-target", target];
+            args.extend(host.iter().copied());
+            let url = s.url("/");
+            args.push(&url);
+            let (status, text) = body(&args);
+            assert_eq!((status, text.as_str()), (400, "the request target is not a path\n"), "{target} {host:?}");
+        }
+    }
+    s.stop().await;
+}
+
 /// Only a plain, whole file from the legacy bucket is kept: bytes in an
 /// encoding (an object stored gzipped) are passed on with their
 /// Content-Encoding and not written to the static folder, whose files are
