@@ -602,8 +602,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if s.left > 0 {
                 println!(
-                    "left in the bucket: {} objects stored with a Content-Encoding (printed above, counted with the \
-                     refused); the fallback answers them from there, so keep the bucket while any is left",
+                    "left in the bucket: {} objects a copy would not answer as the bucket does (a Content-Encoding, \
+                     or a Content-Type it cannot keep; printed above, counted with the refused); the fallback answers \
+                     them from there, so keep the bucket while any is left",
                     s.left
                 );
             }

@@ -85,9 +85,9 @@ enum Fetched {
     Present,
     /// Stored in this `Content-Encoding`: not copied.
     Encoded(String),
-    /// With a `Content-Type` the name does not give, of this many bytes,
-    /// more than a copy can keep: not copied.
-    LongType(usize),
+    /// With a `Content-Type` the name does not give, that a copy cannot
+    /// keep as it was answered (why): not copied.
+    UnkeptType(String),
 }
 
 /// A download that receives nothing for this long is given up (and retried).
@@ -298,11 +298,10 @@ async fn copy_one(ctx: &Ctx, item: &Listed) -> Outcome {
                      (its bytes are not the file, and the static folder's files are answered as they are)"
             ))
             }
-            Ok(Fetched::LongType(n)) => {
+            Ok(Fetched::UnkeptType(why)) => {
                 return Outcome::Left(format!(
-                    "its Content-Type is {n} bytes, more than the {} a copy can keep: left in the bucket, which the \
-                     fallback answers with it",
-                    crate::blogfs::MAX_KEPT_TYPE
+                    "its Content-Type {}: left in the bucket, which the fallback answers with it",
+                    printable(&why)
                 ))
             }
             Err(e) => last = format!("{e:#}"),
@@ -323,10 +322,11 @@ async fn fetch(ctx: &Ctx, item: &Listed, blog: &BlogId, path: &BlogPath) -> anyh
     {
         return Ok(Fetched::Encoded(printable(&String::from_utf8_lossy(enc.as_bytes())).into_owned()));
     }
-    let keep_type = h.get(http::header::CONTENT_TYPE).and_then(|t| crate::origin::type_to_keep(t, path.file_name()));
-    if let Some(n) = keep_type.as_ref().map(String::len).filter(|n| *n > crate::blogfs::MAX_KEPT_TYPE) {
-        return Ok(Fetched::LongType(n));
-    }
+    let keep_type = match h.get(http::header::CONTENT_TYPE).map(|t| crate::origin::type_to_keep(t, path.file_name())) {
+        Some(Err(why)) => return Ok(Fetched::UnkeptType(why)),
+        Some(Ok(t)) => t,
+        None => None,
+    };
     // With SSE-KMS or SSE-C, the ETag is not the MD5 of the bytes.
     let encrypted = h.get("x-amz-server-side-encryption").is_some_and(|v| v.as_bytes().starts_with(b"aws:kms"))
         || h.contains_key("x-amz-server-side-encryption-customer-algorithm");

@@ -62,27 +62,34 @@ pub(super) fn content_type(name: &str) -> HeaderValue {
 }
 
 /// The `Content-Type` an origin gave a file named `name` that is worth
-/// keeping with its copy in the static folder: `None` when it says nothing
-/// the name's extension does not (the same media type, or none to speak
-/// of), or is not fit to answer with.
-pub(crate) fn type_to_keep(given: &HeaderValue, name: &str) -> Option<String> {
-    let s = given.to_str().ok()?.trim();
-    // Longer than a kept type may be: still a type to keep, which
-    // `NewFile::keep_type` refuses, so the copy is not made.
-    if s.is_empty() || HeaderValue::from_str(s).is_err() {
-        return None;
-    }
-    let essence = s.split(';').next()?.trim().to_ascii_lowercase();
+/// keeping with its copy in the static folder: `Ok(None)` when it says
+/// nothing the name's extension does not (the same media type, or none to
+/// speak of), and `Err` (why) when it says another type but cannot be kept
+/// as it was answered (bytes other than visible ASCII, or longer than
+/// [`crate::blogfs::MAX_KEPT_TYPE`]): such a copy is not made, since it
+/// would be answered as another type than the origin's.
+pub(crate) fn type_to_keep(given: &HeaderValue, name: &str) -> Result<Option<String>, String> {
+    let text = String::from_utf8_lossy(given.as_bytes());
+    let s = text.trim();
+    let essence = s.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     if !essence.contains('/') || matches!(essence.as_str(), "application/octet-stream" | "binary/octet-stream") {
-        return None;
+        return Ok(None);
     }
     // Any of the types the extension goes by says the same, and so does
     // another name of one of them (`application/javascript` for `.js`,
     // which mime_guess names `text/javascript` alone).
     let essence = same_type_as(&essence).unwrap_or(&essence);
     let named = mime_guess::from_path(name);
-    (!named.iter().any(|m| m.essence_str() == essence) && named.first_or_octet_stream().essence_str() != essence)
-        .then(|| s.to_owned())
+    if named.iter().any(|m| m.essence_str() == essence) || named.first_or_octet_stream().essence_str() == essence {
+        return Ok(None);
+    }
+    if given.to_str().is_err() {
+        return Err(format!("{s:?} is not visible ASCII alone"));
+    }
+    if s.len() > crate::blogfs::MAX_KEPT_TYPE {
+        return Err(format!("is {} bytes, more than the {} a copy keeps", s.len(), crate::blogfs::MAX_KEPT_TYPE));
+    }
+    Ok(Some(s.to_owned()))
 }
 
 /// The type a media type is another name of, where buckets commonly use the
@@ -370,7 +377,7 @@ mod tests {
     /// types, which say nothing.
     #[test]
     fn a_type_is_kept_only_where_the_extension_says_otherwise() {
-        let keep = |t: &'static str, name| type_to_keep(&HeaderValue::from_static(t), name);
+        let keep = |t: &'static str, name| type_to_keep(&HeaderValue::from_static(t), name).unwrap();
         assert_eq!(keep("application/javascript", "app.js"), None);
         assert_eq!(keep("text/javascript; charset=utf-8", "app.js"), None);
         assert_eq!(keep("IMAGE/JPEG", "a.jpg"), None);
@@ -385,11 +392,20 @@ mod tests {
         assert_eq!(keep("text/plain", "app.js").as_deref(), Some("text/plain"));
         assert_eq!(keep("image/png", "photo").as_deref(), Some("image/png"), "no extension");
         assert_eq!(keep("text/html; charset=utf-8", "page.txt").as_deref(), Some("text/html; charset=utf-8"));
-        let long: &'static str = format!("text/x-{}", "a".repeat(crate::blogfs::MAX_KEPT_TYPE)).leak();
-        // Longer than a kept type may be: said (the copy cannot keep it, so it is not made).
-        assert_eq!(keep(long, "notes"), Some(long.to_owned()));
-        let long_css: &'static str = format!("text/css; x={}", "a".repeat(crate::blogfs::MAX_KEPT_TYPE)).leak();
-        assert_eq!(keep(long_css, "a.css"), None, "the extension's type, whatever its parameters");
+        // Another type that cannot be kept as answered: said, so the copy is not made.
+        let max = crate::blogfs::MAX_KEPT_TYPE;
+        let long: &'static str = format!("text/x-{}", "a".repeat(max)).leak();
+        let e = type_to_keep(&HeaderValue::from_static(long), "notes").unwrap_err();
+        assert!(e.contains(&format!("more than the {max}")), "{e}");
+        let just: &'static str = format!("text/x-{}", "a".repeat(max - 7)).leak();
+        assert_eq!(keep(just, "notes").as_deref(), Some(just));
+        let obs = HeaderValue::from_bytes(b"image/x-\xe9t\xe9").unwrap();
+        assert!(type_to_keep(&obs, "tmb").unwrap_err().contains("not visible ASCII"));
+        // The extension's own type, whatever its parameters: nothing to keep.
+        let long_css: &'static str = format!("text/css; x={}", "a".repeat(max)).leak();
+        assert_eq!(keep(long_css, "a.css"), None);
+        let obs_css = HeaderValue::from_bytes(b"text/css; x=\xe9").unwrap();
+        assert_eq!(type_to_keep(&obs_css, "a.css"), Ok(None));
     }
 
     #[test]

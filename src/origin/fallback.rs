@@ -156,8 +156,14 @@ impl Fallback {
                     // The type the bucket gave it, where its name says
                     // another: the copy is answered with it too.
                     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    let keep_type = parts.headers.get(header::CONTENT_TYPE).and_then(|t| super::type_to_keep(t, &name));
+                    let keep_type = match parts.headers.get(header::CONTENT_TYPE) {
+                        Some(t) => super::type_to_keep(t, &name),
+                        None => Ok(None),
+                    };
                     let start = move || {
+                        let keep_type = keep_type.map_err(|why| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("its Content-Type {why}"))
+                        })?;
                         let file = NewFile::start(&root, &blog, &dest)?;
                         match keep_type.map(|t| file.keep_type(&t)) {
                             // Without it the copy would be answered as

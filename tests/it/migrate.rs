@@ -468,9 +468,12 @@ if sys.argv[2] == "before":
     put("t1/plain.css", b"p { }", ContentType="text/css")
     put("t1/font.woff", b"wOFF", ContentType="application/x-font-woff")
     put("t1/longtype", b"long", ContentType="image/x-" + "a" * 200)
+    # Not ASCII: botocore sends it as Latin-1 bytes.
+    put("t1/obstype", b"obs", ContentType="image/x-\u00e9t\u00e9")
 else:
     s3.put_object(Bucket="legacy", Key="t1/later/notes", Body=b"later", ContentType="text/plain", ACL="public-read")
     s3.put_object(Bucket="legacy", Key="t1/later/long", Body=b"long", ContentType="image/x-" + "a" * 200, ACL="public-read")
+    s3.put_object(Bucket="legacy", Key="t1/later/obs", Body=b"obs", ContentType="image/x-\u00e9t\u00e9", ACL="public-read")
 "#;
     let long_type = format!("image/x-{}", "a".repeat(200));
     let python = |when: &str| run(aws_env(Command::new("python3").args(["-c", put, &port.to_string(), when])), 60);
@@ -479,13 +482,14 @@ else:
     let bucket_url = format!("http://127.0.0.1:{port}/{BUCKET}");
     let data = work.path().join("data");
     let (code, out, err) = run(&mut migrate(&data, &bucket_url, &[]), 120);
-    assert_eq!((code, summary(&out)), (0, [4, 0, 2, 0]), "{out}{err}");
+    assert_eq!((code, summary(&out)), (0, [4, 0, 3, 0]), "{out}{err}");
     assert!(err.contains("left: t1/style.css: stored with Content-Encoding gzip"), "{err}");
     // A type longer than a copy can keep: left too (it was copied without it, and answered as
     // the extension says, as a hostile test found).
     assert!(err.contains("left: t1/longtype: its Content-Type is 208 bytes, more than the 200"), "{err}");
-    assert!(out.contains("left in the bucket: 2 objects"), "{out}");
-    assert!(!data.join("static/t1/longtype").exists());
+    assert!(err.contains("left: t1/obstype: its Content-Type \"image/x-"), "{err}");
+    assert!(out.contains("left in the bucket: 3 objects"), "{out}");
+    assert!(!data.join("static/t1/longtype").exists() && !data.join("static/t1/obstype").exists());
     assert!(!data.join("static/t1/style.css").exists(), "a gzipped object was copied as its bytes");
     let (code, out, err) = python("after");
     assert_eq!(code, 0, "{out}{err}");
@@ -528,7 +532,14 @@ else:
         let r = curl(&[&s.url(path)]);
         assert_eq!((r.status, r.header("content-type")), (200, Some(long_type.as_str())), "{path}");
     }
+    // Nor one whose type is not ASCII (answered with its bytes as the bucket sent them).
+    for _ in 0..2 {
+        let r = curl(&[&s.url("/t1/later/obs")]);
+        assert_eq!(r.status, 200);
+        assert!(r.header("content-type").is_some_and(|t| t.starts_with("image/x-")), "{:?}", r.header("content-type"));
+    }
     std::thread::sleep(Duration::from_millis(300));
     assert!(!data.join("static/t1/later/long").exists(), "copied without its type");
+    assert!(!data.join("static/t1/later/obs").exists(), "copied without its type");
     s.stop().await;
 }
