@@ -373,9 +373,11 @@ async fn fetch(ctx: &Ctx, item: &Listed, blog: &BlogId, path: &BlogPath) -> anyh
     Ok(if named { Fetched::Copied(n) } else { Fetched::Present })
 }
 
-/// The resume point of one bucket and prefix, in the data dir.
-fn checkpoint_path(state_dir: &Path, o: &Options) -> PathBuf {
-    let id = blake3::hash(format!("{}\n{}", o.bucket_url, o.prefix.as_deref().unwrap_or("")).as_bytes());
+/// The resume point of one bucket and prefix, in the data dir: named by
+/// the bucket as parsed, so that every spelling of its URL (`HTTP://`, a
+/// trailing `/`, `:80`) has the same one, and the same lock.
+fn checkpoint_path(state_dir: &Path, bucket: &Bucket, prefix: Option<&str>) -> PathBuf {
+    let id = blake3::hash(format!("{}\n{}\n{}", bucket.base_url(), bucket.name(), prefix.unwrap_or("")).as_bytes());
     state_dir.join(format!("migrate-{}.checkpoint", &id.to_hex()[..16]))
 }
 
@@ -470,7 +472,7 @@ impl Progress {
 /// `state_dir`. Ends early (`interrupted`) on Ctrl-C.
 pub async fn run(static_dir: &Path, state_dir: &Path, o: Options) -> anyhow::Result<Summary> {
     let bucket = parse_bucket(&o.bucket_url)?;
-    let checkpoint = checkpoint_path(state_dir, &o);
+    let checkpoint = checkpoint_path(state_dir, &bucket, o.prefix.as_deref());
     // One run at a time of a bucket and prefix: two would copy every object
     // twice and write over each other's resume point. Held until this
     // returns, or the process ends however it ends.

@@ -322,7 +322,7 @@ with ThreadPoolExecutor(8) as ex:
 
 /// Two runs of the same bucket at once would copy every object twice and
 /// write over each other's resume point: the second is refused, naming the
-/// first, which goes on.
+/// first, which goes on, however the bucket's URL is spelled.
 #[test]
 fn a_second_run_of_the_same_bucket_is_refused_while_the_first_runs() {
     // A bucket that takes the connection and never answers: the first run
@@ -344,7 +344,9 @@ fn a_second_run_of_the_same_bucket_is_refused_while_the_first_runs() {
         assert!(started.elapsed() < Duration::from_secs(30), "the first run never asked for its listing");
         std::thread::sleep(Duration::from_millis(10));
     };
-    let mut second = migrate(&data, &url, &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // The same bucket, spelled otherwise.
+    let spelled = format!("HTTP://127.0.0.1:{}/{BUCKET}/", silent.local_addr().unwrap().port());
+    let mut second = migrate(&data, &spelled, &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let asked = Instant::now();
     while second.try_wait().unwrap().is_none() && asked.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(10));
