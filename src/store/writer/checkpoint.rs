@@ -249,7 +249,13 @@ impl Writer {
                 a.round = Some((end, len, round));
                 return Ok(false);
             }
+            let (waited, running) = (Instant::now(), !round.is_finished());
             let to = round.join().map_err(|_| io::Error::other("the checkpoint's thread panicked"))??;
+            if running {
+                // Writes waited for sled (they outpace it, or a stop).
+                let ms = waited.elapsed().as_millis() as u64;
+                tracing::debug!(ms, round_bytes = len, "writes waited for a checkpoint round");
+            }
             a.last = to - a.done;
             a.done = to;
         }
@@ -279,7 +285,11 @@ impl Writer {
             ));
             return Ok(false);
         }
+        // The end, which writes wait for: the rest applied here, sled's
+        // flush, the records kept for the next start.
+        let (started, applied_bytes) = (Instant::now(), records.end - a.done);
         records.apply(a.done, u64::MAX, |seq, rec| Ok::<_, StoreError>(apply(trees, seq, &rec)?))?;
+        let applied = started.elapsed();
         checkpoint(trees, &self.db_path, self.seq - 1)?;
         self.trees = None;
         // sled holds every record: keep them for the next start (after sled,
@@ -288,13 +298,21 @@ impl Writer {
         self.keep_log(now.unwrap_or(false));
         self.wal.reset()?;
         super::super::give_back_memory();
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            applied_bytes,
+            applied_ms = applied.as_millis() as u64,
+            "checkpoint done"
+        );
         Ok(true)
     }
 
     /// Opens sled for a checkpoint, checked against its marker.
     fn open_for_checkpoint(&mut self) -> Result<(), StoreError> {
         if self.trees.is_none() {
+            let started = Instant::now();
             let trees = Trees::open(&self.db_path)?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "sled opened for a checkpoint");
             // sled reopened after a failure may read damage as a torn tail
             // and come back older than its last checkpoint, which the log no
             // longer covers: never checkpoint over that (it would make the
