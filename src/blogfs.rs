@@ -70,83 +70,164 @@ pub fn changed_ago(meta: &Metadata) -> std::time::Duration {
 /// one version, unless one write takes longer than `SETTLE`.
 pub fn settled(f: &File, mut meta: Metadata) -> io::Result<Metadata> {
     for _ in 0..3 {
-        let ago = changed_ago(&meta);
-        // A change time ahead of our clock (it was stepped back) reads as
-        // zero: no telling how old the change is; not worth a wait.
-        if ago >= SETTLE || ago.is_zero() {
+        if is_settled(&meta) {
             break;
         }
-        std::thread::sleep(SETTLE - ago);
+        std::thread::sleep(SETTLE.saturating_sub(changed_ago(&meta)));
         meta = f.metadata()?;
     }
     Ok(meta)
 }
 
-/// Whether any process has this file open for writing, or mapped shared
-/// and writable (a writer whose bytes may land without moving any
-/// timestamp), asked of the kernel: a read lease (`F_SETLEASE`, `F_RDLCK`)
-/// is refused with EAGAIN exactly then. The lease is let go at once; a
-/// writer opening the file in between waits those microseconds, and the
-/// lease-break signal is SIGWINCH, which is ignored unless handled (SIGIO,
-/// the default, would end the process). `None`: no answer (the file is
-/// another user's and the process lacks CAP_LEASE, leases are turned off,
-/// or the filesystem is not a local one: NFS and SMB refuse a lease with
-/// EAGAIN whenever the server gave no delegation or oplock, which would
-/// read as "being written" every time). `file` must be open read-only.
-/// Four syscalls.
-fn open_for_writing(file: &File) -> Option<bool> {
-    // <fcntl.h>'s F_SETSIG (Linux), which the libc crate does not export.
-    const F_SETSIG: libc::c_int = 10;
-    // statfs(2)'s magic numbers of local filesystems whose leases answer
-    // for the inode: ext2/3/4, XFS, Btrfs, tmpfs, F2FS, bcachefs.
-    const LOCAL: [i64; 6] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010, 0xCA45_1A4E];
-    let fd = file.as_raw_fd();
-    // SAFETY: fstatfs fills the struct; fcntl on a descriptor `file` owns,
-    // with integer arguments.
-    unsafe {
-        let mut fs: libc::statfs = std::mem::zeroed();
-        if libc::fstatfs(fd, &mut fs) != 0 || !LOCAL.contains(&(fs.f_type as i64)) {
-            return None;
+/// Whether the file's last change is `SETTLE` old. A change time ahead of
+/// our clock (it was stepped back) reads as settled: no telling how old the
+/// change is.
+pub fn is_settled(meta: &Metadata) -> bool {
+    let ago = changed_ago(meta);
+    ago >= SETTLE || ago.is_zero()
+}
+
+/// A read lease (`F_SETLEASE`, `F_RDLCK`) on a blog file, held while it is
+/// read. The kernel grants one only while no process holds the file open for
+/// writing or mapped shared and writable (a writer whose bytes may land
+/// without moving any timestamp), and breaks it when a process opens the file
+/// for writing or truncates it. Unbroken from before a read to after it, it
+/// proves the read saw one version of the file, whatever its times say. Let
+/// go when dropped; a writer that broke it waits until then (its `open`
+/// blocks), so it is held for a read only, never across a client's pace. The
+/// break's signal is SIGWINCH, which is ignored unless handled (SIGIO, the
+/// default, would end the process).
+pub enum Lease<'a> {
+    /// Held on this descriptor.
+    Held(&'a File),
+    /// Refused: another process holds the file open for writing.
+    Writer,
+    /// No answer: the file is another user's and the process lacks
+    /// CAP_LEASE, leases are turned off, or the filesystem is not a local one
+    /// (NFS and SMB refuse a lease with EAGAIN whenever the server gave no
+    /// delegation or oplock, which would read as "being written" every time).
+    /// Only the file's times can be checked then (said once in the log).
+    Unknown,
+}
+
+impl<'a> Lease<'a> {
+    /// `file` must be open read-only. Three syscalls.
+    pub fn take(file: &'a File) -> Lease<'a> {
+        // <fcntl.h>'s F_SETSIG (Linux), which the libc crate does not export.
+        const F_SETSIG: libc::c_int = 10;
+        // statfs(2)'s magic numbers of local filesystems whose leases answer
+        // for the inode: ext2/3/4, XFS, Btrfs, tmpfs, F2FS, bcachefs.
+        const LOCAL: [i64; 6] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010, 0xCA45_1A4E];
+        let fd = file.as_raw_fd();
+        // SAFETY: fstatfs fills the struct; fcntl on a descriptor `file`
+        // owns, with integer arguments.
+        let taken = unsafe {
+            let mut fs: libc::statfs = std::mem::zeroed();
+            if libc::fstatfs(fd, &mut fs) != 0 || !LOCAL.contains(&(fs.f_type as i64)) {
+                return Lease::unknown();
+            }
+            if libc::fcntl(fd, F_SETSIG, libc::SIGWINCH) != 0 {
+                return Lease::unknown();
+            }
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0
+        };
+        match taken {
+            true => Lease::Held(file),
+            false if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => Lease::Writer,
+            false => Lease::unknown(),
         }
-        if libc::fcntl(fd, F_SETSIG, libc::SIGWINCH) != 0 {
-            return None;
+    }
+
+    fn unknown() -> Lease<'a> {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "cannot ask whether a blog file is being written (no read lease: the file is another user's and \
+                 the server lacks CAP_LEASE, leases are off, or the filesystem is not local): a file written \
+                 through a shared mapping may be answered torn and kept, or imported torn; only its times are \
+                 checked (said once)"
+            );
         }
-        if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
-            if libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) != 0 {
+        Lease::Unknown
+    }
+
+    /// Another process held the file open for writing when it was asked.
+    pub fn writer(&self) -> bool {
+        matches!(self, Lease::Writer)
+    }
+
+    /// A process opened the file for writing (or truncated it) since the
+    /// lease was taken: what was read meanwhile may be torn. One syscall.
+    pub fn broken(&self) -> bool {
+        match self {
+            // SAFETY: fcntl on a descriptor the lease borrows.
+            // A break under way reads as the type it goes to (none).
+            Lease::Held(f) => (unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLEASE) }) != libc::F_RDLCK,
+            Lease::Writer | Lease::Unknown => false,
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Lease::Held(f) = self {
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) } != 0 {
                 // Held on: writers would wait for it (up to the kernel's
                 // lease-break time) until the descriptor closes.
                 tracing::warn!(error = %io::Error::last_os_error(), "a read lease could not be let go");
             }
-            return Some(false);
         }
-    }
-    match io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN) => Some(true),
-        _ => None,
     }
 }
 
-/// Whether another process holds `file` open for writing, as
-/// [`open_for_writing`] asks the kernel. Where it gives no answer, no: only
-/// the file's times are checked then, which a writer through a shared
-/// mapping can get past (said once in the log). For the origin and
-/// `ImportFile` alike.
-pub fn writer_holds(file: &File) -> bool {
-    match open_for_writing(file) {
-        Some(writing) => writing,
-        None => {
-            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(
-                    "cannot ask whether a blog file is being written (no read lease: the file is another user's and \
-                     the server lacks CAP_LEASE, leases are off, or the filesystem is not local): a file written \
-                     through a shared mapping may be answered torn and kept, or imported torn; only its times are \
-                     checked (said once)"
-                );
-            }
-            false
-        }
+/// `file` read under a [`Lease`]: each read first checks that no writer
+/// came (else [`WrittenMeanwhile`]), and the lease is let go at the end of
+/// the file, so a writer waits for one read at most, never for what the
+/// reader does with the bytes (an fsync). Without a lease (`Lease::Unknown`)
+/// it reads plainly.
+pub struct LeasedRead<'a> {
+    file: &'a File,
+    lease: Option<Lease<'a>>,
+}
+
+impl<'a> LeasedRead<'a> {
+    pub fn new(file: &'a File, lease: Lease<'a>) -> Self {
+        LeasedRead { file, lease: Some(lease) }
     }
+}
+
+impl io::Read for LeasedRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.lease.as_ref().is_some_and(|l| l.broken() || l.writer()) {
+            return Err(io::Error::other(WrittenMeanwhile));
+        }
+        let n = (&mut &*self.file).read(buf)?;
+        if n == 0 {
+            // Every byte before the end was read while it was held.
+            self.lease = None;
+        }
+        Ok(n)
+    }
+}
+
+/// A process opened the file for writing (or cut it) while it was read.
+#[derive(Debug, thiserror::Error)]
+#[error("the file was opened for writing while it was read")]
+pub struct WrittenMeanwhile;
+
+impl WrittenMeanwhile {
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|e| e.is::<WrittenMeanwhile>())
+    }
+}
+
+/// Whether another process holds `file` open for writing, or mapped shared
+/// and writable (see [`Lease`]), asked of the kernel and let go at once; a
+/// writer opening the file in between waits those microseconds. Where it
+/// gives no answer, no. Four syscalls.
+pub fn writer_holds(file: &File) -> bool {
+    Lease::take(file).writer()
 }
 
 /// The blogs directory, canonicalised once at start.
@@ -516,5 +597,62 @@ impl Drop for NewFile {
         // SAFETY: a name relative to its open directory; after `finish` it
         // is gone already, and this does nothing.
         unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A writer that opens the file while it is read under a lease: the
+    /// next read says so, the writer's `open` waits until the lease is let
+    /// go, and then goes on. Read to its end with no writer, a file is read
+    /// whole and the lease is let go at the end.
+    #[test]
+    fn a_writer_that_comes_during_a_leased_read_is_told_of_and_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, vec![b'A'; 64 << 10]).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut read = LeasedRead::new(&file, Lease::take(&file));
+        let mut buf = [0u8; 4096];
+        assert_eq!(read.read(&mut buf).unwrap(), 4096);
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, opened) = (path.clone(), opened.clone());
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                opened.store(true, std::sync::atomic::Ordering::SeqCst);
+                drop(f);
+            })
+        };
+        // The writer's open breaks the lease (it then waits for it).
+        let mut told = false;
+        for _ in 0..200 {
+            match read.read(&mut buf) {
+                Err(e) if WrittenMeanwhile::is(&e) => {
+                    told = true;
+                    break;
+                }
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(told, "no read said a writer came");
+        assert!(!opened.load(std::sync::atomic::Ordering::SeqCst), "the writer's open did not wait for the lease");
+        drop(read);
+        writer.join().unwrap();
+        assert!(opened.load(std::sync::atomic::Ordering::SeqCst));
+        // No writer: read whole, the lease let go at the end (a writer's
+        // open goes through at once while the descriptor stays open).
+        let file = File::open(&path).unwrap();
+        let mut read = LeasedRead::new(&file, Lease::take(&file));
+        assert!(matches!(read.lease, Some(Lease::Held(_))), "no lease on a file nobody writes");
+        let mut all = Vec::new();
+        read.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 64 << 10);
+        assert!(read.lease.is_none(), "the lease was held past the end");
+        drop(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use crate::blogfs::{settled, writer_holds, BlogsDir, FileStamp, OpenError};
+use crate::blogfs::{is_settled, settled, BlogsDir, FileStamp, Lease, LeasedRead, OpenError, WrittenMeanwhile};
 use crate::cas::{Cas, PendingBlob};
 use crate::domain::{self, BlogId, BlogPath, CacheId, ContentHash, Domain, InvalidInput};
 use crate::store::{Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -411,32 +411,41 @@ impl Catalog {
         // A writer still holding the file (a sync in progress, a program
         // writing through a mapping): its bytes may land during the copy
         // without moving any timestamp, so the stamp check below cannot be
-        // relied on. Asked again after the copy, for one that opened it
-        // meanwhile.
+        // relied on; the read lease held through the copy tells of it,
+        // and of one that opens the file meanwhile.
         let writing = || {
             CatalogError::Changed(format!(
                 "{path} in blog {blog} is open for writing by another process; nothing was kept: import it once it is written and closed"
             ))
         };
-        if writer_holds(&file) {
+        let meta = settled(&file, meta)?;
+        if !is_settled(&meta) {
+            // Still changing after the waits: what is there now may be a
+            // moment of a sync (a file cut before its bytes come).
+            return Err(changed());
+        }
+        // Held while the file is read, after the wait so that a writer never
+        // waits for it (see `blogfs::Lease`).
+        let lease = Lease::take(&file);
+        if lease.writer() {
             return Err(writing());
         }
-        let meta = settled(&file, meta)?;
-        let pending = self.cas.copy_from(&file, self.max_asset_bytes).map_err(|e| match e.kind() {
+        let read = LeasedRead::new(&file, lease);
+        let pending = self.cas.copy_from(read, self.max_asset_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
                 "{path} grew past max_asset_bytes ({}) while it was imported",
                 self.max_asset_bytes
             )),
+            _ if WrittenMeanwhile::is(&e) => changed(),
             _ => CatalogError::Io(e),
         })?;
         // Written (or cut) while it was copied: the copy may be neither the
         // old file nor the new one, and must not become a permanent asset.
+        // The lease tells of a writer that came; the times, where there is
+        // no lease, of one that wrote.
         let after = file.metadata()?;
         if pending.size != meta.len() || FileStamp::of(&after) != FileStamp::of(&meta) {
             return Err(changed());
-        }
-        if writer_holds(&file) {
-            return Err(writing());
         }
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;

@@ -26,7 +26,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::blogfs::{changed_ago, settled, writer_holds, FileStamp, OpenError};
+use crate::blogfs::{changed_ago, settled, writer_holds, FileStamp, Lease, OpenError};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{BlogId, BlogPath, CacheId, ContentHash};
@@ -269,28 +269,36 @@ impl Origin {
             };
             let (f, meta) = dir.open(&b, &p)?;
             // A writer holding the file (a sync in progress, a program
-            // writing through a shared mapping) may store into pages already
-            // dirty without moving any timestamp: what is read may be torn
-            // while every stamp check passes. Asked at the open and, for a
-            // file read whole, again after the read (a writer that opened it
-            // meanwhile and is gone by then moved its times).
-            let mut writing = writer_holds(&f);
+            // writing through a shared mapping) may store into pages without
+            // moving any timestamp: what is read may be torn while every
+            // stamp check passes. A file read whole is read under a read
+            // lease, which tells of a writer there or one that came (see
+            // `blogfs::Lease`); of a larger one, whether a writer holds it is
+            // asked once.
+            let mut writing = false;
             let busy =
                 || OpenError::Io(std::io::Error::new(std::io::ErrorKind::ResourceBusy, "the file keeps changing"));
             // Not in the middle of a write (see `blogfs::settled`).
             let mut meta = settled(&f, meta)?;
+            if meta.len() > SMALL_FILE {
+                writing = writer_holds(&f);
+            }
             let (mut small, mut grew) = (None, false);
             let mut tries = 0;
             while small.is_none() && !grew && meta.len() <= SMALL_FILE {
+                let lease = Lease::take(&f);
                 let buf = read_up_to(&f, meta.len(), SMALL_FILE + 1)?;
+                let (broken, writer) = (lease.broken(), lease.writer());
+                drop(lease);
                 let now = f.metadata()?;
                 if buf.len() as u64 > SMALL_FILE {
                     // Grew past the limit since `stat`: streamed (with its
                     // length and validators as they are now, each chunk
                     // checked against them), and never kept hot.
                     grew = true;
-                } else if buf.len() as u64 == now.len() && FileStamp::of(&now) == FileStamp::of(&meta) {
-                    writing = writing || writer_holds(&f);
+                    writing = writer;
+                } else if !broken && buf.len() as u64 == now.len() && FileStamp::of(&now) == FileStamp::of(&meta) {
+                    writing = writer;
                     // Blog files may be kept hot: sealed, they are sent
                     // from the kernel's pages (see `origin/splice.rs`).
                     let seal = buf.len() as u64 <= seal_up_to && !writing;

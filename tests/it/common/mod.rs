@@ -624,3 +624,68 @@ impl Drop for EndlessServer {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// How [`keep_rewriting`] changes the file.
+#[derive(Clone, Copy, Debug)]
+pub enum Rewrite {
+    /// Through a shared writable mapping, its descriptor closed at once,
+    /// a quarter at a time 2 ms apart: stores that move none of the file's
+    /// times on this kernel.
+    Mapped,
+    /// Cut to nothing by its path, then written whole 1 ms later.
+    CutThenWritten,
+}
+
+/// Rewrites `file` with `a` and `b` in turn (one length), 0-9 ms apart,
+/// until `stop`. Returns how many times.
+pub fn keep_rewriting(
+    file: std::path::PathBuf,
+    a: Vec<u8>,
+    b: Vec<u8>,
+    how: Rewrite,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::io::Write;
+    use std::os::unix::io::AsRawFd;
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let data = if n % 2 == 0 { &b } else { &a };
+            match how {
+                Rewrite::Mapped => {
+                    let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+                    let len = data.len();
+                    // SAFETY: a fresh mapping of a file of this length,
+                    // unmapped below; the slice is used only while mapped.
+                    let at = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_SHARED,
+                            f.as_raw_fd(),
+                            0,
+                        )
+                    };
+                    assert_ne!(at, libc::MAP_FAILED);
+                    drop(f);
+                    let pages = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, len) };
+                    for (to, from) in pages.chunks_mut(len / 4).zip(data.chunks(len / 4)) {
+                        to.copy_from_slice(from);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    // SAFETY: mapped above, not used after this.
+                    assert_eq!(unsafe { libc::munmap(at, len) }, 0);
+                }
+                Rewrite::CutThenWritten => {
+                    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap();
+                    std::thread::sleep(Duration::from_millis(1));
+                    std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all(data).unwrap();
+                }
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis((n as u64 * 7) % 10));
+        }
+        n
+    })
+}
