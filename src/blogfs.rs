@@ -123,29 +123,45 @@ impl<'a> Lease<'a> {
         // owns, with integer arguments.
         let taken = unsafe {
             let mut fs: libc::statfs = std::mem::zeroed();
-            if libc::fstatfs(fd, &mut fs) != 0 || !LOCAL.contains(&(fs.f_type as i64)) {
-                return Lease::unknown();
+            if libc::fstatfs(fd, &mut fs) != 0 {
+                return Lease::unknown(format_args!("fstatfs failed: {}", io::Error::last_os_error()));
+            }
+            if !LOCAL.contains(&(fs.f_type as i64)) {
+                // Overlayfs among them: a mapping is of the file beneath, so
+                // its lease would not see one.
+                return Lease::unknown(format_args!(
+                    "the filesystem (type {:#x}) is not one whose leases the server trusts: ext4, XFS, Btrfs, \
+                     tmpfs, F2FS, bcachefs",
+                    fs.f_type
+                ));
             }
             if libc::fcntl(fd, F_SETSIG, libc::SIGWINCH) != 0 {
-                return Lease::unknown();
+                return Lease::unknown(format_args!("F_SETSIG failed: {}", io::Error::last_os_error()));
             }
             libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0
         };
-        match taken {
-            true => Lease::Held(file),
-            false if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => Lease::Writer,
-            false => Lease::unknown(),
+        if taken {
+            return Lease::Held(file);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => Lease::Writer,
+            Some(libc::EACCES) => Lease::unknown(format_args!(
+                "the file is another user's and the server lacks CAP_LEASE ({e}): run it as the user that owns the \
+                 blog folders, or give it CAP_LEASE"
+            )),
+            _ => Lease::unknown(format_args!("F_SETLEASE failed ({e}; /proc/sys/fs/leases-enable 0?)")),
         }
     }
 
-    fn unknown() -> Lease<'a> {
+    fn unknown(why: std::fmt::Arguments) -> Lease<'a> {
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
-                "cannot ask whether a blog file is being written (no read lease: the file is another user's and \
-                 the server lacks CAP_LEASE, leases are off, or the filesystem is not local): a file written \
-                 through a shared mapping may be answered torn and kept, or imported torn; only its times are \
-                 checked (said once)"
+                why = %why,
+                "cannot ask whether a blog file is being written (no read lease): only its times are checked, and a \
+                 file imported or kept is read twice and must read the same, which a program writing through a \
+                 shared mapping can still get past (said once)"
             );
         }
         Lease::Unknown

@@ -6,6 +6,7 @@
 //! It must not know about protobuf or HTTP: it speaks domain types and
 //! [`CatalogError`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -160,6 +161,28 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| CatalogError::Io(std::io::Error::other(format!("blocking task failed: {e}"))))?
+}
+
+/// Sets its flag when dropped before `done`: a call's future dropped
+/// before it finished (the caller went away, or its deadline passed).
+#[derive(Default)]
+struct CallGone {
+    flag: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl CallGone {
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for CallGone {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Catalog {
@@ -374,16 +397,26 @@ impl Catalog {
         let this = self.clone();
         let id = blog.clone();
         let turn = self.imports.clone().acquire_owned().await.expect("never closed");
+        // Set if this call is dropped (the caller went away, its deadline
+        // passed) while the copy runs: nothing is bound then.
+        let gone = CallGone::default();
+        let flag = gone.flag.clone();
         let (info, durable) = blocking(move || {
             let _turn = turn;
-            this.import_file_blocking(blog, path)
+            this.import_file_blocking(blog, path, &flag)
         })
         .await?;
+        gone.done();
         self.bound_or_dropped(&info.hash, durable).await?;
         Ok(self.as_served(&id, info))
     }
 
-    fn import_file_blocking(&self, blog: BlogId, path: BlogPath) -> Result<(AssetInfo, Pending<()>), CatalogError> {
+    fn import_file_blocking(
+        &self,
+        blog: BlogId,
+        path: BlogPath,
+        gone: &AtomicBool,
+    ) -> Result<(AssetInfo, Pending<()>), CatalogError> {
         let (file, meta) = self.blogs.open(&blog, &path).map_err(|e| match e {
             OpenError::NotFound => CatalogError::NotFound(format!("no file {path} in blog {blog}")),
             OpenError::Refused(why) => CatalogError::BadRequest(format!("{path} in blog {blog}: {why}")),
@@ -430,6 +463,7 @@ impl Catalog {
         if lease.writer() {
             return Err(writing());
         }
+        let unleased = matches!(lease, Lease::Unknown);
         let read = LeasedRead::new(&file, lease);
         let pending = self.cas.copy_from(read, self.max_asset_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
@@ -446,6 +480,24 @@ impl Catalog {
         let after = file.metadata()?;
         if pending.size != meta.len() || FileStamp::of(&after) != FileStamp::of(&meta) {
             return Err(changed());
+        }
+        if unleased {
+            // No lease to tell of a writer, and stores through a mapping
+            // made before the import move no time: the file read again must
+            // be what was copied (a writer in the middle of its stores moves
+            // on between the two reads).
+            let mut again = &file;
+            std::io::Seek::seek(&mut again, std::io::SeekFrom::Start(0))?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(again)?;
+            if ContentHash::of(&hasher.finalize()) != pending.hash {
+                return Err(changed());
+            }
+        }
+        if gone.load(Ordering::SeqCst) {
+            return Err(CatalogError::Cancelled(format!(
+                "the import of {path} in blog {blog} was cancelled by its caller"
+            )));
         }
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;

@@ -288,7 +288,14 @@ impl Origin {
             while small.is_none() && !grew && meta.len() <= SMALL_FILE {
                 let lease = Lease::take(&f);
                 let buf = read_up_to(&f, meta.len(), SMALL_FILE + 1)?;
-                let (broken, writer) = (lease.broken(), lease.writer());
+                let (mut broken, writer) = (lease.broken(), lease.writer());
+                if matches!(lease, Lease::Unknown) && buf.len() as u64 <= SMALL_FILE {
+                    // No lease to tell of a writer, and stores through a
+                    // mapping made before move no time: read twice, the
+                    // same bytes (a writer in the middle of its stores moves
+                    // on between the reads).
+                    broken = read_up_to(&f, meta.len(), SMALL_FILE + 1)? != buf;
+                }
                 drop(lease);
                 let now = f.metadata()?;
                 if buf.len() as u64 > SMALL_FILE {

@@ -634,6 +634,9 @@ pub enum Rewrite {
     Mapped,
     /// Cut to nothing by its path, then written whole 1 ms later.
     CutThenWritten,
+    /// Through one shared writable mapping, made before the first rewrite
+    /// and kept: after its first stores, none moves a time.
+    OneMapping,
 }
 
 /// Rewrites `file` with `a` and `b` in turn (one length), 0-9 ms apart,
@@ -649,9 +652,31 @@ pub fn keep_rewriting(
     use std::os::unix::io::AsRawFd;
     std::thread::spawn(move || {
         let mut n = 0;
+        let kept = matches!(how, Rewrite::OneMapping).then(|| {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+            // SAFETY: a fresh mapping of a file of this length, unmapped
+            // below; used only while mapped.
+            let at = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    a.len(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(at, libc::MAP_FAILED);
+            at
+        });
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let data = if n % 2 == 0 { &b } else { &a };
             match how {
+                Rewrite::OneMapping => {
+                    let at = kept.expect("mapped above");
+                    // SAFETY: mapped above, of this length, until the end.
+                    unsafe { std::slice::from_raw_parts_mut(at as *mut u8, data.len()) }.copy_from_slice(data);
+                }
                 Rewrite::Mapped => {
                     let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
                     let len = data.len();
@@ -685,6 +710,10 @@ pub fn keep_rewriting(
             }
             n += 1;
             std::thread::sleep(Duration::from_millis((n as u64 * 7) % 10));
+        }
+        if let Some(at) = kept {
+            // SAFETY: mapped above, not used after this.
+            assert_eq!(unsafe { libc::munmap(at, a.len()) }, 0);
         }
         n
     })
