@@ -163,6 +163,25 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| CatalogError::Io(std::io::Error::other(format!("blocking task failed: {e}"))))?
 }
 
+/// A read that stops once the call it serves is gone.
+struct UntilGone<'a, R> {
+    read: R,
+    gone: &'a AtomicBool,
+}
+
+impl<R: std::io::Read> std::io::Read for UntilGone<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other(CallerGone));
+        }
+        self.read.read(buf)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the caller went away")]
+struct CallerGone;
+
 /// Sets its flag when dropped before `done`: a call's future dropped
 /// before it finished (the caller went away, or its deadline passed).
 #[derive(Default)]
@@ -375,7 +394,7 @@ impl Catalog {
             this.commit_blob(blog, path, pending, filename, content_type)
         })
         .await?;
-        self.bound_or_dropped(&info.hash, durable).await?;
+        self.clone().bound_or_dropped(info.hash, durable).await?;
         Ok(self.as_served(&id, info))
     }
 
@@ -407,7 +426,7 @@ impl Catalog {
         })
         .await?;
         gone.done();
-        self.bound_or_dropped(&info.hash, durable).await?;
+        self.clone().bound_or_dropped(info.hash, durable).await?;
         Ok(self.as_served(&id, info))
     }
 
@@ -435,7 +454,6 @@ impl Catalog {
         // A copy from the descriptor checked above, never a link: the blob
         // must not change when the sync tool rewrites the file in place, and
         // a rename racing the import cannot swap another file in.
-        // Not in the middle of a write (see `blogfs::settled`).
         let changed = || {
             CatalogError::Changed(format!(
                 "{path} in blog {blog} changed while it was imported; nothing was kept: import it again once it is written"
@@ -451,6 +469,7 @@ impl Catalog {
                 "{path} in blog {blog} is open for writing by another process; nothing was kept: import it once it is written and closed"
             ))
         };
+        // Not in the middle of a write (see `blogfs::settled`).
         let meta = settled(&file, meta)?;
         if !is_settled(&meta) {
             // Still changing after the waits: what is there now may be a
@@ -464,8 +483,11 @@ impl Catalog {
             return Err(writing());
         }
         let unleased = matches!(lease, Lease::Unknown);
-        let read = LeasedRead::new(&file, lease);
+        let read = UntilGone { read: LeasedRead::new(&file, lease), gone };
+        let cancelled =
+            || CatalogError::Cancelled(format!("the import of {path} in blog {blog} was cancelled by its caller"));
         let pending = self.cas.copy_from(read, self.max_asset_bytes).map_err(|e| match e.kind() {
+            _ if e.get_ref().is_some_and(|e| e.is::<CallerGone>()) => cancelled(),
             std::io::ErrorKind::FileTooLarge => CatalogError::TooLarge(format!(
                 "{path} grew past max_asset_bytes ({}) while it was imported",
                 self.max_asset_bytes
@@ -489,15 +511,13 @@ impl Catalog {
             let mut again = &file;
             std::io::Seek::seek(&mut again, std::io::SeekFrom::Start(0))?;
             let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(again)?;
+            hasher.update_reader(std::io::Read::take(again, pending.size + 1))?;
             if ContentHash::of(&hasher.finalize()) != pending.hash {
                 return Err(changed());
             }
         }
         if gone.load(Ordering::SeqCst) {
-            return Err(CatalogError::Cancelled(format!(
-                "the import of {path} in blog {blog} was cancelled by its caller"
-            )));
+            return Err(cancelled());
         }
         let filename = path.file_name().to_owned();
         let content_type = content_type_for("", &filename)?;
@@ -507,20 +527,25 @@ impl Catalog {
     /// Waits for a binding to be durable. Refused (disk full, queue full),
     /// the blob just named is removed unless another reference holds it:
     /// nothing else would ever collect it.
-    async fn bound_or_dropped(self: &Arc<Self>, hash: &ContentHash, durable: Pending<()>) -> Result<(), CatalogError> {
-        let Err(e) = durable.done().await else {
-            return Ok(());
-        };
-        let (this, hash) = (self.clone(), *hash);
-        let _ = blocking(move || {
-            let _g = this.blob_lock.lock();
-            if !this.store.is_referenced(&hash) {
-                this.cas.remove(&hash)?;
-            }
-            Ok(())
-        })
-        .await;
-        Err(e.into())
+    /// On a task of its own, so that a caller gone meanwhile (its future
+    /// dropped) cannot leave a refused binding's blob named and unreferenced.
+    async fn bound_or_dropped(self: Arc<Self>, hash: ContentHash, durable: Pending<()>) -> Result<(), CatalogError> {
+        let task = tokio::spawn(async move {
+            let Err(e) = durable.done().await else {
+                return Ok(());
+            };
+            let this = self.clone();
+            let _ = blocking(move || {
+                let _g = this.blob_lock.lock();
+                if !this.store.is_referenced(&hash) {
+                    this.cas.remove(&hash)?;
+                }
+                Ok(())
+            })
+            .await;
+            Err(e.into())
+        });
+        task.await.map_err(|e| CatalogError::Io(std::io::Error::other(format!("binding task failed: {e}"))))?
     }
 
     /// Names the blob and hands its reference to the store. Returns the

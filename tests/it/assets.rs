@@ -382,8 +382,7 @@ async fn a_file_rewritten_while_it_is_imported_is_never_kept_torn() {
     for how in [Rewrite::Mapped, Rewrite::CutThenWritten] {
         let file = s.write("rw", "/x.bin", &a);
         std::thread::sleep(Duration::from_millis(30));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = keep_rewriting(file, a.clone(), b.clone(), how, stop.clone());
+        let writer = keep_rewriting(file, a.clone(), b.clone(), how);
         let (mut kept, mut aborted) = (0, 0);
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(5) {
@@ -405,8 +404,7 @@ async fn a_file_rewritten_while_it_is_imported_is_never_kept_torn() {
                 }
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let rewrites = writer.join().unwrap();
+        let rewrites = writer.finish();
         eprintln!("{how:?}: {rewrites} rewrites, {kept} imports kept, {aborted} aborted");
         assert!(rewrites > 10 && kept + aborted > 10, "{how:?}: too few tries to say anything");
         // Left alone, the file is imported as it is.
@@ -457,21 +455,20 @@ async fn an_import_whose_caller_went_away_keeps_nothing() {
 /// see a mapping of the file beneath), a program storing into the file
 /// through a mapping it keeps moves no time; an import is kept only if the
 /// file read twice reads the same, so none acknowledged is a mix of two
-/// versions. Needs root (to mount the overlay); said and skipped otherwise.
+/// versions. Needs to mount the overlay (root); said and skipped otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_lease_a_file_written_through_a_kept_mapping_is_never_imported_torn() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting an overlay needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let [lower, upper, work, merged] = ["l", "u", "w", "m"].map(|d| dir.path().join(d));
     for d in [&lower, &upper, &work, &merged] {
         std::fs::create_dir(d).unwrap();
     }
     let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-    let mounted = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
-    assert!(mounted.success(), "mount -t overlay");
+    let mounted = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status();
+    if !mounted.is_ok_and(|m| m.success()) {
+        eprintln!("skipped: no overlay could be mounted here (no CAP_SYS_ADMIN, or no overlayfs)");
+        return;
+    }
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -486,8 +483,7 @@ async fn without_a_lease_a_file_written_through_a_kept_mapping_is_never_imported
     let (a, b) = (vec![b'A'; n], vec![b'B'; n]);
     let file = s.write("ov", "/x.bin", &a);
     std::thread::sleep(Duration::from_millis(30));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = keep_rewriting(file, a.clone(), b.clone(), Rewrite::OneMapping, stop.clone());
+    let writer = keep_rewriting(file, a.clone(), b.clone(), Rewrite::OneMapping);
     let (mut kept, mut aborted) = (0, 0);
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
@@ -504,8 +500,7 @@ async fn without_a_lease_a_file_written_through_a_kept_mapping_is_never_imported
             }
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rewrites = writer.join().unwrap();
+    let rewrites = writer.finish();
     eprintln!("{rewrites} rewrites, {kept} imports kept, {aborted} aborted");
     assert!(rewrites > 10 && kept > 0 && aborted > 0, "too few of either to say anything");
     s.stop().await;

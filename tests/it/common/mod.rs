@@ -639,18 +639,39 @@ pub enum Rewrite {
     OneMapping,
 }
 
-/// Rewrites `file` with `a` and `b` in turn (one length), 0-9 ms apart,
-/// until `stop`. Returns how many times.
-pub fn keep_rewriting(
-    file: std::path::PathBuf,
-    a: Vec<u8>,
-    b: Vec<u8>,
-    how: Rewrite,
+/// A thread rewriting a file (see [`keep_rewriting`]); stopped when
+/// dropped, as when a test fails.
+pub struct Rewriter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<usize> {
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Rewriter {
+    /// Stops it; how many times it rewrote the file.
+    pub fn finish(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().expect("running").join().unwrap()
+    }
+}
+
+impl Drop for Rewriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Rewrites `file` with `a` and `b` in turn (one length), 0-9 ms apart,
+/// until stopped.
+pub fn keep_rewriting(file: std::path::PathBuf, a: Vec<u8>, b: Vec<u8>, how: Rewrite) -> Rewriter {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let halt = stop.clone();
     use std::io::Write;
     use std::os::unix::io::AsRawFd;
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
+        let stop = halt;
         let mut n = 0;
         let kept = matches!(how, Rewrite::OneMapping).then(|| {
             let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
@@ -716,5 +737,6 @@ pub fn keep_rewriting(
             assert_eq!(unsafe { libc::munmap(at, a.len()) }, 0);
         }
         n
-    })
+    });
+    Rewriter { stop, thread: Some(thread) }
 }
