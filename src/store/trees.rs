@@ -29,8 +29,14 @@ use super::writer::Ids;
 use super::{AssetRef, StoreError};
 use crate::domain::{BlogId, CacheId, ContentHash};
 
-/// sled's page cache.
-const SLED_CACHE_BYTES: u64 = 8 << 20;
+/// sled's page cache, held only while a checkpoint has sled open. The
+/// checkpoint's inserts touch pages all over the paths tree: with 8 MiB,
+/// the soak's 320,000 paths made sled read pages back while writes waited
+/// for its rounds (a small publish beside them: p99 34-76 ms, max 1.0-1.1 s
+/// paced); with 64 MiB, 12-17 ms and 0.38-0.56 s, and 15-35% more writes
+/// taken flat out, for up to 56 MiB more RSS during checkpoints (see
+/// BENCHMARKS.md, "sled's cache during checkpoints").
+const SLED_CACHE_BYTES: u64 = 64 << 20;
 
 /// sled's trees (handles: a clone shares them).
 #[derive(Clone)]
