@@ -365,6 +365,33 @@ async fn a_file_still_held_for_writing_is_not_imported() {
     s.stop().await;
 }
 
+/// Imports `path` again and again for 5 s: each import either ABORTED or
+/// kept as one of `versions` whole. Returns (kept, aborted).
+async fn import_for_5_s(s: &Server, blog: &str, path: &str, versions: [&Vec<u8>; 2], what: &str) -> (usize, usize) {
+    let mut p = s.publisher().await;
+    let (mut kept, mut aborted) = (0, 0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        match p.import_file(pb::ImportFileRequest { blog_id: blog.into(), path: path.into() }).await {
+            Ok(asset) => {
+                let body = get(s.http, &path_of(&asset.into_inner().url), &[]).body;
+                let ones = body.iter().filter(|&&c| c == versions[0][0]).count();
+                assert!(
+                    versions.contains(&&body),
+                    "{what}: a torn copy was kept: {} bytes, {ones} of the first",
+                    body.len()
+                );
+                kept += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Aborted, "{what}: {}", e.message());
+                aborted += 1;
+            }
+        }
+    }
+    (kept, aborted)
+}
+
 /// A program rewriting a blog file while `ImportFile` reads it, in ways no
 /// time check sees (stores through a shared mapping made after the import
 /// began and gone before it ends; a file cut, then written a moment later):
@@ -383,27 +410,7 @@ async fn a_file_rewritten_while_it_is_imported_is_never_kept_torn() {
         let file = s.write("rw", "/x.bin", &a);
         std::thread::sleep(Duration::from_millis(30));
         let writer = keep_rewriting(file, a.clone(), b.clone(), how);
-        let (mut kept, mut aborted) = (0, 0);
-        let started = std::time::Instant::now();
-        while started.elapsed() < Duration::from_secs(5) {
-            match p.import_file(pb::ImportFileRequest { blog_id: "rw".into(), path: "/x.bin".into() }).await {
-                Ok(asset) => {
-                    let body = get(s.http, &path_of(&asset.into_inner().url), &[]).body;
-                    let (ones, twos) =
-                        (body.iter().filter(|&&c| c == b'A').count(), body.iter().filter(|&&c| c == b'B').count());
-                    assert!(
-                        body == a || body == b,
-                        "{how:?}: a torn copy was kept: {} bytes, {ones} A and {twos} B",
-                        body.len()
-                    );
-                    kept += 1;
-                }
-                Err(e) => {
-                    assert_eq!(e.code(), Code::Aborted, "{how:?}: {}", e.message());
-                    aborted += 1;
-                }
-            }
-        }
+        let (kept, aborted) = import_for_5_s(&s, "rw", "/x.bin", [&a, &b], &format!("{how:?}")).await;
         let rewrites = writer.finish();
         eprintln!("{how:?}: {rewrites} rewrites, {kept} imports kept, {aborted} aborted");
         assert!(rewrites > 10 && kept + aborted > 10, "{how:?}: too few tries to say anything");
@@ -478,28 +485,12 @@ async fn without_a_lease_a_file_written_through_a_kept_mapping_is_never_imported
     let _unmount = Unmount(merged.clone());
     let blogs = merged.clone();
     let s = Server::start_with(|p| p.blogs_dir = Some(blogs)).await;
-    let mut p = s.publisher().await;
     let n = 4 << 20;
     let (a, b) = (vec![b'A'; n], vec![b'B'; n]);
     let file = s.write("ov", "/x.bin", &a);
     std::thread::sleep(Duration::from_millis(30));
     let writer = keep_rewriting(file, a.clone(), b.clone(), Rewrite::OneMapping);
-    let (mut kept, mut aborted) = (0, 0);
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_secs(5) {
-        match p.import_file(pb::ImportFileRequest { blog_id: "ov".into(), path: "/x.bin".into() }).await {
-            Ok(asset) => {
-                let body = get(s.http, &path_of(&asset.into_inner().url), &[]).body;
-                let ones = body.iter().filter(|&&c| c == b'A').count();
-                assert!(body == a || body == b, "a torn copy was kept: {} bytes, {ones} A", body.len());
-                kept += 1;
-            }
-            Err(e) => {
-                assert_eq!(e.code(), Code::Aborted, "{}", e.message());
-                aborted += 1;
-            }
-        }
-    }
+    let (kept, aborted) = import_for_5_s(&s, "ov", "/x.bin", [&a, &b], "overlay").await;
     let rewrites = writer.finish();
     eprintln!("{rewrites} rewrites, {kept} imports kept, {aborted} aborted");
     assert!(rewrites > 10 && kept > 0 && aborted > 0, "too few of either to say anything");
