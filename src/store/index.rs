@@ -62,8 +62,11 @@ impl Index {
                 if paths.is_empty() {
                     // The floor rose past every path version: one without a
                     // binding now says nothing the floor does not. The index
-                    // keeps what is live.
-                    state.paths.retain(|_, e| e.binding.is_some());
+                    // keeps what is live. (Nothing to drop when every path
+                    // is bound: a blog republished again and again.)
+                    if state.paths.bound() < state.paths.len() {
+                        state.paths.retain(|_, e| e.binding.is_some());
+                    }
                 }
                 for p in paths {
                     state.paths.insert(p, PathEntry { version: *id, binding: None });

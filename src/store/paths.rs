@@ -79,6 +79,11 @@ impl Paths {
         self.table.len()
     }
 
+    /// How many of the paths have a binding.
+    pub fn bound(&self) -> usize {
+        self.bindings.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }

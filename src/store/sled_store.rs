@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use super::index::{FastMap, Index};
-use super::trees::{apply, checkpoint, load, load_purges, read_marker, sled_seq, Trees};
+use super::trees::{apply, checkpoint, load, load_purges, read_marker, sled_seq, sweep, Raised, Trees};
 use super::wal::{Rec, Wal};
 use super::writer::{Op, Tuning, Writer};
 use super::{AssetRef, Binding, BlogInfo, Pending, Resolution, Store, StoreError};
@@ -181,13 +181,14 @@ impl IndexedStore {
             (purges, 0)
         } else {
             let replaying = Instant::now();
-            let mut replayed = 0;
+            let (mut replayed, mut raised) = (0, Raised::new());
             for (seq, rec) in &records {
                 if *seq > done {
-                    apply(&trees, *seq, rec)?;
+                    apply(&trees, *seq, rec, &mut raised)?;
                     replayed += 1;
                 }
             }
+            sweep(&trees, raised)?;
             if replayed > 0 {
                 tracing::info!(replayed, "replayed writes from the write-ahead log");
             }

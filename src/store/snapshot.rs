@@ -586,12 +586,14 @@ mod tests {
         let (_, records) = crate::store::wal::Wal::open(&dir.with_extension("wal")).unwrap();
         let done = sled_seq(&t).unwrap();
         let mut last = done;
+        let mut raised = crate::store::trees::Raised::new();
         for (seq, rec) in &records {
             if *seq > done {
-                crate::store::trees::apply(&t, *seq, rec).unwrap();
+                crate::store::trees::apply(&t, *seq, rec, &mut raised).unwrap();
             }
             last = last.max(*seq);
         }
+        crate::store::trees::sweep(&t, raised).unwrap();
         (load_sled(&t).unwrap(), records, last)
     }
 

@@ -140,6 +140,31 @@ fn hash_at(tree: &'static str, v: &[u8], at: usize) -> Result<ContentHash, Store
         .ok_or_else(|| corrupt(tree, "hash too short"))
 }
 
+/// Blogs whose floor rose in a run of records (see [`apply`]).
+pub(super) type Raised = std::collections::HashSet<Box<str>>;
+
+/// Drops, in each blog of `raised`, the path versions below its floor that
+/// have no binding: what each raise would have dropped as it came (those
+/// written before it have lower ids, those after it higher ones), and what
+/// the index dropped. A blog deleted since is skipped.
+pub(super) fn sweep(t: &Trees, raised: Raised) -> Result<(), sled::Error> {
+    for blog in raised {
+        let Some(v) = t.blogs.get(blog.as_bytes())? else {
+            continue;
+        };
+        let Some(floor) = v.get(..8).map(|f| u64::from_be_bytes(f.try_into().expect("8 bytes"))) else {
+            continue;
+        };
+        for kv in t.paths.scan_prefix(key(&blog, b"")) {
+            let (pk, v) = kv?;
+            if v.len() == 8 && u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) < floor {
+                t.paths.remove(pk)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn blog_value(floor: CacheId, last: CacheId) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&floor.to_be_bytes());
@@ -325,20 +350,19 @@ fn decode_keys(mut v: &[u8]) -> Result<Vec<String>, StoreError> {
 /// batch replaces until the whole batch is done, and a publish pipeline's
 /// 10,000-path invalidations made that memory grow without bound. The log,
 /// not sled, is what makes a write atomic and durable.
-pub(super) fn apply(t: &Trees, seq: u64, rec: &Rec) -> Result<(), sled::Error> {
+///
+/// A floor raise only names its blog in `raised`: [`sweep`], once the run
+/// of records is applied, drops the path versions the floor made
+/// meaningless, once per blog however often it rose (a pipeline that
+/// republishes a blog with thousands of bound paths again and again made
+/// each raise scan them all, and writes waited a minute for a checkpoint).
+pub(super) fn apply(t: &Trees, seq: u64, rec: &Rec, raised: &mut Raised) -> Result<(), sled::Error> {
     match rec {
         Rec::Invalidate { blog, id, floor, paths } => {
             t.blogs.insert(blog.as_bytes(), &blog_value(*floor, *id))?;
             let mut k = key(blog, b"");
-            if paths.is_empty() {
-                // A floor raise: drop the path versions it made meaningless
-                // (those without a binding), as the index does.
-                for kv in t.paths.scan_prefix(&k) {
-                    let (pk, v) = kv?;
-                    if v.len() == 8 {
-                        t.paths.remove(pk)?;
-                    }
-                }
+            if paths.is_empty() && !raised.contains(blog.as_str()) {
+                raised.insert(blog.as_str().into());
             }
             let prefix = k.len();
             for p in paths {
@@ -495,4 +519,62 @@ fn decode_ref(v: &[u8]) -> Result<AssetRef, StoreError> {
     let size = u64_at("refs", v, 0)?;
     let ct = std::str::from_utf8(&v[8..]).map_err(|_| corrupt("refs", "content type not UTF-8"))?;
     Ok(AssetRef { size, content_type: Arc::from(ct) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(blog: &str, id: u64, floor: u64, paths: &[&str]) -> Rec {
+        Rec::Invalidate { blog: blog.into(), id, floor, paths: paths.iter().map(|p| p.to_string()).collect() }
+    }
+
+    /// Paths of `blog` in sled, in order.
+    fn paths_of(t: &Trees, blog: &str) -> Vec<String> {
+        t.paths
+            .scan_prefix(key(blog, b""))
+            .map(|kv| String::from_utf8(kv.unwrap().0[blog.len() + 1..].to_vec()).unwrap())
+            .collect()
+    }
+
+    /// Floor raises swept once at the end of a run leave what sweeping at
+    /// each raise left: the bound paths and those written after the last
+    /// raise; nothing of a blog deleted meanwhile. Split into two runs at
+    /// any record, the same.
+    #[test]
+    fn raises_swept_at_the_end_of_a_run_drop_what_each_would_have() {
+        let records = vec![
+            inv("b", 10, 10, &["/a", "/b"]),
+            Rec::Bind {
+                blog: "b".into(),
+                id: 11,
+                floor: 10,
+                path: Some("/c".into()),
+                hash: [7; 16],
+                size: 3,
+                content_type: "text/plain".into(),
+                filename: "c".into(),
+            },
+            inv("b", 12, 12, &[]),
+            inv("b", 13, 12, &["/d"]),
+            inv("b", 14, 14, &[]),
+            inv("b", 15, 14, &["/e", "/a"]),
+            inv("x", 5, 5, &["/z"]),
+            inv("x", 6, 6, &[]),
+            Rec::Delete { blog: "x".into(), last: 6, hashes: vec![], domains: vec![] },
+        ];
+        for split in 0..=records.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let t = Trees::open(&dir.path().join("db")).unwrap();
+            for run in [&records[..split], &records[split..]] {
+                let mut raised = Raised::new();
+                for (i, rec) in run.iter().enumerate() {
+                    apply(&t, i as u64 + 1, rec, &mut raised).unwrap();
+                }
+                sweep(&t, raised).unwrap();
+            }
+            assert_eq!(paths_of(&t, "b"), ["/a", "/c", "/e"], "split at {split}");
+            assert!(paths_of(&t, "x").is_empty(), "split at {split}");
+        }
+    }
 }

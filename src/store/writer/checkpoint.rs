@@ -7,7 +7,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use super::super::snapshot::{self, Base};
-use super::super::trees::{apply, checkpoint, read_marker, sled_seq, Trees};
+use super::super::trees::{apply, checkpoint, read_marker, sled_seq, sweep, Raised, Trees};
 use super::super::StoreError;
 use super::Writer;
 
@@ -280,7 +280,12 @@ impl Writer {
                     while held.is_some() && *HOLD_ROUNDS.lock().expect("lock") == held {
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    records.apply(from, from + len, |seq, rec| Ok::<_, StoreError>(apply(&trees, seq, &rec)?))
+                    let mut raised = Raised::new();
+                    let to = records.apply(from, from + len, |seq, rec| {
+                        Ok::<_, StoreError>(apply(&trees, seq, &rec, &mut raised)?)
+                    })?;
+                    sweep(&trees, raised)?;
+                    Ok(to)
                 })?,
             ));
             return Ok(false);
@@ -288,7 +293,9 @@ impl Writer {
         // The end, which writes wait for: the rest applied here, sled's
         // flush, the records kept for the next start.
         let (started, applied_bytes) = (Instant::now(), records.end - a.done);
-        records.apply(a.done, u64::MAX, |seq, rec| Ok::<_, StoreError>(apply(trees, seq, &rec)?))?;
+        let mut raised = Raised::new();
+        records.apply(a.done, u64::MAX, |seq, rec| Ok::<_, StoreError>(apply(trees, seq, &rec, &mut raised)?))?;
+        sweep(trees, raised)?;
         let applied = started.elapsed();
         checkpoint(trees, &self.db_path, self.seq - 1)?;
         self.trees = None;
