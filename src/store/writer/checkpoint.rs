@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::super::snapshot::{self, Base};
 use super::super::trees::{apply, checkpoint, read_marker, sled_seq, sweep, Raised, Trees};
+use super::super::wal::Rec;
 use super::super::StoreError;
 use super::Writer;
 
@@ -63,6 +64,9 @@ pub struct Applying {
     /// (one group's records, as a step follows each group).
     seen: u64,
     group: u64,
+    /// The end was put off once for a record sled takes long over (see
+    /// `costly`): not again.
+    put_off: bool,
 }
 
 /// The sizes that bring checkpoints and snapshots, smaller in tests.
@@ -237,7 +241,7 @@ impl Writer {
         if self.applying.is_none() {
             self.open_for_checkpoint()?;
             let seen = self.wal.bytes();
-            self.applying = Some(Applying { done: 0, round: None, last: u64::MAX, seen, group: 0 });
+            self.applying = Some(Applying { done: 0, round: None, last: u64::MAX, seen, group: 0, put_off: false });
         }
         let a = self.applying.as_mut().expect("under way");
         let bytes = self.wal.bytes();
@@ -263,7 +267,27 @@ impl Writer {
         let records = self.wal.records()?;
         let left = records.end - a.done;
         let len = ROUND_BYTES.max(4 * a.group);
-        if now.is_none() && left > INLINE_BYTES && (left > len || left <= a.last / 2) {
+        let round = now.is_none() && left > INLINE_BYTES && (left > len || left <= a.last / 2);
+        // A record of a few bytes can take sled seconds (a blog of a million
+        // paths deleted, or its floor raised): at the end, on the writer
+        // thread, every write would wait for it. Such a rest goes to a round
+        // of its own first (once: a pipeline that keeps raising floors would
+        // otherwise never let a checkpoint end), given a full round's length
+        // so that writes wait for it only if they outpace it.
+        let costly = now.is_none() && !round && !a.put_off && left > 0 && {
+            let mut found = false;
+            records.apply(a.done, u64::MAX, |_, rec| {
+                found |= match &rec {
+                    Rec::Delete { .. } => true,
+                    Rec::Invalidate { paths, .. } => paths.is_empty(),
+                    _ => false,
+                };
+                Ok::<_, StoreError>(())
+            })?;
+            found
+        };
+        if round || costly {
+            a.put_off |= costly;
             let (trees, from) = (trees.clone(), a.done);
             #[cfg(test)]
             let held = {
@@ -274,7 +298,7 @@ impl Writer {
             };
             a.round = Some((
                 records.end,
-                len.min(left),
+                if costly { len } else { len.min(left) },
                 std::thread::Builder::new().name("blotcdn-checkpoint".into()).spawn(move || {
                     #[cfg(test)]
                     while held.is_some() && *HOLD_ROUNDS.lock().expect("lock") == held {
