@@ -10,6 +10,7 @@ use crate::common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -348,8 +349,20 @@ async fn kill_9_between_acknowledgement_and_delivery_then_restart_delivers() {
 /// every key reaches the edge (at least once), and the queue drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_a_split_then_restart_delivers_every_key() {
-    let edge = Endpoint::start_with(|g: &Got| match g.keys().len() {
-        1 => (200, vec![], "{}".into()),
+    // The third key alone is held unanswered until the server is killed, so
+    // the kill always comes in the middle of the split.
+    let (singles, released) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let (n, r) = (singles.clone(), released.clone());
+    let edge = Endpoint::start_with(move |g: &Got| match g.keys().len() {
+        1 => {
+            if n.fetch_add(1, Ordering::SeqCst) >= 2 {
+                let held = Instant::now();
+                while !r.load(Ordering::SeqCst) && held.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            (200, vec![], "{}".into())
+        }
         _ => (413, vec![], "one key per request".into()),
     });
     let work = tempfile::tempdir().unwrap();
@@ -372,6 +385,7 @@ async fn kill_9_in_the_middle_of_a_split_then_restart_delivers_every_key() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     s.kill9();
+    released.store(true, Ordering::SeqCst);
     let before = taken(&edge);
     assert!(before.len() < keys.len(), "every key went before the kill: {before:?}");
 
