@@ -152,12 +152,12 @@ pub(super) fn sweep(t: &Trees, raised: Raised) -> Result<(), sled::Error> {
         let Some(v) = t.blogs.get(blog.as_bytes())? else {
             continue;
         };
-        let Some(floor) = v.get(..8).map(|f| u64::from_be_bytes(f.try_into().expect("8 bytes"))) else {
+        let Ok(floor) = u64_at("blogs", &v, 0) else {
             continue;
         };
         for kv in t.paths.scan_prefix(key(&blog, b"")) {
             let (pk, v) = kv?;
-            if v.len() == 8 && u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) < floor {
+            if v.len() == 8 && u64_at("paths", &v, 0).is_ok_and(|id| id < floor) {
                 t.paths.remove(pk)?;
             }
         }

@@ -663,65 +663,70 @@ impl Drop for Rewriter {
     }
 }
 
+/// A shared writable mapping of a whole file, its descriptor closed at
+/// once (the mapping keeps the file open for writing); unmapped when dropped.
+struct Mapping {
+    at: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn of(file: &Path, len: usize) -> Mapping {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+        // SAFETY: a fresh mapping of `len` bytes of an open file, unmapped
+        // in `drop`.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        Mapping { at, len }
+    }
+
+    fn pages(&mut self) -> &mut [u8] {
+        // SAFETY: mapped, of this length, until `drop`.
+        unsafe { std::slice::from_raw_parts_mut(self.at as *mut u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `of`, not used after this.
+        let unmapped = unsafe { libc::munmap(self.at, self.len) };
+        if !std::thread::panicking() {
+            assert_eq!(unmapped, 0);
+        }
+    }
+}
+
 /// Rewrites `file` with `a` and `b` in turn (one length), 0-9 ms apart,
 /// until stopped.
 pub fn keep_rewriting(file: std::path::PathBuf, a: Vec<u8>, b: Vec<u8>, how: Rewrite) -> Rewriter {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let halt = stop.clone();
     use std::io::Write;
-    use std::os::unix::io::AsRawFd;
     let thread = std::thread::spawn(move || {
         let stop = halt;
         let mut n = 0;
-        let kept = matches!(how, Rewrite::OneMapping).then(|| {
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
-            // SAFETY: a fresh mapping of a file of this length, unmapped
-            // below; used only while mapped.
-            let at = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    a.len(),
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    f.as_raw_fd(),
-                    0,
-                )
-            };
-            assert_ne!(at, libc::MAP_FAILED);
-            at
-        });
+        let mut kept = matches!(how, Rewrite::OneMapping).then(|| Mapping::of(&file, a.len()));
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let data = if n % 2 == 0 { &b } else { &a };
             match how {
-                Rewrite::OneMapping => {
-                    let at = kept.expect("mapped above");
-                    // SAFETY: mapped above, of this length, until the end.
-                    unsafe { std::slice::from_raw_parts_mut(at as *mut u8, data.len()) }.copy_from_slice(data);
-                }
+                Rewrite::OneMapping => kept.as_mut().expect("mapped above").pages().copy_from_slice(data),
                 Rewrite::Mapped => {
-                    let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
-                    let len = data.len();
-                    // SAFETY: a fresh mapping of a file of this length,
-                    // unmapped below; the slice is used only while mapped.
-                    let at = unsafe {
-                        libc::mmap(
-                            std::ptr::null_mut(),
-                            len,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_SHARED,
-                            f.as_raw_fd(),
-                            0,
-                        )
-                    };
-                    assert_ne!(at, libc::MAP_FAILED);
-                    drop(f);
-                    let pages = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, len) };
-                    for (to, from) in pages.chunks_mut(len / 4).zip(data.chunks(len / 4)) {
+                    let mut m = Mapping::of(&file, data.len());
+                    let quarter = data.len() / 4;
+                    for (to, from) in m.pages().chunks_mut(quarter).zip(data.chunks(quarter)) {
                         to.copy_from_slice(from);
                         std::thread::sleep(Duration::from_millis(2));
                     }
-                    // SAFETY: mapped above, not used after this.
-                    assert_eq!(unsafe { libc::munmap(at, len) }, 0);
                 }
                 Rewrite::CutThenWritten => {
                     std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap();
@@ -732,10 +737,7 @@ pub fn keep_rewriting(file: std::path::PathBuf, a: Vec<u8>, b: Vec<u8>, how: Rew
             n += 1;
             std::thread::sleep(Duration::from_millis((n as u64 * 7) % 10));
         }
-        if let Some(at) = kept {
-            // SAFETY: mapped above, not used after this.
-            assert_eq!(unsafe { libc::munmap(at, a.len()) }, 0);
-        }
+        drop(kept);
         n
     });
     Rewriter { stop, thread: Some(thread) }
