@@ -137,9 +137,13 @@ impl IndexedStore {
         // checkpoint, one by one: not after a crash between a checkpoint and
         // the emptying of the log, nor when a torn write left records from
         // before the last reset readable after the live ones (applied at the
-        // checkpoint, those would undo newer writes in sled). And not past a
-        // checkpoint's worth of log, which the writer would refuse writes
-        // over until its first checkpoint.
+        // checkpoint, those would undo newer writes in sled). And not past
+        // twice a checkpoint's worth: writes go on while a checkpoint's
+        // rounds run, so a crash in the middle of one under load leaves up
+        // to that much, and a checkpoint begun there keeps the log within
+        // the length past which writes are refused (four checkpoints'
+        // worth). Such a log applied to sled before serving kept a start
+        // of 4.5M paths down for 10 s, against 3 s.
         let follows = records.iter().zip(done + 1..).all(|((seq, _), want)| *seq == want);
         // Moving the log into sled takes room (sled writes about twice what
         // it takes in). After a crash on a full disk there may be less than
@@ -151,7 +155,7 @@ impl IndexedStore {
         let short = super::writer::short_of_room(dir, log_bytes);
         let deferred = !records.is_empty()
             && follows
-            && ((snap.is_some() && log_bytes <= tuning.checkpoint_bytes) || short.is_some());
+            && ((snap.is_some() && log_bytes <= 2 * tuning.checkpoint_bytes) || short.is_some());
         if let Some((room, needed)) = short.filter(|_| !deferred && records.iter().any(|(seq, _)| *seq > done)) {
             return Err(StoreError::Full(format!(
                 "the disk of {} has {} MB free; moving the write-ahead log's {} MB into the database needs about \

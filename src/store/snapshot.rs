@@ -789,6 +789,62 @@ mod tests {
         assert!(got.0.blogs["big"].paths.len() >= (n + before) * 1000, "{}", got.0.blogs["big"].paths.len());
     }
 
+    /// A crash while a checkpoint's round runs leaves more than a
+    /// checkpoint's worth of log (writes go on meanwhile). The start serves
+    /// from the snapshot and the log, and leaves the records to its first
+    /// checkpoint, instead of applying them to sled before it serves.
+    #[test]
+    fn a_crash_mid_checkpoint_past_a_checkpoints_worth_of_log_is_not_replayed_into_sled_at_start() {
+        use crate::store::trees::read_marker;
+        use crate::store::writer::{Tuning, HOLD_ROUNDS, ROUNDS_HELD};
+        use std::sync::atomic::Ordering::SeqCst;
+        struct Release;
+        impl Drop for Release {
+            fn drop(&mut self) {
+                *HOLD_ROUNDS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let tuning = Tuning { checkpoint_bytes: 64 << 10, snapshot_min: 4 << 20 };
+        // A snapshot to start from: the last one of a clean stop.
+        workload(&dir, 3);
+        let s = SledStore::open_tuned(&dir, Default::default(), tuning).unwrap();
+        let release = Release;
+        *HOLD_ROUNDS.lock().unwrap() = Some(dir.clone());
+        let held = ROUNDS_HELD.load(SeqCst);
+        // One write longer than the writer applies itself: a round begins
+        // and is held, with the write's records in the log.
+        let big = BlogId::parse("big").unwrap();
+        let paths = |i: usize| (0..3000).map(move |k| BlogPath::parse(&format!("/r{i}/posts/page-{k}.html")).unwrap());
+        let mut n = 0;
+        while ROUNDS_HELD.load(SeqCst) == held {
+            assert!(n < 8, "no checkpoint round after {n} writes of 3,000 paths");
+            s.invalidate(big.clone(), paths(n).collect()).blocking().unwrap();
+            s.flush().blocking().unwrap();
+            n += 1;
+        }
+        let copy = tempfile::tempdir().unwrap();
+        crash_copy(&s, &dir, copy.path());
+        let (_replayed, want, _) = replayed_copy(&s, &dir);
+        drop(release);
+        s.close();
+        let cdir = copy.path().join("db");
+        let log = std::fs::read(cdir.with_extension("wal")).unwrap();
+        let end = crate::store::wal::each_record(&log, |_, _| true) as u64;
+        assert!(end > tuning.checkpoint_bytes && end <= 2 * tuning.checkpoint_bytes, "the log holds {end} bytes");
+        let marker = read_marker(&cdir).unwrap();
+        let again = SledStore::open_tuned(&cdir, Default::default(), tuning).unwrap();
+        assert_eq!(*again.shared.index.read(), want.0);
+        assert_eq!(read_marker(&cdir).unwrap(), marker, "the start applied the log to sled before serving");
+        // Its stop's checkpoint applies them: sled alone has every write.
+        again.close();
+        drop(again);
+        std::fs::remove_file(path(&cdir)).unwrap();
+        let (got, _) = from_sled(&cdir);
+        assert_eq!(got.0, want.0);
+    }
+
     /// A torn write can leave records from before the log's last reset
     /// readable after the live ones. A start must not leave those for the
     /// next checkpoint, which applies every record the log holds: an old
