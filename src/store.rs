@@ -61,6 +61,16 @@ pub enum StoreError {
          {holds}, the checkpoint recorded {recorded}); refusing to start on it: restore {path} from a backup"
     )]
     Behind { path: String, holds: u64, recorded: u64 },
+    /// The write-ahead log is gone, or emptied, from a store that has
+    /// checkpointed: the writes acknowledged since its last checkpoint may
+    /// have been in it (after a clean stop it held none; nothing tells).
+    #[error(
+        "the write-ahead log {wal} is {what}, but this store has checkpointed before ({marker} exists): the writes \
+         acknowledged since its last checkpoint would be lost; refusing to start without them. Put the log back \
+         (it is not a text log and is never safe to delete). If it is lost for good, remove {marker} as well and \
+         start again: the writes since the last checkpoint are then gone"
+    )]
+    LogMissing { wal: String, what: &'static str, marker: String },
     /// Another process holds the store (a running server; `fsck` or a
     /// second server would lose what it acknowledges).
     #[error(

@@ -111,6 +111,22 @@ impl IndexedStore {
         let trees = Trees::open(dir)?;
         let sled_ms = started.elapsed().as_millis() as u64;
         let wal_path = dir.with_extension("wal");
+        // A log deleted or emptied by hand (taken for a text log, say) from a
+        // store that has checkpointed: opening it would create an empty one
+        // and serve without the writes acknowledged since the last checkpoint.
+        // A log is never empty once created (it is kept preallocated).
+        let marker = super::trees::marker_path(dir);
+        if marker.exists() {
+            let what = match std::fs::metadata(&wal_path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+                Ok(m) if m.len() == 0 => Some("empty"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                let (wal, marker) = (wal_path.display().to_string(), marker.display().to_string());
+                return Err(StoreError::LogMissing { wal, what, marker });
+            }
+        }
         let (mut wal, records) = Wal::open(&wal_path)
             .map_err(|e| StoreError::Open { path: wal_path.display().to_string(), source: e.into() })?;
         // The names of the database folder and of the log, new on a first start.

@@ -470,7 +470,7 @@ pub(super) fn checkpoint(t: &Trees, dir: &Path, seq: u64) -> Result<(), StoreErr
     Ok(())
 }
 
-fn marker_path(dir: &Path) -> PathBuf {
+pub(super) fn marker_path(dir: &Path) -> PathBuf {
     dir.with_extension("checkpoint")
 }
 

@@ -171,3 +171,50 @@ async fn acknowledged_bindings_and_domains_survive_kill_9() {
     let e = r.lookup_domain(pb::LookupDomainRequest { domain: "gone.example".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 }
+
+/// The write-ahead log deleted or emptied by hand after a crash (taken for a
+/// text log, say): the start refuses, naming the log and the way out. Before
+/// (hostile round 31), it created an empty log and served without the writes
+/// acknowledged since the last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_log_was_deleted_refuses_instead_of_serving_without_its_writes() {
+    use common::{binary, run};
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let url = format!("http://{}", server.grpc);
+    let mut p = pb::publisher_client::PublisherClient::connect(url).await.unwrap();
+    let req = pb::InvalidateRequest { blog_id: "b".into(), paths: vec!["/a.css".into()] };
+    let id = p.invalidate(req).await.unwrap().into_inner().cache_id;
+    server.kill9();
+    let (wal, marker) = (dir.path().join("db.wal"), dir.path().join("db.checkpoint"));
+    let kept = std::fs::read(&wal).unwrap();
+    let serve = || {
+        let addrs = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"];
+        run(Command::new(binary()).args(["serve", "--data-dir"]).arg(dir.path()).args(addrs), 60)
+    };
+    for what in ["missing", "empty"] {
+        match what {
+            "missing" => std::fs::remove_file(&wal).unwrap(),
+            _ => std::fs::write(&wal, b"").unwrap(),
+        }
+        let (code, out, err) = serve();
+        assert_ne!(code, 0, "started without its log: {out}");
+        let said = format!("{} is {what}", wal.display());
+        assert!(err.contains(&said) && err.contains(&*marker.to_string_lossy()), "{err}");
+        assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0, "the start made a log of its own");
+    }
+    // Put back, the log gives the acknowledged write.
+    std::fs::write(&wal, &kept).unwrap();
+    let mut server = ChildServer::spawn(dir.path());
+    let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let req = pb::ResolveBatchRequest { blog_id: "b".into(), paths: vec!["/a.css".into()] };
+    assert_eq!(r.resolve_batch(req).await.unwrap().into_inner().assets[0].cache_id, id);
+    // The way out the refusal names: without the marker too, it starts.
+    server.kill9();
+    std::fs::remove_file(&wal).unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    let server = ChildServer::spawn(dir.path());
+    let mut r = pb::resolver_client::ResolverClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    r.get_info(pb::GetInfoRequest {}).await.unwrap();
+}
