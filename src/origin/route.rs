@@ -43,7 +43,10 @@ impl Origin {
     /// single label), which are looked up no further; case-insensitive.
     fn blog_of_domain(&self, host: &str) -> Option<String> {
         // Path style (or host style), with no look-up.
-        if self.is_cdn_name(host) || !host.contains('.') || host.ends_with(|c: char| c.is_ascii_digit()) {
+        // An address's last label is all digits; a domain's may end in one
+        // (`Domain::parse` takes `test.a1`, and the edge's ask says yes).
+        let address = host.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+        if self.is_cdn_name(host) || !host.contains('.') || address {
             return None;
         }
         let store = self.catalog.store();

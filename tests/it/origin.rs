@@ -166,6 +166,16 @@ async fn ask_and_healthz() {
     assert_eq!(curl(&[&s.url("/_ask?domain=unmapped.example")]).status, 404);
     assert_eq!(curl(&[&s.url("/_ask?domain=not%20a%20domain")]).status, 400);
     assert_eq!(curl(&[&s.url("/_ask")]).status, 400);
+    // A domain whose last label ends in a digit (not all digits, as an
+    // address's): the edge is told yes, and the origin serves it. Before,
+    // the origin took it for an address and answered 404.
+    s.write("b", "/style.css", b"digit");
+    p.set_domain(pb::SetDomainRequest { domain: "test.a1".into(), blog_id: "b".into() }).await.unwrap();
+    assert_eq!(curl(&[&s.url("/_ask?domain=test.a1")]).status, 200);
+    for header in ["Host: test.a1", "X-Blotcdn-Domain: test.a1"] {
+        let r = curl(&["-H", header, &s.url("/style.css")]);
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"digit"[..]), "{header}");
+    }
     let h = curl(&[&s.url("/healthz")]);
     assert_eq!((h.status, h.body.as_slice()), (200, &b"ok\n"[..]));
     s.stop().await;
