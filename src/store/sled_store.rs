@@ -249,6 +249,26 @@ impl IndexedStore {
             None => (None, load(&trees)?),
         };
         drop(deferred_records);
+        // A start that read sled writes a snapshot now. Else only a
+        // checkpoint's end (or an idle moment) writes one, and crashes
+        // under load that keep killing checkpoints before their end kept
+        // every start on sled: 1.4 s growing to 4.5 s over 12 crashes, as
+        // paths grew to 2.25M. It costs 0.66 s at 8.8M paths.
+        let snapshot_started = Instant::now();
+        let base = match base {
+            None if !deferred => match super::snapshot::write(dir, last, &index, &ids, &deleted_last) {
+                Ok(len) => {
+                    let ms = snapshot_started.elapsed().as_millis() as u64;
+                    tracing::info!(ms, bytes = len, "index snapshot written");
+                    Some(super::snapshot::Base { seq: last, snap_len: len, tail_len: 0 })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "index snapshot not written; until one is, a start reads sled");
+                    None
+                }
+            },
+            base => base,
+        };
         let purge_sent = load_purges(&trees, &purge.outbox, last, &pending)?;
         drop(pending);
         drop(trees);

@@ -882,6 +882,29 @@ mod tests {
         assert_eq!(got.0, want.0);
     }
 
+    /// A start that reads sled writes a snapshot at once. Before, only a
+    /// checkpoint's end did, and crashes that kept killing checkpoints kept
+    /// every start on sled, slower as the store grew.
+    #[test]
+    fn a_start_from_sled_writes_a_snapshot_that_a_start_after_a_crash_uses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        workload(&dir, 5);
+        std::fs::remove_file(path(&dir)).unwrap();
+        let s = SledStore::open(&dir).unwrap();
+        assert!(path(&dir).exists(), "no snapshot after a start from sled");
+        let mut x = 11;
+        mixed(&s, &mut x, 30);
+        let crashed = tempfile::tempdir().unwrap();
+        crash_copy(&s, &dir, crashed.path());
+        s.close();
+        let cdir = crashed.path().join("db");
+        let (want, records, last) = after_crash(&cdir);
+        let (mut got, _) = load(&cdir, &records, last).expect("the snapshot is used after the crash");
+        got.2.retain(|b, _| !got.1.contains_key(b));
+        assert_eq!(got, want);
+    }
+
     /// A torn write can leave records from before the log's last reset
     /// readable after the live ones. A start must not leave those for the
     /// next checkpoint, which applies every record the log holds: an old
