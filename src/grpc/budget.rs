@@ -83,6 +83,15 @@ pub const SIDE_CALLS: usize = 256;
 /// (Watch streams, which stay open) had every other health check refused.
 pub const SIDE_CALLS_PER_PEER: usize = 32;
 
+/// Of those, what health Watches and reflection streams may hold, as they
+/// stay open as long as their client likes; the rest are kept for health
+/// Checks, which end at once. Watches held open from eight addresses took
+/// every slot, and a load balancer's Checks from a ninth were refused.
+pub const SIDE_STREAMS: usize = 192;
+
+/// The one side call that is not a stream.
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
 /// The largest health or reflection request message (a service or file
 /// name).
 pub const SIDE_MESSAGE_BYTES: usize = 16 << 10;
@@ -128,6 +137,8 @@ pub struct BudgetLayer {
 #[derive(Default)]
 struct Side {
     open: usize,
+    /// Of `open`, the streams (all but health Checks).
+    streams: usize,
     by_peer: std::collections::HashMap<std::net::IpAddr, usize>,
 }
 
@@ -263,15 +274,22 @@ enum Hold {
 struct SideSlot {
     side: Arc<Mutex<Side>>,
     peer: Option<std::net::IpAddr>,
+    stream: bool,
 }
 
 impl SideSlot {
     /// A slot, if one is free, and one of the client's own.
-    fn take(side: &Arc<Mutex<Side>>, peer: Option<std::net::IpAddr>) -> Result<SideSlot, String> {
+    fn take(side: &Arc<Mutex<Side>>, peer: Option<std::net::IpAddr>, stream: bool) -> Result<SideSlot, String> {
         let mut s = side.lock().unwrap_or_else(|p| p.into_inner());
         if s.open >= SIDE_CALLS {
             return Err(format!(
                 "{SIDE_CALLS} health and reflection calls are open at once, the most the server takes; retry shortly"
+            ));
+        }
+        if stream && s.streams >= SIDE_STREAMS {
+            return Err(format!(
+                "{SIDE_STREAMS} health Watch and reflection streams are open at once, the most the server takes \
+                 (the other slots are kept for health Checks); retry shortly"
             ));
         }
         if let Some(ip) = peer {
@@ -285,7 +303,8 @@ impl SideSlot {
             *mine += 1;
         }
         s.open += 1;
-        Ok(SideSlot { side: side.clone(), peer })
+        s.streams += usize::from(stream);
+        Ok(SideSlot { side: side.clone(), peer, stream })
     }
 }
 
@@ -293,6 +312,7 @@ impl Drop for SideSlot {
     fn drop(&mut self) {
         let mut s = self.side.lock().unwrap_or_else(|p| p.into_inner());
         s.open -= 1;
+        s.streams -= usize::from(self.stream);
         if let Some(ip) = self.peer {
             if let std::collections::hash_map::Entry::Occupied(mut e) = s.by_peer.entry(ip) {
                 *e.get_mut() -= 1;
@@ -379,7 +399,7 @@ where
         // (`weight`).
         let (req, hold, weight) = if method.is_none() && !upload {
             let peer = req.extensions().get::<crate::listen::ConnInfo>().map(|c| c.conn.peer.ip());
-            match SideSlot::take(&self.layer.side, peer) {
+            match SideSlot::take(&self.layer.side, peer, req.uri().path() != HEALTH_CHECK) {
                 Ok(slot) => {
                     let started = tokio::time::Instant::now();
                     let req = req.map(|body| {

@@ -644,6 +644,72 @@ async fn health_calls_held_open_take_nothing_from_the_renderers() {
     health_conn.abort();
 }
 
+/// Watches held open from nine client addresses, 32 each (each address's
+/// share): they took all 256 slots, and a load balancer's health Check from
+/// a tenth address was refused. Streams now hold at most 192, the rest kept
+/// for Checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_held_open_from_many_addresses_leave_room_for_health_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn(dir.path());
+    let connect = |ip: String| {
+        let grpc = server.grpc;
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            let (client, conn) = h2::client::handshake(sock.connect(grpc).await.unwrap()).await.unwrap();
+            (client, tokio::spawn(conn))
+        }
+    };
+    // Each call's answer: its status when it ended at once (refused), None
+    // when it stays open (a Watch taken), or its status at the end (a Check).
+    async fn call(
+        client: &h2::client::SendRequest<bytes::Bytes>,
+        grpc: std::net::SocketAddr,
+        method: &str,
+    ) -> (Option<String>, h2::RecvStream) {
+        let mut h = client.clone().ready().await.unwrap();
+        let (answer, mut body) =
+            h.send_request(grpc_request(grpc, &format!("grpc.health.v1.Health/{method}")), false).unwrap();
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+        let head = tokio::time::timeout(std::time::Duration::from_secs(10), answer).await.expect("answered").unwrap();
+        let status = head.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+        (status, head.into_body())
+    }
+    let (mut held, mut refused, mut conns) = (Vec::new(), 0, Vec::new());
+    for host in 2..=10 {
+        let (client, task) = connect(format!("127.0.0.{host}")).await;
+        for _ in 0..32 {
+            match call(&client, server.grpc, "Watch").await {
+                (None, body) => held.push(body),
+                (Some(status), _) => {
+                    assert_eq!(status, "8");
+                    refused += 1;
+                }
+            }
+        }
+        conns.push((client, task));
+    }
+    assert_eq!((held.len(), refused), (192, 96), "Watches held and refused");
+    // A Check from another address is answered, serving.
+    let (client, task) = connect("127.0.0.11".into()).await;
+    let (status, mut body) = call(&client, server.grpc, "Check").await;
+    let status = match status {
+        Some(s) => s,
+        None => {
+            while body.data().await.is_some() {}
+            let trailers = body.trailers().await.unwrap().unwrap_or_default();
+            trailers.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+        }
+    };
+    assert_eq!(status, "0", "a Check beside 192 held Watches");
+    task.abort();
+    drop(held);
+    for (_, task) in conns {
+        task.abort();
+    }
+}
+
 /// Health and reflection requests are a name: a message of up to 4 MiB
 /// (tonic's default) on each of their 256 slots held 1.2 GB. Now one over
 /// 16 KiB is refused as its length arrives.
