@@ -74,14 +74,11 @@ pub struct Applying {
 pub struct Tuning {
     pub checkpoint_bytes: u64,
     pub snapshot_min: u64,
-    /// A clean stop applies at most this much log to sled; a longer log is
-    /// left for the next start (see `Writer::stop`).
-    pub stop_apply_bytes: u64,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { checkpoint_bytes: CHECKPOINT_BYTES, snapshot_min: SNAPSHOT_MIN, stop_apply_bytes: ROUND_BYTES }
+        Tuning { checkpoint_bytes: CHECKPOINT_BYTES, snapshot_min: SNAPSHOT_MIN }
     }
 }
 /// A snapshot write that failed (a full disk) is tried again after this long.
@@ -104,12 +101,7 @@ pub const MAX_LOG_BYTES: u64 = 4 * CHECKPOINT_BYTES;
 
 impl Writer {
     /// A clean stop: a last checkpoint, with a snapshot of everything, so
-    /// that the next start reads one file and replays nothing. A log longer
-    /// than a round is left for the next start instead, which reads it with
-    /// the snapshot as after a crash (and its first checkpoint applies it):
-    /// applying it here held a stop under load for 10 s and more (2 MB/s of
-    /// log into sled with the machine busy), past a container's grace
-    /// period, whose kill then made the next start the slower one.
+    /// that the next start reads one file and replays nothing.
     pub(super) fn stop(&mut self) {
         if self.shared.failed.lock().is_some() {
             return;
@@ -117,23 +109,6 @@ impl Writer {
         let current = self.snap.is_some_and(|b| b.tail_len == 0 && b.seq == self.seq - 1);
         if self.wal.bytes() == 0 && current {
             return;
-        }
-        // Only a log the next start can leave unapplied (see `open_tuned`).
-        let bytes = self.wal.bytes();
-        if bytes > self.tuning.stop_apply_bytes && bytes <= 2 * self.tuning.checkpoint_bytes {
-            // A round under way ends first: it holds sled.
-            if let Some((_, _, round)) = self.applying.take().and_then(|a| a.round) {
-                let _ = round.join();
-            }
-            self.trees = None;
-            if self.snap.is_none() {
-                self.write_snapshot(self.seq - 1);
-            }
-            if self.snap.is_some() {
-                tracing::info!(log_bytes = bytes, "the write-ahead log is left for the next start, with the snapshot");
-                return;
-            }
-            // Without a snapshot the next start would read sled: apply it now.
         }
         if let Err(e) = self.checkpoint(true) {
             tracing::error!(error = %e, "the last checkpoint failed; the next start replays the log");
