@@ -253,10 +253,23 @@ impl IndexedStore {
         // checkpoint's end (or an idle moment) writes one, and crashes
         // under load that keep killing checkpoints before their end kept
         // every start on sled: 1.4 s growing to 4.5 s over 12 crashes, as
-        // paths grew to 2.25M. It costs 0.66 s at 8.8M paths.
+        // paths grew to 2.25M. It costs 0.66 s at 8.8M paths. So does one
+        // whose replay made the snapshot's tail long (the replayed log is
+        // appended to it), by the rule a checkpoint follows: else the tail
+        // grew at each such start (to 293 MB beside a 20 MB snapshot), and
+        // every start read it all. Not on a disk it would leave short of the
+        // room a checkpoint needs: the snapshot is a cache, never worth a
+        // refused start or checkpoint.
         let snapshot_started = Instant::now();
-        let base = match base {
-            None if !deferred => match super::snapshot::write(dir, last, &index, &ids, &deleted_last) {
+        let fresh = !deferred && base.is_none_or(|b| super::writer::tail_is_long(&b, &tuning));
+        let base = match fresh {
+            false => base,
+            true => match super::snapshot::write(dir, last, &index, &ids, &deleted_last) {
+                Ok(len) if super::writer::short_of_room(dir, 0).is_some() => {
+                    let _ = std::fs::remove_file(super::snapshot::path(dir));
+                    tracing::warn!(bytes = len, "index snapshot not kept: it would leave the disk short of room");
+                    None
+                }
                 Ok(len) => {
                     let ms = snapshot_started.elapsed().as_millis() as u64;
                     tracing::info!(ms, bytes = len, "index snapshot written");
@@ -267,7 +280,6 @@ impl IndexedStore {
                     None
                 }
             },
-            base => base,
         };
         let purge_sent = load_purges(&trees, &purge.outbox, last, &pending)?;
         drop(pending);

@@ -37,7 +37,7 @@ use crate::domain::{next_cache_id, BlogId, BlogPath, CacheId, ContentHash, Domai
 
 mod checkpoint;
 
-pub(super) use checkpoint::short_of_room;
+pub(super) use checkpoint::{short_of_room, tail_is_long};
 pub use checkpoint::{Applying, Tuning, MAX_LOG_BYTES};
 use checkpoint::{CHECKPOINT_EVERY, ROUND_POLL};
 #[cfg(test)]

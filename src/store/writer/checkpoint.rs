@@ -95,6 +95,12 @@ pub(in crate::store) fn short_of_room(db: &std::path::Path, log_bytes: u64) -> O
     let room = crate::durable::free_bytes(db)?;
     (room < needed).then_some((room, needed))
 }
+/// A snapshot's tail long enough that a new snapshot should be written
+/// instead of appending to it: half the snapshot's size, within bounds.
+pub(in crate::store) fn tail_is_long(base: &Base, tuning: &Tuning) -> bool {
+    base.tail_len >= (base.snap_len / 2).clamp(tuning.snapshot_min, SNAPSHOT_MAX)
+}
+
 /// While checkpoints fail, the log grows; past this, writes are refused
 /// rather than let the log (and start-up's replay) grow without bound.
 pub const MAX_LOG_BYTES: u64 = 4 * CHECKPOINT_BYTES;
@@ -120,9 +126,10 @@ impl Writer {
     /// tail is half the snapshot's size (or none can be used, or `force`).
     /// Best effort: without them a start reads sled.
     fn keep_log(&mut self, force: bool) {
-        let kept = self.snap.map_or(0, |b| b.tail_len) + self.wal.bytes();
-        let after = self.snap.map_or(0, |b| b.snap_len / 2).clamp(self.tuning.snapshot_min, SNAPSHOT_MAX);
-        if force || self.snap.is_none() || kept >= after {
+        let long = self
+            .snap
+            .is_none_or(|b| tail_is_long(&Base { tail_len: b.tail_len + self.wal.bytes(), ..b }, &self.tuning));
+        if force || long {
             if !force && self.snapshot_backing_off() {
                 return;
             }
