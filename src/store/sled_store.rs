@@ -265,11 +265,6 @@ impl IndexedStore {
         let base = match fresh {
             false => base,
             true => match super::snapshot::write(dir, last, &index, &ids, &deleted_last) {
-                Ok(len) if super::writer::short_of_room(dir, 0).is_some() => {
-                    let _ = std::fs::remove_file(super::snapshot::path(dir));
-                    tracing::warn!(bytes = len, "index snapshot not kept: it would leave the disk short of room");
-                    None
-                }
                 Ok(len) => {
                     let ms = snapshot_started.elapsed().as_millis() as u64;
                     tracing::info!(ms, bytes = len, "index snapshot written");
