@@ -262,6 +262,8 @@ impl IndexedStore {
         // refused start or checkpoint.
         let snapshot_started = Instant::now();
         let fresh = !deferred && base.is_none_or(|b| super::writer::tail_is_long(&b, &tuning));
+        // A failed write is not tried again by the writer for a while.
+        let mut snapshot_failed = None;
         let base = match fresh {
             false => base,
             true => match super::snapshot::write(dir, last, &index, &ids, &deleted_last) {
@@ -272,6 +274,7 @@ impl IndexedStore {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "index snapshot not written; until one is, a start reads sled");
+                    snapshot_failed = Some(Instant::now());
                     None
                 }
             },
@@ -308,7 +311,7 @@ impl IndexedStore {
             purge_on_publish: purge.on_publish,
             purge_sent,
             group_purge_keys: 0,
-            snapshot_failed: None,
+            snapshot_failed,
             durable_seq: last + 1,
             snap: base,
             tuning,

@@ -110,17 +110,18 @@ pub fn write(
             return Err(e);
         }
     };
-    // A cache, never worth the room a checkpoint (or a start) needs.
+    match std::fs::OpenOptions::new().write(true).open(tail_path(db)) {
+        Ok(f) => f.set_len(0)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // A cache, never worth the room a checkpoint (or a start) needs. (The
+    // old tail, emptied above, followed the snapshot this one replaced.)
     if crate::store::writer::short_of_room(db, 0).is_some() {
         let _ = std::fs::remove_file(path(db));
         return Err(io::Error::other(format!(
             "a snapshot of {len} bytes would leave the disk with less free room than a checkpoint needs; removed"
         )));
-    }
-    match std::fs::OpenOptions::new().write(true).open(tail_path(db)) {
-        Ok(f) => f.set_len(0)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
     }
     Ok(len)
 }
