@@ -249,36 +249,6 @@ impl IndexedStore {
             None => (None, load(&trees)?),
         };
         drop(deferred_records);
-        // A start that read sled writes a snapshot now. Else only a
-        // checkpoint's end (or an idle moment) writes one, and crashes
-        // under load that keep killing checkpoints before their end kept
-        // every start on sled: 1.4 s growing to 4.5 s over 12 crashes, as
-        // paths grew to 2.25M. It costs 0.66 s at 8.8M paths. So does one
-        // whose replay made the snapshot's tail long (the replayed log is
-        // appended to it), by the rule a checkpoint follows: else the tail
-        // grew at each such start (to 293 MB beside a 20 MB snapshot), and
-        // every start read it all. Not on a disk it would leave short of the
-        // room a checkpoint needs: the snapshot is a cache, never worth a
-        // refused start or checkpoint.
-        let snapshot_started = Instant::now();
-        let fresh = !deferred && base.is_none_or(|b| super::writer::tail_is_long(&b, &tuning));
-        // A failed write is not tried again by the writer for a while.
-        let mut snapshot_failed = None;
-        let base = match fresh {
-            false => base,
-            true => match super::snapshot::write(dir, last, &index, &ids, &deleted_last) {
-                Ok(len) => {
-                    let ms = snapshot_started.elapsed().as_millis() as u64;
-                    tracing::info!(ms, bytes = len, "index snapshot written");
-                    Some(super::snapshot::Base { seq: last, snap_len: len, tail_len: 0 })
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "index snapshot not written; until one is, a start reads sled");
-                    snapshot_failed = Some(Instant::now());
-                    None
-                }
-            },
-        };
         let purge_sent = load_purges(&trees, &purge.outbox, last, &pending)?;
         drop(pending);
         drop(trees);
@@ -311,11 +281,24 @@ impl IndexedStore {
             purge_on_publish: purge.on_publish,
             purge_sent,
             group_purge_keys: 0,
-            snapshot_failed,
+            snapshot_failed: None,
             durable_seq: last + 1,
             snap: base,
             tuning,
         };
+        // A start that read sled writes a snapshot now, before it serves.
+        // Else only a checkpoint's end (or an idle moment) writes one, and
+        // crashes under load that keep killing checkpoints before their end
+        // kept every start on sled: 1.4 s growing to 4.5 s over 12 crashes,
+        // as paths grew to 2.25M. It costs 0.66 s at 8.8M paths. So does one
+        // whose replay made the snapshot's tail long (the replayed log is
+        // appended to it), by the rule a checkpoint follows: else the tail
+        // grew at each such start (to 293 MB beside a 20 MB snapshot), and
+        // every start read it all. A write that fails, or is removed for the
+        // room a checkpoint needs, is handled as a checkpoint's would be.
+        if !deferred && base.is_none_or(|b| super::writer::tail_is_long(&b, &tuning)) {
+            writer.write_snapshot(last);
+        }
         Ok(IndexedStore::start(shared, move |rx| {
             let _lock = lock;
             writer.run(rx)

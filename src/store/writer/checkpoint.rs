@@ -153,9 +153,10 @@ impl Writer {
         self.snapshot_failed.is_some_and(|t| t.elapsed() < SNAPSHOT_RETRY)
     }
 
-    /// The index after record `seq` (every write so far) as a snapshot. Only
-    /// in a checkpoint, which never runs once the store has failed.
-    fn write_snapshot(&mut self, seq: u64) {
+    /// The index after record `seq` (every write so far) as a snapshot: in a
+    /// checkpoint, which never runs once the store has failed, or at a start
+    /// before the writer runs.
+    pub(in crate::store) fn write_snapshot(&mut self, seq: u64) {
         let started = Instant::now();
         let shared = self.shared.clone();
         let written = snapshot::write(&self.db_path, seq, &shared.index.read(), &self.ids, &self.deleted_last);
